@@ -1,0 +1,215 @@
+"""The VPDM model on features: losses, gradients, reconstruction, maps, scores, checkpoints, config."""
+
+import pytest
+import torch
+
+from vpdm.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from vpdm.config import ModelConfig, SamplingConfig, VPDMConfig, load_config
+from vpdm.denoiser import Denoiser, DenoiserConfig
+from vpdm.diffusion import NoiseScheduleConfig
+from vpdm.engine import feature_loader, score_features, train_loop
+from vpdm.errors import CheckpointError, ConfigError
+from vpdm.model import VPDM
+from vpdm.scoring import ScoringConfig, gaussian_blur, image_scores
+from vpdm.vpot import VPOTConfig
+
+C, S = 8, 8
+
+
+def small_config(**kw) -> ModelConfig:
+    return ModelConfig(
+        prototypes=VPOTConfig(num_prototypes=4, downsample=2),
+        diffusion=NoiseScheduleConfig(num_timesteps=50),
+        denoiser=DenoiserConfig(width=16, depth=1, groups=4, time_dim=16),
+        **kw,
+    )
+
+
+def small_model(seed=0, **kw) -> VPDM:
+    torch.manual_seed(seed)
+    feats = torch.randn(16, C, S, S) * 3 + 1
+    model = VPDM(C, S, small_config(**kw))
+    model.fit_normalisation(feats)
+    model.init_prototypes(feats, torch.Generator().manual_seed(seed))
+    return model
+
+
+def test_normalisation_standardises_training_features():
+    torch.manual_seed(0)
+    feats = torch.randn(32, C, S, S) * torch.arange(1, C + 1).view(1, C, 1, 1) + 5
+    model = VPDM(C, S, small_config())
+    model.fit_normalisation(feats)
+    x = model.normalise(feats)
+    torch.testing.assert_close(x.mean(dim=(0, 2, 3)), torch.zeros(C), atol=1e-5, rtol=0)
+    torch.testing.assert_close(x.std(dim=(0, 2, 3)), torch.ones(C), atol=1e-5, rtol=0)
+
+
+def test_loss_is_eps_mse_plus_weighted_ot():
+    model = small_model(ot_weight=0.3).train()
+    out = model(torch.randn(6, C, S, S), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out["loss"].detach(), out["eps_mse"] + 0.3 * out["ot_loss"])
+
+
+def test_prototypes_get_gradients_from_both_terms():
+    """eps-MSE reaches the prototypes through yhat (inside x_t and the network input), the OT loss
+    directly; the gradient of the sum is the sum of the two (same noise, same timesteps)."""
+    feats = torch.randn(6, C, S, S)
+
+    def proto_grad(ot_weight, part):
+        model = small_model(ot_weight=ot_weight).train()
+        torch.nn.init.normal_(model.denoiser.out.weight, std=0.1)  # zero-init output would hide yhat at step one
+        out = model(feats, generator=torch.Generator().manual_seed(2))
+        loss = {"total": out["loss"], "ot": out["loss"] - out["eps_mse"]}[part]
+        if part == "ot":  # eps_mse is detached in the dict: rebuild the OT term with its graph
+            loss = model.prototypes(model.normalise(feats))["ot_loss"] * ot_weight
+        loss.backward()
+        return model.prototypes.prototypes.grad.clone()
+
+    g_eps = proto_grad(0.0, "total")
+    g_ot = proto_grad(1.0, "ot")
+    g_all = proto_grad(1.0, "total")
+    assert g_eps.abs().sum() > 0 and g_ot.abs().sum() > 0
+    torch.testing.assert_close(g_all, g_eps + g_ot, rtol=1e-4, atol=1e-7)
+
+
+def test_training_reduces_loss_on_structured_data():
+    torch.manual_seed(0)
+    base = torch.randn(2, C, S, S)
+    feats = base[torch.arange(64) % 2] + 0.1 * torch.randn(64, C, S, S)
+    model = VPDM(C, S, small_config())
+    model.fit_normalisation(feats)
+    model.init_prototypes(feats, torch.Generator().manual_seed(0))
+    from vpdm.config import TrainConfig
+
+    history = train_loop(model, feature_loader(feats, 16, 0), TrainConfig(epochs=30, lr=3e-3), progress=False)
+    assert history[-1]["eps_mse"] < 0.6 * history[0]["eps_mse"]
+
+
+def test_anomaly_map_is_channel_l2_of_reconstruction_error():
+    model = small_model().eval()
+    feats = torch.randn(3, C, S, S)
+    sampling = SamplingConfig(sampler="ddim", num_steps=5)
+    rec = model.reconstruct(feats, sampling)
+    maps = model.anomaly_maps(feats, sampling)
+    expected = (model.normalise(feats) - rec).pow(2).sum(1).sqrt()
+    torch.testing.assert_close(maps, expected)
+
+
+@pytest.mark.parametrize("sampler,steps", [("ddim", 5), ("ddpm", 50), ("ddpm", 7)])
+def test_scores_do_not_depend_on_the_batch(sampler, steps):
+    model = small_model().train()
+    for _ in range(3):  # learn a prototype potential
+        model(torch.randn(8, C, S, S))
+    model.eval()
+    feats = torch.randn(5, C, S, S)
+    sampling = SamplingConfig(sampler=sampler, num_steps=steps)
+    scoring = ScoringConfig(blur_sigma=1.0, pool_size=4)
+    alone = torch.cat([score_features(model, feats[i : i + 1], sampling=sampling, scoring=scoring, map_size=16, progress=False)[0] for i in range(5)])
+    together, _ = score_features(model, feats, sampling=sampling, scoring=scoring, map_size=16, batch_size=5, progress=False)
+    mixed_in = torch.cat([torch.randn(3, C, S, S), feats[2:4], torch.randn(2, C, S, S) * 5])
+    mixed, _ = score_features(model, mixed_in, sampling=sampling, scoring=scoring, map_size=16, batch_size=7, progress=False)
+    torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixed[3:5], together[2:4], rtol=1e-5, atol=1e-6)
+
+
+def test_image_score_is_max_of_average_pooled_map():
+    maps = torch.zeros(2, 16, 16)
+    maps[0, 3, 3] = 16.0  # a single hot pixel: pooled max = 16 / 16 = 1
+    maps[1, 4:8, 4:8] = 2.0  # a 4x4 blob of 2: pooled max over a 4x4 window = 2
+    torch.testing.assert_close(image_scores(maps, 4), torch.tensor([1.0, 2.0]))
+
+
+def test_gaussian_blur_preserves_mass_and_constants():
+    x = torch.zeros(1, 33, 33)
+    x[0, 16, 16] = 1.0
+    y = gaussian_blur(x, 2.0)
+    assert y.sum().item() == pytest.approx(1.0, abs=1e-5)
+    # variance of the blurred impulse along one axis = sigma^2
+    r = torch.arange(33.0) - 16
+    assert (y[0].sum(0) * r**2).sum().item() == pytest.approx(4.0, rel=1e-3)
+    torch.testing.assert_close(gaussian_blur(torch.full((1, 20, 20), 3.0), 2.0), torch.full((1, 20, 20), 3.0))
+
+
+def test_denoiser_is_batch_independent_and_shape_preserving():
+    net = Denoiser(C, DenoiserConfig(width=16, depth=1, groups=4, time_dim=16))
+    torch.nn.init.normal_(net.out.weight, std=0.1)
+    x, y = torch.randn(4, C, S, S), torch.randn(4, C, S, S)
+    t = torch.tensor([0, 10, 20, 49])
+    full = net(x, y, t)
+    assert full.shape == x.shape
+    torch.testing.assert_close(net(x[2:3], y[2:3], t[2:3]), full[2:3])
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = small_model().eval()
+    config = VPDMConfig(model=small_config())
+    path = save_checkpoint(tmp_path / "model.pt", model, config, categories=["a/b"])
+    loaded, cfg, payload = load_checkpoint(path)
+    assert payload["categories"] == ["a/b"] and cfg.model.prototypes.num_prototypes == 4
+    feats = torch.randn(2, C, S, S)
+    sampling = SamplingConfig(num_steps=3)
+    torch.testing.assert_close(loaded.anomaly_maps(feats, sampling), model.anomaly_maps(feats, sampling))
+
+
+def test_checkpoint_refuses_foreign_and_tampered_files(tmp_path):
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(missing)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weight": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointError, match="not a vpdm checkpoint"):
+        read_checkpoint(foreign)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    tampered = tmp_path / "tampered.pt"
+    torch.save({"format": "vpdm.checkpoint", "version": 1, "payload": Evil()}, tampered)
+    with pytest.raises(CheckpointError, match="weights_only"):
+        read_checkpoint(tampered)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a zip at all")
+    with pytest.raises(CheckpointError):
+        read_checkpoint(garbage)
+    # right marker, wrong weights
+    model = small_model()
+    good = save_checkpoint(tmp_path / "m.pt", model, VPDMConfig(model=small_config()), categories=[])
+    payload = torch.load(good, weights_only=True)
+    payload["state_dict"]["prototypes.prototypes"] = torch.zeros(3, 3)
+    torch.save(payload, tmp_path / "bad_shape.pt")
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_checkpoint(tmp_path / "bad_shape.pt")
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("model.prototypes.num_prototypes=0", "num_prototypes"),
+        ("model.prototypes.downsample=5", "downsample=5"),
+        ("model.diffusion.num_timesteps=1", "1"),
+        ("model.diffusion.beta_end=1.5", "1.5"),
+        ("model.diffusion.beta_start=0", "beta_start"),
+        ("sampling.num_steps=5000", "5000"),
+        ("train.lr=-1", "train.lr"),
+        ("model.nope=1", "model.nope"),
+        ("train.epochs=ten", "train.epochs"),
+    ],
+)
+def test_bad_config_values_are_refused_by_name(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert needle in str(err.value)
+
+
+def test_config_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  prototypes:\n    num_prototypes: 12\ntrain:\n  lr: 0.01\n")
+    cfg = load_config(path, ["train.epochs=3", "backbone.stages=[1,2]"])
+    assert cfg.model.prototypes.num_prototypes == 12 and cfg.train.lr == 0.01 and cfg.train.epochs == 3
+    assert tuple(cfg.backbone.stages) == (1, 2)
+    assert VPDMConfig.from_dict(cfg.to_dict()) == cfg
+    paper = VPDMConfig()
+    assert (paper.model.prototypes.num_prototypes, paper.model.prototypes.downsample) == (50, 4)
+    assert (paper.model.diffusion.num_timesteps, paper.model.diffusion.beta_start, paper.model.diffusion.beta_end) == (1000, 1e-4, 0.02)
+    assert (paper.train.lr, paper.train.batch_size, paper.backbone.image_size, paper.backbone.feature_size) == (1e-3, 32, 224, 32)

@@ -1,0 +1,156 @@
+"""VPOT: Sinkhorn against POT, the Gibbs-form identity behind per-image assignment, gradients."""
+
+import numpy as np
+import ot
+import pytest
+import torch
+
+from vpdm.errors import ConfigError
+from vpdm.vpot import VaguePrototypes, VPOTConfig, sinkhorn_log, vague
+
+
+def _problem(n=7, m=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cost = torch.rand(n, m, generator=g, dtype=torch.float64)
+    a = torch.rand(n, generator=g, dtype=torch.float64) + 0.2
+    b = torch.rand(m, generator=g, dtype=torch.float64) + 0.2
+    return cost, a / a.sum(), b / b.sum()
+
+
+@pytest.mark.parametrize("reg", [0.5, 0.05])
+def test_sinkhorn_matches_pot(reg):
+    cost, a, b = _problem()
+    plan, _, _ = sinkhorn_log(cost, a, b, reg, num_iters=5000, tol=1e-12)
+    ref = ot.sinkhorn(a.numpy(), b.numpy(), cost.numpy(), reg, method="sinkhorn_log", numItermax=5000, stopThr=1e-12)
+    np.testing.assert_allclose(plan.numpy(), ref, atol=1e-8)
+
+
+def test_sinkhorn_stable_in_float32_for_small_reg():
+    cost, a, b = (x.float() for x in _problem(40, 50, seed=1))
+    cost = cost * 30  # costs far above reg: the plain (non-log) Sinkhorn underflows here
+    plan, f, g = sinkhorn_log(cost, a, b, reg=0.01, num_iters=2000)
+    assert torch.isfinite(plan).all()
+    torch.testing.assert_close(plan.sum(1), a, atol=1e-5, rtol=0)
+    torch.testing.assert_close(plan.sum(0), b, atol=1e-3, rtol=0)
+    # Dual optimality: the plan has the Gibbs form of its potentials.
+    torch.testing.assert_close(plan, torch.exp((f[:, None] + g[None, :] - cost) / 0.01))
+
+
+def test_sinkhorn_batched_problems_are_independent():
+    c1, a, b = _problem(seed=2)
+    c2, _, _ = _problem(seed=3)
+    both, _, _ = sinkhorn_log(torch.stack([c1, c2]), torch.stack([a, a]), torch.stack([b, b]), 0.1, 500)
+    one, _, _ = sinkhorn_log(c2, a, b, 0.1, 500)
+    torch.testing.assert_close(both[1], one)
+
+
+def test_row_normalised_plan_is_softmax_of_prototype_potential():
+    """The identity the per-image assignment rests on: the image-side potential cancels."""
+    cost, a, b = _problem(6, 4, seed=4)
+    plan, _, g = sinkhorn_log(cost, a, b, 0.1, 1000)
+    rows = plan / plan.sum(1, keepdim=True)
+    torch.testing.assert_close(rows, torch.softmax((g[None, :] - cost) / 0.1, dim=1))
+
+
+def _module(k=6, n=2, channels=3, size=8, **kw):
+    torch.manual_seed(0)
+    return VaguePrototypes(VPOTConfig(num_prototypes=k, downsample=n, **kw), channels, size)
+
+
+def test_vague_is_average_pooling():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    np.testing.assert_allclose(vague(x, 2)[0, 0].numpy(), [[2.5, 4.5], [10.5, 12.5]])
+    assert vague(x, 1) is x
+
+
+def test_training_plan_is_balanced_and_yhat_has_feature_shape():
+    m = _module().train()
+    feats = torch.randn(5, 3, 8, 8)
+    out = m(feats)
+    assert out["yhat"].shape == feats.shape
+    torch.testing.assert_close(out["weights"].sum(1), torch.ones(5))
+    # yhat is constant inside each N x N block before bilinear upsampling: low-pass by construction
+    k = m.prototypes.shape[0]
+    assert out["weights"].shape == (5, k)
+
+
+def test_inference_condition_does_not_depend_on_batch():
+    m = _module().train()
+    for _ in range(5):  # learn a potential
+        m(torch.randn(8, 3, 8, 8))
+    m.eval()
+    feats = torch.randn(6, 3, 8, 8)
+    alone = torch.cat([m(feats[i : i + 1])["yhat"] for i in range(6)])
+    together = m(feats)["yhat"]
+    shuffled = m(torch.cat([feats[3:], torch.randn(4, 3, 8, 8), feats[:3]]))["yhat"]
+    torch.testing.assert_close(alone, together)
+    torch.testing.assert_close(torch.cat([shuffled[-3:], shuffled[:3]]), together)
+
+
+def test_balanced_training_plan_does_depend_on_batch():
+    """Why the per-image rule is needed: with one image the balanced plan is uniform."""
+    m = _module().train()
+    out = m(torch.randn(1, 3, 8, 8))
+    torch.testing.assert_close(out["weights"], torch.full((1, 6), 1 / 6))
+
+
+def test_ot_loss_gradient_matches_pot_value_gradient():
+    """Envelope theorem: d OT_eps / d prototypes equals the gradient of <P*, C> with P* fixed.
+    Checked against a finite difference of POT's entropic OT value."""
+    m = _module(k=4, n=2, ot_reg=0.1, sinkhorn_iters=2000).double().train()
+    feats = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+    out = m(feats)
+    out["ot_loss"].backward()
+    grad = m.prototypes.grad.clone()
+
+    def value(protos):
+        flat = vague(feats, 2).flatten(1).numpy()
+        cost = np.sqrt(((flat[:, None, :] - protos[None]) ** 2).sum(-1)) / np.sqrt(flat.shape[1])
+        a, b = np.full(5, 1 / 5), np.full(4, 1 / 4)
+        plan = ot.sinkhorn(a, b, cost, 0.1, method="sinkhorn_log", numItermax=5000, stopThr=1e-13)
+        return (plan * cost).sum() + 0.1 * (plan * np.log(plan)).sum()
+
+    protos = m.prototypes.detach().numpy().copy()
+    h = 1e-5
+    for idx in [(0, 0), (2, 5), (3, 11)]:
+        p1, p2 = protos.copy(), protos.copy()
+        p1[idx] += h
+        p2[idx] -= h
+        fd = (value(p1) - value(p2)) / (2 * h)
+        assert grad[idx].item() == pytest.approx(fd, rel=1e-3, abs=1e-7)
+
+
+def test_prototypes_get_gradient_through_yhat():
+    m = _module().train()
+    out = m(torch.randn(4, 3, 8, 8))
+    out["yhat"].pow(2).sum().backward()
+    assert m.prototypes.grad.abs().sum() > 0
+
+
+def test_nearest_assignment_picks_closest_prototype():
+    m = _module(k=3, assignment="nearest").eval()
+    with torch.no_grad():
+        m.prototypes.copy_(torch.stack([torch.full((m.dim,), v) for v in (-1.0, 0.0, 5.0)]))
+    feats = torch.full((1, 3, 8, 8), 4.0)
+    out = m(feats)
+    torch.testing.assert_close(out["weights"], torch.tensor([[0.0, 0.0, 1.0]]))
+    torch.testing.assert_close(out["yhat"], torch.full_like(feats, 5.0))
+
+
+def test_init_from_samples_copies_vague_features():
+    m = _module(k=3)
+    feats = torch.randn(3, 3, 8, 8)
+    m.init_from(feats, torch.Generator().manual_seed(0))
+    flat = vague(feats, 2).flatten(1)
+    d = torch.cdist(m.prototypes.detach(), flat).min(1).values
+    assert (d < 0.1).all()
+
+
+@pytest.mark.parametrize(
+    "kw, size",
+    [({"num_prototypes": 0}, 8), ({"downsample": 3}, 8), ({"ot_reg": 0.0}, 8), ({"assignment": "x"}, 8), ({"downsample": 0}, 8)],
+)
+def test_bad_config_is_refused(kw, size):
+    with pytest.raises(ConfigError) as err:
+        VPOTConfig(**kw).validate(size)
+    assert str(next(iter(kw.values()))) in str(err.value)

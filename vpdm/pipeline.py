@@ -1,0 +1,93 @@
+"""Images in, anomaly scores and maps out: frozen backbone + trained VPDM + post-processing.
+
+This is what a deployment holds. Each image is scored on its own terms (per-image prototype
+assignment, per-image noise stream), so the answer for an image never depends on its batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from vpdm.backbone import FeatureExtractor
+from vpdm.checkpoint import load_checkpoint
+from vpdm.config import VPDMConfig
+from vpdm.data import IMAGE_EXTENSIONS, AnomalyDataset, Sample
+from vpdm.errors import DataError, VPDMError
+from vpdm.model import VPDM
+from vpdm.scoring import image_scores, postprocess_maps
+
+
+@dataclass
+class Prediction:
+    path: str
+    score: float | None  # None when the image could not be scored
+    anomaly_map: np.ndarray | None  # map_size x map_size float32
+    error: str | None = None
+
+
+class Detector:
+    def __init__(self, model: VPDM, config: VPDMConfig, categories: list[str] | None = None, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.config = config
+        self.categories = categories or []
+        self.extractor = FeatureExtractor(config.backbone).to(self.device)
+        self.map_size = config.scoring.map_size or config.backbone.image_size
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None) -> Detector:
+        model, config, payload = load_checkpoint(path)
+        if overrides:
+            config = config.with_overrides(overrides).validate()
+        return cls(model, config, payload.get("categories"), device)
+
+    @torch.no_grad()
+    def score_tensor(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """ImageNet-normalised B x 3 x H x W images -> (scores (B,), maps B x M x M)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise DataError(f"expected a B x 3 x H x W image tensor, got shape {tuple(images.shape)}")
+        features = self.extractor(images.to(self.device, torch.float32))
+        raw = self.model.anomaly_maps(features, self.config.sampling)
+        maps = postprocess_maps(raw, self.map_size, self.config.scoring.blur_sigma)
+        return image_scores(maps, self.config.scoring.pool_size).cpu(), maps.cpu()
+
+    def predict_files(self, paths: list[Path], batch_size: int = 16, progress: bool = True) -> list[Prediction]:
+        """Score image files; an unreadable file gets an error entry and the others are still scored."""
+        from tqdm.auto import tqdm
+
+        size = self.config.backbone.image_size
+        samples = [Sample(Path(p), None, 0, "predict", "unknown") for p in paths]
+        dataset = AnomalyDataset(samples, image_size=size, mask_size=self.map_size) if samples else None
+        results: list[Prediction] = []
+        for start in tqdm(range(0, len(samples), batch_size), desc="predict", disable=not progress, unit="batch"):
+            images, index = [], []
+            for i in range(start, min(start + batch_size, len(samples))):
+                try:
+                    images.append(dataset[i]["image"])
+                    index.append(i)
+                except (DataError, OSError) as exc:
+                    results.append(Prediction(str(samples[i].image_path), None, None, str(exc)))
+            if images:
+                scores, maps = self.score_tensor(torch.stack(images))
+                for j, i in enumerate(index):
+                    results.append(Prediction(str(samples[i].image_path), float(scores[j]), maps[j].numpy()))
+        order = {str(s.image_path): k for k, s in enumerate(samples)}
+        return sorted(results, key=lambda r: order[r.path])
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The images of a folder (recursively), sorted; a missing or empty folder is an error."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise DataError(f"image folder {folder} does not exist")
+    if folder.is_file():
+        return [folder]
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise VPDMError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {folder}")
+    return files

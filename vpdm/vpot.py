@@ -1,0 +1,194 @@
+"""Vague prototypes matched by entropic optimal transport (VPOT).
+
+The image's features are low-pass filtered ("vague": average-pooled by a factor N), flattened, and
+matched to K learnable prototypes by entropic OT. The condition ``yhat`` handed to the diffusion
+model is the plan-weighted mix of prototypes, upsampled back to the feature resolution.
+
+Batch independence at inference
+-------------------------------
+Balanced OT couples every image in a batch: the prototype marginal forces the batch to share the
+prototypes, so an image's ``yhat`` would depend on its neighbours (with a batch of one the plan is
+uniform and ``yhat`` is the mean prototype for every image). A deployed detector scores one image
+at a time, so that cannot stand.
+
+The Sinkhorn plan has the Gibbs form ``P_ij = exp((f_i + g_j - C_ij) / eps)``. Row-normalising it,
+as the paper does to build ``y_i``, cancels the image-side potential ``f_i``:
+``P_ij / sum_j P_ij = softmax_j((g_j - C_ij) / eps)``. The *only* way the rest of the batch enters
+an image's condition is through the prototype-side potential ``g``. We therefore keep ``g`` as a
+buffer (an exponential moving average over training batches, gauge-fixed to zero mean) and use the
+row-conditional Gibbs plan with that fixed ``g`` at inference. This is exactly the training-time
+formula with the potential frozen, i.e. the semi-relaxed OT assignment of one image against the
+prototype marginal learned on the training set; training uses the batch's own ``g`` as the paper does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vpdm.errors import ConfigError
+
+ASSIGNMENTS = ("ot", "nearest")
+
+
+@dataclass
+class VPOTConfig:
+    """Vague-prototype settings (paper: K=50, N=4)."""
+
+    num_prototypes: int = 50  # K
+    downsample: int = 4  # N: average-pool factor of the low-pass step (1 = no vague step)
+    ot_reg: float = 0.05  # entropic regularisation eps, in units of the dimension-normalised cost
+    sinkhorn_iters: int = 100
+    assignment: str = "ot"  # "ot" (the paper) or "nearest" (ablation: prototypes without OT)
+    potential_momentum: float = 0.9  # EMA of the prototype-side dual potential kept for inference
+    init: str = "samples"  # "samples" (random training images' vague features) or "random" (N(0, 1))
+
+    def validate(self, feature_size: int | None = None) -> None:
+        if not isinstance(self.num_prototypes, int) or self.num_prototypes < 1:
+            raise ConfigError(f"prototypes.num_prototypes must be an integer >= 1, got {self.num_prototypes!r}")
+        if not isinstance(self.downsample, int) or self.downsample < 1:
+            raise ConfigError(f"prototypes.downsample must be an integer >= 1, got {self.downsample!r}")
+        if feature_size is not None and feature_size % self.downsample != 0:
+            raise ConfigError(
+                f"prototypes.downsample={self.downsample} must divide the feature size {feature_size} "
+                f"(choose one of {[n for n in range(1, feature_size + 1) if feature_size % n == 0]})"
+            )
+        if not (self.ot_reg > 0 and math.isfinite(self.ot_reg)):
+            raise ConfigError(f"prototypes.ot_reg must be a finite number > 0, got {self.ot_reg!r}")
+        if not isinstance(self.sinkhorn_iters, int) or self.sinkhorn_iters < 1:
+            raise ConfigError(f"prototypes.sinkhorn_iters must be an integer >= 1, got {self.sinkhorn_iters!r}")
+        if self.assignment not in ASSIGNMENTS:
+            raise ConfigError(f"prototypes.assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
+        if not 0.0 <= self.potential_momentum < 1.0:
+            raise ConfigError(f"prototypes.potential_momentum must be in [0, 1), got {self.potential_momentum!r}")
+        if self.init not in ("samples", "random"):
+            raise ConfigError(f"prototypes.init must be 'samples' or 'random', got {self.init!r}")
+
+
+def sinkhorn_log(
+    cost: Tensor, a: Tensor, b: Tensor, reg: float, num_iters: int = 100, tol: float = 1e-6
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Entropic OT by log-domain Sinkhorn; stable in float32 for small ``reg``.
+
+    Solves ``min_P <P, C> + reg * sum P (log P - 1)`` s.t. ``P 1 = a``, ``P^T 1 = b``.
+    ``cost`` is ``(..., n, m)`` (leading dims are independent problems), ``a`` is ``(..., n)``,
+    ``b`` is ``(..., m)``. Returns ``(plan, f, g)`` with ``plan = exp((f_i + g_j - C_ij) / reg)``.
+    """
+    if reg <= 0:
+        raise ConfigError(f"Sinkhorn regularisation must be > 0, got {reg!r}")
+    log_a, log_b = a.log(), b.log()
+    f = torch.zeros_like(a)
+    g = torch.zeros_like(b)
+    for _ in range(num_iters):
+        f = reg * (log_a - torch.logsumexp((g.unsqueeze(-2) - cost) / reg, dim=-1))
+        g_new = reg * (log_b - torch.logsumexp((f.unsqueeze(-1) - cost) / reg, dim=-2))
+        converged = (g_new - g).abs().max() < tol * reg
+        g = g_new
+        if converged:
+            break
+    # One last f-update makes the row marginals exact, which the row-normalised condition relies on.
+    f = reg * (log_a - torch.logsumexp((g.unsqueeze(-2) - cost) / reg, dim=-1))
+    plan = torch.exp((f.unsqueeze(-1) + g.unsqueeze(-2) - cost) / reg)
+    return plan, f, g
+
+
+def vague(features: Tensor, downsample: int) -> Tensor:
+    """Low-pass step T_down: average-pool by ``downsample`` (keeps shape and colour, drops detail)."""
+    return F.avg_pool2d(features, downsample) if downsample > 1 else features
+
+
+def unvague(y: Tensor, size: int) -> Tensor:
+    """T_up: bilinear upsampling of the vague condition back to the feature resolution."""
+    if y.shape[-1] == size:
+        return y
+    return F.interpolate(y, size=(size, size), mode="bilinear", align_corners=False)
+
+
+class VaguePrototypes(nn.Module):
+    """K learnable prototypes of the vague features and the OT assignment that builds ``yhat``."""
+
+    def __init__(self, config: VPOTConfig, channels: int, feature_size: int):
+        super().__init__()
+        config.validate(feature_size)
+        self.config = config
+        self.channels = channels
+        self.feature_size = feature_size
+        self.vague_size = feature_size // config.downsample
+        self.dim = channels * self.vague_size**2
+        self.prototypes = nn.Parameter(torch.randn(config.num_prototypes, self.dim))
+        # Prototype-side dual potential, kept for per-image assignment at inference (module docstring).
+        self.register_buffer("potential", torch.zeros(config.num_prototypes))
+        self.register_buffer("potential_initialised", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def init_from(self, features: Tensor, generator: torch.Generator | None = None) -> None:
+        """Data-dependent start: prototypes = vague features of K random training images (with repeats if fewer)."""
+        if self.config.init != "samples":
+            return
+        flat = vague(features, self.config.downsample).flatten(1)
+        k = self.config.num_prototypes
+        idx = torch.randperm(flat.shape[0], generator=generator)
+        idx = idx.repeat(math.ceil(k / len(idx)))[:k]
+        jitter = 0.01 * torch.randn(k, self.dim, generator=generator)
+        self.prototypes.copy_(flat[idx] + jitter)
+
+    def cost(self, flat: Tensor) -> Tensor:
+        """C_ij = ||f_i - B_j||_2 / sqrt(d): the paper's Euclidean cost, normalised by the dimension
+        so that ``ot_reg`` means the same for any backbone, feature size or N."""
+        return torch.cdist(flat, self.prototypes) / math.sqrt(self.dim)
+
+    def forward(self, features: Tensor) -> dict[str, Tensor]:
+        """Return ``yhat`` (B x C x S x S), the OT loss and the plan.
+
+        In training mode the plan is the balanced Sinkhorn plan of the batch (the paper's Eq. 9-11)
+        and the stored potential is updated; in eval mode each image is assigned on its own with the
+        stored potential, so its ``yhat`` does not depend on the batch.
+        """
+        flat = vague(features, self.config.downsample).flatten(1)
+        cost = self.cost(flat)
+        b, k = cost.shape
+        reg = self.config.ot_reg
+        if self.config.assignment == "nearest":
+            weights = F.one_hot(cost.argmin(dim=1), k).to(cost.dtype)
+            ot_loss = (weights * cost).sum(dim=1).mean()  # reported only; the ablation trains with lambda=0 or this k-means-like term
+            plan = weights / b
+        else:
+            if self.training:
+                with torch.no_grad():
+                    plan, _, g = sinkhorn_log(
+                        cost.detach().float(),
+                        torch.full((b,), 1.0 / b, device=cost.device),
+                        torch.full((k,), 1.0 / k, device=cost.device),
+                        reg,
+                        self.config.sinkhorn_iters,
+                    )
+                    self._update_potential(g)
+                potential = g
+            else:
+                potential = self.potential
+                plan = None
+            # Row-normalised Gibbs plan; gradients reach the prototypes through C and through B below.
+            weights = torch.softmax((potential.unsqueeze(0) - cost) / reg, dim=1)
+            if plan is None:
+                plan = weights / b
+            plan = plan.to(cost.dtype)
+            # Entropic OT value <P, C> + reg * sum P log P; with P at the optimum its gradient w.r.t. C is P
+            # (envelope theorem), so P is treated as a constant here.
+            ot_loss = (plan * cost).sum() + reg * (plan * plan.clamp_min(1e-30).log()).sum()
+        y = weights @ self.prototypes
+        y = y.view(b, self.channels, self.vague_size, self.vague_size)
+        return {"yhat": unvague(y, self.feature_size), "ot_loss": ot_loss, "weights": weights, "cost": cost}
+
+    @torch.no_grad()
+    def _update_potential(self, g: Tensor) -> None:
+        g = g - g.mean()  # Sinkhorn duals are defined up to a constant; fix the gauge before averaging
+        if not bool(self.potential_initialised):
+            self.potential.copy_(g)
+            self.potential_initialised.fill_(True)
+        else:
+            m = self.config.potential_momentum
+            self.potential.mul_(m).add_((1 - m) * g)
