@@ -76,10 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _config(args: argparse.Namespace, extra: list[str] | None = None):
+def _config(args: argparse.Namespace):
     from vpdm.config import load_config
 
-    return load_config(args.config, list(extra or []) + list(args.overrides))
+    return load_config(args.config, list(args.overrides))
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -107,18 +107,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vpdm.checkpoint import save_checkpoint
     from vpdm.config import save_config
 
-    extra = []
-    if args.data:
-        extra.append(f"data.spec={args.data}")
-    if args.epochs is not None:
-        extra.append(f"train.epochs={args.epochs}")
-    if args.backbone:
-        extra.append(f"backbone.name={args.backbone}")
-    if args.weights:
-        extra.append(f"backbone.weights={args.weights}")
-    # Values from these shortcuts are strings the user typed: keep them strings, not YAML-parsed.
-    config = _config(args)
-    config = config.with_overrides({k.split("=", 1)[0]: _typed(k.split("=", 1)[1], k) for k in extra}).validate()
+    shortcuts = {"data.spec": args.data, "train.epochs": args.epochs, "backbone.name": args.backbone,
+                 "backbone.weights": args.weights}
+    config = _config(args).with_overrides({k: v for k, v in shortcuts.items() if v is not None}).validate()
     out = Path(args.output)
     model_path = out / "model.pt"
     if model_path.exists() and not args.overwrite:
@@ -148,11 +139,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = engine.evaluate(model, config, test, progress=progress)
         _write_metrics(result, out / "metrics.json", config)
     return 0
-
-
-def _typed(raw: str, item: str) -> Any:
-    key = item.split("=", 1)[0]
-    return int(raw) if key == "train.epochs" else raw
 
 
 def _write_metrics(result, path: Path, config) -> dict[str, Any]:
@@ -189,13 +175,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vpdm.checkpoint import load_checkpoint
 
     model, config, _ = load_checkpoint(args.checkpoint)
-    overrides = list(args.overrides)
-    if args.data:
-        overrides.append(f"data.test_spec={args.data}")
     if args.config:
         raise VPDMError("evaluate takes its settings from the checkpoint; use --set to change sampling or scoring")
-    if overrides:
-        config = config.with_overrides({o.split("=", 1)[0]: _yaml(o) for o in overrides}).validate()
+    config = config.with_overrides(args.overrides)
+    if args.data:
+        config = config.with_overrides({"data.test_spec": args.data})
+    config.validate()
     progress = not args.no_progress
     test = engine.load_split(config, "test", progress=progress)
     result = engine.evaluate(model, config, test, progress=progress)
@@ -219,15 +204,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                              score=float(result.scores[i]), vmax=vmax)
         print(f"plots written to {plots}")
     return 0
-
-
-def _yaml(item: str) -> Any:
-    import yaml
-
-    if "=" not in item:
-        raise VPDMError(f"--set {item!r} must look like section.key=value")
-    key, raw = item.split("=", 1)
-    return raw if key.endswith("spec") else yaml.safe_load(raw)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
