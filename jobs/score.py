@@ -1,0 +1,202 @@
+"""Score a folder of images with a registered VPDM model.
+
+    python jobs/score.py --model models:/vpdm@champion --images incoming/ --output scored/ \
+        [--tracking-uri sqlite:///mlflow.db] [--batch-size 16] [--device cpu] [--no-overlays]
+
+Pulls the model from the MLflow registry (``models:/NAME@alias``, ``models:/NAME/VERSION``,
+``runs:/...`` or a local model folder), scores every image under ``--images`` (recursively) and
+writes ``OUTPUT/scores.csv`` (``path,score,error``; ``path`` relative to ``--images``) and one
+anomaly-map overlay PNG per scored image under ``OUTPUT/overlays/`` (all on one colour scale).
+Images that cannot be decoded get an ``error`` and do not stop the others.
+
+Exit codes: 0 some images scored, 1 none could be scored, 2 bad input (missing folder, unknown
+model/alias/version, unreachable tracking server, unwritable output).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(_REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(_REPO_ROOT))
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+EXIT_OK, EXIT_NONE_SCORED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad input that the user can fix; printed without a traceback, exit code 2."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="jobs/score.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="model URI, e.g. models:/vpdm@champion or models:/vpdm/3")
+    p.add_argument("--images", required=True, help="image file or folder (searched recursively)")
+    p.add_argument("--output", required=True, help="folder for scores.csv and overlays/")
+    p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per predict call (default 16)")
+    p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    p.add_argument("--no-overlays", action="store_true", help="write scores.csv only")
+    args = p.parse_args(argv)
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    return args
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail fast (instead of MLflow's minutes of retries) when the store is not there."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10).close()
+        except urllib.error.HTTPError:
+            pass  # it answered: reachable (auth or routing is MLflow's to report)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UsageError(f"tracking server {uri} is unreachable: {reason}") from exc
+    elif parsed.scheme == "sqlite":
+        db = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        if db and db != ":memory:" and not Path(db).is_file():
+            raise UsageError(f"tracking store {uri}: database file {db!r} does not exist")
+    elif parsed.scheme in ("", "file"):
+        path = Path(parsed.path if parsed.scheme == "file" else uri)
+        if not path.exists():
+            raise UsageError(f"tracking store {uri}: folder {str(path)!r} does not exist")
+
+
+def overlay_name(rel: Path, used: set[str]) -> str:
+    base = "__".join(rel.with_suffix("").parts) or "image"
+    name, k = f"{base}.png", 1
+    while name in used:
+        k += 1
+        name = f"{base}_{k}.png"
+    used.add(name)
+    return name
+
+
+def run(args: argparse.Namespace) -> int:
+    # Cheap checks first: a typo should not cost the seconds it takes to import torch and mlflow.
+    images = Path(args.images)
+    if not images.exists():
+        raise UsageError(f"image folder {str(images)!r} does not exist")
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        check_tracking_uri(uri)
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+    from PIL import Image
+
+    from tune.mlflow_model import _encode_file, decode_image_bytes, load_detector_model
+    from vpdm.errors import VPDMError
+    from vpdm.pipeline import image_files
+    from vpdm.plots import overlay_array
+
+    try:
+        files = image_files(images)
+    except VPDMError as exc:
+        raise UsageError(str(exc)) from exc
+    out = Path(args.output)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write to output folder {str(out)!r}: {exc}") from exc
+
+    if uri:
+        mlflow.set_tracking_uri(uri)  # the registry follows unless MLFLOW_REGISTRY_URI says otherwise
+    t0 = time.perf_counter()
+    try:
+        model = load_detector_model(args.model, model_config={"device": args.device, "batch_size": args.batch_size})
+    except MlflowException as exc:
+        raise UsageError(f"cannot load model {args.model!r}: {exc.message}") from exc
+    except OSError as exc:  # e.g. a local model folder that is not there
+        raise UsageError(f"cannot load model {args.model!r}: {exc}") from exc
+    meta = model.metadata.metadata or {}
+    map_size = int(meta.get("map_size") or 0)
+    print(f"model {args.model} (model id {model.metadata.model_id or '-'}) loaded in {time.perf_counter() - t0:.1f}s; "
+          f"scoring {len(files)} image(s)")
+
+    root = images if images.is_dir() else images.parent
+    rows: list[dict[str, Any]] = []
+    t1 = time.perf_counter()
+    for start in range(0, len(files), args.batch_size):
+        chunk = files[start:start + args.batch_size]
+        encoded, errors = [], {}
+        for i, f in enumerate(chunk):
+            try:
+                encoded.append(_encode_file(f))
+            except VPDMError as exc:  # unreadable file: keep going
+                encoded.append("")
+                errors[i] = str(exc)
+        result = model.predict(pd.DataFrame({"image": pd.Series(encoded, dtype="object")}))
+        for i, f in enumerate(chunk):
+            score = float(result["score"].iloc[i])
+            error = errors.get(i) or result["error"].iloc[i]
+            error = None if error is None or (isinstance(error, float) and np.isnan(error)) else str(error)
+            if error:  # name the file rather than the row of the batch
+                error = error.replace(f"row {i}: ", "", 1)
+            amap = result["anomaly_map"].iloc[i]
+            rows.append({"file": f, "path": str(f.relative_to(root)), "score": None if np.isnan(score) else score,
+                         "error": error, "map": None if amap is None else np.asarray(amap, dtype=np.float64)})
+    elapsed = time.perf_counter() - t1
+
+    scored = [r for r in rows if r["score"] is not None]
+    if scored and not args.no_overlays:
+        overlays = out / "overlays"
+        overlays.mkdir(exist_ok=True)
+        vmax = float(np.quantile(np.stack([r["map"] for r in scored]), 0.999))
+        vmax = vmax if vmax > 0 else None
+        used: set[str] = set()
+        for r in scored:
+            size = map_size or r["map"].shape[0]
+            rgb = decode_image_bytes(r["file"].read_bytes(), size, name=str(r["file"]))
+            Image.fromarray(overlay_array(rgb, r["map"], vmax=vmax)).save(overlays / overlay_name(Path(r["path"]), used))
+    with open(out / "scores.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "score", "error"])
+        for r in rows:
+            writer.writerow([r["path"], "" if r["score"] is None else f"{r['score']:.6f}", r["error"] or ""])
+
+    failed = len(rows) - len(scored)
+    print(f"scored {len(scored)} image(s) in {elapsed:.1f}s" + (f", {failed} failed (see error column)" if failed else ""))
+    if scored:
+        s = np.array([r["score"] for r in scored])
+        print(f"scores: min {s.min():.4f}  median {np.median(s):.4f}  max {s.max():.4f}")
+        for r in sorted(scored, key=lambda r: -r["score"])[:5]:
+            print(f"  {r['score']:.4f}  {r['path']}")
+    for r in rows:
+        if r["error"]:
+            print(f"  failed: {r['path']}: {r['error']}")
+    print(f"-> {out / 'scores.csv'}" + ("" if args.no_overlays or not scored else f", {out / 'overlays'}/"))
+    return EXIT_OK if scored else EXIT_NONE_SCORED
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""The VPDM pyfunc model against a real MLflow store (temporary sqlite + artifact folder, no mocks).
+
+Covers logging, registering under an alias, loading ``models:/NAME@champion`` in a fresh process,
+per-item failures, ``jobs/score.py`` and ``mlflow models serve``.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+mlflow = pytest.importorskip("mlflow")
+
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+from tests.test_cli import TINY  # noqa: E402
+from tune.mlflow_model import (  # noqa: E402
+    OUTPUT_COLUMNS,
+    images_to_frame,
+    load_detector_model,
+    log_pyfunc_model,
+    predict_frame,
+    register_champion,
+)
+from vpdm.cli import main as vpdm_main  # noqa: E402
+from vpdm.data import make_demo_dataset  # noqa: E402
+from vpdm.pipeline import Detector  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_NAME = "vpdm-test"
+TOL = 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# fixtures: one tiny checkpoint, one sqlite store, one champion for the whole module
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A fresh sqlite tracking + registry store with its own artifact root; restores the old URIs."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.create_experiment("vpdm-tests", artifact_location=(root / "artifacts").as_uri())
+    yield {"uri": uri, "experiment_id": experiment, "root": root}
+    mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # None: back to MLflow's default
+    mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(root, classes=2, train_per_class=8, test_good_per_class=3, test_defect_per_class=3, size=64)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    code = vpdm_main(["train", "--data", f"demo:{demo}", "--output", str(out), "--epochs", "1", "--no-progress",
+                      "--set", f"data.cache_dir={tmp_path_factory.mktemp('cache')}", *TINY])
+    assert code == 0
+    return out / "model.pt"
+
+
+@pytest.fixture(scope="module")
+def images(demo):
+    """Four test images: good and defective, of both classes."""
+    files = sorted((demo / "grid" / "test").rglob("*.png"))[:2] + sorted((demo / "blobs" / "test").rglob("*.png"))[-2:]
+    assert len(files) == 4
+    return files
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint, images):
+    """What the library itself says about the images: {path: (score, map)}."""
+    results = Detector.from_checkpoint(checkpoint).predict_files(images, progress=False)
+    assert all(r.error is None for r in results)
+    return {r.path: (r.score, r.anomaly_map) for r in results}
+
+
+@pytest.fixture(scope="module")
+def champion(store, checkpoint, images):
+    with mlflow.start_run(experiment_id=store["experiment_id"]) as run:
+        info = log_pyfunc_model(checkpoint, example_images=images[:1])
+    version = register_champion(run.info.run_id, model_name=MODEL_NAME,
+                                tags={"sweep": "test-sweep", "dataset": "demo", "metrics": {"image_auroc": 0.75}})
+    return {"run_id": run.info.run_id, "info": info, "version": version}
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _env(store) -> dict[str, str]:
+    """Environment of child processes: this store, this interpreter's bin/ first on PATH."""
+    env = dict(os.environ, MLFLOW_TRACKING_URI=store["uri"], MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.pop("MLFLOW_REGISTRY_URI", None)
+    return env
+
+
+# --------------------------------------------------------------------------------------------
+# logging, registry, fresh-process loading
+# --------------------------------------------------------------------------------------------
+
+
+def test_logged_model_has_signature_example_and_carried_code(champion):
+    info = champion["info"]
+    assert info.model_uri.startswith("models:/")
+    inputs = info.signature.inputs.to_dict()
+    assert inputs == [{"type": "string", "name": "image", "required": True}]
+    assert [c["name"] for c in info.signature.outputs.to_dict()] == list(OUTPUT_COLUMNS)
+    assert info.metadata["image_size"] == 64 and info.metadata["map_size"] == 64
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
+    assert (local / "artifacts" / "model.pt").is_file()
+    assert (local / "code" / "vpdm" / "pipeline.py").is_file()
+    assert (local / "code" / "tune" / "mlflow_model.py").is_file()
+    assert sorted(p.name for p in (local / "code" / "tune").iterdir()) == ["__init__.py", "mlflow_model.py"]
+    requirements = (local / "requirements.txt").read_text()
+    for name in ("torch==", "timm==", "numpy==", "pandas==", "mlflow=="):
+        assert name in requirements, name
+    assert "+cu" not in requirements  # no local version labels pip could not resolve elsewhere
+
+
+def test_champion_loads_in_a_fresh_process_and_matches_the_detector(champion, store, images, reference, tmp_path):
+    script = textwrap.dedent("""
+        import base64, json, sys
+        import mlflow, pandas as pd
+        paths = sys.argv[1:]
+        model = mlflow.pyfunc.load_model("models:/%s@champion")
+        frame = pd.DataFrame({"image": [base64.b64encode(open(p, "rb").read()).decode() for p in paths]})
+        out = model.predict(frame)
+        import vpdm, tune.mlflow_model
+        print(json.dumps({"scores": out["score"].tolist(), "maps": out["anomaly_map"].tolist(),
+                          "errors": out["error"].tolist(), "vpdm": vpdm.__file__,
+                          "tune": tune.mlflow_model.__file__}))
+    """) % MODEL_NAME
+    # cwd outside the checkout, no PYTHONPATH: the loaded model must bring what it needs
+    env = _env(store)
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, images)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["errors"] == [None] * len(images)
+    for path, score, amap in zip(images, got["scores"], got["maps"]):
+        ref_score, ref_map = reference[str(path)]
+        assert score == pytest.approx(ref_score, abs=TOL)
+        assert np.asarray(amap).shape == ref_map.shape
+        assert np.abs(np.asarray(amap) - ref_map).max() < 1e-3
+    # the model ran on the library source it carries, not on the checkout
+    assert Path("code", "vpdm", "__init__.py").as_posix() in Path(got["vpdm"]).as_posix()
+    assert Path("code", "tune", "mlflow_model.py").as_posix() in Path(got["tune"]).as_posix()
+
+
+def test_champion_version_tags_and_alias(champion):
+    client = MlflowClient()
+    version = champion["version"]
+    assert version.aliases == ["champion"]
+    assert version.tags == {"sweep": "test-sweep", "dataset": "demo", "metrics.image_auroc": "0.75"}
+    assert version.run_id == champion["run_id"]
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == version.version
+
+
+def test_second_version_takes_the_alias_and_the_first_is_kept(champion, store, checkpoint):
+    client = MlflowClient()
+    first = champion["version"]
+    with mlflow.start_run(experiment_id=store["experiment_id"]) as run:
+        log_pyfunc_model(checkpoint)  # synthetic input example
+    second = register_champion(run.info.run_id, model_name=MODEL_NAME, tags={"sweep": "second", "trial": 7})
+    assert int(second.version) == int(first.version) + 1
+    assert second.aliases == ["champion"] and second.tags == {"sweep": "second", "trial": "7"}
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").version == second.version
+    old = client.get_model_version(MODEL_NAME, first.version)  # still there, tags intact, alias gone
+    assert old.aliases == [] and old.tags["sweep"] == "test-sweep" and old.status == "READY"
+    assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 2
+    assert load_detector_model(f"models:/{MODEL_NAME}/{first.version}") is not None
+
+
+def test_registry_refuses_bad_names_and_reports_missing_ones(champion):
+    for bad in ("", "   ", None, "a/b", "x@y"):
+        with pytest.raises(MlflowException, match="registered model name"):
+            register_champion(champion["run_id"], model_name=bad)
+    with pytest.raises(MlflowException, match="alias"):
+        register_champion(champion["run_id"], model_name=MODEL_NAME, alias="latest")
+    with pytest.raises(MlflowException, match="not found"):
+        register_champion("0" * 32, model_name=MODEL_NAME)
+    with pytest.raises(MlflowException, match="no model logged as 'other'"):
+        register_champion(champion["run_id"], model_name=MODEL_NAME, artifact_path="other")
+    with pytest.raises(MlflowException, match="no registered model named 'nope'"):
+        load_detector_model("models:/nope@champion")
+    with pytest.raises(MlflowException, match="no alias 'staging'.*@champion"):
+        load_detector_model(f"models:/{MODEL_NAME}@staging")
+    with pytest.raises(MlflowException, match="no version '99'"):
+        load_detector_model(f"models:/{MODEL_NAME}/99")
+
+
+def test_log_needs_an_active_run(checkpoint, store):
+    assert mlflow.active_run() is None
+    with pytest.raises(MlflowException, match="active run"):
+        log_pyfunc_model(checkpoint)
+
+
+# --------------------------------------------------------------------------------------------
+# predict: bad items, empty input, missing column
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def loaded(champion):
+    return load_detector_model(f"models:/{MODEL_NAME}/{champion['version'].version}")
+
+
+def test_bad_items_fail_alone(loaded, images, reference):
+    good = images[0].read_bytes()
+    frame = pd.DataFrame({
+        "image": [_b64(good), _b64(good[:200]), _b64(b"hello, not an image"), "%%% not base64 %%%", None,
+                  _b64(images[1].read_bytes())],
+        "path": ["a", "b", "c", "d", "e", "f"],  # extra columns are ignored
+    })
+    out = loaded.predict(frame)
+    assert list(out.columns) == list(OUTPUT_COLUMNS) and len(out) == 6
+    assert out["score"].iloc[0] == pytest.approx(reference[str(images[0])][0], abs=TOL)
+    assert out["score"].iloc[5] == pytest.approx(reference[str(images[1])][0], abs=TOL)
+    assert out["error"].iloc[0] is None and out["error"].iloc[5] is None
+    assert np.asarray(out["anomaly_map"].iloc[0]).shape == (64, 64)
+    for i, pattern in [(1, "row 1: cannot decode image"), (2, "row 2: not a PNG, JPEG, BMP or TIFF"),
+                       (3, "row 3: not valid base64"), (4, "row 4: expected a base64 string")]:
+        assert np.isnan(out["score"].iloc[i]) and out["anomaly_map"].iloc[i] is None
+        assert out["error"].iloc[i].startswith(pattern), out["error"].iloc[i]
+
+
+def test_decompression_bomb_is_refused_per_item(checkpoint):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (10000, 10000)).save(buf, format="PNG")  # 1e8 px > PIL's 89.5 Mpx limit, ~12 KB file
+    detector = Detector.from_checkpoint(checkpoint)
+    out = predict_frame(detector, pd.DataFrame({"image": [_b64(buf.getvalue())]}))
+    assert np.isnan(out["score"].iloc[0]) and "too large" in out["error"].iloc[0]
+
+
+def test_empty_frame_and_missing_column(loaded, checkpoint):
+    out = loaded.predict(images_to_frame([]))
+    assert list(out.columns) == list(OUTPUT_COLUMNS) and len(out) == 0
+    with pytest.raises(MlflowException, match="missing inputs.*'image'"):
+        loaded.predict(pd.DataFrame({"picture": ["x"]}))
+    # without the signature in front (the python model itself), the message names the column too
+    with pytest.raises(MlflowException, match="no 'image' column"):
+        predict_frame(Detector.from_checkpoint(checkpoint), pd.DataFrame({"picture": ["x"]}))
+
+
+# --------------------------------------------------------------------------------------------
+# jobs/score.py
+# --------------------------------------------------------------------------------------------
+
+
+def test_score_job_end_to_end(champion, store, images, reference, tmp_path):
+    folder = tmp_path / "incoming"
+    (folder / "nested").mkdir(parents=True)
+    (folder / "a.png").write_bytes(images[0].read_bytes())
+    (folder / "nested" / "b.png").write_bytes(images[3].read_bytes())
+    (folder / "nested" / "broken.png").write_bytes(images[0].read_bytes()[:150])
+    out = tmp_path / "scored"
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "jobs" / "score.py"), "--model", f"models:/{MODEL_NAME}@champion",
+                           "--images", str(folder), "--output", str(out), "--tracking-uri", store["uri"]],
+                          cwd=tmp_path, env=_env(store), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "scored 2 image(s)" in proc.stdout and "1 failed" in proc.stdout
+    rows = {r["path"]: r for r in csv.DictReader(open(out / "scores.csv"))}
+    assert set(rows) == {"a.png", "nested/b.png", "nested/broken.png"}
+    assert float(rows["a.png"]["score"]) == pytest.approx(reference[str(images[0])][0], abs=TOL)
+    assert float(rows["nested/b.png"]["score"]) == pytest.approx(reference[str(images[3])][0], abs=TOL)
+    assert rows["nested/broken.png"]["score"] == "" and "cannot decode" in rows["nested/broken.png"]["error"]
+    overlays = sorted(p.name for p in (out / "overlays").iterdir())
+    assert overlays == ["a.png", "nested__b.png"]
+    from PIL import Image
+
+    with Image.open(out / "overlays" / "a.png") as im:
+        assert im.size == (64, 64) and im.mode == "RGB"
+
+
+def test_score_job_bad_inputs_exit_2(champion, store, tmp_path, capsys):
+    from jobs.score import main as score_main
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "x.png").write_bytes(b"")
+    base = ["--images", str(folder), "--output", str(tmp_path / "o")]
+    cases = [
+        (["--model", f"models:/{MODEL_NAME}@champion", "--images", str(tmp_path / "missing"), "--output", "o"],
+         "does not exist"),
+        (["--model", "models:/nope@champion", *base, "--tracking-uri", store["uri"]], "no registered model named 'nope'"),
+        (["--model", f"models:/{MODEL_NAME}@staging", *base, "--tracking-uri", store["uri"]], "no alias 'staging'"),
+        (["--model", f"models:/{MODEL_NAME}@champion", *base, "--tracking-uri", f"http://127.0.0.1:{_free_port()}"],
+         "unreachable"),
+        (["--model", f"models:/{MODEL_NAME}@champion", *base, "--tracking-uri", f"sqlite:///{tmp_path / 'no.db'}"],
+         "does not exist"),
+    ]
+    try:
+        for argv, message in cases:
+            assert score_main(argv) == 2, argv
+            assert message in capsys.readouterr().err, argv
+    finally:
+        mlflow.set_tracking_uri(store["uri"])
+
+
+# --------------------------------------------------------------------------------------------
+# mlflow models serve
+# --------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_models_serve_answers_invocations(champion, store, images, reference, tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    # `mlflow models serve` execs `uvicorn` through the shell, so this env's bin/ must be on PATH.
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                            cwd=tmp_path, env=_env(store), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            assert time.monotonic() < deadline, "server did not come up:\n" + (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+        body = {"dataframe_split": {"columns": ["image"], "data": [[_b64(images[2].read_bytes())]]}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            assert r.status == 200
+            answer = json.loads(r.read())
+        (prediction,) = answer["predictions"]
+        assert set(prediction) == set(OUTPUT_COLUMNS) and prediction["error"] is None
+        assert prediction["score"] == pytest.approx(reference[str(images[2])][0], abs=TOL)
+        assert np.asarray(prediction["anomaly_map"]).shape == (64, 64)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()

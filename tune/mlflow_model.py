@@ -1,0 +1,471 @@
+"""VPDM as an MLflow pyfunc model: log it, register it under an alias, load it back, serve it.
+
+The model's contract (what ``mlflow models serve`` and ``mlflow.pyfunc.load_model`` expose):
+
+* input: a ``pandas.DataFrame`` with a string column ``"image"`` holding each image *file*
+  (PNG, JPEG, BMP or TIFF bytes) base64-encoded; any other column (e.g. ``"path"``) is ignored;
+* output: a ``pandas.DataFrame`` with the input's index and the columns ``"score"`` (float, NaN
+  when the item could not be scored), ``"anomaly_map"`` (``map_size`` x ``map_size`` list of
+  lists of float, None when the item failed) and ``"error"`` (None, or why the item failed).
+
+One bad item never fails the batch: it gets its ``error`` and the others are scored. Scores are
+those of :meth:`vpdm.pipeline.Detector.predict_files` for the same files (same decoding, resize
+and normalisation; VPDM scores each image on its own terms, so batching does not change them).
+
+The logged model carries the checkpoint (artifact ``checkpoint``) and the ``vpdm`` source it was
+trained with (``code_paths``), so it loads in any environment with the pinned requirements.
+Inference settings ``device`` and ``batch_size`` can be overridden at load time:
+``mlflow.pyfunc.load_model(uri, model_config={"device": "cuda"})``, or for a server the
+``MLFLOW_PYFUNC_INFERENCE_CONFIG='{"device": "cuda"}'`` environment variable.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+import tempfile
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+
+__all__ = [
+    "IMAGE_COLUMN",
+    "OUTPUT_COLUMNS",
+    "VPDMPyfuncModel",
+    "decode_image_bytes",
+    "images_to_frame",
+    "load_detector_model",
+    "log_pyfunc_model",
+    "predict_frame",
+    "register_champion",
+]
+
+IMAGE_COLUMN = "image"
+OUTPUT_COLUMNS = ("score", "anomaly_map", "error")
+# Formats the library reads from disk (vpdm.data.IMAGE_EXTENSIONS). Restricting PIL's plugins keeps
+# exotic decoders (EPS via ghostscript, ...) away from untrusted request bytes.
+ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+MAX_IMAGE_BYTES = 64 * 1024 * 1024  # per item, decoded; a request that large is a mistake or an attack
+DEFAULT_MODEL_CONFIG = {"device": "cpu", "batch_size": 16}
+
+_REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "pillow", "pandas", "mlflow", "cloudpickle")
+
+
+# --------------------------------------------------------------------------------------------
+# decoding
+# --------------------------------------------------------------------------------------------
+
+
+def decode_image_bytes(data: bytes, image_size: int, *, name: str = "image") -> np.ndarray:
+    """Image-file bytes -> uint8 ``image_size`` x ``image_size`` x 3 RGB (bicubic), like the library.
+
+    Same conversions as :class:`vpdm.data.AnomalyDataset` (grayscale/palette/16-bit -> RGB, alpha
+    dropped). Raises :class:`vpdm.errors.DataError` naming ``name`` for anything that is not a
+    complete PNG/JPEG/BMP/TIFF within PIL's decompression-bomb limit.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    from vpdm.data import _to_rgb
+    from vpdm.errors import DataError
+
+    if len(data) == 0:
+        raise DataError(f"{name}: empty payload (expected the bytes of a PNG, JPEG, BMP or TIFF file)")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise DataError(f"{name}: {len(data)} bytes is over the {MAX_IMAGE_BYTES}-byte limit per image")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns above MAX_IMAGE_PIXELS and raises only above twice that; refuse both.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as im:
+                # Explicit too: the warnings filter above is process-wide state, not thread-safe.
+                limit = Image.MAX_IMAGE_PIXELS
+                if limit is not None and im.width * im.height > limit:
+                    raise Image.DecompressionBombError(
+                        f"{im.width}x{im.height} = {im.width * im.height} pixels exceeds the limit of {limit}")
+                im.load()
+                rgb = _to_rgb(im)
+                rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
+                return np.array(rgb, dtype=np.uint8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{name}: refused, image too large ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise DataError(f"{name}: not a PNG, JPEG, BMP or TIFF image file") from exc
+    except Exception as exc:  # truncated/corrupt data: OSError, SyntaxError, ValueError, zlib.error, ...
+        raise DataError(f"{name}: cannot decode image: {exc} (expected a valid, complete image file)") from exc
+
+
+def _normalise(rgb: np.ndarray) -> Any:
+    import torch
+
+    from vpdm.data import IMAGENET_MEAN, IMAGENET_STD
+
+    img = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+    return ((img - mean) / std).contiguous()
+
+
+def _b64decode(value: Any, name: str) -> bytes:
+    from vpdm.errors import DataError
+
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("ascii", errors="replace")
+    if not isinstance(value, str):
+        kind = "missing" if value is None or (isinstance(value, float) and np.isnan(value)) else type(value).__name__
+        raise DataError(f"{name}: expected a base64 string of an image file, got {kind}")
+    if len(value) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+        raise DataError(f"{name}: payload is over the {MAX_IMAGE_BYTES}-byte limit per image")
+    try:
+        return base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise DataError(f"{name}: not valid base64 ({exc})") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------------
+
+
+def _empty_result(index: Any = None) -> pd.DataFrame:
+    frame = pd.DataFrame({"score": pd.Series(dtype="float64"), "anomaly_map": pd.Series(dtype="object"),
+                          "error": pd.Series(dtype="object")})
+    if index is not None:
+        frame.index = index
+    return frame
+
+
+def predict_frame(detector: Any, model_input: Any, batch_size: int = 16) -> pd.DataFrame:
+    """Score a frame of base64 images with a :class:`vpdm.pipeline.Detector` (the model's predict)."""
+    import torch
+
+    from vpdm.errors import VPDMError
+
+    if isinstance(model_input, Mapping):
+        model_input = pd.DataFrame(dict(model_input))
+    if not isinstance(model_input, pd.DataFrame):
+        raise MlflowException(
+            f"expected a pandas DataFrame with a string column {IMAGE_COLUMN!r} of base64-encoded image files, "
+            f"got {type(model_input).__name__}", error_code=INVALID_PARAMETER_VALUE)
+    if IMAGE_COLUMN not in model_input.columns:
+        raise MlflowException(
+            f"input has no {IMAGE_COLUMN!r} column (columns: {list(map(str, model_input.columns))}); expected a "
+            f"DataFrame with a string column {IMAGE_COLUMN!r} of base64-encoded image files",
+            error_code=INVALID_PARAMETER_VALUE)
+    n = len(model_input)
+    if n == 0:
+        return _empty_result(model_input.index)
+
+    size = detector.config.backbone.image_size
+    scores = np.full(n, np.nan, dtype=np.float64)
+    maps: list[Any] = [None] * n
+    errors: list[str | None] = [None] * n
+    values = model_input[IMAGE_COLUMN].tolist()
+    batch_size = max(1, int(batch_size))
+    for start in range(0, n, batch_size):
+        tensors, rows = [], []
+        for i in range(start, min(start + batch_size, n)):
+            try:
+                rgb = decode_image_bytes(_b64decode(values[i], f"row {i}"), size, name=f"row {i}")
+                tensors.append(_normalise(rgb))
+                rows.append(i)
+            except VPDMError as exc:
+                errors[i] = str(exc)
+        if tensors:
+            batch_scores, batch_maps = detector.score_tensor(torch.stack(tensors))
+            for j, i in enumerate(rows):
+                scores[i] = float(batch_scores[j])
+                maps[i] = batch_maps[j].double().numpy().tolist()
+    # object dtype keeps None as None (pandas 3 would infer a string column with NaN for missing).
+    return pd.DataFrame({"score": pd.Series(scores, dtype="float64", index=model_input.index),
+                         "anomaly_map": pd.Series(maps, dtype="object", index=model_input.index),
+                         "error": pd.Series(errors, dtype="object", index=model_input.index)})
+
+
+class VPDMPyfuncModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper around :class:`vpdm.pipeline.Detector`; see the module docstring for the contract."""
+
+    def load_context(self, context: Any) -> None:
+        from vpdm.pipeline import Detector
+
+        config = {**DEFAULT_MODEL_CONFIG, **(getattr(context, "model_config", None) or {})}
+        self.batch_size = int(config["batch_size"])
+        self.detector = Detector.from_checkpoint(context.artifacts["checkpoint"], device=config["device"])
+
+    # model_input is typed pd.DataFrame (a hint MLflow derives no schema from): the logged
+    # signature is what validates requests.
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        return predict_frame(self.detector, model_input, self.batch_size)
+
+
+# --------------------------------------------------------------------------------------------
+# logging, registering, loading
+# --------------------------------------------------------------------------------------------
+
+
+def _encode_file(path: str | Path) -> str:
+    from vpdm.errors import DataError
+
+    try:
+        return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    except OSError as exc:
+        raise DataError(f"cannot read image file {str(path)!r}: {exc}") from exc
+
+
+def images_to_frame(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """The model's input for image files: column ``"image"`` = base64 of each file's bytes, in order."""
+    return pd.DataFrame({IMAGE_COLUMN: pd.Series([_encode_file(p) for p in paths], dtype="object")})
+
+
+def _example_image(example_images: Sequence[str | Path] | None, size: int) -> str:
+    """One small PNG, base64: the first example image at the model's input size, or a synthetic one."""
+    from PIL import Image
+
+    if example_images:
+        first = Path(example_images[0])
+        try:
+            data = first.read_bytes()
+        except OSError as exc:
+            from vpdm.errors import DataError
+
+            raise DataError(f"cannot read example image {str(first)!r}: {exc}") from exc
+        rgb = decode_image_bytes(data, size, name=str(first))
+    else:
+        yy, xx = np.mgrid[0:size, 0:size]
+        rgb = np.stack([(xx * 255 // max(size - 1, 1)), (yy * 255 // max(size - 1, 1)),
+                        np.full_like(xx, 128)], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _pip_requirements() -> list[str]:
+    """Pins of what is installed: the model's direct imports plus vpdm's own dependencies."""
+    names = list(_REQUIREMENTS)
+    try:
+        from packaging.requirements import Requirement
+
+        for line in importlib_metadata.requires("vpdm") or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                names.append(req.name)
+    except importlib_metadata.PackageNotFoundError:
+        pass
+    pins, seen = [], set()
+    for name in names:
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            version = importlib_metadata.version(name).split("+")[0]  # drop local labels (+cu130)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+        pins.append(f"{name}=={version}")
+    return pins
+
+
+def log_pyfunc_model(
+    checkpoint_path: str | Path,
+    *,
+    artifact_path: str = "model",
+    example_images: Sequence[str | Path] | None = None,
+) -> mlflow.models.model.ModelInfo:
+    """Log a checkpoint as a VPDM pyfunc model in the active run (MLflow 3 ``name=artifact_path``).
+
+    The signature is inferred from a one-image input example and the model's output on it; the
+    model carries the checkpoint, the ``vpdm`` and ``tune/mlflow_model.py`` source, and pins of the
+    installed requirements. Returns MLflow's ``ModelInfo`` (``model_uri`` is ``models:/<model_id>``;
+    ``runs:/<run_id>/<artifact_path>`` resolves to it too).
+    """
+    from vpdm.pipeline import Detector
+
+    if mlflow.active_run() is None:
+        raise MlflowException("log_pyfunc_model needs an active run: call it inside `with mlflow.start_run():`",
+                              error_code=INVALID_PARAMETER_VALUE)
+    _check_artifact_path(artifact_path)
+    checkpoint_path = Path(checkpoint_path)
+    detector = Detector.from_checkpoint(checkpoint_path)  # raises CheckpointError for a bad file
+    example = pd.DataFrame({IMAGE_COLUMN: [_example_image(example_images, detector.config.backbone.image_size)]})
+    output = predict_frame(detector, example)
+    if output["error"].iloc[0] is not None:
+        raise MlflowException(f"the input example could not be scored: {output['error'].iloc[0]}")
+    signature = mlflow.models.infer_signature(example, output)
+    import vpdm
+
+    with tempfile.TemporaryDirectory(prefix="vpdm_code_") as staging:
+        # tune/ holds sweep code too; ship only this module (as tune.mlflow_model, the name the
+        # pickled class refers to) next to the library.
+        tune_dir = Path(staging) / "tune"
+        tune_dir.mkdir()
+        (tune_dir / "__init__.py").write_text('"""VPDM MLflow model code."""\n')
+        (tune_dir / "mlflow_model.py").write_text(Path(__file__).read_text())
+        return mlflow.pyfunc.log_model(
+            name=artifact_path,
+            python_model=VPDMPyfuncModel(),
+            artifacts={"checkpoint": str(checkpoint_path)},
+            code_paths=[str(Path(vpdm.__file__).parent), str(tune_dir)],
+            signature=signature,
+            input_example=example,
+            pip_requirements=_pip_requirements(),
+            model_config=dict(DEFAULT_MODEL_CONFIG),
+            metadata={
+                "vpdm_version": getattr(vpdm, "__version__", "unknown"),
+                "image_size": int(detector.config.backbone.image_size),
+                "map_size": int(detector.map_size),
+                "categories": list(detector.categories),
+            },
+        )
+
+
+def _check_artifact_path(artifact_path: Any) -> str:
+    if not isinstance(artifact_path, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", artifact_path):
+        raise MlflowException(f"artifact_path must be a non-empty name of letters, digits, '_', '-', '.', "
+                              f"got {artifact_path!r}", error_code=INVALID_PARAMETER_VALUE)
+    return artifact_path
+
+
+_NAME_RE = re.compile(r"^[^/:@\s][^/:@]*$")
+
+
+def _check_name(model_name: Any) -> str:
+    if not isinstance(model_name, str) or not model_name.strip():
+        raise MlflowException(f"registered model name must be a non-empty string, got {model_name!r}",
+                              error_code=INVALID_PARAMETER_VALUE)
+    if not _NAME_RE.match(model_name) or model_name != model_name.strip():
+        raise MlflowException(
+            f"registered model name {model_name!r} is not usable in a models:/ URI: no '/', ':', '@' and no "
+            "leading/trailing spaces", error_code=INVALID_PARAMETER_VALUE)
+    return model_name
+
+
+def _check_alias(alias: Any) -> str:
+    if not isinstance(alias, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", alias) or alias.lower() == "latest" \
+            or re.fullmatch(r"[vV]\d+", alias):
+        raise MlflowException(
+            f"alias {alias!r} is invalid: expected letters, digits, '_' or '-', not 'latest' nor 'v<number>'",
+            error_code=INVALID_PARAMETER_VALUE)
+    return alias
+
+
+def _flatten_tags(tags: Mapping[str, Any] | None, prefix: str = "") -> dict[str, str]:
+    """Nested mappings become dotted keys ({"metrics": {"auroc": 0.9}} -> {"metrics.auroc": "0.9"})."""
+    flat: dict[str, str] = {}
+    for key, value in (tags or {}).items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten_tags(value, f"{full}."))
+        else:
+            flat[full] = value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
+    return flat
+
+
+def _logged_model_id(client: Any, run_id: str, artifact_path: str) -> str:
+    """The id of the model logged as ``artifact_path`` by run ``run_id`` (the last one if logged twice).
+
+    MLflow 3 stores models outside the run's artifacts; ``runs:/<run>/<name>`` still resolves, with a
+    warning, so the model is looked up here and registered as ``models:/<model_id>``.
+    """
+    if not isinstance(run_id, str) or not run_id:
+        raise MlflowException(f"run_id must be a non-empty string, got {run_id!r}", error_code=INVALID_PARAMETER_VALUE)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise MlflowException(f"run {run_id!r} not found in tracking store {mlflow.get_tracking_uri()!r}",
+                              error_code=RESOURCE_DOES_NOT_EXIST) from exc
+    steps = {o.model_id: o.step for o in (run.outputs.model_outputs if run.outputs else [])}
+    found, token = [], None
+    while True:
+        page = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                           filter_string=f"name = '{artifact_path}'", page_token=token)
+        found.extend(m for m in page if m.source_run_id == run_id)
+        token = page.token
+        if not token:
+            break
+    if not found:
+        raise MlflowException(f"run {run_id!r} has no model logged as {artifact_path!r} "
+                              "(log it with log_pyfunc_model inside that run)", error_code=RESOURCE_DOES_NOT_EXIST)
+    return max(found, key=lambda m: (steps.get(m.model_id, 0), m.creation_timestamp)).model_id
+
+
+def register_champion(
+    run_id: str,
+    *,
+    model_name: str,
+    artifact_path: str = "model",
+    alias: str = "champion",
+    tags: Mapping[str, Any] | None = None,
+) -> Any:
+    """Register the model logged as ``artifact_path`` in run ``run_id`` and point ``alias`` at it.
+
+    Creates the registered model on first use; every call adds a new version (nothing is deleted)
+    and moves the alias from whichever version held it. ``tags`` (nested mappings flattened to dotted
+    keys, values stringified) are set on the new version. Returns its ``ModelVersion``, re-read
+    so that ``aliases`` and ``tags`` are current.
+    """
+    from mlflow import MlflowClient
+
+    model_name = _check_name(model_name)
+    alias = _check_alias(alias)
+    _check_artifact_path(artifact_path)
+    client = MlflowClient()
+    model_id = _logged_model_id(client, run_id, artifact_path)
+    version = mlflow.register_model(f"models:/{model_id}", model_name)
+    for key, value in _flatten_tags(tags).items():
+        client.set_model_version_tag(model_name, version.version, key, value)
+    client.set_registered_model_alias(model_name, alias, version.version)
+    return client.get_model_version(model_name, version.version)
+
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?/?$")
+
+
+def _check_registered(model_uri: str) -> None:
+    """For ``models:/NAME@alias`` and ``models:/NAME/version``: a clear error when either does not exist."""
+    from mlflow import MlflowClient
+
+    match = _MODELS_URI.match(model_uri)
+    if not match or (match["alias"] is None and match["version"] is None):
+        return  # models:/<model_id>, runs:/..., paths: MLflow's own errors are clear enough
+    name, alias, version = match["name"], match["alias"], match["version"]
+    client = MlflowClient()
+    where = f"in the model registry at {mlflow.get_registry_uri()!r}"
+    try:
+        registered = client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise MlflowException(f"no registered model named {name!r} {where} (from {model_uri!r})",
+                              error_code=RESOURCE_DOES_NOT_EXIST) from exc
+    if alias is not None and alias not in (registered.aliases or {}):
+        known = ", ".join(f"@{a} -> v{v}" for a, v in sorted((registered.aliases or {}).items())) or "none"
+        raise MlflowException(f"registered model {name!r} has no alias {alias!r} {where} (aliases: {known})",
+                              error_code=RESOURCE_DOES_NOT_EXIST)
+    if version is not None and version != "latest":
+        try:
+            client.get_model_version(name, version)
+        except MlflowException as exc:
+            raise MlflowException(f"registered model {name!r} has no version {version!r} {where}",
+                                  error_code=RESOURCE_DOES_NOT_EXIST) from exc
+
+
+def load_detector_model(model_uri: str, *, model_config: Mapping[str, Any] | None = None) -> Any:
+    """``mlflow.pyfunc.load_model`` for ``models:/NAME@alias``, ``models:/NAME/3``, ``runs:/...``, ...
+
+    A missing registered model, alias or version is an ``MlflowException`` naming it.
+    ``model_config`` overrides ``device`` / ``batch_size``.
+    """
+    if not isinstance(model_uri, str) or not model_uri.strip():
+        raise MlflowException(f"model URI must be a non-empty string, got {model_uri!r}",
+                              error_code=INVALID_PARAMETER_VALUE)
+    _check_registered(model_uri)
+    return mlflow.pyfunc.load_model(model_uri, model_config=dict(model_config) if model_config else None)
