@@ -59,7 +59,7 @@ class SamplingConfig:
     """
 
     sampler: str = "ddim"
-    num_steps: int = 5
+    num_steps: int = 3
     eta: float = 0.0  # DDIM only: 0 deterministic, 1 ancestral variance; the ddpm sampler ignores it
     seed: int = 0  # every image gets the same noise stream, so its score never depends on its batch
 

@@ -1,0 +1,170 @@
+"""The benchmark end to end on a tiny synthetic set: every section of the JSON and Markdown."""
+
+import json
+
+import numpy as np
+import pytest
+
+from vpdm.bench import PRESETS, balanced_subset, main, parse_steps
+from vpdm.data import make_demo_dataset
+from vpdm.errors import ConfigError
+
+# Random-init Lite0 at 64 px (as tests/test_cli.py): exercises every code path in seconds.
+TINY = [
+    "--backbone", "tf_efficientnet_lite0", "--weights", "none",
+    "--set", "backbone.image_size=64", "--set", "backbone.feature_size=8",
+    "--set", "model.prototypes.num_prototypes=4", "--set", "model.prototypes.downsample=2",
+    "--set", "model.diffusion.num_timesteps=50", "--set", "model.denoiser.width=16",
+    "--set", "model.denoiser.groups=4", "--set", "sampling.num_steps=2", "--set", "train.batch_size=8",
+    "--set", "scoring.pool_size=4", "--set", "scoring.blur_sigma=1.0",
+    "--threads", "1", "--timing-images", "4", "--timing-repeats", "1", "--no-progress",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(root, classes=2, train_per_class=8, test_good_per_class=3, test_defect_per_class=3, size=64)
+    return root
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_demo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cache = tmp_path_factory.mktemp("cache")
+    code = main(["--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "1", "--ablations",
+                 "--steps", "1,ddpm:50", "--steps-subset", "4", "--time-widths", "8",
+                 "--set", f"data.cache_dir={cache}", *TINY])
+    assert code == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_json_has_every_section(bench_run):
+    _, doc = bench_run
+    for key in ("schema", "command", "versions", "machine", "config", "data", "vpdm", "baseline", "steps", "timing",
+                "ablations", "cache", "comparison", "memory"):
+        assert key in doc, key
+    for key in ("torch", "timm", "numpy", "vpdm", "python", "cpu_count"):
+        assert doc["versions"][key]
+    assert doc["config"]["train"]["epochs"] == 1 and doc["config"]["train"]["threads"] == 1
+    assert doc["data"]["train"]["images"] == 16 and doc["data"]["test"]["images"] == 12
+    assert doc["data"]["train"]["cache_key"].startswith(doc["data"]["backbone_fingerprint"])
+    assert set(doc["data"]["classes"]) == {"demo/blobs", "demo/grid"}
+
+
+def test_both_detectors_are_evaluated_with_the_same_metrics(bench_run):
+    _, doc = bench_run
+    for detector in (doc["vpdm"]["metrics"], doc["baseline"]["metrics"], doc["baseline"]["metrics_plain_max"]):
+        assert set(detector["per_class"]) == {"demo/blobs", "demo/grid"}
+        for key in ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max"):
+            assert 0.0 <= detector["mean"][key] <= 1.0
+    assert doc["baseline"]["settings"]["bank_size"] == 103  # ceil(0.1 * 16 images * 8 * 8 patches)
+    comp = doc["comparison"]["means"]["image_auroc"]
+    assert comp["delta_pt"] == pytest.approx(100 * (comp["vpdm"] - comp["baseline"]))
+
+
+def test_timings_and_ratios(bench_run):
+    _, doc = bench_run
+    t = doc["timing"]
+    assert t["batch_images"] == 4 and t["threads"] == 1
+    for key in ("backbone_ms_per_image", "vpdm_model_ms_per_image", "vpdm_end_to_end_ms_per_image",
+                "baseline_model_ms_per_image", "baseline_end_to_end_ms_per_image", "train_ms_per_image_epoch"):
+        assert t[key] > 0, key
+    r = t["ratios"]
+    assert r["vpdm_end_to_end_over_backbone"] == pytest.approx(t["vpdm_end_to_end_ms_per_image"] / t["backbone_ms_per_image"])
+    assert r["vpdm_full_chain_end_to_end_over_backbone"] > 1
+    assert t["full_chain"]["sampler"] == "ddpm" and t["full_chain"]["steps"] == 50
+    assert [(x["sampler"], x["steps"]) for x in t["vpdm_model_ms_per_image_by_steps"]] == [("ddim", 1), ("ddim", 2)]
+    assert "full_chain_model_ms_per_image_extrapolated" in t
+    assert [(x["sampler"], x["steps"]) for x in t["untrained_width_model_ms_per_image_by_steps"]["8"]] == [
+        ("ddim", 1), ("ddim", 2)]
+    assert len(t["raw_seconds"]["backbone"]) == 1
+    assert doc["memory"]["peak_rss_mb"] > 0 and "after_training" in doc["memory"]["peak_rss_mb_by_phase"]
+
+
+def test_steps_table(bench_run):
+    _, doc = bench_run
+    st = doc["steps"]
+    # the configured accelerated sampler (ddim 2) is added to the requested rows
+    assert [(r["sampler"], r["steps"]) for r in st["rows"]] == [("ddim", 1), ("ddim", 2), ("ddpm", 50)]
+    assert st["full_chain"] == {"sampler": "ddpm", "steps": 50}
+    assert st["subset_images"] == 8  # 4 per class
+    long_row = st["rows"][-1]
+    assert long_row["test"] is None and long_row["subset"]["image_auroc"] is not None
+    assert long_row["subset_image_auroc_minus_full_chain_pt"] == 0
+    accel = [r for r in st["rows"] if r["accelerated_default"]]
+    assert len(accel) == 1 and accel[0]["test"] == doc["vpdm"]["metrics"]["mean"]
+
+
+def test_ablations_and_cache_proof(bench_run):
+    _, doc = bench_run
+    assert list(doc["ablations"]) == list(PRESETS)
+    assert doc["main_preset"] == "full"
+    for name, a in doc["ablations"].items():
+        assert a["overrides"] == PRESETS[name] and 0 <= a["mean"]["image_auroc"] <= 1
+    assert doc["ablation_runs"]["no-vague"]["history"][0]["epoch"] == 1
+    proof = doc["cache"]["proof"]
+    assert proof["cache_hit"] is True and proof["same_cache_key"] is True
+    assert proof["images_through_backbone"] == 0 and proof["images_loaded"] == 16
+    assert doc["comparison"]["targets"]["cache_hit_after_model_change"] is True
+    assert doc["data"]["images_through_backbone"] == 28  # first run: 16 train + 12 test extracted once
+
+
+def test_markdown_has_every_table(bench_run):
+    out, _ = bench_run
+    md = (out / "results.md").read_text()
+    for heading in ("## Detection", "## Speed", "## AUROC against sampler steps", "## Ablations", "## Feature cache",
+                    "## Targets"):
+        assert heading in md, heading
+    assert "| demo/grid |" in md and "PatchCore" in md and "cache_hit=True" in md
+
+
+def test_second_run_with_other_model_settings_hits_the_cache(bench_run, tiny_demo, tmp_path):
+    out, first = bench_run
+    cache = json.loads((out / "results.json").read_text())["command"].split("data.cache_dir=")[1].split()[0]
+    code = main(["--data", f"demo:{tiny_demo}", "--output", str(tmp_path), "--epochs", "1", "--preset", "no-ot",
+                 "--steps", "1", "--steps-subset", "0", "--set", f"data.cache_dir={cache}", *TINY,
+                 "--set", "model.denoiser.width=8"])
+    assert code == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["data"]["train"]["cache_hit"] and doc["data"]["test"]["cache_hit"]
+    assert doc["data"]["images_through_backbone"] == 0
+    assert doc["data"]["train"]["cache_key"] == first["data"]["train"]["cache_key"]
+    assert "ablations" not in doc and doc["main_preset"] == "no-ot"
+
+
+def test_default_steps_follow_the_number_of_timesteps(tiny_demo, tmp_path):
+    from vpdm.bench import Bench, build_parser
+
+    args = build_parser().parse_args(["--data", f"demo:{tiny_demo}", "--output", str(tmp_path), *TINY])
+    assert Bench(args).steps == [("ddim", 1), ("ddim", 2), ("ddim", 5), ("ddim", 10), ("ddim", 25), ("ddpm", 50)]
+
+
+def test_parse_steps():
+    assert parse_steps("1, 2,ddpm:1000,ddim:5,2", 1000, "ddim") == [("ddim", 1), ("ddim", 2), ("ddpm", 1000), ("ddim", 5)]
+    for bad in ("0", "ddpm:1001", "euler:5", "x", ""):
+        with pytest.raises(ConfigError):
+            parse_steps(bad, 1000, "ddim")
+
+
+def test_balanced_subset():
+    labels = np.array([0] * 5 + [1] * 20 + [0] * 2 + [1] * 1)
+    cats = ["a"] * 25 + ["b"] * 3
+    idx = balanced_subset(labels, cats, 6, seed=0)
+    a = [i for i in idx if cats[i] == "a"]
+    assert len(a) == 6 and sum(labels[a]) == 3
+    assert [i for i in idx if cats[i] == "b"] == [25, 26, 27]  # fewer than asked: all of them
+    assert list(balanced_subset(labels, cats, 0, 0)) == list(range(28))
+    assert list(idx) == list(balanced_subset(labels, cats, 6, seed=0))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--steps", "ddpm:5000"], "ddpm:5000"),
+    (["--set", "model.prototypes.downsample=3"], "downsample=3"),
+    (["--coreset-ratio", "0"], "coreset_ratio"),
+    (["--preset", "no-ot", "--set", "model.ot_weight=-1"], "ot_weight"),
+])
+def test_bad_settings_fail_before_any_work(args, needle, tiny_demo, tmp_path, capsys):
+    code = main(["--data", f"demo:{tiny_demo}", "--output", str(tmp_path / "out"), *TINY, *args])
+    assert code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "out" / "results.json").exists()

