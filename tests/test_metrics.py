@@ -266,15 +266,12 @@ def test_compute_metrics_rejects_mismatched_lengths() -> None:
         compute_metrics([0, 1, 0], [0.1, 0.2, 0.3], np.zeros((2, 4, 4)), np.zeros((2, 4, 4)), "abc")
 
 
-def test_pixel_auroc_is_fast_on_benchmark_size() -> None:
-    """~300 x 224 x 224 pixels, all three pixel metrics in one call, well under a few seconds."""
-    import time
-
+def test_pixel_metrics_at_benchmark_size_match_the_closed_form() -> None:
+    """~300 x 224 x 224 pixels: uniform noise plus a shift of 0.3 on defect pixels has the closed-form
+    AUROC P(U + 0.3 > V) = 1 - 0.7^2 / 2 = 0.755 (speed is the benchmark's business, not a test's)."""
     rng = np.random.default_rng(0)
     masks = np.zeros((300, 224, 224), dtype=bool)
     masks[::3, 60:110, 80:140] = True
     maps = rng.random(masks.shape, dtype=np.float32) + 0.3 * masks
-    start = time.perf_counter()
     out = compute_metrics(masks.any(axis=(1, 2)), maps.max(axis=(1, 2)), masks, maps, ["z"] * 300)
-    assert time.perf_counter() - start < 10.0
-    assert 0.5 < out["mean"]["pixel_auroc"] < 1.0
+    assert out["mean"]["pixel_auroc"] == pytest.approx(0.755, abs=2e-3)
