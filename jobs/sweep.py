@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Run a VPDM hyperparameter sweep: Ray Tune + Optuna + ASHA over Ray Train (DDP) runs, tracked in MLflow.
+
+With no arguments it runs the embedded default: a local Ray, MLflow in ./mlflow.db (sqlite), the
+built-in demo data and the small 'demo' preset (a few minutes on a laptop CPU). On a cluster:
+
+    ray job submit --working-dir . -- python jobs/sweep.py --data mvtec:/data/mvtec --preset paper \\
+        --workers 4 --tracking-uri http://mlflow:5000 --storage /shared/vpdm-sweeps
+
+(a job's working directory is a copy Ray deletes: give it a tracking URI and a --storage outside it).
+
+Datasets: --data takes a vpdm data spec; a spec with commas ("mvtec:/a,mpdd:/b") is ONE dataset,
+the union, trained as one model. Give several datasets (each its own model, trials and champion)
+with ';' ("mvtec:/a;visa:/b") or by repeating --data; name one with NAME=SPEC ("bottle=mvtec:/a/bottle").
+
+The best trial of each dataset (by the validation metric) is registered in the MLflow model
+registry as MODEL_NAME (one dataset) or MODEL_NAME-DATASET with the alias 'champion'; load it with
+tune.mlflow_model.load_detector_model("models:/MODEL_NAME@champion").
+Exit codes: 0 done, 2 bad input (nothing was started), 1 the sweep failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# `ray job submit --working-dir .` runs this file from an unpacked copy of the repository: import
+# tune/ and vpdm/ from there (not from wherever a package might be installed).
+_REPO = Path(__file__).resolve().parents[1]
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jobs/sweep.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--data", action="append", default=None, metavar="SPEC",
+                   help="data spec (default: demo, the built-in synthetic set). 'a,b' = one union model; "
+                        "'a;b' or repeated --data = separate models; NAME=SPEC names a dataset")
+    p.add_argument("--preset", default="demo",
+                   help="named search space + fixed settings: tiny, demo (default), paper, ablation-{full,no-vague,"
+                        "nearest,no-ot-loss,ddpm-start}; see --list-presets")
+    p.add_argument("--ablation", choices=["full", "no-vague", "nearest", "no-ot-loss", "ddpm-start"],
+                   help="pin one of the paper's ablations on top of the preset")
+    p.add_argument("--trials", type=int, help="Optuna trials per dataset (default: the preset's)")
+    p.add_argument("--epochs", type=int, help="epochs per trial, also ASHA's budget (default: the preset's)")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP ranks) per trial (default 2)")
+    p.add_argument("--threads-per-worker", type=int, default=1, help="CPUs / torch threads per worker (default 1)")
+    p.add_argument("--gpu", dest="use_gpu", action="store_true", default=None,
+                   help="one GPU per worker, NCCL (default: yes when the cluster has enough GPUs)")
+    p.add_argument("--cpu", dest="use_gpu", action="store_false", help="CPU workers (gloo) even when GPUs exist")
+    p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the CPUs fit)")
+    p.add_argument("--metric", choices=["val_pseudo_auroc", "val_loss"],
+                   help="validation metric for ASHA, Optuna and the champion (default: val_pseudo_auroc, max)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="vpdm setting for every trial, e.g. --set train.batch_size=16 (a searched key is then pinned)")
+    p.add_argument("--search", action="append", default=[], metavar="KEY=SPEC",
+                   help="add/replace a search dimension: KEY=int:LO:HI | logint:LO:HI | float:LO:HI | log:LO:HI | "
+                        "choice:A,B,.. ; KEY=off removes it")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--experiment", help="MLflow experiment, one per sweep (default: vpdm-<preset>-<timestamp>)")
+    p.add_argument("--model-name", default="vpdm", help="registered model name (or prefix with several datasets)")
+    p.add_argument("--no-register", action="store_true", help="do not register the champion(s)")
+    p.add_argument("--storage", default="runs/sweeps", help="Ray Tune/Train results folder (default runs/sweeps)")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray started here)")
+    p.add_argument("--num-cpus", type=int, help="logical CPUs of the local Ray (default: enough for the trials)")
+    p.add_argument("--seed", type=int, default=0, help="seed of Optuna, the validation split and training")
+    p.add_argument("--max-failures", type=int, default=1, help="worker-group restarts per trial, from the last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="less Ray Tune console output")
+    p.add_argument("--list-presets", action="store_true", help="print every preset and ablation, then exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from tune.presets import describe_presets
+
+    if args.list_presets:
+        print(describe_presets())
+        return 0
+    from tune.sweep import SweepConfig, run_sweep
+    from vpdm.errors import VPDMError
+
+    sc = SweepConfig(
+        datasets=args.data or ["demo"], preset=args.preset, ablation=args.ablation, trials=args.trials,
+        epochs=args.epochs, workers=args.workers, threads_per_worker=args.threads_per_worker, use_gpu=args.use_gpu,
+        max_concurrent=args.max_concurrent, overrides=args.overrides, search=args.search, metric=args.metric,
+        tracking_uri=args.tracking_uri, experiment=args.experiment, model_name=args.model_name, storage=args.storage,
+        address=args.address, num_cpus=args.num_cpus, seed=args.seed, max_failures=args.max_failures,
+        register=not args.no_register, verbose=0 if args.quiet else 1,
+    )
+    try:
+        result = run_sweep(sc)
+    except VPDMError as exc:
+        print(f"sweep: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sweep: interrupted", file=sys.stderr)
+        return 130
+    print()
+    print(result.summary_text())
+    missing = [d.name for d in result.datasets if d.best is None]
+    if missing:
+        print(f"sweep: no trial completed for {', '.join(missing)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

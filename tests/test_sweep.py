@@ -1,0 +1,326 @@
+"""The sweep layer without a cluster: sharding, presets and their validation, validation data,
+and refusals of bad input before anything starts (no Ray is started by any test here)."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from tune.distributed import StratifiedShardSampler, per_worker_batch_size, validation_metrics
+from tune.features import pseudo_anomalies, split_validation
+from tune.presets import ABLATIONS, PRESETS, Dim, apply_search_overrides, get_preset, parse_dim, validate_space
+from tune.sweep import SweepConfig, dataset_slug, parse_datasets, plan_sweep, run_sweep
+from vpdm.config import VPDMConfig
+from vpdm.data import make_demo_dataset
+from vpdm.errors import ConfigError, DataError, VPDMError
+
+# -- sharding ---------------------------------------------------------------------------------------
+
+
+def _shards(class_index, world, batch, epoch, seed=0):
+    samplers = [StratifiedShardSampler(class_index, num_replicas=world, rank=r, batch_size=batch, seed=seed)
+                for r in range(world)]
+    for s in samplers:
+        s.set_epoch(epoch)
+    return samplers, [list(s) for s in samplers]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("counts", [(8, 8), (24, 24, 24), (5, 17, 2, 9), (3, 30)])
+def test_each_image_once_per_epoch_and_every_class_spread_over_workers(world, counts):
+    class_index = np.repeat(np.arange(len(counts)), counts)
+    n = len(class_index)
+    if n < 2 * world:
+        pytest.skip("too few images for this many workers (refused, tested below)")
+    for epoch in range(3):
+        samplers, batches = _shards(class_index, world, batch=4, epoch=epoch)
+        seen = [i for rank in batches for b in rank for i in b]
+        # every image exactly once across all workers: none dropped, none duplicated
+        assert sorted(seen) == list(range(n))
+        # DDP needs the same number of steps on every rank; no degenerate batch of one
+        assert len({len(rank) for rank in batches}) == 1
+        assert all(len(b) >= 2 for rank in batches for b in rank)
+        assert all(len(rank) == len(s) for rank, s in zip(batches, samplers))
+        # every class is spread evenly: each rank holds floor or ceil of n_c / W of class c
+        for c, n_c in enumerate(counts):
+            per_rank = [sum(class_index[i] == c for b in rank for i in b) for rank in batches]
+            assert sum(per_rank) == n_c
+            assert max(per_rank) - min(per_rank) <= 1, (c, per_rank)
+
+
+def test_sharding_reshuffles_per_epoch_deterministically_and_mixes_classes_in_batches():
+    class_index = np.repeat(np.arange(3), 24)
+    _, a0 = _shards(class_index, 2, 16, epoch=0)
+    _, a1 = _shards(class_index, 2, 16, epoch=1)
+    _, b0 = _shards(class_index, 2, 16, epoch=0)
+    assert a0 == b0  # same seed and epoch -> same shards on every run
+    assert a0 != a1  # a new epoch reshuffles
+    assert {tuple(sorted(i for b in r for i in b)) for r in a0} != {tuple(sorted(i for b in r for i in b)) for r in a1}
+    # a batch is not one class (the OT assignment wants all classes in a batch)
+    assert all(len(set(class_index[b])) > 1 for rank in a0 for b in rank)
+
+
+def test_sharding_refuses_too_few_images_and_bad_ranks():
+    with pytest.raises(ConfigError, match="cannot be split over 4 workers"):
+        StratifiedShardSampler([0, 0, 1, 1, 1], num_replicas=4, rank=0, batch_size=4)
+    with pytest.raises(ConfigError, match="rank 2"):
+        StratifiedShardSampler([0] * 10, num_replicas=2, rank=2, batch_size=4)
+    with pytest.raises(ConfigError, match=">= 2"):
+        StratifiedShardSampler([0] * 10, num_replicas=1, rank=0, batch_size=1)
+
+
+def test_global_batch_is_split_over_workers():
+    assert per_worker_batch_size(32, 1) == 32
+    assert per_worker_batch_size(32, 2) == 16
+    assert per_worker_batch_size(8, 8) == 2  # never below two images per step
+
+
+# -- DDP readiness of every ablation ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ablation", list(ABLATIONS))
+def test_every_parameter_gets_a_gradient_in_every_ablation(ablation):
+    """DDP runs with find_unused_parameters=False: an unused parameter would hang the all-reduce."""
+    from vpdm import engine
+
+    fixed = {**PRESETS["tiny"].fixed, **ABLATIONS[ablation][1]}
+    cfg = VPDMConfig().with_overrides(fixed).with_overrides({"model.prototypes.num_prototypes": 3}).validate()
+    x = torch.randn(6, 40, 8, 8)
+    model = engine.build_model(cfg, x)
+    model(x)["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+
+
+# -- validation data ----------------------------------------------------------------------------------
+
+
+def test_validation_split_is_stratified_and_disjoint():
+    class_index = np.repeat(np.arange(3), [20, 10, 2])
+    train, val = split_validation(class_index, 0.15, seed=0)
+    assert set(train).isdisjoint(val) and sorted(np.r_[train, val]) == list(range(32))
+    assert [int((class_index[val] == c).sum()) for c in range(3)] == [3, 2, 1]  # >= 1 per class
+    again = split_validation(class_index, 0.15, seed=0)
+    assert np.array_equal(again[1], val)
+
+
+def test_pseudo_anomalies_paste_one_square_from_another_class():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(4, 3, 8, 8)).astype(np.float32)
+    classes = np.array([0, 0, 1, 1])
+    out = pseudo_anomalies(feats, classes, seed=0)
+    for i in range(4):
+        changed = np.any(out[i] != feats[i], axis=0)
+        assert 0 < changed.sum() <= 4  # a 2x2 square (8 // 4) in the 8x8 map
+        ys, xs = np.nonzero(changed)
+        assert ys.max() - ys.min() <= 1 and xs.max() - xs.min() <= 1
+
+
+def test_validation_metrics_are_deterministic_and_in_range():
+    from types import SimpleNamespace
+
+    from vpdm import engine
+
+    cfg = VPDMConfig().with_overrides({**PRESETS["tiny"].fixed, "model.prototypes.num_prototypes": 3}).validate()
+    rng = np.random.default_rng(0)
+    val = rng.normal(size=(4, 40, 8, 8)).astype(np.float32)
+    bundle = SimpleNamespace(
+        val_features=val, val_anomalous=pseudo_anomalies(val, np.array([0, 0, 1, 1]), 0),
+        val_t_uniform=rng.random(4), val_noise=rng.normal(size=val.shape).astype(np.float32), feature_shape=(40, 8, 8),
+    )
+    model = engine.build_model(cfg, torch.from_numpy(val))
+    a = validation_metrics(model, bundle, cfg)
+    b = validation_metrics(model, bundle, cfg)
+    assert a == b
+    assert 0.0 <= a["val_pseudo_auroc"] <= 1.0 and a["val_loss"] > 0
+    assert model.training  # restored to train mode for the next epoch
+
+
+# -- presets ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_validates(name):
+    preset = get_preset(name)
+    validate_space(VPDMConfig().with_overrides(dict(preset.fixed)), preset.space)
+    assert preset.description and preset.trials >= 1 and preset.epochs >= 1
+
+
+def test_issue_search_dimensions_and_ablations_are_covered():
+    keys = set(PRESETS["paper"].space_keys())
+    assert {"model.prototypes.num_prototypes", "model.prototypes.downsample", "model.diffusion.schedule",
+            "model.diffusion.beta_start", "model.diffusion.beta_end", "model.diffusion.num_timesteps",
+            "train.lr"} <= keys
+    assert ABLATIONS["no-vague"][1] == {"model.prototypes.downsample": 1}
+    assert ABLATIONS["nearest"][1] == {"model.prototypes.assignment": "nearest"}
+    assert ABLATIONS["no-ot-loss"][1] == {"model.ot_weight": 0.0}
+    assert ABLATIONS["ddpm-start"][1] == {"model.diffusion.shift_to_condition": False}
+    pinned = get_preset("demo", "no-vague")
+    assert pinned.fixed["model.prototypes.downsample"] == 1
+    assert "model.prototypes.downsample" not in pinned.space_keys()
+    assert "ablation-ddpm-start" in PRESETS
+
+
+def test_search_syntax_round_trips():
+    for item in ["a.b=int:2:9", "a.b=logint:4:64", "a.b=float:0:1", "a.b=log:0.0001:0.01", "a.b=choice:linear,cosine"]:
+        dim = parse_dim(item)
+        assert isinstance(dim, Dim) and parse_dim(f"a.b={dim.spec()}") == dim
+    assert parse_dim("train.lr=off") == "train.lr"
+    space = apply_search_overrides(PRESETS["tiny"].space, ["train.lr=off", "model.prototypes.num_prototypes=int:2:3"])
+    keys = [d.key for d in space]
+    assert "train.lr" not in keys and space[keys.index("model.prototypes.num_prototypes")].high == 3
+
+
+@pytest.mark.parametrize(
+    "edits, needle",
+    [
+        (["model.prototypes.num_prototypes=int:0:10"], "num_prototypes"),
+        (["model.diffusion.beta_end=log:0.01:1.5"], "beta_end"),
+        (["model.prototypes.downsample=choice:1,3"], "downsample"),
+        (["model.diffusion.beta_start=log:0.001:0.1", "model.diffusion.beta_end=log:0.01:0.05"], "beta_start"),
+        (["model.diffusion.num_timesteps=choice:2,50"], "num_steps"),
+        (["backbone.image_size=choice:64,128"], "cannot be searched"),
+        (["train.lr=log:0:0.1"], "low > 0"),
+        (["train.lr=float:0.1:0.01"], "larger than high"),
+        (["no.such.key=int:1:2"], "no.such.key"),
+    ],
+)
+def test_out_of_range_search_bounds_are_refused_naming_the_setting(edits, needle):
+    preset = PRESETS["tiny"]
+    base = VPDMConfig().with_overrides(dict(preset.fixed))
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        validate_space(base, apply_search_overrides(preset.space, edits))
+
+
+def test_dataset_arguments():
+    assert parse_datasets(["demo"]) == [("demo", "demo")]
+    assert parse_datasets(["mvtec:/d/mvtec/bottle,mpdd:/d/mpdd; visa:/v"]) == [
+        ("mvtec-bottle+mpdd-mpdd", "mvtec:/d/mvtec/bottle,mpdd:/d/mpdd"), ("visa-v", "visa:/v")]
+    assert parse_datasets(["b=mvtec:/x/bottle", "b=mvtec:/y/bottle"]) == [("b", "mvtec:/x/bottle"), ("b-2", "mvtec:/y/bottle")]
+    assert dataset_slug("demo:/data/abc/") == "demo-abc"
+
+
+# -- bad input: a clear error before anything starts --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_dataset(root, classes=2, train_per_class=8, test_good_per_class=3, test_defect_per_class=3, size=64)
+    return root
+
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.mark.parametrize(
+    "change, error, needle",
+    [
+        ({"preset": "no-such-preset"}, ConfigError, "unknown preset 'no-such-preset'"),
+        ({"search": ["model.prototypes.num_prototypes=int:0:8"]}, ConfigError, "num_prototypes"),
+        ({"tracking_uri": "http://127.0.0.1:{port}"}, VPDMError, "unreachable"),
+        ({"datasets": ["mvtec:/definitely/not/here"]}, DataError, "/definitely/not/here"),
+        ({"workers": 0}, ConfigError, "workers"),
+        ({"metric": "accuracy"}, ConfigError, "accuracy"),
+    ],
+)
+def test_bad_input_is_refused_before_any_trial(change, error, needle, tiny_demo, tmp_path):
+    import ray
+
+    change = {k: ([x.format(port=_closed_port()) for x in v] if isinstance(v, list) else
+                  v.format(port=_closed_port()) if isinstance(v, str) else v) for k, v in change.items()}
+    sc = SweepConfig(datasets=[f"demo:{tiny_demo}"], preset="tiny", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                     storage=str(tmp_path / "runs"), verbose=0)
+    for key, value in change.items():
+        setattr(sc, key, value)
+    with pytest.raises(error, match=needle.replace("(", r"\(").replace(".", r"\.")):
+        run_sweep(sc, progress=False)
+    assert not ray.is_initialized()  # no cluster, hence no trial, was started
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    if (tmp_path / "mlflow.db").exists():  # the probe may create the store, but no experiment in it
+        from mlflow import MlflowClient
+
+        names = [e.name for e in MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()]
+        assert names == ["Default"]
+
+
+def test_an_existing_experiment_is_not_reused(tiny_demo, tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    MlflowClient(uri).create_experiment("taken")
+    sc = SweepConfig(datasets=[f"demo:{tiny_demo}"], preset="tiny", tracking_uri=uri, experiment="taken",
+                     storage=str(tmp_path / "runs"))
+    with pytest.raises(VPDMError, match="already has an experiment named 'taken'"):
+        plan_sweep(sc)
+
+
+def test_plan_resolves_the_embedded_defaults(tiny_demo, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    plan = plan_sweep(SweepConfig(datasets=[f"demo:{tiny_demo}"], preset="tiny",
+                                  overrides=["train.lr=0.005", "model.denoiser.width=8"]))
+    assert plan.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"  # sqlite:///mlflow.db in the cwd, made absolute
+    assert "train.lr" not in [d.key for d in plan.space.space]  # pinned by --set
+    assert plan.space.base.train.lr == 0.005 and plan.space.base.model.denoiser.width == 8
+    assert plan.storage == (tmp_path / "runs" / "sweeps") and plan.metric == "val_pseudo_auroc" and plan.mode == "max"
+
+
+def test_cli_help_and_bad_input_exit_code(tiny_demo, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("sweep_cli", Path(__file__).resolve().parents[1] / "jobs" / "sweep.py")
+    sweep_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep_cli)
+    with pytest.raises(SystemExit) as exc:
+        sweep_cli.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("--data", "--preset", "--trials", "--workers", "--tracking-uri", "ray job submit", "champion"):
+        assert word in out
+    assert sweep_cli.main(["--list-presets"]) == 0
+    assert "ablation-no-vague" in capsys.readouterr().out
+    code = sweep_cli.main(["--data", f"demo:{tiny_demo}", "--preset", "nope", "--storage", str(tmp_path / "r"),
+                           "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    assert code == 2 and "sweep: error: unknown preset 'nope'" in capsys.readouterr().err
+
+
+def test_runs_left_running_by_stopped_trials_are_closed(tmp_path):
+    """ASHA kills a stopped trial with its Train run; the driver closes its MLflow run afterwards."""
+    from mlflow import MlflowClient
+
+    from tune.sweep import _close_unfinished_runs
+    from tune.tracking import RunLogger, create_experiment
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = create_experiment(uri, "stopped")
+    stopped = RunLogger.start(uri, exp, "d_1", {"vpdm.dataset": "d"})
+    finished = RunLogger.start(uri, exp, "d_2", {"vpdm.dataset": "d"})
+    finished.finish("FINISHED")
+    other = RunLogger.start(uri, exp, "e_1", {"vpdm.dataset": "e"})
+    _close_unfinished_runs(uri, exp, "d")
+    client = MlflowClient(uri)
+    assert client.get_run(stopped.run_id).info.status == "KILLED"
+    assert "stopped early" in client.get_run(stopped.run_id).data.tags["vpdm.status"]
+    assert client.get_run(finished.run_id).info.status == "FINISHED"
+    assert client.get_run(other.run_id).info.status == "RUNNING"
+    assert create_experiment.__doc__ and client.get_experiment(exp).artifact_location.startswith("file://")
+
+
+def test_tracking_failures_only_warn(caplog):
+    from tune.tracking import RunLogger
+
+    log = RunLogger("sqlite:////nonexistent-folder/x.db", "no-such-run")
+    log.attempts = 2
+    with caplog.at_level("WARNING"):
+        log.log_metrics({"loss": 1.0}, step=1)  # must not raise
+    assert "MLflow: logging metrics failed" in caplog.text
