@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from vpdm.bench import PRESETS, balanced_subset, main, parse_steps
-from vpdm.data import make_demo_dataset
 from vpdm.errors import ConfigError
 
 # Random-init Lite0 at 64 px (as tests/test_cli.py): exercises every code path in seconds.
@@ -19,13 +18,6 @@ TINY = [
     "--set", "scoring.pool_size=4", "--set", "scoring.blur_sigma=1.0",
     "--threads", "1", "--timing-images", "4", "--timing-repeats", "1", "--no-progress",
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    make_demo_dataset(root, classes=2, train_per_class=8, test_good_per_class=3, test_defect_per_class=3, size=64)
-    return root
 
 
 @pytest.fixture(scope="module")

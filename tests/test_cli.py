@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from vpdm.cli import main
-from vpdm.data import make_demo_dataset
 
 # Random-init Lite0 at 64 px: exercises every code path in seconds (quality is the benchmark's job).
 TINY = [
@@ -19,13 +18,6 @@ TINY = [
     "--set", "model.denoiser.groups=4", "--set", "sampling.num_steps=3", "--set", "train.batch_size=8",
     "--set", "scoring.pool_size=4", "--set", "scoring.blur_sigma=1.0",
 ]
-
-
-@pytest.fixture(scope="module")
-def tiny_demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    make_demo_dataset(root, classes=2, train_per_class=8, test_good_per_class=3, test_defect_per_class=3, size=64)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,6 @@ from tune.mlflow_model import (  # noqa: E402
     register_champion,
 )
 from vpdm.cli import main as vpdm_main  # noqa: E402
-from vpdm.data import make_demo_dataset  # noqa: E402
 from vpdm.pipeline import Detector  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -75,10 +74,8 @@ def store(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    make_demo_dataset(root, classes=2, train_per_class=8, test_good_per_class=3, test_defect_per_class=3, size=64)
-    return root
+def demo(tiny_demo):
+    return tiny_demo
 
 
 @pytest.fixture(scope="module")

@@ -35,13 +35,6 @@ MODEL_NAME = "vpdm-e2e"
 
 
 @pytest.fixture(scope="module")
-def tiny_demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    make_demo_dataset(root, classes=2, train_per_class=8, test_good_per_class=3, test_defect_per_class=3, size=64)
-    return root
-
-
-@pytest.fixture(scope="module")
 def sweep(tiny_demo, tmp_path_factory):
     """One real sweep: 2 trials x 2 Ray Train workers, 2 epochs, MLflow on a temporary sqlite file."""
     from tune.sweep import SweepConfig, run_sweep
