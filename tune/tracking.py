@@ -161,16 +161,6 @@ def retrying(fn: Callable[..., T], *args: Any, what: str, attempts: int = 5, **k
     return None
 
 
-def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def numeric_metrics(values: Mapping[str, Any]) -> dict[str, float]:
     """The finite numbers of ``values`` (bools and strings dropped), as floats."""
     out = {}

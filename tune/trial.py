@@ -80,9 +80,9 @@ def run_trial(params: dict[str, Any], data: dict[str, Any], context: dict[str, A
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from tune.distributed import train_worker
-    from tune.tracking import RunLogger, flatten
+    from tune.tracking import RunLogger
     from vpdm import backbone as vpdm_backbone
-    from vpdm.config import VPDMConfig, to_dict
+    from vpdm.config import VPDMConfig, flatten_dict, to_dict
 
     for key, value in (context.get("train_env") or {}).items():
         os.environ.setdefault(key, str(value))  # Ray Train propagates RAY_TRAIN_* from here to its workers
@@ -96,7 +96,7 @@ def run_trial(params: dict[str, Any], data: dict[str, Any], context: dict[str, A
     run = RunLogger.start(context["tracking_uri"], context["experiment_id"], trial_name,
                           _trial_tags(context, trial_id, trial_name))
     run.log_params({
-        **flatten(to_dict(config)),
+        **flatten_dict(to_dict(config)),
         **{f"search.{k}": v for k, v in params.items()},
         "sweep.workers": context["workers"],
         "sweep.threads_per_worker": context["threads_per_worker"],

@@ -22,9 +22,7 @@ import hashlib
 import importlib
 import importlib.util
 import logging
-import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -36,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vpdm.io import atomic_torch_save
 from vpdm.errors import ConfigError, DataError
 
 __all__ = [
@@ -515,20 +514,6 @@ def _read_cache(path: Path, fingerprint: str, data_hash: str, shape: tuple[int, 
     return None
 
 
-def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @overload
 def extract_features(
     extractor: FeatureExtractor,
@@ -615,9 +600,9 @@ def extract_features(
         raise DataError(f"dataset reported {n} items but yielded {start} images")
 
     if cache_path is not None:
-        _write_atomic(
-            cache_path,
+        atomic_torch_save(
             {"features": out, "fingerprint": fingerprint, "dataset_hash": data_hash, "format": _FEATURE_FORMAT_VERSION},
+            cache_path,
         )
     info = {"cache_hit": False, "path": cache_path, "images_computed": n}
     return (out, info) if return_info else out

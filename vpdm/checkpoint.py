@@ -6,9 +6,7 @@ not written by vpdm (or was tampered with into something else) is refused with a
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,23 +14,11 @@ import torch
 
 from vpdm.config import VPDMConfig, to_dict
 from vpdm.errors import CheckpointError, VPDMError
+from vpdm.io import atomic_torch_save
 from vpdm.model import VPDM
 
 FORMAT = "vpdm.checkpoint"
 VERSION = 1
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(

@@ -13,6 +13,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
@@ -239,17 +240,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-        config = apply_overrides(config, _flatten(data))
+        config = apply_overrides(config, flatten_dict(data))
     if overrides:
         config = apply_overrides(config, overrides)
     return config.validate()
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_dict(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> ``{"a.b.c": value}`` (YAML sections, MLflow params and tags)."""
     out: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+        if isinstance(value, Mapping):
+            out.update(flatten_dict(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
