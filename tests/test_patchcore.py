@@ -195,3 +195,23 @@ def test_bad_settings_and_inputs_are_refused():
         pc.anomaly_maps(torch.zeros(1, 5, 8, 8))
     with pytest.raises(DataError):
         pc.fit(torch.zeros(4, 8, 8))
+
+
+def test_candidate_cap_selects_among_a_random_subset_of_patches():
+    g = torch.Generator().manual_seed(2)
+    train = torch.randn(8, 6, 8, 8, generator=g)  # 512 patch vectors
+    emb = PatchCore(aggregate=3).embed(train)
+    capped = PatchCore(coreset_ratio=0.25, max_bank=None, max_candidates=100, seed=3).fit(train)
+    # the bank size still follows the ratio of all patches (128) but cannot exceed the candidates
+    assert capped.bank.shape == (100, 6)
+    assert capped.summary()["coreset_candidates"] == 100 and capped.summary()["training_patches"] == 512
+    # every bank vector is a distinct training patch
+    d = torch.cdist(capped.bank, emb, compute_mode="donot_use_mm_for_euclid_dist")
+    assert float(d.min(dim=1).values.max()) < 1e-6
+    assert len(set(d.argmin(dim=1).tolist())) == 100
+    # a cap at or above the patch count changes nothing
+    full = PatchCore(coreset_ratio=0.1, max_bank=None, max_candidates=None, seed=3).fit(train)
+    same = PatchCore(coreset_ratio=0.1, max_bank=None, max_candidates=512, seed=3).fit(train)
+    torch.testing.assert_close(full.bank, same.bank)
+    with pytest.raises(ConfigError, match="max_candidates"):
+        PatchCore(max_candidates=0)

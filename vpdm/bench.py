@@ -252,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "(speed does not depend on the weights), to size the denoiser for the speed target")
     p.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore bank = this fraction of the patches")
     p.add_argument("--max-bank", type=int, default=10000, help="PatchCore bank size cap (0 = none)")
+    p.add_argument(
+        "--max-candidates",
+        type=int,
+        default=250_000,
+        help="PatchCore coreset selection runs on a random subset of this many patch vectors (0 = all)",
+    )
     p.add_argument("--pc-k", type=int, default=1, help="PatchCore nearest neighbours averaged into the map")
     p.add_argument("--pc-aggregate", type=int, default=3, help="PatchCore local neighbourhood (1 = none)")
     p.add_argument("--pc-standardise", action="store_true",
@@ -323,6 +329,7 @@ class Bench:
         self.pc_config = PatchCoreConfig(
             coreset_ratio=args.coreset_ratio,
             max_bank=args.max_bank or None,
+            max_candidates=args.max_candidates or None,
             k=args.pc_k,
             aggregate=args.pc_aggregate,
             standardise=args.pc_standardise,
