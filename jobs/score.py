@@ -24,6 +24,7 @@ if str(_REPO_ROOT) not in sys.path:
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
+import io  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
@@ -104,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
     from tune.mlflow_model import _encode_file, decode_image_bytes, load_detector_model
     from vpdm.errors import VPDMError
+    from vpdm.io import atomic_write_text, writable_dir, writing
     from vpdm.pipeline import image_files
     from vpdm.plots import overlay_array
 
@@ -113,12 +115,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
     out = Path(args.output)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"cannot write to output folder {str(out)!r}: {exc}") from exc
+        writable_dir(out)
+    except VPDMError as exc:
+        raise UsageError(str(exc)) from exc
 
     if uri:
         mlflow.set_tracking_uri(uri)  # the registry follows unless MLFLOW_REGISTRY_URI says otherwise
@@ -159,21 +158,26 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t1
 
     scored = [r for r in rows if r["score"] is not None]
-    if scored and not args.no_overlays:
-        overlays = out / "overlays"
-        overlays.mkdir(exist_ok=True)
-        vmax = float(np.quantile(np.stack([r["map"] for r in scored]), 0.999))
-        vmax = vmax if vmax > 0 else None
-        used: set[str] = set()
-        for r in scored:
-            size = map_size or r["map"].shape[0]
-            rgb = decode_image_bytes(r["file"].read_bytes(), size, name=str(r["file"]))
-            Image.fromarray(overlay_array(rgb, r["map"], vmax=vmax)).save(overlays / overlay_name(Path(r["path"]), used))
-    with open(out / "scores.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "score", "error"])
-        for r in rows:
-            writer.writerow([r["path"], "" if r["score"] is None else f"{r['score']:.6f}", r["error"] or ""])
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["path", "score", "error"])
+    for r in rows:
+        writer.writerow([r["path"], "" if r["score"] is None else f"{r['score']:.6f}", r["error"] or ""])
+    try:  # scores first: they are the result, overlays only illustrate it
+        atomic_write_text(out / "scores.csv", table.getvalue(), what="scores")
+        if scored and not args.no_overlays:
+            overlays = writable_dir(out / "overlays", what="overlays folder")
+            vmax = float(np.quantile(np.stack([r["map"] for r in scored]), 0.999))
+            vmax = vmax if vmax > 0 else None
+            used: set[str] = set()
+            for r in scored:
+                size = map_size or r["map"].shape[0]
+                rgb = decode_image_bytes(r["file"].read_bytes(), size, name=str(r["file"]))
+                target = overlays / overlay_name(Path(r["path"]), used)
+                with writing(target, "overlay"):
+                    Image.fromarray(overlay_array(rgb, r["map"], vmax=vmax)).save(target)
+    except VPDMError as exc:  # disk full or folder gone mid-run: exit 2 naming the file
+        raise UsageError(str(exc)) from exc
 
     failed = len(rows) - len(scored)
     print(f"scored {len(scored)} image(s) in {elapsed:.1f}s" + (f", {failed} failed (see error column)" if failed else ""))

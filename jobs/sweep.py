@@ -13,6 +13,11 @@ Datasets: --data takes a vpdm data spec; a spec with commas ("mvtec:/a,mpdd:/b")
 the union, trained as one model. Give several datasets (each its own model, trials and champion)
 with ';' ("mvtec:/a;visa:/b") or by repeating --data; name one with NAME=SPEC ("bottle=mvtec:/a/bottle").
 
+If the driver dies (Ctrl-C, a lost head node), rerun the same command with --resume and
+--experiment NAME: finished trials are not rerun and no MLflow run is duplicated. If the MLflow
+server was unreachable for a while, what could not be logged is kept in the trial folders:
+replay it with `python -m tune.recover <storage>/<sweep>`.
+
 The best trial of each dataset (by the validation metric) is registered in the MLflow model
 registry as MODEL_NAME (one dataset) or MODEL_NAME-DATASET with the alias 'champion'; load it with
 tune.mlflow_model.load_detector_model("models:/MODEL_NAME@champion").
@@ -72,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-cpus", type=int, help="logical CPUs of the local Ray (default: enough for the trials)")
     p.add_argument("--seed", type=int, default=0, help="seed of Optuna, the validation split and training")
     p.add_argument("--max-failures", type=int, default=1, help="worker-group restarts per trial, from the last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the sweep named by --experiment after a crash (Tuner.restore): finished trials are "
+                        "kept, unfinished ones resume from their checkpoints, MLflow runs are reused; the sweep's "
+                        "saved settings are used (give the same --storage and --tracking-uri)")
     p.add_argument("--quiet", action="store_true", help="less Ray Tune console output")
     p.add_argument("--list-presets", action="store_true", help="print every preset and ablation, then exit")
     return p
@@ -93,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         max_concurrent=args.max_concurrent, overrides=args.overrides, search=args.search, metric=args.metric,
         tracking_uri=args.tracking_uri, experiment=args.experiment, model_name=args.model_name, storage=args.storage,
         address=args.address, num_cpus=args.num_cpus, seed=args.seed, max_failures=args.max_failures,
-        register=not args.no_register, verbose=0 if args.quiet else 1,
+        register=not args.no_register, verbose=0 if args.quiet else 1, resume=args.resume,
     )
     try:
         result = run_sweep(sc)

@@ -242,3 +242,35 @@ def test_same_seed_same_config_same_model_bitwise():
     assert not torch.equal(other.prototypes.prototypes, a.prototypes.prototypes)
     sampling = SamplingConfig(num_steps=3)
     assert torch.equal(a.anomaly_maps(feats[:4], sampling), b.anomaly_maps(feats[:4], sampling))
+
+
+def test_a_nan_loss_stops_training_before_any_step_and_says_where():
+    import pickle
+
+    from vpdm.engine import TrainingDiverged
+
+    from vpdm.config import TrainConfig
+
+    torch.manual_seed(0)
+    feats = torch.randn(16, C, S, S)
+    model = VPDM(C, S, small_config())
+    model.fit_normalisation(feats)
+    model.init_prototypes(feats, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        next(model.denoiser.parameters()).fill_(float("nan"))  # a real NaN through the real forward
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    seen = []
+
+    def all_finite(loss):
+        seen.append(float(loss))
+        return bool(torch.isfinite(loss))
+
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 1, step 1.*train\.lr") as info:
+        train_loop(model, feature_loader(feats, 8, 0), TrainConfig(epochs=2, lr=1e-3), progress=False,
+                   all_finite=all_finite)
+    assert (info.value.epoch, info.value.step) == (1, 1)
+    assert len(seen) == 1  # the collective check replaces the local one
+    for key, value in model.named_parameters():  # no optimizer step was taken
+        assert torch.equal(value, before[key]) or torch.isnan(before[key]).all(), key
+    again = pickle.loads(pickle.dumps(info.value))  # Ray ships errors between processes
+    assert (again.epoch, again.step, str(again)) == (1, 1, str(info.value))

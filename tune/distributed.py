@@ -310,12 +310,59 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     resumed_from = start_epoch
     current_group = ray.util.get_current_placement_group()
     placement_group_id = current_group.id.hex() if current_group is not None else ""
+    if start_epoch > 0:
+        print(f"[{loop_config.get('trial')}] rank {rank}: resuming from the checkpoint of epoch {start_epoch} "
+              f"(epochs {start_epoch + 1}..{total_epochs} to go)", flush=True)
     if start_epoch >= total_epochs:
         return
-    engine.train_loop(
-        model, loader, config.train, optimizer=optimizer, start_epoch=start_epoch, callback=on_epoch,
-        device=device, progress=False, before_epoch=sampler.set_epoch,
-    )
+
+    def before_epoch(epoch: int) -> None:
+        sampler.set_epoch(epoch)
+        _maybe_inject_nan(epoch + 1, rank, loop_config.get("trial"), model)
+
+    try:
+        engine.train_loop(
+            model, loader, config.train, optimizer=optimizer, start_epoch=start_epoch, callback=on_epoch,
+            device=device, progress=False, before_epoch=before_epoch,
+            all_finite=_collective_finite(device) if world > 1 else None,
+        )
+    except engine.TrainingDiverged as exc:
+        # Reported, not raised: a raised error would make Ray Train restart the worker group from the
+        # last checkpoint (FailureConfig), which diverges again. The trial turns this into its status.
+        worst = {"val_loss": 1e9, "val_pseudo_auroc": 0.0}  # the convention of validation_metrics
+        ray.train.report({"epoch": exc.epoch, "diverged": 1, "diverged_step": exc.step, "error": str(exc), **worst,
+                          "placement_group_id": placement_group_id})
+
+
+def _collective_finite(device: torch.device):
+    """Every rank learns whether *any* rank's loss is non-finite, so all stop at the same step."""
+    import torch.distributed as dist
+
+    def all_finite(loss: Tensor) -> bool:
+        flag = torch.tensor([1.0 if bool(torch.isfinite(loss)) else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+
+    return all_finite
+
+
+def _maybe_inject_nan(epoch: int, rank: int, trial: Any, model: torch.nn.Module) -> None:
+    """Fault-injection testing: with VPDM_FAULT_NAN_AT_EPOCH=N and VPDM_FAULT_MARKER_DIR=DIR set, the first
+    trial to reach epoch N (one marker file, created exclusively) gets NaN weights on rank 0 at its start,
+    so its next loss is really NaN on that rank (the other ranks' losses stay finite)."""
+    at, folder = os.environ.get("VPDM_FAULT_NAN_AT_EPOCH"), os.environ.get("VPDM_FAULT_MARKER_DIR")
+    if rank != 0 or not at or not folder or epoch != int(at):
+        return
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(Path(folder) / "nan-injected", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, str(trial).encode())
+    os.close(fd)
+    with torch.no_grad():
+        for p in _unwrap(model).parameters():
+            p.fill_(float("nan"))
 
 
 def _maybe_inject_fault(epoch: int, rank: int, trial: Any) -> None:

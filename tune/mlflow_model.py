@@ -69,13 +69,15 @@ _REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "pillow", "pandas", "m
 def decode_image_bytes(data: bytes, image_size: int, *, name: str = "image") -> np.ndarray:
     """Image-file bytes -> uint8 ``image_size`` x ``image_size`` x 3 RGB (bicubic), like the library.
 
-    Same conversions as :class:`vpdm.data.AnomalyDataset` (grayscale/palette/16-bit -> RGB, alpha
-    dropped). Raises :class:`vpdm.errors.DataError` naming ``name`` for anything that is not a
-    complete PNG/JPEG/BMP/TIFF within PIL's decompression-bomb limit.
+    Same conversions as :class:`vpdm.data.AnomalyDataset` (:func:`vpdm.data.image_to_rgb`:
+    grayscale replicated, alpha dropped, 16-bit scaled to 8-bit). Raises
+    :class:`vpdm.errors.DataError` naming ``name`` for anything that is not a complete
+    PNG/JPEG/BMP/TIFF of at least ``MIN_IMAGE_SIDE`` pixels a side within PIL's
+    decompression-bomb pixel limit (checked on the header, before decoding).
     """
     from PIL import Image, UnidentifiedImageError
 
-    from vpdm.data import _to_rgb
+    from vpdm.data import image_to_rgb
     from vpdm.errors import DataError
 
     if len(data) == 0:
@@ -93,9 +95,9 @@ def decode_image_bytes(data: bytes, image_size: int, *, name: str = "image") -> 
                     raise Image.DecompressionBombError(
                         f"{im.width}x{im.height} = {im.width * im.height} pixels exceeds the limit of {limit}")
                 im.load()
-                rgb = _to_rgb(im)
-                rgb = rgb.resize((image_size, image_size), Image.Resampling.BICUBIC)
-                return np.array(rgb, dtype=np.uint8)
+                return image_to_rgb(im, image_size, name)
+    except DataError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"{name}: refused, image too large ({exc})") from exc
     except UnidentifiedImageError as exc:

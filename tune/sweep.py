@@ -38,7 +38,7 @@ from typing import Any
 
 from tune.features import FeatureStats
 from tune.presets import Preset, ResolvedSpace, apply_search_overrides, get_preset, validate_space
-from tune.tracking import check_experiment_free, check_tracking_uri, resolve_tracking_uri, ui_command
+from tune.tracking import check_experiment_free, check_tracking_uri, find_experiment, resolve_tracking_uri, ui_command
 from vpdm.config import VPDMConfig, to_dict
 from vpdm.errors import ConfigError, DataError, VPDMError
 
@@ -83,13 +83,20 @@ class SweepConfig:
     max_failures: int = 1  # Ray Train worker-group restarts per trial (resume from the last checkpoint)
     register: bool = True
     verbose: int = 1  # Tune's console output: 0 silent, 1 status, 2 per-result
+    resume: bool = False  # continue the sweep named `experiment` (Tuner.restore); its saved settings are used
+
+# What a resumed sweep takes from the saved settings (the rest says where and how to run it now).
+RESUMED_FIELDS = ("datasets", "preset", "ablation", "trials", "epochs", "workers", "threads_per_worker", "overrides",
+                  "search", "metric", "model_name", "seed", "val_fraction", "grace_period", "reduction_factor",
+                  "max_failures", "register")
+SETTINGS_FILE = "sweep_config.json"
 
 
 @dataclass
 class TrialSummary:
     trial_id: str
     name: str
-    status: str  # completed | stopped (ASHA) | error
+    status: str  # completed | stopped (ASHA) | diverged (NaN/inf loss) | error
     epochs: int
     metric: float | None
     val_loss: float | None
@@ -98,6 +105,7 @@ class TrialSummary:
     mlflow_run_id: str | None
     model_uri: str | None
     error: str | None = None
+    mlflow_pending: int = 0  # MLflow calls kept in the trial's folder (server unreachable): python -m tune.recover
     backbone_forwards: int = 0  # in the trial's processes for training/evaluation (expected 0)
     example_forwards: int = 0  # MLflow's input example of the logged model
 
@@ -134,6 +142,8 @@ class SweepResult:
     storage_path: str
     workers: int
     threads_per_worker: int
+    mlflow_pending: int = 0  # MLflow calls kept under storage_path (tracking server unreachable), all processes
+    resumed: bool = False
 
     @property
     def ui_command(self) -> str:
@@ -152,7 +162,8 @@ class SweepResult:
         lines.append(header)
         lines.append("-" * len(header))
         for d in self.datasets:
-            counts = [sum(t.status == s for t in d.trials) for s in ("completed", "stopped", "error")]
+            counts = [sum(t.status == s for t in d.trials) for s in ("completed", "stopped")]
+            counts.append(sum(t.status in ("error", "diverged") for t in d.trials))
             b = d.best
             reg = f"{d.registered_model} v{d.registered_version} @champion" if d.registered_model else "-"
             if b is None:
@@ -177,6 +188,14 @@ class SweepResult:
             f = d.features
             src = "cache" if f.cache_hits == 2 else "extracted" if f.cache_hits == 0 else "partly cached"
             lines.append(f"  {d.name}: {f.num_images} images, {f.backbone_forwards} forwards ({src}, {f.seconds:.1f}s)")
+        for d in self.datasets:
+            for t in d.trials:
+                if t.status in ("error", "diverged"):
+                    lines.append(f"  {t.name}: {t.status}: {t.error}")
+        pending = self.mlflow_pending
+        if pending:
+            lines.append(f"MLflow was unreachable: {pending} call(s) kept under {self.storage_path}; once it is back, "
+                         f"replay them: python -m tune.recover {self.storage_path}")
         lines.append(f"MLflow: experiment {self.experiment_name!r} (id {self.experiment_id}) at {self.tracking_uri}")
         lines.append(f"Ray results: {self.storage_path}")
         lines.append(f"browse: {self.ui_command}")
@@ -229,6 +248,7 @@ class SweepPlan:
     storage: Path
     grace_period: int
     warnings: list[str] = field(default_factory=list)
+    experiment_id: str | None = None  # set when resuming (the experiment exists)
 
 
 def parse_datasets(items: list[str]) -> list[tuple[str, str]]:
@@ -272,6 +292,8 @@ def plan_sweep(sc: SweepConfig) -> SweepPlan:
     """Check everything that can be checked before starting Ray or any trial (raises VPDMError)."""
     from vpdm.data import list_samples
 
+    if sc.resume:
+        sc = _with_saved_settings(sc)
     preset = get_preset(sc.preset, sc.ablation)
     for name, value, low in (("workers", sc.workers, 1), ("threads_per_worker", sc.threads_per_worker, 1),
                              ("max_failures", sc.max_failures, 0)):
@@ -335,7 +357,9 @@ def plan_sweep(sc: SweepConfig) -> SweepPlan:
     check_tracking_uri(uri)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     experiment = sc.experiment or f"vpdm-{preset.name.replace('+', '-')}-{stamp}-{os.getpid() % 10000:04d}"
-    check_experiment_free(uri, experiment)
+    experiment_id = find_experiment(uri, experiment) if sc.resume else None
+    if not sc.resume:
+        check_experiment_free(uri, experiment)
     storage = Path(sc.storage).expanduser().resolve()
     try:
         storage.mkdir(parents=True, exist_ok=True)
@@ -344,9 +368,36 @@ def plan_sweep(sc: SweepConfig) -> SweepPlan:
         probe.unlink()
     except OSError as exc:
         raise SweepError(f"storage folder {str(storage)!r} is not writable: {exc.strerror or exc}") from None
-    sweep_id = re.sub(r"[^A-Za-z0-9_.-]+", "-", experiment)
+    sweep_id = _sweep_id(experiment)
     return SweepPlan(sc, preset, ResolvedSpace(preset, base, space), datasets, trials, epochs, metric,
-                     METRIC_MODES[metric], uri, experiment, sweep_id, storage, grace, _job_warnings(uri, storage))
+                     METRIC_MODES[metric], uri, experiment, sweep_id, storage, grace, _job_warnings(uri, storage),
+                     experiment_id)
+
+
+def _sweep_id(experiment: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", experiment)
+
+
+def _with_saved_settings(sc: SweepConfig) -> SweepConfig:
+    """A resumed sweep runs with the settings it was started with (saved next to its Ray results):
+    the search, datasets and budget must not change under Tuner.restore."""
+    from dataclasses import replace
+
+    if not sc.experiment:
+        raise ConfigError("--resume needs --experiment NAME: the MLflow experiment of the sweep to continue")
+    folder = Path(sc.storage).expanduser().resolve() / _sweep_id(sc.experiment)
+    saved_path = folder / SETTINGS_FILE
+    if not saved_path.is_file():
+        raise SweepError(f"--resume: no saved sweep at {saved_path} (expected the --storage folder the sweep "
+                         f"{sc.experiment!r} was started with)")
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SweepError(f"--resume: cannot read {saved_path}: {exc}") from None
+    changed = [k for k in RESUMED_FIELDS if k in saved and getattr(sc, k) != saved[k] and getattr(sc, k) != getattr(SweepConfig(), k)]
+    if changed:
+        logger.warning("--resume: ignoring %s (the sweep keeps the settings it was started with)", ", ".join(changed))
+    return replace(sc, **{k: saved[k] for k in RESUMED_FIELDS if k in saved})
 
 
 def _job_warnings(uri: str, storage: Path) -> list[str]:
@@ -431,6 +482,7 @@ def run_sweep(sc: SweepConfig, *, progress: bool = True) -> SweepResult:
     """Validate, extract features once, run one Tuner per dataset, register champions; see the module doc."""
     started = time.perf_counter()
     plan = plan_sweep(sc)
+    sc = plan.config  # with --resume: the settings the sweep was started with
     for warning in plan.warnings:
         logger.warning(warning)
         _say(progress, f"warning: {warning}")
@@ -446,11 +498,22 @@ def run_sweep(sc: SweepConfig, *, progress: bool = True) -> SweepResult:
     try:
         use_gpu, fit = _check_cluster(sc)
         max_concurrent = min(max_concurrent or fit, fit) if sc.max_concurrent is None else sc.max_concurrent
-        experiment_id = create_experiment(plan.tracking_uri, plan.experiment, tags={
-            "vpdm.sweep": plan.sweep_id, "vpdm.preset": plan.preset.name,
-            "vpdm.datasets": ";".join(f"{d.name}={d.spec}" for d in plan.datasets)})
-        parent = RunLogger.start(plan.tracking_uri, experiment_id, f"sweep-{plan.sweep_id}",
-                                 {"vpdm.sweep": plan.sweep_id, "vpdm.role": "sweep"})
+        folder = plan.storage / plan.sweep_id
+        parent_tags = {"vpdm.sweep": plan.sweep_id, "vpdm.role": "sweep"}
+        if plan.experiment_id is not None:  # --resume: same experiment, same parent run
+            experiment_id = plan.experiment_id
+            parent = RunLogger.resume_or_start(plan.tracking_uri, experiment_id, f"sweep-{plan.sweep_id}", parent_tags,
+                                               match=parent_tags, spool_dir=folder)
+            _say(progress, f"resuming sweep {plan.sweep_id} (experiment id {experiment_id}, Ray results {folder})")
+        else:
+            experiment_id = create_experiment(plan.tracking_uri, plan.experiment, tags={
+                "vpdm.sweep": plan.sweep_id, "vpdm.preset": plan.preset.name,
+                "vpdm.datasets": ";".join(f"{d.name}={d.spec}" for d in plan.datasets)})
+            parent = RunLogger.start(plan.tracking_uri, experiment_id, f"sweep-{plan.sweep_id}", parent_tags,
+                                     spool_dir=folder)
+            folder.mkdir(parents=True, exist_ok=True)
+            saved = {k: v for k, v in asdict(sc).items() if k in RESUMED_FIELDS}
+            (folder / SETTINGS_FILE).write_text(json.dumps({**saved, "experiment": plan.experiment}, indent=2))
         parent.log_params({
             "preset": plan.preset.name, "trials": plan.trials, "epochs": plan.epochs, "workers": sc.workers,
             "threads_per_worker": sc.threads_per_worker, "metric": plan.metric, "datasets": len(plan.datasets),
@@ -491,7 +554,7 @@ def _run(plan: SweepPlan, experiment_id: str, parent: Any, started: float, progr
 
     results = []
     for plan_d, bundle, st in zip(plan.datasets, bundles, stats):
-        results.append(_tune_dataset(plan, plan_d, bundle, st, experiment_id, parent.run_id, use_gpu,
+        results.append(_tune_dataset(plan, plan_d, bundle, st, experiment_id, parent, use_gpu,
                                      max_concurrent, driver_forwards, progress))
 
     trial_forwards = sum(t.backbone_forwards for r in results for t in r.trials)
@@ -503,6 +566,7 @@ def _run(plan: SweepPlan, experiment_id: str, parent: Any, started: float, progr
         backbone_forwards=driver_forwards, trial_backbone_forwards=trial_forwards,
         pyfunc_example_forwards=example_forwards, num_images=sum(s.num_images for s in stats),
         storage_path=str(plan.storage / plan.sweep_id), workers=sc.workers, threads_per_worker=sc.threads_per_worker,
+        resumed=plan.experiment_id is not None,
     )
     assert vpdm_backbone.total_images_seen() >= driver_forwards
     out = plan.storage / plan.sweep_id
@@ -514,6 +578,12 @@ def _run(plan: SweepPlan, experiment_id: str, parent: Any, started: float, progr
     parent.log_metrics({"wall_seconds": result.wall_seconds, "trial_backbone_forwards": trial_forwards})
     parent.set_tags({"vpdm.status": "completed"})
     parent.finish("FINISHED")
+    from tune.recover import count_pending
+
+    result.mlflow_pending = count_pending(out)
+    if result.mlflow_pending:  # summary files again, now with the pending count
+        (out / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
+        (out / "summary.txt").write_text(result.summary_text() + "\n")
     return result
 
 
@@ -554,7 +624,7 @@ def _release_callback() -> Any:
 
 
 def _tune_dataset(plan: SweepPlan, d: DatasetPlan, bundle: Any, stats: FeatureStats, experiment_id: str,
-                  parent_run_id: str | None, use_gpu: bool, max_concurrent: int, driver_forwards: int,
+                  parent: Any, use_gpu: bool, max_concurrent: int, driver_forwards: int,
                   progress: bool) -> DatasetResult:
     import ray
     from ray import tune
@@ -569,7 +639,7 @@ def _tune_dataset(plan: SweepPlan, d: DatasetPlan, bundle: Any, stats: FeatureSt
     context = {
         "sweep_id": plan.sweep_id, "dataset": d.name, "data_spec": d.spec, "preset": plan.preset.name,
         "base_config": to_dict(base), "tracking_uri": plan.tracking_uri, "experiment_id": experiment_id,
-        "parent_run_id": parent_run_id, "workers": sc.workers, "threads_per_worker": sc.threads_per_worker,
+        "parent_run_id": parent.run_id, "workers": sc.workers, "threads_per_worker": sc.threads_per_worker,
         "eval_threads": 1, "use_gpu": use_gpu, "metric": plan.metric, "max_failures": sc.max_failures,
         "train_storage": str(plan.storage / plan.sweep_id / "train"), "run_prefix": d.name,
         "backbone_forwards": driver_forwards, "num_images": stats.num_images,
@@ -593,27 +663,37 @@ def _tune_dataset(plan: SweepPlan, d: DatasetPlan, bundle: Any, stats: FeatureSt
     def trial_name(trial: Any) -> str:
         return f"{d.name}_{trial.trial_id}"
 
-    tuner = tune.Tuner(
-        trainable,
-        param_space=param_space,
-        tune_config=tune.TuneConfig(
-            metric=plan.metric, mode=plan.mode, search_alg=search_alg, scheduler=scheduler,
-            num_samples=plan.trials, max_concurrent_trials=max_concurrent,
-            trial_name_creator=trial_name, trial_dirname_creator=trial_name,
-        ),
-        run_config=tune.RunConfig(name=f"tune-{d.name}", storage_path=str(plan.storage / plan.sweep_id),
-                                  failure_config=tune.FailureConfig(max_failures=0), verbose=sc.verbose,
-                                  callbacks=[_release_callback()]),
-    )
-    _say(progress, f"tuning {d.name}: {plan.trials} trial(s), at most {max_concurrent} at once, "
-                   f"{sc.workers} worker(s) each ({'GPU' if use_gpu else 'CPU'})")
+    tune_path = plan.storage / plan.sweep_id / f"tune-{d.name}"
+    if plan.experiment_id is not None and tune.Tuner.can_restore(str(tune_path)):
+        # Resumed sweep: finished trials keep their results and are not rerun; unfinished ones restart
+        # (their Ray Train runs resume from their last checkpoints, their MLflow runs are reused);
+        # errored or diverged ones stay as they were; Optuna and ASHA continue from their saved state.
+        tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+        _say(progress, f"restoring {d.name} from {tune_path}")
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=plan.metric, mode=plan.mode, search_alg=search_alg, scheduler=scheduler,
+                num_samples=plan.trials, max_concurrent_trials=max_concurrent,
+                trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+            ),
+            run_config=tune.RunConfig(name=f"tune-{d.name}", storage_path=str(plan.storage / plan.sweep_id),
+                                      failure_config=tune.FailureConfig(max_failures=0), verbose=sc.verbose,
+                                      callbacks=[_release_callback()]),
+        )
+        _say(progress, f"tuning {d.name}: {plan.trials} trial(s), at most {max_concurrent} at once, "
+                       f"{sc.workers} worker(s) each ({'GPU' if use_gpu else 'CPU'})")
     grid = tuner.fit()
 
     trials: list[TrialSummary] = []
     for r in grid:
         m = dict(r.metrics or {})
         trial_id = str(m.get("trial_id") or (Path(r.path).name if r.path else "?"))
-        status = "error" if r.error else "completed" if m.get("final") else "stopped"
+        status = ("diverged" if "TrainingDiverged" in repr(r.error) or m.get("diverged") else "error") if r.error \
+            else "completed" if m.get("final") else "stopped"
         metric = m.get(plan.metric)
         trials.append(TrialSummary(
             trial_id=trial_id, name=f"{d.name}_{trial_id}", status=status, epochs=int(m.get("epoch", 0) or 0),
@@ -622,7 +702,8 @@ def _tune_dataset(plan: SweepPlan, d: DatasetPlan, bundle: Any, stats: FeatureSt
             test={k[len("test_"):]: float(v) for k, v in m.items() if k.startswith("test_") and isinstance(v, (int, float))},
             params={k: v for k, v in (r.config or {}).items()},
             mlflow_run_id=m.get("mlflow_run_id") or None, model_uri=m.get("model_uri") or None,
-            error=str(r.error).strip().splitlines()[-1][:500] if r.error else None,
+            error=_error_line(r.error),
+            mlflow_pending=int(m.get("mlflow_pending", 0) or 0),
             backbone_forwards=int(m.get("trial_backbone_forwards", 0) or 0),
             example_forwards=int(m.get("pyfunc_example_forwards", 0) or 0),
         ))
@@ -631,13 +712,28 @@ def _tune_dataset(plan: SweepPlan, d: DatasetPlan, bundle: Any, stats: FeatureSt
     result = DatasetResult(d.name, d.spec, stats, trials, best=_best(trials, plan.mode),
                            tune_path=str(plan.storage / plan.sweep_id / f"tune-{d.name}"))
     if result.best is not None and sc.register:
+        name = sc.model_name if len(plan.datasets) == 1 else f"{sc.model_name}-{d.name}"
         if result.best.model_uri:
-            name = sc.model_name if len(plan.datasets) == 1 else f"{sc.model_name}-{d.name}"
-            result.registered_model, result.registered_version = _register(plan, result, name)
+            result.registered_model, result.registered_version = _register(plan, result, name, parent)
+        elif result.best.mlflow_pending:  # its model is waiting in the trial's folder: register on replay
+            parent.keep_record(_registration_record(plan, result, name))
+            logger.warning("best trial %s of %s: MLflow was unreachable; `python -m tune.recover` registers it",
+                           result.best.name, d.name)
         else:
             logger.warning("best trial %s of %s has no logged model; nothing registered", result.best.name, d.name)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _error_line(error: Any) -> str | None:
+    """The informative line of a trial's error (Ray wraps it in a traceback)."""
+    if not error:
+        return None
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "TrainingDiverged" in line or "diverged" in line:
+            return line[:500]
+    return lines[-1][:500] if lines else type(error).__name__
 
 
 def _best(trials: list[TrialSummary], mode: str) -> TrialSummary | None:
@@ -664,24 +760,43 @@ def _close_unfinished_runs(uri: str, experiment_id: str, dataset: str) -> None:
         log.finish("KILLED")
 
 
-def _register(plan: SweepPlan, result: DatasetResult, name: str) -> tuple[str | None, str | None]:
-    import mlflow
-
-    from tune.mlflow_model import register_champion
-
+def _registration_record(plan: SweepPlan, result: DatasetResult, name: str) -> dict[str, Any]:
     best = result.best
     assert best is not None
-    mlflow.set_tracking_uri(plan.tracking_uri)
     tags = {
         "sweep": plan.sweep_id, "experiment": plan.experiment, "dataset": result.name, "data_spec": result.spec,
         "trial": best.name, "preset": plan.preset.name,
         "metrics": {plan.metric: best.metric, "val_loss": best.val_loss, **{f"test_{k}": v for k, v in best.test.items()}},
         "params": best.params,
     }
+    return {"op": "register", "model_name": name, "champion_run_id": best.mlflow_run_id, "tags": _finite(tags)}
+
+
+def _register(plan: SweepPlan, result: DatasetResult, name: str, parent: Any) -> tuple[str | None, str | None]:
+    """Register the best trial's model as ``name@champion``; once per run (a resumed sweep that already
+    registered it only re-points the alias), and a failure is kept for the replay instead of lost."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tune.mlflow_model import register_champion
+
+    record = _registration_record(plan, result, name)
+    run_id = record["champion_run_id"]
+    mlflow.set_tracking_uri(plan.tracking_uri)
     try:
-        version = register_champion(best.mlflow_run_id, model_name=name, tags=tags)
-    except Exception as exc:  # noqa: BLE001 - the sweep's results stand; say what went wrong
-        logger.warning("registering %s from run %s failed: %s", name, best.mlflow_run_id, exc)
+        client = MlflowClient()
+        existing = []
+        if client.search_registered_models(filter_string=f"name = '{name}'"):
+            existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        if existing:
+            version = max(existing, key=lambda v: int(v.version))
+            client.set_registered_model_alias(name, "champion", version.version)
+            logger.info("%s v%s already holds run %s; alias champion points at it", name, version.version, run_id)
+            return name, str(version.version)
+        version = register_champion(run_id, model_name=name, tags=record["tags"])
+    except Exception as exc:  # noqa: BLE001 - the sweep's results stand; say what went wrong, keep it for later
+        logger.warning("registering %s from run %s failed: %s", name, run_id, exc)
+        parent.keep_record(record)
         return None, None
     return name, str(version.version)
 

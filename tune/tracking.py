@@ -7,7 +7,8 @@
   sqlite. Local stores get an absolute artifact location next to the database, so artifacts
   outlive a ``ray job submit`` working directory.
 * Trials log with :class:`RunLogger`: every call retries a few times and then only warns, so a
-  transient tracking failure (a locked sqlite file, a restarting server) never kills training.
+  transient tracking failure (a locked sqlite file, a restarting server) never kills training;
+  what could not be logged is kept in the trial's folder and replayed by ``python -m tune.recover``.
 """
 
 from __future__ import annotations
@@ -132,8 +133,20 @@ def check_experiment_free(uri: str, name: str) -> None:
         state = "a deleted experiment" if found[0].lifecycle_stage == "deleted" else "an experiment"
         raise TrackingError(
             f"MLflow already has {state} named {name!r} (each sweep gets its own experiment); "
-            "pass another --experiment or omit it for a timestamped name"
+            "pass another --experiment, omit it for a timestamped name, or add --resume to continue that sweep"
         )
+
+
+def find_experiment(uri: str, name: str) -> str:
+    """Id of the active experiment ``name`` (a sweep to resume), else :class:`TrackingError`."""
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+    if experiment is None or experiment.lifecycle_stage != "active":
+        state = "no experiment" if experiment is None else "only a deleted experiment"
+        raise TrackingError(f"--resume: MLflow at {uri} has {state} named {name!r}; nothing to resume "
+                            "(check --experiment and --tracking-uri)")
+    return experiment.experiment_id
 
 
 def create_experiment(uri: str, name: str, tags: Mapping[str, Any] | None = None) -> str:
@@ -172,19 +185,53 @@ def numeric_metrics(values: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
+PENDING_DIR = "mlflow-pending"  # in a trial's (or the sweep's) folder: what could not be logged
+PENDING_PREFIX = "pending-"  # run id of a run that could not even be created yet
+
+
+def quick_http_env() -> None:
+    """Trials must not hang for minutes on an unreachable server (MLflow retries HTTP 7 times with
+    backoff by default): a few short retries, then the call is spooled. Users' settings win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+
+
 class RunLogger:
-    """Fault-tolerant logging into one MLflow run by id (no global active run needed)."""
+    """Fault-tolerant logging into one MLflow run by id (no global active run needed).
+
+    Every call retries with backoff and then gives up with a warning, so tracking never stops
+    training. With ``spool_dir`` set, a call that gave up is not lost: it is appended to
+    ``spool_dir/mlflow-pending/<name>.jsonl`` (artifacts copied next to it) and
+    ``python -m tune.recover`` replays it later. After a failure the logger stays *offline* for
+    ``offline_seconds``: calls go straight to the spool instead of retrying against a dead server.
+    A run that cannot be created gets a ``pending-...`` id that the replay maps to the real one.
+    """
 
     attempts = 5  # per call, with backoff (about 6 s in all) before giving up with a warning
+    offline_seconds = 30.0
 
-    def __init__(self, tracking_uri: str, run_id: str | None):
+    def __init__(self, tracking_uri: str, run_id: str | None, spool_dir: str | Path | None = None, name: str = "run"):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.spool_dir = Path(spool_dir) if spool_dir is not None else None
+        self.name = f"{_safe_name(name)}-{os.getpid()}"
+        self.failures = 0  # calls that could not be logged (spooled when spool_dir is set)
+        self._offline_until = 0.0
         self._client = None
 
     @property
     def enabled(self) -> bool:
         return self.run_id is not None
+
+    @property
+    def pending(self) -> bool:
+        """The run itself does not exist in MLflow yet (its creation was spooled)."""
+        return bool(self.run_id) and self.run_id.startswith(PENDING_PREFIX)
+
+    @property
+    def spool_file(self) -> Path | None:
+        return None if self.spool_dir is None else self.spool_dir / PENDING_DIR / f"{self.name}.jsonl"
 
     @property
     def client(self):
@@ -195,53 +242,153 @@ class RunLogger:
         return self._client
 
     @classmethod
-    def start(cls, tracking_uri: str, experiment_id: str, run_name: str, tags: Mapping[str, Any]) -> RunLogger:
-        logger_ = cls(tracking_uri, None)
-        run = retrying(
-            lambda: logger_.client.create_run(experiment_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()}),
-            what=f"creating run {run_name!r}",
-        )
-        logger_.run_id = run.info.run_id if run is not None else None
+    def start(cls, tracking_uri: str, experiment_id: str, run_name: str, tags: Mapping[str, Any],
+              spool_dir: str | Path | None = None) -> RunLogger:
+        logger_ = cls(tracking_uri, None, spool_dir, name=run_name)
+        str_tags = {k: str(v) for k, v in tags.items()}
+        run = retrying(lambda: logger_.client.create_run(experiment_id, run_name=run_name, tags=str_tags),
+                       what=f"creating run {run_name!r}", attempts=cls.attempts)
+        if run is not None:
+            logger_.run_id = run.info.run_id
+        elif logger_.spool_dir is not None:
+            import uuid
+
+            logger_.run_id = PENDING_PREFIX + uuid.uuid4().hex
+            logger_.failures += 1
+            logger_._spool({"op": "create_run", "experiment_id": experiment_id, "run_name": run_name, "tags": str_tags})
+            logger_._offline_until = time.monotonic() + cls.offline_seconds
         return logger_
 
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        if not self.enabled:
+    @classmethod
+    def resume_or_start(cls, tracking_uri: str, experiment_id: str, run_name: str, tags: Mapping[str, Any],
+                        match: Mapping[str, str], spool_dir: str | Path | None = None) -> RunLogger:
+        """Reopen the run whose tags equal ``match`` (a trial restarted after a driver crash), else start one:
+        a resumed sweep must not leave two runs for one trial."""
+        filters = " and ".join(f"tags.`{k}` = '{v}'" for k, v in match.items())
+        found = retrying(lambda: list(iter_runs(tracking_uri, experiment_id, filters)), what=f"looking up run {run_name!r}")
+        if found:
+            logger_ = cls(tracking_uri, found[0].info.run_id, spool_dir, name=run_name)
+            retrying(logger_.client.update_run, logger_.run_id, "RUNNING", what="reopening the run")
+            logger_.set_tags({"vpdm.resumed": "true"})
+            logger.info("reusing MLflow run %s for %s", logger_.run_id, run_name)
+            return logger_
+        return cls.start(tracking_uri, experiment_id, run_name, tags, spool_dir)
+
+    # -- calls -------------------------------------------------------------------------------
+    def _spool(self, record: dict[str, Any]) -> None:
+        import json
+
+        if self.spool_file is None:
             return
+        try:
+            self.spool_file.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.spool_file, "a") as fh:
+                fh.write(json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri, "time": time.time(),
+                                     **record}) + "\n")
+        except OSError as exc:
+            logger.warning("MLflow: cannot keep the unlogged %s in %s: %s", record.get("op"), self.spool_file, exc)
+
+    def _call(self, record: dict[str, Any] | Callable[[], dict[str, Any]], fn: Callable[..., Any], *args: Any,
+              what: str) -> bool:
+        """Run one MLflow call; on failure spool ``record`` (or what it returns; when there is a spool)
+        and go offline a while."""
+        if not self.enabled:
+            return False
+        if not self.pending and time.monotonic() >= self._offline_until:
+            ok = [False]
+
+            def attempt() -> None:
+                fn(*args)
+                ok[0] = True
+
+            retrying(attempt, what=what, attempts=self.attempts)
+            if ok[0]:
+                return True
+            self._offline_until = time.monotonic() + self.offline_seconds
+        self.failures += 1
+        if self.spool_file is not None:
+            self._spool(record() if callable(record) else record)
+        if self.failures == 1 and self.spool_file is not None:
+            logger.warning("MLflow unreachable: keeping what could not be logged in %s (replay: python -m tune.recover %s)",
+                           self.spool_file, self.spool_dir)
+        return False
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k[:250], str(v)[:6000]) for k, v in params.items()]
-        for start in range(0, len(items), 100):  # MLflow's per-batch limit
-            retrying(self.client.log_batch, self.run_id, params=items[start : start + 100], what="logging params", attempts=self.attempts)
+        items = {k[:250]: str(v)[:6000] for k, v in params.items()}
+        keys = list(items)
+        for start in range(0, len(keys), 100):  # MLflow's per-batch limit
+            chunk = {k: items[k] for k in keys[start : start + 100]}
+            self._call({"op": "params", "params": chunk},
+                       lambda c=chunk: self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in c.items()]),
+                       what="logging params")
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int = 0) -> None:
-        if not self.enabled:
-            return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, v, now, step) for k, v in numeric_metrics(metrics).items()]
-        for start in range(0, len(items), 1000):
-            retrying(self.client.log_batch, self.run_id, metrics=items[start : start + 1000], what="logging metrics", attempts=self.attempts)
+        values = numeric_metrics(metrics)
+        keys = list(values)
+        for start in range(0, len(keys), 1000):
+            chunk = {k: values[k] for k in keys[start : start + 1000]}
+            self._call({"op": "metrics", "metrics": chunk, "step": step, "timestamp": now},
+                       lambda c=chunk: self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in c.items()]),
+                       what="logging metrics")
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        if not self.enabled:
-            return
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
-        retrying(self.client.log_batch, self.run_id, tags=items, what="setting tags", attempts=self.attempts)
+        items = {k: str(v)[:5000] for k, v in tags.items()}
+        self._call({"op": "tags", "tags": items},
+                   lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in items.items()]),
+                   what="setting tags")
+
+    def _keep_files(self, source: Path) -> str | None:
+        """Copy a file or folder into the spool (the original is often a temporary folder)."""
+        import shutil
+        import uuid
+
+        if self.spool_file is None:
+            return None
+        target = self.spool_file.parent / "files" / uuid.uuid4().hex / source.name
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if source.is_dir():
+                shutil.copytree(source, target)
+            else:
+                shutil.copy2(source, target)
+        except OSError as exc:
+            logger.warning("MLflow: cannot keep %s in the spool: %s", source, exc)
+            return None
+        return str(target.relative_to(self.spool_file.parent))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self.enabled:
-            retrying(self.client.log_artifact, self.run_id, str(path), artifact_path, what=f"logging {Path(path).name}", attempts=self.attempts)
+        self._artifacts("artifact", Path(path), artifact_path, self.client.log_artifact if self.enabled else None)
 
     def log_artifacts(self, folder: str | Path, artifact_path: str | None = None) -> None:
-        if self.enabled:
-            retrying(self.client.log_artifacts, self.run_id, str(folder), artifact_path, what=f"logging {folder}", attempts=self.attempts)
+        self._artifacts("artifacts", Path(folder), artifact_path, self.client.log_artifacts if self.enabled else None)
+
+    def _artifacts(self, op: str, path: Path, artifact_path: str | None, fn: Callable[..., Any] | None) -> None:
+        if fn is not None:  # the files are copied into the spool only if the call fails
+            self._call(lambda: {"op": op, "path": self._keep_files(path), "artifact_path": artifact_path},
+                       fn, self.run_id, str(path), artifact_path, what=f"logging {path.name}")
+
+    def keep_record(self, record: dict[str, Any]) -> None:
+        """Keep a call made elsewhere (e.g. a registration) that failed, for the replay."""
+        self.failures += 1
+        self._spool(record)
+
+    def keep_model(self, checkpoint: str | Path, example_images: list[str] | None = None) -> None:
+        """The pyfunc model could not be logged: keep its checkpoint so the replay can log it."""
+        if self.enabled and self.spool_file is not None:
+            self.failures += 1
+            self._spool({"op": "model", "checkpoint": self._keep_files(Path(checkpoint)),
+                         "example_images": [str(p) for p in example_images or []]})
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.enabled:
-            retrying(self.client.set_terminated, self.run_id, status, what=f"closing the run as {status}", attempts=self.attempts)
+        self._call({"op": "finish", "status": status}, lambda: self.client.set_terminated(self.run_id, status),
+                   what=f"closing the run as {status}")
 
 
 def iter_runs(uri: str, experiment_id: str, filter_string: str = "") -> Iterable[Any]:

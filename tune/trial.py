@@ -37,19 +37,21 @@ TEST_METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max
 class MlflowEpochLogger(UserCallback):
     """Ray Train callback: each epoch's (rank-0, already all-reduced) metrics into an MLflow run."""
 
-    def __init__(self, tracking_uri: str, run_id: str | None):
+    def __init__(self, tracking_uri: str, run_id: str | None, spool_dir: str | None = None):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.spool_dir = spool_dir
         self._logger = None
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if not self.run_id or not metrics:
             return
         try:
-            from tune.tracking import RunLogger
+            from tune.tracking import RunLogger, quick_http_env
 
             if self._logger is None:
-                self._logger = RunLogger(self.tracking_uri, self.run_id)
+                quick_http_env()
+                self._logger = RunLogger(self.tracking_uri, self.run_id, self.spool_dir, name="epochs")
             values = metrics[0]
             self._logger.log_metrics(values, step=int(values.get("epoch", 0)))
         except Exception as exc:  # noqa: BLE001 - never break training for tracking
@@ -80,7 +82,8 @@ def run_trial(params: dict[str, Any], data: dict[str, Any], context: dict[str, A
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from tune.distributed import train_worker
-    from tune.tracking import RunLogger
+    from tune.tracking import RunLogger, quick_http_env
+    from vpdm.engine import TrainingDiverged
     from vpdm import backbone as vpdm_backbone
     from vpdm.config import VPDMConfig, flatten_dict, to_dict
 
@@ -93,8 +96,14 @@ def run_trial(params: dict[str, Any], data: dict[str, Any], context: dict[str, A
     config = base.with_overrides(dict(params)).validate()
     bundle_ref = data["bundle"]
 
-    run = RunLogger.start(context["tracking_uri"], context["experiment_id"], trial_name,
-                          _trial_tags(context, trial_id, trial_name))
+    quick_http_env()
+    # What MLflow cannot take (server down) is kept in the trial's folder for `python -m tune.recover`.
+    trial_dir = tune_context.get_trial_dir()
+    # A trial restarted by a resumed sweep (Tuner.restore) reuses its run instead of adding a second one.
+    run = RunLogger.resume_or_start(context["tracking_uri"], context["experiment_id"], trial_name,
+                                    _trial_tags(context, trial_id, trial_name),
+                                    match={"vpdm.sweep": context["sweep_id"], "vpdm.trial_id": trial_id},
+                                    spool_dir=trial_dir)
     run.log_params({
         **flatten_dict(to_dict(config)),
         **{f"search.{k}": v for k, v in params.items()},
@@ -126,7 +135,7 @@ def run_trial(params: dict[str, Any], data: dict[str, Any], context: dict[str, A
             # Stable per trial (no timestamp): a restarted trial resumes its Train run in place.
             name=f"{context['run_prefix']}-{trial_id}",
             storage_path=context["train_storage"],
-            callbacks=[TuneReportCallback(), MlflowEpochLogger(context["tracking_uri"], run.run_id)],
+            callbacks=[TuneReportCallback(), MlflowEpochLogger(context["tracking_uri"], run.run_id, trial_dir)],
             failure_config=ray.train.FailureConfig(max_failures=context["max_failures"]),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
@@ -139,17 +148,26 @@ def run_trial(params: dict[str, Any], data: dict[str, Any], context: dict[str, A
         run.finish("FAILED")
         raise
     train_seconds = time.perf_counter() - started
+    last = dict(result.metrics or {})
+    if last.get("diverged"):
+        message = f"trial {trial_name} diverged: {last.get('error', 'non-finite loss')}"
+        run.set_tags({"vpdm.status": "diverged", "vpdm.error": message[:4000]})
+        run.finish("FAILED")
+        raise TrainingDiverged(message, epoch=int(last.get("epoch") or 0), step=int(last.get("diverged_step") or 0))
     if result.checkpoint is None:
         run.set_tags({"vpdm.status": "failed", "vpdm.error": "the Train run reported no checkpoint"})
         run.finish("FAILED")
         raise RuntimeError(f"trial {trial_name}: the Train run reported no checkpoint")
 
     bundle = ray.get(bundle_ref)
-    final = finish_trial(config, bundle, result.checkpoint, dict(result.metrics or {}), run, context,
+    final = finish_trial(config, bundle, result.checkpoint, last, run, context,
                          trial_name=trial_name, train_seconds=train_seconds)
     final["trial_backbone_forwards"] = (vpdm_backbone.total_images_seen() - forwards_before - final["pyfunc_example_forwards"]
                                        + int((result.metrics or {}).get("worker_backbone_forwards", 0) or 0))
     run.log_metrics({"trial_backbone_forwards": final["trial_backbone_forwards"]})
+    from tune.recover import count_pending
+
+    final["mlflow_pending"] = count_pending(trial_dir)
     ray.tune.report(final)
 
 
@@ -211,6 +229,8 @@ def finish_trial(config: Any, bundle: Any, checkpoint: Any, last: dict[str, Any]
         # The model, as an MLflow pyfunc (the registry's champion is one of these).
         before = vpdm_backbone.total_images_seen()
         model_uri = _log_model(run, work / CHECKPOINT_FILE, bundle)
+        if model_uri is None:
+            run.keep_model(work / CHECKPOINT_FILE, [p for p in bundle.test_paths[:1] if Path(p).is_file()])
         example_forwards = vpdm_backbone.total_images_seen() - before
         status = "completed" if model_uri else "completed (model not logged)"
         run.set_tags({"vpdm.status": status, "vpdm.model_uri": model_uri or ""})
@@ -237,7 +257,7 @@ def finish_trial(config: Any, bundle: Any, checkpoint: Any, last: dict[str, Any]
 
 def _log_model(run: Any, checkpoint_path: Path, bundle: Any) -> str | None:
     """log_pyfunc_model inside the trial's run; a failure is a warning (the trial's metrics still count)."""
-    if not run.enabled:
+    if not run.enabled or run.pending:
         return None
     import mlflow
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vpdm.io import atomic_torch_save
-from vpdm.errors import ConfigError, DataError
+from vpdm.errors import ConfigError, DataError, OutputError
 
 __all__ = [
     "PYPI_LITE_MODELS",
@@ -554,7 +554,8 @@ def extract_features(
 
     With ``cache_dir`` the result is stored under a key of the extractor's fingerprint and the
     dataset's image bytes, so each image goes through the backbone once; an unusable cache file
-    is recomputed with a warning. ``return_info=True`` also returns
+    is recomputed with a warning, and one that cannot be written (full disk, read-only folder) is
+    skipped with a warning: the features are still returned. ``return_info=True`` also returns
     ``{"cache_hit": bool, "path": Path | None, "images_computed": int}``.
     """
     from torch.utils.data import DataLoader
@@ -600,9 +601,15 @@ def extract_features(
         raise DataError(f"dataset reported {n} items but yielded {start} images")
 
     if cache_path is not None:
-        atomic_torch_save(
-            {"features": out, "fingerprint": fingerprint, "dataset_hash": data_hash, "format": _FEATURE_FORMAT_VERSION},
-            cache_path,
-        )
+        try:
+            atomic_torch_save(
+                {"features": out, "fingerprint": fingerprint, "dataset_hash": data_hash, "format": _FEATURE_FORMAT_VERSION},
+                cache_path,
+                what="feature cache",
+            )
+        except OutputError as exc:  # the cache only saves time: a full disk must not cost the features
+            warnings.warn(f"{exc}; continuing without it (the next run extracts the features again)",
+                          RuntimeWarning, stacklevel=2)
+            cache_path = None  # info["path"] names a file that exists
     info = {"cache_hit": False, "path": cache_path, "images_computed": n}
     return (out, info) if return_info else out

@@ -45,7 +45,7 @@ def save_checkpoint(
     }
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
-    atomic_torch_save(payload, path)
+    atomic_torch_save(payload, path, what="checkpoint")
     return path
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vpdm.errors import VPDMError
+from vpdm.io import atomic_write_text, os_error_reason, writable_dir, writing
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -71,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     except VPDMError as exc:
         print(f"vpdm {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a read or write the library did not name itself: still one line, not a traceback
+        where = f"{exc.filename!s}: " if exc.filename else ""
+        print(f"vpdm {args.command}: error: {where}{os_error_reason(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"vpdm {args.command}: interrupted", file=sys.stderr)
         return 130
@@ -91,17 +97,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _writable_dir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".vpdm-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise VPDMError(f"cannot write to output folder {path}: {exc.strerror or exc}") from None
-    return path
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from vpdm import engine
     from vpdm.checkpoint import save_checkpoint
@@ -114,7 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_path = out / "model.pt"
     if model_path.exists() and not args.overwrite:
         raise VPDMError(f"{model_path} already exists; choose another --output or pass --overwrite to replace it")
-    _writable_dir(out)
+    writable_dir(out)  # before hours of training, not after
     progress = not args.no_progress
 
     train = engine.load_split(config, "train", progress=progress)
@@ -133,7 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     save_checkpoint(model_path, model, config, categories=train.dataset.categories,
                     extra={"train_seconds": train_seconds, "train_images": len(train.features)})
     save_config(config, out / "config.yaml")
-    (out / "history.json").write_text(json.dumps(history, indent=2))
+    atomic_write_text(out / "history.json", json.dumps(history, indent=2), what="training history")
     print(f"trained in {train_seconds:.1f}s -> {model_path}")
     if test is not None:
         result = engine.evaluate(model, config, test, progress=progress)
@@ -154,8 +149,7 @@ def _write_metrics(result, path: Path, config) -> dict[str, Any]:
     }
     print(format_metrics(result.metrics))
     print(json.dumps(doc["metrics"]["mean"], indent=2))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2))
+    atomic_write_text(path, json.dumps(doc, indent=2), what="metrics")
     print(f"metrics written to {path}")
     return doc
 
@@ -189,10 +183,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.plots:
         from vpdm.plots import save_overlay, save_roc_curves
 
-        plots = _writable_dir(Path(args.plots))
+        plots = writable_dir(Path(args.plots), what="plots folder")
         per_class = {c: (result.labels[[x == c for x in result.categories]], result.scores[[x == c for x in result.categories]])
                      for c in sorted(set(result.categories))}
-        save_roc_curves(per_class, plots / "roc.png")
+        with writing(plots / "roc.png", "plot"):
+            save_roc_curves(per_class, plots / "roc.png")
         vmax = float(np.quantile(result.maps, 0.999))
         for c in sorted(set(result.categories)):
             idx = [i for i, x in enumerate(result.categories) if x == c]
@@ -200,8 +195,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             for i in picks:
                 s = test.dataset.samples[i]
                 name = f"{c.replace('/', '_')}_{s.defect}_{s.image_path.stem}.png"
-                save_overlay(test.dataset.raw_image(i), result.maps[i], plots / name, mask=result.masks[i],
-                             score=float(result.scores[i]), vmax=vmax)
+                with writing(plots / name, "plot"):
+                    save_overlay(test.dataset.raw_image(i), result.maps[i], plots / name, mask=result.masks[i],
+                                 score=float(result.scores[i]), vmax=vmax)
         print(f"plots written to {plots}")
     return 0
 
@@ -212,31 +208,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from vpdm.pipeline import Detector, image_files
 
     files = image_files(args.images)
-    out = _writable_dir(Path(args.output))
+    out = writable_dir(Path(args.output))
     detector = Detector.from_checkpoint(args.checkpoint, overrides=args.overrides or None)
     results = detector.predict_files(files, batch_size=args.batch_size, progress=not args.no_progress)
     scored = [r for r in results if r.score is not None]
-    with open(out / "scores.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["path", "score", "overlay", "error"])
-        overlays = out / "overlays"
-        if not args.no_overlays and scored:
-            overlays.mkdir(exist_ok=True)
-            from PIL import Image
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["path", "score", "overlay", "error"])
+    overlays = out / "overlays"
+    if not args.no_overlays and scored:
+        overlays = writable_dir(overlays, what="overlays folder")
+        from PIL import Image
 
-            from vpdm.data import AnomalyDataset, Sample
-            from vpdm.plots import overlay_array
+        from vpdm.data import AnomalyDataset, Sample
+        from vpdm.plots import overlay_array
 
-            vmax = float(np.quantile(np.stack([r.anomaly_map for r in scored]), 0.999))
-            size = detector.map_size
-        for r in results:
-            overlay = ""
-            if r.score is not None and not args.no_overlays:
-                rgb = AnomalyDataset([Sample(Path(r.path), None, 0, "predict", "unknown")], image_size=size).raw_image(0)
-                overlay_path = overlays / f"{Path(r.path).stem}.png"
+        vmax = float(np.quantile(np.stack([r.anomaly_map for r in scored]), 0.999))
+        size = detector.map_size
+    for r in results:
+        overlay = ""
+        if r.score is not None and not args.no_overlays:
+            rgb = AnomalyDataset([Sample(Path(r.path), None, 0, "predict", "unknown")], image_size=size).raw_image(0)
+            overlay_path = overlays / f"{Path(r.path).stem}.png"
+            with writing(overlay_path, "overlay"):
                 Image.fromarray(overlay_array(rgb, r.anomaly_map, vmax=vmax)).save(overlay_path)
-                overlay = str(overlay_path.relative_to(out))
-            writer.writerow([r.path, "" if r.score is None else f"{r.score:.6f}", overlay, r.error or ""])
+            overlay = str(overlay_path.relative_to(out))
+        writer.writerow([r.path, "" if r.score is None else f"{r.score:.6f}", overlay, r.error or ""])
+    atomic_write_text(out / "scores.csv", table.getvalue(), what="scores")
     failed = len(results) - len(scored)
     print(f"scored {len(scored)} image(s){f', {failed} failed (see error column)' if failed else ''} -> {out / 'scores.csv'}")
     return 0 if scored else 1

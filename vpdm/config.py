@@ -22,6 +22,7 @@ from vpdm.backbone import BackboneConfig
 from vpdm.denoiser import DenoiserConfig
 from vpdm.diffusion import NoiseScheduleConfig
 from vpdm.errors import ConfigError
+from vpdm.io import atomic_write_text
 from vpdm.scoring import ScoringConfig
 from vpdm.vpot import VPOTConfig
 
@@ -258,6 +259,4 @@ def flatten_dict(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def save_config(config: VPDMConfig, path: str | Path) -> Path:
-    path = Path(path)
-    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
-    return path
+    return atomic_write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False), what="config")

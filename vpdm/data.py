@@ -43,10 +43,12 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "KNOWN_KINDS",
+    "MIN_IMAGE_SIDE",
     "AnomalyDataset",
     "Sample",
     "categories",
     "check_images",
+    "image_to_rgb",
     "demo_root",
     "list_samples",
     "make_demo_dataset",
@@ -56,6 +58,9 @@ __all__ = [
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+# Smaller images are refused, not upscaled: a few pixels cannot show a part's defects, and a score
+# computed on invented detail would look as trustworthy as a real one. Thumbnails and icons land here.
+MIN_IMAGE_SIDE = 8
 
 MVTEC_LAYOUT_KINDS: tuple[str, ...] = ("mvtec", "mpdd", "loco", "mtd")
 KNOWN_KINDS: tuple[str, ...] = (*MVTEC_LAYOUT_KINDS, "visa", "folder", "demo")
@@ -333,6 +338,8 @@ def _open_loaded(path: Path) -> Image.Image:
         im = Image.open(path)
         im.load()
         return im
+    except Image.DecompressionBombError as e:  # from the header: nothing was decoded
+        raise DataError(f"image {str(path)!r} refused, too large: {e}") from e
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error, ...
         if im is not None:
             im.close()
@@ -340,7 +347,14 @@ def _open_loaded(path: Path) -> Image.Image:
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
-    """Any mode -> 8-bit RGB. Alpha is dropped (not composited); 16-bit is scaled by 1/257."""
+    """Any mode -> 8-bit RGB, the one input the backbone knows.
+
+    Grayscale (L, 1) is replicated to three channels; palette images go through their colours;
+    alpha (RGBA, LA, PA) is dropped, not composited, so a transparent pixel scores as its colour.
+    16-bit grayscale (I;16*, I) maps 0..65535 linearly onto 0..255 (value / 257, rounded; I values
+    outside 0..65535 are clipped); 16-bit colour PNGs already come from PIL as their high byte
+    (value >> 8). Float (F) images in 0..1 are scaled by 255, otherwise clipped to 0..255.
+    """
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         arr = np.asarray(im, dtype=np.float64) / 257.0  # 0..65535 -> 0..255
         im = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
@@ -352,6 +366,18 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     elif im.mode == "P":
         im = im.convert("RGBA")  # palette may carry transparency; go via RGBA then drop it
     return im.convert("RGB") if im.mode != "RGB" else im
+
+
+def image_to_rgb(im: Image.Image, image_size: int, name: str) -> np.ndarray:
+    """Decoded image -> uint8 ``image_size`` x ``image_size`` x 3 RGB (bicubic): training, predict and serving.
+
+    Raises :class:`DataError` naming ``name`` when a side is below :data:`MIN_IMAGE_SIDE`.
+    """
+    if min(im.size) < MIN_IMAGE_SIDE:
+        raise DataError(f"{name}: {im.width}x{im.height} pixels is too small, expected at least "
+                        f"{MIN_IMAGE_SIDE} pixels on each side (small images are refused, not upscaled)")
+    rgb = _to_rgb(im).resize((image_size, image_size), Image.Resampling.BICUBIC)
+    return np.array(rgb, dtype=np.uint8)
 
 
 def _mask_array(im: Image.Image) -> np.ndarray:
@@ -412,9 +438,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         """uint8 HxWx3 RGB resized to ``image_size``, for overlays."""
         s = self.samples[i]
         with _open_loaded(s.image_path) as im:
-            rgb = _to_rgb(im)
-            rgb = rgb.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-            return np.array(rgb, dtype=np.uint8)
+            return image_to_rgb(im, self.image_size, f"image {str(s.image_path)!r}")
 
     def mask_array(self, i: int) -> np.ndarray:
         """uint8 MxM {0, 1} ground truth resized to ``mask_size`` (zeros when unknown/normal)."""

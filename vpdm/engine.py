@@ -32,6 +32,13 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 class TrainingDiverged(VPDMError):
     """The loss became NaN or infinite; training stops instead of writing a broken model."""
 
+    def __init__(self, message: str, epoch: int = 0, step: int = 0):
+        super().__init__(message)
+        self.epoch, self.step = epoch, step
+
+    def __reduce__(self):  # keep epoch/step across process boundaries (Ray pickles errors)
+        return (type(self), (str(self), self.epoch, self.step))
+
 
 def select_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -121,6 +128,7 @@ def train_loop(
     device: torch.device | str = "cpu",
     progress: bool = True,
     before_epoch: Callable[[int], None] | None = None,
+    all_finite: Callable[[Tensor], bool] | None = None,
 ) -> list[dict[str, float]]:
     """Run epochs ``start_epoch .. config.epochs - 1``; returns the per-epoch metrics.
 
@@ -128,8 +136,11 @@ def train_loop(
     (a tensor, or a tuple/list whose first item is the features, or a dict with ``features``).
     ``before_epoch(epoch)`` lets a distributed sampler reshuffle. A NaN/inf loss raises
     :class:`TrainingDiverged` before the optimizer step, so no broken weights are written.
+    ``all_finite(loss)`` replaces the local finiteness test; data-parallel workers pass a collective
+    one so that every rank stops at the same step instead of the others waiting in an all-reduce.
     """
     optimizer = optimizer or make_optimizer(model, config)
+    finite = all_finite or (lambda value: bool(torch.isfinite(value)))
     history: list[dict[str, float]] = []
     model.train()
     for epoch in range(start_epoch, config.epochs):
@@ -142,11 +153,12 @@ def train_loop(
             features = _features_of(batch).to(device, non_blocking=True)
             losses = model(features)
             loss = losses["loss"]
-            if not torch.isfinite(loss):
+            if not finite(loss.detach()):
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
                     f"(eps-MSE {losses['eps_mse'].item():.4g}, OT {losses['ot_loss'].item():.4g}); "
-                    f"try a lower train.lr (now {config.lr})"
+                    f"try a lower train.lr (now {config.lr})",
+                    epoch=epoch + 1, step=step + 1,
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -19,3 +19,7 @@ class DataError(VPDMError):
 
 class CheckpointError(VPDMError):
     """A checkpoint file is missing, corrupt, or was not written by vpdm."""
+
+
+class OutputError(VPDMError):
+    """A file or folder cannot be written: disk full, file-size limit, read-only, no permission, bad path."""

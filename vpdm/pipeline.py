@@ -46,12 +46,41 @@ class Detector:
             config = config.with_overrides(overrides).validate()
         return cls(model, config, payload.get("categories"), device)
 
+    def _check_images(self, images: Tensor) -> Tensor:
+        """The tensor ``score_tensor`` accepts, as float32; a DataError saying what is wrong otherwise.
+
+        Integer and bool tensors are refused rather than cast: uint8 0..255 pixels read as
+        normalised values would score as nonsense without any error.
+        """
+        size = self.config.backbone.image_size
+        expected = (f"a float B x 3 x {size} x {size} tensor of ImageNet-normalised RGB images "
+                    "((x / 255 - IMAGENET_MEAN) / IMAGENET_STD, as vpdm.data.AnomalyDataset yields)")
+        if not isinstance(images, Tensor):
+            raise DataError(f"expected {expected}, got {type(images).__name__}")
+        if not images.is_floating_point():
+            hint = " (uint8 pixels: convert to float, divide by 255 and normalise)" if images.dtype == torch.uint8 else ""
+            raise DataError(f"images have dtype {images.dtype}{hint}; expected {expected}")
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
+            raise DataError(f"images have shape {tuple(images.shape)}; expected {expected}")
+        images = images.float()  # float16 / bfloat16 / float64 -> float32, the backbone's dtype
+        finite = torch.isfinite(images).flatten(1).all(dim=1)
+        if not bool(finite.all()):
+            bad = torch.nonzero(~finite).flatten().tolist()
+            shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+            raise DataError(f"batch item(s) {shown} contain NaN or infinite values; expected {expected}")
+        return images
+
     @torch.no_grad()
     def score_tensor(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """ImageNet-normalised B x 3 x H x W images -> (scores (B,), maps B x M x M)."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise DataError(f"expected a B x 3 x H x W image tensor, got shape {tuple(images.shape)}")
-        features = self.extractor(images.to(self.device, torch.float32))
+        """ImageNet-normalised B x 3 x S x S float images (S = backbone.image_size) -> (scores (B,), maps B x M x M).
+
+        float16, bfloat16 and float64 are converted to float32; integer, bool and complex tensors,
+        other shapes and non-finite values raise :class:`DataError`. An empty batch gives empty results.
+        """
+        images = self._check_images(images)
+        if images.shape[0] == 0:
+            return torch.empty(0), torch.empty(0, self.map_size, self.map_size)
+        features = self.extractor(images.to(self.device))
         raw = self.model.anomaly_maps(features, self.config.sampling)
         maps = postprocess_maps(raw, self.map_size, self.config.scoring.blur_sigma)
         return image_scores(maps, self.config.scoring.pool_size).cpu(), maps.cpu()
