@@ -270,6 +270,22 @@ def test_corrupt_cache_is_recomputed_with_a_warning(tmp_path: Path) -> None:
     assert extract_features(extractor, dataset, cache_dir=tmp_path / "c", progress=False, return_info=True)[1]["cache_hit"]
 
 
+def test_unwritable_cache_warns_and_still_returns_the_features(tmp_path: Path) -> None:
+    """A cache folder that cannot be created (a file is in the way: a real NotADirectoryError) costs a warning, not the run."""
+    extractor = FeatureExtractor(
+        BackboneConfig(name="tf_efficientnet_lite0", weights="none", image_size=64, feature_size=8)
+    )
+    dataset = _FolderDataset(_write_images(tmp_path, 2, seed=2), 64)
+    (tmp_path / "blocker").write_text("not a folder")
+    cache = tmp_path / "blocker" / "cache"
+    with pytest.warns(RuntimeWarning, match=r"cannot write feature cache .*blocker.* is a file, not a folder; continuing"):
+        feats, info = extract_features(extractor, dataset, cache_dir=cache, progress=False, return_info=True)
+    assert info == {"cache_hit": False, "path": None, "images_computed": 2}
+    direct = extract_features(extractor, dataset, progress=False)  # no cache at all
+    assert torch.equal(feats, direct)
+    assert (tmp_path / "blocker").read_text() == "not a folder"
+
+
 def test_fingerprint_tracks_actual_weights() -> None:
     cfg = BackboneConfig(name="tf_efficientnet_lite0", weights="none", image_size=64)
     a, b = FeatureExtractor(cfg), FeatureExtractor(cfg)  # random init from a fixed seed: reproducible

@@ -2,11 +2,17 @@
 
 import csv
 import json
+import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from tests.images import declared_size_png, png_bytes
+from tests.test_io import file_size_limit
 from vpdm.cli import main
 
 # Random-init Lite0 at 64 px: exercises every code path in seconds (quality is the benchmark's job).
@@ -64,16 +70,25 @@ def test_predict_scores_a_folder_and_marks_bad_files(trained, tiny_demo, tmp_pat
     for p in src:
         (images / p.name.replace(".png", f"_{p.parent.name}.png")).write_bytes(p.read_bytes())
     (images / "broken.png").write_bytes(src[0].read_bytes()[:200])
+    with Image.open(src[1]) as im:
+        gray = np.asarray(im.convert("RGB"))[..., 1].copy()
+    (images / "gray16.png").write_bytes(png_bytes(gray.astype(np.uint16) * 257))  # 16-bit, v * 257 -> exactly v
+    (images / "gray8.png").write_bytes(png_bytes(gray))
+    (images / "tiny.png").write_bytes(png_bytes(np.zeros((2, 3, 3), np.uint8)))
+    (images / "bomb.png").write_bytes(declared_size_png(20000, 20000))
     out = tmp_path / "scored"
     code = main(["predict", "--checkpoint", str(trained / "model.pt"), "--images", str(images), "--output", str(out),
                  "--no-progress"])
     assert code == 0
-    rows = list(csv.DictReader(open(out / "scores.csv")))
-    assert len(rows) == 4
-    bad = [r for r in rows if r["path"].endswith("broken.png")][0]
-    assert bad["score"] == "" and "broken.png" in bad["error"]
-    good = [r for r in rows if r["score"]]
-    assert len(good) == 3 and all((out / r["overlay"]).is_file() for r in good)
+    rows = {Path(r["path"]).name: r for r in csv.DictReader(open(out / "scores.csv"))}
+    assert len(rows) == 8
+    for name, needle in [("broken.png", "cannot decode image"), ("tiny.png", "3x2 pixels is too small"),
+                         ("bomb.png", "refused, too large")]:
+        assert rows[name]["score"] == "" and rows[name]["overlay"] == "", name
+        assert str(images / name) in rows[name]["error"] and needle in rows[name]["error"], rows[name]["error"]
+    good = [r for r in rows.values() if r["score"]]
+    assert len(good) == 5 and all((out / r["overlay"]).is_file() and not r["error"] for r in good)
+    assert float(rows["gray16.png"]["score"]) == pytest.approx(float(rows["gray8.png"]["score"]), abs=1e-5)
 
 
 def test_predict_score_matches_evaluate_score(trained, tiny_demo):
@@ -96,6 +111,41 @@ def test_existing_model_is_not_overwritten(trained, tiny_demo, capsys):
     assert code == 2
     assert "already exists" in capsys.readouterr().err
     assert (trained / "model.pt").read_bytes() == before
+
+
+def test_unwritable_output_exits_2_naming_the_path(trained, tiny_demo, tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the run folder should go")
+    out = blocker / "run"
+    code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(out), "--no-progress", *TINY])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (f"vpdm train: error: cannot write output folder {str(out)!r}: "
+                                               f"{str(blocker)!r} is a file, not a folder")
+    images = sorted((tiny_demo / "grid" / "test").rglob("*.png"))[0]
+    code = main(["predict", "--checkpoint", str(trained / "model.pt"), "--images", str(images), "--output", str(blocker),
+                 "--no-progress"])
+    assert code == 2
+    assert f"cannot write output folder {str(blocker)!r}: {str(blocker)!r} is a file, not a folder" in capsys.readouterr().err
+    assert blocker.read_text() == "a file where the run folder should go"
+
+
+def test_train_over_the_file_size_limit_keeps_the_old_model(tiny_demo, tmp_path):
+    """A real EFBIG (RLIMIT_FSIZE): the feature cache is skipped with a warning, the checkpoint write fails with
+    exit code 2 naming model.pt, the model.pt already there survives and no temporary file is left."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    out.mkdir()
+    (out / "model.pt").write_bytes(b"the previous model")
+    proc = subprocess.run(
+        [sys.executable, "-m", "vpdm.cli", "train", "--data", f"demo:{tiny_demo}", "--output", str(out), "--overwrite",
+         "--epochs", "1", "--no-progress", "--set", f"data.cache_dir={cache}", *TINY],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+        preexec_fn=file_size_limit(256 * 1024))  # the cache (~0.8 MB) and the checkpoint (~1.7 MB) are bigger
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "cannot write feature cache" in proc.stderr and "file too large (EFBIG)" in proc.stderr
+    assert f"vpdm train: error: cannot write checkpoint {str(out / 'model.pt')!r}: file too large (EFBIG)" in proc.stderr
+    assert (out / "model.pt").read_bytes() == b"the previous model"
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt"]
+    assert not cache.exists() or not any(cache.iterdir())
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import io
 import json
 import os
 import signal
@@ -29,10 +28,13 @@ mlflow = pytest.importorskip("mlflow")
 
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
+from PIL import Image  # noqa: E402
 
+from tests.images import declared_size_png, png_bytes, raw_png16  # noqa: E402
 from tests.test_cli import TINY  # noqa: E402
 from tune.mlflow_model import (  # noqa: E402
     OUTPUT_COLUMNS,
+    decode_image_bytes,
     images_to_frame,
     load_detector_model,
     log_pyfunc_model,
@@ -255,14 +257,66 @@ def test_bad_items_fail_alone(loaded, images, reference):
         assert out["error"].iloc[i].startswith(pattern), out["error"].iloc[i]
 
 
-def test_decompression_bomb_is_refused_per_item(checkpoint):
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("1", (10000, 10000)).save(buf, format="PNG")  # 1e8 px > PIL's 89.5 Mpx limit, ~12 KB file
+def test_huge_and_tiny_images_are_refused_per_item(checkpoint, images, reference):
+    """Headers claiming 20000 x 20000 (over twice PIL's limit) and 10000 x 10000 (between its warning and its
+    error) are refused before any decoding; sides under 8 px are refused; the good items are scored."""
     detector = Detector.from_checkpoint(checkpoint)
-    out = predict_frame(detector, pd.DataFrame({"image": [_b64(buf.getvalue())]}))
-    assert np.isnan(out["score"].iloc[0]) and "too large" in out["error"].iloc[0]
+    eight = png_bytes(np.full((8, 8, 3), 128, np.uint8))
+    payloads = [declared_size_png(20000, 20000), images[0].read_bytes(), declared_size_png(10000, 10000),
+                png_bytes(np.zeros((1, 1), np.uint8)), png_bytes(np.zeros((2, 3, 3), np.uint8)), eight,
+                images[1].read_bytes()]
+    out = predict_frame(detector, pd.DataFrame({"image": [_b64(p) for p in payloads]}), batch_size=4)
+    assert out["error"].iloc[0].startswith("row 0: refused, image too large (Image size (400000000 pixels) exceeds")
+    assert out["error"].iloc[2].startswith("row 2: refused, image too large (Image size (100000000 pixels) exceeds "
+                                           f"limit of {Image.MAX_IMAGE_PIXELS} pixels")
+    assert out["error"].iloc[3] == ("row 3: 1x1 pixels is too small, expected at least 8 pixels on each side "
+                                    "(small images are refused, not upscaled)")
+    assert out["error"].iloc[4].startswith("row 4: 3x2 pixels is too small")
+    for i in (0, 2, 3, 4):
+        assert np.isnan(out["score"].iloc[i]) and out["anomaly_map"].iloc[i] is None
+    for i, path in [(1, images[0]), (6, images[1])]:
+        assert out["error"].iloc[i] is None
+        assert out["score"].iloc[i] == pytest.approx(reference[str(path)][0], abs=TOL)
+    assert out["error"].iloc[5] is None and np.isfinite(out["score"].iloc[5])  # 8 x 8: the smallest accepted
+
+
+def test_decoding_matches_an_independent_expectation():
+    """16-bit gray: round(v * 255 / 65535), a ramp not clipped to white; 16-bit colour: the high byte;
+    gray: replicated; RGBA: its RGB part. 64 px sources at image_size 64, so no resampling is involved."""
+    ramp = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    ramp8 = ((ramp.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+    got = decode_image_bytes(png_bytes(ramp), 64)
+    assert got.dtype == np.uint8 and got.shape == (64, 64, 3)
+    assert np.array_equal(got, np.repeat(ramp8[..., None], 3, axis=-1))
+    assert got[0, 0, 0] == 0 and got[-1, -1, 0] == 255 and len(np.unique(got)) == 256  # the full 8-bit ramp
+    assert np.abs(got[..., 0].astype(int) - (ramp >> 8)).max() <= 1
+    rng = np.random.default_rng(0)
+    colour16 = rng.integers(0, 65536, (64, 64, 3)).astype(np.uint16)
+    assert np.array_equal(decode_image_bytes(raw_png16(colour16), 64), (colour16 >> 8).astype(np.uint8))
+    rgba = rng.integers(0, 256, (64, 64, 4), dtype=np.uint8)
+    assert np.array_equal(decode_image_bytes(png_bytes(rgba), 64), rgba[..., :3])
+    gray = rgba[..., 0].copy()
+    assert np.array_equal(decode_image_bytes(png_bytes(gray), 64), np.repeat(gray[..., None], 3, axis=-1))
+
+
+def test_converted_images_score_like_their_rgb(loaded):
+    """Through the loaded pyfunc model: each converted image scores like the plain RGB file of the same pixels."""
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    gray = rgb[..., 2].copy()
+    ramp = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    ramp8 = ((ramp.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+    pairs = [
+        (png_bytes(np.concatenate([rgb, rng.integers(0, 256, (64, 64, 1), dtype=np.uint8)], -1)), png_bytes(rgb)),
+        (png_bytes(gray), png_bytes(np.repeat(gray[..., None], 3, -1))),
+        (png_bytes(ramp), png_bytes(np.repeat(ramp8[..., None], 3, -1))),
+    ]
+    out = loaded.predict(pd.DataFrame({"image": [_b64(b) for pair in pairs for b in pair]}))
+    assert out["error"].tolist() == [None] * 6
+    for k in range(3):
+        assert out["score"].iloc[2 * k] == pytest.approx(out["score"].iloc[2 * k + 1], rel=1e-5), k
+        np.testing.assert_allclose(out["anomaly_map"].iloc[2 * k], out["anomaly_map"].iloc[2 * k + 1],
+                                   rtol=1e-5, atol=1e-4)
 
 
 def test_empty_frame_and_missing_column(loaded, checkpoint):
@@ -280,27 +334,32 @@ def test_empty_frame_and_missing_column(loaded, checkpoint):
 # --------------------------------------------------------------------------------------------
 
 
-def test_score_job_end_to_end(champion, store, images, reference, tmp_path):
+def test_score_job_end_to_end(champion, store, checkpoint, images, reference, tmp_path):
     folder = tmp_path / "incoming"
     (folder / "nested").mkdir(parents=True)
     (folder / "a.png").write_bytes(images[0].read_bytes())
     (folder / "nested" / "b.png").write_bytes(images[3].read_bytes())
     (folder / "nested" / "broken.png").write_bytes(images[0].read_bytes()[:150])
+    (folder / "tiny.png").write_bytes(png_bytes(np.zeros((2, 3, 3), np.uint8)))
+    ramp = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    (folder / "ramp16.png").write_bytes(png_bytes(ramp))
     out = tmp_path / "scored"
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "jobs" / "score.py"), "--model", f"models:/{MODEL_NAME}@champion",
                            "--images", str(folder), "--output", str(out), "--tracking-uri", store["uri"]],
                           cwd=tmp_path, env=_env(store), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "scored 2 image(s)" in proc.stdout and "1 failed" in proc.stdout
+    assert "scored 3 image(s)" in proc.stdout and "2 failed" in proc.stdout
     rows = {r["path"]: r for r in csv.DictReader(open(out / "scores.csv"))}
-    assert set(rows) == {"a.png", "nested/b.png", "nested/broken.png"}
+    assert set(rows) == {"a.png", "nested/b.png", "nested/broken.png", "ramp16.png", "tiny.png"}
     assert float(rows["a.png"]["score"]) == pytest.approx(reference[str(images[0])][0], abs=TOL)
     assert float(rows["nested/b.png"]["score"]) == pytest.approx(reference[str(images[3])][0], abs=TOL)
     assert rows["nested/broken.png"]["score"] == "" and "cannot decode" in rows["nested/broken.png"]["error"]
+    assert rows["tiny.png"]["score"] == "" and rows["tiny.png"]["error"].startswith("3x2 pixels is too small")
+    assert "failed: tiny.png: 3x2 pixels is too small, expected at least 8 pixels on each side" in proc.stdout
+    (lib,) = Detector.from_checkpoint(checkpoint).predict_files([folder / "ramp16.png"], progress=False)
+    assert rows["ramp16.png"]["error"] == "" and float(rows["ramp16.png"]["score"]) == pytest.approx(lib.score, abs=TOL)
     overlays = sorted(p.name for p in (out / "overlays").iterdir())
-    assert overlays == ["a.png", "nested__b.png"]
-    from PIL import Image
-
+    assert overlays == ["a.png", "nested__b.png", "ramp16.png"]
     with Image.open(out / "overlays" / "a.png") as im:
         assert im.size == (64, 64) and im.mode == "RGB"
 
@@ -311,8 +370,13 @@ def test_score_job_bad_inputs_exit_2(champion, store, tmp_path, capsys):
     folder = tmp_path / "in"
     folder.mkdir()
     (folder / "x.png").write_bytes(b"")
+    (tmp_path / "blocker").write_text("a file")
     base = ["--images", str(folder), "--output", str(tmp_path / "o")]
     cases = [
+        (["--model", f"models:/{MODEL_NAME}@champion", "--images", str(folder), "--output", str(tmp_path / "blocker" / "o"),
+          "--tracking-uri", store["uri"]],
+         f"cannot write output folder {str(tmp_path / 'blocker' / 'o')!r}: {str(tmp_path / 'blocker')!r} is a file, "
+         "not a folder"),
         (["--model", f"models:/{MODEL_NAME}@champion", "--images", str(tmp_path / "missing"), "--output", "o"],
          "does not exist"),
         (["--model", "models:/nope@champion", *base, "--tracking-uri", store["uri"]], "no registered model named 'nope'"),

@@ -263,6 +263,17 @@ def test_an_existing_experiment_is_not_reused(tiny_demo, tmp_path):
         plan_sweep(sc)
 
 
+def test_unwritable_storage_is_named(tiny_demo, tmp_path):
+    (tmp_path / "blocker").write_text("a file")
+    storage = tmp_path / "blocker" / "runs"
+    sc = SweepConfig(datasets=[f"demo:{tiny_demo}"], preset="tiny", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                     storage=str(storage))
+    with pytest.raises(VPDMError) as info:
+        plan_sweep(sc)
+    assert str(info.value) == (f"cannot write storage folder {str(storage)!r}: "
+                               f"{str(tmp_path / 'blocker')!r} is a file, not a folder")
+
+
 def test_plan_resolves_the_embedded_defaults(tiny_demo, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -3,7 +3,9 @@
 The model's contract (what ``mlflow models serve`` and ``mlflow.pyfunc.load_model`` expose):
 
 * input: a ``pandas.DataFrame`` with a string column ``"image"`` holding each image *file*
-  (PNG, JPEG, BMP or TIFF bytes) base64-encoded; any other column (e.g. ``"path"``) is ignored;
+  (PNG, JPEG, BMP or TIFF bytes) base64-encoded; any other column (e.g. ``"path"``) is ignored.
+  Grayscale, RGBA and 16-bit images are converted to 8-bit RGB; images under 8 px a side or over
+  PIL's pixel limit are refused per item (conversions and refusals: ``tune/SERVING.md``);
 * output: a ``pandas.DataFrame`` with the input's index and the columns ``"score"`` (float, NaN
   when the item could not be scored), ``"anomaly_map"`` (``map_size`` x ``map_size`` list of
   lists of float, None when the item failed) and ``"error"`` (None, or why the item failed).

@@ -115,6 +115,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], what: str 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is shared like any file
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -130,6 +131,19 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], what: str 
             raise output_error(cause, path, what) from exc
         raise
     return path
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask has to set one)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
 
 
 def atomic_torch_save(obj: Any, path: str | Path, what: str = "file") -> Path:
