@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one GPU per worker, NCCL (default: yes when the cluster has enough GPUs)")
     p.add_argument("--cpu", dest="use_gpu", action="store_false", help="CPU workers (gloo) even when GPUs exist")
     p.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as the CPUs fit)")
+    p.add_argument("--grace-period", type=int,
+                   help="ASHA: epochs every trial runs before it can be stopped (default: the preset's; "
+                        ">= --epochs turns early stopping off)")
     p.add_argument("--metric", choices=["val_pseudo_auroc", "val_loss"],
                    help="validation metric for ASHA, Optuna and the champion (default: val_pseudo_auroc, max)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     sc = SweepConfig(
         datasets=args.data or ["demo"], preset=args.preset, ablation=args.ablation, trials=args.trials,
         epochs=args.epochs, workers=args.workers, threads_per_worker=args.threads_per_worker, use_gpu=args.use_gpu,
-        max_concurrent=args.max_concurrent, overrides=args.overrides, search=args.search, metric=args.metric,
+        max_concurrent=args.max_concurrent, grace_period=args.grace_period, overrides=args.overrides, search=args.search, metric=args.metric,
         tracking_uri=args.tracking_uri, experiment=args.experiment, model_name=args.model_name, storage=args.storage,
         address=args.address, num_cpus=args.num_cpus, seed=args.seed, max_failures=args.max_failures,
         register=not args.no_register, verbose=0 if args.quiet else 1, resume=args.resume,

@@ -334,6 +334,30 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                           "placement_group_id": placement_group_id})
 
 
+def _fault_targets(trial: Any, variable: str, kind: str) -> bool:
+    """Fault injection only for the trials ``variable`` lists by arrival order (``"1,3"``: the first
+    and third trial to reach the fault point; unset = every trial). Trials run one at a time in the
+    tests, so the order is the trial order; the order is kept in marker files under VPDM_FAULT_MARKER_DIR."""
+    wanted = {int(w) for w in os.environ.get(variable, "").split(",") if w.strip()}
+    if not wanted:
+        return True
+    folder = Path(os.environ["VPDM_FAULT_MARKER_DIR"]) / f"{kind}-order"
+    folder.mkdir(parents=True, exist_ok=True)
+    for existing in folder.iterdir():
+        if existing.read_text() == str(trial):
+            return int(existing.name) in wanted
+    n = 1
+    while True:
+        try:
+            fd = os.open(folder / str(n), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            n += 1
+            continue
+        os.write(fd, str(trial).encode())
+        os.close(fd)
+        return n in wanted
+
+
 def _collective_finite(device: torch.device):
     """Every rank learns whether *any* rank's loss is non-finite, so all stop at the same step."""
     import torch.distributed as dist
@@ -348,10 +372,10 @@ def _collective_finite(device: torch.device):
 
 def _maybe_inject_nan(epoch: int, rank: int, trial: Any, model: torch.nn.Module) -> None:
     """Fault-injection testing: with VPDM_FAULT_NAN_AT_EPOCH=N and VPDM_FAULT_MARKER_DIR=DIR set, the first
-    trial to reach epoch N (one marker file, created exclusively) gets NaN weights on rank 0 at its start,
+    trial to reach epoch N (of those VPDM_FAULT_NAN_TRIALS numbers; one marker file, created exclusively) gets NaN weights on rank 0 at its start,
     so its next loss is really NaN on that rank (the other ranks' losses stay finite)."""
     at, folder = os.environ.get("VPDM_FAULT_NAN_AT_EPOCH"), os.environ.get("VPDM_FAULT_MARKER_DIR")
-    if rank != 0 or not at or not folder or epoch != int(at):
+    if rank != 0 or not at or not folder or epoch != int(at) or not _fault_targets(trial, "VPDM_FAULT_NAN_TRIALS", "nan"):
         return
     Path(folder).mkdir(parents=True, exist_ok=True)
     try:
@@ -367,10 +391,10 @@ def _maybe_inject_nan(epoch: int, rank: int, trial: Any, model: torch.nn.Module)
 
 def _maybe_inject_fault(epoch: int, rank: int, trial: Any) -> None:
     """Fault-tolerance testing: with VPDM_FAULT_AFTER_EPOCH=N and VPDM_FAULT_MARKER_DIR=DIR set, rank 0 of
-    every trial dies once, right after reporting epoch N (its checkpoint is then registered), so the
-    worker group restarts (FailureConfig) and resumes from ``ray.train.get_checkpoint()``."""
+    every trial (or those VPDM_FAULT_TRIALS numbers) dies once, right after reporting epoch N (its checkpoint is
+    then registered), so the worker group restarts (FailureConfig) and resumes from ``ray.train.get_checkpoint()``."""
     after, folder = os.environ.get("VPDM_FAULT_AFTER_EPOCH"), os.environ.get("VPDM_FAULT_MARKER_DIR")
-    if rank != 0 or not after or not folder or epoch != int(after):
+    if rank != 0 or not after or not folder or epoch != int(after) or not _fault_targets(trial, "VPDM_FAULT_TRIALS", "crash"):
         return
     marker = Path(folder) / f"{trial}.crashed"
     if marker.exists():

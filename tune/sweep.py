@@ -40,7 +40,8 @@ from tune.features import FeatureStats
 from tune.presets import Preset, ResolvedSpace, apply_search_overrides, get_preset, validate_space
 from tune.tracking import check_experiment_free, check_tracking_uri, find_experiment, resolve_tracking_uri, ui_command
 from vpdm.config import VPDMConfig, to_dict
-from vpdm.errors import ConfigError, DataError, VPDMError
+from vpdm.errors import ConfigError, DataError, OutputError, VPDMError
+from vpdm.io import writable_dir
 
 logger = logging.getLogger("tune.sweep")
 
@@ -362,12 +363,9 @@ def plan_sweep(sc: SweepConfig) -> SweepPlan:
         check_experiment_free(uri, experiment)
     storage = Path(sc.storage).expanduser().resolve()
     try:
-        storage.mkdir(parents=True, exist_ok=True)
-        probe = storage / f".vpdm-write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise SweepError(f"storage folder {str(storage)!r} is not writable: {exc.strerror or exc}") from None
+        writable_dir(storage, what="storage folder")
+    except OutputError as exc:
+        raise SweepError(str(exc)) from None
     sweep_id = _sweep_id(experiment)
     return SweepPlan(sc, preset, ResolvedSpace(preset, base, space), datasets, trials, epochs, metric,
                      METRIC_MODES[metric], uri, experiment, sweep_id, storage, grace, _job_warnings(uri, storage),
@@ -653,7 +651,9 @@ def _tune_dataset(plan: SweepPlan, d: DatasetPlan, bundle: Any, stats: FeatureSt
 
         search_alg = OptunaSearch(seed=sc.seed)
     scheduler = None
-    if plan.epochs >= 2:
+    if 2 <= plan.epochs <= plan.grace_period:
+        logger.info("grace period %d >= %d epochs: no early stopping (ASHA off)", plan.grace_period, plan.epochs)
+    elif plan.epochs >= 2:
         # No rung at the last epoch (stop_last_trials=False, max_t = epochs - 1): a trial that reaches its
         # last epoch always finishes, evaluates and logs its model.
         max_t = plan.epochs - 1
