@@ -227,6 +227,20 @@ def test_timesteps_for() -> None:
     np.testing.assert_array_equal(d.timesteps_for(12).numpy(), np.round(np.linspace(0, 99, 12))[::-1])
 
 
+@pytest.mark.parametrize("T", [100, 1000])
+def test_trailing_timesteps_match_diffusers_formula(T: int) -> None:
+    d = ShiftedDiffusion(NoiseScheduleConfig(num_timesteps=T))
+    for n in (1, 2, 3, 7, 10, 33, T // 2, T):
+        # diffusers DDIMScheduler.set_timesteps, timestep_spacing="trailing"
+        want = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+        got = d.timesteps_for(n, "trailing").numpy()
+        np.testing.assert_array_equal(got, want)
+        assert got[0] == T - 1 and np.all(np.diff(got) < 0)
+    assert d.timesteps_for(2, "trailing").tolist() == [T - 1, T // 2 - 1]
+    with pytest.raises(ConfigError, match="spacing"):
+        d.timesteps_for(3, "leading")
+
+
 def test_ddim_eta1_full_chain_equals_ddpm() -> None:
     """DDIM's eta=1 variance is the DDPM posterior variance: same noise draws give the same chain."""
     d = ShiftedDiffusion(NoiseScheduleConfig(num_timesteps=60, beta_end=0.2))
@@ -274,11 +288,13 @@ def test_gaussian_data_exact_eps_sampler_statistics() -> None:
         return var
 
     yhat = torch.full((n,), y, dtype=torch.float64)
-    cases = [("ddpm", None, 1.0), ("ddpm", 50, 1.0), ("ddim", 50, 0.0), ("ddim", 10, 0.0), ("ddim", 20, 0.5)]
-    for sampler, steps, eta in cases:
+    cases = [("ddpm", None, 1.0, "linspace"), ("ddpm", 50, 1.0, "linspace"), ("ddim", 50, 0.0, "linspace"),
+             ("ddim", 10, 0.0, "linspace"), ("ddim", 20, 0.5, "linspace"), ("ddim", 3, 0.0, "trailing"),
+             ("ddpm", 10, 1.0, "trailing")]
+    for sampler, steps, eta, spacing in cases:
         torch.manual_seed(0)
-        out = d.sample(eps_fn, yhat, num_steps=steps, sampler=sampler, eta=eta)
-        want_var = expected_var(d.timesteps_for(steps).tolist(), sampler, eta)
+        out = d.sample(eps_fn, yhat, num_steps=steps, sampler=sampler, eta=eta, spacing=spacing)
+        want_var = expected_var(d.timesteps_for(steps, spacing).tolist(), sampler, eta)
         assert abs(out.mean().item() - mu) < 5 * math.sqrt(want_var / n) + 1e-3, (sampler, steps)
         assert abs(out.var().item() - want_var) < 5 * want_var * math.sqrt(2 / n), (sampler, steps)
         if sampler == "ddpm" and steps is None:

@@ -63,6 +63,7 @@ class SamplingConfig:
     sampler: str = "ddim"
     num_steps: int = 3
     eta: float = 0.0  # DDIM only: 0 deterministic, 1 ancestral variance; the ddpm sampler ignores it
+    spacing: str = "linspace"  # timesteps of a shortened chain: "linspace" (ends at t=0) or "trailing" (see diffusion)
     seed: int = 0  # every image gets the same noise stream, so its score never depends on its batch
 
     def validate(self, num_timesteps: int | None = None) -> None:
@@ -76,6 +77,8 @@ class SamplingConfig:
             )
         if not 0.0 <= self.eta <= 1.0:
             raise ConfigError(f"sampling.eta must be in [0, 1], got {self.eta!r}")
+        if self.spacing not in ("linspace", "trailing"):
+            raise ConfigError(f"sampling.spacing must be 'linspace' or 'trailing', got {self.spacing!r}")
 
 
 @dataclass

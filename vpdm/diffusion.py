@@ -34,6 +34,7 @@ __all__ = ["NoiseScheduleConfig", "ShiftedDiffusion", "make_betas", "SCHEDULES",
 
 SCHEDULES: tuple[str, ...] = ("linear", "cosine", "quadratic", "sigmoid")
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
+TIMESTEP_SPACINGS = ("linspace", "trailing")
 MAX_BETA: float = 0.999  # Nichol & Dhariwal clip the cosine betas here so the last step is not singular.
 
 EpsFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -263,12 +264,15 @@ class ShiftedDiffusion:
         return t if device is None else t.to(device)
 
     # ------------------------------------------------------------------ reverse process
-    def timesteps_for(self, num_steps: int | None) -> Tensor:
+    def timesteps_for(self, num_steps: int | None, spacing: str = "linspace") -> Tensor:
         """The timesteps a ``num_steps`` chain visits, descending, as 0-based indices.
 
-        Evenly spaced over 0..T-1 including both ends (Nichol & Dhariwal respacing), so the chain
-        still starts at T-1 where ``x_T ~ N(yhat, I)`` is the right start; ``num_steps == 1`` is the
-        single step T-1 -> x0_hat. ``None`` means all T steps.
+        Both spacings start at T-1, where ``x_T ~ N(yhat, I)`` is the right start; ``num_steps == 1``
+        is the single step T-1 -> x0_hat and ``None`` means all T steps.
+        ``"linspace"``: evenly spaced over 0..T-1 *including* 0 (Nichol & Dhariwal respacing); its
+        last step starts at t=0, where abar is ~1, so it barely changes x and costs a network call.
+        ``"trailing"``: T-1, T-1-T/n, ... (diffusers' ``timestep_spacing="trailing"``); every step
+        removes real noise, and the last one jumps from t ~ T/n - 1 to x0.
         """
         n = self.num_timesteps if num_steps is None else num_steps
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.num_timesteps:
@@ -276,16 +280,21 @@ class ShiftedDiffusion:
                 f"num_steps={num_steps!r} is invalid; expected an integer in 1..{self.num_timesteps} "
                 "(the number of timesteps T) or None"
             )
+        if spacing not in TIMESTEP_SPACINGS:
+            raise ConfigError(f"timestep spacing {spacing!r} is unknown; expected one of {list(TIMESTEP_SPACINGS)}")
         if n == 1:
-            kept = torch.tensor([self.num_timesteps - 1], dtype=torch.long)
-        else:
-            # Spacing >= 1, so rounding keeps the values distinct.
-            kept = torch.linspace(0, self.num_timesteps - 1, n, dtype=torch.float64).round().long()
+            return torch.tensor([self.num_timesteps - 1], dtype=torch.long)
+        if spacing == "trailing":
+            # Spacing T/n >= 1, so rounding keeps the values distinct; descending already.
+            steps = torch.arange(n, dtype=torch.float64) * (self.num_timesteps / n)
+            return (self.num_timesteps - steps).round().long() - 1
+        # Spacing >= 1, so rounding keeps the values distinct.
+        kept = torch.linspace(0, self.num_timesteps - 1, n, dtype=torch.float64).round().long()
         return kept.flip(0)
 
-    def _chain(self, num_steps: int | None) -> _Chain:
+    def _chain(self, num_steps: int | None, spacing: str = "linspace") -> _Chain:
         """Coefficients of the (possibly respaced) chain: new betas from abar at the kept steps."""
-        kept = self.timesteps_for(num_steps).flip(0)
+        kept = self.timesteps_for(num_steps, spacing).flip(0)
         if kept.shape[0] == self.num_timesteps:
             return _Chain(
                 kept,
@@ -336,6 +345,7 @@ class ShiftedDiffusion:
         generators: Sequence[torch.Generator] | None = None,
         clip_x0: float | None = None,
         progress: bool = False,
+        spacing: str = "linspace",
     ) -> Tensor:
         """Run the reverse chain from ``x_T`` to a reconstruction ``x0`` for each ``yhat``.
 
@@ -347,6 +357,7 @@ class ShiftedDiffusion:
         ``generators`` (one per item) every draw for item i comes from ``generators[i]``, so an
         item's result does not depend on the rest of the batch. ``clip_x0`` clamps ``x0_hat`` to
         ``[-clip_x0, clip_x0]`` at each step (DDIM then re-derives eps from the clamped estimate).
+        ``spacing`` chooses the visited timesteps of a shortened chain (:meth:`timesteps_for`).
         """
         if sampler not in SAMPLERS:
             raise ConfigError(f"sampler {sampler!r} is unknown; expected one of {list(SAMPLERS)}")
@@ -357,7 +368,7 @@ class ShiftedDiffusion:
         if clip_x0 is not None and (not _is_real(clip_x0) or clip_x0 <= 0.0):
             raise ConfigError(f"clip_x0={clip_x0!r} is invalid; expected a positive number or None")
         self._check_generators(yhat, generators)
-        chain = self._chain(num_steps)
+        chain = self._chain(num_steps, spacing)
         y = self._shift(yhat)
         x = y + self._randn(yhat, generators)
         batch = yhat.shape[0]

@@ -104,6 +104,7 @@ class VPDM(nn.Module):
             eta=sampling.eta if sampling.sampler == "ddim" else 1.0,
             generators=generators,
             progress=progress,
+            spacing=sampling.spacing,
         )
 
     @torch.no_grad()
