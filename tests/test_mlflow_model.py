@@ -143,6 +143,7 @@ def test_logged_model_has_signature_example_and_carried_code(champion):
     assert (local / "code" / "vpdm" / "pipeline.py").is_file()
     assert (local / "code" / "tune" / "mlflow_model.py").is_file()
     assert sorted(p.name for p in (local / "code" / "tune").iterdir()) == ["__init__.py", "mlflow_model.py"]
+    assert not list(local.rglob("*.pkl"))  # models from code: nothing in the model is unpickled at load
     requirements = (local / "requirements.txt").read_text()
     for name in ("torch==", "timm==", "numpy==", "pandas==", "mlflow=="):
         assert name in requirements, name
@@ -220,6 +221,26 @@ def test_registry_refuses_bad_names_and_reports_missing_ones(champion):
         load_detector_model(f"models:/{MODEL_NAME}@staging")
     with pytest.raises(MlflowException, match="no version '99'"):
         load_detector_model(f"models:/{MODEL_NAME}/99")
+
+
+def test_a_tampered_checkpoint_in_a_logged_model_is_refused_at_load(champion, tmp_path):
+    """Replace the weights inside a downloaded copy of the model with a pickle that runs code."""
+    import pickle
+
+    import torch
+
+    local = Path(mlflow.artifacts.download_artifacts(champion["info"].model_uri, dst_path=str(tmp_path / "m")))
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state_dict": Payload()}, local / "artifacts" / "model.pt")
+    assert pickle.dumps(Payload())  # the payload would run on a plain pickle.load
+    with pytest.raises(Exception, match="model.pt"):
+        mlflow.pyfunc.load_model(str(local))
+    assert not marker.exists()
 
 
 def test_log_needs_an_active_run(checkpoint, store):

@@ -278,6 +278,16 @@ def _pip_requirements() -> list[str]:
     return pins
 
 
+MODEL_CODE_FILE = "vpdm_pyfunc.py"
+_MODEL_CODE = '''"""MLflow models-from-code entry point of a VPDM model (the code travels in code/)."""
+import mlflow
+
+from tune.mlflow_model import VPDMPyfuncModel
+
+mlflow.models.set_model(VPDMPyfuncModel())
+'''
+
+
 def log_pyfunc_model(
     checkpoint_path: str | Path,
     *,
@@ -308,14 +318,18 @@ def log_pyfunc_model(
 
     with tempfile.TemporaryDirectory(prefix="vpdm_code_") as staging:
         # tune/ holds sweep code too; ship only this module (as tune.mlflow_model, the name the
-        # pickled class refers to) next to the library.
+        # model code imports) next to the library.
         tune_dir = Path(staging) / "tune"
         tune_dir.mkdir()
         (tune_dir / "__init__.py").write_text('"""VPDM MLflow model code."""\n')
         (tune_dir / "mlflow_model.py").write_text(Path(__file__).read_text())
+        # Models from code: the model is this small script, not a pickled object, so loading a
+        # registered model unpickles nothing (the weights load with weights_only=True).
+        entry = Path(staging) / MODEL_CODE_FILE
+        entry.write_text(_MODEL_CODE)
         return mlflow.pyfunc.log_model(
             name=artifact_path,
-            python_model=VPDMPyfuncModel(),
+            python_model=str(entry),
             artifacts={"checkpoint": str(checkpoint_path)},
             code_paths=[str(Path(vpdm.__file__).parent), str(tune_dir)],
             signature=signature,
