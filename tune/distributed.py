@@ -20,6 +20,7 @@ broadcasts rank 0's weights), and trains on its shard of the training features:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -329,9 +330,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     except engine.TrainingDiverged as exc:
         # Reported, not raised: a raised error would make Ray Train restart the worker group from the
         # last checkpoint (FailureConfig), which diverges again. The trial turns this into its status.
+        # Train's Result only carries the metrics of the last *checkpoint*, so the trial learns about the
+        # divergence from a note in the run's (shared) storage folder; Tune and MLflow see the report.
+        note = loop_config.get("diverged_note")
+        if rank == 0 and note:
+            from vpdm.io import atomic_write_text
+
+            atomic_write_text(note, json.dumps({"epoch": exc.epoch, "step": exc.step, "error": str(exc)}),
+                              what="divergence note")
         worst = {"val_loss": 1e9, "val_pseudo_auroc": 0.0}  # the convention of validation_metrics
         ray.train.report({"epoch": exc.epoch, "diverged": 1, "diverged_step": exc.step, "error": str(exc), **worst,
-                          "placement_group_id": placement_group_id})
+                          "placement_group_id": placement_group_id,
+                          "mlflow_run_id": loop_config.get("mlflow_run_id") or ""})
 
 
 def _fault_targets(trial: Any, variable: str, kind: str) -> bool:

@@ -31,6 +31,7 @@ from ray.train.v2.api.callback import UserCallback
 
 logger = logging.getLogger("tune.trial")
 
+DIVERGED_NOTE = "vpdm-diverged.json"  # written by rank 0 into the Train run's folder when the loss is NaN/inf
 TEST_METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max")
 
 
@@ -120,6 +121,9 @@ def run_trial(params: dict[str, Any], data: dict[str, Any], context: dict[str, A
     resources = {"CPU": float(context["threads_per_worker"])}
     if use_gpu:
         resources["GPU"] = 1.0
+    train_run_name = f"{context['run_prefix']}-{trial_id}"
+    diverged_note = Path(context["train_storage"]) / train_run_name / DIVERGED_NOTE
+    diverged_note.unlink(missing_ok=True)  # a restarted trial starts with a clean slate
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={
@@ -127,13 +131,15 @@ def run_trial(params: dict[str, Any], data: dict[str, Any], context: dict[str, A
             "vpdm_config": to_dict(config),
             "threads": context["threads_per_worker"],
             "trial": trial_name,
+            "diverged_note": str(diverged_note),
+            "mlflow_run_id": run.run_id or "",
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=context["workers"], use_gpu=use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             # Stable per trial (no timestamp): a restarted trial resumes its Train run in place.
-            name=f"{context['run_prefix']}-{trial_id}",
+            name=train_run_name,
             storage_path=context["train_storage"],
             callbacks=[TuneReportCallback(), MlflowEpochLogger(context["tracking_uri"], run.run_id, trial_dir)],
             failure_config=ray.train.FailureConfig(max_failures=context["max_failures"]),
@@ -149,11 +155,12 @@ def run_trial(params: dict[str, Any], data: dict[str, Any], context: dict[str, A
         raise
     train_seconds = time.perf_counter() - started
     last = dict(result.metrics or {})
-    if last.get("diverged"):
-        message = f"trial {trial_name} diverged: {last.get('error', 'non-finite loss')}"
+    if diverged_note.is_file():
+        note = json.loads(diverged_note.read_text())
+        message = f"trial {trial_name} diverged: {note.get('error', 'non-finite loss')}"
         run.set_tags({"vpdm.status": "diverged", "vpdm.error": message[:4000]})
         run.finish("FAILED")
-        raise TrainingDiverged(message, epoch=int(last.get("epoch") or 0), step=int(last.get("diverged_step") or 0))
+        raise TrainingDiverged(message, epoch=int(note.get("epoch") or 0), step=int(note.get("step") or 0))
     if result.checkpoint is None:
         run.set_tags({"vpdm.status": "failed", "vpdm.error": "the Train run reported no checkpoint"})
         run.finish("FAILED")

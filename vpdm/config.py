@@ -56,14 +56,18 @@ class SamplingConfig:
     """How the reverse chain is run at scoring time.
 
     The paper runs the full 1000-step ancestral chain (``sampler='ddpm'``, ``num_steps=1000``).
-    The default here is the accelerated deterministic DDIM chain on ``z = x - yhat``; the
-    benchmark reports AUROC against the number of steps.
+    The default here is the accelerated deterministic DDIM chain on ``z = x - yhat`` with 3
+    trailing-spaced steps; the benchmark reports AUROC against the number of steps.
     """
 
     sampler: str = "ddim"
     num_steps: int = 3
     eta: float = 0.0  # DDIM only: 0 deterministic, 1 ancestral variance; the ddpm sampler ignores it
-    spacing: str = "linspace"  # timesteps of a shortened chain: "linspace" (ends at t=0) or "trailing" (see diffusion)
+    # Timesteps of a shortened chain: "trailing" (T-1, T-1-T/n, ...: every step removes noise) or
+    # "linspace" (evenly over 0..T-1, so the last step starts at t=0 and barely changes x). On the four
+    # real datasets trailing DDIM 3 matched the 1000-step chain's image AUROC on the 40-image subset
+    # (83.0 vs 83.0) where linspace DDIM 3 (= trailing 2 plus a t=0 step) trailed it (benchmarks/).
+    spacing: str = "trailing"
     seed: int = 0  # every image gets the same noise stream, so its score never depends on its batch
 
     def validate(self, num_timesteps: int | None = None) -> None:
