@@ -230,6 +230,8 @@ def _closed_port() -> int:
         ({"datasets": ["mvtec:/definitely/not/here"]}, DataError, "/definitely/not/here"),
         ({"workers": 0}, ConfigError, "workers"),
         ({"metric": "accuracy"}, ConfigError, "accuracy"),
+        ({"resume": True}, ConfigError, "--resume needs --experiment"),
+        ({"resume": True, "experiment": "never-ran"}, VPDMError, "no saved sweep"),
     ],
 )
 def test_bad_input_is_refused_before_any_trial(change, error, needle, tiny_demo, tmp_path):
