@@ -274,3 +274,19 @@ def test_a_nan_loss_stops_training_before_any_step_and_says_where():
         assert torch.equal(value, before[key]) or torch.isnan(before[key]).all(), key
     again = pickle.loads(pickle.dumps(info.value))  # Ray ships errors between processes
     assert (again.epoch, again.step, str(again)) == (1, 1, str(info.value))
+
+
+@pytest.mark.parametrize("h,w,size,sigma", [(32, 32, 224, 4.0), (8, 8, 64, 1.0), (8, 6, 40, 2.5), (16, 16, 96, 0.0)])
+def test_postprocess_matrix_form_equals_interpolate_then_blur(h, w, size, sigma):
+    import torch.nn.functional as F
+
+    from vpdm.scoring import postprocess_maps
+
+    maps = torch.rand(3, h, w, generator=torch.Generator().manual_seed(h + w)) * 5
+    ref = F.interpolate(maps.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False).squeeze(1)
+    ref = gaussian_blur(ref, sigma)
+    got = postprocess_maps(maps, size, sigma)
+    assert got.shape == (3, size, size)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    # per image: a map never depends on the rest of the batch
+    torch.testing.assert_close(postprocess_maps(maps[1:2], size, sigma), got[1:2], rtol=0, atol=1e-6)
