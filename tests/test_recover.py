@@ -108,3 +108,20 @@ def test_resume_or_start_reuses_the_run_of_the_same_trial(tmp_path):
 def test_recover_refuses_a_missing_folder(tmp_path, capsys):
     assert recover_main([str(tmp_path / "nope")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+def test_a_rejected_call_does_not_take_the_logger_offline(tmp_path, fast_failures):
+    """A refused value (here: changing a logged param) fails that call only; a local store is never
+    treated as unreachable. Metric names MLflow would refuse (class 'grid#2') are made valid."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=store)
+    run = RunLogger.start(store, client.create_experiment("exp"), "r", {}, spool_dir=tmp_path / "trial")
+    run.log_params({"lr": 0.1})
+    run.log_params({"lr": 0.2})  # MLflow refuses to change a param
+    assert run.failures == 1
+    run.log_metrics({"test/demo/grid#2/image_auroc": 0.5}, step=1)
+    run.log_artifacts(tmp_path / "trial" / "mlflow-pending")
+    assert run.failures == 1  # the calls after the refused one went through
+    got = client.get_run(run.run_id).data.metrics
+    assert got == {"test/demo/grid_2/image_auroc": 0.5}
+    assert client.list_artifacts(run.run_id)

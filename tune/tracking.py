@@ -197,6 +197,24 @@ def quick_http_env() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 
+def _looks_unreachable(uri: str, exc: BaseException | None) -> bool:
+    """A failure that means "the server is gone" (go offline a while), not "this call was wrong"
+    (a rejected value) and not a local store (sqlite/file: retry every call on its own)."""
+    if not uri.startswith(("http://", "https://")) or exc is None:
+        return False
+    code = getattr(exc, "error_code", None)
+    return code not in ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST")
+
+
+_METRIC_NAME = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def metric_name(name: str) -> str:
+    """MLflow accepts letters, digits and ``_-. :/`` in metric names: anything else becomes ``_``
+    (class names like ``demo/grid#2`` from a union of datasets)."""
+    return _METRIC_NAME.sub("_", name)[:250]
+
+
 class RunLogger:
     """Fault-tolerant logging into one MLflow run by id (no global active run needed).
 
@@ -295,16 +313,21 @@ class RunLogger:
         if not self.enabled:
             return False
         if not self.pending and time.monotonic() >= self._offline_until:
-            ok = [False]
+            ok: list[Any] = [False, None]
 
             def attempt() -> None:
-                fn(*args)
+                try:
+                    fn(*args)
+                except Exception as exc:
+                    ok[1] = exc
+                    raise
                 ok[0] = True
 
             retrying(attempt, what=what, attempts=self.attempts)
             if ok[0]:
                 return True
-            self._offline_until = time.monotonic() + self.offline_seconds
+            if _looks_unreachable(self.tracking_uri, ok[1]):
+                self._offline_until = time.monotonic() + self.offline_seconds
         self.failures += 1
         if self.spool_file is not None:
             self._spool(record() if callable(record) else record)
@@ -328,7 +351,7 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        values = numeric_metrics(metrics)
+        values = {metric_name(k): v for k, v in numeric_metrics(metrics).items()}
         keys = list(values)
         for start in range(0, len(keys), 1000):
             chunk = {k: values[k] for k in keys[start : start + 1000]}
