@@ -35,20 +35,15 @@ def _identical_trials(lr: str = "0.003") -> list[str]:
 
 
 @pytest.fixture()
-def fault_env(tmp_path):
-    saved = {k: os.environ.get(k) for k in FAULT_ENV}
-    os.environ["VPDM_CACHE_DIR"] = str(tmp_path / "features")
-    os.environ.pop("RAY_ADDRESS", None)
+def fault_env(tmp_path, monkeypatch):
+    """A fresh feature cache, no external Ray, no fault hooks left from elsewhere (restored after);
+    yields Ray's temporary folder. Tests set their hooks with ``monkeypatch.setenv``."""
+    for key in FAULT_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("VPDM_CACHE_DIR", str(tmp_path / "features"))
     ray_tmp = tempfile.mkdtemp(prefix="vf-")  # short: Ray's unix sockets live under it
-    try:
-        yield ray_tmp
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    yield ray_tmp
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _in_order(trials, marker_dir: Path, kind: str):
@@ -60,7 +55,7 @@ def _in_order(trials, marker_dir: Path, kind: str):
 
 
 def test_worker_crash_resumes_like_an_uninterrupted_run_and_a_diverged_trial_does_not_stop_the_sweep(
-        tiny_demo, tmp_path, fault_env):
+        tiny_demo, tmp_path, fault_env, monkeypatch):
     """Three identical trials (same seed, config, data), one after the other, 2 DDP workers each:
     the first loses rank 0 after epoch 1 (the worker group restarts from that checkpoint), the second
     runs uninterrupted, the third gets NaN weights on rank 0 at the start of epoch 2 (a real NaN loss)."""
@@ -70,8 +65,9 @@ def test_worker_crash_resumes_like_an_uninterrupted_run_and_a_diverged_trial_doe
     from tune.sweep import SweepConfig, run_sweep
 
     faults = tmp_path / "faults"
-    os.environ.update({"VPDM_FAULT_AFTER_EPOCH": "1", "VPDM_FAULT_TRIALS": "1", "VPDM_FAULT_NAN_AT_EPOCH": "2",
-                       "VPDM_FAULT_NAN_TRIALS": "3", "VPDM_FAULT_MARKER_DIR": str(faults)})
+    for key, value in {"VPDM_FAULT_AFTER_EPOCH": "1", "VPDM_FAULT_TRIALS": "1", "VPDM_FAULT_NAN_AT_EPOCH": "2",
+                       "VPDM_FAULT_NAN_TRIALS": "3", "VPDM_FAULT_MARKER_DIR": str(faults)}.items():
+        monkeypatch.setenv(key, value)
     sc = SweepConfig(
         datasets=[f"demo:{tiny_demo}"], preset="tiny", trials=3, epochs=2, grace_period=2, workers=2,
         max_concurrent=1, num_cpus=3, search=_identical_trials(), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
@@ -221,14 +217,15 @@ def _stop(server: subprocess.Popen) -> None:
         server.wait(timeout=30)
 
 
-def test_mlflow_server_lost_mid_sweep_training_goes_on_and_the_replay_loses_nothing(tiny_demo, tmp_path, fault_env):
+def test_mlflow_server_lost_mid_sweep_training_goes_on_and_the_replay_loses_nothing(tiny_demo, tmp_path, fault_env,
+                                                                                   monkeypatch):
     from mlflow import MlflowClient
 
     from tune.recover import main as recover_main
     from tune.sweep import SweepConfig, run_sweep
 
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "1"  # fail in seconds, not minutes (trials inherit it)
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # fail in seconds, not minutes (trials inherit it)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     server = _start_mlflow_server(tmp_path, port, "server1.log")
