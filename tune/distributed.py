@@ -139,11 +139,11 @@ def _val_losses(model: Any, features: Tensor, t_uniform: Tensor, noise: Tensor) 
 
 
 @torch.no_grad()
-def _val_scores(model: Any, features: Tensor, sampling: Any, k: int, batch_size: int) -> Tensor:
+def _val_scores(model: Any, features: Tensor, sampling: Any, k: int, batch_size: int, scoring: Any = None) -> Tensor:
     """Image scores from the model's inference path: mean of the ``k`` largest feature-map errors."""
     out = []
     for start in range(0, len(features), batch_size):
-        maps = model.anomaly_maps(features[start : start + batch_size], sampling)
+        maps = model.anomaly_maps(features[start : start + batch_size], sampling, scoring)
         out.append(maps.flatten(1).topk(min(k, maps[0].numel()), dim=1).values.mean(dim=1).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -168,8 +168,9 @@ def validation_metrics(model: torch.nn.Module, bundle: Any, config: Any, *, rank
                              as_tensor(bundle.val_noise)[idx].to(device))
         side = max(1, bundle.feature_shape[-1] // 4)
         bs = max(2, config.train.batch_size)
-        good = _val_scores(m, feats, config.sampling, side * side, bs)
-        bad = _val_scores(m, as_tensor(bundle.val_anomalous)[idx].to(device), config.sampling, side * side, bs)
+        good = _val_scores(m, feats, config.sampling, side * side, bs, config.scoring)
+        bad = _val_scores(m, as_tensor(bundle.val_anomalous)[idx].to(device), config.sampling, side * side, bs,
+                          config.scoring)
     finally:
         m.train(was_training)
     parts = [(idx.tolist(), losses.tolist(), good.tolist(), bad.tolist())]
@@ -249,7 +250,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     train_x = as_tensor(bundle.train_features)
-    model = engine.build_model(config, train_x)  # same seed on every rank -> the same start
+    # same seed on every rank -> the same start
+    model = engine.build_model(config, train_x, stage_channels=tuple(bundle.stage_channels) or None)
     start_epoch, optimizer_state = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restarted worker group resumes where the last report left off

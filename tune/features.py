@@ -82,6 +82,7 @@ class DatasetBundle:
     overlays: list[OverlayItem]
     num_images: int  # train + test images (each needed exactly one backbone forward)
     backbone: str  # the extractor's fingerprint
+    stage_channels: tuple[int, ...] = ()  # channels of each backbone stage in the features (per-stage scoring)
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:
@@ -191,6 +192,7 @@ def build_bundle(
         overlays=_overlay_picks(test.dataset, map_size, overlays_per_class),
         num_images=len(train.dataset) + len(test.dataset),
         backbone=extractor.fingerprint(),
+        stage_channels=tuple(train.stage_channels),
     )
     stats = FeatureStats(
         dataset=name,

@@ -519,10 +519,10 @@ class Bench:
         return scores.numpy(), maps.numpy(), time.perf_counter() - t0
 
     def _baseline_batch(self, pc, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        from vpdm.scoring import image_scores, postprocess_maps
+        from vpdm.scoring import postprocess_maps, score_maps
 
         maps = postprocess_maps(pc.anomaly_maps(features), self.map_size, self.config.scoring.blur_sigma)
-        return image_scores(maps, self.config.scoring.pool_size), maps, maps.flatten(1).amax(dim=1)
+        return score_maps(maps, self.config.scoring), maps, maps.flatten(1).amax(dim=1)
 
     @torch.no_grad()
     def _score_baseline(self, pc, features: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -580,7 +580,7 @@ class Bench:
 
     @torch.no_grad()
     def _timing(self, extractor, model, pc, test, main_run: dict[str, Any], steps: dict[str, Any]) -> dict[str, Any]:
-        from vpdm.scoring import image_scores, postprocess_maps
+        from vpdm.scoring import postprocess_maps, score_maps
 
         device, repeats = self.device, self.args.timing_repeats
         n = min(self.args.timing_images, len(test.dataset))
@@ -592,8 +592,8 @@ class Bench:
         self.log(f"timing on a batch of {n} images, {torch.get_num_threads()} thread(s), {repeats} repeat(s) ...")
 
         def vpdm_score(features: Tensor, sampling, m=model) -> Tensor:
-            maps = postprocess_maps(m.anomaly_maps(features, sampling), self.map_size, cfg.scoring.blur_sigma)
-            return image_scores(maps, cfg.scoring.pool_size)
+            maps = postprocess_maps(m.anomaly_maps(features, sampling, cfg.scoring), self.map_size, cfg.scoring.blur_sigma)
+            return score_maps(maps, cfg.scoring)
 
         features = extractor(images)
         accel = cfg.sampling

@@ -38,6 +38,7 @@ def save_checkpoint(
         "config": to_dict(config),
         "channels": int(model.channels),
         "feature_size": int(model.feature_size),
+        "stage_channels": [int(c) for c in model.stage_channels],
         "categories": list(categories),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "epoch": epoch,
@@ -76,7 +77,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     payload = read_checkpoint(path)
     try:
         config = VPDMConfig.from_dict(payload["config"])
-        model = VPDM(int(payload["channels"]), int(payload["feature_size"]), config.model)
+        stages = payload.get("stage_channels")  # absent in checkpoints written before per-stage scoring
+        model = VPDM(int(payload["channels"]), int(payload["feature_size"]), config.model,
+                     stage_channels=[int(c) for c in stages] if stages else None)
         model.load_state_dict(payload["state_dict"], strict=True)
     except (VPDMError, RuntimeError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{path} does not match this vpdm's model: {str(exc).splitlines()[0][:300]}") from None

@@ -40,11 +40,28 @@ class ModelConfig:
     # Per-channel standardisation of the backbone features (statistics of the training set). The
     # diffusion endpoint N(yhat, I) assumes unit-scale data; raw EfficientNet stages differ in scale by 10x.
     feature_norm: str = "channel"  # "channel" or "none"
+    # Weighting of the diffusion loss over timesteps: "none" (plain MSE in the prediction's space: the
+    # paper's eps-MSE) or "min_snr" (Hang et al. 2023: every timestep's x0 error weighted min(SNR, gamma)).
+    loss_weighting: str = "none"
+    min_snr_gamma: float = 5.0
+    # Training timesteps are drawn from 1..train_max_step (None = T, the paper). A chain that starts
+    # below T (sampling.start_step) never visits larger t, so training there spends capacity it never uses.
+    train_max_step: int | None = None
 
     def validate(self, feature_size: int | None = None) -> None:
         self.prototypes.validate(feature_size)
         self.diffusion.validate()
         self.denoiser.validate()
+        if self.loss_weighting not in ("none", "min_snr"):
+            raise ConfigError(f"model.loss_weighting must be 'none' or 'min_snr', got {self.loss_weighting!r}")
+        if not (isinstance(self.min_snr_gamma, (int, float)) and math.isfinite(self.min_snr_gamma) and self.min_snr_gamma > 0):
+            raise ConfigError(f"model.min_snr_gamma must be a finite number > 0, got {self.min_snr_gamma!r}")
+        t = self.diffusion.num_timesteps
+        if self.train_max_step is not None and (
+            not isinstance(self.train_max_step, int) or isinstance(self.train_max_step, bool)
+            or not 1 <= self.train_max_step <= t
+        ):
+            raise ConfigError(f"model.train_max_step must be an integer in 1..{t} (T) or null, got {self.train_max_step!r}")
         if not (self.ot_weight >= 0 and math.isfinite(self.ot_weight)):
             raise ConfigError(f"model.ot_weight must be a finite number >= 0, got {self.ot_weight!r}")
         if self.feature_norm not in ("channel", "none"):
@@ -68,6 +85,10 @@ class SamplingConfig:
     # real datasets trailing DDIM 3 matched the 1000-step chain's image AUROC on the 40-image subset
     # (83.0 vs 83.0) where linspace DDIM 3 (= trailing 2 plus a t=0 step) trailed it (benchmarks/).
     spacing: str = "trailing"
+    # Where the reverse chain starts, as the paper's 1-based t: null or T = the paper's N(yhat, I), where
+    # the image enters only through yhat; below T the chain starts from the image's own features noised
+    # to that step by the shifted forward marginal (as DDAD and DiffusionAD do).
+    start_step: int | None = None
     seed: int = 0  # every image gets the same noise stream, so its score never depends on its batch
 
     def validate(self, num_timesteps: int | None = None) -> None:
@@ -83,6 +104,18 @@ class SamplingConfig:
             raise ConfigError(f"sampling.eta must be in [0, 1], got {self.eta!r}")
         if self.spacing not in ("linspace", "trailing"):
             raise ConfigError(f"sampling.spacing must be 'linspace' or 'trailing', got {self.spacing!r}")
+        if self.start_step is not None:
+            if not isinstance(self.start_step, int) or isinstance(self.start_step, bool) or self.start_step < 1 or (
+                num_timesteps is not None and self.start_step > num_timesteps
+            ):
+                raise ConfigError(
+                    f"sampling.start_step must be an integer in 1..T={num_timesteps} or null, got {self.start_step!r}"
+                )
+            if self.num_steps > self.start_step:
+                raise ConfigError(
+                    f"sampling.num_steps={self.num_steps} exceeds sampling.start_step={self.start_step}: a chain "
+                    "started at step s has at most s steps"
+                )
 
 
 @dataclass

@@ -23,21 +23,32 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from vpdm.errors import ConfigError
 
-__all__ = ["NoiseScheduleConfig", "ShiftedDiffusion", "make_betas", "SCHEDULES", "SAMPLERS"]
+__all__ = ["NoiseScheduleConfig", "ShiftedDiffusion", "DiffusionStep", "make_betas", "SCHEDULES", "SAMPLERS", "PREDICTIONS"]
 
 SCHEDULES: tuple[str, ...] = ("linear", "cosine", "quadratic", "sigmoid")
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
+PREDICTIONS: tuple[str, ...] = ("eps", "x0", "v")
 TIMESTEP_SPACINGS = ("linspace", "trailing")
 MAX_BETA: float = 0.999  # Nichol & Dhariwal clip the cosine betas here so the last step is not singular.
 
 EpsFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass
+class DiffusionStep:
+    """What one reverse step returns (like diffusers' ``DDIMSchedulerOutput``)."""
+
+    prev_sample: Tensor  # x at the next (smaller) timestep, or the reconstruction after the last step
+    pred_original_sample: Tensor  # x0_hat at this step
+    pred_noise: Tensor  # eps_hat at this step
+    sigma: float  # standard deviation of the noise this step adds
 
 
 def _is_real(value: object) -> bool:
@@ -54,6 +65,11 @@ class NoiseScheduleConfig:
     clipped at 0.999; ``beta_start``/``beta_end`` are unused). ``shift_to_condition=False`` is the
     paper's "DDPM start" ablation: no ``yhat`` shift in the process and ``x_T ~ N(0, I)``; the
     network still receives ``yhat``.
+
+    ``prediction`` is what the network's output means, as diffusers' ``prediction_type``: ``"eps"``
+    (the noise, the paper's choice), ``"x0"`` (the clean features, diffusers' ``"sample"``) or ``"v"``
+    (``sqrt(abar) eps - sqrt(1 - abar) z0``, Salimans & Ho 2022). Every caller goes through
+    :meth:`ShiftedDiffusion.split` and :meth:`ShiftedDiffusion.target`, so the choice is one switch.
     """
 
     schedule: str = "linear"
@@ -62,6 +78,7 @@ class NoiseScheduleConfig:
     beta_end: float = 0.02
     cosine_s: float = 0.008
     shift_to_condition: bool = True
+    prediction: str = "eps"
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad value; caught here, not deep in a run."""
@@ -83,6 +100,8 @@ class NoiseScheduleConfig:
             raise ConfigError(f"cosine_s={self.cosine_s!r} is invalid; expected a finite number >= 0")
         if not isinstance(self.shift_to_condition, bool):
             raise ConfigError(f"shift_to_condition={self.shift_to_condition!r} is invalid; expected true or false")
+        if self.prediction not in PREDICTIONS:
+            raise ConfigError(f"prediction={self.prediction!r} is unknown; expected one of {list(PREDICTIONS)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, for checkpoints and tracking."""
@@ -122,18 +141,6 @@ def make_betas(config: NoiseScheduleConfig) -> Tensor:
             f"(min {betas.min().item():.3g}, max {betas.max().item():.3g}); expected every beta in (0, 1)"
         )
     return betas
-
-
-class _Chain(NamedTuple):
-    """Per-step coefficients of one reverse chain (full or respaced), float64, ascending in time."""
-
-    timesteps: Tensor  # original 0-based indices handed to the network
-    alphas_cumprod: Tensor
-    alphas_cumprod_prev: Tensor
-    g0: Tensor
-    g1: Tensor
-    g2: Tensor
-    variance: Tensor
 
 
 def _posterior(abar: Tensor, abar_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -253,65 +260,131 @@ class ShiftedDiffusion:
         b = self._extract("sqrt_one_minus_alphas_cumprod", t, x_t)
         return (x_t - self._shift_scale * (1.0 - a) * yhat - b * eps) / a
 
+    # ------------------------------------------------------------------ parameterisation
+    def snr(self, t: Tensor, like: Tensor) -> Tensor:
+        """Signal-to-noise ratio ``abar_t / (1 - abar_t)`` of the marginal, shaped to broadcast on ``like``."""
+        abar = self._extract("alphas_cumprod", t, like)
+        return abar / (1.0 - abar)
+
+    def skip_scale(self, t: Tensor, like: Tensor) -> Tensor:
+        """``c_skip(t)``: the best linear guess of the prediction target from ``z_t = x_t - yhat`` for
+        unit-variance ``z0`` (EDM-style preconditioning): eps ``sqrt(1 - abar)``, x0 ``sqrt(abar)``, v 0.
+
+        The model adds it to the network's output, so the network learns only what is left. Without
+        it a network narrower than the feature map cannot carry every noise channel near t = T."""
+        if self.config.prediction == "eps":
+            return self._extract("sqrt_one_minus_alphas_cumprod", t, like)
+        if self.config.prediction == "x0":
+            return self._extract("sqrt_alphas_cumprod", t, like)
+        return torch.zeros((like.shape[0],) + (1,) * (like.dim() - 1), dtype=like.dtype, device=like.device)
+
+    def target(self, x0: Tensor, yhat: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """The training target of the configured prediction for ``x_t = q_sample(x0, yhat, t, noise)``."""
+        self._check_t(t, x0)
+        if self.config.prediction == "eps":
+            return noise
+        z0 = x0 - self._shift(yhat)
+        if self.config.prediction == "x0":
+            return z0
+        a = self._extract("sqrt_alphas_cumprod", t, x0)
+        b = self._extract("sqrt_one_minus_alphas_cumprod", t, x0)
+        return a * noise - b * z0
+
+    def split(self, output: Tensor, x_t: Tensor, yhat: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x0_hat, eps_hat)`` from a network output in the configured parameterisation.
+
+        x0-prediction outputs ``z0 = x0 - yhat`` (the shifted process's own clean variable)."""
+        self._check_t(t, x_t)
+        a = self._extract("sqrt_alphas_cumprod", t, x_t)
+        b = self._extract("sqrt_one_minus_alphas_cumprod", t, x_t)
+        y = self._shift(yhat)
+        z0, eps = self._split(output, x_t - y, a, b)
+        return z0 + y, eps
+
+    def _split(self, output: Tensor, z: Tensor, a: Tensor | float, b: Tensor | float) -> tuple[Tensor, Tensor]:
+        """``(z0, eps)`` from the output, ``z = x_t - yhat`` and ``a = sqrt(abar)``, ``b = sqrt(1 - abar)``."""
+        if self.config.prediction == "eps":
+            return (z - b * output) / a, output
+        if self.config.prediction == "x0":
+            return output, (z - a * output) / b
+        return a * z - b * output, b * z + a * output  # v: z0 = a z - b v, eps = b z + a v
+
+    def loss_weights(self, t: Tensor, like: Tensor, weighting: str = "none", gamma: float = 5.0) -> Tensor:
+        """Per-item weights of the MSE in the prediction's own space.
+
+        ``"min_snr"`` (Hang et al. 2023) weighs every timestep's *x0* error by ``min(SNR, gamma)``: in
+        eps space that is ``min(SNR, gamma) / SNR``, in x0 space ``min(SNR, gamma)``, in v space
+        ``min(SNR, gamma) / (SNR + 1)``. ``"none"`` is the plain MSE (eps: the paper's loss, which
+        weighs the x0 error by SNR, i.e. almost not at all near t = T)."""
+        if weighting == "none":
+            return torch.ones((like.shape[0],) + (1,) * (like.dim() - 1), dtype=like.dtype, device=like.device)
+        if weighting != "min_snr":
+            raise ConfigError(f"loss weighting {weighting!r} is unknown; expected 'none' or 'min_snr'")
+        snr = self.snr(t, like)
+        clipped = snr.clamp(max=gamma)
+        if self.config.prediction == "eps":
+            return clipped / snr
+        if self.config.prediction == "x0":
+            return clipped
+        return clipped / (snr + 1.0)
+
     def sample_timesteps(
-        self, batch: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+        self, batch: int, generator: torch.Generator | None = None, device: torch.device | str | None = None,
+        max_step: int | None = None,
     ) -> Tensor:
-        """Uniform training timesteps in 0..T-1 (drawn on the generator's device, then moved)."""
+        """Uniform training timesteps in ``0..max_step-1`` (default ``0..T-1``), drawn on the
+        generator's device, then moved."""
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 0:
             raise ConfigError(f"batch={batch!r} is invalid; expected a non-negative integer")
+        high = self.num_timesteps if max_step is None else max_step
+        if not isinstance(high, int) or isinstance(high, bool) or not 1 <= high <= self.num_timesteps:
+            raise ConfigError(f"max_step={max_step!r} is invalid; expected an integer in 1..{self.num_timesteps}")
         draw_device = generator.device if generator is not None else device
-        t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=draw_device)
+        t = torch.randint(0, high, (batch,), generator=generator, device=draw_device)
         return t if device is None else t.to(device)
 
     # ------------------------------------------------------------------ reverse process
-    def timesteps_for(self, num_steps: int | None, spacing: str = "linspace") -> Tensor:
+    def _start_index(self, start_step: int | None) -> int:
+        """0-based index of the chain's first step from the paper's 1-based ``start_step`` (None = T)."""
+        if start_step is None:
+            return self.num_timesteps - 1
+        if not isinstance(start_step, int) or isinstance(start_step, bool) or not 1 <= start_step <= self.num_timesteps:
+            raise ConfigError(
+                f"start_step={start_step!r} is invalid; expected an integer in 1..{self.num_timesteps} "
+                "(T: the paper's start N(yhat, I)) or None"
+            )
+        return start_step - 1
+
+    def timesteps_for(self, num_steps: int | None, spacing: str = "linspace", start_step: int | None = None) -> Tensor:
         """The timesteps a ``num_steps`` chain visits, descending, as 0-based indices.
 
-        Both spacings start at T-1, where ``x_T ~ N(yhat, I)`` is the right start; ``num_steps == 1``
-        is the single step T-1 -> x0_hat and ``None`` means all T steps.
-        ``"linspace"``: evenly spaced over 0..T-1 *including* 0 (Nichol & Dhariwal respacing); its
+        The chain starts at the paper's ``start_step`` (1-based; None = T, i.e. index T-1) and every
+        spacing's first index is ``start_step - 1``; ``num_steps == 1`` is that single step to x0_hat
+        and ``None`` means every step down from it. With S = ``start_step``:
+        ``"linspace"``: evenly spaced over 0..S-1 *including* 0 (Nichol & Dhariwal respacing); its
         last step starts at t=0, where abar is ~1, so it barely changes x and costs a network call.
-        ``"trailing"``: T-1, T-1-T/n, ... (diffusers' ``timestep_spacing="trailing"``); every step
-        removes real noise, and the last one jumps from t ~ T/n - 1 to x0.
+        ``"trailing"``: S-1, S-1-S/n, ... (diffusers' ``timestep_spacing="trailing"``); every step
+        removes real noise, and the last one jumps from t ~ S/n - 1 to x0.
         """
-        n = self.num_timesteps if num_steps is None else num_steps
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= self.num_timesteps:
+        first = self._start_index(start_step)
+        available = first + 1
+        n = available if num_steps is None else num_steps
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= available:
             raise ConfigError(
-                f"num_steps={num_steps!r} is invalid; expected an integer in 1..{self.num_timesteps} "
-                "(the number of timesteps T) or None"
+                f"num_steps={num_steps!r} is invalid; expected an integer in 1..{available} "
+                f"(the timesteps from the start step {available} down to 1) or None"
             )
         if spacing not in TIMESTEP_SPACINGS:
             raise ConfigError(f"timestep spacing {spacing!r} is unknown; expected one of {list(TIMESTEP_SPACINGS)}")
         if n == 1:
-            return torch.tensor([self.num_timesteps - 1], dtype=torch.long)
+            return torch.tensor([first], dtype=torch.long)
         if spacing == "trailing":
-            # Spacing T/n >= 1, so rounding keeps the values distinct; descending already.
-            steps = torch.arange(n, dtype=torch.float64) * (self.num_timesteps / n)
-            return (self.num_timesteps - steps).round().long() - 1
+            # Spacing S/n >= 1, so rounding keeps the values distinct; descending already.
+            steps = torch.arange(n, dtype=torch.float64) * (available / n)
+            return (available - steps).round().long() - 1
         # Spacing >= 1, so rounding keeps the values distinct.
-        kept = torch.linspace(0, self.num_timesteps - 1, n, dtype=torch.float64).round().long()
+        kept = torch.linspace(0, first, n, dtype=torch.float64).round().long()
         return kept.flip(0)
-
-    def _chain(self, num_steps: int | None, spacing: str = "linspace") -> _Chain:
-        """Coefficients of the (possibly respaced) chain: new betas from abar at the kept steps."""
-        kept = self.timesteps_for(num_steps, spacing).flip(0)
-        if kept.shape[0] == self.num_timesteps:
-            return _Chain(
-                kept,
-                self.alphas_cumprod,
-                self.alphas_cumprod_prev,
-                self.posterior_g0,
-                self.posterior_g1,
-                self.posterior_g2,
-                self.posterior_variance,
-            )
-        abar = self.alphas_cumprod[kept]
-        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-        _, g0, g1, g2, variance = _posterior(abar, abar_prev)
-        g1[0] = 0.0
-        variance[0] = 0.0
-        g2 = 1.0 - g0 - g1
-        return _Chain(kept, abar, abar_prev, g0, g1, g2, variance)
 
     def _randn(self, like: Tensor, generators: Sequence[torch.Generator] | None) -> Tensor:
         """Standard noise shaped like ``like``; item i comes from ``generators[i]`` alone."""
@@ -333,10 +406,54 @@ class ShiftedDiffusion:
         self._check_generators(yhat, generators)
         return self._shift(yhat) + self._randn(yhat, generators)
 
+    def step(
+        self,
+        model_output: Tensor,
+        t: int,
+        t_prev: int,
+        x_t: Tensor,
+        yhat: Tensor,
+        *,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        noise: Tensor | None = None,
+        clip_x0: float | None = None,
+    ) -> DiffusionStep:
+        """One reverse step from index ``t`` to ``t_prev`` (-1 = to x0) of a full or respaced chain.
+
+        ``sampler="ddpm"``: the posterior ``q(x_{t_prev} | x_t, x0_hat, yhat)`` of the (respaced)
+        shifted process, ``x_prev = g0 x0_hat + g1 x_t + g2 yhat + sigma z``. ``sampler="ddim"``: DDIM on
+        ``z = x - yhat`` with ``eta`` (0 deterministic, 1 the posterior variance). ``noise`` (standard,
+        like ``x_t``) is added with the step's sigma unless this is the last step; ``clip_x0`` clamps
+        ``x0_hat`` to ``[-clip_x0, clip_x0]`` and re-derives eps from it.
+        """
+        abar = float(self.alphas_cumprod[t])
+        abar_prev = float(self.alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
+        y = self._shift(yhat)
+        z = x_t - y
+        z0, eps = self._split(model_output, z, math.sqrt(abar), math.sqrt(1.0 - abar))
+        if clip_x0 is not None:
+            z0 = (z0 + y).clamp(-clip_x0, clip_x0) - y
+            eps = (z - math.sqrt(abar) * z0) / math.sqrt(1.0 - abar)
+        if sampler == "ddpm":
+            # In z = x - yhat the g2 yhat term is absorbed: g0 x0 + g1 x + g2 y - y = g0 z0 + g1 z.
+            beta = 1.0 - abar / abar_prev
+            g0 = beta * math.sqrt(abar_prev) / (1.0 - abar)
+            g1 = (1.0 - abar_prev) * math.sqrt(1.0 - beta) / (1.0 - abar)
+            z_prev = g0 * z0 + g1 * z
+            sigma = math.sqrt(beta * (1.0 - abar_prev) / (1.0 - abar))
+        else:
+            sigma = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
+            direction = math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0))
+            z_prev = math.sqrt(abar_prev) * z0 + direction * eps
+        if t_prev >= 0 and sigma > 0.0 and noise is not None:
+            z_prev = z_prev + sigma * noise
+        return DiffusionStep(prev_sample=z_prev + y, pred_original_sample=z0 + y, pred_noise=eps, sigma=sigma)
+
     @torch.no_grad()
     def sample(
         self,
-        eps_fn: EpsFn,
+        model_fn: EpsFn,
         yhat: Tensor,
         *,
         num_steps: int | None = None,
@@ -346,18 +463,21 @@ class ShiftedDiffusion:
         clip_x0: float | None = None,
         progress: bool = False,
         spacing: str = "linspace",
+        x0: Tensor | None = None,
+        start_step: int | None = None,
     ) -> Tensor:
-        """Run the reverse chain from ``x_T`` to a reconstruction ``x0`` for each ``yhat``.
+        """Run the reverse chain to a reconstruction ``x0`` for each ``yhat``.
 
-        ``eps_fn(x_t, yhat, t)`` is the network, called with the original 0-based timesteps.
-        ``sampler="ddpm"``: ancestral sampling, ``x_{t-1} = g0 x0_hat + g1 x_t + g2 yhat + sigma z``
-        with ``sigma^2 = btilde`` (Algorithm 2 when ``num_steps`` is None or T; otherwise on the
-        respaced chain). ``sampler="ddim"``: DDIM on ``z = x - yhat`` with ``eta`` (0 = deterministic,
-        1 = the ancestral posterior variance). No noise is added at the last step. With
-        ``generators`` (one per item) every draw for item i comes from ``generators[i]``, so an
-        item's result does not depend on the rest of the batch. ``clip_x0`` clamps ``x0_hat`` to
-        ``[-clip_x0, clip_x0]`` at each step (DDIM then re-derives eps from the clamped estimate).
-        ``spacing`` chooses the visited timesteps of a shortened chain (:meth:`timesteps_for`).
+        ``model_fn(x_t, yhat, t)`` is the network, returning the configured prediction (eps, x0 or
+        v), called with the original 0-based timesteps. The chain starts at the paper's
+        ``x_T ~ N(yhat, I)`` when ``start_step`` is None or T; below T it starts from the shifted forward
+        marginal of ``x0`` (required then), ``sqrt(abar) x0 + (1 - sqrt(abar)) yhat + sqrt(1 - abar) eps``
+        at ``t = start_step`` (SDEdit / DDAD-style: the image's own features, partly noised).
+        ``sampler="ddpm"``: ancestral sampling (Algorithm 2 when ``num_steps`` is None or T);
+        ``sampler="ddim"``: DDIM on ``z = x - yhat`` with ``eta``. No noise is added at the last step.
+        With ``generators`` (one per item) every draw for item i comes from ``generators[i]``, so an
+        item's result does not depend on the rest of the batch. ``spacing`` chooses the visited
+        timesteps of a shortened chain (:meth:`timesteps_for`); see :meth:`step` for ``clip_x0``.
         """
         if sampler not in SAMPLERS:
             raise ConfigError(f"sampler {sampler!r} is unknown; expected one of {list(SAMPLERS)}")
@@ -368,44 +488,41 @@ class ShiftedDiffusion:
         if clip_x0 is not None and (not _is_real(clip_x0) or clip_x0 <= 0.0):
             raise ConfigError(f"clip_x0={clip_x0!r} is invalid; expected a positive number or None")
         self._check_generators(yhat, generators)
-        chain = self._chain(num_steps, spacing)
-        y = self._shift(yhat)
-        x = y + self._randn(yhat, generators)
+        timesteps = self.timesteps_for(num_steps, spacing, start_step).tolist()
+        from_image = start_step is not None and start_step < self.num_timesteps
+        if from_image:
+            if x0 is None or x0.shape != yhat.shape:
+                raise ConfigError(
+                    f"start_step={start_step} < T={self.num_timesteps} starts the chain from the image's own "
+                    f"features: pass x0 of the shape of yhat {tuple(yhat.shape)}, got "
+                    f"{None if x0 is None else tuple(x0.shape)}"
+                )
+            t0 = torch.full((yhat.shape[0],), timesteps[0], dtype=torch.long, device=yhat.device)
+            x = self.q_sample(x0, yhat, t0, self._randn(yhat, generators))
+        else:
+            x = self._shift(yhat) + self._randn(yhat, generators)
         batch = yhat.shape[0]
 
-        steps: Any = reversed(range(chain.timesteps.shape[0]))
+        steps: Any = range(len(timesteps))
         if progress:
             try:
                 from tqdm.auto import tqdm
 
-                steps = tqdm(steps, total=chain.timesteps.shape[0], desc=f"{sampler} sampling")
+                steps = tqdm(steps, total=len(timesteps), desc=f"{sampler} sampling")
             except ImportError:  # progress is a nicety; never fail a run over it
                 pass
 
         for i in steps:
-            t_batch = torch.full((batch,), int(chain.timesteps[i]), dtype=torch.long, device=yhat.device)
-            eps = eps_fn(x, yhat, t_batch)
-            if eps.shape != x.shape:
+            t = timesteps[i]
+            t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+            t_batch = torch.full((batch,), t, dtype=torch.long, device=yhat.device)
+            output = model_fn(x, yhat, t_batch)
+            if output.shape != x.shape:
                 raise ConfigError(
-                    f"eps_fn returned shape {tuple(eps.shape)}; expected the shape of x_t, {tuple(x.shape)}"
+                    f"model_fn returned shape {tuple(output.shape)}; expected the shape of x_t, {tuple(x.shape)}"
                 )
-            abar = float(chain.alphas_cumprod[i])
-            abar_prev = float(chain.alphas_cumprod_prev[i])
-            z = x - y
-            z0 = (z - math.sqrt(1.0 - abar) * eps) / math.sqrt(abar)
-            if clip_x0 is not None:
-                z0 = (z0 + y).clamp(-clip_x0, clip_x0) - y
-                if sampler == "ddim":
-                    eps = (z - math.sqrt(abar) * z0) / math.sqrt(1.0 - abar)
-            if sampler == "ddpm":
-                # In z = x - yhat the g2 yhat term is absorbed: g0 x0 + g1 x + g2 y - y = g0 z0 + g1 z.
-                z_prev = float(chain.g0[i]) * z0 + float(chain.g1[i]) * z
-                sigma = math.sqrt(float(chain.variance[i]))
-            else:
-                sigma = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
-                direction = math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0))
-                z_prev = math.sqrt(abar_prev) * z0 + direction * eps
-            if i > 0 and sigma > 0.0:
-                z_prev = z_prev + sigma * self._randn(x, generators)
-            x = z_prev + y
+            eta_i = eta if sampler == "ddim" else 1.0
+            noise = self._randn(x, generators) if t_prev >= 0 and (sampler == "ddpm" or eta > 0) else None
+            x = self.step(output, t, t_prev, x, yhat, sampler=sampler, eta=eta_i, noise=noise,
+                          clip_x0=clip_x0).prev_sample
         return x

@@ -24,7 +24,7 @@ from vpdm.data import AnomalyDataset, list_samples
 from vpdm.errors import VPDMError
 from vpdm.metrics import compute_metrics
 from vpdm.model import VPDM
-from vpdm.scoring import image_scores, postprocess_maps
+from vpdm.scoring import postprocess_maps, score_maps
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -71,6 +71,7 @@ class SplitFeatures:
     cache_path: str | None = None
     extract_seconds: float = 0.0
     class_index: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    stage_channels: tuple[int, ...] = ()  # channels of each backbone stage in ``features``
 
 
 def load_split(config: VPDMConfig, split: str, extractor: FeatureExtractor | None = None, progress: bool = True) -> SplitFeatures:
@@ -96,18 +97,20 @@ def load_split(config: VPDMConfig, split: str, extractor: FeatureExtractor | Non
         cache_path=str(info.get("path")) if info.get("path") else None,
         extract_seconds=time.perf_counter() - start,
         class_index=class_index,
+        stage_channels=tuple(extractor.stage_channels),
     )
 
 
 # -- training ------------------------------------------------------------------------------------
 
 
-def build_model(config: VPDMConfig, train_features: Tensor, seed: int | None = None) -> VPDM:
+def build_model(config: VPDMConfig, train_features: Tensor, seed: int | None = None,
+                stage_channels: tuple[int, ...] | None = None) -> VPDM:
     """A fresh model fitted to the training data's scale, with prototypes started from it."""
     channels, feature_size = train_features.shape[1], train_features.shape[-1]
     seed = config.train.seed if seed is None else seed
     generator = seed_everything(seed)
-    model = VPDM(channels, feature_size, config.model)
+    model = VPDM(channels, feature_size, config.model, stage_channels=stage_channels or None)
     model.fit_normalisation(train_features)
     model.init_prototypes(train_features, generator)
     return model
@@ -209,7 +212,7 @@ def fit(
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     device = select_device(config.train.device)
-    model = build_model(config, train.features).to(device)
+    model = build_model(config, train.features, stage_channels=train.stage_channels).to(device)
     loader = feature_loader(train.features, config.train.batch_size, config.train.seed)
     history = train_loop(model, loader, config.train, callback=callback, device=device, progress=progress)
     return model.eval(), history
@@ -234,9 +237,9 @@ def score_features(
     device = next(model.parameters()).device
     scores, maps = [], []
     for start in tqdm(range(0, len(features), batch_size), desc="scoring", disable=not progress, unit="batch"):
-        raw = model.anomaly_maps(features[start : start + batch_size].to(device), sampling)
+        raw = model.anomaly_maps(features[start : start + batch_size].to(device), sampling, scoring)
         up = postprocess_maps(raw, map_size, scoring.blur_sigma)
-        scores.append(image_scores(up, scoring.pool_size).cpu())
+        scores.append(score_maps(up, scoring).cpu())
         maps.append(up.cpu())
     return torch.cat(scores), torch.cat(maps)
 

@@ -13,18 +13,24 @@ from torch import Tensor, nn
 from vpdm.config import ModelConfig, SamplingConfig
 from vpdm.denoiser import Denoiser
 from vpdm.diffusion import ShiftedDiffusion
-from vpdm.scoring import feature_distance
+from vpdm.errors import ConfigError
+from vpdm.scoring import ScoringConfig, feature_distance
 from vpdm.vpot import VaguePrototypes
 
 
 class VPDM(nn.Module):
-    def __init__(self, channels: int, feature_size: int, config: ModelConfig | None = None):
+    def __init__(self, channels: int, feature_size: int, config: ModelConfig | None = None,
+                 stage_channels: tuple[int, ...] | list[int] | None = None):
         super().__init__()
         config = config or ModelConfig()
         config.validate(feature_size)
         self.config = config
         self.channels = channels
         self.feature_size = feature_size
+        # Channels of each backbone stage in the concatenated features (for per-stage scoring).
+        self.stage_channels: tuple[int, ...] = tuple(int(c) for c in (stage_channels or (channels,)))
+        if sum(self.stage_channels) != channels or min(self.stage_channels) < 1:
+            raise ConfigError(f"stage channels {self.stage_channels} do not add up to the {channels} feature channels")
         self.prototypes = VaguePrototypes(config.prototypes, channels, feature_size)
         self.denoiser = Denoiser(channels, config.denoiser)
         self.diffusion = ShiftedDiffusion(config.diffusion)
@@ -48,33 +54,47 @@ class VPDM(nn.Module):
 
     # -- training -------------------------------------------------------------------------------
     def forward(self, features: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Training losses for a batch of raw backbone features (Algorithm 1 + Eq. 17)."""
+        """Training losses for a batch of raw backbone features (Algorithm 1 + Eq. 17), with the
+        diffusion term in the configured parameterisation and weighting (eps, unweighted: the paper)."""
         x0 = self.normalise(features)
         cond = self.prototypes(x0)
         yhat = cond["yhat"]
-        t = self.diffusion.sample_timesteps(x0.shape[0], generator=generator, device=x0.device)
+        t = self.diffusion.sample_timesteps(x0.shape[0], generator=generator, device=x0.device,
+                                            max_step=self.config.train_max_step)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.diffusion.q_sample(x0, yhat, t, noise)
-        eps = self.predict_noise(x_t, yhat, t)
-        eps_mse = (eps - noise).pow(2).mean()
-        loss = eps_mse + self.config.ot_weight * cond["ot_loss"]
-        return {"loss": loss, "eps_mse": eps_mse.detach(), "ot_loss": cond["ot_loss"].detach()}
+        output = self.denoise(x_t, yhat, t)
+        target = self.diffusion.target(x0, yhat, t, noise)
+        weights = self.diffusion.loss_weights(t, x0, self.config.loss_weighting, self.config.min_snr_gamma)
+        diffusion_loss = (weights * (output - target).pow(2)).mean()
+        with torch.no_grad():
+            eps = output if self.config.diffusion.prediction == "eps" else self.diffusion.split(output, x_t, yhat, t)[1]
+            eps_mse = (eps - noise).pow(2).mean()
+        loss = diffusion_loss + self.config.ot_weight * cond["ot_loss"]
+        return {"loss": loss, "diffusion_loss": diffusion_loss.detach(), "eps_mse": eps_mse,
+                "ot_loss": cond["ot_loss"].detach()}
 
-    def predict_noise(self, x_t: Tensor, yhat: Tensor, t: Tensor) -> Tensor:
-        """eps_theta(x_t, yhat, t) = sqrt(1 - abar_t) * z_t + denoiser(x_t, yhat, t), with z_t = x_t - yhat.
+    def denoise(self, x_t: Tensor, yhat: Tensor, t: Tensor) -> Tensor:
+        """The network's prediction in the configured parameterisation (``model.diffusion.prediction``):
+        ``c_skip(t) * z_t + denoiser(x_t, yhat, t)`` with ``z_t = x_t - yhat``.
 
-        The skip term is the best linear guess of the noise for unit-variance data (exact at t = T,
-        where z_t is almost all noise); the network learns what is left. Without it the network must
-        carry all C independent noise channels through its narrower width, which it cannot: the noise
-        estimate near t = T then stays poor and ``x0_hat = (...) / sqrt(abar_t)`` blows it up ~150x.
-        Preconditioning in the spirit of EDM's ``c_skip``; the parameterisation is still eps.
+        ``c_skip`` is the best linear guess of the target for unit-variance data
+        (:meth:`ShiftedDiffusion.skip_scale`); the network learns what is left. For eps without it the
+        network must carry all C independent noise channels through its narrower width, which it
+        cannot: the noise estimate near t = T stays poor and ``x0_hat = (...) / sqrt(abar_t)`` blows it
+        up ~150x. Preconditioning in the spirit of EDM's ``c_skip``.
         """
         z_t = x_t - yhat if self.config.diffusion.shift_to_condition else x_t
-        return self._skip_scale(t, x_t) * z_t + self.denoiser(x_t, yhat, t)
+        return self.diffusion.skip_scale(t, x_t) * z_t + self.denoiser(x_t, yhat, t)
 
-    def _skip_scale(self, t: Tensor, like: Tensor) -> Tensor:
-        abar = self.diffusion.alphas_cumprod.to(device=like.device, dtype=like.dtype)[t]
-        return (1.0 - abar).sqrt().view(-1, *([1] * (like.ndim - 1)))
+    def predict_noise(self, x_t: Tensor, yhat: Tensor, t: Tensor) -> Tensor:
+        """eps_theta(x_t, yhat, t), whatever the parameterisation."""
+        output = self.denoise(x_t, yhat, t)
+        return output if self.config.diffusion.prediction == "eps" else self.diffusion.split(output, x_t, yhat, t)[1]
+
+    def predict_x0(self, x_t: Tensor, yhat: Tensor, t: Tensor) -> Tensor:
+        """x0_hat(x_t, yhat, t) in normalised feature space, whatever the parameterisation."""
+        return self.diffusion.split(self.denoise(x_t, yhat, t), x_t, yhat, t)[0]
 
     # -- inference ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -90,14 +110,15 @@ class VPDM(nn.Module):
     @torch.no_grad()
     def reconstruct(self, features: Tensor, sampling: SamplingConfig | None = None, progress: bool = False) -> Tensor:
         """Algorithm 2: start at N(yhat, I) and denoise back to x0; returns the reconstruction in
-        normalised feature space. The image enters only through yhat."""
+        normalised feature space. The image enters only through yhat, unless ``sampling.start_step``
+        is below T: then the chain starts from the image's own features noised to that step."""
         sampling = sampling or SamplingConfig()
         yhat = self.condition(features)
         generators = [
             torch.Generator(device=features.device).manual_seed(sampling.seed) for _ in range(features.shape[0])
         ]
         return self.diffusion.sample(
-            self.predict_noise,
+            self.denoise,
             yhat,
             num_steps=sampling.num_steps,
             sampler=sampling.sampler,
@@ -105,9 +126,24 @@ class VPDM(nn.Module):
             generators=generators,
             progress=progress,
             spacing=sampling.spacing,
+            x0=self.normalise(features),
+            start_step=sampling.start_step,
         )
 
+    def denormalise(self, x: Tensor) -> Tensor:
+        return x * self.feature_std + self.feature_mean
+
     @torch.no_grad()
-    def anomaly_maps(self, features: Tensor, sampling: SamplingConfig | None = None) -> Tensor:
-        """Feature-resolution anomaly maps ||x0 - x0_rec||_2 over channels (B x S x S)."""
-        return feature_distance(self.normalise(features), self.reconstruct(features, sampling))
+    def anomaly_maps(self, features: Tensor, sampling: SamplingConfig | None = None,
+                     scoring: ScoringConfig | None = None) -> Tensor:
+        """Feature-resolution anomaly maps (B x S x S): the distance between the features and their
+        reconstruction, by default ||x0 - x0_rec||_2 over the standardised channels (the paper)."""
+        return self.distance_maps(features, self.reconstruct(features, sampling), scoring)
+
+    def distance_maps(self, features: Tensor, reconstruction: Tensor, scoring: ScoringConfig | None = None) -> Tensor:
+        """The configured distance between raw ``features`` and a reconstruction in normalised space."""
+        scoring = scoring or ScoringConfig()
+        groups = self.stage_channels if scoring.per_stage else None
+        if scoring.feature_space == "raw":
+            return feature_distance(features, self.denormalise(reconstruction), scoring.distance, groups)
+        return feature_distance(self.normalise(features), reconstruction, scoring.distance, groups)

@@ -19,7 +19,7 @@ from vpdm.config import VPDMConfig
 from vpdm.data import IMAGE_EXTENSIONS, AnomalyDataset, Sample
 from vpdm.errors import DataError, VPDMError
 from vpdm.model import VPDM
-from vpdm.scoring import image_scores, postprocess_maps
+from vpdm.scoring import postprocess_maps, score_maps
 
 
 @dataclass
@@ -81,9 +81,9 @@ class Detector:
         if images.shape[0] == 0:
             return torch.empty(0), torch.empty(0, self.map_size, self.map_size)
         features = self.extractor(images.to(self.device))
-        raw = self.model.anomaly_maps(features, self.config.sampling)
+        raw = self.model.anomaly_maps(features, self.config.sampling, self.config.scoring)
         maps = postprocess_maps(raw, self.map_size, self.config.scoring.blur_sigma)
-        return image_scores(maps, self.config.scoring.pool_size).cpu(), maps.cpu()
+        return score_maps(maps, self.config.scoring).cpu(), maps.cpu()
 
     def predict_files(self, paths: list[Path], batch_size: int = 16, progress: bool = True) -> list[Prediction]:
         """Score image files; an unreadable file gets an error entry and the others are still scored."""

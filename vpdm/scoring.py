@@ -17,11 +17,32 @@ from torch import Tensor
 from vpdm.errors import ConfigError
 
 
+DISTANCES = ("l2", "cosine")
+IMAGE_SCORES = ("max_pool", "top_k")
+FEATURE_SPACES = ("normalised", "raw")
+
+
 @dataclass
 class ScoringConfig:
+    """How a reconstruction becomes an anomaly map and an image score.
+
+    The paper: L2 over all channels of the (standardised) features, image score = max of the
+    average-pooled map. ``distance="cosine"`` is ``1 - cos`` over channels, as Dinomaly, UniAD and
+    most feature-reconstruction detectors score; ``per_stage`` computes the distance within each
+    backbone stage and averages the stage maps (each stage counts once, whatever its width; L2 per
+    stage is the root mean square over its channels). ``feature_space="raw"`` compares the backbone's
+    own features (the reconstruction mapped back through the training-set standardisation).
+    ``image_score="top_k"`` is the mean of the ``top_k_percent`` largest map pixels (Dinomaly: 1 %).
+    """
+
     blur_sigma: float = 4.0  # Gaussian blur of the upsampled map, in output pixels (common practice: 4 at 224px); 0 = off
     pool_size: int = 16  # image score = max of the map average-pooled with this window (output pixels)
     map_size: int | None = None  # output map size; None = the image size
+    distance: str = "l2"
+    per_stage: bool = False
+    feature_space: str = "normalised"
+    image_score: str = "max_pool"
+    top_k_percent: float = 1.0
 
     def validate(self) -> None:
         if not (self.blur_sigma >= 0 and math.isfinite(self.blur_sigma)):
@@ -30,11 +51,43 @@ class ScoringConfig:
             raise ConfigError(f"scoring.pool_size must be an integer >= 1, got {self.pool_size!r}")
         if self.map_size is not None and (not isinstance(self.map_size, int) or self.map_size < 1):
             raise ConfigError(f"scoring.map_size must be a positive integer or null, got {self.map_size!r}")
+        if self.distance not in DISTANCES:
+            raise ConfigError(f"scoring.distance must be one of {DISTANCES}, got {self.distance!r}")
+        if not isinstance(self.per_stage, bool):
+            raise ConfigError(f"scoring.per_stage must be true or false, got {self.per_stage!r}")
+        if self.feature_space not in FEATURE_SPACES:
+            raise ConfigError(f"scoring.feature_space must be one of {FEATURE_SPACES}, got {self.feature_space!r}")
+        if self.image_score not in IMAGE_SCORES:
+            raise ConfigError(f"scoring.image_score must be one of {IMAGE_SCORES}, got {self.image_score!r}")
+        if not (isinstance(self.top_k_percent, (int, float)) and math.isfinite(self.top_k_percent)
+                and 0 < self.top_k_percent <= 100):
+            raise ConfigError(f"scoring.top_k_percent must be a number in (0, 100], got {self.top_k_percent!r}")
 
 
-def feature_distance(x0: Tensor, x0_rec: Tensor) -> Tensor:
-    """Anomaly map S = ||x0 - x0_rec||_2 over channels: B x C x H x W -> B x H x W."""
-    return torch.linalg.vector_norm(x0 - x0_rec, dim=1)
+def feature_distance(
+    x0: Tensor, x0_rec: Tensor, distance: str = "l2", groups: tuple[int, ...] | None = None
+) -> Tensor:
+    """Anomaly map from B x C x H x W features and their reconstruction -> B x H x W.
+
+    ``groups=None``: over all channels at once, ``||x0 - x0_rec||_2`` (the paper) or ``1 - cos``.
+    ``groups`` (channel counts summing to C, one per backbone stage): the distance within each group
+    (L2 as the root mean square over the group's channels), averaged over the groups.
+    """
+    if distance not in DISTANCES:
+        raise ConfigError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    if groups is None:
+        if distance == "l2":
+            return torch.linalg.vector_norm(x0 - x0_rec, dim=1)
+        return 1.0 - F.cosine_similarity(x0, x0_rec, dim=1, eps=1e-8)
+    if sum(groups) != x0.shape[1] or any(g < 1 for g in groups):
+        raise ConfigError(f"channel groups {groups} do not add up to the {x0.shape[1]} feature channels")
+    maps = []
+    for a, b in zip(torch.split(x0, list(groups), dim=1), torch.split(x0_rec, list(groups), dim=1)):
+        if distance == "l2":
+            maps.append((a - b).pow(2).mean(dim=1).sqrt())
+        else:
+            maps.append(1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-8))
+    return torch.stack(maps).mean(dim=0)
 
 
 def gaussian_kernel1d(sigma: float, device=None) -> Tensor:
@@ -86,8 +139,20 @@ def postprocess_maps(maps: Tensor, size: int, blur_sigma: float) -> Tensor:
     return rows @ maps @ cols.T
 
 
-def image_scores(maps: Tensor, pool_size: int) -> Tensor:
-    """Image score = max of the average-pooled map (robust to single hot pixels)."""
+def image_scores(maps: Tensor, pool_size: int, method: str = "max_pool", top_k_percent: float = 1.0) -> Tensor:
+    """Image score from B x H x W maps: ``"max_pool"``, the max of the average-pooled map (robust to
+    single hot pixels), or ``"top_k"``, the mean of the ``top_k_percent`` % largest pixels (at least one)."""
+    if method == "top_k":
+        flat = maps.flatten(1)
+        k = max(1, int(round(flat.shape[1] * top_k_percent / 100.0)))
+        return flat.topk(k, dim=1).values.mean(dim=1)
+    if method != "max_pool":
+        raise ConfigError(f"image score method must be one of {IMAGE_SCORES}, got {method!r}")
     k = min(pool_size, maps.shape[-1], maps.shape[-2])
     pooled = F.avg_pool2d(maps.unsqueeze(1), kernel_size=k, stride=1)
     return pooled.flatten(1).amax(dim=1)
+
+
+def score_maps(maps: Tensor, config: ScoringConfig) -> Tensor:
+    """Image scores of post-processed maps with the configured method."""
+    return image_scores(maps, config.pool_size, config.image_score, config.top_k_percent)

@@ -1,0 +1,67 @@
+"""Distances and image scores against numpy / sklearn computed here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics.pairwise import cosine_similarity
+
+from vpdm.errors import ConfigError
+from vpdm.scoring import ScoringConfig, feature_distance, image_scores, score_maps
+
+
+def _pair(seed: int = 0, c: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(3, c, 4, 5, generator=g, dtype=torch.float64), torch.randn(3, c, 4, 5, generator=g, dtype=torch.float64)
+
+
+def _per_position(a: torch.Tensor) -> np.ndarray:  # B x C x H x W -> (B*H*W) x C
+    return a.permute(0, 2, 3, 1).reshape(-1, a.shape[1]).numpy()
+
+
+def test_cosine_distance_matches_sklearn() -> None:
+    a, b = _pair()
+    want = 1 - np.diag(cosine_similarity(_per_position(a), _per_position(b)))
+    got = feature_distance(a, b, "cosine").reshape(-1).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_per_stage_maps_are_the_mean_of_each_stages_distance() -> None:
+    a, b = _pair(1, c=7)
+    groups = (2, 5)
+    pa, pb = _per_position(a), _per_position(b)
+    rms = [np.sqrt(((pa[:, s] - pb[:, s]) ** 2).mean(1)) for s in (slice(0, 2), slice(2, 7))]
+    cos = [1 - np.diag(cosine_similarity(pa[:, s], pb[:, s])) for s in (slice(0, 2), slice(2, 7))]
+    np.testing.assert_allclose(feature_distance(a, b, "l2", groups).reshape(-1).numpy(), (rms[0] + rms[1]) / 2, rtol=1e-10)
+    np.testing.assert_allclose(feature_distance(a, b, "cosine", groups).reshape(-1).numpy(), (cos[0] + cos[1]) / 2,
+                               rtol=1e-10, atol=1e-12)
+    # one group of all channels: RMS = L2 / sqrt(C)
+    np.testing.assert_allclose(feature_distance(a, b, "l2", (7,)).numpy(),
+                               feature_distance(a, b, "l2").numpy() / np.sqrt(7), rtol=1e-10)
+    with pytest.raises(ConfigError, match="add up"):
+        feature_distance(a, b, "l2", (2, 4))
+
+
+def test_cosine_is_scale_invariant_and_l2_is_not() -> None:
+    a, b = _pair(2)
+    torch.testing.assert_close(feature_distance(3 * a, 0.5 * b, "cosine"), feature_distance(a, b, "cosine"))
+    assert not torch.allclose(feature_distance(3 * a, b, "l2"), feature_distance(a, b, "l2"))
+
+
+@pytest.mark.parametrize("percent", [0.5, 1.0, 10.0, 100.0])
+def test_top_k_image_score_is_the_mean_of_the_largest_pixels(percent: float) -> None:
+    maps = torch.rand(4, 30, 30, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    k = max(1, int(round(900 * percent / 100)))
+    want = np.sort(maps.reshape(4, -1).numpy(), axis=1)[:, -k:].mean(1)
+    np.testing.assert_allclose(image_scores(maps, 16, "top_k", percent).numpy(), want, rtol=1e-12)
+    cfg = ScoringConfig(image_score="top_k", top_k_percent=percent)
+    np.testing.assert_allclose(score_maps(maps, cfg).numpy(), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("field,value", [("distance", "l1"), ("image_score", "max"), ("top_k_percent", 0.0),
+                                         ("top_k_percent", float("nan")), ("feature_space", "pixels"),
+                                         ("per_stage", "yes")])
+def test_bad_scoring_settings_are_refused_by_name(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=f"scoring.{field}"):
+        ScoringConfig(**{field: value}).validate()
