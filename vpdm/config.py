@@ -128,6 +128,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    # Learning rate of the prototypes relative to train.lr (0 = keep them where they were initialised).
+    prototype_lr_scale: float = 1.0
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -138,6 +140,9 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr!r}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("train.weight_decay and train.grad_clip must be >= 0")
+        if not (isinstance(self.prototype_lr_scale, (int, float)) and math.isfinite(self.prototype_lr_scale)
+                and self.prototype_lr_scale >= 0):
+            raise ConfigError(f"train.prototype_lr_scale must be a finite number >= 0, got {self.prototype_lr_scale!r}")
         if not isinstance(self.threads, int) or self.threads < 0:
             raise ConfigError(f"train.threads must be an integer >= 0, got {self.threads!r}")
 

@@ -117,7 +117,17 @@ def build_model(config: VPDMConfig, train_features: Tensor, seed: int | None = N
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    """Adam (the paper's); the prototypes get ``prototype_lr_scale`` times the learning rate."""
+    inner = model.module if hasattr(model, "module") else model
+    protos = [p for n, p in inner.named_parameters() if n.startswith("prototypes.")]
+    others = [p for n, p in inner.named_parameters() if not n.startswith("prototypes.")]
+    groups = [{"params": others}]
+    if protos and config.prototype_lr_scale > 0:
+        groups.append({"params": protos, "lr": config.lr * config.prototype_lr_scale})
+    else:
+        for p in protos:
+            p.requires_grad_(False)
+    return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def train_loop(

@@ -14,7 +14,7 @@ from vpdm.config import ModelConfig, SamplingConfig
 from vpdm.denoiser import Denoiser
 from vpdm.diffusion import ShiftedDiffusion
 from vpdm.errors import ConfigError
-from vpdm.scoring import ScoringConfig, feature_distance
+from vpdm.scoring import ScoringConfig, feature_distance, local_average
 from vpdm.vpot import VaguePrototypes
 
 
@@ -145,5 +145,8 @@ class VPDM(nn.Module):
         scoring = scoring or ScoringConfig()
         groups = self.stage_channels if scoring.per_stage else None
         if scoring.feature_space == "raw":
-            return feature_distance(features, self.denormalise(reconstruction), scoring.distance, groups)
-        return feature_distance(self.normalise(features), reconstruction, scoring.distance, groups)
+            a, b = features, self.denormalise(reconstruction)
+        else:
+            a, b = self.normalise(features), reconstruction
+        a, b = local_average(a, scoring.aggregate), local_average(b, scoring.aggregate)
+        return feature_distance(a, b, scoring.distance, groups)

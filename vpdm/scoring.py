@@ -43,6 +43,10 @@ class ScoringConfig:
     feature_space: str = "normalised"
     image_score: str = "max_pool"
     top_k_percent: float = 1.0
+    # Average both the features and the reconstruction over this odd local window (stride 1) before the
+    # distance, as PatchCore aggregates a patch's neighbourhood: compares local structure, not the
+    # pixel-level detail that no model can predict. 1 = off (the paper).
+    aggregate: int = 1
 
     def validate(self) -> None:
         if not (self.blur_sigma >= 0 and math.isfinite(self.blur_sigma)):
@@ -62,6 +66,17 @@ class ScoringConfig:
         if not (isinstance(self.top_k_percent, (int, float)) and math.isfinite(self.top_k_percent)
                 and 0 < self.top_k_percent <= 100):
             raise ConfigError(f"scoring.top_k_percent must be a number in (0, 100], got {self.top_k_percent!r}")
+        if not isinstance(self.aggregate, int) or isinstance(self.aggregate, bool) or self.aggregate < 1 \
+                or self.aggregate % 2 == 0:
+            raise ConfigError(f"scoring.aggregate must be an odd integer >= 1, got {self.aggregate!r}")
+
+
+def local_average(features: Tensor, window: int) -> Tensor:
+    """Mean over a ``window`` x ``window`` neighbourhood (odd, stride 1, same size; borders average
+    the positions that exist)."""
+    if window <= 1:
+        return features
+    return F.avg_pool2d(features, window, stride=1, padding=window // 2, count_include_pad=False)
 
 
 def feature_distance(

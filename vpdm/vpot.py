@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from vpdm.errors import ConfigError
 
 ASSIGNMENTS = ("ot", "nearest")
+LEVELS = ("image", "local")
 
 
 @dataclass
@@ -45,7 +46,14 @@ class VPOTConfig:
     sinkhorn_iters: int = 100
     assignment: str = "ot"  # "ot" (the paper) or "nearest" (ablation: prototypes without OT)
     potential_momentum: float = 0.9  # EMA of the prototype-side dual potential kept for inference
-    init: str = "samples"  # "samples" (random training images' vague features) or "random" (N(0, 1))
+    # "samples" (random training samples' vague features), "kmeans" (those, then k-means on all training
+    # samples) or "random" (N(0, 1))
+    init: str = "samples"
+    kmeans_iters: int = 20
+    # What one OT sample and one prototype are: "image" (the paper: an image's whole vague map, C*(S/N)^2
+    # values) or "local" (each position of the vague map, C values: prototypes of local regions, so the
+    # condition keeps the image's own layout and each region is replaced by normal prototypes).
+    level: str = "image"
 
     def validate(self, feature_size: int | None = None) -> None:
         if not isinstance(self.num_prototypes, int) or self.num_prototypes < 1:
@@ -65,8 +73,12 @@ class VPOTConfig:
             raise ConfigError(f"prototypes.assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
         if not 0.0 <= self.potential_momentum < 1.0:
             raise ConfigError(f"prototypes.potential_momentum must be in [0, 1), got {self.potential_momentum!r}")
-        if self.init not in ("samples", "random"):
-            raise ConfigError(f"prototypes.init must be 'samples' or 'random', got {self.init!r}")
+        if self.init not in ("samples", "kmeans", "random"):
+            raise ConfigError(f"prototypes.init must be 'samples', 'kmeans' or 'random', got {self.init!r}")
+        if not isinstance(self.kmeans_iters, int) or isinstance(self.kmeans_iters, bool) or self.kmeans_iters < 1:
+            raise ConfigError(f"prototypes.kmeans_iters must be an integer >= 1, got {self.kmeans_iters!r}")
+        if self.level not in LEVELS:
+            raise ConfigError(f"prototypes.level must be one of {LEVELS}, got {self.level!r}")
 
 
 def sinkhorn_log(
@@ -96,6 +108,24 @@ def sinkhorn_log(
     return plan, f, g
 
 
+@torch.no_grad()
+def kmeans(samples: Tensor, centres: Tensor, iters: int, batch_size: int = 8192) -> Tensor:
+    """Lloyd's k-means from the given centres; a centre that loses all its samples stays where it was."""
+    centres = centres.clone()
+    k = centres.shape[0]
+    for _ in range(iters):
+        sums = torch.zeros_like(centres)
+        counts = torch.zeros(k, dtype=centres.dtype, device=centres.device)
+        for start in range(0, samples.shape[0], batch_size):
+            chunk = samples[start : start + batch_size]
+            nearest = torch.cdist(chunk, centres).argmin(dim=1)
+            sums.index_add_(0, nearest, chunk)
+            counts += torch.bincount(nearest, minlength=k).to(counts.dtype)
+        moved = counts > 0
+        centres[moved] = sums[moved] / counts[moved].unsqueeze(1)
+    return centres
+
+
 def vague(features: Tensor, downsample: int) -> Tensor:
     """Low-pass step T_down: average-pool by ``downsample`` (keeps shape and colour, drops detail)."""
     return F.avg_pool2d(features, downsample) if downsample > 1 else features
@@ -118,7 +148,8 @@ class VaguePrototypes(nn.Module):
         self.channels = channels
         self.feature_size = feature_size
         self.vague_size = feature_size // config.downsample
-        self.dim = channels * self.vague_size**2
+        self.local = config.level == "local"
+        self.dim = channels if self.local else channels * self.vague_size**2
         self.prototypes = nn.Parameter(torch.randn(config.num_prototypes, self.dim))
         # Prototype-side dual potential, kept for per-image assignment at inference (module docstring).
         self.register_buffer("potential", torch.zeros(config.num_prototypes))
@@ -126,15 +157,27 @@ class VaguePrototypes(nn.Module):
 
     @torch.no_grad()
     def init_from(self, features: Tensor, generator: torch.Generator | None = None) -> None:
-        """Data-dependent start: prototypes = vague features of K random training images (with repeats if fewer)."""
-        if self.config.init != "samples":
+        """Data-dependent start: prototypes = K random training samples (with repeats if fewer), and
+        with ``init="kmeans"`` then Lloyd's k-means iterations on all training samples, so the
+        prototypes start spread over the normal data as the OT assignment will use them."""
+        if self.config.init == "random":
             return
-        flat = vague(features, self.config.downsample).flatten(1)
+        flat = self.samples(features)
         k = self.config.num_prototypes
         idx = torch.randperm(flat.shape[0], generator=generator)
         idx = idx.repeat(math.ceil(k / len(idx)))[:k]
         jitter = 0.01 * torch.randn(k, self.dim, generator=generator)
-        self.prototypes.copy_(flat[idx] + jitter)
+        start = flat[idx] + jitter
+        if self.config.init == "kmeans":
+            start = kmeans(flat, start, self.config.kmeans_iters)
+        self.prototypes.copy_(start)
+
+    def samples(self, features: Tensor) -> Tensor:
+        """The OT samples of a batch: one row per image (``level="image"``) or per vague position."""
+        v = vague(features, self.config.downsample)
+        if self.local:
+            return v.permute(0, 2, 3, 1).reshape(-1, self.channels)
+        return v.flatten(1)
 
     def cost(self, flat: Tensor) -> Tensor:
         """C_ij = ||f_i - B_j||_2 / sqrt(d): the paper's Euclidean cost, normalised by the dimension
@@ -148,7 +191,8 @@ class VaguePrototypes(nn.Module):
         and the stored potential is updated; in eval mode each image is assigned on its own with the
         stored potential, so its ``yhat`` does not depend on the batch.
         """
-        flat = vague(features, self.config.downsample).flatten(1)
+        batch = features.shape[0]
+        flat = self.samples(features)
         cost = self.cost(flat)
         b, k = cost.shape
         reg = self.config.ot_reg
@@ -180,7 +224,10 @@ class VaguePrototypes(nn.Module):
             # (envelope theorem), so P is treated as a constant here.
             ot_loss = (plan * cost).sum() + reg * (plan * plan.clamp_min(1e-30).log()).sum()
         y = weights @ self.prototypes
-        y = y.view(b, self.channels, self.vague_size, self.vague_size)
+        if self.local:
+            y = y.view(batch, self.vague_size, self.vague_size, self.channels).permute(0, 3, 1, 2)
+        else:
+            y = y.view(batch, self.channels, self.vague_size, self.vague_size)
         return {"yhat": unvague(y, self.feature_size), "ot_loss": ot_loss, "weights": weights, "cost": cost}
 
     @torch.no_grad()
