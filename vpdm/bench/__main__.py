@@ -1,0 +1,7 @@
+"""``python -m vpdm.bench``."""
+
+import sys
+
+from vpdm.bench.cli import main
+
+sys.exit(main())

