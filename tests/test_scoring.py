@@ -65,3 +65,27 @@ def test_top_k_image_score_is_the_mean_of_the_largest_pixels(percent: float) -> 
 def test_bad_scoring_settings_are_refused_by_name(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"scoring.{field}"):
         ScoringConfig(**{field: value}).validate()
+
+
+def test_pooled_and_aggregated_maps_match_numpy() -> None:
+    from vpdm.scoring import distance_map
+
+    a, b = _pair(4, c=3)
+    a, b = torch.nn.functional.pad(a, (0, 3, 0, 4))[:, :, :8, :8], torch.nn.functional.pad(b, (0, 3, 0, 4))[:, :, :8, :8]
+    an, bn = a.numpy(), b.numpy()
+    blocks = lambda x: x.reshape(3, 3, 2, 4, 2, 4).mean(axis=(3, 5))  # noqa: E731  4x4 block means
+    want = np.sqrt(((blocks(an) - blocks(bn)) ** 2).sum(1))  # 3 x 2 x 2
+    got = distance_map(a, b, ScoringConfig(pool=4))
+    up = torch.nn.functional.interpolate(torch.from_numpy(want)[:, None], size=(8, 8), mode="bilinear",
+                                         align_corners=False)[:, 0]
+    np.testing.assert_allclose(got.numpy(), up.numpy(), rtol=1e-10)
+    # aggregate 3: the mean of each position's existing 3x3 neighbours
+    pad = lambda x: np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=np.nan)  # noqa: E731
+    def local(x):
+        p = pad(x)
+        stack = np.stack([p[:, :, i:i + 8, j:j + 8] for i in range(3) for j in range(3)])
+        return np.nanmean(stack, axis=0)
+    want3 = np.sqrt(((local(an) - local(bn)) ** 2).sum(1))
+    np.testing.assert_allclose(distance_map(a, b, ScoringConfig(aggregate=3)).numpy(), want3, rtol=1e-10)
+    with pytest.raises(ConfigError, match="pool"):
+        distance_map(a, b, ScoringConfig(pool=3))

@@ -154,3 +154,26 @@ def test_bad_config_is_refused(kw, size):
     with pytest.raises(ConfigError) as err:
         VPOTConfig(**kw).validate(size)
     assert str(next(iter(kw.values()))) in str(err.value)
+
+
+def test_dataset_scope_potential_balances_the_prototypes_over_the_whole_set():
+    """Semi-discrete OT: after ascent over many batches, every prototype receives ~1/K of the data's
+    mass under the inference rule, although each batch holds one cluster only (batch Sinkhorn would
+    force each batch onto all prototypes)."""
+    torch.manual_seed(0)
+    centres = torch.tensor([[-3.0, 0.0], [3.0, 0.0]])
+    data = torch.cat([centres[0] + 0.5 * torch.randn(3000, 2), centres[1] + 0.5 * torch.randn(1000, 2)])
+    m = VaguePrototypes(VPOTConfig(num_prototypes=4, downsample=1, ot_reg=0.05, ot_scope="dataset", potential_lr=0.5),
+                        2, 1)
+    with torch.no_grad():  # three prototypes on the big cluster's side, one on the small one's (not balanced yet)
+        m.prototypes.copy_(torch.tensor([[-3.5, 0.0], [-2.5, 0.0], [3.0, 0.5], [3.0, -0.5]]))
+    feats = data.view(-1, 2, 1, 1)
+    m.train()
+    for step in range(600):
+        cluster = step % 4 != 0  # batches of one cluster at a time, in the data's 3:1 ratio
+        idx = torch.randint(0, 3000, (64,)) if cluster else torch.randint(3000, 4000, (64,))
+        m(feats[idx])
+    m.eval()
+    with torch.no_grad():
+        mass = m(feats)["weights"].mean(0)
+    torch.testing.assert_close(mass, torch.full((4,), 0.25), rtol=0, atol=0.03)

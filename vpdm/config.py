@@ -47,6 +47,9 @@ class ModelConfig:
     # Training timesteps are drawn from 1..train_max_step (None = T, the paper). A chain that starts
     # below T (sampling.start_step) never visits larger t, so training there spends capacity it never uses.
     train_max_step: int | None = None
+    # Training augmentation: Gaussian noise of this std (standardised feature units) on the features the
+    # network sees, while the targets stay clean (UniAD's feature jitter). 0 = off.
+    feature_jitter: float = 0.0
 
     def validate(self, feature_size: int | None = None) -> None:
         self.prototypes.validate(feature_size)
@@ -56,6 +59,9 @@ class ModelConfig:
             raise ConfigError(f"model.loss_weighting must be 'none' or 'min_snr', got {self.loss_weighting!r}")
         if not (isinstance(self.min_snr_gamma, (int, float)) and math.isfinite(self.min_snr_gamma) and self.min_snr_gamma > 0):
             raise ConfigError(f"model.min_snr_gamma must be a finite number > 0, got {self.min_snr_gamma!r}")
+        if not (isinstance(self.feature_jitter, (int, float)) and math.isfinite(self.feature_jitter)
+                and self.feature_jitter >= 0):
+            raise ConfigError(f"model.feature_jitter must be a finite number >= 0, got {self.feature_jitter!r}")
         t = self.diffusion.num_timesteps
         if self.train_max_step is not None and (
             not isinstance(self.train_max_step, int) or isinstance(self.train_max_step, bool)
@@ -130,6 +136,10 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     # Learning rate of the prototypes relative to train.lr (0 = keep them where they were initialised).
     prototype_lr_scale: float = 1.0
+    lr_schedule: str = "constant"  # "constant" (the paper) or "cosine" (decay to 0 over the run)
+    warmup_fraction: float = 0.0  # linear warm-up over this fraction of all steps
+    # Exponential moving average of the weights, used for every evaluation and the saved model; 0 = off.
+    ema_decay: float = 0.0
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -143,6 +153,12 @@ class TrainConfig:
         if not (isinstance(self.prototype_lr_scale, (int, float)) and math.isfinite(self.prototype_lr_scale)
                 and self.prototype_lr_scale >= 0):
             raise ConfigError(f"train.prototype_lr_scale must be a finite number >= 0, got {self.prototype_lr_scale!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"train.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if not (isinstance(self.warmup_fraction, (int, float)) and 0 <= self.warmup_fraction < 1):
+            raise ConfigError(f"train.warmup_fraction must be a number in [0, 1), got {self.warmup_fraction!r}")
+        if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
+            raise ConfigError(f"train.ema_decay must be a number in [0, 1) (0 = off), got {self.ema_decay!r}")
         if not isinstance(self.threads, int) or self.threads < 0:
             raise ConfigError(f"train.threads must be an integer >= 0, got {self.threads!r}")
 
@@ -179,6 +195,10 @@ class VPDMConfig:
         self.model.validate(self.backbone.feature_size)
         self.sampling.validate(self.model.diffusion.num_timesteps)
         self.scoring.validate()
+        if self.backbone.feature_size % self.scoring.pool:
+            raise ConfigError(
+                f"scoring.pool={self.scoring.pool} must divide backbone.feature_size={self.backbone.feature_size}"
+            )
         self.train.validate()
         self.data.validate()
         return self

@@ -113,20 +113,19 @@ def build_model(config: VPDMConfig, train_features: Tensor, seed: int | None = N
     model = VPDM(channels, feature_size, config.model, stage_channels=stage_channels or None)
     model.fit_normalisation(train_features)
     model.init_prototypes(train_features, generator)
+    # Frozen before any wrapper (DDP) registers which parameters expect gradients.
+    model.prototypes.prototypes.requires_grad_(config.train.prototype_lr_scale > 0)
     return model
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """Adam (the paper's); the prototypes get ``prototype_lr_scale`` times the learning rate."""
     inner = model.module if hasattr(model, "module") else model
-    protos = [p for n, p in inner.named_parameters() if n.startswith("prototypes.")]
-    others = [p for n, p in inner.named_parameters() if not n.startswith("prototypes.")]
-    groups = [{"params": others}]
-    if protos and config.prototype_lr_scale > 0:
+    named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]  # frozen ones: see build_model
+    groups = [{"params": [p for n, p in named if not n.startswith("prototypes.")]}]
+    protos = [p for n, p in named if n.startswith("prototypes.")]
+    if protos:
         groups.append({"params": protos, "lr": config.lr * config.prototype_lr_scale})
-    else:
-        for p in protos:
-            p.requires_grad_(False)
     return torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
@@ -155,6 +154,11 @@ def train_loop(
     optimizer = optimizer or make_optimizer(model, config)
     finite = all_finite or (lambda value: bool(torch.isfinite(value)))
     history: list[dict[str, float]] = []
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    steps_per_epoch = len(loader) if hasattr(loader, "__len__") else 0
+    schedule = LRSchedule(config, steps_per_epoch * config.epochs)
+    ema = WeightEMA(model, config.ema_decay) if config.ema_decay > 0 else None
     model.train()
     for epoch in range(start_epoch, config.epochs):
         if before_epoch is not None:
@@ -177,7 +181,12 @@ def train_loop(
             loss.backward()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            factor = schedule(epoch * steps_per_epoch + step)
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
             optimizer.step()
+            if ema is not None:
+                ema.update(model)
             n = features.shape[0]
             seen += n
             for key in totals:
@@ -186,11 +195,63 @@ def train_loop(
         if seen == 0:
             raise VPDMError("the training loader yielded no batches; is the training split empty?")
         metrics = {key: value / seen for key, value in totals.items()}
-        metrics.update(epoch=epoch + 1, images=seen, seconds=time.perf_counter() - start)
+        metrics.update(epoch=epoch + 1, images=seen, seconds=time.perf_counter() - start,
+                       lr=optimizer.param_groups[0]["lr"])
         history.append(metrics)
+        last = epoch + 1 == config.epochs
+        if ema is not None:  # evaluations and checkpoints see the averaged weights
+            raw = ema.swap_in(model)
         if callback is not None:
             callback(epoch, metrics)
+        if ema is not None and not last:
+            ema.swap_out(model, raw)
     return history
+
+
+class LRSchedule:
+    """Multiplier of the base learning rate at a global step: linear warm-up over
+    ``warmup_fraction`` of the steps, then constant or a cosine decay to 0 (``lr_schedule``)."""
+
+    def __init__(self, config: TrainConfig, total_steps: int) -> None:
+        self.config = config
+        self.total = max(1, total_steps)
+        self.warmup = int(config.warmup_fraction * total_steps)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.config.lr_schedule == "cosine":
+            progress = (step - self.warmup) / max(1, self.total - self.warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+
+class WeightEMA:
+    """Exponential moving average of a model's floating-point parameters (buffers are copied as they
+    are: normalisation statistics and the OT potential are not trained by gradients)."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for n, p in model.named_parameters():
+            self.shadow[n].lerp_(p.detach(), 1.0 - self.decay)
+
+    @torch.no_grad()
+    def swap_in(self, model: nn.Module) -> dict[str, Tensor]:
+        """Load the averaged weights; returns the raw ones for :meth:`swap_out`."""
+        raw = {}
+        for n, p in model.named_parameters():
+            raw[n] = p.detach().clone()
+            p.copy_(self.shadow[n])
+        return raw
+
+    @torch.no_grad()
+    def swap_out(self, model: nn.Module, raw: dict[str, Tensor]) -> None:
+        for n, p in model.named_parameters():
+            p.copy_(raw[n])
 
 
 def _features_of(batch: Any) -> Tensor:

@@ -47,6 +47,10 @@ class ScoringConfig:
     # distance, as PatchCore aggregates a patch's neighbourhood: compares local structure, not the
     # pixel-level detail that no model can predict. 1 = off (the paper).
     aggregate: int = 1
+    # Compare the means of non-overlapping pool x pool blocks (stride pool) and upsample the distance map
+    # bilinearly back: with pool = the vague step's N the comparison is at the condition's own scale,
+    # where the prototypes say what is normal. 1 = off (the paper).
+    pool: int = 1
 
     def validate(self) -> None:
         if not (self.blur_sigma >= 0 and math.isfinite(self.blur_sigma)):
@@ -69,6 +73,8 @@ class ScoringConfig:
         if not isinstance(self.aggregate, int) or isinstance(self.aggregate, bool) or self.aggregate < 1 \
                 or self.aggregate % 2 == 0:
             raise ConfigError(f"scoring.aggregate must be an odd integer >= 1, got {self.aggregate!r}")
+        if not isinstance(self.pool, int) or isinstance(self.pool, bool) or self.pool < 1:
+            raise ConfigError(f"scoring.pool must be an integer >= 1, got {self.pool!r}")
 
 
 def local_average(features: Tensor, window: int) -> Tensor:
@@ -103,6 +109,20 @@ def feature_distance(
         else:
             maps.append(1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-8))
     return torch.stack(maps).mean(dim=0)
+
+
+def distance_map(features: Tensor, reconstruction: Tensor, config: ScoringConfig,
+                 groups: tuple[int, ...] | None = None) -> Tensor:
+    """B x C x H x W features and reconstruction -> B x H x W map: local averages (``aggregate``),
+    block means (``pool``; the block distances upsampled bilinearly to H x W), then the distance."""
+    a, b = local_average(features, config.aggregate), local_average(reconstruction, config.aggregate)
+    if config.pool <= 1:
+        return feature_distance(a, b, config.distance, groups)
+    size = a.shape[-2:]
+    if size[0] % config.pool or size[1] % config.pool:
+        raise ConfigError(f"scoring.pool={config.pool} must divide the feature size {tuple(size)}")
+    d = feature_distance(F.avg_pool2d(a, config.pool), F.avg_pool2d(b, config.pool), config.distance, groups)
+    return F.interpolate(d.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
 
 
 def gaussian_kernel1d(sigma: float, device=None) -> Tensor:

@@ -54,6 +54,13 @@ class VPOTConfig:
     # values) or "local" (each position of the vague map, C values: prototypes of local regions, so the
     # condition keeps the image's own layout and each region is replaced by normal prototypes).
     level: str = "image"
+    # Which distribution the balanced OT matches to the uniform prototype marginal: "batch" (the paper:
+    # Sinkhorn on each training batch) or "dataset" (semi-discrete entropic OT against the whole training
+    # set: the prototype potential is learned by stochastic ascent on the semi-dual (Genevay et al. 2016),
+    # so a batch that holds few classes is not forced to spread over every prototype; with many local
+    # prototypes per batch sample that forcing moves prototypes across classes).
+    ot_scope: str = "batch"
+    potential_lr: float = 0.1  # "dataset" scope: step of the potential ascent, in units of ot_reg
 
     def validate(self, feature_size: int | None = None) -> None:
         if not isinstance(self.num_prototypes, int) or self.num_prototypes < 1:
@@ -77,6 +84,10 @@ class VPOTConfig:
             raise ConfigError(f"prototypes.init must be 'samples', 'kmeans' or 'random', got {self.init!r}")
         if not isinstance(self.kmeans_iters, int) or isinstance(self.kmeans_iters, bool) or self.kmeans_iters < 1:
             raise ConfigError(f"prototypes.kmeans_iters must be an integer >= 1, got {self.kmeans_iters!r}")
+        if self.ot_scope not in ("batch", "dataset"):
+            raise ConfigError(f"prototypes.ot_scope must be 'batch' or 'dataset', got {self.ot_scope!r}")
+        if not (isinstance(self.potential_lr, (int, float)) and math.isfinite(self.potential_lr) and self.potential_lr > 0):
+            raise ConfigError(f"prototypes.potential_lr must be a finite number > 0, got {self.potential_lr!r}")
         if self.level not in LEVELS:
             raise ConfigError(f"prototypes.level must be one of {LEVELS}, got {self.level!r}")
 
@@ -201,7 +212,10 @@ class VaguePrototypes(nn.Module):
             ot_loss = (weights * cost).sum(dim=1).mean()  # reported only; the ablation trains with lambda=0 or this k-means-like term
             plan = weights / b
         else:
-            if self.training:
+            if self.training and self.config.ot_scope == "dataset":
+                potential = self.potential
+                plan = None
+            elif self.training:
                 with torch.no_grad():
                     plan, _, g = sinkhorn_log(
                         cost.detach().float(),
@@ -218,7 +232,9 @@ class VaguePrototypes(nn.Module):
             # Row-normalised Gibbs plan; gradients reach the prototypes through C and through B below.
             weights = torch.softmax((potential.unsqueeze(0) - cost) / reg, dim=1)
             if plan is None:
-                plan = weights / b
+                plan = (weights / b).detach()
+                if self.training:
+                    self._ascend_potential(plan.sum(dim=0) * k)
             plan = plan.to(cost.dtype)
             # Entropic OT value <P, C> + reg * sum P log P; with P at the optimum its gradient w.r.t. C is P
             # (envelope theorem), so P is treated as a constant here.
@@ -229,6 +245,14 @@ class VaguePrototypes(nn.Module):
         else:
             y = y.view(batch, self.channels, self.vague_size, self.vague_size)
         return {"yhat": unvague(y, self.feature_size), "ot_loss": ot_loss, "weights": weights, "cost": cost}
+
+    @torch.no_grad()
+    def _ascend_potential(self, mass_ratio: Tensor) -> None:
+        """One stochastic ascent step on the semi-dual of dataset-level OT: the gradient for prototype
+        j is ``1/K - mass_j`` (its target minus the mass the batch sends it); ``mass_ratio = K mass``."""
+        step = self.config.potential_lr * self.config.ot_reg * (1.0 - mass_ratio.to(self.potential.dtype))
+        self.potential.add_(step - step.mean())
+        self.potential_initialised.fill_(True)
 
     @torch.no_grad()
     def _update_potential(self, g: Tensor) -> None:
