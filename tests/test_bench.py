@@ -34,7 +34,7 @@ def bench_run(tiny_demo, tmp_path_factory):
 def test_json_has_every_section(bench_run):
     _, doc = bench_run
     for key in ("schema", "command", "versions", "machine", "config", "data", "vpdm", "baseline", "steps", "timing",
-                "ablations", "cache", "comparison", "memory"):
+                "presets_table", "cache", "comparison", "memory"):
         assert key in doc, key
     for key in ("torch", "timm", "numpy", "vpdm", "python", "cpu_count"):
         assert doc["versions"][key]
@@ -90,11 +90,13 @@ def test_steps_table(bench_run):
 
 def test_ablations_and_cache_proof(bench_run):
     _, doc = bench_run
-    assert list(doc["ablations"]) == list(PRESETS)
-    assert doc["main_preset"] == "full"
-    for name, a in doc["ablations"].items():
+    assert list(doc["presets_table"]) == list(PRESETS)  # default, paper, then the paper's ablations
+    assert doc["main_preset"] == "default"
+    for name, a in doc["presets_table"].items():
         assert a["overrides"] == PRESETS[name] and 0 <= a["mean"]["image_auroc"] <= 1
-    assert doc["ablation_runs"]["no-vague"]["history"][0]["epoch"] == 1
+    assert doc["preset_runs"]["paper-no-vague"]["history"][0]["epoch"] == 1
+    # the command line holds for every preset: the paper preset trained with the tiny settings
+    assert doc["preset_runs"]["paper"]["sampling"]["num_steps"] == 2
     proof = doc["cache"]["proof"]
     assert proof["cache_hit"] is True and proof["same_cache_key"] is True
     assert proof["images_through_backbone"] == 0 and proof["images_loaded"] == 16
@@ -105,7 +107,7 @@ def test_ablations_and_cache_proof(bench_run):
 def test_markdown_has_every_table(bench_run):
     out, _ = bench_run
     md = (out / "results.md").read_text()
-    for heading in ("## Detection", "## Speed", "## AUROC against sampler steps", "## Ablations", "## Feature cache",
+    for heading in ("## Detection", "## Speed", "## AUROC against sampler steps", "## Presets", "## Feature cache",
                     "## Targets"):
         assert heading in md, heading
     assert "| demo/grid |" in md and "PatchCore" in md and "cache_hit=True" in md
@@ -114,7 +116,7 @@ def test_markdown_has_every_table(bench_run):
 def test_second_run_with_other_model_settings_hits_the_cache(bench_run, tiny_demo, tmp_path):
     out, first = bench_run
     cache = json.loads((out / "results.json").read_text())["command"].split("data.cache_dir=")[1].split()[0]
-    code = main(["--data", f"demo:{tiny_demo}", "--output", str(tmp_path), "--epochs", "1", "--preset", "no-ot",
+    code = main(["--data", f"demo:{tiny_demo}", "--output", str(tmp_path), "--epochs", "1", "--preset", "paper-no-ot",
                  "--steps", "1", "--steps-subset", "0", "--set", f"data.cache_dir={cache}", *TINY,
                  "--set", "model.denoiser.width=8"])
     assert code == 0
@@ -122,7 +124,7 @@ def test_second_run_with_other_model_settings_hits_the_cache(bench_run, tiny_dem
     assert doc["data"]["train"]["cache_hit"] and doc["data"]["test"]["cache_hit"]
     assert doc["data"]["images_through_backbone"] == 0
     assert doc["data"]["train"]["cache_key"] == first["data"]["train"]["cache_key"]
-    assert "ablations" not in doc and doc["main_preset"] == "no-ot"
+    assert "presets_table" not in doc and doc["main_preset"] == "paper-no-ot"
 
 
 def test_default_steps_follow_the_number_of_timesteps(tiny_demo, tmp_path):
@@ -154,7 +156,7 @@ def test_balanced_subset():
     (["--steps", "ddpm:5000"], "ddpm:5000"),
     (["--set", "model.prototypes.downsample=3"], "downsample=3"),
     (["--coreset-ratio", "0"], "coreset_ratio"),
-    (["--preset", "no-ot", "--set", "model.ot_weight=-1"], "ot_weight"),
+    (["--preset", "paper-no-ot", "--set", "model.ot_weight=-1"], "ot_weight"),
 ])
 def test_bad_settings_fail_before_any_work(args, needle, tiny_demo, tmp_path, capsys):
     code = main(["--data", f"demo:{tiny_demo}", "--output", str(tmp_path / "out"), *TINY, *args])

@@ -91,8 +91,12 @@ class BackboneConfig:
     weights: str = "timm"
     # 1-based positions in timm's feature_info (stage k = out_indices k-1); see module docstring.
     stages: tuple[int, ...] = (1, 2, 3, 4)
-    feature_size: int = 32  # every selected stage is resized (bilinear) to this S x S
+    feature_size: int = 32  # every selected stage is resized to this S x S
     image_size: int = 224  # expected input H = W
+    # How stages are brought to feature_size: "bilinear" (every stage, as before) or "area" (stages larger
+    # than feature_size are averaged over their pixels, anti-aliased; smaller ones are upsampled bilinearly).
+    # Bilinear downsampling of a 112 px stage to 32 reads one pixel in ~3.5: its features then alias.
+    resize: str = "bilinear"
 
     def validate(self) -> None:
         """Raise ConfigError on any value that cannot work, before a model is built."""
@@ -136,6 +140,8 @@ class BackboneConfig:
             value = getattr(self, field_name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"backbone.{field_name} must be a positive integer, got {value!r}")
+        if self.resize not in ("bilinear", "area"):
+            raise ConfigError(f"backbone.resize must be 'bilinear' or 'area', got {self.resize!r}")
         if self.image_size < 32:
             raise ConfigError(f"backbone.image_size={self.image_size} is too small for an ImageNet CNN; expected >= 32")
         if self.feature_size > self.image_size:
@@ -406,14 +412,18 @@ class FeatureExtractor(nn.Module):
             if self._renormalise:
                 x = x * self._scale + self._shift
             maps = self.backbone(x)
-            resized = [
-                m if m.shape[-2:] == (s, s) else F.interpolate(m, size=(s, s), mode="bilinear", align_corners=False)
-                for m in maps
-            ]
+            resized = [self._resize(m, s) for m in maps]
             out = torch.cat(resized, dim=1).float()
         self.images_seen += images.shape[0]
         _total_images_seen += images.shape[0]
         return out
+
+    def _resize(self, m: Tensor, s: int) -> Tensor:
+        if m.shape[-2:] == (s, s):
+            return m
+        if self.config.resize == "area" and m.shape[-1] > s and m.shape[-2] > s:
+            return F.adaptive_avg_pool2d(m, (s, s))
+        return F.interpolate(m, size=(s, s), mode="bilinear", align_corners=False)
 
     def weights_hash(self) -> str:
         """sha1 over every backbone tensor (name, dtype, shape, bytes) in name order."""
@@ -433,7 +443,8 @@ class FeatureExtractor(nn.Module):
             stages = "-".join(str(s) for s in c.stages)
             self._fingerprint = (
                 f"{name}_{self.weights_source}_w{self.weights_hash()[:16]}"
-                f"_st{stages}_f{c.feature_size}_i{c.image_size}_v{_FEATURE_FORMAT_VERSION}"
+                f"_st{stages}_f{c.feature_size}_i{c.image_size}{'_area' if c.resize == 'area' else ''}"
+                f"_v{_FEATURE_FORMAT_VERSION}"
             )
         return self._fingerprint
 

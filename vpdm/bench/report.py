@@ -70,13 +70,20 @@ def to_markdown(doc: dict[str, Any]) -> str:
         "",
     ]
     comp = doc["comparison"]["means"]
-    lines += ["| mean | VPDM | PatchCore | PatchCore (plain max) | VPDM - PatchCore (pt) |", "|---|---|---|---|---|"]
+    others = doc.get("preset_runs", {})
+    head = f"| mean | VPDM `{doc['main_preset']}` | " + "".join(f"VPDM `{n}` | " for n in others)
+    lines += [head + "PatchCore | PatchCore (plain max) | VPDM - PatchCore (pt) |",
+              "|---|---|" + "---|" * len(others) + "---|---|---|"]
     plain = doc["baseline"]["metrics_plain_max"]["mean"]
     for k in METRICS:
         d = comp[k]["delta_pt"]
-        lines.append(f"| {k} | {_pct(comp[k]['vpdm'])} | {_pct(comp[k]['baseline'])} | {_pct(plain[k])} | "
+        extra = "".join(f"{_pct(r['metrics']['mean'][k])} | " for r in others.values())
+        lines.append(f"| {k} | {_pct(comp[k]['vpdm'])} | {extra}{_pct(comp[k]['baseline'])} | {_pct(plain[k])} | "
                      f"{'-' if d is None else f'{d:+.1f}'} |")
-    lines += [""] + _metric_table(doc["vpdm"]["metrics"]["per_class"], doc["vpdm"]["metrics"]["mean"], "VPDM")
+    lines += [""] + _metric_table(doc["vpdm"]["metrics"]["per_class"], doc["vpdm"]["metrics"]["mean"],
+                                  f"VPDM `{doc['main_preset']}`")
+    for name, run in doc.get("preset_runs", {}).items():
+        lines += [""] + _metric_table(run["metrics"]["per_class"], run["metrics"]["mean"], f"VPDM `{name}`")
     lines += [""] + _metric_table(doc["baseline"]["metrics"]["per_class"], doc["baseline"]["metrics"]["mean"], "PatchCore")
 
     r = t["ratios"]
@@ -153,19 +160,19 @@ def to_markdown(doc: dict[str, Any]) -> str:
             f"{_pct((row['test'] or {}).get('pixel_auroc'))} | {_num(ms)} | {_num(ratio, 2)} |"
         )
 
-    if "ablations" in doc:
+    if "presets_table" in doc:
         lines += [
             "",
-            "## Ablations (mean %, same features, same sampler)",
+            "## Presets (mean %, same features)",
             "",
             "| preset | what | image AUROC | pixel AUROC | AUPRO | pixel AP | train s | paper, MVTec-AD (image / pixel) |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for name, a in doc["ablations"].items():
+        for name, a in doc["presets_table"].items():
             paper = a["paper_mvtec_image_pixel_auroc"]
             lines.append(f"| {name} | {a['description']} | {_pct(a['mean']['image_auroc'])} | {_pct(a['mean']['pixel_auroc'])} | "
                          f"{_pct(a['mean']['aupro'])} | {_pct(a['mean']['pixel_ap'])} | {_num(a['train_seconds'], 0)} | "
-                         f"{paper[0]} / {paper[1]} |")
+                         f"{'-' if paper is None else f'{paper[0]} / {paper[1]}'} |")
 
     proof = doc["cache"]["proof"]
     d = doc["data"]

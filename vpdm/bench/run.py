@@ -18,7 +18,7 @@ from torch import Tensor
 from vpdm.bench.baselines import baseline_batch, fit_baseline, score_baseline
 from vpdm.bench.cli import build_config
 from vpdm.bench.measure import _peak_rss_mb, time_interleaved, versions
-from vpdm.bench.presets import PAPER_TABLE3, PRESET_DESCRIPTIONS, PRESETS, preset_config
+from vpdm.bench.presets import ABLATIONS, PAPER_TABLE3, PRESET_DESCRIPTIONS, PRESETS
 from vpdm.bench.report import METRICS, _clean, _pct
 from vpdm.errors import ConfigError
 
@@ -72,18 +72,19 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.progress = not args.no_progress
-        self.config = build_config(args)
-        presets = list(dict.fromkeys(list(PRESETS) if args.ablations else (args.preset or ["full"])))
-        if args.ablations and args.preset:
-            presets = list(dict.fromkeys(args.preset + presets))
+        presets = list(args.preset or ["default", "paper"])
+        if args.ablations:
+            presets += list(ABLATIONS)
+        presets = list(dict.fromkeys(presets))
         self.presets = presets
-        self.main = "full" if "full" in presets else presets[0]
-        self.main_config = preset_config(self.config, self.main)
-        for name in presets:
-            preset_config(self.config, name)  # every preset's settings are valid before any long work
+        self.main = "default" if "default" in presets else presets[0]
+        # every preset's settings are built and validated before any long work
+        self.configs = {name: build_config(args, PRESETS[name]) for name in presets}
+        self.main_config = self.config = self.configs[self.main]
         t_full = self.main_config.model.diffusion.num_timesteps
-        steps = args.steps or ",".join([str(n) for n in (1, 2, 5, 10, 25) if n < t_full] + [f"ddpm:{t_full}"])
-        self.steps = parse_steps(steps, t_full, self.main_config.sampling.sampler)
+        t_start = self.main_config.sampling.start_step or t_full
+        steps = args.steps or ",".join([str(n) for n in (1, 2, 5, 10, 25) if n < t_start] + [f"ddpm:{t_start}"])
+        self.steps = parse_steps(steps, t_start, self.main_config.sampling.sampler)
         accel = (self.main_config.sampling.sampler, self.main_config.sampling.num_steps)
         if accel not in self.steps:
             self.steps.append(accel)
@@ -160,12 +161,12 @@ class Bench:
         runs: dict[str, Any] = {}
         main_model = None
         for name in self.presets:
-            pcfg = preset_config(cfg, name)
+            pcfg = self.configs[name]
             self.log(f"training VPDM [{name}] {pcfg.train.epochs} epochs on {len(train.features)} images ...")
             t0 = time.perf_counter()
             model, history = engine.fit(pcfg, train, progress=self.progress)
             train_seconds = time.perf_counter() - t0
-            scores, maps, seconds = self._score_vpdm(model, pcfg.sampling, test.features)
+            scores, maps, seconds = self._score_vpdm(model, pcfg.sampling, test.features, pcfg.scoring)
             metrics = self._metrics(scores, maps)
             runs[name] = {
                 "metrics": metrics,
@@ -185,17 +186,17 @@ class Bench:
         self._mark("after_training")
         doc["vpdm"] = runs[self.main]
         if len(self.presets) > 1:
-            doc["ablations"] = {
+            doc["presets_table"] = {
                 name: {
                     "description": PRESET_DESCRIPTIONS[name],
                     "overrides": PRESETS[name],
                     "mean": r["metrics"]["mean"],
                     "train_seconds": r["train_seconds"],
-                    "paper_mvtec_image_pixel_auroc": PAPER_TABLE3[name],
+                    "paper_mvtec_image_pixel_auroc": PAPER_TABLE3.get(name),
                 }
                 for name, r in runs.items()
             }
-            doc["ablation_runs"] = {name: r for name, r in runs.items() if name != self.main}
+            doc["preset_runs"] = {name: r for name, r in runs.items() if name != self.main}
 
         # 3. baseline on the same features ----------------------------------------------------
 
@@ -281,11 +282,11 @@ class Bench:
             labels, masks, cats = labels[index], masks[index], [cats[i] for i in index]
         return compute_metrics(labels, scores, masks, maps, cats)
 
-    def _score_vpdm(self, model, sampling, features: Tensor) -> tuple[np.ndarray, np.ndarray, float]:
+    def _score_vpdm(self, model, sampling, features: Tensor, scoring=None) -> tuple[np.ndarray, np.ndarray, float]:
         from vpdm.engine import score_features
 
         t0 = time.perf_counter()
-        scores, maps = score_features(model, features, sampling=sampling, scoring=self.config.scoring,
+        scores, maps = score_features(model, features, sampling=sampling, scoring=scoring or self.config.scoring,
                                       map_size=self.map_size, batch_size=self.config.train.batch_size,
                                       progress=self.progress)
         return scores.numpy(), maps.numpy(), time.perf_counter() - t0
