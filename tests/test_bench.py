@@ -24,7 +24,7 @@ TINY = [
 def bench_run(tiny_demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     cache = tmp_path_factory.mktemp("cache")
-    code = main(["--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "1", "--ablations",
+    code = main(["--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "1", "--ablations", "--diagnose",
                  "--steps", "1,ddpm:50", "--steps-subset", "4", "--time-widths", "8",
                  "--set", f"data.cache_dir={cache}", *TINY])
     assert code == 0
@@ -104,10 +104,27 @@ def test_ablations_and_cache_proof(bench_run):
     assert doc["data"]["images_through_backbone"] == 28  # first run: 16 train + 12 test extracted once
 
 
+def test_diagnostics_of_the_default_and_the_paper(bench_run):
+    _, doc = bench_run
+    diag = doc["diagnostics"]
+    assert set(diag) == {"default", "paper"}
+    for d in diag.values():
+        assert set(d["condition"]) == {"demo/blobs", "demo/grid"}
+        for c in d["condition"].values():
+            assert 0 <= c["purity"] <= 1 and 0 <= c["entropy_nats"] <= c["max_entropy_nats"] + 1e-6
+        assert set(d["x0_mse_by_t"]) == {"0", "50"}  # T = 50 in the tiny settings; 0 = the condition itself
+        for leak in d["leak"].values():
+            assert leak["inside_over_outside"] > 0
+    rows = diag["default"]["start_steps"]
+    assert [(r["start_step"], r["num_steps"]) for r in rows] == [(50, 1), (50, 3)]
+    assert "start_steps" not in diag["paper"]
+
+
 def test_markdown_has_every_table(bench_run):
     out, _ = bench_run
     md = (out / "results.md").read_text()
-    for heading in ("## Detection", "## Speed", "## AUROC against sampler steps", "## Presets", "## Feature cache",
+    for heading in ("## Detection", "## Speed", "## AUROC against sampler steps", "## Presets", "## Diagnostics",
+                    "## Feature cache",
                     "## Targets"):
         assert heading in md, heading
     assert "| demo/grid |" in md and "PatchCore" in md and "cache_hit=True" in md

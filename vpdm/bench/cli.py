@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                    + "; ".join(f"{k}: {v}" for k, v in PRESET_DESCRIPTIONS.items()))
     p.add_argument("--ablations", action="store_true",
                    help="also train the paper's Table 3 ablations of the paper preset on the same cached features")
+    p.add_argument("--diagnose", action="store_true",
+                   help="per class: condition purity and entropy, normal reconstruction error, x0 error against t, "
+                   "defect leak; AUROC against the chain's start step (default and paper presets)")
     p.add_argument("--steps", default=None,
                    help=f"sampler steps for the AUROC-vs-steps table; a bare number uses the configured "
                    f"sampler, 'ddpm:N' / 'ddim:N' name one (default {DEFAULT_STEPS})")

@@ -174,6 +174,11 @@ def to_markdown(doc: dict[str, Any]) -> str:
                          f"{_pct(a['mean']['aupro'])} | {_pct(a['mean']['pixel_ap'])} | {_num(a['train_seconds'], 0)} | "
                          f"{'-' if paper is None else f'{paper[0]} / {paper[1]}'} |")
 
+    if doc.get("diagnostics"):
+        from vpdm.bench.diagnose import markdown as diagnostics_markdown
+
+        lines += ["", "## Diagnostics"] + diagnostics_markdown(doc["diagnostics"])
+
     proof = doc["cache"]["proof"]
     d = doc["data"]
     lines += [

@@ -178,6 +178,15 @@ class Bench:
             }
             self.log(f"  [{name}] image AUROC {_pct(metrics['mean']['image_auroc'], 2)}  pixel AUROC "
                      f"{_pct(metrics['mean']['pixel_auroc'], 2)}  (train {train_seconds:.0f}s, score {seconds:.0f}s)")
+            if self.args.diagnose and name in (self.main, "paper"):
+                from vpdm.bench.diagnose import diagnose
+
+                labels, masks, cats = self.gt
+                diag = doc.setdefault("diagnostics", {})
+                diag[name] = diagnose(
+                    model, pcfg, train, test, labels, masks, cats, maps,
+                    lambda sampling, scoring, m=model, x=test.features: self._score_vpdm(m, sampling, x, scoring)[:2],
+                    self.log, start_table=name == self.main)
             if name == self.main:
                 main_model, main_scores, main_maps = model, scores, maps
             else:
