@@ -82,6 +82,8 @@ class DatasetBundle:
     overlays: list[OverlayItem]
     num_images: int  # train + test images (each needed exactly one backbone forward)
     backbone: str  # the extractor's fingerprint
+    # bool M: False for an anomalous image without a mask (data.missing_masks=image_only), left out of pixel metrics
+    test_pixel_known: np.ndarray | None = None
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:
@@ -191,6 +193,7 @@ def build_bundle(
         overlays=_overlay_picks(test.dataset, map_size, overlays_per_class),
         num_images=len(train.dataset) + len(test.dataset),
         backbone=extractor.fingerprint(),
+        test_pixel_known=engine.pixel_known(test.dataset),
     )
     stats = FeatureStats(
         dataset=name,

@@ -345,7 +345,7 @@ def plan_sweep(sc: SweepConfig) -> SweepPlan:
     for name, spec in parse_datasets(sc.datasets):
         cfg = base.with_overrides({"data.spec": spec}).validate()
         train = list_samples(spec, "train")  # DataError naming the path for a missing/bad dataset
-        test = list_samples(cfg.data.test_spec or spec, "test")
+        test = list_samples(cfg.data.test_spec or spec, "test", cfg.data.missing_masks)
         per_worker = len(train) * (1 - sc.val_fraction) / sc.workers
         if per_worker < 2:
             raise DataError(

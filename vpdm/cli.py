@@ -143,12 +143,18 @@ def _write_metrics(result, path: Path, config) -> dict[str, Any]:
     doc = {
         "metrics": _nan_to_none(result.metrics),
         "num_images": int(len(result.scores)),
+        # Anomalous images without a mask (data.missing_masks=image_only): scored, but not in the pixel metrics.
+        "pixel_metrics_left_out": len(result.pixel_left_out),
+        "pixel_metrics_left_out_images": list(result.pixel_left_out),
         "seconds": result.seconds,
         "sampling": to_dict(config.sampling),
         "data": config.data.test_spec or config.data.spec,
     }
     print(format_metrics(result.metrics))
     print(json.dumps(doc["metrics"]["mean"], indent=2))
+    if result.pixel_left_out:
+        print(f"{len(result.pixel_left_out)} anomalous image(s) without a mask left out of the pixel metrics "
+              f"(data.missing_masks=image_only), e.g. {result.pixel_left_out[0]}")
     atomic_write_text(path, json.dumps(doc, indent=2), what="metrics")
     print(f"metrics written to {path}")
     return doc

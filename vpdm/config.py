@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from vpdm.backbone import BackboneConfig
+from vpdm.data import MISSING_MASKS
 from vpdm.denoiser import DenoiserConfig
 from vpdm.diffusion import NoiseScheduleConfig
 from vpdm.errors import ConfigError
@@ -119,10 +120,15 @@ class DataConfig:
     test_spec: str | None = None  # None = the same datasets' test splits
     cache_dir: str | None = None  # backbone feature cache; None = $VPDM_CACHE_DIR or ~/.cache/vpdm/features
     extract_batch_size: int = 16
+    # An anomalous test image without a mask: "refuse" the data before any work (its pixels would all count
+    # as normal), or "image_only": score it in the image metrics and leave it out of the pixel metrics.
+    missing_masks: str = "refuse"
 
     def validate(self) -> None:
         if not isinstance(self.spec, str) or not self.spec.strip():
             raise ConfigError(f"data.spec must be a non-empty data spec such as 'mvtec:/path/to/mvtec', got {self.spec!r}")
+        if self.missing_masks not in MISSING_MASKS:
+            raise ConfigError(f"data.missing_masks must be one of {', '.join(MISSING_MASKS)}, got {self.missing_masks!r}")
         if not isinstance(self.extract_batch_size, int) or self.extract_batch_size < 1:
             raise ConfigError(f"data.extract_batch_size must be an integer >= 1, got {self.extract_batch_size!r}")
 

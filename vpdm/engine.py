@@ -76,7 +76,7 @@ class SplitFeatures:
 def load_split(config: VPDMConfig, split: str, extractor: FeatureExtractor | None = None, progress: bool = True) -> SplitFeatures:
     """List and validate the split's files, then extract (or load cached) backbone features."""
     spec = config.data.spec if split == "train" else (config.data.test_spec or config.data.spec)
-    samples = list_samples(spec, split)  # validates paths, masks and sizes before any long work
+    samples = list_samples(spec, split, config.data.missing_masks)  # validates paths, masks and sizes before any long work
     dataset = AnomalyDataset(samples, image_size=config.backbone.image_size, mask_size=config.scoring.map_size)
     extractor = extractor or FeatureExtractor(config.backbone)
     start = time.perf_counter()
@@ -250,6 +250,8 @@ class Evaluation:
     masks: np.ndarray
     categories: list[str]
     seconds: float
+    # Anomalous images without a mask (data.missing_masks=image_only): in the image metrics only.
+    pixel_left_out: list[str] = field(default_factory=list)
 
 
 def ground_truth(dataset: AnomalyDataset) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -258,11 +260,21 @@ def ground_truth(dataset: AnomalyDataset) -> tuple[np.ndarray, np.ndarray, list[
     return labels, masks, [s.category for s in dataset.samples]
 
 
+def pixel_known(dataset: AnomalyDataset) -> np.ndarray:
+    """Per image: is its pixel ground truth known? False for an anomalous image without a mask."""
+    return np.array([s.has_mask for s in dataset.samples], dtype=bool)
+
+
 def evaluate_maps(scores: np.ndarray, maps: np.ndarray, dataset: AnomalyDataset, seconds: float = 0.0) -> Evaluation:
-    """Field metrics of any detector's scores/maps against the dataset's labels and masks."""
+    """Field metrics of any detector's scores/maps against the dataset's labels and masks.
+
+    Images whose mask is unknown count in the image metrics only; ``pixel_left_out`` names them.
+    """
     labels, masks, cats = ground_truth(dataset)
-    metrics = compute_metrics(labels, scores, masks, maps, cats)
-    return Evaluation(metrics, scores, maps, labels, masks, cats, seconds)
+    known = pixel_known(dataset)
+    metrics = compute_metrics(labels, scores, masks, maps, cats, pixel_known=known)
+    left_out = [str(s.image_path) for s, k in zip(dataset.samples, known) if not k]
+    return Evaluation(metrics, scores, maps, labels, masks, cats, seconds, left_out)
 
 
 def evaluate(model: VPDM, config: VPDMConfig, test: SplitFeatures, progress: bool = True) -> Evaluation:
