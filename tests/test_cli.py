@@ -91,6 +91,33 @@ def test_predict_scores_a_folder_and_marks_bad_files(trained, tiny_demo, tmp_pat
     assert float(rows["gray16.png"]["score"]) == pytest.approx(float(rows["gray8.png"]["score"]), abs=1e-5)
 
 
+def test_predict_overlays_of_same_named_images_in_two_folders_are_kept_apart(trained, tiny_demo, tmp_path):
+    """in/a/x.png and in/b/x.png: each row links its own overlay, named by the relative path like jobs/score.py."""
+    from vpdm.data import AnomalyDataset, Sample
+    from vpdm.pipeline import Detector
+    from vpdm.plots import overlay_array
+
+    images = tmp_path / "in"
+    sources = {"a": sorted((tiny_demo / "grid" / "test").rglob("*.png"))[0],
+               "b": sorted((tiny_demo / "blobs" / "test").rglob("*.png"))[-1]}
+    for sub, src in sources.items():
+        (images / sub).mkdir(parents=True)
+        (images / sub / "x.png").write_bytes(src.read_bytes())
+    out = tmp_path / "scored"
+    assert main(["predict", "--checkpoint", str(trained / "model.pt"), "--images", str(images), "--output", str(out),
+                 "--no-progress"]) == 0
+    rows = {Path(r["path"]).parent.name: r for r in csv.DictReader(open(out / "scores.csv"))}
+    assert {k: r["overlay"] for k, r in rows.items()} == {"a": "overlays/a__x.png", "b": "overlays/b__x.png"}
+    # the overlay each row links is the one of its own image (recomputed here from the library's maps)
+    detector = Detector.from_checkpoint(trained / "model.pt")
+    preds = detector.predict_files([images / "a" / "x.png", images / "b" / "x.png"], progress=False)
+    vmax = float(np.quantile(np.stack([p.anomaly_map for p in preds]), 0.999))
+    for sub, pred in zip("ab", preds):
+        rgb = AnomalyDataset([Sample(Path(pred.path), None, 0, "p", "u")], image_size=detector.map_size).raw_image(0)
+        with Image.open(out / rows[sub]["overlay"]) as im:
+            assert np.array_equal(np.asarray(im), overlay_array(rgb, pred.anomaly_map, vmax=vmax)), sub
+
+
 def test_predict_score_matches_evaluate_score(trained, tiny_demo):
     """The deployed image path (files -> Detector) and the evaluation path (cached features) agree."""
     from vpdm import engine

@@ -211,7 +211,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from vpdm.pipeline import Detector, image_files
+    from vpdm.pipeline import Detector, image_files, overlay_name
 
     files = image_files(args.images)
     out = writable_dir(Path(args.output))
@@ -231,11 +231,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         vmax = float(np.quantile(np.stack([r.anomaly_map for r in scored]), 0.999))
         size = detector.map_size
+    root = Path(args.images) if Path(args.images).is_dir() else Path(args.images).parent
+    used: set[str] = set()
     for r in results:
         overlay = ""
         if r.score is not None and not args.no_overlays:
             rgb = AnomalyDataset([Sample(Path(r.path), None, 0, "predict", "unknown")], image_size=size).raw_image(0)
-            overlay_path = overlays / f"{Path(r.path).stem}.png"
+            overlay_path = overlays / overlay_name(Path(r.path).relative_to(root), used)
             with writing(overlay_path, "overlay"):
                 Image.fromarray(overlay_array(rgb, r.anomaly_map, vmax=vmax)).save(overlay_path)
             overlay = str(overlay_path.relative_to(out))

@@ -109,6 +109,22 @@ class Detector:
         return sorted(results, key=lambda r: order[r.path])
 
 
+def overlay_name(rel: Path, used: set[str]) -> str:
+    """Overlay file name for an image at ``rel`` (relative to the scored folder), unique within ``used``.
+
+    Sub-folders join with ``__`` (``a/x.png`` -> ``a__x.png``) because images are found recursively and
+    two folders may hold the same file name; a name already taken gets ``_2``, ``_3``, ... Shared by
+    ``vpdm predict`` and ``jobs/score.py`` so both name an image's overlay the same way.
+    """
+    base = "__".join(Path(rel).with_suffix("").parts) or "image"
+    name, k = f"{base}.png", 1
+    while name in used:
+        k += 1
+        name = f"{base}_{k}.png"
+    used.add(name)
+    return name
+
+
 def image_files(folder: str | Path) -> list[Path]:
     """The images of a folder (recursively), sorted; a missing or empty folder is an error."""
     folder = Path(folder)
