@@ -32,6 +32,21 @@ def save_checkpoint(
     epoch: int | None = None,
 ) -> Path:
     path = Path(path)
+    payload = checkpoint_payload(model, config, categories=categories, extra=extra, optimizer=optimizer, epoch=epoch)
+    atomic_torch_save(payload, path, what="checkpoint")
+    return path
+
+
+def checkpoint_payload(
+    model: VPDM,
+    config: VPDMConfig,
+    *,
+    categories: list[str],
+    extra: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    epoch: int | None = None,
+) -> dict[str, Any]:
+    """What :func:`save_checkpoint` writes: plain containers and tensors only (``weights_only`` loads it)."""
     payload: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
@@ -45,8 +60,7 @@ def save_checkpoint(
     }
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
-    atomic_torch_save(payload, path, what="checkpoint")
-    return path
+    return payload
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
