@@ -216,3 +216,216 @@ def test_core_library_imports_no_ray_or_mlflow():
     code = "import vpdm, vpdm.cli, vpdm.engine, vpdm.pipeline, sys; " \
            "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')]; assert not bad, bad"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+# --------------------------------------------------------------------------------------------
+# everything a command needs is checked before the first image goes through the backbone
+# --------------------------------------------------------------------------------------------
+
+
+def _images_seen() -> int:
+    from vpdm.backbone import total_images_seen
+
+    return total_images_seen()
+
+
+def _copy_category(src: Path, dst: Path, *, test: bool = True) -> Path:
+    """A folder: copy of one demo class (train/good, and test/ + ground_truth/ unless test=False)."""
+    import shutil
+
+    shutil.copytree(src / "train", dst / "train")
+    if test:
+        shutil.copytree(src / "test", dst / "test")
+        shutil.copytree(src / "ground_truth", dst / "ground_truth")
+    return dst
+
+
+@pytest.mark.parametrize("fault", ["no test folder", "mask of the wrong size"])
+def test_train_evaluate_checks_the_test_split_before_extracting(fault, tiny_demo, tmp_path, capsys):
+    part = _copy_category(tiny_demo / "grid", tmp_path / "part", test=fault != "no test folder")
+    if fault == "mask of the wrong size":
+        mask = sorted((part / "ground_truth").rglob("*_mask.png"))[0]
+        Image.fromarray(np.zeros((20, 20), np.uint8)).save(mask)
+        needle = str(mask)
+    else:
+        needle = str(part / "test")
+    seen = _images_seen()
+    code = main(["train", "--data", f"folder:{part}", "--output", str(tmp_path / "out"), "--epochs", "1", "--evaluate",
+                 "--no-progress", "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err, err
+    assert _images_seen() == seen  # refused before any feature was extracted
+    assert not (tmp_path / "out" / "model.pt").exists()
+
+
+def test_train_on_a_missing_cuda_device_fails_before_extracting(tiny_demo, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA, also on a GPU runner
+    seen = _images_seen()
+    code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(tmp_path / "out"), "--epochs", "1",
+                 "--no-progress", "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY, "--set", "train.device=cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and "train.device='cuda' but no CUDA device is available" in err, err
+    assert _images_seen() == seen
+
+
+def _unwritable_dir(tmp_path: Path) -> Path:
+    """A folder nobody can create files in: read-only for a normal user; root needs /proc (Linux)."""
+    import os
+
+    if os.geteuid() != 0:
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o500)
+        return folder
+    if not Path("/proc/self").is_dir():
+        pytest.skip("running as root without /proc: no folder is unwritable")
+    return Path("/proc")
+
+
+@pytest.mark.parametrize("case", ["--output is a folder", "--output below a file", "--output unwritable",
+                                  "--plots is a file"])
+def test_evaluate_checks_its_outputs_before_extracting(case, trained, tmp_path, capsys):
+    (tmp_path / "blocker").write_text("a file")
+    metrics, plots = tmp_path / "m.json", None
+    if case == "--output is a folder":
+        metrics = tmp_path / "folder"
+        metrics.mkdir()
+        needle = f"cannot write metrics {str(metrics)!r}: it is a folder"
+    elif case == "--output below a file":
+        metrics = tmp_path / "blocker" / "m.json"
+        needle = f"cannot write metrics {str(metrics)!r}: {str(tmp_path / 'blocker')!r} is a file, not a folder"
+    elif case == "--output unwritable":
+        metrics = _unwritable_dir(tmp_path) / "vpdm-metrics.json"
+        needle = f"cannot write metrics {str(metrics)!r}"
+    else:
+        plots = tmp_path / "blocker"
+        needle = f"cannot write plots folder {str(plots)!r}"
+    seen = _images_seen()
+    argv = ["evaluate", "--checkpoint", str(trained / "model.pt"), "--output", str(metrics), "--no-progress",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}"]  # a fresh cache: the old code extracted first
+    code = main(argv + (["--plots", str(plots)] if plots else []))
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err, err
+    assert _images_seen() == seen
+    assert (tmp_path / "blocker").read_text() == "a file"
+
+
+@pytest.fixture()
+def thread_probe(monkeypatch):
+    """Records torch's intra-op thread count at every backbone forward and every model scoring call."""
+    from vpdm.backbone import FeatureExtractor
+    from vpdm.model import VPDM
+
+    seen: dict[str, list[int]] = {"backbone": [], "model": []}
+    forward, maps = FeatureExtractor.forward, VPDM.anomaly_maps
+
+    def probe_forward(self, images):
+        seen["backbone"].append(torch.get_num_threads())
+        return forward(self, images)
+
+    def probe_maps(self, *a, **k):
+        seen["model"].append(torch.get_num_threads())
+        return maps(self, *a, **k)
+
+    monkeypatch.setattr(FeatureExtractor, "forward", probe_forward)
+    monkeypatch.setattr(VPDM, "anomaly_maps", probe_maps)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # what the process had before; train.threads=1 must hold in every phase
+    yield seen
+    torch.set_num_threads(before)
+
+
+def test_train_threads_holds_for_extraction_evaluation_and_prediction(thread_probe, trained, tiny_demo, tmp_path):
+    one = ["--set", "train.threads=1", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main(["train", "--data", f"demo:{tiny_demo}", "--output", str(tmp_path / "run"), "--epochs", "1",
+                 "--no-progress", *TINY, *one]) == 0
+    assert thread_probe["backbone"] and set(thread_probe["backbone"]) == {1}
+    for phase in thread_probe.values():
+        phase.clear()
+    torch.set_num_threads(2)
+    assert main(["evaluate", "--checkpoint", str(trained / "model.pt"), "--output", str(tmp_path / "m.json"),
+                 "--no-progress", "--set", f"data.cache_dir={tmp_path / 'cache2'}", "--set", "train.threads=1"]) == 0
+    assert thread_probe["backbone"] and thread_probe["model"]
+    assert set(thread_probe["backbone"]) == set(thread_probe["model"]) == {1}
+    for phase in thread_probe.values():
+        phase.clear()
+    torch.set_num_threads(2)
+    image = sorted((tiny_demo / "grid" / "test").rglob("*.png"))[0]
+    assert main(["predict", "--checkpoint", str(trained / "model.pt"), "--images", str(image), "--output",
+                 str(tmp_path / "scored"), "--no-progress", "--set", "train.threads=1"]) == 0
+    assert set(thread_probe["backbone"]) == set(thread_probe["model"]) == {1}
+
+
+# --------------------------------------------------------------------------------------------
+# one run per output folder
+# --------------------------------------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys
+from vpdm.io import exclusive_folder
+with exclusive_folder(sys.argv[1]):
+    print("locked", flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def test_a_second_train_into_a_busy_folder_fails_at_once_naming_the_other_pid(tiny_demo, tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=Path(__file__).resolve().parents[1],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"  # event: the other run holds the folder
+        seen = _images_seen()
+        code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "1", "--no-progress",
+                     "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert f"output folder {str(out)!r} is in use by another vpdm run (pid {holder.pid})" in err
+        assert _images_seen() == seen and not (out / "model.pt").exists()
+    finally:
+        holder.stdin.close()
+        assert holder.wait(timeout=120) == 0
+    assert not (out / ".vpdm.lock").exists()  # released and removed
+
+
+def test_a_model_that_appears_while_training_is_never_replaced(tiny_demo, tmp_path, capsys, monkeypatch):
+    """Something that ignores the lock writes model.pt while we train: it is kept, ours is kept beside it."""
+    import os
+
+    from vpdm import engine
+    from vpdm.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    real_fit = engine.fit
+
+    def fit_while_another_writes(*a, **k):
+        (out / "model.pt").write_bytes(b"the other writer's model")
+        return real_fit(*a, **k)
+
+    monkeypatch.setattr(engine, "fit", fit_while_another_writes)
+    code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "1", "--no-progress",
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "appeared while this run was working" in err and "it was not replaced" in err, err
+    assert (out / "model.pt").read_bytes() == b"the other writer's model"
+    ours = out / f"model.pt.new-{os.getpid()}"
+    assert str(ours) in err
+    load_checkpoint(ours)  # nothing lost: this run's model is complete beside it
+
+
+def test_overwrite_replaces_the_previous_run_as_a_whole(trained, tiny_demo, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(trained, out)
+    (out / "plots").mkdir()
+    (out / "plots" / "roc.png").write_bytes(b"old plot")
+    (out / "notes.txt").write_text("the user's own file")
+    old_model = (out / "model.pt").read_bytes()
+    assert (out / "metrics.json").is_file()
+    assert main(["train", "--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "1", "--no-progress",
+                 "--overwrite", "--set", "train.seed=1", "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY]) == 0
+    assert (out / "model.pt").read_bytes() != old_model
+    # the old run's metrics and plots left with its model; nothing of the machinery is left behind
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "history.json", "model.pt", "notes.txt"]
+    assert len(json.loads((out / "history.json").read_text())) == 1

@@ -216,17 +216,48 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _override_pairs(overrides: list[str] | dict[str, Any]) -> list[tuple[str, Any]]:
+    """``["a.b=1", ...]`` or ``{"a.b": 1}`` -> ``[("a.b", 1), ...]`` (strings parsed as YAML)."""
+    if isinstance(overrides, dict):
+        return list(overrides.items())
+    pairs = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. model.prototypes.num_prototypes=20")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+# The settings a trained model was built for: its weights only mean something with them.
+CHECKPOINT_SECTIONS: tuple[str, ...] = ("backbone", "model")
+
+
+def inference_overrides(config: VPDMConfig, overrides: list[str] | dict[str, Any], command: str) -> VPDMConfig:
+    """``config`` (a checkpoint's) with ``overrides`` applied, refusing those that change what the checkpoint means.
+
+    ``backbone.*`` (network, weights, stages, feature and image size) and ``model.*`` are what the weights
+    were trained for: features of another backbone or size would be scored as nonsense, or not fit at all.
+    Sampling, scoring, data and ``train.threads`` / ``train.batch_size`` / ``train.device`` may change.
+    """
+    pairs = _override_pairs(overrides)
+    fixed = [key for key, _ in pairs if key.split(".", 1)[0] in CHECKPOINT_SECTIONS]
+    if fixed:
+        raise ConfigError(
+            f"{command} cannot change {', '.join(fixed)}: backbone.* and model.* settings are what the checkpoint's "
+            "weights were trained for (another backbone or feature size would give meaningless scores); "
+            "train a model with them instead. Sampling, scoring and data settings may change."
+        )
+    return apply_overrides(config, dict(pairs))
+
+
 def apply_overrides(config: VPDMConfig, overrides: list[str] | dict[str, Any]) -> VPDMConfig:
     """Return a copy with ``a.b.c=value`` overrides applied (values parsed as YAML: 10, 1e-3, true, [1,2])."""
-    if isinstance(overrides, dict):
-        pairs = list(overrides.items())
-    else:
-        pairs = []
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} must look like section.key=value, e.g. model.prototypes.num_prototypes=20")
-            key, raw = item.split("=", 1)
-            pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    pairs = _override_pairs(overrides)
     data = to_dict(config)
     for key, value in pairs:
         node = data

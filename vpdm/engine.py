@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from vpdm.backbone import FeatureExtractor, extract_features
 from vpdm.config import SamplingConfig, ScoringConfig, TrainConfig, VPDMConfig, default_cache_dir
-from vpdm.data import AnomalyDataset, list_samples
+from vpdm.data import AnomalyDataset, Sample
 from vpdm.errors import VPDMError
 from vpdm.metrics import compute_metrics
 from vpdm.model import VPDM
@@ -73,10 +73,20 @@ class SplitFeatures:
     class_index: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
 
-def load_split(config: VPDMConfig, split: str, extractor: FeatureExtractor | None = None, progress: bool = True) -> SplitFeatures:
-    """List and validate the split's files, then extract (or load cached) backbone features."""
-    spec = config.data.spec if split == "train" else (config.data.test_spec or config.data.spec)
-    samples = list_samples(spec, split, config.data.missing_masks)  # validates paths, masks and sizes before any long work
+def load_split(
+    config: VPDMConfig,
+    split: str,
+    extractor: FeatureExtractor | None = None,
+    progress: bool = True,
+    samples: list[Sample] | None = None,
+) -> SplitFeatures:
+    """List and validate the split's files (unless ``samples`` were listed already), then extract (or load
+    cached) backbone features with ``train.threads`` threads."""
+    from vpdm.preflight import apply_threads, list_splits
+
+    apply_threads(config)
+    if samples is None:
+        samples = list_splits(config, (split,))[split]  # validates paths, masks and sizes before any long work
     dataset = AnomalyDataset(samples, image_size=config.backbone.image_size, mask_size=config.scoring.map_size)
     extractor = extractor or FeatureExtractor(config.backbone)
     start = time.perf_counter()
@@ -278,6 +288,9 @@ def evaluate_maps(scores: np.ndarray, maps: np.ndarray, dataset: AnomalyDataset,
 
 
 def evaluate(model: VPDM, config: VPDMConfig, test: SplitFeatures, progress: bool = True) -> Evaluation:
+    from vpdm.preflight import apply_threads
+
+    apply_threads(config)
     start = time.perf_counter()
     scores, maps = score_features(
         model,

@@ -32,6 +32,9 @@ class Prediction:
 
 class Detector:
     def __init__(self, model: VPDM, config: VPDMConfig, categories: list[str] | None = None, device: str | torch.device = "cpu"):
+        from vpdm.preflight import apply_threads
+
+        apply_threads(config)  # train.threads holds for prediction too: a shared machine is not taken over
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.config = config
