@@ -429,3 +429,33 @@ def test_overwrite_replaces_the_previous_run_as_a_whole(trained, tiny_demo, tmp_
     # the old run's metrics and plots left with its model; nothing of the machinery is left behind
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "history.json", "model.pt", "notes.txt"]
     assert len(json.loads((out / "history.json").read_text())) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# settings a trained model cannot change
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict"])
+@pytest.mark.parametrize("setting", ["backbone.image_size=32", "backbone.feature_size=4", "backbone.name=resnet18",
+                                     "model.prototypes.num_prototypes=8"])
+def test_inference_refuses_settings_that_change_what_the_checkpoint_means(command, setting, trained, tiny_demo,
+                                                                           tmp_path, capsys):
+    image = sorted((tiny_demo / "grid" / "test").rglob("*.png"))[0]
+    extra = ["--images", str(image), "--output", str(tmp_path / "o")] if command == "predict" else \
+        ["--output", str(tmp_path / "m.json")]
+    seen = _images_seen()
+    code = main([command, "--checkpoint", str(trained / "model.pt"), *extra, "--no-progress", "--set", setting,
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+    err = capsys.readouterr().err
+    key = setting.split("=")[0]
+    assert code == 2 and f"vpdm {command}: error: {command} cannot change {key}" in err, err
+    assert "Traceback" not in err and _images_seen() == seen
+
+
+def test_predict_refuses_a_config_file_it_would_ignore(trained, tiny_demo, tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("sampling:\n  num_steps: 2\n")
+    image = sorted((tiny_demo / "grid" / "test").rglob("*.png"))[0]
+    code = main(["predict", "--checkpoint", str(trained / "model.pt"), "--images", str(image), "--output",
+                 str(tmp_path / "o"), "--config", str(tmp_path / "c.yaml"), "--no-progress"])
+    assert code == 2 and "predict takes its settings from the checkpoint" in capsys.readouterr().err
