@@ -459,3 +459,20 @@ def test_predict_refuses_a_config_file_it_would_ignore(trained, tiny_demo, tmp_p
     code = main(["predict", "--checkpoint", str(trained / "model.pt"), "--images", str(image), "--output",
                  str(tmp_path / "o"), "--config", str(tmp_path / "c.yaml"), "--no-progress"])
     assert code == 2 and "predict takes its settings from the checkpoint" in capsys.readouterr().err
+
+
+def test_evaluate_reports_defect_images_left_out_of_the_pixel_metrics(trained, tiny_demo, tmp_path, capsys):
+    part = _copy_category(tiny_demo / "grid", tmp_path / "part")
+    mask = sorted((part / "ground_truth").rglob("*_mask.png"))[0]
+    mask.unlink()
+    image = part / "test" / mask.parent.name / mask.name.replace("_mask", "")
+    base = ["evaluate", "--checkpoint", str(trained / "model.pt"), "--data", f"folder:{part}", "--no-progress",
+            "--output", str(tmp_path / "m.json"), "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main(base) == 2  # refused by default, naming the image and the mask looked for
+    err = capsys.readouterr().err
+    assert str(image) in err and str(mask) in err and not (tmp_path / "m.json").exists()
+    assert main(base + ["--set", "data.missing_masks=image_only"]) == 0
+    assert "1 anomalous image(s) without a mask left out of the pixel metrics" in capsys.readouterr().out
+    doc = json.loads((tmp_path / "m.json").read_text())
+    assert doc["pixel_metrics_left_out"] == 1 and doc["pixel_metrics_left_out_images"] == [str(image)]
+    assert doc["num_images"] == 6  # still scored: in the image metrics
