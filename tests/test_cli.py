@@ -201,6 +201,62 @@ def test_foreign_checkpoint_is_refused(tmp_path, capsys):
     assert "not a vpdm checkpoint" in capsys.readouterr().err
 
 
+def _pickled_payload(path: Path, marker: Path) -> None:
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"format": "vpdm.checkpoint", "version": 1, "state_dict": Payload()}, path)
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("random bytes", "it is not a PyTorch checkpoint archive"),
+    ("plain text", "it is not a PyTorch checkpoint archive"),
+    ("empty file", "the file is empty"),
+    ("pickled objects", "it is a PyTorch archive that holds Python objects a vpdm checkpoint never contains"),
+])
+def test_an_unloadable_checkpoint_is_named_in_our_words_never_with_unsafe_advice(kind, reason, tmp_path, capsys):
+    import os
+
+    path, marker = tmp_path / "model.pt", tmp_path / "ran"
+    if kind == "random bytes":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "plain text":
+        path.write_text("hello, not a checkpoint")
+    elif kind == "empty file":
+        path.write_bytes(b"")
+    else:
+        _pickled_payload(path, marker)
+    for command in (["evaluate", "--checkpoint", str(path)],
+                    ["predict", "--checkpoint", str(path), "--images", str(path), "--output", str(tmp_path / "o")]):
+        assert main(command + ["--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {str(path)!r} is not a vpdm checkpoint: {reason}" in err, err
+        assert "weights_only" not in err and "False" not in err and "Traceback" not in err
+    assert not marker.exists()  # the payload never ran
+
+
+def test_a_checkpoint_of_the_wrong_shape_names_the_tensors_that_differ(trained, tmp_path, capsys):
+    payload = torch.load(trained / "model.pt", weights_only=True)
+    key = next(k for k, v in payload["state_dict"].items() if v.ndim == 2)
+    shape = tuple(payload["state_dict"][key].shape)
+    payload["state_dict"][key] = torch.zeros(shape[0] + 1, shape[1])
+    payload["state_dict"]["extra.weight"] = torch.zeros(1)
+    torch.save(payload, tmp_path / "model.pt")
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "model.pt"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    expected = "x".join(map(str, shape))
+    assert (f"does not match the model its settings describe: tensors of another shape: {key} (checkpoint "
+            f"{shape[0] + 1}x{shape[1]}, model {expected}); unexpected: extra.weight") in err, err
+
+
+def test_a_folder_given_as_checkpoint_is_called_a_folder(trained, capsys):
+    assert main(["evaluate", "--checkpoint", str(trained), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {str(trained)!r} is a folder, not a file" in err
+    assert f"did you mean {str(trained / 'model.pt')!r}?" in err
+
+
 def test_console_script_is_installed():
     import shutil
     import subprocess
