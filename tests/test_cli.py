@@ -532,3 +532,90 @@ def test_evaluate_reports_defect_images_left_out_of_the_pixel_metrics(trained, t
     doc = json.loads((tmp_path / "m.json").read_text())
     assert doc["pixel_metrics_left_out"] == 1 and doc["pixel_metrics_left_out_images"] == [str(image)]
     assert doc["num_images"] == 6  # still scored: in the image metrics
+
+
+# --------------------------------------------------------------------------------------------
+# numbers: NaN, infinity, zero and negative counts are refused by name, before any work
+# --------------------------------------------------------------------------------------------
+
+
+def _settings(kind: type) -> list[str]:
+    """Dotted names of every setting of type ``kind`` in VPDMConfig (walked here, not taken from the library)."""
+    import dataclasses
+    import typing
+
+    from vpdm.config import VPDMConfig
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            if dataclasses.is_dataclass(hint):
+                yield from walk(hint, f"{prefix}{f.name}.")
+            elif hint is kind or kind in typing.get_args(hint):
+                yield f"{prefix}{f.name}"
+
+    return list(walk(VPDMConfig, ""))
+
+
+FLOAT_SETTINGS = _settings(float)
+INT_SETTINGS = _settings(int)
+# Counts where zero means something (documented): torch's default threads, no residual blocks; seeds are not counts.
+ZERO_ALLOWED = {"train.threads", "model.denoiser.depth", "train.seed", "sampling.seed"}
+
+
+def test_the_walk_finds_the_settings():
+    assert {"train.lr", "train.weight_decay", "train.grad_clip", "sampling.eta", "scoring.blur_sigma"} <= set(FLOAT_SETTINGS)
+    assert {"train.epochs", "train.batch_size", "data.extract_batch_size", "backbone.image_size"} <= set(INT_SETTINGS)
+
+
+@pytest.mark.parametrize("name", FLOAT_SETTINGS)
+@pytest.mark.parametrize("value", [".nan", "nan", ".inf", "-.inf", "inf", "1e999"])
+def test_every_float_setting_refuses_nan_and_infinity_by_name(name, value):
+    from vpdm.config import load_config
+    from vpdm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{name} must be a finite number, got "):
+        load_config(None, [f"{name}={value}"])
+
+
+@pytest.mark.parametrize("name", INT_SETTINGS)
+@pytest.mark.parametrize("value", [0, -1])
+def test_every_count_refuses_zero_and_negative_values_by_name(name, value):
+    from vpdm.config import load_config
+    from vpdm.errors import ConfigError
+
+    if name in ZERO_ALLOWED and (value == 0 or name.endswith("seed")):
+        load_config(None, [f"{name}={value}"])  # meaningful: accepted
+        return
+    leaf = name.rsplit(".", 1)[-1]
+    with pytest.raises(ConfigError, match=leaf):
+        load_config(None, [f"{name}={value}"])
+
+
+def test_a_nan_setting_fails_the_command_before_any_work(tiny_demo, tmp_path, capsys):
+    seen = _images_seen()
+    code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(tmp_path / "out"), "--no-progress",
+                 *TINY, "--set", "train.weight_decay=nan"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == "vpdm train: error: train.weight_decay must be a finite number, got nan", err
+    assert _images_seen() == seen and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["predict", "--checkpoint", "m.pt", "--images", ".", "--output", "o", "--batch-size", "0"],
+     "argument --batch-size: expected an integer >= 1, got 0"),
+    (["predict", "--checkpoint", "m.pt", "--images", ".", "--output", "o", "--batch-size", "-4"],
+     "argument --batch-size: expected an integer >= 1, got -4"),
+    (["train", "--output", "o", "--epochs", "0"], "argument --epochs: expected an integer >= 1, got 0"),
+    (["train", "--output", "o", "--set", "train.lr=[1"], "train.lr=[1': the value is not valid YAML"),
+])
+def test_bad_command_line_numbers_are_one_line_errors(argv, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own refusal: usage and one line, exit code 2
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()

@@ -39,7 +39,7 @@ from typing import Any
 from tune.features import FeatureStats
 from tune.presets import Preset, ResolvedSpace, apply_search_overrides, get_preset, validate_space
 from tune.tracking import check_experiment_free, check_tracking_uri, find_experiment, resolve_tracking_uri, ui_command
-from vpdm.config import VPDMConfig, to_dict
+from vpdm.config import VPDMConfig, check_finite, to_dict
 from vpdm.errors import ConfigError, DataError, OutputError, VPDMError
 from vpdm.io import writable_dir
 
@@ -296,6 +296,7 @@ def plan_sweep(sc: SweepConfig) -> SweepPlan:
     if sc.resume:
         sc = _with_saved_settings(sc)
     preset = get_preset(sc.preset, sc.ablation)
+    check_finite(sc)  # val_fraction, reduction_factor: NaN/inf by name
     for name, value, low in (("workers", sc.workers, 1), ("threads_per_worker", sc.threads_per_worker, 1),
                              ("max_failures", sc.max_failures, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -306,8 +307,9 @@ def plan_sweep(sc: SweepConfig) -> SweepPlan:
         raise ConfigError(f"trials must be an integer >= 1, got {trials!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
-    if sc.max_concurrent is not None and (not isinstance(sc.max_concurrent, int) or sc.max_concurrent < 1):
-        raise ConfigError(f"max_concurrent must be an integer >= 1, got {sc.max_concurrent!r}")
+    for name, value in (("max_concurrent", sc.max_concurrent), ("num_cpus", sc.num_cpus)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
     if not 0.0 < sc.val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in (0, 1), got {sc.val_fraction!r}")
     if sc.reduction_factor <= 1:

@@ -143,6 +143,7 @@ class VPDMConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
     def validate(self) -> VPDMConfig:
+        check_finite(self)  # one rule for every number, before each component's own checks
         self.backbone.validate()
         self.model.validate(self.backbone.feature_size)
         self.sampling.validate(self.model.diffusion.num_timesteps)
@@ -160,6 +161,23 @@ class VPDMConfig:
 
     def with_overrides(self, overrides: list[str] | dict[str, Any]) -> VPDMConfig:
         return apply_overrides(self, overrides)
+
+
+def check_finite(config: Any, prefix: str = "") -> None:
+    """Refuse NaN and infinity in every float of a (nested) config dataclass, naming the setting.
+
+    One generic rule rather than a check in each component: a comparison such as ``value >= 0`` is
+    False for NaN, so a forgotten check would let ``train.weight_decay=nan`` train a model of NaNs.
+    """
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_finite(value, name + ".")
+            continue
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{name} must be a finite number, got {item!r}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
