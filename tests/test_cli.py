@@ -619,3 +619,15 @@ def test_bad_command_line_numbers_are_one_line_errors(argv, needle, tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2 and needle in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_says_whether_it_used_the_feature_cache_and_which_entry(trained, tmp_path, capsys):
+    import re
+
+    argv = ["evaluate", "--checkpoint", str(trained / "model.pt"), "--output", str(tmp_path / "m.json"),
+            "--no-progress", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main(argv) == 0
+    first = re.search(r"^test: 12 images, features extracted, cached as (\S+)$", capsys.readouterr().out, re.M)
+    assert first and Path(first.group(1)).parent == tmp_path / "cache" and Path(first.group(1)).is_file()
+    assert main(argv) == 0
+    assert f"test: 12 images, features cache hit {first.group(1)} (content checksum verified)\n" in capsys.readouterr().out

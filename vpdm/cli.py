@@ -175,7 +175,7 @@ def _config_yaml(config) -> str:
 def _cache_note(split) -> str:
     """Where the features came from: the cache entry used (checksum verified) or a fresh extraction."""
     if split.cache_hit:
-        return f"cache hit {split.cache_path}"
+        return f"cache hit {split.cache_path} (content checksum verified)"
     return "extracted" + (f", cached as {split.cache_path}" if split.cache_path else "")
 
 
