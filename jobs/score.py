@@ -135,7 +135,9 @@ def run(args: argparse.Namespace) -> int:
             except VPDMError as exc:  # unreadable file: keep going
                 encoded.append("")
                 errors[i] = str(exc)
-        result = model.predict(pd.DataFrame({"image": pd.Series(encoded, dtype="object")}))
+        # full maps for the overlays (the model's default answer is a small map), none without them
+        result = model.predict(pd.DataFrame({"image": pd.Series(encoded, dtype="object")}),
+                               params={"anomaly_map": "none" if args.no_overlays else "full"})
         for i, f in enumerate(chunk):
             score = float(result["score"].iloc[i])
             error = errors.get(i) or result["error"].iloc[i]
