@@ -341,3 +341,33 @@ def test_tracking_failures_only_warn(caplog):
     with caplog.at_level("WARNING"):
         log.log_metrics({"loss": 1.0}, step=1)  # must not raise
     assert "MLflow: logging metrics failed" in caplog.text
+
+
+def test_a_local_ray_is_started_on_loopback_and_a_cluster_is_joined_as_it_is(monkeypatch, tmp_path):
+    """What _start_ray asks of Ray (the real binding is checked on a real Ray in test_sweep_ray.py)."""
+    import os
+
+    import ray
+    from ray._private import ray_constants
+
+    from tune.sweep import _start_ray
+
+    calls = []
+
+    def fake_init(**kwargs):
+        calls.append({"kwargs": kwargs, "env": os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"),
+                      "cluster_mode": ray_constants.ENABLE_RAY_CLUSTER})
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    _start_ray(SweepConfig(num_cpus=2, dashboard=False, ray_temp_dir=str(tmp_path)))
+    (local,) = calls
+    assert local["kwargs"]["_node_ip_address"] == "127.0.0.1" and local["kwargs"]["dashboard_host"] == "127.0.0.1"
+    assert local["env"] == "0" and local["cluster_mode"] is False  # Ray keeps 127.0.0.1 only in this mode
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ and ray_constants.ENABLE_RAY_CLUSTER == before
+    _start_ray(SweepConfig(address="ray://head:10001"))
+    assert calls[1]["kwargs"] == {"address": "ray://head:10001", "log_to_driver": True}
+    assert calls[1]["cluster_mode"] == before  # joining a cluster: Ray's own addressing

@@ -353,3 +353,25 @@ def test_a_killed_trials_train_resources_are_released():
     finally:
         ray.shutdown()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_the_local_ray_of_a_sweep_listens_on_loopback_only():
+    """The embedded default's Ray: node address 127.0.0.1 and no socket of it on another interface."""
+    import psutil
+    import ray
+
+    from tune.sweep import SweepConfig, _start_ray
+
+    ray_tmp = tempfile.mkdtemp(prefix="vl-")
+    try:
+        _start_ray(SweepConfig(num_cpus=1, ray_temp_dir=ray_tmp, verbose=0))
+        assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
+        pids = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)}
+        listening = [c for c in psutil.net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN and c.pid in pids]
+        assert len(listening) >= 3  # GCS, raylet, object manager at least
+        elsewhere = [(c.pid, c.laddr) for c in listening if c.laddr.ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+        assert not elsewhere, elsewhere
+    finally:
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)

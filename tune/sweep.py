@@ -31,6 +31,8 @@ import math
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -447,11 +449,43 @@ def _start_ray(sc: SweepConfig) -> tuple[bool, int | None]:
     # The dashboard (when ray[default] is installed) serves the State API that Ray Train's placement-group
     # cleaner uses after ASHA kills a trial; without it the cleaner actors only log warnings.
     kwargs: dict[str, Any] = {"num_cpus": num_cpus, "include_dashboard": sc.dashboard, "dashboard_host": "127.0.0.1",
-                              "log_to_driver": sc.verbose > 0}
+                              "log_to_driver": sc.verbose > 0, "_node_ip_address": LOOPBACK}
     if sc.ray_temp_dir:
         kwargs["_temp_dir"] = str(Path(sc.ray_temp_dir).resolve())
-    ray.init(**kwargs)
+    with _single_machine_ray():
+        ray.init(**kwargs)
     return True, max_concurrent
+
+
+LOOPBACK = "127.0.0.1"
+# Ray's single-machine mode (its default on macOS and Windows): the node address is 127.0.0.1, and with
+# it the GCS, raylet, object manager, dashboard and workers listen on loopback only.
+_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def _single_machine_ray() -> Iterator[None]:
+    """Start a local Ray bound to 127.0.0.1 instead of every interface.
+
+    On Linux Ray replaces a node address of 127.0.0.1 by the machine's routable address unless its
+    cluster mode is off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read by the processes ``ray.init``
+    starts, and ``ray_constants.ENABLE_RAY_CLUSTER`` in this already imported driver). Both are set
+    for the start only, so a later connection to a real cluster from this process is unaffected.
+    """
+    from ray._private import ray_constants
+
+    old_env, old_flag = os.environ.get(_SINGLE_MACHINE_ENV), getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[_SINGLE_MACHINE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if old_env is None:
+            os.environ.pop(_SINGLE_MACHINE_ENV, None)
+        else:
+            os.environ[_SINGLE_MACHINE_ENV] = old_env
+        if old_flag is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = old_flag
 
 
 def _check_cluster(sc: SweepConfig) -> tuple[bool, int]:
