@@ -265,6 +265,19 @@ def test_visa_layout(tmp_path: Path) -> None:
         list_samples(f"visa:{root}", "train")
 
 
+def test_visa_image_only_keeps_an_anomaly_without_mask_out_of_pixel_ground_truth(tmp_path: Path) -> None:
+    root = _fake_visa(tmp_path / "VisA")
+    test = list_samples(f"visa:{root}", "test")
+    first = next(s for s in test if s.label == 1)
+    first.mask_path.unlink()  # type: ignore[union-attr]
+    with pytest.raises(DataError, match="missing_masks=image_only"):
+        list_samples(f"visa:{root}", "test")
+    kept = list_samples(f"visa:{root}", "test", missing_masks="image_only")
+    assert [(s.image_path, s.label, s.has_mask) for s in kept if s.image_path == first.image_path] == \
+        [(first.image_path, 1, False)]
+    assert sum(not s.has_mask for s in kept) == 1 and len(kept) == len(test)
+
+
 def test_visa_missing_csv(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"split_csv.*1cls\.csv"):
         list_samples(f"visa:{tmp_path}", "train")
