@@ -371,3 +371,31 @@ def test_a_local_ray_is_started_on_loopback_and_a_cluster_is_joined_as_it_is(mon
     _start_ray(SweepConfig(address="ray://head:10001"))
     assert calls[1]["kwargs"] == {"address": "ray://head:10001", "log_to_driver": True}
     assert calls[1]["cluster_mode"] == before  # joining a cluster: Ray's own addressing
+
+
+def test_the_pause_hook_stops_the_chosen_trial_once_until_released(tmp_path, monkeypatch):
+    """The fault tests' pause (tune.distributed._maybe_pause): marker first, then wait for the release file."""
+    import threading
+    import time
+
+    from tune.distributed import _maybe_pause
+
+    monkeypatch.setenv("VPDM_FAULT_PAUSE_AFTER_EPOCH", "1")
+    monkeypatch.setenv("VPDM_FAULT_PAUSE_TRIALS", "2")
+    monkeypatch.setenv("VPDM_FAULT_MARKER_DIR", str(tmp_path))
+    monkeypatch.setenv("VPDM_FAULT_PAUSE_TIMEOUT_S", "600")
+    _maybe_pause(1, 0, "trial-a")  # the first trial to arrive is not chosen: returns at once
+    _maybe_pause(2, 0, "trial-b")  # another epoch
+    _maybe_pause(1, 1, "trial-b")  # another rank
+    assert not list(tmp_path.glob("*.paused"))
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (_maybe_pause(1, 0, "trial-b"), done.set()), daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 600
+    while not (tmp_path / "trial-b.paused").exists():  # event: the trial says it has stopped
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not done.wait(0.5)  # stopped until released
+    (tmp_path / "release").write_text("go")
+    assert done.wait(600)
+    _maybe_pause(1, 0, "trial-b")  # once per trial: a resumed trial does not stop again
