@@ -77,16 +77,6 @@ def check_tracking_uri(uri: str) -> None:
             raise UsageError(f"tracking store {uri}: folder {str(path)!r} does not exist")
 
 
-def overlay_name(rel: Path, used: set[str]) -> str:
-    base = "__".join(rel.with_suffix("").parts) or "image"
-    name, k = f"{base}.png", 1
-    while name in used:
-        k += 1
-        name = f"{base}_{k}.png"
-    used.add(name)
-    return name
-
-
 def run(args: argparse.Namespace) -> int:
     # Cheap checks first: a typo should not cost the seconds it takes to import torch and mlflow.
     images = Path(args.images)
@@ -106,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from tune.mlflow_model import _encode_file, decode_image_bytes, load_detector_model
     from vpdm.errors import VPDMError
     from vpdm.io import atomic_write_text, writable_dir, writing
-    from vpdm.pipeline import image_files
+    from vpdm.pipeline import image_files, overlay_name
     from vpdm.plots import overlay_array
 
     try:
@@ -145,7 +135,9 @@ def run(args: argparse.Namespace) -> int:
             except VPDMError as exc:  # unreadable file: keep going
                 encoded.append("")
                 errors[i] = str(exc)
-        result = model.predict(pd.DataFrame({"image": pd.Series(encoded, dtype="object")}))
+        # full maps for the overlays (the model's default answer is a small map), none without them
+        result = model.predict(pd.DataFrame({"image": pd.Series(encoded, dtype="object")}),
+                               params={"anomaly_map": "none" if args.no_overlays else "full"})
         for i, f in enumerate(chunk):
             score = float(result["score"].iloc[i])
             error = errors.get(i) or result["error"].iloc[i]

@@ -335,3 +335,22 @@ def test_bad_settings_are_config_errors(changes: dict[str, Any], message: str) -
 def test_stage_beyond_the_model_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"1\.\.5"):
         FeatureExtractor(BackboneConfig(name="tf_efficientnet_lite0", weights="none", stages=(1, 6), image_size=64))
+
+
+def test_planted_features_under_the_right_name_are_detected_and_recomputed(tmp_path: Path) -> None:
+    """Someone writes other features into a cache entry, keeping its name and key: the checksum catches it."""
+    extractor = FeatureExtractor(
+        BackboneConfig(name="tf_efficientnet_lite0", weights="none", image_size=64, feature_size=8)
+    )
+    dataset = _FolderDataset(_write_images(tmp_path, 3, seed=3), 64)
+    true, info = extract_features(extractor, dataset, cache_dir=tmp_path / "c", progress=False, return_info=True)
+    payload = torch.load(info["path"], weights_only=True)
+    payload["features"] = true.flip(0).clone()  # another image's features for each image, same shape and key
+    torch.save(payload, info["path"])
+    seen = extractor.images_seen
+    with pytest.warns(RuntimeWarning, match=r"do not match the checksum stored with them .*recomputing"):
+        again, info2 = extract_features(extractor, dataset, cache_dir=tmp_path / "c", progress=False, return_info=True)
+    assert info2["cache_hit"] is False and extractor.images_seen == seen + 3  # recomputed, not trusted
+    assert torch.equal(again, true)
+    third, info3 = extract_features(extractor, dataset, cache_dir=tmp_path / "c", progress=False, return_info=True)
+    assert info3["cache_hit"] is True and torch.equal(third, true)  # the rewritten entry is trusted again

@@ -156,20 +156,66 @@ def test_same_category_from_two_roots_disambiguated(tmp_path: Path) -> None:
     assert list_samples(spec, "train") == train  # deterministic
 
 
-def test_folder_layout_masks_optional(tmp_path: Path) -> None:
+def test_folder_layout_refuses_a_defect_image_without_mask_by_default(tmp_path: Path) -> None:
+    """Without its mask, every pixel of a defect image would count as normal: refused before any work,
+    naming the image and the mask path looked for; the train split needs no masks."""
     root = make_tree(tmp_path / "my_part", defects=("dent", "scratch"), masks=False)
     _png(root / "ground_truth" / "dent" / "000_mask.png", _mask())
-    test = list_samples(f"folder:{root}", "test")
+    with pytest.raises(DataError) as e:
+        list_samples(f"folder:{root}", "test")
+    msg = str(e.value)
+    assert str(root / "test" / "scratch" / "000.png") in msg
+    assert str(root / "ground_truth" / "scratch" / "000_mask.png") in msg and "missing_masks=image_only" in msg
+    assert len(list_samples(f"folder:{root}", "train")) == 2
+
+
+def test_folder_layout_image_only_keeps_unmasked_defects_out_of_pixel_ground_truth(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "my_part", defects=("dent", "scratch"), masks=False)
+    _png(root / "ground_truth" / "dent" / "000_mask.png", _mask())
+    test = list_samples(f"folder:{root}", "test", missing_masks="image_only")
     assert categories(test) == ["folder/my_part"]
     by_defect = {s.defect: s for s in test}
     assert set(by_defect) == {"good", "dent", "scratch"}
     assert by_defect["dent"].mask_path is not None and by_defect["dent"].has_mask
     assert by_defect["scratch"].label == 1 and by_defect["scratch"].mask_path is None
-    assert not by_defect["scratch"].has_mask
+    assert not by_defect["scratch"].has_mask and by_defect["good"].has_mask
     ds = AnomalyDataset(test, image_size=16)
     i = test.index(by_defect["scratch"])
-    assert ds[i]["has_mask"] is False and float(ds[i]["mask"].sum()) == 0.0
-    assert len(list_samples(f"folder:{root}", "train")) == 2
+    assert ds[i]["has_mask"] is False
+    with pytest.raises(ConfigError, match="missing_masks"):
+        list_samples(f"folder:{root}", "test", missing_masks="ignore")
+
+
+def test_unmasked_defects_count_in_image_metrics_only(tmp_path: Path) -> None:
+    """The issue's case: one mask deleted. With image_only, pixel metrics are those of the images whose masks
+    are known (checked with scikit-learn on those pixels), image metrics still use every image."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    from vpdm.engine import evaluate_maps
+
+    root = make_tree(tmp_path / "part", defects=("crack", "dent", "hole"))
+    (root / "ground_truth" / "hole" / "000_mask.png").unlink()
+    test = list_samples(f"folder:{root}", "test", missing_masks="image_only")
+    ds = AnomalyDataset(test, image_size=16, mask_size=16)
+    rng = np.random.default_rng(0)
+    maps = rng.random((len(test), 16, 16)).astype(np.float32)
+    for i, s in enumerate(test):
+        if s.mask_path is not None:
+            maps[i] += 0.5 * ds.mask_array(i)  # the known defects are found...
+        elif s.label == 1:
+            maps[i] += 0.5  # ...and the unmasked one lights up everywhere (all "normal" pixels if it counted)
+    scores = maps.max(axis=(1, 2))
+    result = evaluate_maps(scores, maps, ds)
+    known = [i for i, s in enumerate(test) if s.has_mask]
+    assert len(known) == len(test) - 1
+    assert result.pixel_left_out == [str(root / "test" / "hole" / "000.png")]
+    truth = np.stack([ds.mask_array(i) for i in known]).reshape(-1)
+    flat = maps[known].reshape(-1)
+    got = result.metrics["per_class"]["folder/part"]
+    assert got["pixel_auroc"] == pytest.approx(roc_auc_score(truth, flat))
+    assert got["pixel_ap"] == pytest.approx(average_precision_score(truth, flat))
+    labels = [s.label for s in test]
+    assert got["image_auroc"] == pytest.approx(roc_auc_score(labels, scores))  # every image, the unmasked one too
 
 
 def _fake_visa(root: Path) -> Path:
@@ -217,6 +263,19 @@ def test_visa_layout(tmp_path: Path) -> None:
     (root / "split_csv" / "1cls.csv").write_text("object,split,image\n")
     with pytest.raises(DataError, match=r"1cls\.csv.*label"):
         list_samples(f"visa:{root}", "train")
+
+
+def test_visa_image_only_keeps_an_anomaly_without_mask_out_of_pixel_ground_truth(tmp_path: Path) -> None:
+    root = _fake_visa(tmp_path / "VisA")
+    test = list_samples(f"visa:{root}", "test")
+    first = next(s for s in test if s.label == 1)
+    first.mask_path.unlink()  # type: ignore[union-attr]
+    with pytest.raises(DataError, match="missing_masks=image_only"):
+        list_samples(f"visa:{root}", "test")
+    kept = list_samples(f"visa:{root}", "test", missing_masks="image_only")
+    assert [(s.image_path, s.label, s.has_mask) for s in kept if s.image_path == first.image_path] == \
+        [(first.image_path, 1, False)]
+    assert sum(not s.has_mask for s in kept) == 1 and len(kept) == len(test)
 
 
 def test_visa_missing_csv(tmp_path: Path) -> None:

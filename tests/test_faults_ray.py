@@ -25,8 +25,32 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 FAULT_ENV = ("VPDM_CACHE_DIR", "RAY_ADDRESS", "VPDM_FAULT_AFTER_EPOCH", "VPDM_FAULT_MARKER_DIR", "VPDM_FAULT_TRIALS",
-             "VPDM_FAULT_NAN_AT_EPOCH", "VPDM_FAULT_NAN_TRIALS", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-             "MLFLOW_HTTP_REQUEST_TIMEOUT")
+             "VPDM_FAULT_NAN_AT_EPOCH", "VPDM_FAULT_NAN_TRIALS", "VPDM_FAULT_PAUSE_AFTER_EPOCH",
+             "VPDM_FAULT_PAUSE_TRIALS", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+# Waits are for events (a marker file, a process gone, a server answering); these bounds only stop a
+# test that is broken, and are generous so that a machine loaded by other jobs is slow, not failing.
+PATIENCE_S = 1800
+
+
+def _wait_for(condition, what: str, *, timeout: float = PATIENCE_S, poll: float = 0.5, alive=None) -> None:
+    """Until ``condition()`` is true; fails naming ``what`` if ``alive()`` turns false or the bound passes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if alive is not None and not alive():
+            raise AssertionError(f"gave up waiting for {what}: the process it depends on ended")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what} after {timeout:.0f} s")
+        time.sleep(poll)
+
+
+def _group_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _identical_trials(lr: str = "0.003") -> list[str]:
@@ -124,40 +148,46 @@ def test_a_killed_sweep_driver_resumes_without_rerunning_or_duplicating(tiny_dem
 
     env = {k: v for k, v in os.environ.items() if k not in FAULT_ENV[1:]}
     env["VPDM_CACHE_DIR"] = str(tmp_path / "features")
+    # The second trial stops after its first epoch until released (never: the driver is killed there), so the
+    # kill lands at a known point, one trial finished and one running, however slow the machine is.
+    faults = tmp_path / "faults"
+    env.update(VPDM_FAULT_PAUSE_AFTER_EPOCH="1", VPDM_FAULT_PAUSE_TRIALS="2", VPDM_FAULT_MARKER_DIR=str(faults))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     log = open(tmp_path / "first.log", "w")
     first = subprocess.Popen(_sweep_cmd(tiny_demo, tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True, cwd=tmp_path)
     finished_before: dict[str, int] = {}
+
+    def one_finished_one_running() -> bool:
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            exp = client.get_experiment_by_name("killed")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+        except Exception:  # noqa: BLE001 - the database is being created
+            return False
+        trials = [r for r in runs if r.data.tags.get("vpdm.role") != "sweep"]
+        done = [r for r in trials if r.info.status == "FINISHED"]
+        if done and any(r.info.status == "RUNNING" for r in trials):
+            finished_before.update({r.info.run_id: r.info.end_time for r in done})
+            return True
+        return False
+
     try:
-        deadline = time.monotonic() + 420
-        while time.monotonic() < deadline and first.poll() is None:
-            time.sleep(1)
-            if not (tmp_path / "mlflow.db").exists():
-                continue
-            try:
-                client = MlflowClient(tracking_uri=uri)
-                exp = client.get_experiment_by_name("killed")
-                runs = client.search_runs([exp.experiment_id]) if exp else []
-            except Exception:  # noqa: BLE001 - the database is being created
-                continue
-            trials = [r for r in runs if r.data.tags.get("vpdm.role") != "sweep"]
-            done = [r for r in trials if r.info.status == "FINISHED"]
-            running = [r for r in trials if r.info.status == "RUNNING"]
-            if done and running:
-                finished_before = {r.info.run_id: r.info.end_time for r in done}
-                break
-        assert finished_before, "the sweep never had a finished and a running trial:\n" + (tmp_path / "first.log").read_text()[-3000:]
+        alive = lambda: first.poll() is None  # noqa: E731
+        _wait_for(lambda: len(list(faults.glob("*.paused"))) == 1, "the second trial to pause", alive=alive)
+        _wait_for(one_finished_one_running, "MLflow to show one finished and one running trial", alive=alive)
         os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
-        first.wait(timeout=60)
+        first.wait(timeout=PATIENCE_S)
+        _wait_for(lambda: _group_gone(first.pid), "every process of the killed sweep to be gone")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}:\n" + (tmp_path / "first.log").read_text()[-3000:]) from None
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
         log.close()
-    time.sleep(2)
 
     second = subprocess.run(_sweep_cmd(tiny_demo, tmp_path, "--resume"), env=env, capture_output=True, text=True,
-                            timeout=600, cwd=tmp_path)
+                            timeout=PATIENCE_S, cwd=tmp_path)
     out = second.stdout + second.stderr
     (tmp_path / "second.log").write_text(out)
     assert second.returncode == 0, out[-5000:]
@@ -200,21 +230,24 @@ def _start_mlflow_server(root: Path, port: int, log_name: str) -> subprocess.Pop
     )
     import urllib.request
 
-    deadline = time.monotonic() + 120
-    while True:
+    def answers() -> bool:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
-            return server
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10).close()
+            return True
         except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("mlflow server did not start:\n" + (root / log_name).read_text()[-3000:])
-            time.sleep(0.5)
+            return False
+
+    try:
+        _wait_for(answers, "the mlflow server to answer", alive=lambda: server.poll() is None)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}:\n" + (root / log_name).read_text()[-3000:]) from None
+    return server
 
 
 def _stop(server: subprocess.Popen) -> None:
     if server.poll() is None:
         os.killpg(server.pid, signal.SIGKILL)
-        server.wait(timeout=30)
+        server.wait(timeout=PATIENCE_S)
 
 
 def test_mlflow_server_lost_mid_sweep_training_goes_on_and_the_replay_loses_nothing(tiny_demo, tmp_path, fault_env,
@@ -224,27 +257,41 @@ def test_mlflow_server_lost_mid_sweep_training_goes_on_and_the_replay_loses_noth
     from tune.recover import main as recover_main
     from tune.sweep import SweepConfig, run_sweep
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # fail in seconds, not minutes (trials inherit it)
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    # A killed server refuses connections at once, so one retry fails in seconds (trials inherit this); the
+    # timeout only bounds a slow answer of the live server on a loaded machine, which must not count as an outage.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
+    # The trial stops after epoch 1 until released: the server dies at that known point, not in a race
+    # with training (a loaded machine once let the whole trial finish before the kill: nothing was pending).
+    faults = tmp_path / "faults"
+    monkeypatch.setenv("VPDM_FAULT_PAUSE_AFTER_EPOCH", "1")
+    monkeypatch.setenv("VPDM_FAULT_MARKER_DIR", str(faults))
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     server = _start_mlflow_server(tmp_path, port, "server1.log")
-    killed = threading.Event()
+    killed, sweep_done = threading.Event(), threading.Event()
+    watcher_error: list[BaseException] = []
+
+    def first_epoch_logged() -> bool:
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            exp = client.get_experiment_by_name("outage")
+            return bool(exp and client.search_runs([exp.experiment_id], filter_string="metrics.loss > -1e9"))
+        except Exception:  # noqa: BLE001 - the experiment is being created
+            return False
 
     def kill_after_first_epoch() -> None:
-        client = MlflowClient(tracking_uri=uri)
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and not killed.is_set():
-            try:
-                exp = client.get_experiment_by_name("outage")
-                runs = client.search_runs([exp.experiment_id], filter_string="metrics.loss > -1e9") if exp else []
-            except Exception:  # noqa: BLE001
-                runs = []
-            if runs:
-                _stop(server)
-                killed.set()
-                return
-            time.sleep(0.5)
+        try:
+            sweeping = lambda: not sweep_done.is_set()  # noqa: E731
+            _wait_for(lambda: bool(list(faults.glob("*.paused"))), "the trial to pause after epoch 1", alive=sweeping)
+            _wait_for(first_epoch_logged, "epoch 1 in MLflow", alive=sweeping)  # the Train controller logs it
+            _stop(server)
+            killed.set()
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            watcher_error.append(exc)
+        finally:
+            faults.mkdir(parents=True, exist_ok=True)
+            (faults / "release").write_text("go")  # training goes on, now without its server
 
     watcher = threading.Thread(target=kill_after_first_epoch, daemon=True)
     watcher.start()
@@ -256,9 +303,11 @@ def test_mlflow_server_lost_mid_sweep_training_goes_on_and_the_replay_loses_noth
         )
         result = run_sweep(sc, progress=False)
     finally:
-        killed.set()
-        watcher.join(timeout=10)
+        sweep_done.set()
+        watcher.join(timeout=PATIENCE_S)
         _stop(server)
+    assert not watcher_error, watcher_error
+    assert killed.is_set()  # the server died after epoch 1 and before epoch 2
     print(result.summary_text())
     (d,) = result.datasets
     (trial,) = d.trials

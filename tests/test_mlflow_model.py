@@ -47,6 +47,9 @@ from vpdm.pipeline import Detector  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "vpdm-test"
 TOL = 1e-4
+# Bounds on child processes and on waits for a server: generous, so that a machine loaded by other jobs
+# is slow, not failing; the waits themselves end on the event (the process exits, the server answers).
+PATIENCE_S = 1800
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,8 +137,12 @@ def _env(store) -> dict[str, str]:
 def test_logged_model_has_signature_example_and_carried_code(champion):
     info = champion["info"]
     assert info.model_uri.startswith("models:/")
-    inputs = info.signature.inputs.to_dict()
-    assert inputs == [{"type": "string", "name": "image", "required": True}]
+    assert info.signature.inputs is None  # predict_frame checks the input: an empty request needs no columns
+    assert info.signature.params.to_dict() == [
+        {"name": "anomaly_map", "type": "string", "default": "small", "shape": None},
+        {"name": "map_side", "type": "long", "default": 16, "shape": None},
+        {"name": "png_vmax", "type": "double", "default": 0.0, "shape": None},
+    ]
     assert [c["name"] for c in info.signature.outputs.to_dict()] == list(OUTPUT_COLUMNS)
     assert info.metadata["image_size"] == 64 and info.metadata["map_size"] == 64
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
@@ -157,7 +164,7 @@ def test_champion_loads_in_a_fresh_process_and_matches_the_detector(champion, st
         paths = sys.argv[1:]
         model = mlflow.pyfunc.load_model("models:/%s@champion")
         frame = pd.DataFrame({"image": [base64.b64encode(open(p, "rb").read()).decode() for p in paths]})
-        out = model.predict(frame)
+        out = model.predict(frame, params={"anomaly_map": "full"})
         import vpdm, tune.mlflow_model
         print(json.dumps({"scores": out["score"].tolist(), "maps": out["anomaly_map"].tolist(),
                           "errors": out["error"].tolist(), "vpdm": vpdm.__file__,
@@ -167,7 +174,7 @@ def test_champion_loads_in_a_fresh_process_and_matches_the_detector(champion, st
     env = _env(store)
     env.pop("PYTHONPATH", None)
     proc = subprocess.run([sys.executable, "-c", script, *map(str, images)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=240)
+                          capture_output=True, text=True, timeout=PATIENCE_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["errors"] == [None] * len(images)
@@ -271,7 +278,7 @@ def test_bad_items_fail_alone(loaded, images, reference):
     assert out["score"].iloc[0] == pytest.approx(reference[str(images[0])][0], abs=TOL)
     assert out["score"].iloc[5] == pytest.approx(reference[str(images[1])][0], abs=TOL)
     assert out["error"].iloc[0] is None and out["error"].iloc[5] is None
-    assert np.asarray(out["anomaly_map"].iloc[0]).shape == (64, 64)
+    assert np.asarray(out["anomaly_map"].iloc[0]).shape == (16, 16)  # the default: a small map
     for i, pattern in [(1, "row 1: cannot decode image"), (2, "row 2: not a PNG, JPEG, BMP or TIFF"),
                        (3, "row 3: not valid base64"), (4, "row 4: expected a base64 string")]:
         assert np.isnan(out["score"].iloc[i]) and out["anomaly_map"].iloc[i] is None
@@ -343,11 +350,50 @@ def test_converted_images_score_like_their_rgb(loaded):
 def test_empty_frame_and_missing_column(loaded, checkpoint):
     out = loaded.predict(images_to_frame([]))
     assert list(out.columns) == list(OUTPUT_COLUMNS) and len(out) == 0
-    with pytest.raises(MlflowException, match="missing inputs.*'image'"):
+    # {"dataframe_records": []} arrives as a frame without any column: still an empty request, an empty answer
+    out = loaded.predict(pd.DataFrame([]))
+    assert list(out.columns) == list(OUTPUT_COLUMNS) and len(out) == 0
+    with pytest.raises(MlflowException, match="input has no 'image' column .*columns: \\['picture'\\]"):
         loaded.predict(pd.DataFrame({"picture": ["x"]}))
-    # without the signature in front (the python model itself), the message names the column too
     with pytest.raises(MlflowException, match="no 'image' column"):
         predict_frame(Detector.from_checkpoint(checkpoint), pd.DataFrame({"picture": ["x"]}))
+
+
+def test_the_caller_chooses_what_map_comes_back(loaded, images, reference):
+    """Through the loaded model's params: checked against the library's full map, reduced here with numpy."""
+    import io
+    import json
+
+    frame = images_to_frame(images[:2])
+    ref = [reference[str(p)][1].astype(np.float64) for p in images[:2]]  # 64 x 64
+    small = loaded.predict(frame)  # default
+    for got, full in zip(small["anomaly_map"], ref):
+        blocks = full.reshape(16, 4, 16, 4).mean(axis=(1, 3))  # 16 x 16 block means of the 64 px map
+        np.testing.assert_allclose(np.asarray(got), blocks, rtol=1e-4, atol=1e-4)
+    eight = loaded.predict(frame, params={"map_side": 8})
+    np.testing.assert_allclose(np.asarray(eight["anomaly_map"].iloc[0]), ref[0].reshape(8, 8, 8, 8).mean(axis=(1, 3)),
+                               rtol=1e-4, atol=1e-4)
+    none = loaded.predict(frame, params={"anomaly_map": "none"})
+    assert none["anomaly_map"].tolist() == [None, None] and np.allclose(none["score"], small["score"])
+    full = loaded.predict(frame, params={"anomaly_map": "full"})
+    for got, want in zip(full["anomaly_map"], ref):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+    png = loaded.predict(frame, params={"anomaly_map": "png"})
+    for got, want in zip(png["anomaly_map"], ref):
+        with Image.open(io.BytesIO(base64.b64decode(got))) as im:
+            assert im.format == "PNG" and im.mode == "L" and im.size == (64, 64)
+            assert np.abs(np.asarray(im).astype(int) - np.rint(255 * want / want.max())).max() <= 1
+    scaled = loaded.predict(frame, params={"anomaly_map": "png", "png_vmax": float(2 * ref[0].max())})
+    with Image.open(io.BytesIO(base64.b64decode(scaled["anomaly_map"].iloc[0]))) as im:
+        assert abs(int(np.asarray(im).max()) - 128) <= 1  # a fixed scale: half of it is mid-grey
+    # what a 100-image answer weighs: the default stays small, the full float map does not
+    per_image = {kind: len(json.dumps(out["anomaly_map"].iloc[0])) for kind, out in
+                 (("small", small), ("full", full), ("none", none))}
+    assert per_image["small"] * 100 < 1_000_000 < per_image["full"] * 100 * 224 ** 2 / 64 ** 2, per_image
+    for bad, needle in [({"anomaly_map": "jpeg"}, "anomaly_map='jpeg'"), ({"map_side": 0}, "map_side=0"),
+                        ({"png_vmax": -1.0}, "png_vmax=-1.0")]:
+        with pytest.raises(MlflowException, match=needle):
+            loaded.predict(frame, params=bad)
 
 
 # --------------------------------------------------------------------------------------------
@@ -367,7 +413,7 @@ def test_score_job_end_to_end(champion, store, checkpoint, images, reference, tm
     out = tmp_path / "scored"
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "jobs" / "score.py"), "--model", f"models:/{MODEL_NAME}@champion",
                            "--images", str(folder), "--output", str(out), "--tracking-uri", store["uri"]],
-                          cwd=tmp_path, env=_env(store), capture_output=True, text=True, timeout=240)
+                          cwd=tmp_path, env=_env(store), capture_output=True, text=True, timeout=PATIENCE_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "scored 3 image(s)" in proc.stdout and "2 failed" in proc.stdout
     rows = {r["path"]: r for r in csv.DictReader(open(out / "scores.csv"))}
@@ -435,11 +481,11 @@ def test_models_serve_answers_invocations(champion, store, images, reference, tm
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
                             cwd=tmp_path, env=_env(store), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 150
+        deadline = time.monotonic() + PATIENCE_S  # it answers /ping once the model is loaded: wait for that
         while True:
             assert proc.poll() is None, f"server exited with {proc.returncode}:\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=10) as r:
                     if r.status == 200:
                         break
             except (urllib.error.URLError, OSError):
@@ -449,18 +495,35 @@ def test_models_serve_answers_invocations(champion, store, images, reference, tm
         body = {"dataframe_split": {"columns": ["image"], "data": [[_b64(images[2].read_bytes())]]}}
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
                                          {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as r:
+        with urllib.request.urlopen(request, timeout=PATIENCE_S) as r:
             assert r.status == 200
             answer = json.loads(r.read())
         (prediction,) = answer["predictions"]
         assert set(prediction) == set(OUTPUT_COLUMNS) and prediction["error"] is None
         assert prediction["score"] == pytest.approx(reference[str(images[2])][0], abs=TOL)
-        assert np.asarray(prediction["anomaly_map"]).shape == (64, 64)
+        assert np.asarray(prediction["anomaly_map"]).shape == (16, 16)  # the default: a small map
+
+        def invoke(payload: dict) -> tuple[int, dict]:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(payload).encode(),
+                                         {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=PATIENCE_S) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as exc:
+                return exc.code, json.loads(exc.read())
+
+        status, answer = invoke({**body, "params": {"anomaly_map": "full"}})
+        assert status == 200 and np.asarray(answer["predictions"][0]["anomaly_map"]).shape == (64, 64)
+        assert invoke({"dataframe_records": []}) == (200, {"predictions": []})  # as SERVING.md promises
+        status, answer = invoke({"dataframe_records": [{"picture": "x"}]})
+        assert status == 400 and "no 'image' column" in answer["message"], answer
+        status, answer = invoke({**body, "params": {"anomaly_map": "jpeg"}})
+        assert status == 400 and "anomaly_map='jpeg'" in answer["message"], answer
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+            proc.wait(timeout=PATIENCE_S)
         log.close()

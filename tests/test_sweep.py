@@ -229,6 +229,10 @@ def _closed_port() -> int:
         ({"tracking_uri": "http://127.0.0.1:{port}"}, VPDMError, "unreachable"),
         ({"datasets": ["mvtec:/definitely/not/here"]}, DataError, "/definitely/not/here"),
         ({"workers": 0}, ConfigError, "workers"),
+        ({"reduction_factor": float("nan")}, ConfigError, "reduction_factor must be a finite number, got nan"),
+        ({"reduction_factor": float("inf")}, ConfigError, "reduction_factor must be a finite number, got inf"),
+        ({"num_cpus": -2}, ConfigError, "num_cpus must be an integer >= 1, got -2"),
+        ({"overrides": ["train.weight_decay=nan"]}, ConfigError, "train.weight_decay must be a finite number"),
         ({"metric": "accuracy"}, ConfigError, "accuracy"),
         ({"resume": True}, ConfigError, "--resume needs --experiment"),
         ({"resume": True, "experiment": "never-ran"}, VPDMError, "no saved sweep"),
@@ -337,3 +341,61 @@ def test_tracking_failures_only_warn(caplog):
     with caplog.at_level("WARNING"):
         log.log_metrics({"loss": 1.0}, step=1)  # must not raise
     assert "MLflow: logging metrics failed" in caplog.text
+
+
+def test_a_local_ray_is_started_on_loopback_and_a_cluster_is_joined_as_it_is(monkeypatch, tmp_path):
+    """What _start_ray asks of Ray (the real binding is checked on a real Ray in test_sweep_ray.py)."""
+    import os
+
+    import ray
+    from ray._private import ray_constants
+
+    from tune.sweep import _start_ray
+
+    calls = []
+
+    def fake_init(**kwargs):
+        calls.append({"kwargs": kwargs, "env": os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"),
+                      "cluster_mode": ray_constants.ENABLE_RAY_CLUSTER})
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    _start_ray(SweepConfig(num_cpus=2, dashboard=False, ray_temp_dir=str(tmp_path)))
+    (local,) = calls
+    assert local["kwargs"]["_node_ip_address"] == "127.0.0.1" and local["kwargs"]["dashboard_host"] == "127.0.0.1"
+    assert local["env"] == "0" and local["cluster_mode"] is False  # Ray keeps 127.0.0.1 only in this mode
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ and ray_constants.ENABLE_RAY_CLUSTER == before
+    _start_ray(SweepConfig(address="ray://head:10001"))
+    assert calls[1]["kwargs"] == {"address": "ray://head:10001", "log_to_driver": True}
+    assert calls[1]["cluster_mode"] == before  # joining a cluster: Ray's own addressing
+
+
+def test_the_pause_hook_stops_the_chosen_trial_once_until_released(tmp_path, monkeypatch):
+    """The fault tests' pause (tune.distributed._maybe_pause): marker first, then wait for the release file."""
+    import threading
+    import time
+
+    from tune.distributed import _maybe_pause
+
+    monkeypatch.setenv("VPDM_FAULT_PAUSE_AFTER_EPOCH", "1")
+    monkeypatch.setenv("VPDM_FAULT_PAUSE_TRIALS", "2")
+    monkeypatch.setenv("VPDM_FAULT_MARKER_DIR", str(tmp_path))
+    monkeypatch.setenv("VPDM_FAULT_PAUSE_TIMEOUT_S", "600")
+    _maybe_pause(1, 0, "trial-a")  # the first trial to arrive is not chosen: returns at once
+    _maybe_pause(2, 0, "trial-b")  # another epoch
+    _maybe_pause(1, 1, "trial-b")  # another rank
+    assert not list(tmp_path.glob("*.paused"))
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (_maybe_pause(1, 0, "trial-b"), done.set()), daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 600
+    while not (tmp_path / "trial-b.paused").exists():  # event: the trial says it has stopped
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not done.wait(0.5)  # stopped until released
+    (tmp_path / "release").write_text("go")
+    assert done.wait(600)
+    _maybe_pause(1, 0, "trial-b")  # once per trial: a resumed trial does not stop again

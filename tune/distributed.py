@@ -308,6 +308,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=checkpoint)
+        _maybe_pause(epoch + 1, rank, loop_config.get("trial"))
         _maybe_inject_fault(epoch + 1, rank, loop_config.get("trial"))
 
     resumed_from = start_epoch
@@ -401,6 +402,24 @@ def _maybe_inject_nan(epoch: int, rank: int, trial: Any, model: torch.nn.Module)
             p.fill_(float("nan"))
 
 
+def _maybe_pause(epoch: int, rank: int, trial: Any) -> None:
+    """Fault-injection testing: with VPDM_FAULT_PAUSE_AFTER_EPOCH=N and VPDM_FAULT_MARKER_DIR=DIR set, rank 0 of
+    every trial (or those VPDM_FAULT_PAUSE_TRIALS numbers) stops once after reporting epoch N: it writes
+    DIR/<trial>.paused and waits until DIR/release exists (at most VPDM_FAULT_PAUSE_TIMEOUT_S, default 1800 s).
+    A test then acts at a known point of training (kill a server, kill the driver) instead of racing it."""
+    after, folder = os.environ.get("VPDM_FAULT_PAUSE_AFTER_EPOCH"), os.environ.get("VPDM_FAULT_MARKER_DIR")
+    if rank != 0 or not after or not folder or epoch != int(after) or \
+            not _fault_targets(trial, "VPDM_FAULT_PAUSE_TRIALS", "pause"):
+        return
+    marker = Path(folder) / f"{trial}.paused"
+    if marker.exists():  # once per trial: a resumed trial does not stop again
+        return
+    marker.write_text(str(epoch))
+    deadline = time.monotonic() + float(os.environ.get("VPDM_FAULT_PAUSE_TIMEOUT_S", "1800"))
+    while not (Path(folder) / "release").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def _maybe_inject_fault(epoch: int, rank: int, trial: Any) -> None:
     """Fault-tolerance testing: with VPDM_FAULT_AFTER_EPOCH=N and VPDM_FAULT_MARKER_DIR=DIR set, rank 0 of
     every trial (or those VPDM_FAULT_TRIALS numbers) dies once, right after reporting epoch N (its checkpoint is
@@ -415,7 +434,7 @@ def _maybe_inject_fault(epoch: int, rank: int, trial: Any) -> None:
 
     # Die only once the controller has registered the epoch's checkpoint (reports are processed
     # asynchronously; a worker that dies right after report() can lose its last report).
-    ray.train.get_all_reported_checkpoints(timeout_s=120)
+    ray.train.get_all_reported_checkpoints(timeout_s=900)  # generous: a loaded machine is slow, not broken
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(str(epoch))
     os._exit(3)

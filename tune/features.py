@@ -84,6 +84,8 @@ class DatasetBundle:
     num_images: int  # train + test images (each needed exactly one backbone forward)
     backbone: str  # the extractor's fingerprint
     stage_channels: tuple[int, ...] = ()  # channels of each backbone stage in the features (per-stage scoring)
+    # bool M: False for an anomalous image without a mask (data.missing_masks=image_only), left out of pixel metrics
+    test_pixel_known: np.ndarray | None = None
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:
@@ -232,6 +234,7 @@ def build_bundle(
         num_images=len(train.dataset) + len(test.dataset),
         backbone=extractor.fingerprint(),
         stage_channels=tuple(train.stage_channels),
+        test_pixel_known=engine.pixel_known(test.dataset),
     )
     stats = FeatureStats(
         dataset=name,

@@ -7,8 +7,17 @@ The model's contract (what ``mlflow models serve`` and ``mlflow.pyfunc.load_mode
   Grayscale, RGBA and 16-bit images are converted to 8-bit RGB; images under 8 px a side or over
   PIL's pixel limit are refused per item (conversions and refusals: ``tune/SERVING.md``);
 * output: a ``pandas.DataFrame`` with the input's index and the columns ``"score"`` (float, NaN
-  when the item could not be scored), ``"anomaly_map"`` (``map_size`` x ``map_size`` list of
-  lists of float, None when the item failed) and ``"error"`` (None, or why the item failed).
+  when the item could not be scored), ``"anomaly_map"`` (what the ``anomaly_map`` parameter asks
+  for, None when the item failed) and ``"error"`` (None, or why the item failed);
+* params (MLflow ``params``, the signature's ``ParamSchema``): ``anomaly_map`` = ``"small"``
+  (default: the map averaged down to ``map_side`` x ``map_side``, 16), ``"none"`` (score only),
+  ``"full"`` (``map_size`` x ``map_size``) or ``"png"`` (base64 8-bit grayscale PNG of the full map,
+  scaled by ``png_vmax``, or by the map's own maximum when it is 0). The full float map is about
+  1 MB of JSON per 224 px image, so it is not the default.
+
+An empty frame gives an empty result, with or without an ``image`` column (``{"dataframe_records": []}``):
+the signature therefore declares no input schema, and :func:`predict_frame` checks the input itself
+(a frame with rows but without an ``image`` column is refused with an error naming it).
 
 One bad item never fails the batch: it gets its ``error`` and the others are scored. Scores are
 those of :meth:`vpdm.pipeline.Detector.predict_files` for the same files (same decoding, resize
@@ -41,7 +50,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
 
 __all__ = [
+    "DEFAULT_PARAMS",
     "IMAGE_COLUMN",
+    "MAP_FORMATS",
     "OUTPUT_COLUMNS",
     "VPDMPyfuncModel",
     "decode_image_bytes",
@@ -54,6 +65,9 @@ __all__ = [
 
 IMAGE_COLUMN = "image"
 OUTPUT_COLUMNS = ("score", "anomaly_map", "error")
+# What a caller may ask for per request (MLflow `params`); the defaults keep a 100-image answer small.
+MAP_FORMATS = ("small", "none", "full", "png")
+DEFAULT_PARAMS: dict[str, Any] = {"anomaly_map": "small", "map_side": 16, "png_vmax": 0.0}
 # Formats the library reads from disk (vpdm.data.IMAGE_EXTENSIONS). Restricting PIL's plugins keeps
 # exotic decoders (EPS via ghostscript, ...) away from untrusted request bytes.
 ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
@@ -148,26 +162,77 @@ def _empty_result(index: Any = None) -> pd.DataFrame:
     return frame
 
 
-def predict_frame(detector: Any, model_input: Any, batch_size: int = 16) -> pd.DataFrame:
-    """Score a frame of base64 images with a :class:`vpdm.pipeline.Detector` (the model's predict)."""
+def _check_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The request's params over the defaults; INVALID_PARAMETER_VALUE (HTTP 400) naming a bad one."""
+    import math
+
+    unknown = sorted(set(params or {}) - set(DEFAULT_PARAMS))
+    if unknown:
+        raise MlflowException(f"unknown parameter(s) {unknown}; known: {sorted(DEFAULT_PARAMS)}",
+                              error_code=INVALID_PARAMETER_VALUE)
+    out = {**DEFAULT_PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
+    if out["anomaly_map"] not in MAP_FORMATS:
+        raise MlflowException(f"parameter anomaly_map={out['anomaly_map']!r}: expected one of {', '.join(MAP_FORMATS)}",
+                              error_code=INVALID_PARAMETER_VALUE)
+    side = out["map_side"]
+    if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < 1:
+        raise MlflowException(f"parameter map_side={side!r}: expected an integer >= 1", error_code=INVALID_PARAMETER_VALUE)
+    vmax = out["png_vmax"]
+    if isinstance(vmax, bool) or not isinstance(vmax, (int, float)) or not math.isfinite(vmax) or vmax < 0:
+        raise MlflowException(f"parameter png_vmax={vmax!r}: expected a finite number >= 0 (0: each map's maximum)",
+                              error_code=INVALID_PARAMETER_VALUE)
+    return {**out, "map_side": int(side), "png_vmax": float(vmax)}
+
+
+def _map_payloads(maps: Any, params: Mapping[str, Any]) -> list[Any]:
+    """B x M x M float maps -> what ``params["anomaly_map"]`` asks for, one item per map."""
+    import torch.nn.functional as F
+
+    kind = params["anomaly_map"]
+    if kind == "none":
+        return [None] * len(maps)
+    if kind == "small" and params["map_side"] < maps.shape[-1]:
+        maps = F.adaptive_avg_pool2d(maps[:, None], params["map_side"])[:, 0]  # block means: a hot spot stays hot
+    if kind in ("small", "full"):
+        return [m.double().numpy().tolist() for m in maps]
+    from PIL import Image
+
+    out = []
+    for m in maps.double().numpy():
+        scale = params["png_vmax"] or float(m.max())
+        gray = np.clip(np.rint(255.0 * m / scale), 0, 255) if scale > 0 else np.zeros_like(m)
+        buf = io.BytesIO()
+        Image.fromarray(gray.astype(np.uint8)).save(buf, format="PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+    return out
+
+
+def predict_frame(detector: Any, model_input: Any, batch_size: int = 16,
+                  params: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Score a frame of base64 images with a :class:`vpdm.pipeline.Detector` (the model's predict).
+
+    ``params``: ``anomaly_map`` (``small``, ``none``, ``full``, ``png``), ``map_side``, ``png_vmax``;
+    see the module docstring. An empty frame gives an empty result, whatever its columns.
+    """
     import torch
 
     from vpdm.errors import VPDMError
 
+    params = _check_params(params)
     if isinstance(model_input, Mapping):
         model_input = pd.DataFrame(dict(model_input))
     if not isinstance(model_input, pd.DataFrame):
         raise MlflowException(
             f"expected a pandas DataFrame with a string column {IMAGE_COLUMN!r} of base64-encoded image files, "
             f"got {type(model_input).__name__}", error_code=INVALID_PARAMETER_VALUE)
+    n = len(model_input)
+    if n == 0:  # {"dataframe_records": []} has no columns at all: still an empty request, not a bad one
+        return _empty_result(model_input.index)
     if IMAGE_COLUMN not in model_input.columns:
         raise MlflowException(
             f"input has no {IMAGE_COLUMN!r} column (columns: {list(map(str, model_input.columns))}); expected a "
             f"DataFrame with a string column {IMAGE_COLUMN!r} of base64-encoded image files",
             error_code=INVALID_PARAMETER_VALUE)
-    n = len(model_input)
-    if n == 0:
-        return _empty_result(model_input.index)
 
     size = detector.config.backbone.image_size
     scores = np.full(n, np.nan, dtype=np.float64)
@@ -186,9 +251,9 @@ def predict_frame(detector: Any, model_input: Any, batch_size: int = 16) -> pd.D
                 errors[i] = str(exc)
         if tensors:
             batch_scores, batch_maps = detector.score_tensor(torch.stack(tensors))
-            for j, i in enumerate(rows):
+            for j, (i, payload) in enumerate(zip(rows, _map_payloads(batch_maps, params))):
                 scores[i] = float(batch_scores[j])
-                maps[i] = batch_maps[j].double().numpy().tolist()
+                maps[i] = payload
     # object dtype keeps None as None (pandas 3 would infer a string column with NaN for missing).
     return pd.DataFrame({"score": pd.Series(scores, dtype="float64", index=model_input.index),
                          "anomaly_map": pd.Series(maps, dtype="object", index=model_input.index),
@@ -208,7 +273,7 @@ class VPDMPyfuncModel(mlflow.pyfunc.PythonModel):
     # model_input is typed pd.DataFrame (a hint MLflow derives no schema from): the logged
     # signature is what validates requests.
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        return predict_frame(self.detector, model_input, self.batch_size)
+        return predict_frame(self.detector, model_input, self.batch_size, params)
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +378,10 @@ def log_pyfunc_model(
     output = predict_frame(detector, example)
     if output["error"].iloc[0] is not None:
         raise MlflowException(f"the input example could not be scored: {output['error'].iloc[0]}")
-    signature = mlflow.models.infer_signature(example, output)
+    inferred = mlflow.models.infer_signature(example, output, params=dict(DEFAULT_PARAMS))
+    # No input schema: MLflow would refuse {"dataframe_records": []} (no columns) before predict could answer
+    # it; predict_frame checks the input itself. The params schema makes MLflow pass and type-check `params`.
+    signature = mlflow.models.ModelSignature(inputs=None, outputs=inferred.outputs, params=inferred.params)
     import vpdm
 
     with tempfile.TemporaryDirectory(prefix="vpdm_code_") as staging:

@@ -31,6 +31,8 @@ import math
 import os
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -39,7 +41,7 @@ from typing import Any
 from tune.features import FeatureStats
 from tune.presets import Preset, ResolvedSpace, apply_search_overrides, get_preset, validate_space
 from tune.tracking import check_experiment_free, check_tracking_uri, find_experiment, resolve_tracking_uri, ui_command
-from vpdm.config import VPDMConfig, to_dict
+from vpdm.config import VPDMConfig, check_finite, to_dict
 from vpdm.errors import ConfigError, DataError, OutputError, VPDMError
 from vpdm.io import writable_dir
 
@@ -296,6 +298,7 @@ def plan_sweep(sc: SweepConfig) -> SweepPlan:
     if sc.resume:
         sc = _with_saved_settings(sc)
     preset = get_preset(sc.preset, sc.ablation)
+    check_finite(sc)  # val_fraction, reduction_factor: NaN/inf by name
     for name, value, low in (("workers", sc.workers, 1), ("threads_per_worker", sc.threads_per_worker, 1),
                              ("max_failures", sc.max_failures, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -306,8 +309,9 @@ def plan_sweep(sc: SweepConfig) -> SweepPlan:
         raise ConfigError(f"trials must be an integer >= 1, got {trials!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
-    if sc.max_concurrent is not None and (not isinstance(sc.max_concurrent, int) or sc.max_concurrent < 1):
-        raise ConfigError(f"max_concurrent must be an integer >= 1, got {sc.max_concurrent!r}")
+    for name, value in (("max_concurrent", sc.max_concurrent), ("num_cpus", sc.num_cpus)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
     if not 0.0 < sc.val_fraction < 1.0:
         raise ConfigError(f"val_fraction must be in (0, 1), got {sc.val_fraction!r}")
     if sc.reduction_factor <= 1:
@@ -345,7 +349,7 @@ def plan_sweep(sc: SweepConfig) -> SweepPlan:
     for name, spec in parse_datasets(sc.datasets):
         cfg = base.with_overrides({"data.spec": spec}).validate()
         train = list_samples(spec, "train")  # DataError naming the path for a missing/bad dataset
-        test = list_samples(cfg.data.test_spec or spec, "test")
+        test = list_samples(cfg.data.test_spec or spec, "test", cfg.data.missing_masks)
         per_worker = len(train) * (1 - sc.val_fraction) / sc.workers
         if per_worker < 2:
             raise DataError(
@@ -445,11 +449,43 @@ def _start_ray(sc: SweepConfig) -> tuple[bool, int | None]:
     # The dashboard (when ray[default] is installed) serves the State API that Ray Train's placement-group
     # cleaner uses after ASHA kills a trial; without it the cleaner actors only log warnings.
     kwargs: dict[str, Any] = {"num_cpus": num_cpus, "include_dashboard": sc.dashboard, "dashboard_host": "127.0.0.1",
-                              "log_to_driver": sc.verbose > 0}
+                              "log_to_driver": sc.verbose > 0, "_node_ip_address": LOOPBACK}
     if sc.ray_temp_dir:
         kwargs["_temp_dir"] = str(Path(sc.ray_temp_dir).resolve())
-    ray.init(**kwargs)
+    with _single_machine_ray():
+        ray.init(**kwargs)
     return True, max_concurrent
+
+
+LOOPBACK = "127.0.0.1"
+# Ray's single-machine mode (its default on macOS and Windows): the node address is 127.0.0.1, and with
+# it the GCS, raylet, object manager, dashboard and workers listen on loopback only.
+_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def _single_machine_ray() -> Iterator[None]:
+    """Start a local Ray bound to 127.0.0.1 instead of every interface.
+
+    On Linux Ray replaces a node address of 127.0.0.1 by the machine's routable address unless its
+    cluster mode is off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read by the processes ``ray.init``
+    starts, and ``ray_constants.ENABLE_RAY_CLUSTER`` in this already imported driver). Both are set
+    for the start only, so a later connection to a real cluster from this process is unaffected.
+    """
+    from ray._private import ray_constants
+
+    old_env, old_flag = os.environ.get(_SINGLE_MACHINE_ENV), getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[_SINGLE_MACHINE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if old_env is None:
+            os.environ.pop(_SINGLE_MACHINE_ENV, None)
+        else:
+            os.environ[_SINGLE_MACHINE_ENV] = old_env
+        if old_flag is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = old_flag
 
 
 def _check_cluster(sc: SweepConfig) -> tuple[bool, int]:

