@@ -1,5 +1,7 @@
 """VPOT: Sinkhorn against POT, the Gibbs-form identity behind per-image assignment, gradients."""
 
+import math
+
 import numpy as np
 import ot
 import pytest
@@ -177,3 +179,15 @@ def test_dataset_scope_potential_balances_the_prototypes_over_the_whole_set():
     with torch.no_grad():
         mass = m(feats)["weights"].mean(0)
     torch.testing.assert_close(mass, torch.full((4,), 0.25), rtol=0, atol=0.03)
+
+
+def test_free_prototype_marginal_is_the_gibbs_softmax_in_training_and_inference():
+    torch.manual_seed(1)
+    m = VaguePrototypes(VPOTConfig(num_prototypes=5, downsample=2, ot_reg=0.1, ot_scope="none", level="local"), 3, 4)
+    feats = torch.randn(6, 3, 4, 4)
+    flat = torch.nn.functional.avg_pool2d(feats, 2).permute(0, 2, 3, 1).reshape(-1, 3)
+    want = torch.softmax(-(torch.cdist(flat, m.prototypes.detach()) / math.sqrt(3)) / 0.1, dim=1)
+    for mode in (True, False):
+        m.train(mode)
+        torch.testing.assert_close(m(feats)["weights"].detach(), want)
+    assert float(m.potential.abs().sum()) == 0.0

@@ -34,6 +34,7 @@ from vpdm.errors import ConfigError
 
 ASSIGNMENTS = ("ot", "nearest")
 LEVELS = ("image", "local")
+OT_SCOPES = ("batch", "dataset", "none")
 
 
 @dataclass
@@ -59,6 +60,8 @@ class VPOTConfig:
     # set: the prototype potential is learned by stochastic ascent on the semi-dual (Genevay et al. 2016),
     # so a batch that holds few classes is not forced to spread over every prototype; with many local
     # prototypes per batch sample that forcing moves prototypes across classes).
+    # "none": no prototype marginal at all (semi-relaxed OT with a free prototype marginal: each sample's
+    # plan row is softmax(-C / eps), a soft nearest-prototype assignment).
     ot_scope: str = "batch"
     potential_lr: float = 0.1  # "dataset" scope: step of the potential ascent, in units of ot_reg
 
@@ -84,8 +87,8 @@ class VPOTConfig:
             raise ConfigError(f"prototypes.init must be 'samples', 'kmeans' or 'random', got {self.init!r}")
         if not isinstance(self.kmeans_iters, int) or isinstance(self.kmeans_iters, bool) or self.kmeans_iters < 1:
             raise ConfigError(f"prototypes.kmeans_iters must be an integer >= 1, got {self.kmeans_iters!r}")
-        if self.ot_scope not in ("batch", "dataset"):
-            raise ConfigError(f"prototypes.ot_scope must be 'batch' or 'dataset', got {self.ot_scope!r}")
+        if self.ot_scope not in OT_SCOPES:
+            raise ConfigError(f"prototypes.ot_scope must be one of {OT_SCOPES}, got {self.ot_scope!r}")
         if not (isinstance(self.potential_lr, (int, float)) and math.isfinite(self.potential_lr) and self.potential_lr > 0):
             raise ConfigError(f"prototypes.potential_lr must be a finite number > 0, got {self.potential_lr!r}")
         if self.level not in LEVELS:
@@ -212,7 +215,10 @@ class VaguePrototypes(nn.Module):
             ot_loss = (weights * cost).sum(dim=1).mean()  # reported only; the ablation trains with lambda=0 or this k-means-like term
             plan = weights / b
         else:
-            if self.training and self.config.ot_scope == "dataset":
+            if self.config.ot_scope == "none":
+                potential = torch.zeros_like(self.potential)
+                plan = None
+            elif self.training and self.config.ot_scope == "dataset":
                 potential = self.potential
                 plan = None
             elif self.training:
@@ -233,7 +239,7 @@ class VaguePrototypes(nn.Module):
             weights = torch.softmax((potential.unsqueeze(0) - cost) / reg, dim=1)
             if plan is None:
                 plan = (weights / b).detach()
-                if self.training:
+                if self.training and self.config.ot_scope == "dataset":
                     self._ascend_potential(plan.sum(dim=0) * k)
             plan = plan.to(cost.dtype)
             # Entropic OT value <P, C> + reg * sum P log P; with P at the optimum its gradient w.r.t. C is P
