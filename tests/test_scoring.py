@@ -75,10 +75,14 @@ def test_pooled_and_aggregated_maps_match_numpy() -> None:
     an, bn = a.numpy(), b.numpy()
     blocks = lambda x: x.reshape(3, 3, 2, 4, 2, 4).mean(axis=(3, 5))  # noqa: E731  4x4 block means
     want = np.sqrt(((blocks(an) - blocks(bn)) ** 2).sum(1))  # 3 x 2 x 2
-    got = distance_map(a, b, ScoringConfig(pool=4))
+    got = distance_map(a, b, ScoringConfig(pools=(4,)))
     up = torch.nn.functional.interpolate(torch.from_numpy(want)[:, None], size=(8, 8), mode="bilinear",
                                          align_corners=False)[:, 0]
-    np.testing.assert_allclose(got.numpy(), up.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(got.numpy(), 4 * up.numpy(), rtol=1e-10)  # weighted by the block side
+    # two scales: the p-weighted mean of the single-scale maps
+    both = distance_map(a, b, ScoringConfig(pools=(1, 4)))
+    np.testing.assert_allclose(both.numpy(), (distance_map(a, b, ScoringConfig()).numpy() + 4 * up.numpy()) / 2,
+                               rtol=1e-10)
     # aggregate 3: the mean of each position's existing 3x3 neighbours
     pad = lambda x: np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=np.nan)  # noqa: E731
     def local(x):
@@ -87,5 +91,5 @@ def test_pooled_and_aggregated_maps_match_numpy() -> None:
         return np.nanmean(stack, axis=0)
     want3 = np.sqrt(((local(an) - local(bn)) ** 2).sum(1))
     np.testing.assert_allclose(distance_map(a, b, ScoringConfig(aggregate=3)).numpy(), want3, rtol=1e-10)
-    with pytest.raises(ConfigError, match="pool"):
-        distance_map(a, b, ScoringConfig(pool=3))
+    with pytest.raises(ConfigError, match="pools"):
+        distance_map(a, b, ScoringConfig(pools=(3,)))

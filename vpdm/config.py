@@ -61,7 +61,7 @@ PAPER: dict[str, Any] = {
     "scoring.feature_space": "normalised",
     "scoring.image_score": "max_pool",
     "scoring.aggregate": 1,
-    "scoring.pool": 1,
+    "scoring.pools": [1],
     "train.lr": 1e-3,
     "train.batch_size": 32,
     "train.lr_schedule": "constant",
@@ -244,10 +244,11 @@ class VPDMConfig:
         self.model.validate(self.backbone.feature_size)
         self.sampling.validate(self.model.diffusion.num_timesteps)
         self.scoring.validate()
-        if self.backbone.feature_size % self.scoring.pool:
-            raise ConfigError(
-                f"scoring.pool={self.scoring.pool} must divide backbone.feature_size={self.backbone.feature_size}"
-            )
+        for p in self.scoring.pools:
+            if self.backbone.feature_size % p:
+                raise ConfigError(
+                    f"scoring.pools: {p} must divide backbone.feature_size={self.backbone.feature_size}"
+                )
         self.train.validate()
         self.data.validate()
         return self
@@ -306,6 +307,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         others = [a for a in args if a is not type(None)]
         return _coerce(value, others[0], where) if len(others) == 1 else value
     if origin is tuple:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]  # a single value for a list setting: scoring.pools=4 means [4]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}")
         return tuple(_coerce(v, args[0], where) for v in value)

