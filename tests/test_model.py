@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vpdm.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from vpdm.config import ModelConfig, SamplingConfig, VPDMConfig, load_config
+from vpdm.config import PAPER, ModelConfig, SamplingConfig, VPDMConfig, load_config
 from vpdm.denoiser import Denoiser, DenoiserConfig
 from vpdm.diffusion import NoiseScheduleConfig
 from vpdm.engine import feature_loader, score_features, train_loop
@@ -44,9 +44,13 @@ def test_normalisation_standardises_training_features():
     torch.testing.assert_close(x.std(dim=(0, 2, 3)), torch.ones(C), atol=1e-5, rtol=0)
 
 
-def test_loss_is_eps_mse_plus_weighted_ot():
+def test_loss_is_diffusion_loss_plus_weighted_ot():
     model = small_model(ot_weight=0.3).train()
     out = model(torch.randn(6, C, S, S), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(out["loss"].detach(), out["diffusion_loss"] + 0.3 * out["ot_loss"])
+    # the paper's loss: with eps-prediction and no weighting the diffusion term is the eps-MSE
+    paper = small_model(ot_weight=0.3, loss_weighting="none").train()
+    out = paper(torch.randn(6, C, S, S), generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(out["loss"].detach(), out["eps_mse"] + 0.3 * out["ot_loss"])
 
 
@@ -99,7 +103,7 @@ def test_anomaly_map_is_channel_l2_of_reconstruction_error():
     feats = torch.randn(3, C, S, S)
     sampling = SamplingConfig(sampler="ddim", num_steps=5)
     rec = model.reconstruct(feats, sampling)
-    maps = model.anomaly_maps(feats, sampling)
+    maps = model.anomaly_maps(feats, sampling, ScoringConfig(pools=(1,)))
     expected = (model.normalise(feats) - rec).pow(2).sum(1).sqrt()
     torch.testing.assert_close(maps, expected)
 
@@ -218,8 +222,10 @@ def test_config_yaml_and_overrides(tmp_path):
     assert cfg.model.prototypes.num_prototypes == 12 and cfg.train.lr == 0.01 and cfg.train.epochs == 3
     assert tuple(cfg.backbone.stages) == (1, 2)
     assert VPDMConfig.from_dict(cfg.to_dict()) == cfg
-    paper = VPDMConfig()
+    paper = VPDMConfig().with_overrides(PAPER)
     assert (paper.model.prototypes.num_prototypes, paper.model.prototypes.downsample) == (50, 4)
+    assert (paper.model.prototypes.level, paper.model.diffusion.prediction, paper.sampling.start_step) == ("image", "eps", None)
+    assert tuple(paper.scoring.pools) == (1,) and paper.model.loss_weighting == "none"
     assert (paper.model.diffusion.num_timesteps, paper.model.diffusion.beta_start, paper.model.diffusion.beta_end) == (1000, 1e-4, 0.02)
     assert (paper.train.lr, paper.train.batch_size, paper.backbone.image_size, paper.backbone.feature_size) == (1e-3, 32, 224, 32)
 

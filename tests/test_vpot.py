@@ -54,9 +54,13 @@ def test_row_normalised_plan_is_softmax_of_prototype_potential():
     torch.testing.assert_close(rows, torch.softmax((g[None, :] - cost) / 0.1, dim=1))
 
 
+PAPER_LEVEL = {"level": "image", "ot_scope": "batch", "init": "samples"}  # the paper's prototypes
+
+
 def _module(k=6, n=2, channels=3, size=8, **kw):
+    """Whole-image prototypes matched by batch OT (the paper's VPOT) unless ``kw`` says otherwise."""
     torch.manual_seed(0)
-    return VaguePrototypes(VPOTConfig(num_prototypes=k, downsample=n, **kw), channels, size)
+    return VaguePrototypes(VPOTConfig(num_prototypes=k, downsample=n, **{**PAPER_LEVEL, **kw}), channels, size)
 
 
 def test_vague_is_average_pooling():
@@ -137,6 +141,29 @@ def test_nearest_assignment_picks_closest_prototype():
     out = m(feats)
     torch.testing.assert_close(out["weights"], torch.tensor([[0.0, 0.0, 1.0]]))
     torch.testing.assert_close(out["yhat"], torch.full_like(feats, 5.0))
+
+
+def test_local_prototypes_keep_the_layout_and_kmeans_init_is_lloyds_fixed_point():
+    """Local level: each vague position is its own OT sample; k-means init ends at a Lloyd fixed point
+    (every prototype is the mean of the samples nearest to it)."""
+    m = _module(k=4, n=2, level="local", init="kmeans", ot_scope="none", kmeans_iters=50).eval()
+    torch.manual_seed(3)
+    feats = torch.randn(10, 3, 8, 8)
+    m.init_from(feats, torch.Generator().manual_seed(0))
+    samples = vague(feats, 2).permute(0, 2, 3, 1).reshape(-1, 3)
+    assert m.samples(feats).shape == (10 * 16, 3)
+    torch.testing.assert_close(m.samples(feats), samples)
+    protos = m.prototypes.detach()
+    nearest = torch.cdist(samples, protos).argmin(1)
+    for j in range(4):
+        if (nearest == j).any():
+            torch.testing.assert_close(protos[j], samples[nearest == j].mean(0), rtol=0, atol=1e-5)
+    out = m(feats)
+    assert out["weights"].shape == (160, 4) and out["yhat"].shape == feats.shape
+    # the condition of position (i, j) is built from that position's own assignment
+    y = (out["weights"] @ protos).view(10, 4, 4, 3).permute(0, 3, 1, 2)
+    torch.testing.assert_close(out["yhat"], torch.nn.functional.interpolate(y, size=8, mode="bilinear",
+                                                                            align_corners=False))
 
 
 def test_init_from_samples_copies_vague_features():

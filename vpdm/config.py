@@ -77,7 +77,9 @@ class ModelConfig:
     """The trainable part: prototypes, noise process, denoiser, and how they are combined."""
 
     prototypes: VPOTConfig = field(default_factory=VPOTConfig)
-    diffusion: NoiseScheduleConfig = field(default_factory=NoiseScheduleConfig)
+    # x0-prediction (the paper: eps): one step from N(yhat, I) is then the decoder's conditional mean, not
+    # an eps estimate divided by sqrt(abar_T) ~ 0.006.
+    diffusion: NoiseScheduleConfig = field(default_factory=lambda: NoiseScheduleConfig(prediction="x0"))
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
     ot_weight: float = 1.0  # lambda_OT in L = eps-MSE + lambda_OT * L_OT
     # Per-channel standardisation of the backbone features (statistics of the training set). The
@@ -85,7 +87,7 @@ class ModelConfig:
     feature_norm: str = "channel"  # "channel" or "none"
     # Weighting of the diffusion loss over timesteps: "none" (plain MSE in the prediction's space: the
     # paper's eps-MSE) or "min_snr" (Hang et al. 2023: every timestep's x0 error weighted min(SNR, gamma)).
-    loss_weighting: str = "none"
+    loss_weighting: str = "min_snr"
     min_snr_gamma: float = 5.0
     # Training timesteps are drawn from 1..train_max_step (None = T, the paper). A chain that starts
     # below T (sampling.start_step) never visits larger t, so training there spends capacity it never uses.
@@ -127,7 +129,7 @@ class SamplingConfig:
     """
 
     sampler: str = "ddim"
-    num_steps: int = 3
+    num_steps: int = 1
     eta: float = 0.0  # DDIM only: 0 deterministic, 1 ancestral variance; the ddpm sampler ignores it
     # Timesteps of a shortened chain: "trailing" (T-1, T-1-T/n, ...: every step removes noise) or
     # "linspace" (evenly over 0..T-1, so the last step starts at t=0 and barely changes x). On the four
@@ -178,7 +180,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     # Learning rate of the prototypes relative to train.lr (0 = keep them where they were initialised).
-    prototype_lr_scale: float = 1.0
+    prototype_lr_scale: float = 0.0
     lr_schedule: str = "constant"  # "constant" (the paper) or "cosine" (decay to 0 over the run)
     warmup_fraction: float = 0.0  # linear warm-up over this fraction of all steps
     # Exponential moving average of the weights, used for every evaluation and the saved model; 0 = off.

@@ -52,7 +52,7 @@ class ScoringConfig:
     # mean's distance shrinks as 1/p, so p * d_p puts every scale on the same footing). With p = the vague
     # step's N the comparison is at the condition's own scale, where the prototypes say what is normal;
     # smaller blocks localise. (1,) = the paper: every position on its own.
-    pools: tuple[int, ...] = (1,)
+    pools: tuple[int, ...] = (2, 4)
 
     def validate(self) -> None:
         if not (self.blur_sigma >= 0 and math.isfinite(self.blur_sigma)):

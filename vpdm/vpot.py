@@ -39,9 +39,10 @@ OT_SCOPES = ("batch", "dataset", "none")
 
 @dataclass
 class VPOTConfig:
-    """Vague-prototype settings (paper: K=50, N=4)."""
+    """Vague-prototype settings. Defaults: local prototypes, K=8192 from k-means, no prototype marginal
+    (the paper: whole-image prototypes, K=50, batch OT; the ``paper`` preset in ``vpdm.config``)."""
 
-    num_prototypes: int = 50  # K
+    num_prototypes: int = 8192  # K
     downsample: int = 4  # N: average-pool factor of the low-pass step (1 = no vague step)
     ot_reg: float = 0.05  # entropic regularisation eps, in units of the dimension-normalised cost
     sinkhorn_iters: int = 100
@@ -49,12 +50,12 @@ class VPOTConfig:
     potential_momentum: float = 0.9  # EMA of the prototype-side dual potential kept for inference
     # "samples" (random training samples' vague features), "kmeans" (those, then k-means on all training
     # samples) or "random" (N(0, 1))
-    init: str = "samples"
+    init: str = "kmeans"
     kmeans_iters: int = 20
     # What one OT sample and one prototype are: "image" (the paper: an image's whole vague map, C*(S/N)^2
     # values) or "local" (each position of the vague map, C values: prototypes of local regions, so the
     # condition keeps the image's own layout and each region is replaced by normal prototypes).
-    level: str = "image"
+    level: str = "local"
     # Which distribution the balanced OT matches to the uniform prototype marginal: "batch" (the paper:
     # Sinkhorn on each training batch) or "dataset" (semi-discrete entropic OT against the whole training
     # set: the prototype potential is learned by stochastic ascent on the semi-dual (Genevay et al. 2016),
@@ -62,7 +63,7 @@ class VPOTConfig:
     # prototypes per batch sample that forcing moves prototypes across classes).
     # "none": no prototype marginal at all (semi-relaxed OT with a free prototype marginal: each sample's
     # plan row is softmax(-C / eps), a soft nearest-prototype assignment).
-    ot_scope: str = "batch"
+    ot_scope: str = "none"
     potential_lr: float = 0.1  # "dataset" scope: step of the potential ascent, in units of ot_reg
 
     def validate(self, feature_size: int | None = None) -> None:
