@@ -296,3 +296,28 @@ def test_postprocess_matrix_form_equals_interpolate_then_blur(h, w, size, sigma)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     # per image: a map never depends on the rest of the batch
     torch.testing.assert_close(postprocess_maps(maps[1:2], size, sigma), got[1:2], rtol=0, atol=1e-6)
+
+
+def test_a_config_saved_before_new_settings_loads_as_it_was_trained(tmp_path):
+    """A checkpoint of vpdm 0.1.0 has no key for the settings added since: it must come back with the
+    behaviour it was trained with (paper-level prototypes, eps, one-position distances), not the new defaults."""
+    from vpdm.checkpoint import load_checkpoint, save_checkpoint
+    from vpdm.config import LEGACY_VALUES, saved_config, to_dict
+
+    old = to_dict(VPDMConfig().with_overrides(PAPER))
+    for key in LEGACY_VALUES:  # drop every key that 0.1.0 did not write
+        *sections, name = key.split(".")
+        node = old
+        for section in sections:
+            node = node[section]
+        node.pop(name)
+    config = saved_config(old)
+    assert config == VPDMConfig().with_overrides(PAPER)
+    model = VPDM(C, S, config.model)
+    path = save_checkpoint(tmp_path / "old.pt", model, config, categories=[])
+    payload = torch.load(path, weights_only=True)
+    payload["config"] = old
+    torch.save(payload, path)
+    loaded, cfg, _ = load_checkpoint(path)
+    assert cfg.model.prototypes.level == "image" and cfg.model.diffusion.prediction == "eps"
+    assert tuple(cfg.scoring.pools) == (1,) and loaded.prototypes.prototypes.shape == model.prototypes.prototypes.shape

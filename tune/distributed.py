@@ -237,13 +237,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     from vpdm import backbone as vpdm_backbone
     from vpdm import engine
     from vpdm.checkpoint import read_checkpoint, save_checkpoint
-    from vpdm.config import VPDMConfig
+    from vpdm.config import saved_config
 
     threads = int(loop_config.get("threads") or 1)
     torch.set_num_threads(threads)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    config = VPDMConfig.from_dict(loop_config["vpdm_config"])
+    config = saved_config(loop_config["vpdm_config"])
     bundle = loop_config["bundle"]
     if isinstance(bundle, ray.ObjectRef):
         bundle = ray.get(bundle)

@@ -86,14 +86,14 @@ def run_trial(params: dict[str, Any], data: dict[str, Any], context: dict[str, A
     from tune.tracking import RunLogger, quick_http_env
     from vpdm.engine import TrainingDiverged
     from vpdm import backbone as vpdm_backbone
-    from vpdm.config import VPDMConfig, flatten_dict, to_dict
+    from vpdm.config import flatten_dict, saved_config, to_dict
 
     for key, value in (context.get("train_env") or {}).items():
         os.environ.setdefault(key, str(value))  # Ray Train propagates RAY_TRAIN_* from here to its workers
     forwards_before = vpdm_backbone.total_images_seen()
     tune_context = ray.tune.get_context()
     trial_id, trial_name = tune_context.get_trial_id(), tune_context.get_trial_name()
-    base = VPDMConfig.from_dict(context["base_config"])
+    base = saved_config(context["base_config"])
     config = base.with_overrides(dict(params)).validate()
     bundle_ref = data["bundle"]
 

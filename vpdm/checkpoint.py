@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from vpdm.config import VPDMConfig, to_dict
+from vpdm.config import VPDMConfig, saved_config, to_dict
 from vpdm.errors import CheckpointError, VPDMError
 from vpdm.io import atomic_torch_save
 from vpdm.model import VPDM
@@ -127,7 +127,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Rebuild the model from a checkpoint. Returns ``(model in eval mode, config, payload)``."""
     payload = read_checkpoint(path)
     try:
-        config = VPDMConfig.from_dict(payload["config"])
+        config = saved_config(payload["config"])
         stages = payload.get("stage_channels")  # absent in checkpoints written before per-stage scoring
         model = VPDM(int(payload["channels"]), int(payload["feature_size"]), config.model,
                      stage_channels=[int(c) for c in stages] if stages else None)

@@ -71,6 +71,53 @@ PAPER: dict[str, Any] = {
 }
 PRESETS: dict[str, dict[str, Any]] = {"paper": PAPER}
 
+# Settings added after vpdm 0.1.0, with the value that reproduces how a model saved before they
+# existed was built and scored. A saved config that lacks one of them gets this value, never the new
+# default (which would rebuild a different model from the same weights).
+LEGACY_VALUES: dict[str, Any] = {
+    "backbone.resize": "bilinear",
+    "model.prototypes.level": "image",
+    "model.prototypes.init": "samples",
+    "model.prototypes.kmeans_iters": 20,
+    "model.prototypes.ot_scope": "batch",
+    "model.prototypes.potential_lr": 0.1,
+    "model.diffusion.prediction": "eps",
+    "model.loss_weighting": "none",
+    "model.min_snr_gamma": 5.0,
+    "model.train_max_step": None,
+    "model.feature_jitter": 0.0,
+    "sampling.start_step": None,
+    "scoring.distance": "l2",
+    "scoring.per_stage": False,
+    "scoring.feature_space": "normalised",
+    "scoring.image_score": "max_pool",
+    "scoring.top_k_percent": 1.0,
+    "scoring.aggregate": 1,
+    "scoring.pools": [1],
+    "train.prototype_lr_scale": 1.0,
+    "train.lr_schedule": "constant",
+    "train.warmup_fraction": 0.0,
+    "train.ema_decay": 0.0,
+}
+
+
+def saved_config(data: dict[str, Any]) -> VPDMConfig:
+    """The config of a saved model (checkpoint, logged run): settings it predates take their
+    :data:`LEGACY_VALUES`, so an older model is rebuilt and scored as it was trained."""
+    import copy
+
+    data = copy.deepcopy(data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"a saved config must be a mapping of sections, got {type(data).__name__}")
+    for key, value in LEGACY_VALUES.items():
+        *sections, name = key.split(".")
+        node = data
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict) and name not in node:
+            node[name] = copy.deepcopy(value)
+    return VPDMConfig.from_dict(data)
+
 
 @dataclass
 class ModelConfig:
