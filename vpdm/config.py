@@ -442,9 +442,15 @@ def apply_overrides(config: VPDMConfig, overrides: list[str] | dict[str, Any]) -
     return VPDMConfig.from_dict(data)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> VPDMConfig:
-    """Defaults, then a YAML file (partial is fine), then overrides; validated."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                preset: str | None = None) -> VPDMConfig:
+    """Defaults, then a named preset (``PRESETS``, e.g. ``paper``), then a YAML file (partial is fine),
+    then overrides; validated."""
     config = VPDMConfig()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"preset {preset!r} is unknown; expected one of {sorted(PRESETS)}")
+        config = apply_overrides(config, PRESETS[preset])
     if path is not None:
         path = Path(path)
         if not path.is_file():
