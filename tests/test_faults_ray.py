@@ -112,9 +112,12 @@ def test_worker_crash_resumes_like_an_uninterrupted_run_and_a_diverged_trial_doe
     assert sorted((m.step, m.value) for m in resumed) == [(1, 0.0), (2, 1.0)]
     assert sorted(m.step for m in client.get_metric_history(crashed.mlflow_run_id, "loss")) == [1, 2]
     assert {m.value for m in client.get_metric_history(clean.mlflow_run_id, "resumed_from_epoch")} == {0.0}
-    # as good as the uninterrupted run: same data, config and seed; only the restart's RNG draws differ
-    loss = {t.name: client.get_run(t.mlflow_run_id).data.metrics["loss"] for t in (crashed, clean)}
-    assert math.isclose(loss[crashed.name], loss[clean.name], rel_tol=0.25), loss
+    # as good as the uninterrupted run: same data, config and seed; only the restart's RNG draws differ.
+    # Compared on val_loss (fixed per-image timesteps and noise): the training loss of a 2-epoch tiny run
+    # is a handful of random timesteps, and with x0-prediction and min-SNR weights it varies several-fold
+    # with the draws alone; it also holds the OT term, which can be negative.
+    val = {t.name: client.get_run(t.mlflow_run_id).data.metrics["val_loss"] for t in (crashed, clean)}
+    assert math.isclose(val[crashed.name], val[clean.name], rel_tol=0.1), val
     for key in ("image_auroc", "pixel_auroc"):
         assert abs(crashed.test[key] - clean.test[key]) <= 0.05, (key, crashed.test, clean.test)
 
@@ -167,7 +170,10 @@ def test_a_killed_sweep_driver_resumes_without_rerunning_or_duplicating(tiny_dem
             return False
         trials = [r for r in runs if r.data.tags.get("vpdm.role") != "sweep"]
         done = [r for r in trials if r.info.status == "FINISHED"]
-        if done and any(r.info.status == "RUNNING" for r in trials):
+        # the paused trial's epoch 1 is in MLflow too (the Train controller logs it after the report):
+        # the kill then lands after a complete epoch, not inside the logging of one
+        running = [r for r in trials if r.info.status == "RUNNING"]
+        if done and running and all("loss" in r.data.metrics for r in running):
             finished_before.update({r.info.run_id: r.info.end_time for r in done})
             return True
         return False

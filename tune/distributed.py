@@ -414,6 +414,7 @@ def _maybe_pause(epoch: int, rank: int, trial: Any) -> None:
     marker = Path(folder) / f"{trial}.paused"
     if marker.exists():  # once per trial: a resumed trial does not stop again
         return
+    marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text(str(epoch))
     deadline = time.monotonic() + float(os.environ.get("VPDM_FAULT_PAUSE_TIMEOUT_S", "1800"))
     while not (Path(folder) / "release").exists() and time.monotonic() < deadline:

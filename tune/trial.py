@@ -141,7 +141,8 @@ def run_trial(params: dict[str, Any], data: dict[str, Any], context: dict[str, A
             # Stable per trial (no timestamp): a restarted trial resumes its Train run in place.
             name=train_run_name,
             storage_path=context["train_storage"],
-            callbacks=[TuneReportCallback(), MlflowEpochLogger(context["tracking_uri"], run.run_id, trial_dir)],
+            # MLflow first: once Tune sees an epoch, ASHA may kill this trial, and that epoch must already be logged.
+            callbacks=[MlflowEpochLogger(context["tracking_uri"], run.run_id, trial_dir), TuneReportCallback()],
             failure_config=ray.train.FailureConfig(max_failures=context["max_failures"]),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
