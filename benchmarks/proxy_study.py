@@ -45,8 +45,7 @@ MODELS: dict[str, list[str]] = {
                        "scoring.pools=[2]"],
     "local N8 K1024": ["model.prototypes.num_prototypes=1024", "model.prototypes.downsample=8",
                        "scoring.pools=[8]"],
-    "image K50 (paper's prototypes, k-means)": [*(f"{k}={v}" for k, v in PAPER.items()),
-                                                "model.prototypes.init=kmeans"],
+    "image K50 (paper's prototypes, k-means)": ["preset=paper", "model.prototypes.init=kmeans"],
 }
 SCORINGS: dict[str, list[str]] = {"as set": [], "full resolution (pools 1)": ["scoring.pools=[1]"]}
 
@@ -87,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, overrides in MODELS.items():
         if args.only and name not in args.only:
             continue
-        config = base.with_overrides(overrides).validate()
+        config = base
+        if "preset=paper" in overrides:  # the paper's settings first (a dict: some of its values are None)
+            config = config.with_overrides(PAPER)
+        config = config.with_overrides([o for o in overrides if o != "preset=paper"]).validate()
         start = time.perf_counter()
         model = engine.build_model(config, feats, stage_channels=train.stage_channels).eval()
         built = time.perf_counter() - start

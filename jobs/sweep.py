@@ -4,7 +4,7 @@
 With no arguments it runs the embedded default: a local Ray, MLflow in ./mlflow.db (sqlite), the
 built-in demo data and the small 'demo' preset (a few minutes on a laptop CPU). On a cluster:
 
-    ray job submit --working-dir . -- python jobs/sweep.py --data mvtec:/data/mvtec --preset paper \\
+    ray job submit --working-dir . -- python jobs/sweep.py --data mvtec:/data/mvtec --preset default \\
         --workers 4 --tracking-uri http://mlflow:5000 --storage /shared/vpdm-sweeps
 
 (a job's working directory is a copy Ray deletes: give it a tracking URI and a --storage outside it).
