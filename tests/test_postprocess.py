@@ -221,3 +221,164 @@ def test_new_settings_are_validated_by_name(setting, value):
 
     with pytest.raises(ConfigError, match=setting):
         load_config(None, [f"{setting}={value}"])
+
+
+# the commands end to end on the tiny synthetic set
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_demo, tmp_path_factory):
+    from tests.test_cli import TINY
+    from vpdm.cli import main
+
+    out = tmp_path_factory.mktemp("calibrated")
+    cache = tmp_path_factory.mktemp("cache")
+    code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "1", "--no-progress",
+                 "--set", f"data.cache_dir={cache}", *TINY])
+    assert code == 0
+    return {"run": out, "cache": cache, "demo": tiny_demo}
+
+
+def _uncalibrated_copy(checkpoint, target):
+    """A checkpoint as written before thresholds existed: no 'calibration', no calibration settings."""
+    payload = torch.load(checkpoint, weights_only=True)
+    payload.pop("calibration")
+    payload["config"].pop("calibration")
+    payload["config"]["train"].pop("calibration_fraction")
+    torch.save(payload, target)
+    return target
+
+
+def test_train_holds_out_two_images_per_class_and_stores_thresholds(calibrated):
+    from vpdm.checkpoint import checkpoint_calibration, load_checkpoint
+
+    _, config, payload = load_checkpoint(calibrated["run"] / "model.pt")
+    cal = checkpoint_calibration(payload)
+    assert payload["extra"]["train_images"] == 12 and payload["extra"]["calibration_images"] == 4  # 2 x (8 - 2)
+    assert sorted(cal.classes) == ["demo/blobs", "demo/grid"] and cal.false_alarm_rate == 0.01
+    for t in cal.classes.values():
+        assert t.num_images == 2 and t.image_threshold == t.image_max  # two images: the max
+        assert t.pixel_min <= t.pixel_threshold <= t.pixel_max
+    assert sorted(cal.histograms) == sorted(cal.classes) and cal.histograms["demo/grid"].shape == (4,)
+    assert cal.settings["scoring"]["pool_size"] == config.scoring.pool_size
+
+
+def test_predict_writes_decisions_consistent_with_the_thresholds(calibrated, tmp_path):
+    from PIL import Image
+
+    from vpdm.checkpoint import checkpoint_calibration, read_checkpoint
+    from vpdm.cli import main
+
+    ckpt = calibrated["run"] / "model.pt"
+    cal = checkpoint_calibration(read_checkpoint(ckpt))
+    images = calibrated["demo"] / "grid" / "test"
+    assert main(["predict", "--checkpoint", str(ckpt), "--images", str(images), "--output", str(tmp_path / "p"),
+                 "--no-progress", "--category", "demo/grid"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "p" / "scores.csv")))
+    assert list(rows[0]) == ["path", "category", "score", "pred_score", "pred_label", "pred_mask", "overlay", "error"]
+    t = cal.classes["demo/grid"]
+    for r in rows:
+        score, pred = float(r["score"]), float(r["pred_score"])
+        assert r["category"] == "demo/grid" and int(r["pred_label"]) == int(score > t.image_threshold)
+        assert pred == pytest.approx(normalise(score, t.image_threshold, t.image_min, t.image_max), abs=1e-6)
+        with Image.open(tmp_path / "p" / r["pred_mask"]) as im:
+            assert im.size == (64, 64) and set(np.unique(np.asarray(im)).tolist()) <= {0, 255}
+    # an override: every image above 0 is anomalous, and a score equal to the threshold would be 0.5
+    assert main(["predict", "--checkpoint", str(ckpt), "--images", str(images), "--output", str(tmp_path / "q"),
+                 "--no-progress", "--no-overlays", "--image-threshold", "0", "--pixel-threshold", "1e9"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "q" / "scores.csv")))
+    assert all(r["pred_label"] == "1" for r in rows)
+    for r in rows:
+        with Image.open(tmp_path / "q" / r["pred_mask"]) as im:
+            assert not np.asarray(im).any()
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "abc", "inf"])
+def test_bad_threshold_overrides_are_one_line_errors(value, calibrated, tmp_path, capsys):
+    from vpdm.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "--checkpoint", str(calibrated["run"] / "model.pt"), "--images", str(calibrated["demo"]),
+              "--output", str(tmp_path / "p"), "--image-threshold", value])
+    assert exc.value.code == 2 and "expected a finite number >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
+def test_an_unknown_category_is_refused_before_any_image(calibrated, tmp_path, capsys):
+    from vpdm.cli import main
+
+    assert main(["predict", "--checkpoint", str(calibrated["run"] / "model.pt"), "--images", str(calibrated["demo"]),
+                 "--output", str(tmp_path / "p"), "--category", "demo/nope", "--no-progress"]) == 2
+    assert "'demo/nope' is not one the model was calibrated for" in capsys.readouterr().err
+    assert not (tmp_path / "p" / "scores.csv").exists()
+
+
+def test_an_old_checkpoint_loads_says_how_to_calibrate_and_calibrate_keeps_the_old_file(calibrated, tmp_path, capsys):
+    from vpdm.checkpoint import checkpoint_calibration, load_checkpoint
+    from vpdm.cli import main
+
+    old = _uncalibrated_copy(calibrated["run"] / "model.pt", tmp_path / "model.pt")
+    original = old.read_bytes()
+    _, config, payload = load_checkpoint(old)
+    assert checkpoint_calibration(payload) is None and config.train.calibration_fraction == 0.0  # the legacy value
+    images = calibrated["demo"] / "blobs" / "test" / "good"
+    assert main(["predict", "--checkpoint", str(old), "--images", str(images), "--output", str(tmp_path / "p"),
+                 "--no-progress", "--no-overlays"]) == 0
+    err = capsys.readouterr().err
+    assert f"checkpoint {str(old)!r} has no calibrated thresholds" in err and f"vpdm calibrate --checkpoint {old}" in err
+    rows = list(csv.DictReader(open(tmp_path / "p" / "scores.csv")))
+    assert all(r["score"] and r["pred_label"] == "" and r["pred_score"] == "" for r in rows)
+    assert main(["evaluate", "--checkpoint", str(old), "--no-progress", "--output", str(tmp_path / "m.json"),
+                 "--set", f"data.cache_dir={calibrated['cache']}"]) == 0
+    assert "no decision metrics" in capsys.readouterr().out
+    assert "image_precision" not in json.loads((tmp_path / "m.json").read_text())["metrics"]["mean"]
+
+    # a failing calibration (no such data) leaves the checkpoint as it was
+    assert main(["calibrate", "--checkpoint", str(old), "--data", f"mvtec:{tmp_path / 'none'}", "--no-progress"]) == 2
+    assert old.read_bytes() == original and not (tmp_path / "model.pt.bak").exists()
+    # settings the thresholds depend on cannot change at calibration
+    assert main(["calibrate", "--checkpoint", str(old), "--set", "scoring.pool_size=2", "--no-progress"]) == 2
+    assert "calibrate cannot change scoring.pool_size=2" in capsys.readouterr().err
+    # calibrate: the previous file is kept complete beside the new one
+    assert main(["calibrate", "--checkpoint", str(old), "--data", f"demo:{calibrated['demo']}", "--no-progress",
+                 "--set", f"data.cache_dir={calibrated['cache']}", "--set", "calibration.false_alarm_rate=0.2"]) == 0
+    assert (tmp_path / "model.pt.bak").read_bytes() == original
+    cal = checkpoint_calibration(load_checkpoint(old)[2])
+    assert cal.false_alarm_rate == 0.2 and {t.num_images for t in cal.classes.values()} == {8}
+    # --output: a new file, the input untouched
+    assert main(["calibrate", "--checkpoint", str(tmp_path / "model.pt.bak"), "--output", str(tmp_path / "new.pt"),
+                 "--data", f"demo:{calibrated['demo']}", "--fraction", "0.25", "--no-progress",
+                 "--set", f"data.cache_dir={calibrated['cache']}"]) == 0
+    assert (tmp_path / "model.pt.bak").read_bytes() == original
+    assert {t.num_images for t in checkpoint_calibration(load_checkpoint(tmp_path / "new.pt")[2]).classes.values()} == {2}
+
+
+def test_evaluate_reports_decisions_at_the_calibrated_threshold_as_sklearn_computes_them(calibrated, tmp_path, capsys):
+    from sklearn.metrics import f1_score, precision_score, recall_score
+
+    from vpdm import engine
+    from vpdm.checkpoint import checkpoint_calibration, load_checkpoint
+    from vpdm.cli import main
+
+    ckpt = calibrated["run"] / "model.pt"
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--no-progress", "--output", str(tmp_path / "m.json"),
+                 "--set", f"data.cache_dir={calibrated['cache']}"]) == 0
+    printed = capsys.readouterr().out
+    assert "precision" in printed and "false_alarm" in printed
+    doc = json.loads((tmp_path / "m.json").read_text())
+    model, config, payload = load_checkpoint(ckpt)
+    cal = checkpoint_calibration(payload)
+    config = config.with_overrides({"data.cache_dir": str(calibrated["cache"])})
+    result = engine.evaluate(model, config, engine.load_split(config, "test", progress=False), progress=False)
+    cats = np.array(result.categories)
+    for c, t in cal.classes.items():
+        i = cats == c
+        y, p = result.labels[i], (result.scores[i] > t.image_threshold).astype(int)
+        got = doc["metrics"]["per_class"][c]
+        assert got["image_precision"] == pytest.approx(precision_score(y, p, zero_division=0))
+        assert got["image_recall"] == pytest.approx(recall_score(y, p, zero_division=0))
+        assert got["image_f1"] == pytest.approx(f1_score(y, p, zero_division=0))
+        assert got["image_false_alarm_rate"] == pytest.approx(p[y == 0].mean())
+        assert doc["decision"]["image_thresholds"][c] == t.image_threshold
+    assert doc["metrics"]["mean"]["image_auroc"] is not None  # the threshold-free metrics stay beside them

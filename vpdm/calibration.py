@@ -56,6 +56,27 @@ def holdout_split(samples: list[Sample], fraction: float, seed: int) -> tuple[li
     return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
 
 
+def holdout_index(samples: list[Sample], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Positions in ``samples`` of :func:`holdout_split`'s ``(train, calibration)`` lists."""
+    train, held = holdout_split(samples, fraction, seed)
+    held_paths = {s.image_path for s in held}
+    return ([i for i, s in enumerate(samples) if s.image_path not in held_paths],
+            [i for i, s in enumerate(samples) if s.image_path in held_paths])
+
+
+def subset(split, index: list[int]):
+    """The :class:`vpdm.engine.SplitFeatures` of ``split``'s images at ``index`` (features already extracted)."""
+    import dataclasses
+
+    from vpdm.data import AnomalyDataset
+
+    samples = [split.dataset.samples[i] for i in index]
+    dataset = AnomalyDataset(samples, image_size=split.dataset.image_size, mask_size=split.dataset.mask_size)
+    position = torch.tensor(index, dtype=torch.long)
+    class_index = torch.tensor([dataset.categories.index(s.category) for s in samples], dtype=torch.long)
+    return dataclasses.replace(split, features=split.features[position], dataset=dataset, class_index=class_index)
+
+
 @torch.no_grad()
 def assignment_histograms(model: VPDM, features: Tensor, batch_size: int = 32) -> Tensor:
     """B x K: each image's mean prototype-assignment weights (eval mode: per image, batch-independent).
