@@ -204,6 +204,11 @@ def test_holdout_is_seeded_per_class_and_at_least_two_images():
     assert holdout_split(samples, 0.1, seed=0) == (train, held)
     assert holdout_split(samples, 0.1, seed=1)[1] != held
     assert holdout_split(samples, 0.0, seed=0) == (samples, [])
+    # vpdm calibrate --fraction picks the same images with the same data and seed
+    from vpdm.calibration import calibration_picks
+
+    picked = {i for _, p in calibration_picks(samples, 0.1, 0).values() for i in p}
+    assert [s for i, s in enumerate(samples) if i in picked] == held
 
 
 def test_holdout_refuses_a_class_too_small_to_train_on_by_name():

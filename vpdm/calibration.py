@@ -32,6 +32,22 @@ def holdout_count(n: int, fraction: float) -> int:
     return max(MIN_CALIBRATION_IMAGES, math.ceil(fraction * n))
 
 
+def calibration_picks(samples: list[Sample], fraction: float, seed: int) -> dict[str, tuple[list[int], list[int]]]:
+    """Per class: (positions in ``samples`` of its images, the seeded ``holdout_count`` of them picked).
+
+    The pick depends only on the class's images, ``fraction`` and ``seed``, so ``vpdm calibrate
+    --fraction F`` with the training data and seed picks the images ``vpdm train`` held out.
+    """
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        by_class[s.category].append(i)
+    out = {}
+    for category, index in sorted(by_class.items()):
+        k = min(len(index), holdout_count(len(index), fraction))
+        out[category] = (index, random.Random(f"{seed}:{category}").sample(index, k))
+    return out
+
+
 def holdout_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """``(train, calibration)``: per class a seeded random ``holdout_count`` of its images for calibration.
 
@@ -40,19 +56,14 @@ def holdout_split(samples: list[Sample], fraction: float, seed: int) -> tuple[li
     """
     if fraction <= 0:
         return list(samples), []
-    by_class: dict[str, list[int]] = defaultdict(list)
-    for i, s in enumerate(samples):
-        by_class[s.category].append(i)
     held: set[int] = set()
-    for category, index in sorted(by_class.items()):
-        k = holdout_count(len(index), fraction)
-        if len(index) - k < MIN_TRAIN_IMAGES:
+    for category, (index, picked) in calibration_picks(samples, fraction, seed).items():
+        if len(index) - len(picked) < MIN_TRAIN_IMAGES:
             raise ConfigError(
-                f"class {category!r} has {len(index)} training image(s): holding out {k} for calibration "
+                f"class {category!r} has {len(index)} training image(s): holding out {len(picked)} for calibration "
                 f"(train.calibration_fraction={fraction}) leaves fewer than {MIN_TRAIN_IMAGES} to train on; "
                 "set train.calibration_fraction=0 and calibrate later with 'vpdm calibrate'")
-        rng = random.Random(f"{seed}:{category}")
-        held.update(rng.sample(index, k))
+        held.update(picked)
     return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
 
 

@@ -232,7 +232,7 @@ def _calibration_summary(calibration) -> str:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from vpdm import engine
-    from vpdm.calibration import calibrate, holdout_count
+    from vpdm.calibration import calibrate, calibration_picks
     from vpdm.checkpoint import load_checkpoint
     from vpdm.config import inference_overrides
     import shutil
@@ -259,17 +259,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     target = Path(args.output) if args.output else Path(args.checkpoint)
     writable_file(target, "checkpoint")  # before any image
     samples = list_splits(config, ("train",))["train"]
-    if args.fraction is not None and args.fraction < 1:
-        import random
-        from collections import defaultdict
-
-        by_class: dict[str, list[int]] = defaultdict(list)
-        for i, s in enumerate(samples):
-            by_class[s.category].append(i)
-        keep: set[int] = set()
-        for c, index in sorted(by_class.items()):
-            k = min(len(index), holdout_count(len(index), args.fraction))
-            keep.update(random.Random(f"{config.train.seed}:{c}").sample(index, k))
+    if args.fraction is not None and args.fraction < 1:  # the same pick as train's hold-out (same data and seed)
+        keep = {i for _, picked in calibration_picks(samples, args.fraction, config.train.seed).values() for i in picked}
         samples = [s for i, s in enumerate(samples) if i in keep]
     progress = not args.no_progress
     split = engine.load_split(config, "train", progress=progress, samples=samples)
