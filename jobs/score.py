@@ -5,8 +5,11 @@
 
 Pulls the model from the MLflow registry (``models:/NAME@alias``, ``models:/NAME/VERSION``,
 ``runs:/...`` or a local model folder), scores every image under ``--images`` (recursively) and
-writes ``OUTPUT/scores.csv`` (``path,score,error``; ``path`` relative to ``--images``) and one
-anomaly-map overlay PNG per scored image under ``OUTPUT/overlays/`` (all on one colour scale).
+writes ``OUTPUT/scores.csv`` (``path,category,score,pred_score,pred_label,pred_mask,error``; ``path``
+relative to ``--images``; the decision columns as in the model's answer, ``pred_mask`` the path of a
+0/255 mask PNG under ``OUTPUT/masks/``; empty when the model has no calibrated thresholds and none
+are given) and one anomaly-map overlay PNG per scored image under ``OUTPUT/overlays/`` (all on one
+colour scale). ``--image-threshold`` / ``--pixel-threshold`` override the calibrated thresholds.
 Images that cannot be decoded get an ``error`` and do not stop the others.
 
 Exit codes: 0 some images scored, 1 none could be scored, 2 bad input (missing folder, unknown
@@ -44,10 +47,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--batch-size", type=int, default=16, help="images per predict call (default 16)")
     p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
-    p.add_argument("--no-overlays", action="store_true", help="write scores.csv only")
+    p.add_argument("--no-overlays", action="store_true", help="write scores.csv only (no overlays, no masks)")
+    p.add_argument("--image-threshold", type=float, help="raw image score above which an image is anomalous "
+                                                         "(default: the model's calibrated threshold of its class)")
+    p.add_argument("--pixel-threshold", type=float, help="raw map value above which a pixel is in pred_mask "
+                                                         "(default: the calibrated one)")
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    import math
+
+    for name in ("image_threshold", "pixel_threshold"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            p.error(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     return args
 
 
@@ -136,8 +149,11 @@ def run(args: argparse.Namespace) -> int:
                 encoded.append("")
                 errors[i] = str(exc)
         # full maps for the overlays (the model's default answer is a small map), none without them
-        result = model.predict(pd.DataFrame({"image": pd.Series(encoded, dtype="object")}),
-                               params={"anomaly_map": "none" if args.no_overlays else "full"})
+        params: dict[str, Any] = {"anomaly_map": "none" if args.no_overlays else "full"}
+        for name in ("image_threshold", "pixel_threshold"):
+            if getattr(args, name) is not None:
+                params[name] = float(getattr(args, name))
+        result = model.predict(pd.DataFrame({"image": pd.Series(encoded, dtype="object")}), params=params)
         for i, f in enumerate(chunk):
             score = float(result["score"].iloc[i])
             error = errors.get(i) or result["error"].iloc[i]
@@ -145,18 +161,41 @@ def run(args: argparse.Namespace) -> int:
             if error:  # name the file rather than the row of the batch
                 error = error.replace(f"row {i}: ", "", 1)
             amap = result["anomaly_map"].iloc[i]
+            pred_score = float(result["pred_score"].iloc[i])
+            mask = result["pred_mask"].iloc[i]
+            label, category = result["pred_label"].iloc[i], result["category"].iloc[i]
+            label = None if label is None or (isinstance(label, float) and np.isnan(label)) else int(label)
+            category = category if isinstance(category, str) else ""
             rows.append({"file": f, "path": str(f.relative_to(root)), "score": None if np.isnan(score) else score,
-                         "error": error, "map": None if amap is None else np.asarray(amap, dtype=np.float64)})
+                         "error": error, "map": None if amap is None else np.asarray(amap, dtype=np.float64),
+                         "category": category, "pred_label": label,
+                         "pred_score": None if np.isnan(pred_score) else pred_score,
+                         "mask": None if mask is None else np.asarray(mask, dtype=np.uint8)})
     elapsed = time.perf_counter() - t1
 
     scored = [r for r in rows if r["score"] is not None]
+    mask_names: dict[str, str] = {}
+    used_masks: set[str] = set()
+    for r in scored:
+        if r["mask"] is not None:
+            mask_names[r["path"]] = "masks/" + overlay_name(Path(r["path"]), used_masks)
     table = io.StringIO()
     writer = csv.writer(table)
-    writer.writerow(["path", "score", "error"])
+    writer.writerow(["path", "category", "score", "pred_score", "pred_label", "pred_mask", "error"])
     for r in rows:
-        writer.writerow([r["path"], "" if r["score"] is None else f"{r['score']:.6f}", r["error"] or ""])
+        writer.writerow([r["path"], r["category"], "" if r["score"] is None else f"{r['score']:.6f}",
+                         "" if r["pred_score"] is None else f"{r['pred_score']:.6f}",
+                         "" if r["pred_label"] is None else int(r["pred_label"]), mask_names.get(r["path"], ""),
+                         r["error"] or ""])
     try:  # scores first: they are the result, overlays only illustrate it
         atomic_write_text(out / "scores.csv", table.getvalue(), what="scores")
+        if mask_names:
+            writable_dir(out / "masks", what="masks folder")
+            for r in scored:
+                if r["path"] in mask_names:
+                    target = out / mask_names[r["path"]]
+                    with writing(target, "mask"):
+                        Image.fromarray(r["mask"] * np.uint8(255)).save(target)
         if scored and not args.no_overlays:
             overlays = writable_dir(out / "overlays", what="overlays folder")
             vmax = float(np.quantile(np.stack([r["map"] for r in scored]), 0.999))
@@ -172,7 +211,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from exc
 
     failed = len(rows) - len(scored)
-    print(f"scored {len(scored)} image(s) in {elapsed:.1f}s" + (f", {failed} failed (see error column)" if failed else ""))
+    decided = [r for r in scored if r["pred_label"] is not None]
+    flagged = f", {sum(int(r['pred_label']) for r in decided)} anomalous" if decided else ""
+    print(f"scored {len(scored)} image(s) in {elapsed:.1f}s{flagged}"
+          + (f", {failed} failed (see error column)" if failed else ""))
+    if scored and not decided:
+        print("no decisions: the model has no calibrated thresholds (calibrate its checkpoint with 'vpdm calibrate' "
+              "and log it again, or pass --image-threshold and --pixel-threshold)")
     if scored:
         s = np.array([r["score"] for r in scored])
         print(f"scores: min {s.min():.4f}  median {np.median(s):.4f}  max {s.max():.4f}")

@@ -142,6 +142,8 @@ def test_logged_model_has_signature_example_and_carried_code(champion):
         {"name": "anomaly_map", "type": "string", "default": "small", "shape": None},
         {"name": "map_side", "type": "long", "default": 16, "shape": None},
         {"name": "png_vmax", "type": "double", "default": 0.0, "shape": None},
+        {"name": "image_threshold", "type": "double", "default": None, "shape": None},
+        {"name": "pixel_threshold", "type": "double", "default": None, "shape": None},
     ]
     assert [c["name"] for c in info.signature.outputs.to_dict()] == list(OUTPUT_COLUMNS)
     assert info.metadata["image_size"] == 64 and info.metadata["map_size"] == 64
@@ -396,6 +398,61 @@ def test_the_caller_chooses_what_map_comes_back(loaded, images, reference):
             loaded.predict(frame, params=bad)
 
 
+def test_the_answer_carries_decisions_at_the_calibrated_or_requested_thresholds(checkpoint, images, reference):
+    from vpdm.postprocess import normalise
+
+    detector = Detector.from_checkpoint(checkpoint)
+    cal = detector.calibration
+    frame = images_to_frame(images)
+    frame["category"] = ["demo/grid", None, "", "demo/blobs"]
+    out = predict_frame(detector, frame)
+    assert list(out.columns) == list(OUTPUT_COLUMNS)
+    assert out["category"].iloc[0] == "demo/grid" and out["category"].iloc[3] == "demo/blobs"
+    for i, path in enumerate(images):
+        t = cal.classes[out["category"].iloc[i]]
+        score = reference[str(path)][0]
+        assert out["score"].iloc[i] == pytest.approx(score, abs=TOL)
+        assert out["pred_label"].iloc[i] == int(out["score"].iloc[i] > t.image_threshold)
+        assert out["pred_score"].iloc[i] == pytest.approx(normalise(out["score"].iloc[i], t.image_threshold,
+                                                                    t.image_min, t.image_max))
+        small = np.asarray(out["pred_mask"].iloc[i])  # 16 x 16: a block is 1 when any of its pixels is
+        full = reference[str(path)][1] > t.pixel_threshold
+        assert small.shape == (16, 16) and (small == full.reshape(16, 4, 16, 4).any(axis=(1, 3))).all()
+    # a per-call override; the same numbers through the library's own PostProcessor
+    over = predict_frame(detector, frame, params={"image_threshold": 0.0, "pixel_threshold": 1e9,
+                                                  "anomaly_map": "full"})
+    assert over["pred_label"].tolist() == [1, 1, 1, 1]
+    assert all(not np.asarray(m).any() for m in over["pred_mask"])
+    # an unknown class fails its item only
+    frame["category"] = ["demo/nope", None, None, None]
+    bad = predict_frame(detector, frame)
+    assert "category 'demo/nope' is not one the model was calibrated for" in bad["error"].iloc[0]
+    assert np.isnan(bad["score"].iloc[0]) and bad["pred_label"].iloc[0] is None and bad["error"].iloc[1] is None
+
+
+@pytest.mark.parametrize("params, needle", [({"image_threshold": float("nan")}, "image_threshold must be a finite"),
+                                            ({"pixel_threshold": -1.0}, "pixel_threshold must be a finite"),
+                                            ({"image_threshold": "high"}, "image_threshold must be a finite")])
+def test_bad_threshold_params_are_refused_by_name(checkpoint, images, params, needle):
+    with pytest.raises(MlflowException, match=needle):
+        predict_frame(Detector.from_checkpoint(checkpoint), images_to_frame(images[:1]), params=params)
+
+
+def test_an_uncalibrated_model_answers_scores_without_decisions(checkpoint, images, reference, tmp_path):
+    import torch
+
+    payload = torch.load(checkpoint, weights_only=True)
+    payload.pop("calibration")
+    torch.save(payload, tmp_path / "old.pt")
+    detector = Detector.from_checkpoint(tmp_path / "old.pt")
+    assert detector.calibration is None
+    out = predict_frame(detector, images_to_frame(images[:2]))
+    assert out["score"].iloc[0] == pytest.approx(reference[str(images[0])][0], abs=TOL)
+    assert out["pred_label"].tolist() == [None, None] and out["pred_score"].isna().all()
+    both = predict_frame(detector, images_to_frame(images[:2]), params={"image_threshold": 0.0, "pixel_threshold": 0.0})
+    assert both["pred_label"].tolist() == [1, 1] and both["category"].tolist() == ["", ""]
+
+
 # --------------------------------------------------------------------------------------------
 # jobs/score.py
 # --------------------------------------------------------------------------------------------
@@ -419,6 +476,11 @@ def test_score_job_end_to_end(champion, store, checkpoint, images, reference, tm
     rows = {r["path"]: r for r in csv.DictReader(open(out / "scores.csv"))}
     assert set(rows) == {"a.png", "nested/b.png", "nested/broken.png", "ramp16.png", "tiny.png"}
     assert float(rows["a.png"]["score"]) == pytest.approx(reference[str(images[0])][0], abs=TOL)
+    assert rows["a.png"]["pred_label"] in ("0", "1") and rows["a.png"]["category"] in ("demo/grid", "demo/blobs")
+    assert 0 <= float(rows["a.png"]["pred_score"]) <= 1 and rows["a.png"]["pred_mask"] == "masks/a.png"
+    with Image.open(out / "masks" / "a.png") as im:
+        assert im.size == (64, 64) and set(np.unique(np.asarray(im)).tolist()) <= {0, 255}
+    assert rows["tiny.png"]["pred_label"] == "" and rows["tiny.png"]["pred_mask"] == ""
     assert float(rows["nested/b.png"]["score"]) == pytest.approx(reference[str(images[3])][0], abs=TOL)
     assert rows["nested/broken.png"]["score"] == "" and "cannot decode" in rows["nested/broken.png"]["error"]
     assert rows["tiny.png"]["score"] == "" and rows["tiny.png"]["error"].startswith("3x2 pixels is too small")

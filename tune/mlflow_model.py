@@ -6,14 +6,23 @@ The model's contract (what ``mlflow models serve`` and ``mlflow.pyfunc.load_mode
   (PNG, JPEG, BMP or TIFF bytes) base64-encoded; any other column (e.g. ``"path"``) is ignored.
   Grayscale, RGBA and 16-bit images are converted to 8-bit RGB; images under 8 px a side or over
   PIL's pixel limit are refused per item (conversions and refusals: ``tune/SERVING.md``);
-* output: a ``pandas.DataFrame`` with the input's index and the columns ``"score"`` (float, NaN
-  when the item could not be scored), ``"anomaly_map"`` (what the ``anomaly_map`` parameter asks
-  for, None when the item failed) and ``"error"`` (None, or why the item failed);
+  An optional string column ``"category"`` names an item's class (its calibrated thresholds);
+  missing or null: the class is picked per image (:mod:`vpdm.postprocess`);
+* output: a ``pandas.DataFrame`` with the input's index and the columns ``"score"`` (float, the raw
+  score, NaN when the item could not be scored), ``"pred_score"`` (float in [0, 1], the score
+  normalised so that the image threshold is 0.5), ``"pred_label"`` (1 anomalous, 0 normal),
+  ``"pred_mask"`` (the pixels above the pixel threshold, in the format of ``anomaly_map``),
+  ``"category"`` (the class whose thresholds were used), ``"anomaly_map"`` (what the ``anomaly_map``
+  parameter asks for, None when the item failed) and ``"error"`` (None, or why the item failed).
+  The decision columns are NaN/None when the item failed, or when the model has no calibrated
+  thresholds and the request gives none;
 * params (MLflow ``params``, the signature's ``ParamSchema``): ``anomaly_map`` = ``"small"``
   (default: the map averaged down to ``map_side`` x ``map_side``, 16), ``"none"`` (score only),
   ``"full"`` (``map_size`` x ``map_size``) or ``"png"`` (base64 8-bit grayscale PNG of the full map,
   scaled by ``png_vmax``, or by the map's own maximum when it is 0). The full float map is about
-  1 MB of JSON per 224 px image, so it is not the default.
+  1 MB of JSON per 224 px image, so it is not the default. ``image_threshold`` / ``pixel_threshold``
+  (raw score / map value, finite and >= 0; default null: the calibrated ones) override the
+  thresholds of every class for this call.
 
 An empty frame gives an empty result, with or without an ``image`` column (``{"dataframe_records": []}``):
 the signature therefore declares no input schema, and :func:`predict_frame` checks the input itself
@@ -64,10 +73,13 @@ __all__ = [
 ]
 
 IMAGE_COLUMN = "image"
-OUTPUT_COLUMNS = ("score", "anomaly_map", "error")
+OUTPUT_COLUMNS = ("score", "pred_score", "pred_label", "pred_mask", "category", "anomaly_map", "error")
+CATEGORY_COLUMN = "category"
 # What a caller may ask for per request (MLflow `params`); the defaults keep a 100-image answer small.
 MAP_FORMATS = ("small", "none", "full", "png")
-DEFAULT_PARAMS: dict[str, Any] = {"anomaly_map": "small", "map_side": 16, "png_vmax": 0.0}
+DEFAULT_PARAMS: dict[str, Any] = {"anomaly_map": "small", "map_side": 16, "png_vmax": 0.0,
+                                  "image_threshold": None, "pixel_threshold": None}
+THRESHOLD_PARAMS = ("image_threshold", "pixel_threshold")  # double, default None: the calibrated thresholds
 # Formats the library reads from disk (vpdm.data.IMAGE_EXTENSIONS). Restricting PIL's plugins keeps
 # exotic decoders (EPS via ghostscript, ...) away from untrusted request bytes.
 ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
@@ -155,8 +167,8 @@ def _b64decode(value: Any, name: str) -> bytes:
 
 
 def _empty_result(index: Any = None) -> pd.DataFrame:
-    frame = pd.DataFrame({"score": pd.Series(dtype="float64"), "anomaly_map": pd.Series(dtype="object"),
-                          "error": pd.Series(dtype="object")})
+    frame = pd.DataFrame({c: pd.Series(dtype="float64" if c in ("score", "pred_score") else "object")
+                          for c in OUTPUT_COLUMNS})
     if index is not None:
         frame.index = index
     return frame
@@ -181,6 +193,14 @@ def _check_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
     if isinstance(vmax, bool) or not isinstance(vmax, (int, float)) or not math.isfinite(vmax) or vmax < 0:
         raise MlflowException(f"parameter png_vmax={vmax!r}: expected a finite number >= 0 (0: each map's maximum)",
                               error_code=INVALID_PARAMETER_VALUE)
+    from vpdm.errors import ConfigError
+    from vpdm.postprocess import check_threshold
+
+    for name in THRESHOLD_PARAMS:
+        try:
+            out[name] = check_threshold(out[name], f"parameter {name}")
+        except ConfigError as exc:
+            raise MlflowException(f"{exc} (null: the calibrated threshold)", error_code=INVALID_PARAMETER_VALUE) from None
     return {**out, "map_side": int(side), "png_vmax": float(vmax)}
 
 
@@ -204,6 +224,47 @@ def _map_payloads(maps: Any, params: Mapping[str, Any]) -> list[Any]:
         buf = io.BytesIO()
         Image.fromarray(gray.astype(np.uint8)).save(buf, format="PNG")
         out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+    return out
+
+
+def _mask_payloads(masks: Any, params: Mapping[str, Any]) -> list[Any]:
+    """B x M x M bool masks -> the format ``params["anomaly_map"]`` asks for: 0/1 lists (``small``: a
+    block is 1 when any of its pixels is), a base64 PNG of 0/255, or None (``none``)."""
+    import torch
+    import torch.nn.functional as F
+
+    kind = params["anomaly_map"]
+    if kind == "none":
+        return [None] * len(masks)
+    masks = torch.as_tensor(np.asarray(masks)).float()
+    if kind == "small" and params["map_side"] < masks.shape[-1]:
+        masks = F.adaptive_max_pool2d(masks[:, None], params["map_side"])[:, 0]
+    if kind in ("small", "full"):
+        return [m.to(torch.int64).numpy().tolist() for m in masks]
+    from PIL import Image
+
+    out = []
+    for m in masks.numpy():
+        buf = io.BytesIO()
+        Image.fromarray((m > 0).astype(np.uint8) * 255).save(buf, format="PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+    return out
+
+
+def _categories(model_input: pd.DataFrame, known: Sequence[str], errors: list[str | None]) -> list[str | None]:
+    """The optional ``category`` column: None where missing; an unknown class is that item's error."""
+    if CATEGORY_COLUMN not in model_input.columns:
+        return [None] * len(model_input)
+    out: list[str | None] = []
+    for i, value in enumerate(model_input[CATEGORY_COLUMN].tolist()):
+        if value is None or (isinstance(value, float) and np.isnan(value)) or value == "":
+            out.append(None)
+        elif not isinstance(value, str) or (known and value not in known):
+            errors[i] = (f"row {i}: category {value!r} is not one the model was calibrated for "
+                         f"({', '.join(known) or 'none'})")
+            out.append(None)
+        else:
+            out.append(value)
     return out
 
 
@@ -236,13 +297,22 @@ def predict_frame(detector: Any, model_input: Any, batch_size: int = 16,
 
     size = detector.config.backbone.image_size
     scores = np.full(n, np.nan, dtype=np.float64)
+    pred_scores = np.full(n, np.nan, dtype=np.float64)
     maps: list[Any] = [None] * n
+    labels: list[Any] = [None] * n
+    masks: list[Any] = [None] * n
+    used: list[Any] = [None] * n
     errors: list[str | None] = [None] * n
+    post = detector.postprocessor(params["image_threshold"], params["pixel_threshold"])
+    calibration = getattr(detector, "calibration", None)
+    given = _categories(model_input, list(calibration.classes) if calibration else [], errors)
     values = model_input[IMAGE_COLUMN].tolist()
     batch_size = max(1, int(batch_size))
     for start in range(0, n, batch_size):
         tensors, rows = [], []
         for i in range(start, min(start + batch_size, n)):
+            if errors[i] is not None:
+                continue
             try:
                 rgb = decode_image_bytes(_b64decode(values[i], f"row {i}"), size, name=f"row {i}")
                 tensors.append(_normalise(rgb))
@@ -250,14 +320,20 @@ def predict_frame(detector: Any, model_input: Any, batch_size: int = 16,
             except VPDMError as exc:
                 errors[i] = str(exc)
         if tensors:
-            batch_scores, batch_maps = detector.score_tensor(torch.stack(tensors))
-            for j, (i, payload) in enumerate(zip(rows, _map_payloads(batch_maps, params))):
-                scores[i] = float(batch_scores[j])
+            found = detector.analyse(torch.stack(tensors), [given[i] for i in rows], postprocessor=post)
+            for j, (i, payload) in enumerate(zip(rows, _map_payloads(found.maps, params))):
+                scores[i] = float(found.scores[j])
                 maps[i] = payload
+            d = found.decisions
+            if d is not None:
+                for j, (i, mask) in enumerate(zip(rows, _mask_payloads(d.pred_mask, params))):
+                    pred_scores[i], labels[i] = float(d.pred_score[j]), int(d.pred_label[j])
+                    masks[i], used[i] = mask, d.category[j]
     # object dtype keeps None as None (pandas 3 would infer a string column with NaN for missing).
-    return pd.DataFrame({"score": pd.Series(scores, dtype="float64", index=model_input.index),
-                         "anomaly_map": pd.Series(maps, dtype="object", index=model_input.index),
-                         "error": pd.Series(errors, dtype="object", index=model_input.index)})
+    columns = {"score": scores, "pred_score": pred_scores, "pred_label": labels, "pred_mask": masks,
+               "category": used, "anomaly_map": maps, "error": errors}
+    return pd.DataFrame({c: pd.Series(columns[c], dtype="float64" if c in ("score", "pred_score") else "object",
+                                      index=model_input.index) for c in OUTPUT_COLUMNS})
 
 
 class VPDMPyfuncModel(mlflow.pyfunc.PythonModel):
@@ -269,6 +345,10 @@ class VPDMPyfuncModel(mlflow.pyfunc.PythonModel):
         config = {**DEFAULT_MODEL_CONFIG, **(getattr(context, "model_config", None) or {})}
         self.batch_size = int(config["batch_size"])
         self.detector = Detector.from_checkpoint(context.artifacts["checkpoint"], device=config["device"])
+        if self.detector.calibration is None:
+            warnings.warn("this VPDM model has no calibrated thresholds: pred_score, pred_label and pred_mask stay "
+                          "empty unless a request passes image_threshold and pixel_threshold; calibrate the "
+                          "checkpoint with 'vpdm calibrate' and log it again", stacklevel=2)
 
     # model_input is typed pd.DataFrame (a hint MLflow derives no schema from): the logged
     # signature is what validates requests.
@@ -378,10 +458,15 @@ def log_pyfunc_model(
     output = predict_frame(detector, example)
     if output["error"].iloc[0] is not None:
         raise MlflowException(f"the input example could not be scored: {output['error'].iloc[0]}")
-    inferred = mlflow.models.infer_signature(example, output, params=dict(DEFAULT_PARAMS))
+    typed = {k: v for k, v in DEFAULT_PARAMS.items() if k not in THRESHOLD_PARAMS}
+    inferred = mlflow.models.infer_signature(example, output, params=typed)
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    # Thresholds: doubles whose default null means "the calibrated ones" (infer_signature cannot type a None).
+    params_schema = ParamSchema(list(inferred.params.params) + [ParamSpec(k, "double", None) for k in THRESHOLD_PARAMS])
     # No input schema: MLflow would refuse {"dataframe_records": []} (no columns) before predict could answer
     # it; predict_frame checks the input itself. The params schema makes MLflow pass and type-check `params`.
-    signature = mlflow.models.ModelSignature(inputs=None, outputs=inferred.outputs, params=inferred.params)
+    signature = mlflow.models.ModelSignature(inputs=None, outputs=inferred.outputs, params=params_schema)
     import vpdm
 
     with tempfile.TemporaryDirectory(prefix="vpdm_code_") as staging:

@@ -45,8 +45,13 @@ def checkpoint_payload(
     extra: dict[str, Any] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     epoch: int | None = None,
+    calibration: Any = None,
 ) -> dict[str, Any]:
-    """What :func:`save_checkpoint` writes: plain containers and tensors only (``weights_only`` loads it)."""
+    """What :func:`save_checkpoint` writes: plain containers and tensors only (``weights_only`` loads it).
+
+    ``calibration`` (a :class:`vpdm.postprocess.Calibration`) adds the decision thresholds; a checkpoint
+    without them still loads (:func:`checkpoint_calibration` returns None).
+    """
     payload: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
@@ -61,7 +66,20 @@ def checkpoint_payload(
     }
     if optimizer is not None:
         payload["optimizer"] = optimizer.state_dict()
+    if calibration is not None:
+        payload["calibration"] = calibration.to_payload()
     return payload
+
+
+def checkpoint_calibration(payload: dict[str, Any], path: str | Path = "checkpoint") -> Any:
+    """The :class:`vpdm.postprocess.Calibration` stored in a checkpoint's payload, or None (older
+    checkpoints, or trained with ``train.calibration_fraction=0``: ``vpdm calibrate`` adds one)."""
+    from vpdm.postprocess import Calibration
+
+    data = payload.get("calibration")
+    if data is None:
+        return None
+    return Calibration.from_payload(data, where=repr(str(path)))
 
 
 def _not_loadable(path: Path) -> str:

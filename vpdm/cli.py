@@ -36,6 +36,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _threshold(text: str) -> float:
+    """argparse type for a threshold override: a finite number >= 0 (scores and maps are distances)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def _warn_settings(calibration, config) -> None:
+    from vpdm.postprocess import settings_differ
+
+    differ = settings_differ(calibration, config)
+    if differ:
+        print(f"warning: {', '.join(differ)} differ from the settings the thresholds were calibrated with; "
+              "the decisions may not hold (run 'vpdm calibrate' with them)", file=sys.stderr)
+
+
 def _preset(p: argparse.ArgumentParser) -> None:
     from vpdm.config import PRESETS
 
@@ -70,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="data spec of the test split (default: the one the model was trained on)")
     e.add_argument("--output", help="metrics JSON to write (default: metrics.json beside the checkpoint)")
     e.add_argument("--plots", help="folder for ROC curves and anomaly-map overlays")
+    e.add_argument("--image-threshold", type=_threshold, help="decide at this raw image score instead of the "
+                   "calibrated per-class thresholds")
     _common(e)
 
     pr = sub.add_parser("predict", help="score a folder of images: CSV of scores + anomaly-map overlays")
@@ -78,7 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", required=True, help="folder for scores.csv and overlays/")
     pr.add_argument("--no-overlays", action="store_true")
     pr.add_argument("--batch-size", type=_positive_int, default=16, help="images per backbone batch (default 16)")
+    pr.add_argument("--category", help="class of every image (default: per image, the calibrated class whose "
+                                       "prototype assignments are nearest)")
+    pr.add_argument("--image-threshold", type=_threshold,
+                    help="raw image score above which an image is anomalous (default: the calibrated one of its class)")
+    pr.add_argument("--pixel-threshold", type=_threshold,
+                    help="raw map value above which a pixel is in pred_mask (default: the calibrated one of its class)")
     _common(pr)
+
+    cb = sub.add_parser("calibrate", help="calibrate decision thresholds of a checkpoint on normal images")
+    cb.add_argument("--checkpoint", required=True, help="model.pt written by 'vpdm train'")
+    cb.add_argument("--data", help="data spec whose train/good images are normal (default: the training data)")
+    cb.add_argument("--fraction", type=float, default=None,
+                    help="use only a seeded fraction of train/good per class (at least 2), e.g. images the model "
+                         "was not trained on; default: all of them")
+    cb.add_argument("--output", help="checkpoint to write (default: replace --checkpoint atomically; the old "
+                                     "file stays intact until the new one is complete)")
+    _common(cb)
 
     c = sub.add_parser("config", help="print the effective settings as YAML")
     _preset(c)
@@ -89,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "config": cmd_config}[args.command](args)
+        return {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "config": cmd_config,
+                "calibrate": cmd_calibrate}[args.command](args)
     except VPDMError as exc:
         print(f"vpdm {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -119,6 +158,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vpdm import engine
+    from vpdm.calibration import calibrate, holdout_index, subset
     from vpdm.checkpoint import checkpoint_payload
     from vpdm.io import commit_run, exclusive_folder, prepare_write
     from vpdm.preflight import check_train
@@ -130,7 +170,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     # One run per folder: a second `vpdm train` into it fails at once instead of both "succeeding".
     with exclusive_folder(Path(args.output)) as out:
         plan = check_train(config, out, overwrite=args.overwrite, evaluate=args.evaluate)  # before the first image
-        train = engine.load_split(config, "train", progress=progress, samples=plan.samples["train"])
+        fraction = config.train.calibration_fraction
+        # One extraction (and cache entry) for all of train/good, then the seeded split of the features.
+        every = engine.load_split(config, "train", progress=progress, samples=plan.samples["train"])
+        keep, held_index = holdout_index(plan.samples["train"], fraction, config.train.seed)
+        train = subset(every, keep) if held_index else every
+        held = subset(every, held_index) if held_index else None
+        if held is not None:
+            print(f"calibration: {len(held_index)} train/good images held out (train.calibration_fraction={fraction:g})")
         print(f"train: {len(train.features)} images, {len(train.dataset.categories)} classes, "
               f"features {tuple(train.features.shape[1:])} ({_cache_note(train)} in {train.extract_seconds:.1f}s)")
 
@@ -142,8 +189,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         model, history = engine.fit(config, train, callback=report, progress=progress)
         train_seconds = time.perf_counter() - start
-        payload = checkpoint_payload(model, config, categories=train.dataset.categories,
-                                     extra={"train_seconds": train_seconds, "train_images": len(train.features)})
+        del every  # the full tensor is no longer needed
+        calibration = None
+        if held is not None:
+            calibration = calibrate(model, config, held.features, [s.category for s in held.dataset.samples],
+                                    source=f"train holdout {fraction:g} (seed {config.train.seed})", progress=progress)
+            print(_calibration_summary(calibration))
+        else:
+            print("no calibration images (train.calibration_fraction=0): the model has no decision thresholds; "
+                  f"make them with: vpdm calibrate --checkpoint {out / 'model.pt'} --data SPEC")
+        payload = checkpoint_payload(model, config, categories=train.dataset.categories, calibration=calibration,
+                                     extra={"train_seconds": train_seconds, "train_images": len(train.features),
+                                            "calibration_images": len(held_index)})
         prepared: dict[str, Path] = {}
         try:  # every file complete on disk first, then the previous run is replaced by this one as a whole
             prepared["model.pt"] = prepare_write(out / "model.pt", lambda f: _torch_save(payload, f), "checkpoint")
@@ -159,7 +216,77 @@ def cmd_train(args: argparse.Namespace) -> int:
             test = engine.load_split(config, "test", progress=progress, samples=plan.samples["test"])
             print(f"test: {len(test.features)} images, features {_cache_note(test)}")
             result = engine.evaluate(model, config, test, progress=progress)
-            _write_metrics(result, out / "metrics.json", config)
+            _write_metrics(result, out / "metrics.json", config, calibration=calibration,
+                           checkpoint=str(out / "model.pt"))
+    return 0
+
+
+def _calibration_summary(calibration) -> str:
+    lines = [f"calibrated on normal images ({calibration.source}), target false-alarm rate "
+             f"{calibration.false_alarm_rate:g}:"]
+    for c, t in calibration.classes.items():
+        lines.append(f"  {c}: {t.num_images} image(s), image threshold {t.image_threshold:.6g}, "
+                     f"pixel threshold {t.pixel_threshold:.6g}")
+    return "\n".join(lines)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from vpdm import engine
+    from vpdm.calibration import calibrate, calibration_picks
+    from vpdm.checkpoint import load_checkpoint
+    from vpdm.config import inference_overrides
+    import shutil
+
+    from vpdm.io import atomic_torch_save, atomic_write, writable_file
+    from vpdm.preflight import list_splits
+
+    if args.config:
+        raise VPDMError("calibrate takes its settings from the checkpoint; use --set to change sampling, scoring "
+                        "or calibration.false_alarm_rate")
+    if args.fraction is not None and not (math.isfinite(args.fraction) and 0 < args.fraction <= 1):
+        raise VPDMError(f"--fraction must be a number in (0, 1], got {args.fraction!r}")
+    model, config, payload = load_checkpoint(args.checkpoint)
+    allowed = ("calibration.", "data.", "train.threads=", "train.batch_size=", "train.seed=")
+    other = [o for o in args.overrides if not o.strip().startswith(allowed)]
+    if other:
+        raise VPDMError(f"calibrate cannot change {', '.join(other)}: thresholds hold for the checkpoint's own "
+                        "sampling and scoring settings; only calibration.*, data.*, train.threads, train.batch_size "
+                        "and train.seed may change")
+    config = inference_overrides(config, args.overrides, "calibrate")
+    if args.data:
+        config = config.with_overrides({"data.spec": args.data})
+    config.validate()
+    target = Path(args.output) if args.output else Path(args.checkpoint)
+    writable_file(target, "checkpoint")  # before any image
+    samples = list_splits(config, ("train",))["train"]
+    if args.fraction is not None and args.fraction < 1:  # the same pick as train's hold-out (same data and seed)
+        keep = {i for _, picked in calibration_picks(samples, args.fraction, config.train.seed).values() for i in picked}
+        samples = [s for i, s in enumerate(samples) if i in keep]
+    progress = not args.no_progress
+    split = engine.load_split(config, "train", progress=progress, samples=samples)
+    unknown = sorted(set(split.dataset.categories) - set(payload.get("categories") or []))
+    if unknown:
+        print(f"note: class(es) {', '.join(unknown)} were not in the model's training data "
+              f"({', '.join(payload.get('categories') or [])}); calibrating them anyway")
+    fraction = f", fraction {args.fraction:g}" if args.fraction is not None else ""
+    calibration = calibrate(model, config, split.features, [s.category for s in samples],
+                            source=f"vpdm calibrate --data {config.data.spec}{fraction}", progress=progress)
+    print(_calibration_summary(calibration))
+    payload = dict(payload)
+    payload["calibration"] = calibration.to_payload()
+    payload["config"]["calibration"] = {"false_alarm_rate": config.calibration.false_alarm_rate}
+    if target.exists():  # the previous version is kept beside it, complete, before anything replaces it
+        backup = target.with_name(target.name + ".bak")
+        source = target
+
+        def copy(f, _src=source):
+            with open(_src, "rb") as old:
+                shutil.copyfileobj(old, f)
+
+        atomic_write(backup, copy, what="backup of the previous checkpoint")
+        print(f"previous {target.name} kept as {backup}")
+    atomic_torch_save(payload, target, what="checkpoint")  # temp file + rename: the old file survives any failure
+    print(f"thresholds written to {target}")
     return 0
 
 
@@ -188,10 +315,34 @@ def _cache_note(split) -> str:
     return "extracted" + (f", cached as {split.cache_path}" if split.cache_path else "")
 
 
-def _write_metrics(result, path: Path, config) -> dict[str, Any]:
+def _decisions(result, calibration, *, image_threshold: float | None = None) -> dict[str, Any] | None:
+    """Decision metrics at the calibrated (or given) image threshold of each test image's own class."""
+    import numpy as np
+
+    from vpdm.metrics import decision_metrics
+    from vpdm.postprocess import PostProcessor
+
+    if calibration is None and image_threshold is None:
+        return None
+    post = PostProcessor(calibration, image_threshold=image_threshold)
+    thresholds = {c: post.image_threshold_for(c) for c in sorted(set(result.categories))}
+    predicted = np.array([s > thresholds[c] for s, c in zip(result.scores, result.categories)], dtype=np.int64)
+    doc = decision_metrics(result.labels, predicted, result.categories)
+    doc["thresholds"] = thresholds
+    return doc
+
+
+def _write_metrics(result, path: Path, config, *, calibration=None, checkpoint: str = "checkpoint",
+                   image_threshold: float | None = None) -> dict[str, Any]:
     from vpdm.config import to_dict
     from vpdm.engine import format_metrics
+    from vpdm.postprocess import not_calibrated_message
 
+    decision = _decisions(result, calibration, image_threshold=image_threshold)
+    if decision is not None:  # beside the threshold-free metrics, per class and in the mean
+        for c, values in decision["per_class"].items():
+            result.metrics["per_class"].setdefault(c, {}).update(values)
+        result.metrics["mean"].update(decision["mean"])
     doc = {
         "metrics": _nan_to_none(result.metrics),
         "num_images": int(len(result.scores)),
@@ -201,8 +352,15 @@ def _write_metrics(result, path: Path, config) -> dict[str, Any]:
         "seconds": result.seconds,
         "sampling": to_dict(config.sampling),
         "data": config.data.test_spec or config.data.spec,
+        "decision": None if decision is None else {
+            "image_thresholds": decision["thresholds"],
+            "source": "--image-threshold" if image_threshold is not None else "calibrated",
+            "false_alarm_rate_target": None if calibration is None else calibration.false_alarm_rate,
+        },
     }
     print(format_metrics(result.metrics))
+    if decision is None:
+        print(f"no decision metrics: {not_calibrated_message(checkpoint)}")
     print(json.dumps(doc["metrics"]["mean"], indent=2))
     if result.pixel_left_out:
         print(f"{len(result.pixel_left_out)} anomalous image(s) without a mask left out of the pixel metrics "
@@ -230,7 +388,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.config:
         raise VPDMError("evaluate takes its settings from the checkpoint; use --set to change sampling or scoring")
-    model, config, _ = load_checkpoint(args.checkpoint)
+    from vpdm.checkpoint import checkpoint_calibration
+
+    model, config, payload = load_checkpoint(args.checkpoint)
+    calibration = checkpoint_calibration(payload, args.checkpoint)
     config = inference_overrides(config, args.overrides, "evaluate")
     if args.data:
         config = config.with_overrides({"data.test_spec": args.data})
@@ -242,7 +403,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     test = engine.load_split(config, "test", progress=progress, samples=plan.samples["test"])
     print(f"test: {len(test.features)} images, features {_cache_note(test)}")
     result = engine.evaluate(model, config, test, progress=progress)
-    _write_metrics(result, out, config)
+    _warn_settings(calibration, config)
+    _write_metrics(result, out, config, calibration=calibration, checkpoint=args.checkpoint,
+                   image_threshold=args.image_threshold)
     if plots is not None:
         from vpdm.plots import save_overlay, save_roc_curves
 
@@ -276,16 +439,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.config:
         raise VPDMError("predict takes its settings from the checkpoint; use --set to change sampling or scoring")
     files = image_files(args.images)
+    from vpdm.checkpoint import checkpoint_calibration
+    from vpdm.postprocess import not_calibrated_message
+
     model, config, payload = load_checkpoint(args.checkpoint)
+    calibration = checkpoint_calibration(payload, args.checkpoint)
     config = inference_overrides(config, args.overrides, "predict").validate()
     out = Path(args.output)
     check_predict(config, output=out, overlays=not args.no_overlays)  # before the first image
-    detector = Detector(model, config, payload.get("categories"))
-    results = detector.predict_files(files, batch_size=args.batch_size, progress=not args.no_progress)
+    detector = Detector(model, config, payload.get("categories"), calibration=calibration, checkpoint=args.checkpoint)
+    post = detector.postprocessor(args.image_threshold, args.pixel_threshold)
+    if not post.ready:
+        print(f"note: no decisions (pred_* columns empty): {not_calibrated_message(args.checkpoint)}", file=sys.stderr)
+    elif args.category is not None:
+        post.category(None, [args.category], 1)  # an unknown class fails here, before any image
+    _warn_settings(calibration, config)
+    results = detector.predict_files(files, batch_size=args.batch_size, progress=not args.no_progress,
+                                     category=args.category, postprocessor=post)
     scored = [r for r in results if r.score is not None]
     table = io.StringIO()
     writer = csv.writer(table)
-    writer.writerow(["path", "score", "overlay", "error"])
+    writer.writerow(["path", "category", "score", "pred_score", "pred_label", "pred_mask", "overlay", "error"])
     overlays = out / "overlays"
     if not args.no_overlays and scored:
         from PIL import Image
@@ -297,6 +471,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         size = detector.map_size
     root = Path(args.images) if Path(args.images).is_dir() else Path(args.images).parent
     used: set[str] = set()
+    used_masks: set[str] = set()
     for r in results:
         overlay = ""
         if r.score is not None and not args.no_overlays:
@@ -305,10 +480,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
             with writing(overlay_path, "overlay"):
                 Image.fromarray(overlay_array(rgb, r.anomaly_map, vmax=vmax)).save(overlay_path)
             overlay = str(overlay_path.relative_to(out))
-        writer.writerow([r.path, "" if r.score is None else f"{r.score:.6f}", overlay, r.error or ""])
+        mask = ""
+        if r.pred_mask is not None:
+            from PIL import Image
+
+            mask_path = out / "masks" / overlay_name(Path(r.path).relative_to(root), used_masks)
+            with writing(mask_path, "mask"):
+                mask_path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray((r.pred_mask.astype(np.uint8) * 255)).save(mask_path)
+            mask = str(mask_path.relative_to(out))
+        writer.writerow([r.path, r.category or "", "" if r.score is None else f"{r.score:.6f}",
+                         "" if r.pred_score is None else f"{r.pred_score:.6f}",
+                         "" if r.pred_label is None else r.pred_label, mask, overlay, r.error or ""])
     atomic_write_text(out / "scores.csv", table.getvalue(), what="scores")
     failed = len(results) - len(scored)
-    print(f"scored {len(scored)} image(s){f', {failed} failed (see error column)' if failed else ''} -> {out / 'scores.csv'}")
+    flagged = sum(1 for r in scored if r.pred_label == 1)
+    decided = f", {flagged} anomalous" if post.ready else ""
+    print(f"scored {len(scored)} image(s){decided}{f', {failed} failed (see error column)' if failed else ''} "
+          f"-> {out / 'scores.csv'}")
     return 0 if scored else 1
 
 

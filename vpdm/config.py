@@ -98,6 +98,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "train.lr_schedule": "constant",
     "train.warmup_fraction": 0.0,
     "train.ema_decay": 0.0,
+    "train.calibration_fraction": 0.0,  # trained on every train/good image: no held-out calibration images
 }
 
 
@@ -232,6 +233,9 @@ class TrainConfig:
     warmup_fraction: float = 0.0  # linear warm-up over this fraction of all steps
     # Exponential moving average of the weights, used for every evaluation and the saved model; 0 = off.
     ema_decay: float = 0.0
+    # Fraction of each class's train/good images held out (seeded by train.seed, at least 2 per class) to
+    # calibrate the decision thresholds after training (vpdm.calibration); 0 = train on all, no thresholds.
+    calibration_fraction: float = 0.1
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -253,6 +257,25 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be a number in [0, 1) (0 = off), got {self.ema_decay!r}")
         if not isinstance(self.threads, int) or self.threads < 0:
             raise ConfigError(f"train.threads must be an integer >= 0, got {self.threads!r}")
+        if not (isinstance(self.calibration_fraction, (int, float)) and not isinstance(self.calibration_fraction, bool)
+                and 0 <= self.calibration_fraction < 1):
+            raise ConfigError(f"train.calibration_fraction must be a number in [0, 1) (0 = no held-out calibration "
+                              f"images), got {self.calibration_fraction!r}")
+
+
+@dataclass
+class CalibrationConfig:
+    """How decision thresholds are calibrated on normal images (vpdm.postprocess)."""
+
+    # Target false-alarm rate on normal images: the image threshold is the (1 - rate) quantile of the held-out
+    # normal images' scores, the pixel threshold the same quantile of their map pixels (numpy, method
+    # "higher": with fewer than 1/rate + 1 images, the maximum).
+    false_alarm_rate: float = 0.01
+
+    def validate(self) -> None:
+        if not (isinstance(self.false_alarm_rate, (int, float)) and not isinstance(self.false_alarm_rate, bool)
+                and 0 <= self.false_alarm_rate < 1):
+            raise ConfigError(f"calibration.false_alarm_rate must be a number in [0, 1), got {self.false_alarm_rate!r}")
 
 
 def default_cache_dir() -> str:
@@ -286,6 +309,7 @@ class VPDMConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     def validate(self) -> VPDMConfig:
         check_finite(self)  # one rule for every number, before each component's own checks
@@ -300,6 +324,7 @@ class VPDMConfig:
                 )
         self.train.validate()
         self.data.validate()
+        self.calibration.validate()
         return self
 
     def to_dict(self) -> dict[str, Any]:

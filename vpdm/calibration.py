@@ -1,0 +1,142 @@
+"""Calibrating thresholds on normal images: the held-out split, the class histograms, the thresholds.
+
+``vpdm train`` holds out a seeded fraction of each class's ``train/good`` images
+(:func:`holdout_split`), trains on the rest and calibrates on the held-out ones
+(:func:`calibrate`); ``vpdm calibrate`` does the same for an existing checkpoint. The rules
+(quantile, normalisation, class choice) live in :mod:`vpdm.postprocess`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from vpdm.config import VPDMConfig
+from vpdm.data import Sample
+from vpdm.errors import ConfigError
+from vpdm.model import VPDM
+from vpdm.postprocess import Calibration, ClassThresholds, settings_of
+
+MIN_CALIBRATION_IMAGES = 2  # per class: below this a quantile says nothing
+MIN_TRAIN_IMAGES = 2  # per class left to train on
+
+
+def holdout_count(n: int, fraction: float) -> int:
+    """Images of a class held out for calibration: ``ceil(fraction * n)``, at least 2; 0 when fraction is 0."""
+    if fraction <= 0:
+        return 0
+    return max(MIN_CALIBRATION_IMAGES, math.ceil(fraction * n))
+
+
+def calibration_picks(samples: list[Sample], fraction: float, seed: int) -> dict[str, tuple[list[int], list[int]]]:
+    """Per class: (positions in ``samples`` of its images, the seeded ``holdout_count`` of them picked).
+
+    The pick depends only on the class's images, ``fraction`` and ``seed``, so ``vpdm calibrate
+    --fraction F`` with the training data and seed picks the images ``vpdm train`` held out.
+    """
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for i, s in enumerate(samples):
+        by_class[s.category].append(i)
+    out = {}
+    for category, index in sorted(by_class.items()):
+        k = min(len(index), holdout_count(len(index), fraction))
+        out[category] = (index, random.Random(f"{seed}:{category}").sample(index, k))
+    return out
+
+
+def holdout_split(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """``(train, calibration)``: per class a seeded random ``holdout_count`` of its images for calibration.
+
+    Order within each list follows ``samples``. A class too small to leave :data:`MIN_TRAIN_IMAGES` for
+    training is refused by name (set ``train.calibration_fraction=0`` and use ``vpdm calibrate`` instead).
+    """
+    if fraction <= 0:
+        return list(samples), []
+    held: set[int] = set()
+    for category, (index, picked) in calibration_picks(samples, fraction, seed).items():
+        if len(index) - len(picked) < MIN_TRAIN_IMAGES:
+            raise ConfigError(
+                f"class {category!r} has {len(index)} training image(s): holding out {len(picked)} for calibration "
+                f"(train.calibration_fraction={fraction}) leaves fewer than {MIN_TRAIN_IMAGES} to train on; "
+                "set train.calibration_fraction=0 and calibrate later with 'vpdm calibrate'")
+        held.update(picked)
+    return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
+
+
+def holdout_index(samples: list[Sample], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Positions in ``samples`` of :func:`holdout_split`'s ``(train, calibration)`` lists."""
+    train, held = holdout_split(samples, fraction, seed)
+    held_paths = {s.image_path for s in held}
+    return ([i for i, s in enumerate(samples) if s.image_path not in held_paths],
+            [i for i, s in enumerate(samples) if s.image_path in held_paths])
+
+
+def subset(split, index: list[int]):
+    """The :class:`vpdm.engine.SplitFeatures` of ``split``'s images at ``index`` (features already extracted)."""
+    import dataclasses
+
+    from vpdm.data import AnomalyDataset
+
+    samples = [split.dataset.samples[i] for i in index]
+    dataset = AnomalyDataset(samples, image_size=split.dataset.image_size, mask_size=split.dataset.mask_size)
+    position = torch.tensor(index, dtype=torch.long)
+    class_index = torch.tensor([dataset.categories.index(s.category) for s in samples], dtype=torch.long)
+    return dataclasses.replace(split, features=split.features[position], dataset=dataset, class_index=class_index)
+
+
+@torch.no_grad()
+def assignment_histograms(model: VPDM, features: Tensor, batch_size: int = 32) -> Tensor:
+    """B x K: each image's mean prototype-assignment weights (eval mode: per image, batch-independent).
+
+    For whole-image prototypes (``level="image"``) that is the image's own assignment; for local
+    prototypes the average over its vague positions: which kinds of local structure it is made of.
+    """
+    protos = model.prototypes
+    was_training = protos.training
+    protos.eval()
+    device = next(model.parameters()).device
+    out = []
+    try:
+        for start in range(0, len(features), batch_size):
+            f = features[start:start + batch_size].to(device)
+            weights = protos(model.normalise(f))["weights"]
+            out.append(weights.reshape(f.shape[0], -1, weights.shape[-1]).mean(dim=1).float().cpu())
+    finally:
+        protos.train(was_training)
+    if not out:
+        return torch.zeros(0, protos.config.num_prototypes)
+    return torch.cat(out)
+
+
+def calibrate(model: VPDM, config: VPDMConfig, features: Tensor, categories: list[str], *,
+              source: str = "", progress: bool = False) -> Calibration:
+    """Score normal images' ``features`` (one class name per image in ``categories``) and calibrate.
+
+    Every class needs :data:`MIN_CALIBRATION_IMAGES` images.
+    """
+    from vpdm.engine import score_features
+
+    if len(categories) != len(features):
+        raise ConfigError(f"{len(features)} calibration images but {len(categories)} class names")
+    counts: dict[str, int] = defaultdict(int)
+    for c in categories:
+        counts[c] += 1
+    few = {c: n for c, n in counts.items() if n < MIN_CALIBRATION_IMAGES}
+    if few or not counts:
+        raise ConfigError(f"calibration needs at least {MIN_CALIBRATION_IMAGES} normal images per class; got "
+                          f"{dict(few) or 'none'}")
+    scores, maps = score_features(model, features, sampling=config.sampling, scoring=config.scoring,
+                                  map_size=config.scoring.map_size or config.backbone.image_size,
+                                  batch_size=config.train.batch_size, progress=progress)
+    hist = assignment_histograms(model, features, config.train.batch_size)
+    rate = config.calibration.false_alarm_rate
+    classes, histograms = {}, {}
+    for c in sorted(counts):
+        idx = torch.tensor([i for i, x in enumerate(categories) if x == c])
+        classes[c] = ClassThresholds.from_scores(scores[idx], maps[idx], rate)
+        histograms[c] = hist[idx].mean(dim=0)
+    return Calibration(rate, classes, histograms, source, settings_of(config))
