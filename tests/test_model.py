@@ -312,7 +312,8 @@ def test_a_config_saved_before_new_settings_loads_as_it_was_trained(tmp_path):
             node = node[section]
         node.pop(name)
     config = saved_config(old)
-    assert config == VPDMConfig().with_overrides(PAPER)
+    # ... and trained on every train/good image: 0.1.0 held no calibration images out
+    assert config == VPDMConfig().with_overrides({**PAPER, "train.calibration_fraction": 0.0})
     model = VPDM(C, S, config.model)
     path = save_checkpoint(tmp_path / "old.pt", model, config, categories=[])
     payload = torch.load(path, weights_only=True)
