@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-period", type=int,
                    help="ASHA: epochs every trial runs before it can be stopped (default: the preset's; "
                         ">= --epochs turns early stopping off)")
-    p.add_argument("--metric", choices=["val_pseudo_auroc", "val_loss"],
-                   help="validation metric for ASHA, Optuna and the champion (default: val_pseudo_auroc, max)")
+    p.add_argument("--metric", choices=["val_pseudo_auroc", "val_same_class_auroc", "val_loss"],
+                   help="validation metric for ASHA, Optuna and the champion (default: the preset's; "
+                        "val_same_class_auroc for 'default', val_pseudo_auroc for the others; both max)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="vpdm setting for every trial, e.g. --set train.batch_size=16 (a searched key is then pinned)")
     p.add_argument("--search", action="append", default=[], metavar="KEY=SPEC",

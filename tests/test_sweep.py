@@ -3,6 +3,7 @@ and refusals of bad input before anything starts (no Ray is started by any test 
 
 from __future__ import annotations
 
+import math
 import socket
 
 import numpy as np
@@ -135,9 +136,17 @@ def test_validation_metrics_are_deterministic_and_in_range():
     model = engine.build_model(cfg, torch.from_numpy(val))
     a = validation_metrics(model, bundle, cfg)
     b = validation_metrics(model, bundle, cfg)
-    assert a == b
+    np.testing.assert_equal(a, b)  # NaN-aware
     assert 0.0 <= a["val_pseudo_auroc"] <= 1.0 and a["val_loss"] > 0
+    assert math.isnan(a["val_same_class_auroc"])  # no same-class pseudo-defects in this bundle
     assert model.training  # restored to train mode for the next epoch
+
+    # same-class pseudo-defects: unchanged copies tie with the originals (AUROC 1/2 exactly); copies with a
+    # huge intensity change are all ranked above them (AUROC 1)
+    bundle.val_same_class = val.copy()
+    assert validation_metrics(model, bundle, cfg)["val_same_class_auroc"] == 0.5
+    bundle.val_same_class = val * 50.0
+    assert validation_metrics(model, bundle, cfg)["val_same_class_auroc"] == 1.0
 
 
 # -- presets ------------------------------------------------------------------------------------------

@@ -150,13 +150,13 @@ def _val_scores(model: Any, features: Tensor, sampling: Any, k: int, batch_size:
 
 def validation_metrics(model: torch.nn.Module, bundle: Any, config: Any, *, rank: int = 0, world: int = 1,
                        device: torch.device | str = "cpu") -> dict[str, float]:
-    """``val_loss`` and ``val_pseudo_auroc`` over the held-out images, sharded over ``world`` ranks.
+    """``val_loss``, ``val_pseudo_auroc`` and ``val_same_class_auroc`` over the held-out images, sharded over
+    ``world`` ranks.
 
     Every rank must call it (it all-gathers when ``world > 1``); all get the same numbers, which do
     not depend on ``world`` (per-image timesteps, noise and sampling seeds are fixed).
     """
     from tune.features import as_tensor
-    from vpdm.metrics import image_auroc
 
     m = _unwrap(model)
     was_training = m.training
@@ -171,31 +171,44 @@ def validation_metrics(model: torch.nn.Module, bundle: Any, config: Any, *, rank
         good = _val_scores(m, feats, config.sampling, side * side, bs, config.scoring)
         bad = _val_scores(m, as_tensor(bundle.val_anomalous)[idx].to(device), config.sampling, side * side, bs,
                           config.scoring)
+        same = getattr(bundle, "val_same_class", None)
+        bad_same = (_val_scores(m, as_tensor(same)[idx].to(device), config.sampling, side * side, bs, config.scoring)
+                    if same is not None else torch.full((len(idx),), float("nan")))
     finally:
         m.train(was_training)
-    parts = [(idx.tolist(), losses.tolist(), good.tolist(), bad.tolist())]
+    parts = [(idx.tolist(), losses.tolist(), good.tolist(), bad.tolist(), bad_same.tolist())]
     if world > 1:
         import torch.distributed as dist
 
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, parts[0])
         parts = gathered
-    order, loss_all, good_all, bad_all = [], [], [], []
-    for i, lo, g, b in parts:
+    order, loss_all, good_all, bad_all, same_all = [], [], [], [], []
+    for i, lo, g, b, sb in parts:
         order += i
         loss_all += lo
         good_all += g
         bad_all += b
+        same_all += sb
     perm = np.argsort(order)
     good_arr, bad_arr = np.asarray(good_all)[perm], np.asarray(bad_all)[perm]
-    labels = np.r_[np.zeros(len(good_arr)), np.ones(len(bad_arr))]
-    scores = np.r_[good_arr, bad_arr]
-    if not np.all(np.isfinite(scores)):
-        auroc = 0.0  # a diverged model is the worst possible detector, not an error in the sweep
-    else:
-        auroc = float(image_auroc(labels, scores))
+    auroc = _pseudo_auroc(good_arr, bad_arr)
+    same_arr = np.asarray(same_all, dtype=float)[perm]
+    same_auroc = _pseudo_auroc(good_arr, same_arr) if same is not None else float("nan")
     loss = float(np.mean(loss_all)) if loss_all else float("nan")
-    return {"val_loss": loss if math.isfinite(loss) else 1e9, "val_pseudo_auroc": auroc}
+    return {"val_loss": loss if math.isfinite(loss) else 1e9, "val_pseudo_auroc": auroc,
+            "val_same_class_auroc": same_auroc}
+
+
+def _pseudo_auroc(good: np.ndarray, bad: np.ndarray) -> float:
+    """Image AUROC of held-out normal images against their pseudo-anomalous copies; 0 for non-finite scores
+    (a diverged model is the worst possible detector, not an error in the sweep)."""
+    from vpdm.metrics import image_auroc
+
+    scores = np.r_[good, bad]
+    if not np.all(np.isfinite(scores)):
+        return 0.0
+    return float(image_auroc(np.r_[np.zeros(len(good)), np.ones(len(bad))], scores))
 
 
 # -- the Ray Train worker ----------------------------------------------------------------------------
@@ -341,7 +354,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
             atomic_write_text(note, json.dumps({"epoch": exc.epoch, "step": exc.step, "error": str(exc)}),
                               what="divergence note")
-        worst = {"val_loss": 1e9, "val_pseudo_auroc": 0.0}  # the convention of validation_metrics
+        worst = {"val_loss": 1e9, "val_pseudo_auroc": 0.0, "val_same_class_auroc": 0.0}  # the convention of validation_metrics
         ray.train.report({"epoch": exc.epoch, "diverged": 1, "diverged_step": exc.step, "error": str(exc), **worst,
                           "placement_group_id": placement_group_id,
                           "mlflow_run_id": loop_config.get("mlflow_run_id") or ""})

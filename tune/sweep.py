@@ -47,7 +47,7 @@ from vpdm.io import writable_dir
 
 logger = logging.getLogger("tune.sweep")
 
-METRIC_MODES = {"val_pseudo_auroc": "max", "val_loss": "min"}
+METRIC_MODES = {"val_pseudo_auroc": "max", "val_same_class_auroc": "max", "val_loss": "min"}
 DEFAULT_STORAGE = "runs/sweeps"
 
 
@@ -70,7 +70,7 @@ class SweepConfig:
     max_concurrent: int | None = None  # trials at once; None = as many as the cluster's CPUs fit
     overrides: list[str] = field(default_factory=list)  # vpdm "key=value" settings (pin a searched key too)
     search: list[str] = field(default_factory=list)  # "key=int:lo:hi" / "key=choice:a,b" / "key=off"
-    metric: str | None = None  # "val_pseudo_auroc" (max) or "val_loss" (min); None = the preset's
+    metric: str | None = None  # "val_pseudo_auroc" / "val_same_class_auroc" (max) or "val_loss" (min); None = the preset's
     tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     experiment: str | None = None  # None = "vpdm-<preset>-<timestamp>"
     model_name: str = "vpdm"  # registry name (one dataset) or prefix (<name>-<dataset>)

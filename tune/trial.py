@@ -224,7 +224,7 @@ def finish_trial(config: Any, bundle: Any, checkpoint: Any, last: dict[str, Any]
         save_config(ckpt_config, artifacts / "config.yaml")
         (artifacts / "metrics.json").write_text(json.dumps(_nan_to_none({
             "trial": trial_name, "dataset": bundle.name, "data_spec": bundle.spec, "epochs": epochs,
-            "validation": {k: last.get(k) for k in ("val_loss", "val_pseudo_auroc")},
+            "validation": {k: last.get(k) for k in ("val_loss", "val_pseudo_auroc", "val_same_class_auroc")},
             "test": metrics, "num_test_images": int(len(scores)), "eval_seconds": eval_seconds,
         }), indent=2))
         with open(artifacts / "test_scores.csv", "w", newline="") as fh:
@@ -251,6 +251,7 @@ def finish_trial(config: Any, bundle: Any, checkpoint: Any, last: dict[str, Any]
             metric: float(last.get(metric, np.nan)),
             "val_loss": float(last.get("val_loss", np.nan)),
             "val_pseudo_auroc": float(last.get("val_pseudo_auroc", np.nan)),
+            "val_same_class_auroc": float(last.get("val_same_class_auroc", np.nan)),
             **{f"test_{k}": float(metrics["mean"].get(k, np.nan)) for k in TEST_METRICS},
             "train_seconds": train_seconds,
             "eval_seconds": eval_seconds,
