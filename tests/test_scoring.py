@@ -93,3 +93,37 @@ def test_pooled_and_aggregated_maps_match_numpy() -> None:
     np.testing.assert_allclose(distance_map(a, b, ScoringConfig(aggregate=3, pools=(1,))).numpy(), want3, rtol=1e-10)
     with pytest.raises(ConfigError, match="pools"):
         distance_map(a, b, ScoringConfig(pools=(3,)))
+
+
+def test_the_image_score_comes_from_its_own_block_sides_and_the_map_from_pools() -> None:
+    """scores_and_maps: the map is the `pools` distance post-processed; the image score equals the score
+    of the map computed with `image_pools` alone (and of the map itself when image_pools is null)."""
+    from vpdm.scoring import distance_map, postprocess_maps, scores_and_maps
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(4, 6, 8, 8, generator=g), torch.randn(4, 6, 8, 8, generator=g)
+    b[1, :, 4:, 4:] += 3.0  # one image with a block-sized anomaly
+    cfg = ScoringConfig(pools=(1, 4), image_pools=(4,))
+    scores, maps = scores_and_maps(a, b, cfg, 32)
+    want_map = postprocess_maps(distance_map(a, b, ScoringConfig(pools=(1, 4))), 32, cfg.blur_sigma)
+    torch.testing.assert_close(maps, want_map)
+    only_image = ScoringConfig(pools=(4,))
+    want_scores = score_maps(postprocess_maps(distance_map(a, b, only_image), 32, cfg.blur_sigma), only_image)
+    torch.testing.assert_close(scores, want_scores)
+    assert not torch.allclose(scores, score_maps(maps, cfg))  # the two block sets really differ here
+    same, same_maps = scores_and_maps(a, b, ScoringConfig(pools=(1, 4), image_pools=None), 32)
+    torch.testing.assert_close(same, score_maps(same_maps, cfg))
+    assert int(scores.argmax()) == 1
+
+
+@pytest.mark.parametrize("bad", [(), (0,), (2, 2), ("4",), 4.5])
+def test_image_pools_refuses_what_is_not_a_list_of_distinct_positive_integers(bad) -> None:
+    with pytest.raises(ConfigError, match="scoring.image_pools"):
+        ScoringConfig(image_pools=bad).validate()
+
+
+def test_image_pools_must_divide_the_feature_size() -> None:
+    from vpdm.config import VPDMConfig
+
+    with pytest.raises(ConfigError, match="scoring.image_pools: 3 must divide"):
+        VPDMConfig().with_overrides(["scoring.image_pools=[3]"]).validate()

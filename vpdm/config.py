@@ -62,6 +62,7 @@ PAPER: dict[str, Any] = {
     "scoring.image_score": "max_pool",
     "scoring.aggregate": 1,
     "scoring.pools": [1],
+    "scoring.image_pools": None,
     "train.lr": 1e-3,
     "train.batch_size": 32,
     "train.lr_schedule": "constant",
@@ -94,6 +95,7 @@ LEGACY_VALUES: dict[str, Any] = {
     "scoring.top_k_percent": 1.0,
     "scoring.aggregate": 1,
     "scoring.pools": [1],
+    "scoring.image_pools": None,
     "train.prototype_lr_scale": 1.0,
     "train.lr_schedule": "constant",
     "train.warmup_fraction": 0.0,
@@ -317,11 +319,12 @@ class VPDMConfig:
         self.model.validate(self.backbone.feature_size)
         self.sampling.validate(self.model.diffusion.num_timesteps)
         self.scoring.validate()
-        for p in self.scoring.pools:
-            if self.backbone.feature_size % p:
-                raise ConfigError(
-                    f"scoring.pools: {p} must divide backbone.feature_size={self.backbone.feature_size}"
-                )
+        for key in ("pools", "image_pools"):
+            for p in getattr(self.scoring, key) or ():
+                if self.backbone.feature_size % p:
+                    raise ConfigError(
+                        f"scoring.{key}: {p} must divide backbone.feature_size={self.backbone.feature_size}"
+                    )
         self.train.validate()
         self.data.validate()
         self.calibration.validate()

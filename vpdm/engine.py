@@ -24,7 +24,6 @@ from vpdm.data import AnomalyDataset, Sample
 from vpdm.errors import VPDMError
 from vpdm.metrics import compute_metrics
 from vpdm.model import VPDM
-from vpdm.scoring import postprocess_maps, score_maps
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -318,9 +317,8 @@ def score_features(
     device = next(model.parameters()).device
     scores, maps = [], []
     for start in tqdm(range(0, len(features), batch_size), desc="scoring", disable=not progress, unit="batch"):
-        raw = model.anomaly_maps(features[start : start + batch_size].to(device), sampling, scoring)
-        up = postprocess_maps(raw, map_size, scoring.blur_sigma)
-        scores.append(score_maps(up, scoring).cpu())
+        batch_scores, up = model.detect(features[start : start + batch_size].to(device), sampling, scoring, map_size)
+        scores.append(batch_scores.cpu())
         maps.append(up.cpu())
     return torch.cat(scores), torch.cat(maps)
 

@@ -14,7 +14,7 @@ from vpdm.config import ModelConfig, SamplingConfig
 from vpdm.denoiser import Denoiser
 from vpdm.diffusion import ShiftedDiffusion
 from vpdm.errors import ConfigError
-from vpdm.scoring import ScoringConfig, distance_map
+from vpdm.scoring import ScoringConfig, distance_map, scores_and_maps
 from vpdm.vpot import VaguePrototypes
 
 
@@ -149,12 +149,28 @@ class VPDM(nn.Module):
         reconstruction, by default ||x0 - x0_rec||_2 over the standardised channels (the paper)."""
         return self.distance_maps(features, self.reconstruct(features, sampling), scoring)
 
+    def _compared(self, features: Tensor, reconstruction: Tensor, scoring: ScoringConfig):
+        """The two tensors the distance compares (the configured feature space) and the channel groups."""
+        groups = self.stage_channels if scoring.per_stage else None
+        if scoring.feature_space == "raw":
+            return features, self.denormalise(reconstruction), groups
+        return self.normalise(features), reconstruction, groups
+
     def distance_maps(self, features: Tensor, reconstruction: Tensor, scoring: ScoringConfig | None = None) -> Tensor:
         """The configured distance between raw ``features`` and a reconstruction in normalised space."""
         scoring = scoring or ScoringConfig()
-        groups = self.stage_channels if scoring.per_stage else None
-        if scoring.feature_space == "raw":
-            a, b = features, self.denormalise(reconstruction)
-        else:
-            a, b = self.normalise(features), reconstruction
+        a, b, groups = self._compared(features, reconstruction, scoring)
         return distance_map(a, b, scoring, groups)
+
+    def scores_and_maps(self, features: Tensor, reconstruction: Tensor, scoring: ScoringConfig,
+                        map_size: int) -> tuple[Tensor, Tensor]:
+        """Image scores and post-processed maps (``map_size`` square) of ``features`` against a reconstruction
+        (see :func:`vpdm.scoring.scores_and_maps`: the image score may come from other block sides)."""
+        a, b, groups = self._compared(features, reconstruction, scoring)
+        return scores_and_maps(a, b, scoring, map_size, groups)
+
+    @torch.no_grad()
+    def detect(self, features: Tensor, sampling: SamplingConfig | None, scoring: ScoringConfig,
+               map_size: int) -> tuple[Tensor, Tensor]:
+        """Inference: image scores (B,) and anomaly maps (B x map_size x map_size) of raw features."""
+        return self.scores_and_maps(features, self.reconstruct(features, sampling), scoring, map_size)

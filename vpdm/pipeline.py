@@ -20,7 +20,6 @@ from vpdm.data import IMAGE_EXTENSIONS, AnomalyDataset, Sample
 from vpdm.errors import DataError, VPDMError
 from vpdm.model import VPDM
 from vpdm.postprocess import Calibration, Decisions, PostProcessor
-from vpdm.scoring import postprocess_maps, score_maps
 
 
 @dataclass
@@ -91,10 +90,8 @@ class Detector:
         if n == 0:
             return Analysis(torch.empty(0), torch.empty(0, self.map_size, self.map_size), None)
         features = self.extractor(images.to(self.device))
-        raw = self.model.anomaly_maps(features, self.config.sampling, self.config.scoring)
-        maps = postprocess_maps(raw, self.map_size, self.config.scoring.blur_sigma)
-        scores = score_maps(maps, self.config.scoring).cpu()
-        maps = maps.cpu()
+        scores, maps = self.model.detect(features, self.config.sampling, self.config.scoring, self.map_size)
+        scores, maps = scores.cpu(), maps.cpu()
         if not post.ready:
             return Analysis(scores, maps, None)
         given = list(categories) if categories is not None else [None] * n
@@ -141,9 +138,8 @@ class Detector:
         if images.shape[0] == 0:
             return torch.empty(0), torch.empty(0, self.map_size, self.map_size)
         features = self.extractor(images.to(self.device))
-        raw = self.model.anomaly_maps(features, self.config.sampling, self.config.scoring)
-        maps = postprocess_maps(raw, self.map_size, self.config.scoring.blur_sigma)
-        return score_maps(maps, self.config.scoring).cpu(), maps.cpu()
+        scores, maps = self.model.detect(features, self.config.sampling, self.config.scoring, self.map_size)
+        return scores.cpu(), maps.cpu()
 
     def predict_files(self, paths: list[Path], batch_size: int = 16, progress: bool = True,
                       category: str | None = None, postprocessor: PostProcessor | None = None) -> list[Prediction]:

@@ -52,7 +52,12 @@ class ScoringConfig:
     # mean's distance shrinks as 1/p, so p * d_p puts every scale on the same footing). With p = the vague
     # step's N the comparison is at the condition's own scale, where the prototypes say what is normal;
     # smaller blocks localise. (1,) = the paper: every position on its own.
-    pools: tuple[int, ...] = (2, 4)
+    pools: tuple[int, ...] = (1, 4)
+    # The block sides the image score is taken from, when it should not come from the map itself
+    # (None): the image decision wants the scale at which the condition says what is normal (the
+    # vague step's N: a whole block must look abnormal), localisation wants finer blocks. The map
+    # and the image score share one reconstruction; only the distance is computed twice.
+    image_pools: tuple[int, ...] | None = (4,)
 
     def validate(self) -> None:
         if not (self.blur_sigma >= 0 and math.isfinite(self.blur_sigma)):
@@ -79,6 +84,12 @@ class ScoringConfig:
                 or any(not isinstance(p, int) or isinstance(p, bool) or p < 1 for p in self.pools)
                 or len(set(self.pools)) != len(self.pools)):
             raise ConfigError(f"scoring.pools must be a non-empty list of distinct integers >= 1, got {self.pools!r}")
+        if self.image_pools is not None and (
+                not isinstance(self.image_pools, (tuple, list)) or not self.image_pools
+                or any(not isinstance(p, int) or isinstance(p, bool) or p < 1 for p in self.image_pools)
+                or len(set(self.image_pools)) != len(self.image_pools)):
+            raise ConfigError("scoring.image_pools must be null (the map's own pools) or a non-empty list of distinct "
+                              f"integers >= 1, got {self.image_pools!r}")
 
 
 def local_average(features: Tensor, window: int) -> Tensor:
@@ -116,14 +127,16 @@ def feature_distance(
 
 
 def distance_map(features: Tensor, reconstruction: Tensor, config: ScoringConfig,
-                 groups: tuple[int, ...] | None = None) -> Tensor:
+                 groups: tuple[int, ...] | None = None, pools: tuple[int, ...] | None = None) -> Tensor:
     """B x C x H x W features and reconstruction -> B x H x W map: local averages (``aggregate``), then
-    for each block side p of ``pools`` the distance between p x p block means, upsampled bilinearly to
-    H x W; the maps are averaged with weights p (p = 1: every position on its own, unweighted)."""
+    for each block side p of ``pools`` (default: ``config.pools``) the distance between p x p block
+    means, upsampled bilinearly to H x W; the maps are averaged with weights p (p = 1: every position
+    on its own, unweighted)."""
+    pools = tuple(config.pools if pools is None else pools)
     a, b = local_average(features, config.aggregate), local_average(reconstruction, config.aggregate)
     size = a.shape[-2:]
     total = None
-    for p in config.pools:
+    for p in pools:
         if p <= 1:
             d = feature_distance(a, b, config.distance, groups)
         else:
@@ -132,7 +145,19 @@ def distance_map(features: Tensor, reconstruction: Tensor, config: ScoringConfig
             d = feature_distance(F.avg_pool2d(a, p), F.avg_pool2d(b, p), config.distance, groups)
             d = p * F.interpolate(d.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
         total = d if total is None else total + d
-    return total / len(config.pools)
+    return total / len(pools)
+
+
+def scores_and_maps(features: Tensor, reconstruction: Tensor, config: ScoringConfig, size: int,
+                    groups: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
+    """Image scores (B,) and post-processed anomaly maps (B x size x size): the map from ``pools``; the
+    image score from the map itself, or, with ``image_pools`` set (and different), from the distance
+    at those block sides, post-processed the same way."""
+    maps = postprocess_maps(distance_map(features, reconstruction, config, groups), size, config.blur_sigma)
+    if config.image_pools is None or tuple(config.image_pools) == tuple(config.pools):
+        return score_maps(maps, config), maps
+    image_maps = distance_map(features, reconstruction, config, groups, pools=tuple(config.image_pools))
+    return score_maps(postprocess_maps(image_maps, size, config.blur_sigma), config), maps
 
 
 def gaussian_kernel1d(sigma: float, device=None) -> Tensor:

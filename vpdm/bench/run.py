@@ -351,8 +351,6 @@ class Bench:
 
     @torch.no_grad()
     def _timing(self, extractor, model, pc, test, main_run: dict[str, Any], steps: dict[str, Any]) -> dict[str, Any]:
-        from vpdm.scoring import postprocess_maps, score_maps
-
         device, repeats = self.device, self.args.timing_repeats
         n = min(self.args.timing_images, len(test.dataset))
         picks = np.unique(np.linspace(0, len(test.dataset) - 1, n).round().astype(int))  # spread over the classes
@@ -363,8 +361,7 @@ class Bench:
         self.log(f"timing on a batch of {n} images, {torch.get_num_threads()} thread(s), {repeats} repeat(s) ...")
 
         def vpdm_score(features: Tensor, sampling, m=model) -> Tensor:
-            maps = postprocess_maps(m.anomaly_maps(features, sampling, cfg.scoring), self.map_size, cfg.scoring.blur_sigma)
-            return score_maps(maps, cfg.scoring)
+            return m.detect(features, sampling, cfg.scoring, self.map_size)[0]
 
         features = extractor(images)
         accel = cfg.sampling

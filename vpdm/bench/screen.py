@@ -65,7 +65,7 @@ def _variant(text: str) -> list[str]:
 
 @torch.no_grad()
 def condition_maps(model, features: torch.Tensor, scoring, batch_size: int = 64) -> torch.Tensor:
-    """The configured distance between the features and the condition yhat (no diffusion)."""
+    """Feature-resolution maps of the configured distance between the features and the condition yhat."""
     maps = []
     for s in range(0, len(features), batch_size):
         chunk = features[s : s + batch_size]
@@ -73,16 +73,25 @@ def condition_maps(model, features: torch.Tensor, scoring, batch_size: int = 64)
     return torch.cat(maps)
 
 
+@torch.no_grad()
+def condition_scores(model, features: torch.Tensor, scoring, size: int, batch_size: int = 64):
+    """Scores and maps of the configured distance between the features and the condition yhat (no diffusion)."""
+    scores, maps = [], []
+    for s in range(0, len(features), batch_size):
+        chunk = features[s : s + batch_size]
+        sc, m = model.scores_and_maps(chunk, model.condition(chunk), scoring, size)
+        scores.append(sc)
+        maps.append(m)
+    return torch.cat(scores), torch.cat(maps)
+
+
 def score(model, config, test, condition_only: bool) -> tuple[np.ndarray, np.ndarray, float]:
     from vpdm import engine
-    from vpdm.scoring import postprocess_maps, score_maps
 
     start = time.perf_counter()
     size = config.scoring.map_size or config.backbone.image_size
     if condition_only:
-        raw = condition_maps(model, test.features, config.scoring)
-        up = torch.cat([postprocess_maps(raw[s : s + 64], size, config.scoring.blur_sigma) for s in range(0, len(raw), 64)])
-        scores = score_maps(up, config.scoring)
+        scores, up = condition_scores(model, test.features, config.scoring, size)
     else:
         scores, up = engine.score_features(model, test.features, sampling=config.sampling, scoring=config.scoring,
                                            map_size=size, batch_size=32, progress=False)
