@@ -50,9 +50,55 @@ def test_both_detectors_are_evaluated_with_the_same_metrics(bench_run):
         assert set(detector["per_class"]) == {"demo/blobs", "demo/grid"}
         for key in ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max"):
             assert 0.0 <= detector["mean"][key] <= 1.0
-    assert doc["baseline"]["settings"]["bank_size"] == 103  # ceil(0.1 * 16 images * 8 * 8 patches)
+    assert doc["baseline"]["settings"]["bank_size"] == 77  # ceil(0.1 * 12 images * 8 * 8 patches): 4 held out
     comp = doc["comparison"]["means"]["image_auroc"]
     assert comp["delta_pt"] == pytest.approx(100 * (comp["vpdm"] - comp["baseline"]))
+
+
+def test_both_detectors_decide_at_thresholds_calibrated_on_held_out_train_images(bench_run):
+    _, doc = bench_run
+    cal = doc["data"]["calibration"]
+    # as `vpdm train`: 10 % of each class's 8 train/good images, at least 2, held out; the detectors fit on 12
+    assert cal["held_out_images"] == 4 and cal["fit_images"] == 12 and cal["per_class"] == {"demo/blobs": 2,
+                                                                                           "demo/grid": 2}
+    assert doc["preset_runs"]["paper"]["history"][0]["images"] == 12
+    for decision in (doc["vpdm"]["decision"], doc["baseline"]["decision"],
+                     doc["preset_runs"]["paper"]["decision"]):
+        assert decision["method"] == "quantile" and decision["calibration_images"] == cal["per_class"]
+        assert set(decision["per_class"]) == {"demo/blobs", "demo/grid"}
+        for values in list(decision["per_class"].values()) + [decision["mean"]]:
+            for key in ("image_precision", "image_recall", "image_f1", "image_false_alarm_rate"):
+                assert 0.0 <= values[key] <= 1.0, key
+    assert doc["presets_table"]["paper"]["decision_mean"] == doc["preset_runs"]["paper"]["decision"]["mean"]
+
+
+def test_calibrated_decisions_are_quantile_thresholds_and_sklearns_scores():
+    from sklearn.metrics import f1_score, precision_score, recall_score
+
+    from vpdm.bench.run import calibrated_decisions
+
+    rng = np.random.default_rng(0)
+    held_cats = ["a"] * 30 + ["b"] * 3
+    held = rng.normal(size=33)
+    maps = rng.normal(size=(33, 4, 4))
+    cats = np.array(["a", "b"])[rng.integers(0, 2, 200)]
+    labels = rng.integers(0, 2, 200)
+    scores = rng.normal(size=200) + labels
+    doc = calibrated_decisions(held, maps, held_cats, scores, labels, cats.tolist(), 0.1)
+    for c, idx in (("a", slice(0, 30)), ("b", slice(30, 33))):
+        t = np.quantile(held[idx], 0.9, method="higher")
+        assert doc["image_thresholds"][c] == t and doc["pixel_thresholds"][c] == np.quantile(maps[idx], 0.9,
+                                                                                             method="higher")
+        i = cats == c
+        y, p = labels[i], (scores[i] > t).astype(int)
+        m = doc["per_class"][c]
+        assert m["image_precision"] == pytest.approx(precision_score(y, p, zero_division=0))
+        assert m["image_recall"] == pytest.approx(recall_score(y, p))
+        assert m["image_f1"] == pytest.approx(f1_score(y, p, zero_division=0))
+        assert m["image_false_alarm_rate"] == pytest.approx(p[y == 0].mean())
+    assert doc["image_thresholds"]["b"] == held[30:33].max()  # 3 images: the maximum
+    with pytest.raises(ConfigError, match="test class\\(es\\) c"):
+        calibrated_decisions(held, maps, held_cats, scores[:1], labels[:1], ["c"], 0.1)
 
 
 def test_timings_and_ratios(bench_run):
@@ -123,9 +169,8 @@ def test_diagnostics_of_the_default_and_the_paper(bench_run):
 def test_markdown_has_every_table(bench_run):
     out, _ = bench_run
     md = (out / "results.md").read_text()
-    for heading in ("## Detection", "## Speed", "## AUROC against sampler steps", "## Presets", "## Diagnostics",
-                    "## Feature cache",
-                    "## Targets"):
+    for heading in ("## Detection", "## Decisions at calibrated thresholds", "## Speed", "## AUROC against sampler steps",
+                    "## Presets", "## Diagnostics", "## Feature cache", "## Targets"):
         assert heading in md, heading
     assert "| demo/grid |" in md and "PatchCore" in md and "cache_hit=True" in md
 

@@ -146,6 +146,137 @@ def test_calibration_round_trips_through_a_weights_only_checkpoint(tmp_path):
         Calibration.from_payload({"classes": {}}, where="x")
 
 
+# thresholds from labelled validation data: F1 (anomalib's F1AdaptiveThreshold) and target recall
+# --------------------------------------------------------------------------------------------
+
+
+def _labelled_scores(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random labels and scores rounded to 0.1, so ties (within and across labels) are common."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(4, 80))
+    y = rng.random(n) < 0.4
+    y[:2] = [False, True]  # both kinds present
+    return y, np.round(rng.normal(size=n) + y * rng.uniform(0, 2), 1)
+
+
+def _sklearn_f1_curve(y, s):
+    from sklearn.metrics import precision_recall_curve
+
+    precision, recall, thresholds = precision_recall_curve(y, s)  # thresholds ascending, flag s >= t
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))[:-1]
+    return f1, recall[:-1], thresholds
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_f1_threshold_is_the_best_cut_of_sklearns_precision_recall_curve(seed):
+    from sklearn.metrics import f1_score
+
+    from vpdm.postprocess import f1_threshold
+
+    y, s = _labelled_scores(seed)
+    t = f1_threshold(y, s)
+    f1, _, thresholds = _sklearn_f1_curve(y, s)
+    assert f1_score(y, s > t) == pytest.approx(f1.max(), abs=1e-12)
+    # anomalib takes argmax over ascending thresholds: on a tie, the lowest cut
+    lowest_best = thresholds[np.flatnonzero(f1 >= f1.max() - 1e-12)[0]]
+    assert np.array_equal(s > t, s >= lowest_best)
+    assert t in s or (t < s.min() and (s > t).all())  # an observed score, or just below all of them
+    assert np.array_equal(s.astype(np.float32) > t, s > t)  # the same decisions when scores are float32
+
+
+def test_f1_threshold_closed_forms():
+    from vpdm.postprocess import f1_threshold
+
+    # anomalib's docstring example: its threshold is 3.3 (flagging >= 3.3); ours flags > 2.6, the same images
+    assert f1_threshold([0, 0, 0, 1, 1], [2.3, 1.6, 2.6, 7.9, 3.3]) == 2.6
+    # a tie: flagging {4} and flagging all four both give F1 = 2/3; the lowest cut wins, so everything is flagged
+    t = f1_threshold([1, 0, 0, 1], [4.0, 3.0, 2.0, 1.0])
+    assert t == np.nextafter(np.float32(1.0), np.float32(-np.inf)) and np.float32(1.0) > t  # below in float32 too
+    with pytest.raises(ConfigError, match="without anomalous entries"):
+        f1_threshold([0, 0], [1.0, 2.0], what="class 'a': the image threshold")
+    with pytest.raises(ConfigError, match="without normal entries"):
+        f1_threshold([1, 1], [1.0, 2.0])
+    with pytest.raises(ConfigError, match="NaN"):
+        f1_threshold([0, 1], [1.0, math.nan])
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("target", [0.1, 0.5, 0.9, 0.95, 1.0])
+def test_recall_threshold_is_the_highest_cut_of_sklearns_curve_reaching_the_target(seed, target):
+    from sklearn.metrics import recall_score
+
+    from vpdm.postprocess import recall_threshold
+
+    y, s = _labelled_scores(seed)
+    t = recall_threshold(y, s, target)
+    _, recall, thresholds = _sklearn_f1_curve(y, s)
+    highest = thresholds[np.flatnonzero(recall >= target)[-1]]
+    assert np.array_equal(s > t, s >= highest)
+    assert recall_score(y, s > t) >= target
+    assert recall_score(y, s > highest) < target or highest == s.max()  # one step higher misses the target
+
+
+def test_recall_target_is_counted_exactly_and_validated():
+    from vpdm.postprocess import recall_threshold
+
+    y = np.r_[np.zeros(5, bool), np.ones(10, bool)]
+    s = np.r_[np.arange(5.0), 10.0 + np.arange(10.0)]  # defects 10..19 above every normal image
+    assert recall_threshold(y, s, 0.9) == 10.0  # 9 of 10 (0.9 * 10 is 9.000000000000002 in floats): flag > 10
+    assert recall_threshold(y, s, 1.0) == 4.0  # all 10: the highest normal score below the lowest defect
+    for bad in (0, 1.5, math.nan, True):
+        with pytest.raises(ConfigError, match="target recall"):
+            recall_threshold(y, s, bad)
+
+
+def test_labelled_class_thresholds_leave_images_without_masks_out_of_the_pixel_threshold():
+    from vpdm.postprocess import f1_threshold
+
+    scores = np.array([1.0, 2.0, 3.0, 4.0])
+    labels = np.array([0, 0, 1, 1])
+    maps = np.array([[[0.1, 0.2]], [[0.3, 0.1]], [[0.2, 0.9]], [[5.0, 5.0]]])
+    masks = np.array([[[0, 0]], [[0, 0]], [[0, 1]], [[0, 0]]])  # the last defect's mask is unknown (all zero)
+    known = np.array([True, True, True, False])
+    t = ClassThresholds.from_labelled(scores, labels, maps, masks, known, "f1")
+    assert t.image_threshold == 2.0 and t.num_images == 4 and t.num_anomalous == 2
+    assert t.pixel_threshold == f1_threshold(masks[:3].ravel(), maps[:3].ravel()) == 0.3
+    assert (t.image_min, t.image_max, t.pixel_min, t.pixel_max) == (1.0, 4.0, 0.1, 5.0)
+    r = ClassThresholds.from_labelled(scores, labels, maps, masks, known, "recall", target_recall=0.5)
+    assert r.image_threshold == 3.0 and r.pixel_threshold == 0.3
+    with pytest.raises(ConfigError, match="method must be one of f1, recall"):
+        ClassThresholds.from_labelled(scores, labels, maps, masks, known, "quantile")
+
+
+def test_the_method_is_stored_and_an_older_calibration_reads_as_quantile():
+    cal = _calibration()
+    old = cal.to_payload()
+    old.pop("method"), old.pop("target_recall")
+    assert Calibration.from_payload(old).method == "quantile"
+    cal.method, cal.target_recall, cal.source = "recall", 0.9, "--val-data mvtec:/val"
+    back = Calibration.from_payload(cal.to_payload())
+    assert (back.method, back.target_recall, back.source) == ("recall", 0.9, "--val-data mvtec:/val")
+    assert "recall 0.9" in back.describe() and "mvtec:/val" in back.describe()
+    bad = cal.to_payload()
+    bad["method"] = "guess"
+    with pytest.raises(CheckpointError, match="unknown method 'guess'"):
+        Calibration.from_payload(bad)
+
+
+@pytest.mark.parametrize("method,labelled,expected", [("auto", False, "quantile"), ("auto", True, "f1"),
+                                                       ("recall", True, "recall"), ("quantile", False, "quantile"),
+                                                       ("quantile", True, "--val-data"), ("f1", False, "--val-data"),
+                                                       ("recall", False, "--val-data")])
+def test_the_method_follows_the_data_and_a_mismatch_is_refused(method, labelled, expected):
+    from vpdm.config import load_config
+
+    config = load_config(None, [f"calibration.method={method}"])
+    if expected.startswith("--"):
+        with pytest.raises(ConfigError, match=f"calibration.method={method}.*{expected}"):
+            config.calibration.resolve(labelled)
+    else:
+        assert config.calibration.resolve(labelled) == expected
+
+
 # decision metrics against sklearn
 # --------------------------------------------------------------------------------------------
 
@@ -220,7 +351,9 @@ def test_holdout_refuses_a_class_too_small_to_train_on_by_name():
 
 @pytest.mark.parametrize("setting,value", [("train.calibration_fraction", "1.0"), ("train.calibration_fraction", "-0.1"),
                                            ("calibration.false_alarm_rate", "1"), ("calibration.false_alarm_rate", "-1"),
-                                           ("calibration.false_alarm_rate", "nan"), ("train.calibration_fraction", "inf")])
+                                           ("calibration.false_alarm_rate", "nan"), ("train.calibration_fraction", "inf"),
+                                           ("calibration.method", "best"), ("calibration.target_recall", "0"),
+                                           ("calibration.target_recall", "1.5")])
 def test_new_settings_are_validated_by_name(setting, value):
     from vpdm.config import load_config
 
@@ -387,6 +520,128 @@ def test_evaluate_reports_decisions_at_the_calibrated_threshold_as_sklearn_compu
         assert got["image_false_alarm_rate"] == pytest.approx(p[y == 0].mean())
         assert doc["decision"]["image_thresholds"][c] == t.image_threshold
     assert doc["metrics"]["mean"]["image_auroc"] is not None  # the threshold-free metrics stay beside them
+
+
+def _val_scores(checkpoint, spec, cache):
+    """Scores, maps, labels, masks and classes of the test split of ``spec`` under ``checkpoint``: independent of
+    the calibration code (engine.evaluate, the path of 'vpdm evaluate')."""
+    from vpdm import engine
+    from vpdm.checkpoint import load_checkpoint
+
+    model, config, _ = load_checkpoint(checkpoint)
+    config = config.with_overrides({"data.cache_dir": str(cache), "data.test_spec": spec})
+    result = engine.evaluate(model, config, engine.load_split(config, "test", progress=False), progress=False)
+    return result.scores, result.maps, result.labels, result.masks, np.array(result.categories)
+
+
+def test_calibrate_with_val_data_stores_f1_and_recall_thresholds_as_sklearn_finds_them(calibrated, tmp_path, capsys):
+    from sklearn.metrics import f1_score, precision_recall_curve
+
+    from vpdm.checkpoint import checkpoint_calibration, load_checkpoint
+    from vpdm.cli import main
+
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes((calibrated["run"] / "model.pt").read_bytes())
+    val = f"demo:{calibrated['demo']}"  # its test split: 3 good + 3 defect images with masks per class
+    common = ["--checkpoint", str(ckpt), "--val-data", val, "--no-progress", "--set", f"data.cache_dir={calibrated['cache']}"]
+    assert main(["calibrate", *common]) == 0
+    assert "F1-maximising on labelled images, from --val-data" in capsys.readouterr().out
+    _, config, payload = load_checkpoint(ckpt)
+    cal = checkpoint_calibration(payload)
+    assert cal.method == "f1" and cal.source == f"--val-data {val}" and payload["config"]["calibration"]["method"] == "auto"
+    scores, maps, labels, masks, cats = _val_scores(ckpt, val, calibrated["cache"])
+    for c, t in cal.classes.items():
+        i = cats == c
+        assert (t.num_images, t.num_anomalous) == (6, 3)
+        for y, s, threshold in ((labels[i], scores[i], t.image_threshold),
+                                (masks[i].ravel(), maps[i].ravel(), t.pixel_threshold)):
+            precision, recall, cuts = precision_recall_curve(y, s)
+            with np.errstate(invalid="ignore"):
+                best = np.nanmax(2 * precision * recall / (precision + recall))
+            assert f1_score(y, s > threshold) == pytest.approx(best, abs=1e-9)
+
+    assert main(["calibrate", *common, "--set", "calibration.method=recall", "--set", "calibration.target_recall=0.6"]) == 0
+    cal = checkpoint_calibration(load_checkpoint(ckpt)[2])
+    assert cal.method == "recall" and cal.target_recall == 0.6
+    for c, t in cal.classes.items():
+        i = cats == c
+        for y, s, threshold in ((labels[i], scores[i], t.image_threshold),
+                                (masks[i].ravel(), maps[i].ravel(), t.pixel_threshold)):
+            precision, recall, cuts = precision_recall_curve(y, s)
+            highest = cuts[np.flatnonzero(recall[:-1] >= 0.6)[-1]]
+            assert np.array_equal(s > threshold, s >= highest)
+    # evaluate says how the thresholds were chosen
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--no-progress", "--output", str(tmp_path / "m.json"),
+                 "--set", f"data.cache_dir={calibrated['cache']}"]) == 0
+    decision = json.loads((tmp_path / "m.json").read_text())["decision"]
+    assert decision["method"] == "recall" and decision["target_recall"] == 0.6 and decision["false_alarm_rate_target"] is None
+    assert decision["image_thresholds"] == {c: t.image_threshold for c, t in cal.classes.items()}
+
+
+def test_val_data_of_other_classes_or_without_defects_is_refused_before_any_image(calibrated, tmp_path, capsys):
+    from vpdm.cli import main
+    from vpdm.data import make_demo_dataset
+
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes((calibrated["run"] / "model.pt").read_bytes())
+    original = ckpt.read_bytes()
+    cache = tmp_path / "cache"
+    three = make_demo_dataset(tmp_path / "three", classes=3, train_per_class=2, test_good_per_class=1,
+                              test_defect_per_class=1, size=32)
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--val-data", f"demo:{three}", "--no-progress",
+                 "--set", f"data.cache_dir={cache}"]) == 2
+    err = capsys.readouterr().err
+    assert "has class(es) the model does not know: demo/disc" in err and "demo/blobs, demo/grid" in err
+    one = make_demo_dataset(tmp_path / "one", classes=1, train_per_class=2, test_good_per_class=1,
+                            test_defect_per_class=1, size=32)
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--val-data", f"demo:{one}", "--no-progress",
+                 "--set", f"data.cache_dir={cache}"]) == 2
+    assert "lacks class(es) of the model: demo/blobs" in capsys.readouterr().err
+    no_defects = make_demo_dataset(tmp_path / "nodefects", classes=2, train_per_class=2, test_good_per_class=1,
+                                   test_defect_per_class=0, size=32)
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--val-data", f"demo:{no_defects}", "--no-progress",
+                 "--set", f"data.cache_dir={cache}"]) == 2
+    assert "class 'demo/blobs': no defect image" in capsys.readouterr().err
+    # a method that needs labels, without them; normal images and --val-data together
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--set", "calibration.method=f1", "--no-progress",
+                 "--set", f"data.cache_dir={cache}"]) == 2
+    assert "calibration.method=f1 needs a labelled validation set" in capsys.readouterr().err
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--val-data", f"demo:{calibrated['demo']}", "--fraction",
+                 "0.5", "--no-progress"]) == 2
+    assert "give one or the other" in capsys.readouterr().err
+    assert ckpt.read_bytes() == original and not (ckpt.parent / "model.pt.bak").exists()
+    assert not cache.exists() or not any(cache.iterdir())  # nothing went through the backbone
+
+
+def test_train_with_val_data_trains_on_all_of_train_good_and_stores_f1_thresholds(calibrated, tmp_path, capsys):
+    import yaml
+
+    from tests.test_cli import TINY
+    from vpdm.checkpoint import checkpoint_calibration, load_checkpoint
+    from vpdm.cli import main
+
+    demo, cache = calibrated["demo"], calibrated["cache"]
+    # refused before any work: a method that needs labelled data, without it
+    assert main(["train", "--data", f"demo:{demo}", "--output", str(tmp_path / "bad"), "--epochs", "1", "--no-progress",
+                 "--set", "calibration.method=recall", *TINY]) == 2
+    assert "calibration.method=recall needs a labelled validation set" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "model.pt").exists()
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", f"demo:{demo}", "--val-data", f"demo:{demo}", "--output", str(out), "--epochs", "1",
+                 "--no-progress", "--set", f"data.cache_dir={cache}", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "train.calibration_fraction=0.1 not used" in printed and "12 labelled validation images (6 defective)" in printed
+    _, config, payload = load_checkpoint(out / "model.pt")
+    cal = checkpoint_calibration(payload)
+    assert payload["extra"]["train_images"] == 16 and payload["extra"]["calibration_images"] == 12
+    assert cal.method == "f1" and sorted(cal.classes) == ["demo/blobs", "demo/grid"]
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["calibration_fraction"] == 0.0
+    scores, _, labels, _, cats = _val_scores(out / "model.pt", f"demo:{demo}", cache)
+    from vpdm.postprocess import f1_threshold
+
+    for c, t in cal.classes.items():
+        assert t.image_threshold == f1_threshold(labels[cats == c], scores[cats == c])
 
 
 # real data: the class of an unlabelled image

@@ -109,6 +109,77 @@ def test_validation_split_is_stratified_and_disjoint():
     assert np.array_equal(again[1], val)
 
 
+def test_validation_keeps_two_images_per_class_for_the_thresholds_when_it_can():
+    from tune.features import validation_count
+
+    # round(0.15 * n), at least 2 when 2 remain to train on, at least 1 from 2 images, never all
+    assert [validation_count(n, 0.15) for n in (1, 2, 3, 4, 8, 10, 20, 100)] == [0, 1, 1, 2, 2, 2, 3, 15]
+    train, val = split_validation(np.repeat(np.arange(2), [8, 4]), 0.15, seed=0)
+    assert len(val) == 4 and len(train) == 8
+
+
+def test_a_trials_model_is_calibrated_on_the_held_out_normal_images_and_answers_with_decisions(tiny_demo, tmp_path):
+    """What a sweep trial does after training (tune.thresholds), without Ray: thresholds from the bundle's held-out
+    normal images go into the checkpoint, and the pyfunc answers with labels from them."""
+    from tune.features import as_tensor, build_bundle
+    from tune.thresholds import calibrate_checkpoint, decisions_on_test
+    from vpdm import engine
+    from vpdm.backbone import FeatureExtractor
+    from vpdm.checkpoint import checkpoint_calibration, read_checkpoint, save_checkpoint
+    from vpdm.data import list_samples
+    from vpdm.pipeline import Detector
+
+    cfg = VPDMConfig().with_overrides({**PRESETS["tiny"].fixed, "model.prototypes.num_prototypes": 4,
+                                       "model.prototypes.downsample": 2, "model.diffusion.num_timesteps": 20,
+                                       "sampling.num_steps": 1, "data.spec": f"demo:{tiny_demo}",
+                                       "data.cache_dir": str(tmp_path / "cache")}).validate()
+    bundle, _ = build_bundle("demo", cfg, FeatureExtractor(cfg.backbone), val_fraction=0.15, seed=3)
+    model = engine.build_model(cfg, as_tensor(bundle.train_features))
+    path = save_checkpoint(tmp_path / "model.pt", model, cfg, categories=bundle.categories)
+    assert checkpoint_calibration(read_checkpoint(path)) is None  # as the Train workers save it
+
+    calibration, why = calibrate_checkpoint(path, bundle)
+    assert why == "" and calibration is not None and calibration.method == "quantile"
+    assert "sweep validation hold-out 0.15" in calibration.source and "seed 3" in calibration.source
+    stored = checkpoint_calibration(read_checkpoint(path))
+    assert stored.classes == calibration.classes and read_checkpoint(path)["extra"]["calibration_images"] == 4
+    # independent truth: the held-out images, found again from the split and scored from their files
+    train = list_samples(cfg.data.spec, "train")
+    class_index = np.array([bundle.categories.index(x.category) for x in train])
+    held = [train[i] for i in split_validation(class_index, 0.15, seed=3)[1]]
+    tests = sorted((tiny_demo / "grid" / "test").rglob("*.png"))
+    # the Detector is what the logged pyfunc answers with (tests/test_sweep_ray.py asks a sweep's champion itself)
+    results = Detector.from_checkpoint(path).predict_files([x.image_path for x in held] + tests, progress=False)
+    found = {r.path: r.score for r in results}
+    for c, t in stored.classes.items():
+        mine = [found[str(x.image_path)] for x in held if x.category == c]
+        assert t.num_images == len(mine) == 2
+        assert t.image_threshold == pytest.approx(max(mine), rel=1e-5)  # 2 images, rate 0.01: their maximum
+    for r in results[len(held):]:  # labels from the calibrated thresholds, not empty
+        assert r.pred_label == int(r.score > stored.classes[r.category].image_threshold)
+    # the decisions the trial logs: the labels of the test scores at each class's threshold
+    scores = engine.score_features(model, as_tensor(bundle.test_features), sampling=cfg.sampling, scoring=cfg.scoring,
+                                   map_size=cfg.scoring.map_size or cfg.backbone.image_size, progress=False)[0].numpy()
+    decision = decisions_on_test(calibration, bundle, scores)
+    grid = np.array(bundle.test_categories) == "demo/grid"
+    flagged = scores[grid] > calibration.classes["demo/grid"].image_threshold
+    normal = bundle.test_labels[grid] == 0
+    assert decision["per_class"]["demo/grid"]["image_false_alarm_rate"] == pytest.approx(flagged[normal].mean())
+
+    # a class with too few held-out images: no thresholds, the reason, and the file untouched
+    before = path.read_bytes()
+    bundle.val_class = np.r_[0, np.ones(len(bundle.val_class) - 1, dtype=np.int64)]  # class 0: one image left
+    calibration, why = calibrate_checkpoint(path, bundle)
+    assert calibration is None and "at least 2 normal images per class" in why and path.read_bytes() == before
+
+
+def test_a_sweep_refuses_a_calibration_method_that_needs_labels(tiny_demo, tmp_path):
+    sc = SweepConfig(datasets=[f"demo:{tiny_demo}"], preset="tiny", storage=str(tmp_path / "runs"),
+                     tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", overrides=["calibration.method=f1"])
+    with pytest.raises(ConfigError, match="calibration.method=f1: a sweep calibrates each trial"):
+        plan_sweep(sc)
+
+
 def test_pseudo_anomalies_paste_one_square_from_another_class():
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(4, 3, 8, 8)).astype(np.float32)

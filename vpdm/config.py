@@ -265,19 +265,47 @@ class TrainConfig:
                               f"images), got {self.calibration_fraction!r}")
 
 
+CALIBRATION_METHODS: tuple[str, ...] = ("auto", "quantile", "f1", "recall")
+
+
 @dataclass
 class CalibrationConfig:
-    """How decision thresholds are calibrated on normal images (vpdm.postprocess)."""
+    """How decision thresholds are calibrated (vpdm.postprocess, vpdm.calibration)."""
 
+    # "quantile": from normal images only (train's hold-out, `vpdm calibrate --data`), at false_alarm_rate;
+    # "f1": F1-maximising on a labelled validation set (`--val-data SPEC`), as anomalib's F1AdaptiveThreshold;
+    # "recall": on the same labelled set, the highest threshold still flagging target_recall of the defects;
+    # "auto": f1 when --val-data is given, quantile otherwise.
+    method: str = "auto"
     # Target false-alarm rate on normal images: the image threshold is the (1 - rate) quantile of the held-out
     # normal images' scores, the pixel threshold the same quantile of their map pixels (numpy, method
     # "higher": with fewer than 1/rate + 1 images, the maximum).
     false_alarm_rate: float = 0.01
+    # method=recall: the fraction of the validation defects (images; pixels for the pixel threshold) flagged.
+    target_recall: float = 0.95
 
     def validate(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise ConfigError(f"calibration.method must be one of {', '.join(CALIBRATION_METHODS)}, got {self.method!r}")
         if not (isinstance(self.false_alarm_rate, (int, float)) and not isinstance(self.false_alarm_rate, bool)
                 and 0 <= self.false_alarm_rate < 1):
             raise ConfigError(f"calibration.false_alarm_rate must be a number in [0, 1), got {self.false_alarm_rate!r}")
+        if not (isinstance(self.target_recall, (int, float)) and not isinstance(self.target_recall, bool)
+                and 0 < self.target_recall <= 1):
+            raise ConfigError(f"calibration.target_recall must be a number in (0, 1], got {self.target_recall!r}")
+
+    def resolve(self, labelled: bool) -> str:
+        """The method to use, with or without a labelled validation set; ConfigError for a mismatch."""
+        if self.method == "auto":
+            return "f1" if labelled else "quantile"
+        if labelled and self.method == "quantile":
+            raise ConfigError("calibration.method=quantile uses normal images only, but --val-data (a labelled "
+                              "validation set) was given: use calibration.method=f1 or recall with it, or calibrate "
+                              "on normal images with 'vpdm calibrate --data SPEC' (its train/good)")
+        if not labelled and self.method != "quantile":
+            raise ConfigError(f"calibration.method={self.method} needs a labelled validation set (normal and defect "
+                              "images with masks): pass --val-data SPEC, or use calibration.method=quantile")
+        return self.method
 
 
 def default_cache_dir() -> str:

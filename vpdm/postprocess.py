@@ -3,11 +3,21 @@
 The counterpart of anomalib's ``PostProcessor``. A model gives a raw image ``score`` and a float
 ``anomaly_map`` per image; a production line needs a good/defective decision. Here:
 
-* **thresholds** are calibrated on *normal* images only (a held-out part of ``train/good``, or
-  ``vpdm calibrate``): per class, the image threshold is the ``1 - false_alarm_rate`` quantile of the
-  held-out images' scores and the pixel threshold the same quantile of all their map pixels
-  (:func:`quantile_threshold`: numpy's quantile, method ``"higher"``, so the threshold is always an
-  observed score; with fewer than ``1 / false_alarm_rate + 1`` images it is their maximum);
+* **thresholds** are calibrated per class by one of three methods (:data:`METHODS`):
+
+  - ``quantile``, on *normal* images only (a held-out part of ``train/good``, or ``vpdm calibrate``):
+    the image threshold is the ``1 - false_alarm_rate`` quantile of the held-out images' scores and
+    the pixel threshold the same quantile of all their map pixels (:func:`quantile_threshold`:
+    numpy's quantile, method ``"higher"``, so the threshold is always an observed score; with fewer
+    than ``1 / false_alarm_rate + 1`` images it is their maximum);
+  - ``f1``, on a *labelled* validation set (normal and defect images with masks): the threshold that
+    maximises F1 over the images (image threshold) and over their pixels (pixel threshold), as
+    anomalib's ``F1AdaptiveThreshold`` (:func:`f1_threshold`);
+  - ``recall``, on the same labelled set: the highest threshold that still flags ``target_recall`` of
+    the anomalous images (pixels) (:func:`recall_threshold`);
+
+  a labelled rule picks a cut in the sorted validation scores; the stored threshold is the highest
+  validation score below the cut, so ``score > threshold`` flags exactly the cut's images;
 * **normalisation** (:func:`normalise`) is anomalib's min-max normalisation around the threshold:
   ``pred_score = clip((score - threshold) / (max - min) + 0.5, 0, 1)`` with ``min``/``max`` the
   calibration images' score range: monotone, the threshold maps to 0.5, clipped to [0, 1];
@@ -34,10 +44,14 @@ from torch import Tensor
 
 from vpdm.errors import CheckpointError, ConfigError
 
-__all__ = ["Calibration", "ClassThresholds", "Decisions", "PostProcessor", "check_threshold", "nearest_class",
-           "normalise", "not_calibrated_message", "quantile_threshold"]
+__all__ = ["METHODS", "Calibration", "ClassThresholds", "Decisions", "PostProcessor", "check_threshold",
+           "f1_threshold", "nearest_class", "normalise", "not_calibrated_message", "quantile_threshold",
+           "recall_threshold"]
 
 QUANTILE_METHOD = "higher"  # numpy's quantile method: the threshold is always one of the observed scores
+# How thresholds are chosen: from normal images only, or from a labelled validation set.
+METHODS: tuple[str, ...] = ("quantile", "f1", "recall")
+LABELLED_METHODS: tuple[str, ...] = ("f1", "recall")
 
 
 def quantile_threshold(values: np.ndarray | Tensor | Sequence[float], false_alarm_rate: float) -> float:
@@ -56,6 +70,77 @@ def quantile_threshold(values: np.ndarray | Tensor | Sequence[float], false_alar
     if not np.isfinite(array).all():
         raise ConfigError("cannot calibrate a threshold: the calibration scores contain NaN or infinity")
     return float(np.quantile(array, 1.0 - false_alarm_rate, method=QUANTILE_METHOD))
+
+
+def _labelled(labels: np.ndarray | Tensor | Sequence[int], scores: np.ndarray | Tensor | Sequence[float],
+              what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Flat bool labels and float64 scores of the same size, with both a normal and an anomalous entry."""
+    y = labels.detach().cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
+    s = scores.detach().cpu().numpy() if isinstance(scores, Tensor) else np.asarray(scores)
+    y, s = y.astype(bool).ravel(), s.astype(np.float64, copy=False).ravel()
+    if y.size != s.size:
+        raise ConfigError(f"{what}: {y.size} labels but {s.size} scores; expected one label per score")
+    if not np.isfinite(s).all():
+        raise ConfigError(f"cannot calibrate {what}: the validation scores contain NaN or infinity")
+    if y.all() or not y.any():
+        kind = "normal" if y.all() else "anomalous"
+        raise ConfigError(f"cannot calibrate {what} on labelled data without {kind} entries; "
+                          "a labelled threshold needs both normal and anomalous ones")
+    return y, s
+
+
+def _cuts(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each distinct score v, descending, with the anomalous and normal counts of ``s >= v``."""
+    order = np.argsort(s, kind="stable")[::-1]
+    ranked, hits = s[order], y[order]
+    last = np.append(np.flatnonzero(ranked[1:] != ranked[:-1]), ranked.size - 1)  # end of each tie group
+    tp = np.cumsum(hits, dtype=np.int64)[last]
+    return ranked[last], tp, (last + 1) - tp
+
+
+def _just_below(value: float) -> float:
+    """The float32 number below ``value``: below it in float64 too, so ``score > threshold`` holds for ``value``
+    whether scores are compared as float32 (numpy keeps a float32 array's precision) or as float64."""
+    return float(np.nextafter(np.float32(value), np.float32(-np.inf)))
+
+
+def _below(values: np.ndarray, k: int) -> float:
+    """The threshold that flags ``values[:k + 1]`` (distinct scores, descending) with ``score > threshold``:
+    the next lower observed score, or just below the lowest one."""
+    if k + 1 < values.size:
+        return float(values[k + 1])
+    return _just_below(values[k])
+
+
+def f1_threshold(labels: np.ndarray | Tensor | Sequence[int], scores: np.ndarray | Tensor | Sequence[float],
+                 what: str = "a threshold") -> float:
+    """The threshold maximising F1 of ``score > threshold`` on labelled validation scores.
+
+    anomalib's ``F1AdaptiveThreshold``: over the precision-recall curve (a cut at every distinct score
+    ``v``, flagging ``score >= v``) the cut of highest F1, the lowest such cut on a tie (its ``argmax``
+    over ascending thresholds). Returned as the highest score below the cut (see the module docstring),
+    so the validation decisions are the cut's. Needs normal and anomalous entries.
+    """
+    y, s = _labelled(labels, scores, what)
+    values, tp, fp = _cuts(y, s)
+    f1 = (2.0 * tp) / (tp + fp + int(y.sum()))  # = 2PR / (P + R); equal ratios give equal floats
+    k = values.size - 1 - int(np.argmax(f1[::-1]))  # the lowest cut among the best
+    return _below(values, k)
+
+
+def recall_threshold(labels: np.ndarray | Tensor | Sequence[int], scores: np.ndarray | Tensor | Sequence[float],
+                     target_recall: float, what: str = "a threshold") -> float:
+    """The highest threshold at which ``score > threshold`` flags at least ``target_recall`` of the anomalous
+    entries: the highest validation score below the ``ceil(target_recall * P)``-th largest anomalous one."""
+    if not (isinstance(target_recall, (int, float)) and not isinstance(target_recall, bool)
+            and math.isfinite(target_recall) and 0 < target_recall <= 1):
+        raise ConfigError(f"target recall must be a number in (0, 1], got {target_recall!r}")
+    y, s = _labelled(labels, scores, what)
+    positives = np.sort(s[y])[::-1]
+    needed = max(1, math.ceil(round(target_recall * positives.size, 9)))  # 0.9 * 10 is 9.000000000000002
+    cut = positives[needed - 1]
+    lower = s[s < cut]
+    return float(lower.max()) if lower.size else _just_below(cut)
 
 
 def normalise(scores: np.ndarray | Tensor | float, threshold: float, low: float, high: float) -> Any:
@@ -107,37 +192,83 @@ class ClassThresholds:
     pixel_min: float
     pixel_max: float
     num_images: int
+    num_anomalous: int = 0  # anomalous images among them (labelled validation data; 0 for normal images only)
 
     @classmethod
     def from_scores(cls, scores: np.ndarray | Tensor, maps: np.ndarray | Tensor, false_alarm_rate: float) -> ClassThresholds:
         """Thresholds of one class from its normal calibration images' scores (N,) and maps (N x H x W)."""
-        s = np.asarray(scores.detach().cpu() if isinstance(scores, Tensor) else scores, dtype=np.float64).ravel()
-        m = np.asarray(maps.detach().cpu() if isinstance(maps, Tensor) else maps, dtype=np.float64).ravel()
+        s = _float64(scores).ravel()
+        m = _float64(maps).ravel()
         return cls(image_threshold=quantile_threshold(s, false_alarm_rate),
                    pixel_threshold=quantile_threshold(m, false_alarm_rate),
                    image_min=float(s.min()), image_max=float(s.max()),
                    pixel_min=float(m.min()), pixel_max=float(m.max()), num_images=int(s.size))
+
+    @classmethod
+    def from_labelled(cls, scores: np.ndarray | Tensor, labels: np.ndarray | Sequence[int], maps: np.ndarray | Tensor,
+                      masks: np.ndarray | Tensor, pixel_known: np.ndarray | Sequence[bool], method: str, *,
+                      target_recall: float = 1.0, category: str = "") -> ClassThresholds:
+        """Thresholds of one class from labelled validation images: scores (N,), labels (N,), maps and masks
+        (N x H x W); ``pixel_known`` (N,) is False for an anomalous image without a mask (left out of the
+        pixel threshold). ``method``: ``"f1"`` or ``"recall"`` (:data:`LABELLED_METHODS`)."""
+        if method not in LABELLED_METHODS:
+            raise ConfigError(f"labelled calibration method must be one of {', '.join(LABELLED_METHODS)}, got {method!r}")
+        s, m = _float64(scores).ravel(), _float64(maps)
+        y = np.asarray(labels).astype(bool).ravel()
+        known = np.asarray(pixel_known, dtype=bool).ravel()
+        gt = np.asarray(masks.detach().cpu() if isinstance(masks, Tensor) else masks).astype(bool)
+        name = f"class {category!r}: " if category else ""
+
+        def rule(lab: np.ndarray, val: np.ndarray, what: str) -> float:
+            if method == "f1":
+                return f1_threshold(lab, val, what=f"{name}{what}")
+            return recall_threshold(lab, val, target_recall, what=f"{name}{what}")
+
+        image_t = rule(y, s, "the image threshold")
+        pixel_t = rule(gt[known], m[known], "the pixel threshold (pixels of images with known masks)")
+        return cls(image_threshold=image_t, pixel_threshold=pixel_t, image_min=float(s.min()), image_max=float(s.max()),
+                   pixel_min=float(m.min()), pixel_max=float(m.max()), num_images=int(s.size),
+                   num_anomalous=int(y.sum()))
+
+
+def _float64(values: np.ndarray | Tensor) -> np.ndarray:
+    return np.asarray(values.detach().cpu() if isinstance(values, Tensor) else values, dtype=np.float64)
 
 
 @dataclass
 class Calibration:
     """Per-class thresholds plus what picks the class of an unlabelled image."""
 
-    false_alarm_rate: float
+    false_alarm_rate: float  # the quantile method's target (recorded, unused, for the labelled methods)
     classes: dict[str, ClassThresholds]
     # Mean prototype-assignment histogram (K,) of each class's calibration images (nearest_class).
     histograms: dict[str, Tensor] = field(default_factory=dict)
-    source: str = ""  # how it was made: "train holdout 10%", "vpdm calibrate --data ...", for the record
+    source: str = ""  # which images: "train holdout 0.1 (seed 0)", "--val-data mvtec:/val", for the record
     # The sampling and scoring settings the scores were made with: thresholds hold for those only.
     settings: dict[str, Any] = field(default_factory=dict)
+    method: str = "quantile"  # how the thresholds were chosen (METHODS)
+    target_recall: float | None = None  # the recall method's target
+
+    def describe(self) -> str:
+        """How the thresholds were chosen, in words (for outputs)."""
+        if self.method == "quantile":
+            rule = (f"{1 - self.false_alarm_rate:g} quantile of normal images (target false-alarm rate "
+                    f"{self.false_alarm_rate:g})")
+        elif self.method == "recall":
+            rule = f"highest threshold reaching recall {self.target_recall:g} on labelled images"
+        else:
+            rule = "F1-maximising on labelled images"
+        return f"{rule}, from {self.source or 'unrecorded images'}"
 
     def to_payload(self) -> dict[str, Any]:
         """Plain containers and tensors (``torch.load(weights_only=True)`` reads them)."""
         return {
+            "method": self.method,
             "false_alarm_rate": float(self.false_alarm_rate),
+            "target_recall": None if self.target_recall is None else float(self.target_recall),
             "class_rule": "cosine to the mean prototype-assignment histogram",
             "source": self.source,
-            "classes": {c: {k: (int(v) if k == "num_images" else float(v)) for k, v in vars(t).items()}
+            "classes": {c: {k: (int(v) if k.startswith("num_") else float(v)) for k, v in vars(t).items()}
                         for c, t in self.classes.items()},
             "histograms": {c: h.detach().cpu().float().clone() for c, h in self.histograms.items()},
             "settings": dict(self.settings),
@@ -145,11 +276,18 @@ class Calibration:
 
     @classmethod
     def from_payload(cls, data: Any, where: str = "checkpoint") -> Calibration:
+        """Read :meth:`to_payload`'s dict; a calibration stored before the method was recorded is ``quantile``."""
         try:
             classes = {str(c): ClassThresholds(**{k: v for k, v in t.items()}) for c, t in data["classes"].items()}
             histograms = {str(c): torch.as_tensor(h, dtype=torch.float32) for c, h in (data.get("histograms") or {}).items()}
+            method = str(data.get("method") or "quantile")
+            if method not in METHODS:
+                raise ValueError(f"unknown method {method!r}")
+            recall = data.get("target_recall")
+            if method == "recall" and recall is None:
+                raise ValueError("method 'recall' without its target_recall")
             return cls(float(data["false_alarm_rate"]), classes, histograms, str(data.get("source", "")),
-                       dict(data.get("settings") or {}))
+                       dict(data.get("settings") or {}), method, None if recall is None else float(recall))
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise CheckpointError(f"{where} holds a damaged calibration ({type(exc).__name__}: {exc})") from None
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max")
+DECISIONS = ("image_precision", "image_recall", "image_f1", "image_false_alarm_rate")
 
 def _clean(value: Any) -> Any:
     """JSON-safe: NaN/inf -> None, numpy scalars -> Python, tuples -> lists."""
@@ -41,6 +42,33 @@ def _metric_table(per_class: dict[str, dict[str, Any]], mean: dict[str, Any], ti
     lines = [f"| {title} | image AUROC | pixel AUROC | AUPRO | pixel AP | image F1-max |", "|---|---|---|---|---|---|"]
     for name, m in list(per_class.items()) + [("**mean**", mean)]:
         lines.append(f"| {name} | " + " | ".join(_pct(m.get(k)) for k in METRICS) + " |")
+    return lines
+
+
+def _decision_table(doc: dict[str, Any]) -> list[str]:
+    """Precision, recall, F1 and false-alarm rate at the calibrated thresholds, VPDM beside PatchCore."""
+    cal = doc["data"].get("calibration") or {}
+    v, p = doc["vpdm"].get("decision"), doc["baseline"].get("decision")
+    lines = ["", "## Decisions at calibrated thresholds (%)", ""]
+    if v is None or p is None:
+        return lines + ["No decisions: no calibration images (`train.calibration_fraction=0`)."]
+    lines += [
+        f"As `vpdm train`: {cal['held_out_images']} train/good images held out (`train.calibration_fraction="
+        f"{cal['fraction']}`, seed {cal['seed']}), the detectors fitted on the other {cal['fit_images']}; per class "
+        f"the image threshold is the {1 - cal['false_alarm_rate']:g} quantile of each detector's own scores of the "
+        "held-out images (their maximum when there are fewer than 1 / rate + 1 of them); an image is anomalous "
+        "when its score is above it. On the test split:",
+        "",
+        f"| class | VPDM `{doc['main_preset']}` precision | recall | F1 | false alarm | PatchCore precision | recall | "
+        "F1 | false alarm |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in list(v["per_class"]) + ["mean"]:
+        a = v["mean"] if name == "mean" else v["per_class"][name]
+        b = p["mean"] if name == "mean" else p["per_class"].get(name, {})
+        label = "**mean**" if name == "mean" else name
+        lines.append(f"| {label} | " + " | ".join(_pct(a.get(k)) for k in DECISIONS) + " | "
+                     + " | ".join(_pct(b.get(k)) for k in DECISIONS) + " |")
     return lines
 
 
@@ -85,6 +113,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
     for name, run in doc.get("preset_runs", {}).items():
         lines += [""] + _metric_table(run["metrics"]["per_class"], run["metrics"]["mean"], f"VPDM `{name}`")
     lines += [""] + _metric_table(doc["baseline"]["metrics"]["per_class"], doc["baseline"]["metrics"]["mean"], "PatchCore")
+    lines += _decision_table(doc)
 
     r = t["ratios"]
     lines += [

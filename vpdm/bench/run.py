@@ -1,4 +1,11 @@
-"""One benchmark run: features once, VPDM per preset, the baseline, steps table, timing, cache proof."""
+"""One benchmark run: features once, VPDM per preset, the baseline, steps table, timing, cache proof.
+
+As ``vpdm train`` does, a seeded ``train.calibration_fraction`` of each class's ``train/good`` is held
+out: every detector is fitted on the rest, and each one's decision thresholds are calibrated on the
+held-out images (per class, the ``1 - calibration.false_alarm_rate`` quantile of their scores and map
+pixels, :mod:`vpdm.postprocess`); the precision, recall, F1 and false-alarm rate at those thresholds
+on the test split (:func:`calibrated_decisions`) stand beside the threshold-free metrics.
+"""
 
 from __future__ import annotations
 
@@ -45,6 +52,31 @@ def parse_steps(text: str, num_timesteps: int, default_sampler: str) -> list[tup
     if not rows:
         raise ConfigError(f"--steps {text!r} names no sampler steps")
     return rows
+
+
+def calibrated_decisions(held_scores: np.ndarray, held_maps: np.ndarray, held_categories: list[str],
+                         test_scores: np.ndarray, test_labels: np.ndarray, test_categories: list[str],
+                         false_alarm_rate: float) -> dict[str, Any]:
+    """Per class, quantile thresholds from held-out normal images' scores and maps; the decisions
+    ``score > image threshold`` on the test split, per class and mean (:func:`vpdm.metrics.decision_metrics`)."""
+    from vpdm.metrics import decision_metrics
+    from vpdm.postprocess import ClassThresholds
+
+    held_cats = np.asarray(held_categories)
+    thresholds = {c: ClassThresholds.from_scores(held_scores[held_cats == c], held_maps[held_cats == c],
+                                                 false_alarm_rate) for c in sorted(set(held_categories))}
+    missing = sorted(set(test_categories) - set(thresholds))
+    if missing:
+        raise ConfigError(f"no held-out calibration images of test class(es) {', '.join(missing)}")
+    predicted = np.array([s > thresholds[c].image_threshold for s, c in zip(test_scores, test_categories)],
+                         dtype=np.int64)
+    doc = decision_metrics(test_labels, predicted, test_categories)
+    doc["image_thresholds"] = {c: t.image_threshold for c, t in thresholds.items()}
+    doc["pixel_thresholds"] = {c: t.pixel_threshold for c, t in thresholds.items()}
+    doc["calibration_images"] = {c: t.num_images for c, t in thresholds.items()}
+    doc["method"] = "quantile"
+    doc["false_alarm_rate"] = false_alarm_rate
+    return doc
 
 
 def balanced_subset(labels: np.ndarray, categories: list[str], per_class: int, seed: int) -> np.ndarray:
@@ -155,6 +187,24 @@ class Bench:
         self.log(f"features: train {tuple(train.features.shape)} ({'cache hit' if train.cache_hit else 'extracted'}, "
                  f"{train.extract_seconds:.1f}s), test {tuple(test.features.shape)} "
                  f"({'cache hit' if test.cache_hit else 'extracted'}, {test.extract_seconds:.1f}s)")
+        # The calibration hold-out of `vpdm train`: every detector is fitted on the rest (one split for all).
+        from vpdm.calibration import holdout_index, subset
+
+        fraction = cfg.train.calibration_fraction
+        keep, held_index = holdout_index(train.dataset.samples, fraction, cfg.train.seed)
+        fit = subset(train, keep) if held_index else train
+        held = subset(train, held_index) if held_index else None
+        held_cats = [s.category for s in held.dataset.samples] if held is not None else []
+        n_train = len(train.features)
+        del train  # fit and held hold their own copies
+        doc["data"]["calibration"] = {
+            "fraction": fraction, "seed": cfg.train.seed, "false_alarm_rate": cfg.calibration.false_alarm_rate,
+            "held_out_images": len(held_index), "fit_images": len(fit.features),
+            "per_class": {c: held_cats.count(c) for c in sorted(set(held_cats))},
+        }
+        if held is not None:
+            self.log(f"calibration: {len(held_index)} train/good images held out (train.calibration_fraction="
+                     f"{fraction:g}); the detectors are fitted on the other {len(fit.features)}")
         self._mark("after_features")
 
         # 2. VPDM, one unified model per preset -----------------------------------------------
@@ -162,16 +212,23 @@ class Bench:
         main_model = None
         for name in self.presets:
             pcfg = self.configs[name]
-            self.log(f"training VPDM [{name}] {pcfg.train.epochs} epochs on {len(train.features)} images ...")
+            self.log(f"training VPDM [{name}] {pcfg.train.epochs} epochs on {len(fit.features)} images ...")
             t0 = time.perf_counter()
-            model, history = engine.fit(pcfg, train, progress=self.progress)
+            model, history = engine.fit(pcfg, fit, progress=self.progress)
             train_seconds = time.perf_counter() - t0
             scores, maps, seconds = self._score_vpdm(model, pcfg.sampling, test.features, pcfg.scoring)
             metrics = self._metrics(scores, maps)
+            decision = None
+            if held is not None:
+                held_scores, held_maps, _ = self._score_vpdm(model, pcfg.sampling, held.features, pcfg.scoring)
+                decision = calibrated_decisions(held_scores, held_maps, held_cats, scores, self.gt[0], self.gt[2],
+                                                pcfg.calibration.false_alarm_rate)
+                del held_maps
             runs[name] = {
                 "metrics": metrics,
+                "decision": decision,
                 "train_seconds": train_seconds,
-                "train_ms_per_image_epoch": 1000 * train_seconds / (pcfg.train.epochs * len(train.features)),
+                "train_ms_per_image_epoch": 1000 * train_seconds / (pcfg.train.epochs * len(fit.features)),
                 "score_seconds": seconds,
                 "sampling": dataclasses.asdict(pcfg.sampling),
                 "history": [{k: v for k, v in h.items()} for h in history],
@@ -184,7 +241,7 @@ class Bench:
                 labels, masks, cats = self.gt
                 diag = doc.setdefault("diagnostics", {})
                 diag[name] = diagnose(
-                    model, pcfg, train, test, labels, masks, cats, maps,
+                    model, pcfg, fit, test, labels, masks, cats, maps,
                     lambda sampling, scoring, m=model, x=test.features: self._score_vpdm(m, sampling, x, scoring)[:2],
                     self.log, start_table=name == self.main)
             if name == self.main:
@@ -200,6 +257,7 @@ class Bench:
                     "description": PRESET_DESCRIPTIONS[name],
                     "overrides": PRESETS[name],
                     "mean": r["metrics"]["mean"],
+                    "decision_mean": None if r["decision"] is None else r["decision"]["mean"],
                     "train_seconds": r["train_seconds"],
                     "paper_mvtec_image_pixel_auroc": PAPER_TABLE3.get(name),
                 }
@@ -211,11 +269,17 @@ class Bench:
 
         self.log(f"fitting PatchCore ({self.pc_config}) ...")
         t0 = time.perf_counter()
-        pc = fit_baseline(self.pc_config, train.features, device)
+        pc = fit_baseline(self.pc_config, fit.features, device)
         fit_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         pc_scores, pc_maps, pc_max = self._score_baseline(pc, test.features)
         pc_seconds = time.perf_counter() - t0
+        pc_decision = None
+        if held is not None:  # the same quantile rule on the same held-out images, with PatchCore's own scores
+            held_scores, held_maps, _ = self._score_baseline(pc, held.features)
+            pc_decision = calibrated_decisions(held_scores, held_maps, held_cats, pc_scores, self.gt[0], self.gt[2],
+                                               cfg.calibration.false_alarm_rate)
+            del held_maps
         doc["baseline"] = {
             "name": "patchcore",
             "settings": pc.summary(),
@@ -224,6 +288,7 @@ class Bench:
             "image_score": "max of the average-pooled map (scoring.pool_size), as VPDM",
             "metrics": self._metrics(pc_scores, pc_maps),
             "metrics_plain_max": self._metrics(pc_max, pc_maps),
+            "decision": pc_decision,
         }
         del pc_maps
         self.log(f"  PatchCore bank {pc.bank.shape[0]} (fit {fit_seconds:.0f}s): image AUROC "
@@ -242,8 +307,7 @@ class Bench:
 
         # 6. sweep-readiness: a model-setting change reuses the cached features -------------------
         train_key = doc["data"]["train"]["cache_key"]
-        n_train = len(train.features)
-        del train, test  # the proof reloads them; do not hold two copies
+        del test, fit, held  # the proof reloads the train split; do not hold two copies
         doc["cache"] = self._cache_proof(extractor, train_key, n_train)
 
         doc["comparison"] = self._comparison(doc)
