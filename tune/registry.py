@@ -40,8 +40,8 @@ from vpdm.errors import ConfigError, VPDMError
 
 logger = logging.getLogger("tune.registry")
 
-__all__ = ["CHALLENGER", "CHAMPION", "Promotion", "ValidationData", "Unscoreable", "beats", "default_model_name",
-           "registered_name", "register_challenger", "score_checkpoint"]
+__all__ = ["CHALLENGER", "CHAMPION", "Promotion", "Unscoreable", "ValidationData", "beats", "decide",
+           "default_model_name", "download_checkpoint", "register_challenger", "registered_name", "score_checkpoint"]
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -207,7 +207,7 @@ def score_checkpoint(path: str | Path, validation: ValidationData, metric: str) 
     return value
 
 
-def _checkpoint_of(name: str, version: str, folder: Path) -> Path:
+def download_checkpoint(name: str, version: str, folder: Path) -> Path:
     """Download the VPDM checkpoint of version ``version`` of ``name`` (its MLmodel and that one artifact)."""
     import mlflow
     from mlflow import MlflowClient
@@ -229,7 +229,7 @@ def _checkpoint_of(name: str, version: str, folder: Path) -> Path:
 def _score_version(name: str, version: str, validation: ValidationData, metric: str) -> float:
     with tempfile.TemporaryDirectory(prefix="vpdm-promotion-") as folder:
         try:
-            path = _checkpoint_of(name, version, Path(folder))
+            path = download_checkpoint(name, version, Path(folder))
         except Unscoreable:
             raise
         except Exception as exc:  # noqa: BLE001 - any download failure: this version cannot be scored now
@@ -334,9 +334,11 @@ def register_challenger(run_id: str, *, model_name: str, metric: str, mode: str,
         return _finish(client, model_name, existing)
     if existing is None:
         version = str(register_champion(run_id, model_name=model_name, alias=CHALLENGER, tags=tags).version)
-    else:
+    else:  # registered before a crash, not yet decided
         version = str(existing.version)
         logger.info("%s v%s already holds run %s; deciding its promotion", model_name, version, run_id)
+        if int(_alias(client, model_name, CHALLENGER) or 0) < int(version):  # unless a later sweep's took it
+            client.set_registered_model_alias(model_name, CHALLENGER, version)
     p = decide(model_name, version, champion=_alias(client, model_name, CHAMPION), metric=metric, mode=mode,
                validation=validation, force=force, trial_value=trial_value)
     p = _with_split_note(p, client, model_name, validation)
