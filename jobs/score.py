@@ -1,6 +1,6 @@
 """Score a folder of images with a registered VPDM model.
 
-    python jobs/score.py --model models:/vpdm@champion --images incoming/ --output scored/ \
+    python jobs/score.py --model models:/vpdm-demo@champion --images incoming/ --output scored/ \
         [--tracking-uri sqlite:///mlflow.db] [--batch-size 16] [--device cpu] [--no-overlays]
 
 Pulls the model from the MLflow registry (``models:/NAME@alias``, ``models:/NAME/VERSION``,
@@ -41,7 +41,9 @@ class UsageError(Exception):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="jobs/score.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="model URI, e.g. models:/vpdm@champion or models:/vpdm/3")
+    p.add_argument("--model", required=True,
+                   help="model URI, e.g. models:/vpdm-demo@champion or models:/vpdm-demo/3 (a sweep registers "
+                        "vpdm-DATASET unless given --model-name)")
     p.add_argument("--images", required=True, help="image file or folder (searched recursively)")
     p.add_argument("--output", required=True, help="folder for scores.csv and overlays/")
     p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI)")

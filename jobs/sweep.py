@@ -19,8 +19,12 @@ server was unreachable for a while, what could not be logged is kept in the tria
 replay it with `python -m tune.recover <storage>/<sweep>`.
 
 The best trial of each dataset (by the validation metric) is registered in the MLflow model
-registry as MODEL_NAME (one dataset) or MODEL_NAME-DATASET with the alias 'champion'; load it with
-tune.mlflow_model.load_detector_model("models:/MODEL_NAME@champion").
+registry as a new version of vpdm-DATASET (one registered model per dataset: 'demo', 'mvtec-bottle',
+or the NAME of NAME=SPEC; --model-name overrides it) with the alias 'challenger'. The alias
+'champion' moves to it only when the model has no champion yet, when it beats the champion on the
+validation metric (both re-scored on this sweep's held-out validation data), or with --promote; the
+summary says which and why, and so do the version's promotion.* tags. Load the champion with
+tune.mlflow_model.load_detector_model("models:/vpdm-DATASET@champion").
 Exit codes: 0 done, 2 bad input (nothing was started), 1 the sweep failed.
 """
 
@@ -74,8 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "choice:A,B,.. ; KEY=off removes it")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     p.add_argument("--experiment", help="MLflow experiment, one per sweep (default: vpdm-<preset>-<timestamp>)")
-    p.add_argument("--model-name", default="vpdm", help="registered model name (or prefix with several datasets)")
-    p.add_argument("--no-register", action="store_true", help="do not register the champion(s)")
+    p.add_argument("--model-name",
+                   help="registered model name (default: vpdm-DATASET, one per dataset); with several datasets a "
+                        "prefix: NAME-DATASET")
+    p.add_argument("--promote", action="store_true",
+                   help="make each dataset's best trial champion even when it does not beat the current champion "
+                        "(the comparison is still recorded)")
+    p.add_argument("--no-register", action="store_true", help="do not register the best trial(s)")
     p.add_argument("--storage", default="runs/sweeps", help="Ray Tune/Train results folder (default runs/sweeps)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray started here)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of the local Ray (default: enough for the trials)")
@@ -106,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         max_concurrent=args.max_concurrent, grace_period=args.grace_period, overrides=args.overrides, search=args.search, metric=args.metric,
         tracking_uri=args.tracking_uri, experiment=args.experiment, model_name=args.model_name, storage=args.storage,
         address=args.address, num_cpus=args.num_cpus, seed=args.seed, max_failures=args.max_failures,
-        register=not args.no_register, verbose=0 if args.quiet else 1, resume=args.resume,
+        register=not args.no_register, promote=args.promote, verbose=0 if args.quiet else 1, resume=args.resume,
     )
     try:
         result = run_sweep(sc)

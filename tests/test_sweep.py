@@ -370,6 +370,7 @@ def test_plan_resolves_the_embedded_defaults(tiny_demo, tmp_path, monkeypatch):
     assert "train.lr" not in [d.key for d in plan.space.space]  # pinned by --set
     assert plan.space.base.train.lr == 0.005 and plan.space.base.model.denoiser.width == 8
     assert plan.storage == (tmp_path / "runs" / "sweeps") and plan.metric == "val_pseudo_auroc" and plan.mode == "max"
+    assert [d.model_name for d in plan.datasets] == [f"vpdm-demo-{tiny_demo.name}"]  # one registered model per dataset
 
 
 def test_cli_help_and_bad_input_exit_code(tiny_demo, tmp_path, capsys):
@@ -383,7 +384,8 @@ def test_cli_help_and_bad_input_exit_code(tiny_demo, tmp_path, capsys):
         sweep_cli.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for word in ("--data", "--preset", "--trials", "--workers", "--tracking-uri", "ray job submit", "champion"):
+    for word in ("--data", "--preset", "--trials", "--workers", "--tracking-uri", "ray job submit", "champion", "--promote",
+                 "challenger"):
         assert word in out
     assert sweep_cli.main(["--list-presets"]) == 0
     assert "ablation-no-vague" in capsys.readouterr().out

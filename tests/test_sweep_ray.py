@@ -172,9 +172,39 @@ def test_champion_is_registered_with_alias_and_tags(sweep):
     assert d.registered_model == MODEL_NAME and d.registered_version == "1"
     version = _client(result).get_model_version_by_alias(MODEL_NAME, "champion")
     assert str(version.version) == "1" and version.run_id == d.best.mlflow_run_id
+    assert sorted(version.aliases) == ["challenger", "champion"]  # the first version of a name is champion
     assert version.tags["sweep"] == result.sweep_id and version.tags["dataset"] == d.name
     assert float(version.tags["metrics.val_pseudo_auroc"]) == pytest.approx(d.best.metric)
     assert "metrics.test_image_auroc" in version.tags
+    assert version.tags["promotion.decision"] == "first version" and version.tags["promotion.sweep"] == result.sweep_id
+    assert d.promotion is not None and d.promotion.promoted
+    assert f"registry: {MODEL_NAME} v1 @champion: first version" in result.summary_text()
+
+
+def test_the_driver_scores_a_registered_model_as_its_trial_did(sweep, tmp_path):
+    """Promotion compares models with the trials' own metric: re-scored on the driver from the registry, on
+    this sweep's validation data (rebuilt from the feature cache), the champion's metric is the value its
+    trial reported from 2 Ray Train workers."""
+    import mlflow
+
+    from tune.features import build_bundle
+    from tune.registry import ValidationData, download_checkpoint, score_checkpoint
+    from tune.sweep import SweepConfig
+    from vpdm.backbone import FeatureExtractor
+    from vpdm.checkpoint import load_checkpoint
+    from vpdm.config import to_dict
+
+    result, _ = sweep
+    d = result.datasets[0]
+    mlflow.set_tracking_uri(result.tracking_uri)
+    path = download_checkpoint(MODEL_NAME, "1", tmp_path)
+    _, config, _ = load_checkpoint(path)
+    defaults = SweepConfig()
+    extractor = FeatureExtractor(config.backbone)
+    bundle, _ = build_bundle(d.name, config, extractor, val_fraction=defaults.val_fraction, seed=defaults.seed)
+    assert extractor.images_seen == 0  # the sweep's cached features
+    validation = ValidationData(d.spec, to_dict(config.backbone), defaults.seed, defaults.val_fraction, lambda: bundle)
+    assert score_checkpoint(path, validation, result.metric) == pytest.approx(d.best.metric, abs=1e-9)
 
 
 def test_a_fresh_process_loads_the_champion_and_matches_the_trials_evaluation(sweep, tmp_path):
@@ -312,19 +342,20 @@ def test_ray_job_submit_runs_the_sweep_job_on_a_private_head_node(tiny_demo, tmp
              "python", "jobs/sweep.py", "--data", f"a=demo:{tiny_demo}", "--data", f"b=demo:{tiny_demo},demo:{other}",
              "--preset", "tiny", "--trials", "1",
              "--epochs", "1", "--workers", "1", "--tracking-uri", uri, "--storage", str(tmp_path / "runs"),
-             "--experiment", "job-sweep", "--model-name", "vpdm-job", "--quiet"],
+             "--experiment", "job-sweep", "--quiet"],
             env=env, capture_output=True, text=True, timeout=PATIENCE_S, cwd=tmp_path,
         )
         log = job.stdout + job.stderr
         (tmp_path / "job.log").write_text(log)
         assert job.returncode == 0, log[-5000:]
-        assert "succeeded" in log and "vpdm-job-a v1 @champion" in log and "vpdm-job-b v1 @champion" in log
+        # default names, one registered model per dataset
+        assert "succeeded" in log and "vpdm-a v1 @champion" in log and "vpdm-b v1 @champion" in log
         assert f"mlflow ui --backend-store-uri {uri}" in log
         from mlflow import MlflowClient
 
         client = MlflowClient(uri)
-        a = client.get_model_version_by_alias("vpdm-job-a", "champion")
-        b = client.get_model_version_by_alias("vpdm-job-b", "champion")
+        a = client.get_model_version_by_alias("vpdm-a", "champion")
+        b = client.get_model_version_by_alias("vpdm-b", "champion")
         assert (a.tags["dataset"], b.tags["dataset"]) == ("a", "b")
         assert b.tags["data_spec"] == f"demo:{tiny_demo},demo:{other}"  # the union: one model
         (exp,) = [e for e in client.search_experiments() if e.name == "job-sweep"]

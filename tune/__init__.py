@@ -8,6 +8,7 @@ Modules (import them directly; importing ``tune`` itself loads nothing heavy):
 * ``tune.trial``: one Ray Tune trial = a TorchTrainer run + evaluation + MLflow logging;
 * ``tune.sweep``: ``SweepConfig`` / ``run_sweep`` (the entry point of ``jobs/sweep.py``);
 * ``tune.tracking``: tracking-URI checks and fault-tolerant MLflow logging;
-* ``tune.mlflow_model``: VPDM as an MLflow pyfunc model, champion registration;
+* ``tune.mlflow_model``: VPDM as an MLflow pyfunc model: log, register, load;
+* ``tune.registry``: safe promotion: a sweep's best is ``@challenger``, ``@champion`` moves only on evidence;
 * ``tune.scaling``: throughput of W workers x T threads (scaling efficiency).
 """

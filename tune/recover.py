@@ -9,8 +9,11 @@ model checkpoint. Once the server is back::
 
 Runs that could not be created are created first (their ``pending-...`` ids are mapped to the new
 ids), then params, metrics (with their original steps and timestamps), tags, artifacts and models
-are logged, then the runs are closed with their recorded status, and last the champion registrations
-the driver could not make are made. A replayed file is renamed ``*.jsonl.replayed`` (kept, never
+are logged, then the runs are closed with their recorded status, and last the registrations the
+driver could not make are made, with the same promotion rule as in a sweep (:mod:`tune.registry`): the
+best trial becomes ``@challenger``, and ``@champion`` moves to it only when there is none yet, when the
+sweep asked for it (``--promote``), or when it beats the champion on the sweep's validation data, which
+the replay rebuilds from the recorded data spec and settings (from the feature cache when it is warm). A replayed file is renamed ``*.jsonl.replayed`` (kept, never
 deleted); a replay that fails part-way records its progress in ``replay-state.json`` and can be run
 again without logging anything twice.
 """
@@ -39,14 +42,14 @@ class ReplayReport:
     files: list[str] = field(default_factory=list)
     done: dict[str, int] = field(default_factory=dict)  # op -> count replayed
     created_runs: dict[str, str] = field(default_factory=dict)  # pending id -> MLflow run id
-    registered: list[str] = field(default_factory=list)  # "name vN"
+    registered: list[str] = field(default_factory=list)  # one line per registration: version, alias, decision
     errors: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         ops = ", ".join(f"{n} {op}" for op, n in sorted(self.done.items())) or "nothing"
         lines = [f"replayed {ops} from {len(self.files)} file(s)"]
         lines += [f"created run {real} (was {pending})" for pending, real in self.created_runs.items()]
-        lines += [f"registered {r} @champion" for r in self.registered]
+        lines += [f"registered {r}" for r in self.registered]
         lines += [f"error: {e}" for e in self.errors]
         return "\n".join(lines)
 
@@ -150,14 +153,22 @@ def replay(root: str | Path, tracking_uri: str | None = None) -> ReplayReport:
                 elif op == "finish":
                     client.set_terminated(run_id_of(rec), rec.get("status", "FINISHED"))
                 elif op == "register":
-                    from tune.mlflow_model import register_champion
+                    from tune.registry import register_challenger
 
                     mlflow.set_tracking_uri(uri)
-                    champion = rec["champion_run_id"]
-                    if champion.startswith(PENDING_PREFIX):
-                        champion = mapping.get(champion) or run_id_of({"run_id": champion})
-                    version = register_champion(champion, model_name=rec["model_name"], tags=rec.get("tags"))
-                    report.registered.append(f"{rec['model_name']} v{version.version}")
+                    # "champion_run_id": records written before promotions were decided
+                    challenger = rec.get("challenger_run_id") or rec["champion_run_id"]
+                    if challenger.startswith(PENDING_PREFIX):
+                        challenger = mapping.get(challenger) or run_id_of({"run_id": challenger})
+                    info = rec.get("promotion") or {}
+                    tags = rec.get("tags") or {}
+                    promotion = register_challenger(
+                        challenger, model_name=rec["model_name"], metric=info.get("metric", ""),
+                        mode=info.get("mode", "max"), sweep=info.get("sweep") or str(tags.get("sweep", "")),
+                        data_spec=info.get("data_spec") or str(tags.get("data_spec", "")),
+                        validation=validation_data(info), force=bool(info.get("force")),
+                        trial_value=info.get("trial_value"), tags=tags)
+                    report.registered.append(promotion.line())
                 else:
                     raise VPDMError(f"unknown record {op!r}")
             except Exception as exc:  # noqa: BLE001 - keep going with the other files; this one stays pending
@@ -172,6 +183,28 @@ def replay(root: str | Path, tracking_uri: str | None = None) -> ReplayReport:
         if f not in failed_files and all(f"{f}:{i}" in done for ff, i, _ in records if ff == f):
             f.rename(f.with_name(f.name + ".replayed"))
     return report
+
+
+def validation_data(info: dict[str, Any]) -> Any:
+    """The sweep's validation data for a replayed registration, rebuilt on first use from what the record
+    says (data spec, settings, split); None for records that do not say it (written by an older sweep)."""
+    if not info.get("config") or not info.get("dataset"):
+        return None
+    from tune.registry import ValidationData
+    from vpdm.config import saved_config, to_dict
+
+    config = saved_config(info["config"])
+
+    def rebuild() -> Any:
+        from tune.features import build_bundle
+        from vpdm.backbone import FeatureExtractor
+
+        bundle, _ = build_bundle(info["dataset"], config, FeatureExtractor(config.backbone),
+                                 val_fraction=float(info["val_fraction"]), seed=int(info["seed"]))
+        return bundle
+
+    return ValidationData(data_spec=info.get("data_spec") or config.data.spec, backbone=to_dict(config.backbone),
+                          seed=int(info["seed"]), val_fraction=float(info["val_fraction"]), bundle=rebuild)
 
 
 def main(argv: list[str] | None = None) -> int:

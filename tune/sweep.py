@@ -14,13 +14,15 @@
 4. **Per dataset**, a ``tune.Tuner`` over the function trainable :func:`tune.trial.run_trial`
    (OptunaSearch, ASHA on the validation metric, ``max_concurrent_trials``), each trial a
    ``TorchTrainer`` with ``num_workers`` DDP workers; then close the runs ASHA stopped, pick the
-   best completed trial by the validation metric and register it as ``<model_name>@champion``.
+   best completed trial by the validation metric and register it as ``<name>@challenger``; the alias
+   ``champion`` moves to it only when it beats the current champion on this sweep's validation data,
+   when there is none yet, or with ``promote`` (:mod:`tune.registry`).
 5. A :class:`SweepResult` with everything a person wants to see (``summary_text()``), also written
    to ``<storage>/<sweep>/summary.json`` and to the parent run.
 
 Several datasets in one sweep (``datasets=["mvtec:/a", "visa:/b"]``) each get their own unified
-model, trials and champion (registered as ``<model_name>-<dataset>``); a data spec with commas
-(``"mvtec:/a,mpdd:/b"``) is *one* dataset: the union, one model.
+model, trials and registered model (``vpdm-<dataset>`` by default, ``<model_name>-<dataset>`` with a
+``model_name``); a data spec with commas (``"mvtec:/a,mpdd:/b"``) is *one* dataset: the union, one model.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from tune.features import FeatureStats, split_validation
+from tune.registry import CHALLENGER, CHAMPION, Promotion, ValidationData, registered_name
 from tune.presets import Preset, ResolvedSpace, apply_search_overrides, get_preset, validate_space
 from tune.tracking import check_experiment_free, check_tracking_uri, find_experiment, resolve_tracking_uri, ui_command
 from vpdm.config import VPDMConfig, check_finite, to_dict
@@ -75,7 +78,8 @@ class SweepConfig:
     metric: str | None = None  # "val_pseudo_auroc" / "val_same_class_auroc" (max) or "val_loss" (min); None = the preset's
     tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     experiment: str | None = None  # None = "vpdm-<preset>-<timestamp>"
-    model_name: str = "vpdm"  # registry name (one dataset) or prefix (<name>-<dataset>)
+    model_name: str | None = None  # None = vpdm-<dataset> per dataset; else the name (one dataset) or a prefix
+    promote: bool = False  # make each dataset's challenger champion even when it does not beat the champion
     storage: str = DEFAULT_STORAGE  # Ray Tune/Train results (checkpoints)
     address: str | None = None  # Ray cluster; None = $RAY_ADDRESS or a local Ray started here
     num_cpus: int | None = None  # logical CPUs of a local Ray; None = enough for max_concurrent trials
@@ -94,6 +98,8 @@ class SweepConfig:
 RESUMED_FIELDS = ("datasets", "preset", "ablation", "trials", "epochs", "workers", "threads_per_worker", "overrides",
                   "search", "metric", "model_name", "seed", "val_fraction", "grace_period", "reduction_factor",
                   "max_failures", "register")
+# Asked for now or when the sweep started: a resumed sweep forces the promotion if either run asked for it.
+RESUMED_OR_FIELDS = ("promote",)
 SETTINGS_FILE = "sweep_config.json"
 
 
@@ -123,7 +129,8 @@ class DatasetResult:
     trials: list[TrialSummary]
     best: TrialSummary | None
     registered_model: str | None = None
-    registered_version: str | None = None
+    registered_version: str | None = None  # the challenger's version (this sweep's best trial)
+    promotion: Promotion | None = None  # whether it took @champion, and why
     tune_path: str | None = None
     seconds: float = 0.0
 
@@ -170,7 +177,10 @@ class SweepResult:
             counts = [sum(t.status == s for t in d.trials) for s in ("completed", "stopped")]
             counts.append(sum(t.status in ("error", "diverged") for t in d.trials))
             b = d.best
-            reg = f"{d.registered_model} v{d.registered_version} @champion" if d.registered_model else "-"
+            reg = "-"
+            if d.registered_model:
+                alias = CHAMPION if d.promotion is None or d.promotion.promoted else CHALLENGER
+                reg = f"{d.registered_model} v{d.registered_version} @{alias}"
             if b is None:
                 lines.append(f"{d.name:<18} {'/'.join(map(str, counts)):>26} {'(none completed)':<24}")
                 errors = [t for t in d.trials if t.error]
@@ -193,6 +203,9 @@ class SweepResult:
             f = d.features
             src = "cache" if f.cache_hits == 2 else "extracted" if f.cache_hits == 0 else "partly cached"
             lines.append(f"  {d.name}: {f.num_images} images, {f.backbone_forwards} forwards ({src}, {f.seconds:.1f}s)")
+        for d in self.datasets:
+            if d.promotion is not None:
+                lines.append(f"registry: {d.promotion.line()}")
         for d in self.datasets:
             for t in d.trials:
                 if t.status in ("error", "diverged"):
@@ -235,6 +248,7 @@ class DatasetPlan:
     config: VPDMConfig
     num_train: int
     num_test: int
+    model_name: str = ""  # its registered model (tune.registry.registered_name)
 
 
 @dataclass
@@ -324,6 +338,10 @@ def plan_sweep(sc: SweepConfig) -> SweepPlan:
     grace = preset.grace_period if sc.grace_period is None else sc.grace_period
     if not isinstance(grace, int) or grace < 1:
         raise ConfigError(f"grace_period must be an integer >= 1, got {grace!r}")
+    if sc.promote and not sc.register:
+        raise ConfigError("--promote makes the registered challenger champion; it cannot go with --no-register")
+    parsed = parse_datasets(sc.datasets)
+    model_names = [registered_name(sc.model_name, name, len(parsed)) for name, _ in parsed]
 
     # The base config: library defaults <- preset's fixed settings <- the user's --set <- the budget.
     base = VPDMConfig().with_overrides(dict(preset.fixed))
@@ -352,7 +370,7 @@ def plan_sweep(sc: SweepConfig) -> SweepPlan:
                           "f1/recall: calibrate the champion's checkpoint with 'vpdm calibrate --val-data SPEC'")
 
     datasets = []
-    for name, spec in parse_datasets(sc.datasets):
+    for (name, spec), model_name in zip(parsed, model_names):
         cfg = base.with_overrides({"data.spec": spec}).validate()
         train = list_samples(spec, "train")  # DataError naming the path for a missing/bad dataset
         test = list_samples(cfg.data.test_spec or spec, "test", cfg.data.missing_masks)
@@ -363,7 +381,7 @@ def plan_sweep(sc: SweepConfig) -> SweepPlan:
                 f"dataset {name!r} has {len(train)} training images: too few for {sc.workers} workers "
                 f"(each needs >= 2 after holding out {sc.val_fraction:.0%} for validation)"
             )
-        datasets.append(DatasetPlan(name, spec, cfg, len(train), len(test)))
+        datasets.append(DatasetPlan(name, spec, cfg, len(train), len(test), model_name))
 
     uri = resolve_tracking_uri(sc.tracking_uri)
     check_tracking_uri(uri)
@@ -406,7 +424,8 @@ def _with_saved_settings(sc: SweepConfig) -> SweepConfig:
     changed = [k for k in RESUMED_FIELDS if k in saved and getattr(sc, k) != saved[k] and getattr(sc, k) != getattr(SweepConfig(), k)]
     if changed:
         logger.warning("--resume: ignoring %s (the sweep keeps the settings it was started with)", ", ".join(changed))
-    return replace(sc, **{k: saved[k] for k in RESUMED_FIELDS if k in saved})
+    return replace(sc, **{k: saved[k] for k in RESUMED_FIELDS if k in saved},
+                   **{k: bool(getattr(sc, k) or saved.get(k)) for k in RESUMED_OR_FIELDS})
 
 
 def _job_warnings(uri: str, storage: Path) -> list[str]:
@@ -553,7 +572,7 @@ def run_sweep(sc: SweepConfig, *, progress: bool = True) -> SweepResult:
             parent = RunLogger.start(plan.tracking_uri, experiment_id, f"sweep-{plan.sweep_id}", parent_tags,
                                      spool_dir=folder)
             folder.mkdir(parents=True, exist_ok=True)
-            saved = {k: v for k, v in asdict(sc).items() if k in RESUMED_FIELDS}
+            saved = {k: v for k, v in asdict(sc).items() if k in RESUMED_FIELDS + RESUMED_OR_FIELDS}
             (folder / SETTINGS_FILE).write_text(json.dumps({**saved, "experiment": plan.experiment}, indent=2))
         parent.log_params({
             "preset": plan.preset.name, "trials": plan.trials, "epochs": plan.epochs, "workers": sc.workers,
@@ -755,11 +774,13 @@ def _tune_dataset(plan: SweepPlan, d: DatasetPlan, bundle: Any, stats: FeatureSt
     result = DatasetResult(d.name, d.spec, stats, trials, best=_best(trials, plan.mode),
                            tune_path=str(plan.storage / plan.sweep_id / f"tune-{d.name}"))
     if result.best is not None and sc.register:
-        name = sc.model_name if len(plan.datasets) == 1 else f"{sc.model_name}-{d.name}"
         if result.best.model_uri:
-            result.registered_model, result.registered_version = _register(plan, result, name, parent)
+            result.promotion = _register(plan, d, result, bundle, parent)
+            if result.promotion is not None:
+                result.registered_model, result.registered_version = d.model_name, result.promotion.version
+                _say(progress, f"registry: {result.promotion.line()}")
         elif result.best.mlflow_pending:  # its model is waiting in the trial's folder: register on replay
-            parent.keep_record(_registration_record(plan, result, name))
+            parent.keep_record(_registration_record(plan, d, result))
             logger.warning("best trial %s of %s: MLflow was unreachable; `python -m tune.recover` registers it",
                            result.best.name, d.name)
         else:
@@ -803,7 +824,9 @@ def _close_unfinished_runs(uri: str, experiment_id: str, dataset: str) -> None:
         log.finish("KILLED")
 
 
-def _registration_record(plan: SweepPlan, result: DatasetResult, name: str) -> dict[str, Any]:
+def _registration_record(plan: SweepPlan, d: DatasetPlan, result: DatasetResult) -> dict[str, Any]:
+    """What registering a dataset's best trial needs, also as a record for ``python -m tune.recover``: the
+    version's tags, and how to rebuild this sweep's validation data to compare it with the champion."""
     best = result.best
     assert best is not None
     tags = {
@@ -812,36 +835,35 @@ def _registration_record(plan: SweepPlan, result: DatasetResult, name: str) -> d
         "metrics": {plan.metric: best.metric, "val_loss": best.val_loss, **{f"test_{k}": v for k, v in best.test.items()}},
         "params": best.params,
     }
-    return {"op": "register", "model_name": name, "champion_run_id": best.mlflow_run_id, "tags": _finite(tags)}
+    sc = plan.config
+    promotion = {"metric": plan.metric, "mode": plan.mode, "force": sc.promote, "sweep": plan.sweep_id,
+                 "dataset": d.name, "data_spec": d.spec, "config": to_dict(d.config), "seed": sc.seed,
+                 "val_fraction": sc.val_fraction, "trial_value": best.metric}
+    return {"op": "register", "model_name": d.model_name, "challenger_run_id": best.mlflow_run_id,
+            "tags": _finite(tags), "promotion": _finite(promotion)}
 
 
-def _register(plan: SweepPlan, result: DatasetResult, name: str, parent: Any) -> tuple[str | None, str | None]:
-    """Register the best trial's model as ``name@champion``; once per run (a resumed sweep that already
-    registered it only re-points the alias), and a failure is kept for the replay instead of lost."""
+def _register(plan: SweepPlan, d: DatasetPlan, result: DatasetResult, bundle: Any, parent: Any) -> Promotion | None:
+    """Register the best trial's model as ``<name>@challenger`` and let :mod:`tune.registry` decide whether it
+    takes ``@champion`` (compared on ``bundle``'s validation images). Once per run: a resumed sweep reuses the
+    version and its recorded decision. A failure is kept for the replay instead of lost."""
     import mlflow
-    from mlflow import MlflowClient
 
-    from tune.mlflow_model import register_champion
+    from tune.registry import register_challenger
 
-    record = _registration_record(plan, result, name)
-    run_id = record["champion_run_id"]
+    record = _registration_record(plan, d, result)
+    info = record["promotion"]
+    validation = ValidationData(data_spec=d.spec, backbone=to_dict(d.config.backbone), seed=info["seed"],
+                                val_fraction=info["val_fraction"], bundle=lambda: bundle)
     mlflow.set_tracking_uri(plan.tracking_uri)
     try:
-        client = MlflowClient()
-        existing = []
-        if client.search_registered_models(filter_string=f"name = '{name}'"):
-            existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-        if existing:
-            version = max(existing, key=lambda v: int(v.version))
-            client.set_registered_model_alias(name, "champion", version.version)
-            logger.info("%s v%s already holds run %s; alias champion points at it", name, version.version, run_id)
-            return name, str(version.version)
-        version = register_champion(run_id, model_name=name, tags=record["tags"])
+        return register_challenger(record["challenger_run_id"], model_name=d.model_name, metric=plan.metric,
+                                   mode=plan.mode, sweep=plan.sweep_id, data_spec=d.spec, validation=validation,
+                                   force=plan.config.promote, trial_value=info["trial_value"], tags=record["tags"])
     except Exception as exc:  # noqa: BLE001 - the sweep's results stand; say what went wrong, keep it for later
-        logger.warning("registering %s from run %s failed: %s", name, run_id, exc)
+        logger.warning("registering %s from run %s failed: %s", d.model_name, record["challenger_run_id"], exc)
         parent.keep_record(record)
-        return None, None
-    return name, str(version.version)
+        return None
 
 
 def _say(progress: bool, message: str) -> None:
