@@ -121,9 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="write the whole detector (backbone to decisions) as one ONNX graph")
     ex.add_argument("--checkpoint", required=True, help="model.pt written by 'vpdm train'")
-    ex.add_argument("--output", help="file to write (default: the checkpoint's name with .onnx)")
-    ex.add_argument("--format", choices=["onnx"], default="onnx", help="graph format (default onnx)")
-    ex.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    ex.add_argument("--output", help="file to write (default: the checkpoint's name with .onnx, or .xml for "
+                                     "openvino, whose weights go to the .bin beside it)")
+    ex.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
+                    help="onnx (one .onnx file, for ONNX Runtime) or openvino (.xml + .bin; needs openvino)")
+    ex.add_argument("--overwrite", action="store_true", help="replace existing output file(s)")
     ex.add_argument("--image-threshold", type=_threshold,
                     help="bake this raw image threshold into the graph instead of the calibrated per-class ones")
     ex.add_argument("--pixel-threshold", type=_threshold,
@@ -450,16 +452,25 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.config:
         raise VPDMError("export takes its settings from the checkpoint; use --set to change sampling or scoring")
-    out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
-    if out.exists() and not args.overwrite:  # before any work
-        raise VPDMError(f"{str(out)!r} exists; pass --overwrite to replace it")
+    suffix = ".onnx" if args.format == "onnx" else ".xml"
+    out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(suffix)
+    if out.suffix.lower() != suffix:
+        raise VPDMError(f"--output {str(out)!r}: an {args.format} export is written to a {suffix} file")
+    targets = [out] if args.format == "onnx" else [out, out.with_suffix(".bin")]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not args.overwrite:  # before any work
+        raise VPDMError(f"{', '.join(map(repr, existing))} exist{'s' if len(existing) == 1 else ''}; "
+                        "pass --overwrite to replace")
     require_package("onnx")
+    runtime = "OpenVINO" if args.format == "openvino" else "ONNX Runtime"
+    if args.format == "openvino":
+        require_package("openvino")
     model, config, payload = load_checkpoint(args.checkpoint)
     calibration = checkpoint_calibration(payload, args.checkpoint)
     config = inference_overrides(config, args.overrides, "export").validate()
     problems = unsupported_settings(config)
     if problems:
-        raise VPDMError("the ONNX export cannot do " + "; ".join(problems))
+        raise VPDMError("the export cannot do " + "; ".join(problems))
     detector = Detector(model, config, payload.get("categories"), calibration=calibration, checkpoint=args.checkpoint)
     post = detector.postprocessor(args.image_threshold, args.pixel_threshold)
     if not post.ready:  # a deployment graph without decisions would be a surprise: refuse, say how to get them
@@ -467,12 +478,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     _warn_settings(calibration, config)
     start = time.perf_counter()
     result = export_onnx(detector, out, postprocessor=post, overwrite=args.overwrite, check=not args.no_check,
-                         source=f"vpdm export --checkpoint {args.checkpoint}")
-    check = ("not checked (--no-check)" if args.no_check else "not checked (onnxruntime is not installed)"
-             if result.parity is None else f"ONNX Runtime matches torch within {result.parity:.1e} of the map "
+                         source=f"vpdm export --checkpoint {args.checkpoint}", fmt=args.format)
+    check = ("not checked (--no-check)" if args.no_check else f"not checked ({runtime} is not installed)"
+             if result.parity is None else f"{runtime} matches torch within {result.parity:.1e} of the map "
              f"range on random images (tolerance {PARITY_TOLERANCE:g})")
-    print(f"exported in {time.perf_counter() - start:.1f}s -> {out} ({result.bytes / 1e6:.1f} MB, opset "
-          f"{result.opset}; outputs {', '.join(result.outputs)}); {check}")
+    print(f"exported in {time.perf_counter() - start:.1f}s -> {' + '.join(map(str, result.files))} "
+          f"({result.bytes / 1e6:.1f} MB, opset {result.opset}; outputs {', '.join(result.outputs)}); {check}")
     return 0
 
 

@@ -1,5 +1,7 @@
 """One ONNX graph from images to decisions: backbone, vague step, assignment, DDIM chain, post-processing.
 
+``vpdm export`` writes it as a ``.onnx`` (ONNX Runtime) or converted by OpenVINO (``.xml`` + ``.bin``).
+
 A deployment that cannot run Python (C++, Java, C# through ONNX Runtime, or an inference server)
 gets the whole :class:`vpdm.pipeline.Detector` as one graph. :class:`ExportableDetector` is a torch
 module that does what ``Detector.analyse`` does, written so that ``torch.onnx.export`` can trace
@@ -30,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +44,10 @@ from torch import Tensor, nn
 
 from vpdm.errors import CheckpointError, ConfigError, VPDMError
 
-__all__ = ["ExportableDetector", "ExportResult", "MAX_EXPORT_STEPS", "METADATA_PREFIX", "ONNX_FORMAT", "OPSET",
-           "OUTPUT_NAMES", "PARITY_TOLERANCE", "RAW_OUTPUT_NAMES", "check_with_onnxruntime", "export_onnx",
-           "relative_difference", "require_package", "unsupported_settings"]
+__all__ = ["FORMATS", "ExportableDetector", "ExportResult", "MAX_EXPORT_STEPS", "METADATA_PREFIX", "ONNX_FORMAT",
+           "OPSET", "OUTPUT_NAMES", "PARITY_TOLERANCE", "RAW_OUTPUT_NAMES", "check_with_onnxruntime",
+           "check_with_openvino", "export_onnx", "onnx_model", "relative_difference", "require_package",
+           "unsupported_settings"]
 
 OPSET = 17
 ONNX_FORMAT = "vpdm.onnx"
@@ -52,7 +56,7 @@ METADATA_PREFIX = "vpdm."
 # Each step is one more copy of the denoiser in the graph (and, for ddpm or eta > 0, one more noise
 # map of C x S x S floats in the file): past this the file and the export time grow without purpose.
 MAX_EXPORT_STEPS = 100
-# ONNX Runtime against torch: the largest difference of scores and maps, relative to the range of the
+# ONNX Runtime / OpenVINO against torch: the largest difference of scores and maps, relative to the range of the
 # torch maps (max - min). Float32 kernels that sum in another order differ by ~1e-6 of it.
 PARITY_TOLERANCE = 1e-4
 RAW_OUTPUT_NAMES: tuple[str, ...] = ("score", "anomaly_map")
@@ -67,8 +71,8 @@ def unsupported_settings(config: Any) -> list[str]:
         problems.append(
             f"sampling.num_steps={steps}: the ONNX graph unrolls the reverse chain, one denoiser call per step "
             f"(and one stored noise map per step for ddpm or eta > 0); export supports at most "
-            f"{MAX_EXPORT_STEPS} steps. Export a model calibrated with fewer steps (e.g. --set "
-            f"sampling.num_steps=3 and 'vpdm calibrate' with it)")
+            f"{MAX_EXPORT_STEPS} steps. Export with fewer (--set sampling.num_steps=N); thresholds hold for the "
+            f"steps they were calibrated with, so for decisions that fit, train with that setting")
     return problems
 
 
@@ -311,13 +315,18 @@ class ExportableDetector(nn.Module):
 
 @dataclass
 class ExportResult:
-    path: Path
+    path: Path  # the .onnx file, or the OpenVINO .xml (its weights are the .bin beside it)
     outputs: tuple[str, ...]
     opset: int
-    bytes: int
-    # The export's own check (None when onnxruntime is not installed): ONNX Runtime against torch on
-    # seeded random images, largest difference of scores and maps relative to the torch maps' range.
+    bytes: int  # of every file written
+    # The export's own check (None when skipped or the runtime is not installed): the runtime against
+    # torch on seeded random images, largest difference of scores and maps relative to the torch maps' range.
     parity: float | None = None
+    format: str = "onnx"
+    files: tuple[Path, ...] = ()
+
+
+FORMATS: tuple[str, ...] = ("onnx", "openvino")
 
 
 def require_package(module: str, extra: str = "export") -> Any:
@@ -327,7 +336,7 @@ def require_package(module: str, extra: str = "export") -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise VPDMError(f"the ONNX path needs the package {module!r}, which is not installed: "
+        raise VPDMError(f"the export needs the package {module!r}, which is not installed: "
                         f"pip install 'vpdm[{extra}]'") from None
 
 
@@ -339,45 +348,45 @@ def relative_difference(reference: tuple[Tensor, Tensor], other: tuple[Any, Any]
     return max(float((scores - o_scores).abs().max()), float((maps - o_maps).abs().max())) / span
 
 
-def check_with_onnxruntime(path: str | Path, detector: Any, images: int = 2, seed: int = 0) -> float | None:
-    """ONNX Runtime on ``path`` against ``detector`` on seeded N(0, 1) images: :func:`relative_difference`
+def _check_images(detector: Any, images: int = 2, seed: int = 0) -> Tensor:
+    size = detector.config.backbone.image_size
+    return torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def check_with_onnxruntime(path: str | Path, detector: Any) -> float | None:
+    """ONNX Runtime on ``path`` against ``detector`` on two seeded N(0, 1) images: :func:`relative_difference`
     (None when onnxruntime is not installed)."""
     try:
         import onnxruntime as ort
     except ImportError:
         return None
-    size = detector.config.backbone.image_size
-    x = torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    x = _check_images(detector)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     score, anomaly_map = session.run(["score", "anomaly_map"], {"images": x.numpy()})
     return relative_difference(detector.score_tensor(x), (score, anomaly_map))
 
 
-def export_onnx(detector: Any, path: str | Path, *, postprocessor: Any = None, overwrite: bool = False,
-                source: str = "", opset: int = OPSET, check: bool = True) -> ExportResult:
-    """Write ``detector`` (with ``postprocessor``'s thresholds, if ready) as one ONNX graph at ``path``.
+def check_with_openvino(path: str | Path, detector: Any) -> float:
+    """OpenVINO (CPU, float32) on the ``.xml`` at ``path`` against ``detector``, as :func:`check_with_onnxruntime`."""
+    from vpdm.onnx_runtime import OpenVinoDetector
 
-    An existing ``path`` is refused unless ``overwrite``; the file appears complete or not at all
-    (written beside it, checked with ``onnx.checker`` and, with ``check`` and onnxruntime installed,
-    run against torch on seeded random images: more than :data:`PARITY_TOLERANCE` apart is an error),
-    then renamed into place.
-    """
-    from vpdm.io import output_error, prepare_write, writable_file
+    x = _check_images(detector)
+    return relative_difference(detector.score_tensor(x), OpenVinoDetector(path).score_tensor(x))
+
+
+def onnx_model(detector: Any, postprocessor: Any = None, *, source: str = "", opset: int = OPSET) -> Any:
+    """The ``onnx.ModelProto`` of ``detector`` (with ``postprocessor``'s thresholds, if ready), metadata
+    included and checked by ``onnx.checker``. Unsupported settings fail before tracing."""
+    import warnings
 
     onnx = require_package("onnx")
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise VPDMError(f"{str(path)!r} exists; pass --overwrite (overwrite=True) to replace it")
-    writable_file(path, "ONNX model")
-    wrapper = ExportableDetector(detector, postprocessor).eval()  # unsupported settings fail here, before tracing
+    wrapper = ExportableDetector(detector, postprocessor).eval()
     size = wrapper.image_size
     example = torch.zeros(2, 3, size, size)  # batch 2: the batch axis is traced as a dimension, not folded to 1
     names = wrapper.output_names
     axes = {"images": {0: "batch"}, **{n: {0: "batch"} for n in names}}
     with tempfile.TemporaryDirectory(prefix="vpdm-onnx-") as tmp:
         traced = Path(tmp) / "model.onnx"
-        import warnings
-
         try:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the tracer's notes on constants: the unrolled chain is constant by design
@@ -392,24 +401,103 @@ def export_onnx(detector: Any, path: str | Path, *, postprocessor: Any = None, o
         entry.key, entry.value = key, value
     model.doc_string = "vpdm detector: images (batch x 3 x S x S, ImageNet-normalised) -> " + ", ".join(names)
     onnx.checker.check_model(model)
-    data = model.SerializeToString()
-    tmp_file = prepare_write(path, lambda f: f.write(data), "ONNX model")
+    return model
+
+
+def _targets(path: Path, fmt: str) -> list[Path]:
+    """The files an export writes: the .onnx, or OpenVINO's .xml and the .bin of its weights."""
+    return [path] if fmt == "onnx" else [path, path.with_suffix(".bin")]
+
+
+def _refuse_existing(targets: list[Path], overwrite: bool) -> None:
+    if not overwrite:
+        existing = [str(t) for t in targets if t.exists()]
+        if existing:
+            raise VPDMError(f"{', '.join(map(repr, existing))} exist{'s' if len(existing) == 1 else ''}; "
+                            "pass --overwrite (overwrite=True) to replace")
+
+
+def _place(prepared: list[tuple[Path, Path]], overwrite: bool) -> None:
+    """Rename complete temporary files to their targets; without ``overwrite`` a target that appeared
+    meanwhile is left as it is (and the files already placed by this call are taken back)."""
+    from vpdm.io import output_error
+
+    placed: list[Path] = []
+    for tmp, target in prepared:
+        try:
+            if overwrite:
+                os.replace(tmp, target)
+            else:
+                os.link(tmp, target)
+                placed.append(target)
+        except FileExistsError:
+            for done in placed:
+                done.unlink(missing_ok=True)
+            raise VPDMError(f"{str(target)!r} appeared while exporting; it was left as it is "
+                            "(pass --overwrite to replace it)") from None
+        except OSError as exc:
+            raise output_error(exc, target, "exported model") from exc
+
+
+def export_onnx(detector: Any, path: str | Path, *, postprocessor: Any = None, overwrite: bool = False,
+                source: str = "", opset: int = OPSET, check: bool = True, fmt: str = "onnx") -> ExportResult:
+    """Write ``detector`` (with ``postprocessor``'s thresholds, if ready) as one graph at ``path``.
+
+    ``fmt="onnx"``: one ``.onnx`` file. ``fmt="openvino"``: the same graph converted by OpenVINO,
+    ``path`` (``.xml``) and its weights beside it (``.bin``), float32 (not compressed to float16).
+    Existing files are refused unless ``overwrite``; they appear complete or not at all (written
+    beside the target, checked, then renamed): with ``check`` and the runtime installed, the graph is
+    run against torch on seeded random images and more than :data:`PARITY_TOLERANCE` apart is an error.
+    """
+    from vpdm.io import prepare_write, writable_file, writing
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"export format {fmt!r} is unknown; expected one of {list(FORMATS)}")
+    path = Path(path)
+    if fmt == "openvino" and path.suffix.lower() != ".xml":
+        raise ConfigError(f"an OpenVINO export is an .xml file (and a .bin beside it); got {str(path)!r}")
+    targets = _targets(path, fmt)
+    _refuse_existing(targets, overwrite)
+    require_package("onnx")
+    ov = require_package("openvino") if fmt == "openvino" else None
+    writable_file(path, "exported model")
+    model = onnx_model(detector, postprocessor, source=source, opset=opset)
+    names = tuple(o.name for o in model.graph.output)
+    prepared: list[tuple[Path, Path]] = []
+    scratch: Path | None = None
     try:
-        parity = check_with_onnxruntime(tmp_file, detector) if check else None
+        if fmt == "onnx":
+            data = model.SerializeToString()
+            prepared.append((prepare_write(path, lambda f: f.write(data), "ONNX model"), path))
+            parity = check_with_onnxruntime(prepared[0][0], detector) if check else None
+        else:
+            with writing(path, "OpenVINO model"):
+                scratch = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+            prepared = _openvino_files(ov, model, scratch, path)
+            parity = check_with_openvino(scratch / "model.xml", detector) if check else None
         if parity is not None and not parity <= PARITY_TOLERANCE:
-            raise VPDMError(f"the exported graph disagrees with torch: ONNX Runtime's scores and maps differ by "
-                            f"{parity:.2e} of the map range on random images (tolerance {PARITY_TOLERANCE:g}); "
-                            f"nothing was written to {str(path)!r}")
-        if overwrite:
-            os.replace(tmp_file, path)
-        else:  # a file that appeared meanwhile is not replaced either
-            try:
-                os.link(tmp_file, path)
-            except FileExistsError:
-                raise VPDMError(f"{str(path)!r} appeared while exporting; it was left as it is "
-                                "(pass --overwrite to replace it)") from None
-            except OSError as exc:
-                raise output_error(exc, path, "ONNX model") from exc
+            raise VPDMError(f"the exported graph disagrees with torch: its scores and maps differ by {parity:.2e} "
+                            f"of the map range on random images (tolerance {PARITY_TOLERANCE:g}); nothing was "
+                            f"written to {str(path)!r}")
+        size = sum(tmp.stat().st_size for tmp, _ in prepared)
+        _place(prepared, overwrite)
     finally:
-        Path(tmp_file).unlink(missing_ok=True)
-    return ExportResult(path, names, opset, len(data), parity)
+        for tmp, _ in prepared:
+            tmp.unlink(missing_ok=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return ExportResult(path, names, opset, size, parity, fmt, tuple(targets))
+
+
+def _openvino_files(ov: Any, model: Any, scratch: Path, path: Path) -> list[tuple[Path, Path]]:
+    """OpenVINO's float32 .xml/.bin of the ONNX ``model`` (its metadata under rt_info ``vpdm/metadata``),
+    written into ``scratch``; (file, target) pairs, the weights first."""
+    from vpdm.io import writing
+
+    with writing(path, "OpenVINO model"):
+        source = scratch / "model.onnx"
+        source.write_bytes(model.SerializeToString())
+        converted = ov.convert_model(str(source))
+        converted.set_rt_info(json.dumps({e.key: e.value for e in model.metadata_props}), ["vpdm", "metadata"])
+        ov.save_model(converted, str(scratch / "model.xml"), compress_to_fp16=False)
+    return [(scratch / "model.bin", path.with_suffix(".bin")), (scratch / "model.xml", path)]
