@@ -25,7 +25,7 @@ def bench_run(tiny_demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     cache = tmp_path_factory.mktemp("cache")
     code = main(["--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "1", "--ablations", "--diagnose",
-                 "--steps", "1,ddpm:50", "--steps-subset", "4", "--time-widths", "8",
+                 "--steps", "1,ddpm:50", "--steps-subset", "4", "--time-widths", "8", "--onnx",
                  "--set", f"data.cache_dir={cache}", *TINY])
     assert code == 0
     return out, json.loads((out / "results.json").read_text())
@@ -117,6 +117,12 @@ def test_timings_and_ratios(bench_run):
     assert [(x["sampler"], x["steps"]) for x in t["untrained_width_model_ms_per_image_by_steps"]["8"]] == [
         ("ddim", 1), ("ddim", 2)]
     assert len(t["raw_seconds"]["backbone"]) == 1
+    # --onnx: ONNX Runtime on the same images, interleaved with torch, and the two agree
+    ort = t["onnxruntime"]
+    assert ort["end_to_end_ms_per_image"] > 0 and ort["threads"] == 1
+    assert ort["torch_over_onnxruntime"] == pytest.approx(t["vpdm_end_to_end_ms_per_image"] / ort["end_to_end_ms_per_image"])
+    assert ort["parity_relative_difference"] <= ort["parity_tolerance"]
+    assert len(t["raw_seconds"]["onnxruntime_end_to_end"]) == 1
     assert doc["memory"]["peak_rss_mb"] > 0 and "after_training" in doc["memory"]["peak_rss_mb_by_phase"]
 
 
@@ -173,6 +179,7 @@ def test_markdown_has_every_table(bench_run):
                     "## Presets", "## Diagnostics", "## Feature cache", "## Targets"):
         assert heading in md, heading
     assert "| demo/grid |" in md and "PatchCore" in md and "cache_hit=True" in md
+    assert "| VPDM end to end, ONNX Runtime" in md
 
 
 def test_second_run_with_other_model_settings_hits_the_cache(bench_run, tiny_demo, tmp_path):
@@ -219,6 +226,8 @@ def test_balanced_subset():
     (["--set", "model.prototypes.downsample=3"], "downsample=3"),
     (["--coreset-ratio", "0"], "coreset_ratio"),
     (["--preset", "paper-no-ot", "--set", "model.ot_weight=-1"], "ot_weight"),
+    (["--onnx", "--set", "model.diffusion.num_timesteps=200", "--set", "sampling.num_steps=101"],
+     "sampling.num_steps=101"),
 ])
 def test_bad_settings_fail_before_any_work(args, needle, tiny_demo, tmp_path, capsys):
     code = main(["--data", f"demo:{tiny_demo}", "--output", str(tmp_path / "out"), *TINY, *args])

@@ -1,10 +1,11 @@
-"""The ``vpdm`` command: train, evaluate, predict, config.
+"""The ``vpdm`` command: train, evaluate, predict, calibrate, export, config.
 
 Examples::
 
     vpdm train --data mvtec:/data/mvtec_anomaly_detection --output runs/mvtec
     vpdm evaluate --checkpoint runs/mvtec/model.pt --output runs/mvtec/metrics.json --plots runs/mvtec/plots
     vpdm predict --checkpoint runs/mvtec/model.pt --images incoming/ --output scored/
+    vpdm export --checkpoint runs/mvtec/model.pt --output runs/mvtec/model.onnx
 
 Settings come from the defaults (the paper's), then ``--config file.yaml``, then ``--set a.b=value``.
 """
@@ -125,6 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
                                      "file stays intact until the new one is complete)")
     _common(cb)
 
+    ex = sub.add_parser("export", help="write the whole detector (backbone to decisions) as one ONNX graph")
+    ex.add_argument("--checkpoint", required=True, help="model.pt written by 'vpdm train'")
+    ex.add_argument("--output", help="file to write (default: the checkpoint's name with .onnx, or .xml for "
+                                     "openvino, whose weights go to the .bin beside it)")
+    ex.add_argument("--format", choices=["onnx", "openvino"], default="onnx",
+                    help="onnx (one .onnx file, for ONNX Runtime) or openvino (.xml + .bin; needs openvino)")
+    ex.add_argument("--overwrite", action="store_true", help="replace existing output file(s)")
+    ex.add_argument("--image-threshold", type=_threshold,
+                    help="bake this raw image threshold into the graph instead of the calibrated per-class ones")
+    ex.add_argument("--pixel-threshold", type=_threshold,
+                    help="bake this raw pixel threshold into the graph instead of the calibrated per-class ones")
+    ex.add_argument("--no-check", action="store_true",
+                    help="skip the check that ONNX Runtime and torch agree on seeded random images")
+    _common(ex)
+
     c = sub.add_parser("config", help="print the effective settings as YAML")
     _preset(c)
     _common(c)
@@ -135,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "config": cmd_config,
-                "calibrate": cmd_calibrate}[args.command](args)
+                "calibrate": cmd_calibrate, "export": cmd_export}[args.command](args)
     except VPDMError as exc:
         print(f"vpdm {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -473,6 +489,50 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     save_overlay(test.dataset.raw_image(i), result.maps[i], plots / name, mask=result.masks[i],
                                  score=float(result.scores[i]), vmax=vmax)
         print(f"plots written to {plots}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from vpdm.checkpoint import checkpoint_calibration, load_checkpoint
+    from vpdm.config import inference_overrides
+    from vpdm.export import PARITY_TOLERANCE, export_onnx, require_package, unsupported_settings
+    from vpdm.pipeline import Detector
+    from vpdm.postprocess import not_calibrated_message
+
+    if args.config:
+        raise VPDMError("export takes its settings from the checkpoint; use --set to change sampling or scoring")
+    suffix = ".onnx" if args.format == "onnx" else ".xml"
+    out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(suffix)
+    if out.suffix.lower() != suffix:
+        raise VPDMError(f"--output {str(out)!r}: an {args.format} export is written to a {suffix} file")
+    targets = [out] if args.format == "onnx" else [out, out.with_suffix(".bin")]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not args.overwrite:  # before any work
+        raise VPDMError(f"{', '.join(map(repr, existing))} exist{'s' if len(existing) == 1 else ''}; "
+                        "pass --overwrite to replace")
+    require_package("onnx")
+    runtime = "OpenVINO" if args.format == "openvino" else "ONNX Runtime"
+    if args.format == "openvino":
+        require_package("openvino")
+    model, config, payload = load_checkpoint(args.checkpoint)
+    calibration = checkpoint_calibration(payload, args.checkpoint)
+    config = inference_overrides(config, args.overrides, "export").validate()
+    problems = unsupported_settings(config)
+    if problems:
+        raise VPDMError("the export cannot do " + "; ".join(problems))
+    detector = Detector(model, config, payload.get("categories"), calibration=calibration, checkpoint=args.checkpoint)
+    post = detector.postprocessor(args.image_threshold, args.pixel_threshold)
+    if not post.ready:  # a deployment graph without decisions would be a surprise: refuse, say how to get them
+        raise VPDMError(f"{not_calibrated_message(args.checkpoint)} (the exported graph bakes the thresholds in)")
+    _warn_settings(calibration, config)
+    start = time.perf_counter()
+    result = export_onnx(detector, out, postprocessor=post, overwrite=args.overwrite, check=not args.no_check,
+                         source=f"vpdm export --checkpoint {args.checkpoint}", fmt=args.format)
+    check = ("not checked (--no-check)" if args.no_check else f"not checked ({runtime} is not installed)"
+             if result.parity is None else f"{runtime} matches torch within {result.parity:.1e} of the map "
+             f"range on random images (tolerance {PARITY_TOLERANCE:g})")
+    print(f"exported in {time.perf_counter() - start:.1f}s -> {' + '.join(map(str, result.files))} "
+          f"({result.bytes / 1e6:.1f} MB, opset {result.opset}; outputs {', '.join(result.outputs)}); {check}")
     return 0
 
 

@@ -6,6 +6,7 @@ assignment, per-image noise stream), so the answer for an image never depends on
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,28 +105,7 @@ class Detector:
         return Analysis(scores, maps, post.decide(scores, maps, cats))
 
     def _check_images(self, images: Tensor) -> Tensor:
-        """The tensor ``score_tensor`` accepts, as float32; a DataError saying what is wrong otherwise.
-
-        Integer and bool tensors are refused rather than cast: uint8 0..255 pixels read as
-        normalised values would score as nonsense without any error.
-        """
-        size = self.config.backbone.image_size
-        expected = (f"a float B x 3 x {size} x {size} tensor of ImageNet-normalised RGB images "
-                    "((x / 255 - IMAGENET_MEAN) / IMAGENET_STD, as vpdm.data.AnomalyDataset yields)")
-        if not isinstance(images, Tensor):
-            raise DataError(f"expected {expected}, got {type(images).__name__}")
-        if not images.is_floating_point():
-            hint = " (uint8 pixels: convert to float, divide by 255 and normalise)" if images.dtype == torch.uint8 else ""
-            raise DataError(f"images have dtype {images.dtype}{hint}; expected {expected}")
-        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
-            raise DataError(f"images have shape {tuple(images.shape)}; expected {expected}")
-        images = images.float()  # float16 / bfloat16 / float64 -> float32, the backbone's dtype
-        finite = torch.isfinite(images).flatten(1).all(dim=1)
-        if not bool(finite.all()):
-            bad = torch.nonzero(~finite).flatten().tolist()
-            shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
-            raise DataError(f"batch item(s) {shown} contain NaN or infinite values; expected {expected}")
-        return images
+        return check_images(images, self.config.backbone.image_size)
 
     @torch.no_grad()
     def score_tensor(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -148,31 +128,64 @@ class Detector:
         With thresholds (calibrated, or both given to ``postprocessor``) each prediction carries its
         decisions; ``category`` is the class of every image (None: picked per image).
         """
-        from tqdm.auto import tqdm
+        return predict_files(lambda images, cats: self.analyse(images, cats, postprocessor=postprocessor), paths,
+                             image_size=self.config.backbone.image_size, map_size=self.map_size,
+                             batch_size=batch_size, progress=progress, category=category)
 
-        size = self.config.backbone.image_size
-        samples = [Sample(Path(p), None, 0, "predict", "unknown") for p in paths]
-        dataset = AnomalyDataset(samples, image_size=size, mask_size=self.map_size) if samples else None
-        results: list[Prediction] = []
-        for start in tqdm(range(0, len(samples), batch_size), desc="predict", disable=not progress, unit="batch"):
-            images, index = [], []
-            for i in range(start, min(start + batch_size, len(samples))):
-                try:
-                    images.append(dataset[i]["image"])
-                    index.append(i)
-                except (DataError, OSError) as exc:
-                    results.append(Prediction(str(samples[i].image_path), None, None, str(exc)))
-            if images:
-                found = self.analyse(torch.stack(images), [category] * len(images), postprocessor=postprocessor)
-                d = found.decisions
-                for j, i in enumerate(index):
-                    p = Prediction(str(samples[i].image_path), float(found.scores[j]), found.maps[j].numpy())
-                    if d is not None:
-                        p.category, p.pred_score = d.category[j], float(d.pred_score[j])
-                        p.pred_label, p.pred_mask = int(d.pred_label[j]), d.pred_mask[j]
-                    results.append(p)
-        order = {str(s.image_path): k for k, s in enumerate(samples)}
-        return sorted(results, key=lambda r: order[r.path])
+
+def check_images(images: Tensor, size: int) -> Tensor:
+    """The tensor a detector accepts (B x 3 x size x size float), as float32; a DataError saying what is wrong otherwise.
+
+    Integer and bool tensors are refused rather than cast: uint8 0..255 pixels read as
+    normalised values would score as nonsense without any error.
+    """
+    expected = (f"a float B x 3 x {size} x {size} tensor of ImageNet-normalised RGB images "
+                "((x / 255 - IMAGENET_MEAN) / IMAGENET_STD, as vpdm.data.AnomalyDataset yields)")
+    if not isinstance(images, Tensor):
+        raise DataError(f"expected {expected}, got {type(images).__name__}")
+    if not images.is_floating_point():
+        hint = " (uint8 pixels: convert to float, divide by 255 and normalise)" if images.dtype == torch.uint8 else ""
+        raise DataError(f"images have dtype {images.dtype}{hint}; expected {expected}")
+    if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
+        raise DataError(f"images have shape {tuple(images.shape)}; expected {expected}")
+    images = images.float()  # float16 / bfloat16 / float64 -> float32, the backbone's dtype
+    finite = torch.isfinite(images).flatten(1).all(dim=1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten().tolist()
+        shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
+        raise DataError(f"batch item(s) {shown} contain NaN or infinite values; expected {expected}")
+    return images
+
+
+def predict_files(analyse: Callable[[Tensor, list[str | None]], Analysis], paths: list[Path], *, image_size: int,
+                  map_size: int, batch_size: int = 16, progress: bool = True,
+                  category: str | None = None) -> list[Prediction]:
+    """Score image files with ``analyse(images, categories)`` (a torch or an ONNX Runtime detector's):
+    same decoding and resizing for both; an unreadable file gets an error entry and the others are still scored."""
+    from tqdm.auto import tqdm
+
+    samples = [Sample(Path(p), None, 0, "predict", "unknown") for p in paths]
+    dataset = AnomalyDataset(samples, image_size=image_size, mask_size=map_size) if samples else None
+    results: list[Prediction] = []
+    for start in tqdm(range(0, len(samples), batch_size), desc="predict", disable=not progress, unit="batch"):
+        images, index = [], []
+        for i in range(start, min(start + batch_size, len(samples))):
+            try:
+                images.append(dataset[i]["image"])
+                index.append(i)
+            except (DataError, OSError) as exc:
+                results.append(Prediction(str(samples[i].image_path), None, None, str(exc)))
+        if images:
+            found = analyse(torch.stack(images), [category] * len(images))
+            d = found.decisions
+            for j, i in enumerate(index):
+                p = Prediction(str(samples[i].image_path), float(found.scores[j]), found.maps[j].numpy())
+                if d is not None:
+                    p.category, p.pred_score = d.category[j], float(d.pred_score[j])
+                    p.pred_label, p.pred_mask = int(d.pred_label[j]), d.pred_mask[j]
+                results.append(p)
+    order = {str(s.image_path): k for k, s in enumerate(samples)}
+    return sorted(results, key=lambda r: order[r.path])
 
 
 def overlay_name(rel: Path, used: set[str]) -> str:

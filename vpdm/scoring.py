@@ -214,7 +214,7 @@ def image_scores(maps: Tensor, pool_size: int, method: str = "max_pool", top_k_p
     single hot pixels), or ``"top_k"``, the mean of the ``top_k_percent`` % largest pixels (at least one)."""
     if method == "top_k":
         flat = maps.flatten(1)
-        k = max(1, int(round(flat.shape[1] * top_k_percent / 100.0)))
+        k = max(1, int(round(int(flat.shape[1]) * top_k_percent / 100.0)))  # int(): a constant when traced (ONNX)
         return flat.topk(k, dim=1).values.mean(dim=1)
     if method != "max_pool":
         raise ConfigError(f"image score method must be one of {IMAGE_SCORES}, got {method!r}")

@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-widths", default="",
                    help="also time untrained denoisers of these widths on the short chains, e.g. 32,64 "
                    "(speed does not depend on the weights), to size the denoiser for the speed target")
+    p.add_argument("--onnx", action="store_true",
+                   help="also export the main model's detector to ONNX and time ONNX Runtime against torch on the "
+                   "timing images (CPU only; needs the 'export' extra)")
     p.add_argument("--coreset-ratio", type=float, default=0.1, help="PatchCore bank = this fraction of the patches")
     p.add_argument("--max-bank", type=int, default=10000, help="PatchCore bank size cap (0 = none)")
     p.add_argument(

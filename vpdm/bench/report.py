@@ -136,6 +136,12 @@ def to_markdown(doc: dict[str, Any]) -> str:
         lines.append(f"| VPDM model, {cfg['model']['diffusion']['num_timesteps']} steps (extrapolated: "
                      f"{_num(t['fixed_ms_per_image'])} + {_num(t['denoiser_step_ms_per_image'], 2)} per step) | "
                      f"{_num(t['full_chain_model_ms_per_image_extrapolated'])} | - |")
+    ort = t.get("onnxruntime")
+    if ort:
+        lines.append(f"| VPDM end to end, ONNX Runtime (same graph exported; scores and maps within "
+                     f"{ort['parity_relative_difference']:.1e} of the map range) | "
+                     f"{_num(ort['end_to_end_ms_per_image'])} | "
+                     f"{_num(ort['end_to_end_ms_per_image'] / t['backbone_ms_per_image'], 2)} |")
     lines += [
         f"| PatchCore end to end | {_num(t['baseline_end_to_end_ms_per_image'])} | {_num(r['baseline_end_to_end_over_backbone'], 2)} |",
         f"| PatchCore model only | {_num(t['baseline_model_ms_per_image'])} | - |",

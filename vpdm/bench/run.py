@@ -129,6 +129,18 @@ class Bench:
             raise ConfigError(f"--time-widths {args.time_widths!r} must be comma-separated integers") from None
         for w in self.time_widths:
             self.main_config.with_overrides({"model.denoiser.width": w}).validate()
+        if getattr(args, "onnx", False):  # before any long work: packages, settings, device
+            from vpdm import engine
+            from vpdm.export import require_package, unsupported_settings
+
+            require_package("onnx")
+            require_package("onnxruntime")
+            problems = unsupported_settings(self.main_config)
+            if problems:
+                raise ConfigError("--onnx: the ONNX export cannot do " + "; ".join(problems))
+            if engine.select_device(self.main_config.train.device).type != "cpu":
+                raise ConfigError("--onnx times ONNX Runtime on the CPU against torch on the CPU; "
+                                  "run the benchmark with --device cpu")
         if args.steps_subset < 0 or args.subset_above < 1:
             raise ConfigError("--steps-subset must be >= 0 and --subset-above >= 1")
         from vpdm.patchcore import PatchCoreConfig
@@ -452,6 +464,8 @@ class Bench:
                 sampling = dataclasses.replace(accel, sampler=sampler, num_steps=n_steps)
                 fns[f"width{width}:{sampler}:{n_steps}"] = lambda s=sampling, m=other: vpdm_score(features, s, m)
 
+        onnx = self._onnx_runtime(model, images, fns) if getattr(self.args, "onnx", False) else None
+
         timed = time_interleaved(fns, device, repeats)
 
         def per_image(name: str, stat: str = "min") -> float:
@@ -508,9 +522,45 @@ class Bench:
             "baseline_end_to_end_over_backbone": pc_e2e / b,
             "train_image_epoch_over_backbone": main_run["train_ms_per_image_epoch"] / b,
         }
+        if onnx is not None:
+            onnx["end_to_end_ms_per_image"] = ort_ms = per_image("onnxruntime_end_to_end")
+            onnx["end_to_end_ms_per_image_median"] = per_image("onnxruntime_end_to_end", "median")
+            onnx["torch_end_to_end_ms_per_image"] = e2e
+            onnx["torch_over_onnxruntime"] = e2e / ort_ms
+            out["onnxruntime"] = onnx
+            self.log(f"  ONNX Runtime end-to-end {ort_ms:.1f} ms/img against torch {e2e:.1f} (same images; scores and "
+                     f"maps within {onnx['parity_relative_difference']:.1e} of the map range)")
         self.log(f"  backbone {b:.1f} ms/img; VPDM end-to-end {e2e:.1f} ms/img ({e2e / b:.2f}x backbone, "
                  f"{accel.sampler} {accel.num_steps} steps); PatchCore end-to-end {pc_e2e:.1f} ms/img ({pc_e2e / b:.2f}x)")
         return out
+
+    def _onnx_runtime(self, model, images: Tensor, fns: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+        """Export the main model's detector (score and map outputs) and add ONNX Runtime on the timing
+        images to ``fns``, beside torch's ``vpdm_end_to_end``; returns the export's facts and the parity."""
+        import copy
+        import tempfile
+
+        from vpdm.export import PARITY_TOLERANCE, export_onnx, relative_difference
+        from vpdm.onnx_runtime import OnnxDetector
+        from vpdm.pipeline import Detector
+
+        detector = Detector(copy.deepcopy(model).cpu(), self.main_config)
+        threads = torch.get_num_threads()
+        with tempfile.TemporaryDirectory(prefix="vpdm-bench-onnx-") as tmp:
+            start = time.perf_counter()
+            result = export_onnx(detector, Path(tmp) / "model.onnx", check=False)
+            seconds = time.perf_counter() - start
+            runtime = OnnxDetector(result.path, threads=threads)  # the session holds the graph; the file may go
+        x = images.cpu()
+        array = x.numpy()
+        got = runtime.run(x)
+        parity = relative_difference(detector.score_tensor(x), (got["score"], got["anomaly_map"]))
+        fns["onnxruntime_end_to_end"] = lambda: runtime.session.run(None, {"images": array})
+        return {"export_seconds": seconds, "bytes": result.bytes, "opset": result.opset, "threads": threads,
+                "outputs": list(result.outputs), "parity_relative_difference": parity,
+                "parity_tolerance": PARITY_TOLERANCE,
+                "note": "ONNX Runtime (CPU) on the graph of `vpdm export` without thresholds (score and map), "
+                        "interleaved with torch's VPDM end to end on the same images"}
 
     def _cache_proof(self, extractor, train_key: str | None, n_train: int) -> dict[str, Any]:
         from vpdm import engine
