@@ -34,3 +34,25 @@ def tiny_demo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny-demo")
     make_demo_dataset(root, classes=2, train_per_class=8, test_good_per_class=3, test_defect_per_class=3, size=64)
     return root
+
+
+def sqlite_mlflow_store(root: Path, experiment: str):
+    """Generator for a module fixture: a fresh sqlite tracking + registry store under ``root`` with its
+    own artifact root and one experiment; yields {uri, experiment_id, root} and restores the old URIs."""
+    import mlflow
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment_id = mlflow.create_experiment(experiment, artifact_location=(root / "artifacts").as_uri())
+    yield {"uri": uri, "experiment_id": experiment_id, "root": root}
+    mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # None: back to MLflow's default
+    mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -30,6 +30,7 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from tests.conftest import sqlite_mlflow_store  # noqa: E402
 from tests.images import declared_size_png, png_bytes, raw_png16  # noqa: E402
 from tests.test_cli import TINY  # noqa: E402
 from tune.mlflow_model import (  # noqa: E402
@@ -60,22 +61,7 @@ PATIENCE_S = 1800
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A fresh sqlite tracking + registry store with its own artifact root; restores the old URIs."""
-    root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    os.environ.pop("MLFLOW_REGISTRY_URI", None)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    experiment = mlflow.create_experiment("vpdm-tests", artifact_location=(root / "artifacts").as_uri())
-    yield {"uri": uri, "experiment_id": experiment, "root": root}
-    mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # None: back to MLflow's default
-    mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    yield from sqlite_mlflow_store(tmp_path_factory.mktemp("mlflow"), "vpdm-tests")
 
 
 @pytest.fixture(scope="module")

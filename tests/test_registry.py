@@ -10,7 +10,6 @@ of 10 on every predicted noise value raises the held-out eps-MSE by about 100).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ mlflow = pytest.importorskip("mlflow")
 import torch  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
+from tests.conftest import sqlite_mlflow_store  # noqa: E402
 from tests.test_cli import TINY  # noqa: E402
 from tune.distributed import validation_metrics  # noqa: E402
 from tune.features import FeatureStats, build_bundle  # noqa: E402
@@ -46,22 +46,7 @@ SEED, VAL_FRACTION = 0, 0.25
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     """A fresh sqlite tracking + registry store; restores the previous URIs afterwards."""
-    root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    os.environ.pop("MLFLOW_REGISTRY_URI", None)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    experiment = mlflow.create_experiment("registry-tests", artifact_location=(root / "artifacts").as_uri())
-    yield {"uri": uri, "experiment_id": experiment, "root": root}
-    mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
-    mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    yield from sqlite_mlflow_store(tmp_path_factory.mktemp("registry"), "registry-tests")
 
 
 def _train(demo: Path, out: Path, cache: Path, *extra: str) -> Path:
