@@ -370,12 +370,12 @@ def test_evaluate_checks_its_outputs_before_extracting(case, trained, tmp_path, 
 
 @pytest.fixture()
 def thread_probe(monkeypatch):
-    """Records torch's intra-op thread count at every backbone forward and every model scoring call."""
+    """Records torch's intra-op thread count at every backbone forward and every model scoring call (VPDM.detect, the inference path)."""
     from vpdm.backbone import FeatureExtractor
     from vpdm.model import VPDM
 
     seen: dict[str, list[int]] = {"backbone": [], "model": []}
-    forward, maps = FeatureExtractor.forward, VPDM.anomaly_maps
+    forward, maps = FeatureExtractor.forward, VPDM.detect
 
     def probe_forward(self, images):
         seen["backbone"].append(torch.get_num_threads())
@@ -386,7 +386,7 @@ def thread_probe(monkeypatch):
         return maps(self, *a, **k)
 
     monkeypatch.setattr(FeatureExtractor, "forward", probe_forward)
-    monkeypatch.setattr(VPDM, "anomaly_maps", probe_maps)
+    monkeypatch.setattr(VPDM, "detect", probe_maps)
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # what the process had before; train.threads=1 must hold in every phase
     yield seen
