@@ -258,22 +258,14 @@ class ExportableDetector(nn.Module):
         return x
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        from vpdm.scoring import distance_map, score_maps
-
         features = self.features(images)
         protos = self.model.prototypes
         assigned = protos(self.model.normalise(features))
         yhat = assigned["yhat"]
         reconstruction = self.reconstruct(features, yhat)
-        scoring = self.config.scoring
-        raw = self.model.distance_maps(features, reconstruction, scoring)
-        maps = self.upsample @ raw @ self.upsample.T  # vpdm.scoring.postprocess_maps (square maps)
-        if scoring.image_pools is None or tuple(scoring.image_pools) == tuple(scoring.pools):
-            scores = score_maps(maps, scoring)
-        else:  # vpdm.scoring.scores_and_maps: the image score from its own block sides
-            a, b, groups = self.model.compared(features, reconstruction, scoring)
-            image_raw = distance_map(a, b, scoring, groups, pools=tuple(scoring.image_pools))
-            scores = score_maps(self.upsample @ image_raw @ self.upsample.T, scoring)
+        # vpdm.scoring.postprocess_maps (square maps) as the precomputed matrix products
+        scores, maps = self.model.scores_and_maps(features, reconstruction, self.config.scoring, self.map_size,
+                                                  postprocess=lambda raw: self.upsample @ raw @ self.upsample.T)
         if self.tables is None:
             return scores, maps
         batch = scores.shape[0]

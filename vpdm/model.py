@@ -149,7 +149,7 @@ class VPDM(nn.Module):
         reconstruction, by default ||x0 - x0_rec||_2 over the standardised channels (the paper)."""
         return self.distance_maps(features, self.reconstruct(features, sampling), scoring)
 
-    def compared(self, features: Tensor, reconstruction: Tensor, scoring: ScoringConfig):
+    def _compared(self, features: Tensor, reconstruction: Tensor, scoring: ScoringConfig):
         """The two tensors the distance compares (the configured feature space) and the channel groups."""
         groups = self.stage_channels if scoring.per_stage else None
         if scoring.feature_space == "raw":
@@ -159,15 +159,15 @@ class VPDM(nn.Module):
     def distance_maps(self, features: Tensor, reconstruction: Tensor, scoring: ScoringConfig | None = None) -> Tensor:
         """The configured distance between raw ``features`` and a reconstruction in normalised space."""
         scoring = scoring or ScoringConfig()
-        a, b, groups = self.compared(features, reconstruction, scoring)
+        a, b, groups = self._compared(features, reconstruction, scoring)
         return distance_map(a, b, scoring, groups)
 
     def scores_and_maps(self, features: Tensor, reconstruction: Tensor, scoring: ScoringConfig,
-                        map_size: int) -> tuple[Tensor, Tensor]:
+                        map_size: int, postprocess=None) -> tuple[Tensor, Tensor]:
         """Image scores and post-processed maps (``map_size`` square) of ``features`` against a reconstruction
         (see :func:`vpdm.scoring.scores_and_maps`: the image score may come from other block sides)."""
-        a, b, groups = self.compared(features, reconstruction, scoring)
-        return scores_and_maps(a, b, scoring, map_size, groups)
+        a, b, groups = self._compared(features, reconstruction, scoring)
+        return scores_and_maps(a, b, scoring, map_size, groups, postprocess)
 
     @torch.no_grad()
     def detect(self, features: Tensor, sampling: SamplingConfig | None, scoring: ScoringConfig,

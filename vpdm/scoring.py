@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -149,15 +150,19 @@ def distance_map(features: Tensor, reconstruction: Tensor, config: ScoringConfig
 
 
 def scores_and_maps(features: Tensor, reconstruction: Tensor, config: ScoringConfig, size: int,
-                    groups: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
+                    groups: tuple[int, ...] | None = None,
+                    postprocess: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Image scores (B,) and post-processed anomaly maps (B x size x size): the map from ``pools``; the
     image score from the map itself, or, with ``image_pools`` set (and different), from the distance
-    at those block sides, post-processed the same way."""
-    maps = postprocess_maps(distance_map(features, reconstruction, config, groups), size, config.blur_sigma)
+    at those block sides, post-processed the same way. ``postprocess`` replaces
+    :func:`postprocess_maps` (the ONNX export passes its precomputed matrices)."""
+    if postprocess is None:
+        postprocess = functools.partial(postprocess_maps, size=size, blur_sigma=config.blur_sigma)
+    maps = postprocess(distance_map(features, reconstruction, config, groups))
     if config.image_pools is None or tuple(config.image_pools) == tuple(config.pools):
         return score_maps(maps, config), maps
     image_maps = distance_map(features, reconstruction, config, groups, pools=tuple(config.image_pools))
-    return score_maps(postprocess_maps(image_maps, size, config.blur_sigma), config), maps
+    return score_maps(postprocess(image_maps), config), maps
 
 
 def gaussian_kernel1d(sigma: float, device=None) -> Tensor:
