@@ -56,3 +56,14 @@ def sqlite_mlflow_store(root: Path, experiment: str):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+def train_checkpoint(data: Path, tmp_path_factory, settings: list[str], epochs: int = 1) -> Path:
+    """``vpdm train`` on ``data`` (a demo folder) with its own run folder and feature cache; the model.pt."""
+    from vpdm.cli import main
+
+    out = tmp_path_factory.mktemp("run")
+    code = main(["train", "--data", f"demo:{data}", "--output", str(out), "--epochs", str(epochs), "--no-progress",
+                 "--set", f"data.cache_dir={tmp_path_factory.mktemp('cache')}", *settings])
+    assert code == 0
+    return out / "model.pt"

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import train_checkpoint
 from vpdm.cli import main
 from vpdm.data import AnomalyDataset, Sample
 from vpdm.export import MAX_EXPORT_STEPS, PARITY_TOLERANCE, ExportableDetector, export_onnx, relative_difference
@@ -39,11 +40,7 @@ TINY_REAL = [
 
 @pytest.fixture(scope="module")
 def trained(tiny_demo, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run")
-    code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "2", "--no-progress",
-                 "--set", f"data.cache_dir={tmp_path_factory.mktemp('cache')}", *TINY_REAL])
-    assert code == 0
-    return out / "model.pt"
+    return train_checkpoint(tiny_demo, tmp_path_factory, TINY_REAL, epochs=2)
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from tests.conftest import sqlite_mlflow_store  # noqa: E402
+from tests.conftest import sqlite_mlflow_store, train_checkpoint  # noqa: E402
 from tests.images import declared_size_png, png_bytes, raw_png16  # noqa: E402
 from tests.test_cli import TINY  # noqa: E402
 from tune.mlflow_model import (  # noqa: E402
@@ -42,7 +42,6 @@ from tune.mlflow_model import (  # noqa: E402
     predict_frame,
     register_champion,
 )
-from vpdm.cli import main as vpdm_main  # noqa: E402
 from vpdm.pipeline import Detector  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -71,11 +70,7 @@ def demo(tiny_demo):
 
 @pytest.fixture(scope="module")
 def checkpoint(demo, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    code = vpdm_main(["train", "--data", f"demo:{demo}", "--output", str(out), "--epochs", "1", "--no-progress",
-                      "--set", f"data.cache_dir={tmp_path_factory.mktemp('cache')}", *TINY])
-    assert code == 0
-    return out / "model.pt"
+    return train_checkpoint(demo, tmp_path_factory, TINY)
 
 
 @pytest.fixture(scope="module")

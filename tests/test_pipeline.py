@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import train_checkpoint
 from tests.images import declared_size_png, png_bytes, raw_png16
 from tests.test_cli import TINY
-from vpdm.cli import main
 from vpdm.data import IMAGENET_MEAN, IMAGENET_STD, MIN_IMAGE_SIDE
 from vpdm.errors import DataError
 from vpdm.pipeline import Detector
@@ -22,11 +22,7 @@ SIZE = 64  # backbone.image_size in TINY
 
 @pytest.fixture(scope="module")
 def detector(tiny_demo, tmp_path_factory) -> Detector:
-    out = tmp_path_factory.mktemp("run")
-    code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "1", "--no-progress",
-                 "--set", f"data.cache_dir={tmp_path_factory.mktemp('cache')}", *TINY])
-    assert code == 0
-    return Detector.from_checkpoint(out / "model.pt")
+    return Detector.from_checkpoint(train_checkpoint(tiny_demo, tmp_path_factory, TINY))
 
 
 @pytest.fixture(scope="module")
