@@ -139,6 +139,7 @@ def test_predict_files_of_both_detectors_agree(torch_detector, exported, tiny_de
         assert abs(g.score - e.score) <= PARITY_TOLERANCE * float(np.ptp(e.anomaly_map))
 
 
+@pytest.mark.slow  # the registered marker (still run in CI): OpenVINO's conversion and compilation
 def test_openvino_matches_torch_on_the_demo_images(trained, torch_detector, demo_images, tmp_path):
     import openvino  # noqa: F401  (the test extra: missing, this test fails rather than skips)
 
