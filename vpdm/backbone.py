@@ -11,8 +11,8 @@ Stage numbering: ``stages`` are 1-based positions in timm's ``feature_info`` lis
 timm ``out_indices=(0, 1, 2, 3)`` = the paper's 24, 32, 56 and 160 channels.
 
 Features are expensive on a CPU (about 0.1 s per 224px image for B4 on two threads), so :func:`extract_features`
-caches them on disk, keyed by what determines them: the actual backbone weights and settings
-(:meth:`FeatureExtractor.fingerprint`) and the bytes of every image.
+caches them on disk, keyed by what determines them: the actual backbone weights and settings, and the
+autocast precision they were computed at (:meth:`FeatureExtractor.fingerprint`), and the bytes of every image.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from vpdm.io import atomic_torch_save
 from vpdm.errors import ConfigError, DataError, OutputError
+from vpdm.precision import autocast, check_precision_name
 
 __all__ = [
     "PYPI_LITE_MODELS",
@@ -307,14 +308,18 @@ class FeatureExtractor(nn.Module):
     """Frozen backbone: ImageNet-normalised images -> concatenated, resized stage features.
 
     Always in eval mode with ``requires_grad=False``; ``.train()`` does not change that, so
-    BatchNorm statistics can never drift and features are batch independent.
+    BatchNorm statistics can never drift and features are batch independent. ``precision``
+    (``inference.precision``: fp32, bf16 or fp16) is the autocast dtype of the backbone's forward;
+    the features it returns are always float32.
     """
 
-    def __init__(self, config: BackboneConfig) -> None:
+    def __init__(self, config: BackboneConfig, precision: str = "fp32") -> None:
         super().__init__()
         import timm
 
         config.validate()
+        check_precision_name(precision)
+        self._precision = precision  # read-only (property): the memoised fingerprint depends on it
         # A private copy: mutating the caller's config later must not desynchronise the fingerprint.
         self.config = replace(config, stages=tuple(config.stages))
         out_indices = tuple(stage - 1 for stage in config.stages)
@@ -390,6 +395,10 @@ class FeatureExtractor(nn.Module):
         return self
 
     @property
+    def precision(self) -> str:
+        return self._precision
+
+    @property
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 
@@ -413,8 +422,9 @@ class FeatureExtractor(nn.Module):
             x = images.to(device=self._scale.device, dtype=torch.float32)
             if self._renormalise:
                 x = x * self._scale + self._shift
-            maps = self.backbone(x)
-            resized = [self._resize(m, s) for m in maps]
+            with autocast(self.precision, x.device):
+                maps = self.backbone(x)
+            resized = [self._resize(m.float(), s) for m in maps]
             out = torch.cat(resized, dim=1).float()
         self.images_seen += images.shape[0]
         _total_images_seen += images.shape[0]
@@ -438,7 +448,12 @@ class FeatureExtractor(nn.Module):
         return h.hexdigest()
 
     def fingerprint(self) -> str:
-        """Stable, filename-safe id of everything that determines the features (for caches)."""
+        """Stable, filename-safe id of everything that determines the features (for caches).
+
+        A precision other than fp32 is part of it (``_bf16``, ``_fp16``): reduced-precision features
+        differ from fp32 ones, so neither may be served for the other. fp32 ids are unchanged, so
+        existing fp32 cache entries stay valid.
+        """
         if self._fingerprint is None:
             c = self.config
             name = re.sub(r"[^A-Za-z0-9_.-]", "_", c.name)
@@ -446,7 +461,7 @@ class FeatureExtractor(nn.Module):
             self._fingerprint = (
                 f"{name}_{self.weights_source}_w{self.weights_hash()[:16]}"
                 f"_st{stages}_f{c.feature_size}_i{c.image_size}{'_area' if c.resize == 'area' else ''}"
-                f"_v{_FEATURE_FORMAT_VERSION}"
+                f"{'' if self.precision == 'fp32' else '_' + self.precision}_v{_FEATURE_FORMAT_VERSION}"
             )
         return self._fingerprint
 

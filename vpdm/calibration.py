@@ -134,7 +134,8 @@ def calibrate(model: VPDM, config: VPDMConfig, features: Tensor, categories: lis
                           f"{dict(few) or 'none'}")
     scores, maps = score_features(model, features, sampling=config.sampling, scoring=config.scoring,
                                   map_size=config.scoring.map_size or config.backbone.image_size,
-                                  batch_size=config.train.batch_size, progress=progress)
+                                  batch_size=config.train.batch_size, progress=progress,
+                                  precision=config.inference.precision)
     hist = assignment_histograms(model, features, config.train.batch_size)
     rate = config.calibration.false_alarm_rate
     classes, histograms = {}, {}
@@ -188,7 +189,8 @@ def calibrate_labelled(model: VPDM, config: VPDMConfig, split, method: str, *, s
     known = pixel_known(split.dataset)
     scores, maps = score_features(model, split.features, sampling=config.sampling, scoring=config.scoring,
                                   map_size=config.scoring.map_size or config.backbone.image_size,
-                                  batch_size=config.train.batch_size, progress=progress)
+                                  batch_size=config.train.batch_size, progress=progress,
+                                  precision=config.inference.precision)
     if maps.shape[-2:] != masks.shape[-2:]:
         raise DataError(f"validation masks are {tuple(masks.shape[-2:])} px but the maps {tuple(maps.shape[-2:])}")
     hist = assignment_histograms(model, split.features, config.train.batch_size)

@@ -24,6 +24,7 @@ from vpdm.denoiser import DenoiserConfig
 from vpdm.diffusion import NoiseScheduleConfig
 from vpdm.errors import ConfigError
 from vpdm.io import atomic_write_text
+from vpdm.precision import check_precision_name
 from vpdm.scoring import ScoringConfig
 from vpdm.vpot import VPOTConfig
 
@@ -308,6 +309,24 @@ class CalibrationConfig:
         return self.method
 
 
+@dataclass
+class InferenceConfig:
+    """How the frozen networks run when nothing is trained: every backbone forward (the backbone is never
+    trained, so feature extraction in `vpdm train` too) and the denoiser when scoring.
+
+    "fp32" (default): plain float32. "bf16" / "fp16": the backbone and the denoiser run under
+    torch.autocast to that dtype (faster on GPUs with tensor cores), their outputs cast back to float32;
+    the rest of scoring stays float32. Scores move by a small relative amount (README, "GPU"), so
+    thresholds hold for the precision they were calibrated at, and features extracted at one precision
+    have their own cache entry.
+    """
+
+    precision: str = "fp32"
+
+    def validate(self) -> None:
+        check_precision_name(self.precision)
+
+
 def default_cache_dir() -> str:
     return os.environ.get("VPDM_CACHE_DIR", str(Path("~/.cache/vpdm/features").expanduser()))
 
@@ -340,6 +359,7 @@ class VPDMConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def validate(self) -> VPDMConfig:
         check_finite(self)  # one rule for every number, before each component's own checks
@@ -356,6 +376,7 @@ class VPDMConfig:
         self.train.validate()
         self.data.validate()
         self.calibration.validate()
+        self.inference.validate()
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -468,7 +489,8 @@ def inference_overrides(config: VPDMConfig, overrides: list[str] | dict[str, Any
 
     ``backbone.*`` (network, weights, stages, feature and image size) and ``model.*`` are what the weights
     were trained for: features of another backbone or size would be scored as nonsense, or not fit at all.
-    Sampling, scoring, data and ``train.threads`` / ``train.batch_size`` / ``train.device`` may change.
+    Sampling, scoring, data, ``inference.precision`` and ``train.threads`` / ``train.batch_size`` /
+    ``train.device`` may change.
     """
     pairs = _override_pairs(overrides)
     fixed = [key for key, _ in pairs if key.split(".", 1)[0] in CHECKPOINT_SECTIONS]
@@ -476,7 +498,7 @@ def inference_overrides(config: VPDMConfig, overrides: list[str] | dict[str, Any
         raise ConfigError(
             f"{command} cannot change {', '.join(fixed)}: backbone.* and model.* settings are what the checkpoint's "
             "weights were trained for (another backbone or feature size would give meaningless scores); "
-            "train a model with them instead. Sampling, scoring and data settings may change."
+            "train a model with them instead. Sampling, scoring, data and inference settings may change."
         )
     return apply_overrides(config, dict(pairs))
 

@@ -24,6 +24,7 @@ from vpdm.data import AnomalyDataset, Sample
 from vpdm.errors import VPDMError
 from vpdm.metrics import compute_metrics
 from vpdm.model import VPDM
+from vpdm.precision import check_precision
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -39,15 +40,23 @@ class TrainingDiverged(VPDMError):
         return (type(self), (str(self), self.epoch, self.step))
 
 
-def select_device(name: str = "auto") -> torch.device:
+def select_device(name: str | torch.device = "auto", what: str = "train.device") -> torch.device:
+    """The torch device ``name`` means ("auto": cuda when available, else cpu), checked to exist now, so that
+    a typo or a GPU that is not there fails before any image is read. ``what`` names the setting in errors."""
+    if isinstance(name, torch.device):
+        name = str(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise VPDMError(f"train.device={name!r} is not a torch device (expected 'auto', 'cpu', 'cuda', 'cuda:N')") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise VPDMError(f"train.device={name!r} but no CUDA device is available; use 'cpu' or 'auto'")
+    except (RuntimeError, TypeError):
+        raise VPDMError(f"{what}={name!r} is not a torch device (expected 'auto', 'cpu', 'cuda', 'cuda:N')") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VPDMError(f"{what}={name!r} but no CUDA device is available; use 'cpu' or 'auto'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise VPDMError(f"{what}={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return device
 
 
@@ -79,16 +88,25 @@ def load_split(
     extractor: FeatureExtractor | None = None,
     progress: bool = True,
     samples: list[Sample] | None = None,
+    device: torch.device | str | None = None,
 ) -> SplitFeatures:
     """List and validate the split's files (unless ``samples`` were listed already), then extract (or load
-    cached) backbone features with ``train.threads`` threads."""
+    cached) backbone features with ``train.threads`` threads.
+
+    Without ``extractor`` one is built at ``inference.precision`` on ``device`` (default: ``train.device``,
+    i.e. cuda when there is one); the features come back on the CPU either way (the cache and the
+    training loader hold them there)."""
     from vpdm.preflight import apply_threads, list_splits
 
     apply_threads(config)
     if samples is None:
         samples = list_splits(config, (split,))[split]  # validates paths, masks and sizes before any long work
     dataset = AnomalyDataset(samples, image_size=config.backbone.image_size, mask_size=config.scoring.map_size)
-    extractor = extractor or FeatureExtractor(config.backbone)
+    if extractor is None:
+        extractor = FeatureExtractor(config.backbone, precision=config.inference.precision)
+        target = select_device(device if device is not None else config.train.device)
+        check_precision(config.inference.precision, target)
+        extractor = extractor.to(target)
     start = time.perf_counter()
     features, info = extract_features(
         extractor,
@@ -311,13 +329,16 @@ def score_features(
     map_size: int,
     batch_size: int = 32,
     progress: bool = True,
+    precision: str = "fp32",
 ) -> tuple[Tensor, Tensor]:
-    """Image scores (N,) and anomaly maps (N x map_size x map_size) for cached features."""
+    """Image scores (N,) and anomaly maps (N x map_size x map_size) for cached features, on the model's
+    device; ``precision`` (``inference.precision``) is the denoiser's autocast."""
     model.eval()
     device = next(model.parameters()).device
     scores, maps = [], []
     for start in tqdm(range(0, len(features), batch_size), desc="scoring", disable=not progress, unit="batch"):
-        batch_scores, up = model.detect(features[start : start + batch_size].to(device), sampling, scoring, map_size)
+        batch_scores, up = model.detect(features[start : start + batch_size].to(device), sampling, scoring, map_size,
+                                        precision=precision)
         scores.append(batch_scores.cpu())
         maps.append(up.cpu())
     return torch.cat(scores), torch.cat(maps)
@@ -372,6 +393,7 @@ def evaluate(model: VPDM, config: VPDMConfig, test: SplitFeatures, progress: boo
         map_size=config.scoring.map_size or config.backbone.image_size,
         batch_size=config.train.batch_size,
         progress=progress,
+        precision=config.inference.precision,
     )
     seconds = time.perf_counter() - start
     return evaluate_maps(scores.numpy(), maps.numpy(), test.dataset, seconds)

@@ -73,6 +73,11 @@ def unsupported_settings(config: Any) -> list[str]:
             f"(and one stored noise map per step for ddpm or eta > 0); export supports at most "
             f"{MAX_EXPORT_STEPS} steps. Export with fewer (--set sampling.num_steps=N); thresholds hold for the "
             f"steps they were calibrated with, so for decisions that fit, train with that setting")
+    precision = getattr(getattr(config, "inference", None), "precision", "fp32")
+    if precision != "fp32":
+        problems.append(
+            f"inference.precision={precision}: the graph is exported in float32 (reduced precision is the "
+            "runtime's choice, not an autocast baked into the graph); export with --set inference.precision=fp32")
     return problems
 
 

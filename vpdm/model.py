@@ -14,6 +14,7 @@ from vpdm.config import ModelConfig, SamplingConfig
 from vpdm.denoiser import Denoiser
 from vpdm.diffusion import ShiftedDiffusion
 from vpdm.errors import ConfigError
+from vpdm.precision import autocast
 from vpdm.scoring import ScoringConfig, distance_map, scores_and_maps
 from vpdm.vpot import VaguePrototypes
 
@@ -83,7 +84,7 @@ class VPDM(nn.Module):
         return {"loss": loss, "diffusion_loss": diffusion_loss.detach(), "eps_mse": eps_mse,
                 "ot_loss": cond["ot_loss"].detach()}
 
-    def denoise(self, x_t: Tensor, yhat: Tensor, t: Tensor) -> Tensor:
+    def denoise(self, x_t: Tensor, yhat: Tensor, t: Tensor, precision: str = "fp32") -> Tensor:
         """The network's prediction in the configured parameterisation (``model.diffusion.prediction``):
         ``c_skip(t) * z_t + denoiser(x_t, yhat, t)`` with ``z_t = x_t - yhat``.
 
@@ -92,9 +93,14 @@ class VPDM(nn.Module):
         network must carry all C independent noise channels through its narrower width, which it
         cannot: the noise estimate near t = T stays poor and ``x0_hat = (...) / sqrt(abar_t)`` blows it
         up ~150x. Preconditioning in the spirit of EDM's ``c_skip``.
+
+        ``precision`` (``inference.precision``, scoring only) runs the network under autocast; its output
+        is cast back to float32 before the skip term, so only the network itself loses precision.
         """
         z_t = x_t - yhat if self.config.diffusion.shift_to_condition else x_t
-        return self.diffusion.skip_scale(t, x_t) * z_t + self.denoiser(x_t, yhat, t)
+        with autocast(precision, x_t.device):
+            out = self.denoiser(x_t, yhat, t)
+        return self.diffusion.skip_scale(t, x_t) * z_t + out.float()
 
     def predict_noise(self, x_t: Tensor, yhat: Tensor, t: Tensor) -> Tensor:
         """eps_theta(x_t, yhat, t), whatever the parameterisation."""
@@ -117,17 +123,19 @@ class VPDM(nn.Module):
             self.prototypes.train(was_training)
 
     @torch.no_grad()
-    def reconstruct(self, features: Tensor, sampling: SamplingConfig | None = None, progress: bool = False) -> Tensor:
+    def reconstruct(self, features: Tensor, sampling: SamplingConfig | None = None, progress: bool = False,
+                    precision: str = "fp32") -> Tensor:
         """Algorithm 2: start at N(yhat, I) and denoise back to x0; returns the reconstruction in
         normalised feature space. The image enters only through yhat, unless ``sampling.start_step``
-        is below T: then the chain starts from the image's own features noised to that step."""
+        is below T: then the chain starts from the image's own features noised to that step.
+        ``precision``: the denoiser's autocast (:meth:`denoise`)."""
         sampling = sampling or SamplingConfig()
         yhat = self.condition(features)
         generators = [
             torch.Generator(device=features.device).manual_seed(sampling.seed) for _ in range(features.shape[0])
         ]
         return self.diffusion.sample(
-            self.denoise,
+            lambda x_t, y, t: self.denoise(x_t, y, t, precision),
             yhat,
             num_steps=sampling.num_steps,
             sampler=sampling.sampler,
@@ -171,6 +179,8 @@ class VPDM(nn.Module):
 
     @torch.no_grad()
     def detect(self, features: Tensor, sampling: SamplingConfig | None, scoring: ScoringConfig,
-               map_size: int) -> tuple[Tensor, Tensor]:
-        """Inference: image scores (B,) and anomaly maps (B x map_size x map_size) of raw features."""
-        return self.scores_and_maps(features, self.reconstruct(features, sampling), scoring, map_size)
+               map_size: int, precision: str = "fp32") -> tuple[Tensor, Tensor]:
+        """Inference: image scores (B,) and anomaly maps (B x map_size x map_size) of raw features;
+        ``precision`` (``inference.precision``) is the denoiser's autocast."""
+        return self.scores_and_maps(features, self.reconstruct(features, sampling, precision=precision), scoring,
+                                    map_size)

@@ -46,17 +46,24 @@ class Analysis:
 
 
 class Detector:
+    """Backbone + model on one ``device`` ("cpu", "cuda", "cuda:N" or "auto": cuda when there is one),
+    both networks at ``config.inference.precision``."""
+
     def __init__(self, model: VPDM, config: VPDMConfig, categories: list[str] | None = None,
                  device: str | torch.device = "cpu", calibration: Calibration | None = None,
                  checkpoint: str = "checkpoint"):
+        from vpdm.engine import select_device
+        from vpdm.precision import check_precision
         from vpdm.preflight import apply_threads
 
         apply_threads(config)  # train.threads holds for prediction too: a shared machine is not taken over
-        self.device = torch.device(device)
+        self.device = select_device(device, what="device")  # cuda without CUDA: a clear error, not torch's
+        check_precision(config.inference.precision, self.device)
+        self.precision = config.inference.precision
         self.model = model.to(self.device).eval()
         self.config = config
         self.categories = categories or []
-        self.extractor = FeatureExtractor(config.backbone).to(self.device)
+        self.extractor = FeatureExtractor(config.backbone, precision=self.precision).to(self.device)
         self.map_size = config.scoring.map_size or config.backbone.image_size
         self.calibration = calibration
         self.checkpoint = str(checkpoint)
@@ -91,7 +98,8 @@ class Detector:
         if n == 0:
             return Analysis(torch.empty(0), torch.empty(0, self.map_size, self.map_size), None)
         features = self.extractor(images.to(self.device))
-        scores, maps = self.model.detect(features, self.config.sampling, self.config.scoring, self.map_size)
+        scores, maps = self.model.detect(features, self.config.sampling, self.config.scoring, self.map_size,
+                                         precision=self.precision)
         scores, maps = scores.cpu(), maps.cpu()
         if not post.ready:
             return Analysis(scores, maps, None)
@@ -118,7 +126,8 @@ class Detector:
         if images.shape[0] == 0:
             return torch.empty(0), torch.empty(0, self.map_size, self.map_size)
         features = self.extractor(images.to(self.device))
-        scores, maps = self.model.detect(features, self.config.sampling, self.config.scoring, self.map_size)
+        scores, maps = self.model.detect(features, self.config.sampling, self.config.scoring, self.map_size,
+                                         precision=self.precision)
         return scores.cpu(), maps.cpu()
 
     def predict_files(self, paths: list[Path], batch_size: int = 16, progress: bool = True,

@@ -293,18 +293,20 @@ class Calibration:
 
 
 def settings_of(config: Any) -> dict[str, Any]:
-    """The settings a calibration depends on (sampling and scoring), as plain dicts."""
+    """The settings a calibration depends on (sampling, scoring and the inference precision), as plain dicts."""
     from vpdm.config import to_dict
 
-    return {"sampling": to_dict(config.sampling), "scoring": to_dict(config.scoring)}
+    return {"sampling": to_dict(config.sampling), "scoring": to_dict(config.scoring),
+            "inference": to_dict(config.inference)}
 
 
 def settings_differ(calibration: Calibration | None, config: Any) -> list[str]:
-    """Settings (``section.key``) that differ from those the thresholds were calibrated with."""
+    """Settings (``section.key``) that differ from those the thresholds were calibrated with (a section the
+    calibration predates, such as ``inference``, is not compared)."""
     if calibration is None or not calibration.settings:
         return []
     now = settings_of(config)
-    return [f"{sec}.{k}" for sec in ("sampling", "scoring") for k in now[sec]
+    return [f"{sec}.{k}" for sec in ("sampling", "scoring", "inference") for k in now[sec]
             if k in calibration.settings.get(sec, {}) and calibration.settings[sec][k] != now[sec][k]]
 
 
