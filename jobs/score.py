@@ -1,7 +1,7 @@
 """Score a folder of images with a registered VPDM model.
 
     python jobs/score.py --model models:/vpdm-demo@champion --images incoming/ --output scored/ \
-        [--tracking-uri sqlite:///mlflow.db] [--batch-size 16] [--device cpu] [--no-overlays]
+        [--tracking-uri sqlite:///mlflow.db] [--batch-size 16] [--device auto] [--no-overlays]
 
 Pulls the model from the MLflow registry (``models:/NAME@alias``, ``models:/NAME/VERSION``,
 ``runs:/...`` or a local model folder), scores every image under ``--images`` (recursively) and
@@ -48,7 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="folder for scores.csv and overlays/")
     p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--batch-size", type=int, default=16, help="images per predict call (default 16)")
-    p.add_argument("--device", default="cpu", help="torch device for the model (default cpu)")
+    p.add_argument("--device", default="auto",
+                   help="torch device of the backbone and the model: auto (default: cuda when available, else cpu), "
+                        "cpu, cuda or cuda:N")
     p.add_argument("--no-overlays", action="store_true", help="write scores.csv only (no overlays, no masks)")
     p.add_argument("--image-threshold", type=float, help="raw image score above which an image is anomalous "
                                                          "(default: the model's calibrated threshold of its class)")
@@ -109,12 +111,14 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from tune.mlflow_model import _encode_file, decode_image_bytes, load_detector_model
+    from vpdm.engine import select_device
     from vpdm.errors import VPDMError
     from vpdm.io import atomic_write_text, writable_dir, writing
     from vpdm.pipeline import image_files, overlay_name
     from vpdm.plots import overlay_array
 
     try:
+        device = select_device(args.device, what="--device")  # before the model is pulled: cuda without CUDA
         files = image_files(images)
     except VPDMError as exc:
         raise UsageError(str(exc)) from exc
@@ -128,15 +132,15 @@ def run(args: argparse.Namespace) -> int:
         mlflow.set_tracking_uri(uri)  # the registry follows unless MLFLOW_REGISTRY_URI says otherwise
     t0 = time.perf_counter()
     try:
-        model = load_detector_model(args.model, model_config={"device": args.device, "batch_size": args.batch_size})
+        model = load_detector_model(args.model, model_config={"device": str(device), "batch_size": args.batch_size})
     except MlflowException as exc:
         raise UsageError(f"cannot load model {args.model!r}: {exc.message}") from exc
     except OSError as exc:  # e.g. a local model folder that is not there
         raise UsageError(f"cannot load model {args.model!r}: {exc}") from exc
     meta = model.metadata.metadata or {}
     map_size = int(meta.get("map_size") or 0)
-    print(f"model {args.model} (model id {model.metadata.model_id or '-'}) loaded in {time.perf_counter() - t0:.1f}s; "
-          f"scoring {len(files)} image(s)")
+    print(f"model {args.model} (model id {model.metadata.model_id or '-'}) loaded in {time.perf_counter() - t0:.1f}s "
+          f"on {device}; scoring {len(files)} image(s)")
 
     root = images if images.is_dir() else images.parent
     rows: list[dict[str, Any]] = []

@@ -199,7 +199,8 @@ def validation_data(info: dict[str, Any]) -> Any:
         from tune.features import build_bundle
         from vpdm.backbone import FeatureExtractor
 
-        bundle, _ = build_bundle(info["dataset"], config, FeatureExtractor(config.backbone),
+        extractor = FeatureExtractor(config.backbone, precision=config.inference.precision)  # the sweep's features
+        bundle, _ = build_bundle(info["dataset"], config, extractor,
                                  val_fraction=float(info["val_fraction"]), seed=int(info["seed"]))
         return bundle
 

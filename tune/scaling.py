@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         config = config.with_overrides(args.overrides)
     config.validate()
     configs = [tuple(int(x) for x in c.lower().split("x")) for c in args.configs.split(",")]
-    bundle, stats = build_bundle("scaling", config, FeatureExtractor(config.backbone), progress=False)
+    extractor = FeatureExtractor(config.backbone, precision=config.inference.precision)
+    bundle, stats = build_bundle("scaling", config, extractor, progress=False)
     print(f"data {args.data}: {len(bundle.train_features)} training images, features {bundle.feature_shape}, "
           f"{stats.backbone_forwards} backbone forwards; global batch {config.train.batch_size}, {args.epochs} epochs; "
           f"host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)

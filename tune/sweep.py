@@ -592,15 +592,28 @@ def run_sweep(sc: SweepConfig, *, progress: bool = True) -> SweepResult:
             ray.shutdown()
 
 
+def driver_device(use_gpu: bool) -> Any:
+    """Where the driver extracts features: cuda when the sweep runs on GPUs and this process sees one, else
+    the CPU (the cluster's GPUs may all be on other nodes; the driver then extracts on its CPU)."""
+    import torch
+
+    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+
+
 def _run(plan: SweepPlan, experiment_id: str, parent: Any, started: float, progress: bool, use_gpu: bool,
          max_concurrent: int) -> SweepResult:
     from tune.features import build_bundle
     from vpdm import backbone as vpdm_backbone
     from vpdm.backbone import FeatureExtractor
+    from vpdm.precision import check_precision
 
     sc = plan.config
     # Features once: one backbone for the whole sweep, once per image (or none on a warm cache).
-    extractor = FeatureExtractor(plan.space.base.backbone)
+    base = plan.space.base
+    device = driver_device(use_gpu)
+    check_precision(base.inference.precision, device)
+    extractor = FeatureExtractor(base.backbone, precision=base.inference.precision).to(device)
+    _say(progress, f"feature extraction on {device} (inference.precision={base.inference.precision})")
     bundles, stats = [], []
     for d in plan.datasets:
         bundle, st = build_bundle(d.name, d.config, extractor, val_fraction=sc.val_fraction, seed=sc.seed,

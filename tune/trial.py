@@ -211,7 +211,8 @@ def finish_trial(config: Any, bundle: Any, checkpoint: Any, last: dict[str, Any]
         start = time.perf_counter()
         scores_t, maps_t = score_features(model, as_tensor(bundle.test_features), sampling=ckpt_config.sampling,
                                           scoring=ckpt_config.scoring, map_size=map_size,
-                                          batch_size=ckpt_config.train.batch_size, progress=False)
+                                          batch_size=ckpt_config.train.batch_size, progress=False,
+                                          precision=ckpt_config.inference.precision)
         scores, maps = scores_t.numpy(), maps_t.numpy()
         metrics = compute_metrics(bundle.test_labels, scores, bundle.test_masks, maps, bundle.test_categories,
                                   pixel_known=bundle.test_pixel_known)

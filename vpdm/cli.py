@@ -64,6 +64,21 @@ def _preset(p: argparse.ArgumentParser) -> None:
                    help="start from a named preset instead of the defaults: 'paper' is the paper's literal method")
 
 
+def _device_option(p: argparse.ArgumentParser, train: bool = False) -> None:
+    extra = ", shortcut for --set train.device=NAME" if train else \
+        " (not the checkpoint's train.device: that is where it was trained)"
+    p.add_argument("--device", help="where the backbone (feature extraction) and the model run: auto (default: "
+                                    f"cuda when available, else cpu), cpu, cuda or cuda:N{extra}")
+
+
+def _precision_option(p: argparse.ArgumentParser) -> None:
+    from vpdm.precision import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="autocast of the backbone and the denoiser, shortcut for --set inference.precision=P "
+                        "(default: the checkpoint's, fp32 unless trained otherwise)")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file with settings (any subset of 'vpdm config')")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -87,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="labelled validation data (the test split of SPEC: normal and defect images with masks, the "
                         "training classes): thresholds from it by calibration.method f1 (default) or recall, "
                         "and no train/good hold-out")
+    _device_option(t, train=True)
     _preset(t)
     _common(t)
 
@@ -97,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--plots", help="folder for ROC curves and anomaly-map overlays")
     e.add_argument("--image-threshold", type=_threshold, help="decide at this raw image score instead of the "
                    "calibrated per-class thresholds")
+    _device_option(e)
+    _precision_option(e)
     _common(e)
 
     pr = sub.add_parser("predict", help="score a folder of images: CSV of scores + anomaly-map overlays")
@@ -111,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="raw image score above which an image is anomalous (default: the calibrated one of its class)")
     pr.add_argument("--pixel-threshold", type=_threshold,
                     help="raw map value above which a pixel is in pred_mask (default: the calibrated one of its class)")
+    _device_option(pr)
+    _precision_option(pr)
     _common(pr)
 
     cb = sub.add_parser("calibrate", help="calibrate decision thresholds of a checkpoint on normal images")
@@ -124,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "images with masks, the model's classes) by calibration.method f1 (default) or recall")
     cb.add_argument("--output", help="checkpoint to write (default: replace --checkpoint atomically; the old "
                                      "file stays intact until the new one is complete)")
+    _device_option(cb)
     _common(cb)
 
     ex = sub.add_parser("export", help="write the whole detector (backbone to decisions) as one ONNX graph")
@@ -164,6 +185,34 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _inference_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` items plus the ``--precision`` shortcut (evaluate, predict)."""
+    precision = getattr(args, "precision", None)
+    return list(args.overrides) + ([f"inference.precision={precision}"] if precision else [])
+
+
+def _device(args: argparse.Namespace, config):
+    """The device an inference command runs on, checked (with the precision) before any image, and the config
+    with ``train.device`` saying so: ``--device``, else a ``--set train.device=...``, else auto. The
+    checkpoint's own ``train.device`` is where it was trained, not where it runs now."""
+    from vpdm.engine import select_device
+    from vpdm.precision import check_precision
+
+    if args.device is not None:
+        name, what = args.device, "--device"
+    elif any(o.strip().startswith("train.device=") for o in args.overrides):
+        name, what = config.train.device, "train.device"
+    else:
+        name, what = "auto", "--device"
+    device = select_device(name, what=what)
+    check_precision(config.inference.precision, device)
+    return config.with_overrides({"train.device": name}), device
+
+
+def _device_note(device, config) -> str:
+    return f"device {device}, inference.precision {config.inference.precision}"
+
+
 def _config(args: argparse.Namespace):
     from vpdm.config import load_config
 
@@ -187,9 +236,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vpdm.io import commit_run, exclusive_folder, prepare_write
     from vpdm.preflight import check_train
 
+    from vpdm.precision import check_precision
+
     shortcuts = {"data.spec": args.data, "train.epochs": args.epochs, "backbone.name": args.backbone,
-                 "backbone.weights": args.weights}
+                 "backbone.weights": args.weights, "train.device": args.device}
     config = _config(args).with_overrides({k: v for k, v in shortcuts.items() if v is not None}).validate()
+    # Before the output folder is created: a GPU that is not there leaves nothing behind.
+    device = engine.select_device(config.train.device, what="--device" if args.device is not None else "train.device")
+    check_precision(config.inference.precision, device)
     method = config.calibration.resolve(labelled=args.val_data is not None)
     if args.val_data is not None and config.train.calibration_fraction > 0:
         # The thresholds come from the labelled set: no train/good image needs to be held out (the saved config says so).
@@ -204,6 +258,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                        if args.val_data is not None else None)
         fraction = config.train.calibration_fraction
         # One extraction (and cache entry) for all of train/good, then the seeded split of the features.
+        print(_device_note(device, config))
         every = engine.load_split(config, "train", progress=progress, samples=plan.samples["train"])
         keep, held_index = holdout_index(plan.samples["train"], fraction, config.train.seed)
         train = subset(every, keep) if held_index else every
@@ -288,16 +343,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise VPDMError("--val-data calibrates on its labelled test split; --data and --fraction choose normal "
                         "train/good images for calibration.method=quantile: give one or the other")
     model, config, payload = load_checkpoint(args.checkpoint)
-    allowed = ("calibration.", "data.", "train.threads=", "train.batch_size=", "train.seed=")
+    allowed = ("calibration.", "data.", "train.threads=", "train.batch_size=", "train.seed=", "train.device=")
     other = [o for o in args.overrides if not o.strip().startswith(allowed)]
     if other:
         raise VPDMError(f"calibrate cannot change {', '.join(other)}: thresholds hold for the checkpoint's own "
-                        "sampling and scoring settings; only calibration.*, data.*, train.threads, train.batch_size "
-                        "and train.seed may change")
+                        "sampling, scoring and inference settings; only calibration.*, data.*, train.threads, "
+                        "train.batch_size, train.seed and train.device (--device) may change")
     config = inference_overrides(config, args.overrides, "calibrate")
     if args.data:
         config = config.with_overrides({"data.spec": args.data})
     config.validate()
+    config, device = _device(args, config)
+    model.to(device)
     method = config.calibration.resolve(labelled=args.val_data is not None)
     target = Path(args.output) if args.output else Path(args.checkpoint)
     writable_file(target, "checkpoint")  # before any image
@@ -305,7 +362,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.val_data is not None:
         model_classes = list(payload.get("categories") or [])
         val_samples = validation_samples(args.val_data, config, model_classes)  # classes, masks: before any image
-        split = engine.load_split(config, "test", progress=progress, samples=val_samples)
+        split = engine.load_split(config, "test", progress=progress, samples=val_samples, device=device)
         calibration = calibrate_labelled(model, config, split, method, source=f"--val-data {args.val_data}",
                                          progress=progress)
         return _store_calibration(calibration, payload, config, target)
@@ -313,7 +370,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.fraction is not None and args.fraction < 1:  # the same pick as train's hold-out (same data and seed)
         keep = {i for _, picked in calibration_picks(samples, args.fraction, config.train.seed).values() for i in picked}
         samples = [s for i, s in enumerate(samples) if i in keep]
-    split = engine.load_split(config, "train", progress=progress, samples=samples)
+    split = engine.load_split(config, "train", progress=progress, samples=samples, device=device)
     unknown = sorted(set(split.dataset.categories) - set(payload.get("categories") or []))
     if unknown:
         print(f"note: class(es) {', '.join(unknown)} were not in the model's training data "
@@ -457,15 +514,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     model, config, payload = load_checkpoint(args.checkpoint)
     calibration = checkpoint_calibration(payload, args.checkpoint)
-    config = inference_overrides(config, args.overrides, "evaluate")
+    config = inference_overrides(config, _inference_overrides(args), "evaluate")
     if args.data:
         config = config.with_overrides({"data.test_spec": args.data})
     config.validate()
+    config, device = _device(args, config)
+    model.to(device)
     progress = not args.no_progress
     out = Path(args.output) if args.output else Path(args.checkpoint).with_name("metrics.json")
     plots = Path(args.plots) if args.plots else None
     plan = check_evaluate(config, metrics=out, plots=plots)  # test split, output file, plots folder: before any image
-    test = engine.load_split(config, "test", progress=progress, samples=plan.samples["test"])
+    print(_device_note(device, config))
+    test = engine.load_split(config, "test", progress=progress, samples=plan.samples["test"], device=device)
     print(f"test: {len(test.features)} images, features {_cache_note(test)}")
     result = engine.evaluate(model, config, test, progress=progress)
     _warn_settings(calibration, config)
@@ -553,10 +613,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     model, config, payload = load_checkpoint(args.checkpoint)
     calibration = checkpoint_calibration(payload, args.checkpoint)
-    config = inference_overrides(config, args.overrides, "predict").validate()
+    config = inference_overrides(config, _inference_overrides(args), "predict").validate()
+    config, device = _device(args, config)
     out = Path(args.output)
     check_predict(config, output=out, overlays=not args.no_overlays)  # before the first image
-    detector = Detector(model, config, payload.get("categories"), calibration=calibration, checkpoint=args.checkpoint)
+    detector = Detector(model, config, payload.get("categories"), device=device, calibration=calibration,
+                        checkpoint=args.checkpoint)
     post = detector.postprocessor(args.image_threshold, args.pixel_threshold)
     if not post.ready:
         print(f"note: no decisions (pred_* columns empty): {not_calibrated_message(args.checkpoint)}", file=sys.stderr)

@@ -187,7 +187,7 @@ class Bench:
         }
 
         # 1. features, once --------------------------------------------------------------
-        extractor = FeatureExtractor(cfg.backbone).to(device)
+        extractor = FeatureExtractor(cfg.backbone, precision=cfg.inference.precision).to(device)
         seen = total_images_seen()
         train = engine.load_split(cfg, "train", extractor, progress=self.progress)
         test = engine.load_split(cfg, "test", extractor, progress=self.progress)
@@ -373,7 +373,7 @@ class Bench:
         t0 = time.perf_counter()
         scores, maps = score_features(model, features, sampling=sampling, scoring=scoring or self.config.scoring,
                                       map_size=self.map_size, batch_size=self.config.train.batch_size,
-                                      progress=self.progress)
+                                      progress=self.progress, precision=self.config.inference.precision)
         return scores.numpy(), maps.numpy(), time.perf_counter() - t0
 
     def _baseline_batch(self, pc, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -437,7 +437,7 @@ class Bench:
         self.log(f"timing on a batch of {n} images, {torch.get_num_threads()} thread(s), {repeats} repeat(s) ...")
 
         def vpdm_score(features: Tensor, sampling, m=model) -> Tensor:
-            return m.detect(features, sampling, cfg.scoring, self.map_size)[0]
+            return m.detect(features, sampling, cfg.scoring, self.map_size, precision=cfg.inference.precision)[0]
 
         features = extractor(images)
         accel = cfg.sampling
