@@ -155,9 +155,9 @@ def probe(monkeypatch):
     seen: dict[str, list] = {"resolved": [], "backbone": [], "detect": [], "extractor_to": [], "model_to": []}
     real_select, real_forward, real_detect = engine.select_device, FeatureExtractor.forward, VPDM.detect
 
-    def select(name="auto", what="train.device"):
+    def select(name="auto", what="train.device", precision="fp32"):
         seen["resolved"].append((str(name), what))
-        return torch.device("cpu:0") if str(name) == "cuda:7" else real_select(name, what)
+        return real_select("cpu:0" if str(name) == "cuda:7" else name, what, precision)
 
     def mover(key):
         def to(self, *args, **kwargs):

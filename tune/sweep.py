@@ -605,13 +605,12 @@ def _run(plan: SweepPlan, experiment_id: str, parent: Any, started: float, progr
     from tune.features import build_bundle
     from vpdm import backbone as vpdm_backbone
     from vpdm.backbone import FeatureExtractor
-    from vpdm.precision import check_precision
+    from vpdm.engine import select_device
 
     sc = plan.config
     # Features once: one backbone for the whole sweep, once per image (or none on a warm cache).
     base = plan.space.base
-    device = driver_device(use_gpu)
-    check_precision(base.inference.precision, device)
+    device = select_device(driver_device(use_gpu), what="sweep driver device", precision=base.inference.precision)
     extractor = FeatureExtractor(base.backbone, precision=base.inference.precision).to(device)
     _say(progress, f"feature extraction on {device} (inference.precision={base.inference.precision})")
     bundles, stats = [], []

@@ -196,7 +196,6 @@ def _device(args: argparse.Namespace, config):
     with ``train.device`` saying so: ``--device``, else a ``--set train.device=...``, else auto. The
     checkpoint's own ``train.device`` is where it was trained, not where it runs now."""
     from vpdm.engine import select_device
-    from vpdm.precision import check_precision
 
     if args.device is not None:
         name, what = args.device, "--device"
@@ -204,8 +203,7 @@ def _device(args: argparse.Namespace, config):
         name, what = config.train.device, "train.device"
     else:
         name, what = "auto", "--device"
-    device = select_device(name, what=what)
-    check_precision(config.inference.precision, device)
+    device = select_device(name, what=what, precision=config.inference.precision)
     return config.with_overrides({"train.device": name}), device
 
 
@@ -236,14 +234,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vpdm.io import commit_run, exclusive_folder, prepare_write
     from vpdm.preflight import check_train
 
-    from vpdm.precision import check_precision
-
     shortcuts = {"data.spec": args.data, "train.epochs": args.epochs, "backbone.name": args.backbone,
                  "backbone.weights": args.weights, "train.device": args.device}
     config = _config(args).with_overrides({k: v for k, v in shortcuts.items() if v is not None}).validate()
     # Before the output folder is created: a GPU that is not there leaves nothing behind.
-    device = engine.select_device(config.train.device, what="--device" if args.device is not None else "train.device")
-    check_precision(config.inference.precision, device)
+    device = engine.select_device(config.train.device, what="--device" if args.device is not None else "train.device",
+                                  precision=config.inference.precision)
     method = config.calibration.resolve(labelled=args.val_data is not None)
     if args.val_data is not None and config.train.calibration_fraction > 0:
         # The thresholds come from the labelled set: no train/good image needs to be held out (the saved config says so).

@@ -40,23 +40,27 @@ class TrainingDiverged(VPDMError):
         return (type(self), (str(self), self.epoch, self.step))
 
 
-def select_device(name: str | torch.device = "auto", what: str = "train.device") -> torch.device:
-    """The torch device ``name`` means ("auto": cuda when available, else cpu), checked to exist now, so that
-    a typo or a GPU that is not there fails before any image is read. ``what`` names the setting in errors."""
+def select_device(name: str | torch.device = "auto", what: str = "train.device",
+                  precision: str = "fp32") -> torch.device:
+    """The torch device ``name`` means ("auto": cuda when available, else cpu), checked to exist now, and to
+    run ``precision`` (``inference.precision``), so that a typo, a GPU that is not there or an autocast this
+    torch would silently skip fails before any image is read. ``what`` names the setting in errors."""
     if isinstance(name, torch.device):
         name = str(name)
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise VPDMError(f"{what}={name!r} is not a torch device (expected 'auto', 'cpu', 'cuda', 'cuda:N')") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise VPDMError(f"{what}={name!r} but no CUDA device is available; use 'cpu' or 'auto'")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise VPDMError(f"{what}={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s) "
-                            f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(name)
+        except (RuntimeError, TypeError):
+            raise VPDMError(f"{what}={name!r} is not a torch device (expected 'auto', 'cpu', 'cuda', 'cuda:N')") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise VPDMError(f"{what}={name!r} but no CUDA device is available; use 'cpu' or 'auto'")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise VPDMError(f"{what}={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s) "
+                                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    check_precision(precision, device)
     return device
 
 
@@ -104,9 +108,8 @@ def load_split(
     dataset = AnomalyDataset(samples, image_size=config.backbone.image_size, mask_size=config.scoring.map_size)
     if extractor is None:
         extractor = FeatureExtractor(config.backbone, precision=config.inference.precision)
-        target = select_device(device if device is not None else config.train.device)
-        check_precision(config.inference.precision, target)
-        extractor = extractor.to(target)
+        extractor = extractor.to(select_device(device if device is not None else config.train.device,
+                                               precision=config.inference.precision))
     start = time.perf_counter()
     features, info = extract_features(
         extractor,

@@ -53,12 +53,11 @@ class Detector:
                  device: str | torch.device = "cpu", calibration: Calibration | None = None,
                  checkpoint: str = "checkpoint"):
         from vpdm.engine import select_device
-        from vpdm.precision import check_precision
         from vpdm.preflight import apply_threads
 
         apply_threads(config)  # train.threads holds for prediction too: a shared machine is not taken over
-        self.device = select_device(device, what="device")  # cuda without CUDA: a clear error, not torch's
-        check_precision(config.inference.precision, self.device)
+        # cuda without CUDA, or an autocast torch would skip: a clear error, not torch's
+        self.device = select_device(device, what="device", precision=config.inference.precision)
         self.precision = config.inference.precision
         self.model = model.to(self.device).eval()
         self.config = config
