@@ -127,3 +127,15 @@ def test_image_pools_must_divide_the_feature_size() -> None:
 
     with pytest.raises(ConfigError, match="scoring.image_pools: 3 must divide"):
         VPDMConfig().with_overrides(["scoring.image_pools=[3]"]).validate()
+
+
+@pytest.mark.parametrize("pool", [1, 4, 16, 50])
+def test_max_pool_image_score_is_the_max_of_the_box_means(pool: int) -> None:
+    """The separable pooling equals the k x k box means computed directly (numpy)."""
+    g = torch.Generator().manual_seed(pool)
+    maps = torch.rand(3, 37, 41, generator=g, dtype=torch.float64)
+    m = maps.numpy()
+    k = min(pool, 37)
+    want = np.array([max(m[b, i:i + k, j:j + k].mean() for i in range(37 - k + 1) for j in range(41 - k + 1))
+                     for b in range(3)])
+    np.testing.assert_allclose(image_scores(maps, pool).numpy(), want, rtol=1e-12)

@@ -218,3 +218,31 @@ def test_free_prototype_marginal_is_the_gibbs_softmax_in_training_and_inference(
         m.train(mode)
         torch.testing.assert_close(m(feats)["weights"].detach(), want)
     assert float(m.potential.abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("kw", [
+    dict(level="local", ot_scope="none"),
+    dict(level="local", ot_scope="dataset"),
+    dict(level="image", ot_scope="batch"),
+    dict(level="local", assignment="nearest"),
+])
+def test_inference_assignment_without_the_loss_is_the_same_condition(kw):
+    """with_loss=False (what inference calls) folds the scaling and skips the loss: the same yhat and
+    weights as the full eval-mode forward, after training has set a nonzero prototype potential."""
+    torch.manual_seed(2)
+    m = VaguePrototypes(VPOTConfig(num_prototypes=7, downsample=2, ot_reg=0.1, **kw), 3, 4)
+    m.train()
+    for _ in range(3):  # batch / dataset scopes move the stored potential
+        m(torch.randn(8, 3, 4, 4))
+    if kw.get("ot_scope") in ("batch", "dataset"):
+        assert float(m.potential.abs().sum()) > 0
+    m.eval()
+    feats = torch.randn(5, 3, 4, 4)
+    with torch.no_grad():
+        full, fast = m(feats), m(feats, with_loss=False)
+    assert set(fast) == {"yhat", "weights"}
+    torch.testing.assert_close(fast["weights"], full["weights"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fast["yhat"], full["yhat"], rtol=1e-5, atol=1e-6)
+    m.train()
+    with pytest.raises(RuntimeError, match="eval"):
+        m(feats, with_loss=False)

@@ -265,7 +265,7 @@ class ExportableDetector(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         features = self.features(images)
         protos = self.model.prototypes
-        assigned = protos(self.model.normalise(features))
+        assigned = protos(self.model.normalise(features), with_loss=False)
         yhat = assigned["yhat"]
         reconstruction = self.reconstruct(features, yhat)
         # vpdm.scoring.postprocess_maps (square maps) as the precomputed matrix products

@@ -118,7 +118,7 @@ class VPDM(nn.Module):
         was_training = self.prototypes.training
         self.prototypes.eval()
         try:
-            return self.prototypes(self.normalise(features))["yhat"]
+            return self.prototypes(self.normalise(features), with_loss=False)["yhat"]
         finally:
             self.prototypes.train(was_training)
 

@@ -224,7 +224,10 @@ def image_scores(maps: Tensor, pool_size: int, method: str = "max_pool", top_k_p
     if method != "max_pool":
         raise ConfigError(f"image score method must be one of {IMAGE_SCORES}, got {method!r}")
     k = min(pool_size, maps.shape[-1], maps.shape[-2])
-    pooled = F.avg_pool2d(maps.unsqueeze(1), kernel_size=k, stride=1)
+    # The k x k box mean as a row mean then a column mean: the same numbers (float rounding aside)
+    # for 2k instead of k^2 additions per pixel (at k = 16 on 224 px maps the 2-D pool cost more than
+    # the denoiser step on a CPU).
+    pooled = F.avg_pool2d(F.avg_pool2d(maps.unsqueeze(1), kernel_size=(1, k), stride=1), kernel_size=(k, 1), stride=1)
     return pooled.flatten(1).amax(dim=1)
 
 

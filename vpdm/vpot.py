@@ -199,13 +199,21 @@ class VaguePrototypes(nn.Module):
         so that ``ot_reg`` means the same for any backbone, feature size or N."""
         return torch.cdist(flat, self.prototypes) / math.sqrt(self.dim)
 
-    def forward(self, features: Tensor) -> dict[str, Tensor]:
+    def forward(self, features: Tensor, with_loss: bool = True) -> dict[str, Tensor]:
         """Return ``yhat`` (B x C x S x S), the OT loss and the plan.
 
         In training mode the plan is the balanced Sinkhorn plan of the batch (the paper's Eq. 9-11)
         and the stored potential is updated; in eval mode each image is assigned on its own with the
         stored potential, so its ``yhat`` does not depend on the batch.
+
+        ``with_loss=False`` (eval mode only: inference) returns ``yhat`` and ``weights`` alone: the OT
+        loss and the plan are B*P x K element-wise passes that inference never reads, and with
+        thousands of local prototypes they cost more than the denoiser.
         """
+        if not with_loss:
+            if self.training:
+                raise RuntimeError("VaguePrototypes(with_loss=False) is for inference: call .eval() first")
+            return self._assign(features)
         batch = features.shape[0]
         flat = self.samples(features)
         cost = self.cost(flat)
@@ -252,6 +260,28 @@ class VaguePrototypes(nn.Module):
         else:
             y = y.view(batch, self.channels, self.vague_size, self.vague_size)
         return {"yhat": unvague(y, self.feature_size), "ot_loss": ot_loss, "weights": weights, "cost": cost}
+
+    def _assign(self, features: Tensor) -> dict[str, Tensor]:
+        """Eval-mode ``forward`` without the loss: the same ``yhat`` and ``weights`` (float rounding aside),
+        with the cost's scaling folded into one in-place pass before the softmax."""
+        batch = features.shape[0]
+        flat = self.samples(features)
+        reg = self.config.ot_reg
+        if self.config.assignment == "nearest":
+            cost = self.cost(flat)
+            weights = F.one_hot(cost.argmin(dim=1), cost.shape[1]).to(cost.dtype)
+        else:
+            # softmax((g - C) / reg) with C = dist / sqrt(d); g = 0 without a prototype marginal
+            logits = torch.cdist(flat, self.prototypes).mul_(-1.0 / (math.sqrt(self.dim) * reg))
+            if self.config.ot_scope != "none":
+                logits.add_(self.potential.unsqueeze(0) / reg)
+            weights = torch.softmax(logits, dim=1)
+        y = weights @ self.prototypes
+        if self.local:
+            y = y.view(batch, self.vague_size, self.vague_size, self.channels).permute(0, 3, 1, 2)
+        else:
+            y = y.view(batch, self.channels, self.vague_size, self.vague_size)
+        return {"yhat": unvague(y, self.feature_size), "weights": weights}
 
     @torch.no_grad()
     def _ascend_potential(self, mass_ratio: Tensor) -> None:
