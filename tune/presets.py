@@ -200,7 +200,7 @@ _DEMO_FIXED: dict[str, Any] = {
 # The levers that mattered on the real benchmark (benchmarks/EXPERIMENTS.md): the number and sharpness of
 # the local prototypes, the size of the vague blocks, and the learning rate of the denoiser.
 _DEFAULT_SPACE: tuple[Dim, ...] = (
-    Dim("model.prototypes.num_prototypes", "logint", 1024, 8192),
+    Dim("model.prototypes.num_prototypes", "logint", 2048, 16384),
     Dim("model.prototypes.ot_reg", "log", 0.02, 0.1),
     Dim("model.prototypes.downsample", "choice", values=(2, 4)),
     Dim("train.lr", "log", 3e-4, 3e-3),
@@ -251,7 +251,7 @@ PRESETS: dict[str, Preset] = {
         name="default",
         description="The library's defaults (EfficientNet-B4, timm weights, 224 px, 32x32 features, local prototypes "
         "from k-means, x0-prediction, one step from N(yhat, I)) with a search over what mattered on the real "
-        "benchmark: K 1024-8192, eps_OT 0.02-0.1, N 2 or 4, lr. 16 trials x 20 epochs: a cluster job.",
+        "benchmark: K 2048-16384, eps_OT 0.02-0.1, N 2 or 4, lr. 16 trials x 20 epochs: a cluster job.",
         fixed={},
         space=_DEFAULT_SPACE,
         trials=16,

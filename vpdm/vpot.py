@@ -39,10 +39,10 @@ OT_SCOPES = ("batch", "dataset", "none")
 
 @dataclass
 class VPOTConfig:
-    """Vague-prototype settings. Defaults: local prototypes, K=8192 from k-means, no prototype marginal
+    """Vague-prototype settings. Defaults: local prototypes, K=12288 from k-means, no prototype marginal
     (the paper: whole-image prototypes, K=50, batch OT; the ``paper`` preset in ``vpdm.config``)."""
 
-    num_prototypes: int = 8192  # K
+    num_prototypes: int = 12288  # K (benchmarks/EXPERIMENTS.md section 11: more prototypes cover varied normal blocks)
     downsample: int = 4  # N: average-pool factor of the low-pass step (1 = no vague step)
     ot_reg: float = 0.05  # entropic regularisation eps, in units of the dimension-normalised cost
     sinkhorn_iters: int = 100
