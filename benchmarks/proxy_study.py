@@ -38,7 +38,7 @@ MODELS: dict[str, list[str]] = {
     "local N4 K256": ["model.prototypes.num_prototypes=256"],
     "local N4 K1024": ["model.prototypes.num_prototypes=1024"],
     "local N4 K4096": ["model.prototypes.num_prototypes=4096"],
-    "local N4 K8192 (default)": [],
+    "local N4 K8192 (the default when this study ran)": ["model.prototypes.num_prototypes=8192"],
     "local N4 K1024 eps 0.1": ["model.prototypes.num_prototypes=1024", "model.prototypes.ot_reg=0.1"],
     "local N4 K1024 eps 0.02": ["model.prototypes.num_prototypes=1024", "model.prototypes.ot_reg=0.02"],
     "local N2 K1024": ["model.prototypes.num_prototypes=1024", "model.prototypes.downsample=2",
