@@ -163,6 +163,7 @@ VARIANT = {  # a random-init Lite0 backbone: the backbone's weights are the main
     "model.prototypes.num_prototypes": 5, "model.prototypes.downsample": 3, "model.prototypes.level": "image",
     "model.prototypes.assignment": "nearest", "model.diffusion.num_timesteps": 50,
     "model.diffusion.prediction": "v", "model.denoiser.width": 16, "model.denoiser.groups": 4,
+    "model.input_copy": "jitter",  # the image's own features beside yhat: one more input of every step
     # ancestral sampling from the image's own noised features: a noise draw at the start and at every step
     "sampling.sampler": "ddpm", "sampling.num_steps": 3, "sampling.start_step": 30, "sampling.spacing": "linspace",
     "sampling.seed": 7,

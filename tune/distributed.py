@@ -132,7 +132,7 @@ def _val_losses(model: Any, features: Tensor, t_uniform: Tensor, noise: Tensor) 
     steps = model.diffusion.num_timesteps if hasattr(model.diffusion, "num_timesteps") else model.config.diffusion.num_timesteps
     t = (t_uniform * steps).long().clamp_(0, steps - 1)
     x_t = model.diffusion.q_sample(x0, yhat, t, noise)
-    eps = model.predict_noise(x_t, yhat, t)
+    eps = model.predict_noise(x_t, yhat, t, copy=model.inference_copy(x0))
     mse = (eps - noise).pow(2).flatten(1).mean(dim=1)
     ot = model.config.ot_weight * cond["ot_loss"]
     return (mse + ot).cpu()

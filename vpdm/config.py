@@ -29,6 +29,7 @@ from vpdm.scoring import ScoringConfig
 from vpdm.vpot import VPOTConfig
 
 SAMPLERS = ("ddpm", "ddim")
+INPUT_COPIES = ("none", "dropout", "jitter")
 
 # The paper's literal method as overrides: whole-image prototypes matched by batch OT, eps-prediction
 # with the plain eps-MSE, the chain from N(yhat, I), L2 over all standardised channels, max of the
@@ -53,6 +54,7 @@ PAPER: dict[str, Any] = {
     "model.loss_weighting": "none",
     "model.train_max_step": None,
     "model.feature_jitter": 0.0,
+    "model.input_copy": "none",
     "sampling.sampler": "ddim",
     "sampling.num_steps": 3,
     "sampling.spacing": "trailing",
@@ -88,6 +90,8 @@ LEGACY_VALUES: dict[str, Any] = {
     "model.min_snr_gamma": 5.0,
     "model.train_max_step": None,
     "model.feature_jitter": 0.0,
+    "model.input_copy": "none",
+    "model.input_copy_strength": 0.2,
     "sampling.start_step": None,
     "scoring.distance": "l2",
     "scoring.per_stage": False,
@@ -146,6 +150,15 @@ class ModelConfig:
     # Training augmentation: Gaussian noise of this std (standardised feature units) on the features the
     # network sees, while the targets stay clean (UniAD's feature jitter). 0 = off.
     feature_jitter: float = 0.0
+    # What the denoiser sees of the image besides the chain and yhat. "none" (the paper): nothing, the
+    # image enters only through yhat. "dropout" / "jitter": also a copy of the image's own standardised
+    # features, perturbed while training (each value zeroed with probability ``input_copy_strength`` and
+    # the rest rescaled: Dinomaly's dropout bottleneck; or Gaussian noise of that std: UniAD's feature
+    # jitter, whose scale 20 over 256 channels is about 1.25) and clean at inference, as both do. A
+    # direct path for the image: it may pass defects through (the identical shortcut); the bench's
+    # defect/outside error measures how much.
+    input_copy: str = "none"
+    input_copy_strength: float = 0.2
 
     def validate(self, feature_size: int | None = None) -> None:
         self.prototypes.validate(feature_size)
@@ -158,6 +171,13 @@ class ModelConfig:
         if not (isinstance(self.feature_jitter, (int, float)) and math.isfinite(self.feature_jitter)
                 and self.feature_jitter >= 0):
             raise ConfigError(f"model.feature_jitter must be a finite number >= 0, got {self.feature_jitter!r}")
+        if self.input_copy not in INPUT_COPIES:
+            raise ConfigError(f"model.input_copy must be one of {INPUT_COPIES}, got {self.input_copy!r}")
+        strength = self.input_copy_strength
+        if not (isinstance(strength, (int, float)) and not isinstance(strength, bool) and math.isfinite(strength)
+                and strength >= 0 and (self.input_copy != "dropout" or strength < 1)):
+            raise ConfigError("model.input_copy_strength must be a finite number >= 0 (and < 1 for dropout, a "
+                              f"probability), got {strength!r}")
         t = self.diffusion.num_timesteps
         if self.train_max_step is not None and (
             not isinstance(self.train_max_step, int) or isinstance(self.train_max_step, bool)

@@ -3,7 +3,8 @@
 The paper does not give the architecture. Ours is a small two-level conditional UNet on the
 feature map (C x 32 x 32 for the paper's setting):
 
-* input ``[x_t, yhat]`` (2C channels) projected by a 1x1 convolution to ``width`` channels;
+* input ``[x_t, yhat]`` (2C channels; 3C with ``[x_t, yhat, copy]`` when the model also passes a copy
+  of the image's features, ``model.input_copy``) projected by a 1x1 convolution to ``width`` channels;
 * one pointwise (1x1) residual block at full resolution, a stride-2 convolution to half
   resolution where the ``depth`` 3x3 residual blocks do the spatial work (4x fewer positions:
   cheap on a CPU), then an upsampling path with a skip connection and one more pointwise
@@ -85,8 +86,11 @@ class ResBlock(nn.Module):
 class Denoiser(nn.Module):
     """eps_theta(x_t, yhat, t): predicts the noise of the shifted diffusion from the noisy features and the condition."""
 
-    def __init__(self, channels: int, config: DenoiserConfig | None = None):
+    def __init__(self, channels: int, config: DenoiserConfig | None = None, extra_inputs: int = 0):
         super().__init__()
+        if extra_inputs not in (0, 1):
+            raise ValueError(f"extra_inputs must be 0 or 1 (a copy of the image's features), got {extra_inputs!r}")
+        self.extra_inputs = extra_inputs
         config = config or DenoiserConfig()
         config.validate()
         self.config = config
@@ -95,7 +99,7 @@ class Denoiser(nn.Module):
             nn.Linear(config.time_dim, 4 * config.time_dim), nn.SiLU(), nn.Linear(4 * config.time_dim, 4 * config.time_dim)
         )
         emb = 4 * config.time_dim
-        self.inp = nn.Conv2d(2 * channels, w, 1)
+        self.inp = nn.Conv2d((2 + extra_inputs) * channels, w, 1)
         self.full_in = ResBlock(w, emb, g, config.dropout, kernel=1)
         self.down = nn.Conv2d(w, w, 3, stride=2, padding=1)
         self.mid = nn.ModuleList([ResBlock(w, emb, g, config.dropout) for _ in range(config.depth)])
@@ -106,9 +110,13 @@ class Denoiser(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x_t: Tensor, yhat: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x_t: Tensor, yhat: Tensor, t: Tensor, copy: Tensor | None = None) -> Tensor:
+        if (copy is None) != (self.extra_inputs == 0):
+            raise ValueError("this denoiser takes a copy of the image's features beside yhat" if self.extra_inputs
+                             else "this denoiser was built without an input for a copy of the image's features")
+        inputs = [x_t, yhat] if copy is None else [x_t, yhat, copy]
         emb = self.time_mlp(timestep_embedding(t, self.config.time_dim))
-        h = self.full_in(self.inp(torch.cat([x_t, yhat], dim=1)), emb)
+        h = self.full_in(self.inp(torch.cat(inputs, dim=1)), emb)
         skip = h
         h = self.down(h)
         for block in self.mid:

@@ -111,7 +111,7 @@ def x0_error_by_t(model: VPDM, features: Tensor, timesteps: Sequence[int], seed:
         for t in timesteps:
             tt = torch.full((x0.shape[0],), t - 1, dtype=torch.long)
             x_t = model.diffusion.q_sample(x0, yhat, tt, noise[s : s + batch_size])
-            errs[t] += float((model.predict_x0(x_t, yhat, tt) - x0).pow(2).sum())
+            errs[t] += float((model.predict_x0(x_t, yhat, tt, copy=model.inference_copy(x0)) - x0).pow(2).sum())
     out[0] = cond_err / total
     out.update({t: v / total for t, v in errs.items()})
     return out

@@ -250,10 +250,11 @@ class ExportableDetector(nn.Module):
             x = a_t * model.normalise(features) + diffusion._shift_scale * (1.0 - a_t) * yhat + b_t * self.noise[0]
         else:
             x = shift + self.noise[0]
+        copy = model.inference_copy(model.normalise(features))
         draw = 1
         for i, t in enumerate(self.timesteps):
             t_prev = self.timesteps[i + 1] if i + 1 < len(self.timesteps) else -1
-            output = model.denoise(x, yhat, self.steps[i])
+            output = model.denoise(x, yhat, self.steps[i], copy=copy)
             noise = None
             if self.step_noise[i]:
                 noise = self.noise[draw]

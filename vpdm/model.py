@@ -33,7 +33,7 @@ class VPDM(nn.Module):
         if sum(self.stage_channels) != channels or min(self.stage_channels) < 1:
             raise ConfigError(f"stage channels {self.stage_channels} do not add up to the {channels} feature channels")
         self.prototypes = VaguePrototypes(config.prototypes, channels, feature_size)
-        self.denoiser = Denoiser(channels, config.denoiser)
+        self.denoiser = Denoiser(channels, config.denoiser, extra_inputs=int(config.input_copy != "none"))
         self.diffusion = ShiftedDiffusion(config.diffusion)
         self.register_buffer("feature_mean", torch.zeros(1, channels, 1, 1))
         self.register_buffer("feature_std", torch.ones(1, channels, 1, 1))
@@ -52,6 +52,23 @@ class VPDM(nn.Module):
 
     def normalise(self, features: Tensor) -> Tensor:
         return (features - self.feature_mean) / self.feature_std
+
+    # -- the image's own features beside yhat (model.input_copy) -------------------------------------
+    def inference_copy(self, x0: Tensor) -> Tensor | None:
+        """What the denoiser receives of the image at scoring time: its clean standardised features, or
+        nothing (``model.input_copy='none'``, the paper)."""
+        return None if self.config.input_copy == "none" else x0
+
+    def training_copy(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor | None:
+        """The perturbed copy the denoiser is trained with: dropout (each value zeroed with probability
+        p, the rest scaled by 1/(1-p), so its mean is x0's) or additive Gaussian jitter of std s."""
+        kind, strength = self.config.input_copy, float(self.config.input_copy_strength)
+        if kind == "none":
+            return None
+        if kind == "dropout":
+            keep = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) >= strength
+            return x0 * keep / (1.0 - strength)
+        return x0 + strength * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
 
     # -- training -------------------------------------------------------------------------------
     def forward(self, features: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
@@ -73,7 +90,7 @@ class VPDM(nn.Module):
             noise = noise + (a / (1 - a**2).sqrt()) * jitter
         else:
             x_t = self.diffusion.q_sample(x0, yhat, t, noise)
-        output = self.denoise(x_t, yhat, t)
+        output = self.denoise(x_t, yhat, t, copy=self.training_copy(x0, generator))
         target = self.diffusion.target(x0, yhat, t, noise)
         weights = self.diffusion.loss_weights(t, x0, self.config.loss_weighting, self.config.min_snr_gamma)
         diffusion_loss = (weights * (output - target).pow(2)).mean()
@@ -84,7 +101,8 @@ class VPDM(nn.Module):
         return {"loss": loss, "diffusion_loss": diffusion_loss.detach(), "eps_mse": eps_mse,
                 "ot_loss": cond["ot_loss"].detach()}
 
-    def denoise(self, x_t: Tensor, yhat: Tensor, t: Tensor, precision: str = "fp32") -> Tensor:
+    def denoise(self, x_t: Tensor, yhat: Tensor, t: Tensor, precision: str = "fp32",
+                copy: Tensor | None = None) -> Tensor:
         """The network's prediction in the configured parameterisation (``model.diffusion.prediction``):
         ``c_skip(t) * z_t + denoiser(x_t, yhat, t)`` with ``z_t = x_t - yhat``.
 
@@ -96,20 +114,22 @@ class VPDM(nn.Module):
 
         ``precision`` (``inference.precision``, scoring only) runs the network under autocast; its output
         is cast back to float32 before the skip term, so only the network itself loses precision.
+        ``copy``: the image's own standardised features (:meth:`inference_copy`, :meth:`training_copy`),
+        required exactly when ``model.input_copy`` is set.
         """
         z_t = x_t - yhat if self.config.diffusion.shift_to_condition else x_t
         with autocast(precision, x_t.device):
-            out = self.denoiser(x_t, yhat, t)
+            out = self.denoiser(x_t, yhat, t, copy)
         return self.diffusion.skip_scale(t, x_t) * z_t + out.float()
 
-    def predict_noise(self, x_t: Tensor, yhat: Tensor, t: Tensor) -> Tensor:
+    def predict_noise(self, x_t: Tensor, yhat: Tensor, t: Tensor, copy: Tensor | None = None) -> Tensor:
         """eps_theta(x_t, yhat, t), whatever the parameterisation."""
-        output = self.denoise(x_t, yhat, t)
+        output = self.denoise(x_t, yhat, t, copy=copy)
         return output if self.config.diffusion.prediction == "eps" else self.diffusion.split(output, x_t, yhat, t)[1]
 
-    def predict_x0(self, x_t: Tensor, yhat: Tensor, t: Tensor) -> Tensor:
+    def predict_x0(self, x_t: Tensor, yhat: Tensor, t: Tensor, copy: Tensor | None = None) -> Tensor:
         """x0_hat(x_t, yhat, t) in normalised feature space, whatever the parameterisation."""
-        return self.diffusion.split(self.denoise(x_t, yhat, t), x_t, yhat, t)[0]
+        return self.diffusion.split(self.denoise(x_t, yhat, t, copy=copy), x_t, yhat, t)[0]
 
     # -- inference ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -127,15 +147,18 @@ class VPDM(nn.Module):
                     precision: str = "fp32") -> Tensor:
         """Algorithm 2: start at N(yhat, I) and denoise back to x0; returns the reconstruction in
         normalised feature space. The image enters only through yhat, unless ``sampling.start_step``
-        is below T: then the chain starts from the image's own features noised to that step.
+        is below T: then the chain starts from the image's own features noised to that step, or
+        ``model.input_copy`` is set: then every step also sees the clean features.
         ``precision``: the denoiser's autocast (:meth:`denoise`)."""
         sampling = sampling or SamplingConfig()
         yhat = self.condition(features)
+        x0 = self.normalise(features)
+        copy = self.inference_copy(x0)
         generators = [
             torch.Generator(device=features.device).manual_seed(sampling.seed) for _ in range(features.shape[0])
         ]
         return self.diffusion.sample(
-            lambda x_t, y, t: self.denoise(x_t, y, t, precision),
+            lambda x_t, y, t: self.denoise(x_t, y, t, precision, copy=copy),
             yhat,
             num_steps=sampling.num_steps,
             sampler=sampling.sampler,
@@ -143,7 +166,7 @@ class VPDM(nn.Module):
             generators=generators,
             progress=progress,
             spacing=sampling.spacing,
-            x0=self.normalise(features),
+            x0=x0,
             start_step=sampling.start_step,
         )
 
