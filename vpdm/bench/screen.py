@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", action="append", default=None,
                    help="';'-separated sampling/scoring overrides to score with (repeatable; '' = as trained)")
     p.add_argument("--condition-only", action="store_true", help="score the distance to the condition yhat")
+    p.add_argument("--leak", action="store_true",
+                   help="also print, per class, the map inside the defect masks over outside them "
+                        "(near 1 = defects pass through the reconstruction)")
     p.add_argument("--json", help="append one JSON line per variant to this file")
     return p
 
@@ -152,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
             metrics = compute_metrics(labels, scores, masks, maps, cats)
             label = "; ".join(v) + (" [condition only]" if args.condition_only else "")
             print(line(label, metrics, seconds), flush=True)
+            if args.leak:
+                from vpdm.diagnostics import leak_report
+
+                leak = leak_report(maps, masks, labels, cats)
+                print("  inside/outside defects: " + " ".join(
+                    f"{name} {r['inside_over_outside']:.2f}" for name, r in leak.items()), flush=True)
             if args.json:
                 with Path(args.json).open("a") as fh:
                     fh.write(json.dumps({"overrides": _overrides(args), "preset": args.preset, "load": args.load,
