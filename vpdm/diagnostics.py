@@ -106,12 +106,13 @@ def x0_error_by_t(model: VPDM, features: Tensor, timesteps: Sequence[int], seed:
     for s in range(0, len(features), batch_size):
         x0 = model.normalise(features[s : s + batch_size])
         yhat = model.condition(features[s : s + batch_size])
+        copy = model.inference_copy(x0)
         cond_err += float((x0 - yhat).pow(2).sum())
         total += x0.numel()
         for t in timesteps:
             tt = torch.full((x0.shape[0],), t - 1, dtype=torch.long)
             x_t = model.diffusion.q_sample(x0, yhat, tt, noise[s : s + batch_size])
-            errs[t] += float((model.predict_x0(x_t, yhat, tt, copy=model.inference_copy(x0)) - x0).pow(2).sum())
+            errs[t] += float((model.predict_x0(x_t, yhat, tt, copy=copy) - x0).pow(2).sum())
     out[0] = cond_err / total
     out.update({t: v / total for t, v in errs.items()})
     return out

@@ -241,16 +241,17 @@ class ExportableDetector(nn.Module):
         """VPDM.reconstruct with the noise stream from the buffers (same order of draws)."""
         diffusion, model = self.model.diffusion, self.model
         shift = diffusion._shift(yhat)
+        x0 = model.normalise(features)
         if self.from_image:
             t0 = self.timesteps[0]
             a = float(diffusion.sqrt_alphas_cumprod[t0])
             b = float(diffusion.sqrt_one_minus_alphas_cumprod[t0])
             a_t = torch.tensor(a, dtype=torch.float32)  # q_sample casts its table to float32 before the product
             b_t = torch.tensor(b, dtype=torch.float32)
-            x = a_t * model.normalise(features) + diffusion._shift_scale * (1.0 - a_t) * yhat + b_t * self.noise[0]
+            x = a_t * x0 + diffusion._shift_scale * (1.0 - a_t) * yhat + b_t * self.noise[0]
         else:
             x = shift + self.noise[0]
-        copy = model.inference_copy(model.normalise(features))
+        copy = model.inference_copy(x0)
         draw = 1
         for i, t in enumerate(self.timesteps):
             t_prev = self.timesteps[i + 1] if i + 1 < len(self.timesteps) else -1
