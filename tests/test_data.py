@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from PIL import Image, ImageFile
 
 from vpdm.data import (
@@ -432,3 +433,100 @@ def test_demo_spec_generates_on_first_use(tmp_path: Path, monkeypatch: pytest.Mo
     assert demo_root() == tmp_path / "cache"
     train = list_samples("demo", "train")
     assert len(train) == 3 * 24 and (tmp_path / "cache" / ".vpdm_demo.json").is_file()
+
+
+def test_small_defect_demo_has_few_pixel_defects_inside_the_part(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`demo-small`: small parts freely placed and fine textures, each defect a few pixels (under 0.2 % of
+    the image, the bench's "small" stratum), drawn where the class's region is (on the screw, not beside it)."""
+    from vpdm.data import SMALL_DEFECTS, SMALL_DEMO_CLASSES
+
+    monkeypatch.setenv("VPDM_DEMO_DIR", str(tmp_path / "demo"))
+    root = make_demo_dataset(tmp_path / "small", classes=list(SMALL_DEMO_CLASSES), train_per_class=2,
+                             test_good_per_class=1, test_defect_per_class=6, size=128)
+    test = list_samples(f"demo-small:{root}", "test")
+    assert categories(test) == [f"demo-small/{c}" for c in sorted(SMALL_DEMO_CLASSES)]
+    assert {s.defect for s in test if s.label} == set(SMALL_DEFECTS)
+    ds = AnomalyDataset(test, image_size=128)
+    for i, s in enumerate(test):
+        m = ds.mask_array(i)
+        if s.label == 0:
+            continue
+        assert 1 <= m.sum() <= 0.002 * 128 * 128 * 4, (s.image_path, int(m.sum()))  # a few pixels (at 256: < 0.2 %)
+        img = ds.raw_image(i).astype(float)
+        ring = ndimage.binary_dilation(m > 0, iterations=2) & (m == 0)
+        assert np.abs(img[m > 0].mean(0) - img[ring].mean(0)).max() > 10, s.image_path  # visible locally
+    # screws lie anywhere at any angle: the part's centre moves between images
+    screws = [s for s in list_samples(f"demo-small:{root}", "train") if s.category == "demo-small/screw"]
+    centres = []
+    for s in screws:
+        grey = np.asarray(Image.open(s.image_path).convert("L"), dtype=float)
+        ys, xs = np.nonzero(grey < 170)  # the part is darker than the plain background
+        centres.append((ys.mean(), xs.mean()))
+    assert np.hypot(*np.subtract(*centres)) > 2
+    # the plain spec generates the small set beside the default demo
+    assert demo_root("demo-small") == tmp_path / "demo-small"
+    with pytest.raises(ConfigError, match="names"):
+        make_demo_dataset(tmp_path / "bad", classes=["screw", "nope"])
+
+
+def test_non_square_images_and_masks_are_squashed_alike(tmp_path: Path) -> None:
+    """A 100 x 40 image (BSData is 256 x 104) and its mask are both resized to the square input size without
+    keeping the aspect ratio (as anomalib's Resize), so a defect stays where the mask says."""
+    cat = tmp_path / "part"
+    (cat / "train" / "good").mkdir(parents=True)
+    (cat / "test" / "dent").mkdir(parents=True)
+    (cat / "ground_truth" / "dent").mkdir(parents=True)
+    img = np.full((40, 100, 3), 200, dtype=np.uint8)
+    img[25:33, 70:86] = (20, 20, 20)  # the defect, near a corner
+    mask = np.zeros((40, 100), dtype=np.uint8)
+    mask[25:33, 70:86] = 255
+    Image.fromarray(img).save(cat / "train" / "good" / "000.png")
+    Image.fromarray(img).save(cat / "test" / "dent" / "000.png")
+    Image.fromarray(mask).save(cat / "ground_truth" / "dent" / "000_mask.png")
+    test = list_samples(f"folder:{cat}", "test")
+    ds = AnomalyDataset(test, image_size=64, mask_size=64)
+    m, raw = ds.mask_array(0), ds.raw_image(0)
+    assert m.shape == (64, 64) and raw.shape == (64, 64, 3)
+    ys, xs = np.nonzero(m)
+    # nearest neighbour: output row j reads source row floor((j + 0.5) * 40 / 64), column floor((j + 0.5) * 100 / 64)
+    assert (ys.min(), ys.max()) == (40, 52) and (xs.min(), xs.max()) == (45, 54)
+    dark = raw.mean(axis=2) < 110
+    assert (dark & (m > 0)).sum() / dark.sum() > 0.85 and (dark & (m > 0)).sum() / m.sum() > 0.85
+
+
+def test_bsdata_counts_and_its_non_square_masks_line_up(shared_data: Path) -> None:
+    root = shared_data / "bsdata" / "ball_screw_drive"
+    if not root.is_dir():
+        pytest.skip(f"BSData not found at {root}")
+    train, test = list_samples(f"folder:{root}", "train"), list_samples(f"folder:{root}", "test")
+    assert categories(test) == ["folder/ball_screw_drive"]
+    assert len(train) == 390 and len(test) == 280 + 167 and sum(s.label for s in test) == 167
+    pits = [s for s in test if s.label]
+    with Image.open(pits[0].image_path) as im:
+        assert im.size == (256, 104)
+    ds = AnomalyDataset(pits[:20], image_size=224, mask_size=224)
+    for i, s in enumerate(pits[:20]):
+        with Image.open(s.mask_path) as mim:
+            original = np.asarray(mim) > 127
+        ys, xs = np.nonzero(original)
+        m = ds.mask_array(i)
+        assert m.shape == (224, 224) and m.any(), s.image_path
+        ry, rx = np.nonzero(m)
+        # the same place after squashing 256 x 104 to 224 x 224 (within 2.5 output pixels); one-pixel pits that
+        # nearest neighbour would drop are kept
+        assert abs(ry.mean() - (ys.mean() + 0.5) * 224 / 104 + 0.5) < 2.5 and abs(rx.mean() - (xs.mean() + 0.5) * 224 / 256 + 0.5) < 2.5
+
+
+def test_resize_mask_keeps_a_defect_thinner_than_the_resampling_step() -> None:
+    from vpdm.data import resize_mask
+
+    mask = np.zeros((10, 100), dtype=np.uint8)
+    mask[4, 9] = 1  # column 9 of 100 is skipped by nearest neighbour at 64 columns (it reads 8 and 10)
+    mask[2:8, 50:60] = 1  # a large region: plain nearest neighbour
+    nearest = np.asarray(Image.fromarray(mask * 255).resize((64, 64), Image.Resampling.NEAREST)) > 127
+    out = resize_mask(mask, 64)
+    assert out.dtype == np.uint8 and set(np.unique(out)) == {0, 1}
+    assert not nearest[:, :8].any() and out[:, :8].any()  # the pit would vanish; it is kept, where it was
+    _, xs = np.nonzero(out[:, :8])
+    assert set(xs.tolist()) <= {5, 6}  # column 9 of 100 covers output columns 5.76-6.4
+    assert np.array_equal(out[:, 20:] > 0, nearest[:, 20:])  # elsewhere nearest neighbour, unchanged

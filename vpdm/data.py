@@ -15,6 +15,8 @@ Known spec kinds:
 * ``folder`` -- one category in MVTec layout, named after the folder.
 * ``demo`` / ``demo:<dir>`` -- the built-in synthetic demo (:func:`make_demo_dataset`),
   generated on first use in :func:`demo_root` or ``<dir>``.
+* ``demo-small`` / ``demo-small:<dir>`` -- the synthetic small-defect set (small parts freely
+  placed, fine textures; defects of a few pixels at 256 px), generated the same way.
 
 Every anomalous test image needs its mask: without one, all its pixels would count as normal and
 the pixel metrics would be wrong without a sign. ``missing_masks="image_only"`` keeps such images for
@@ -68,7 +70,8 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", "
 MIN_IMAGE_SIDE = 8
 
 MVTEC_LAYOUT_KINDS: tuple[str, ...] = ("mvtec", "mpdd", "loco", "mtd")
-KNOWN_KINDS: tuple[str, ...] = (*MVTEC_LAYOUT_KINDS, "visa", "folder", "demo")
+KNOWN_KINDS: tuple[str, ...] = (*MVTEC_LAYOUT_KINDS, "visa", "folder", "demo", "demo-small")
+DEMO_KINDS: tuple[str, ...] = ("demo", "demo-small")
 
 # Truncated files must fail loudly instead of yielding half-grey images; we never flip this.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -118,12 +121,12 @@ def parse_data_spec(spec: str) -> list[tuple[str, Path]]:
             continue
         kind, sep, rest = entry.partition(":")
         kind = kind.strip().lower()
-        if kind == "demo":
-            path = Path(rest.strip()).expanduser() if sep and rest.strip() else demo_root()
+        if kind in DEMO_KINDS:
+            path = Path(rest.strip()).expanduser() if sep and rest.strip() else demo_root(kind)
         elif kind not in KNOWN_KINDS or not sep:
             raise DataError(
                 f"unknown data spec prefix in {entry!r}: expected '<kind>:<path>' with kind one of "
-                f"{', '.join(KNOWN_KINDS)} (or plain 'demo')"
+                f"{', '.join(KNOWN_KINDS)} (or plain 'demo' / 'demo-small')"
             )
         else:
             if not rest.strip():
@@ -159,8 +162,8 @@ def list_samples(spec: str, split: Split, missing_masks: str = "refuse") -> list
     used_names: set[str] = set()
     seen_dirs: set[str] = set()
     for kind, path in parse_data_spec(spec):
-        if kind == "demo":
-            _ensure_demo(path)
+        if kind in DEMO_KINDS:
+            _ensure_demo(path, SMALL_DEMO_PARAMS if kind == "demo-small" else None)
         groups = (_list_visa(path, split, masks_required) if kind == "visa"
                   else _list_mvtec_like(kind, path, split, seen_dirs, masks_required))
         for name, group in groups:
@@ -424,6 +427,28 @@ def _mask_array(im: Image.Image) -> np.ndarray:
     return (arr > thr).astype(np.uint8)
 
 
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A {0, 1} H x W mask at ``size`` x ``size``, squashed as its image is (the aspect ratio is not kept).
+
+    Nearest neighbour, as anomalib resizes masks, except that a defect region nearest neighbour would
+    erase entirely (narrower than the resampling step: BSData's one-pixel pits shrink from 256 to 224
+    columns) keeps the output pixels its area overlaps (a box filter > 0), so no defect image loses its
+    defect."""
+    if mask.shape == (size, size):
+        return mask.astype(np.uint8)
+    out = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)) > 127
+    from scipy import ndimage  # lazy: only masks need it
+
+    labels, n = ndimage.label(mask > 0, structure=np.ones((3, 3), dtype=bool))
+    if n:
+        kept = np.asarray(Image.fromarray(labels.astype(np.int32), mode="I").resize((size, size), Image.Resampling.NEAREST))
+        for region in sorted(set(range(1, n + 1)) - set(np.unique(kept).tolist())):
+            area = Image.fromarray((labels == region).astype(np.float32), mode="F").resize((size, size),
+                                                                                         Image.Resampling.BOX)
+            out |= np.asarray(area) > 0
+    return out.astype(np.uint8)
+
+
 def _check_size(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -473,8 +498,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
             return np.zeros((self.mask_size, self.mask_size), dtype=np.uint8)
         with _open_loaded(s.mask_path) as im:
             m = _mask_array(im)
-        m_im = Image.fromarray(m * 255).resize((self.mask_size, self.mask_size), Image.Resampling.NEAREST)
-        return (np.asarray(m_im) > 127).astype(np.uint8)
+        return resize_mask(m, self.mask_size)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         n = len(self.samples)
@@ -529,10 +553,12 @@ DEMO_MARKER = ".vpdm_demo.json"
 DEMO_DEFECTS: tuple[str, ...] = ("scratch", "spot", "hole", "stain")
 
 
-def demo_root() -> Path:
-    """Where ``"demo"`` generates its data: ``$VPDM_DEMO_DIR`` or ``~/.cache/vpdm/demo-v1``."""
+def demo_root(kind: str = "demo") -> Path:
+    """Where ``"demo"`` generates its data: ``$VPDM_DEMO_DIR`` or ``~/.cache/vpdm/demo-v1``;
+    ``"demo-small"`` beside it (``<that>-small``)."""
     env = os.environ.get("VPDM_DEMO_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "vpdm" / f"demo-v{DEMO_VERSION}"
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "vpdm" / f"demo-v{DEMO_VERSION}"
+    return root.with_name(root.name + "-small") if kind == "demo-small" else root
 
 
 def _coords(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -606,13 +632,94 @@ def _gen_ring(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarr
     return img, obj
 
 
+def _shade(rng: np.random.Generator, size: int, strength: float) -> np.ndarray:
+    """A gentle linear illumination gradient in a random direction (multiplicative, mean 1)."""
+    yy, xx = _coords(size)
+    ang = rng.uniform(0, 2 * np.pi)
+    ramp = ((yy - size / 2) * np.sin(ang) + (xx - size / 2) * np.cos(ang)) / size
+    return (1.0 + strength * ramp)[..., None]
+
+
+def _gen_screw(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A small threaded part (shaft, thread, head) at a random place and angle on a plain background,
+    as MVTec's screws: the part covers a few percent of the image and its look changes with the angle."""
+    yy, xx = _coords(size)
+    ang = rng.uniform(0, 2 * np.pi)
+    cy, cx = rng.uniform(0.35, 0.65, 2) * size
+    length, half_width = size * rng.uniform(0.34, 0.38), size * 0.028
+    u = (xx - cx) * np.cos(ang) + (yy - cy) * np.sin(ang)  # along the shaft
+    v = -(xx - cx) * np.sin(ang) + (yy - cy) * np.cos(ang)  # across it
+    taper = np.clip((length / 2 - u) / (0.12 * length), 0.0, 1.0)  # pointed tip at u = +L/2
+    shaft = (np.abs(u) < length / 2) & (np.abs(v) < half_width * (0.35 + 0.65 * taper))
+    head = np.hypot(u + length / 2, v) < size * 0.055
+    part = shaft | head
+    period = size * 0.022
+    thread = 0.5 + 0.5 * np.sin(2 * np.pi * u / period + 0.6 * v / half_width)
+    across = 1.0 - 0.45 * (v / (size * 0.055)) ** 2  # a cylinder lit from above
+    metal = (95.0 + 70.0 * across * np.where(head, 0.8, 0.55 + 0.45 * thread))[..., None] * np.array([1.0, 1.0, 1.05])
+    bg = np.array([205.0, 205.0, 200.0]) * rng.uniform(0.95, 1.05)
+    img = np.where(part[..., None], metal, bg) * _shade(rng, size, 0.12) + _noise(rng, size, 3.0)
+    return img, part
+
+
+def _gen_tread(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tyre tread: dark rubber with repeating zig-zag grooves and thin sipes at a random phase."""
+    yy, xx = _coords(size)
+    period = size / 5.0
+    py, px = rng.uniform(0, period, 2)
+    zig = np.abs(((xx + px) % period) / period - 0.5) * period * 0.6  # zig-zag offset of the groove
+    groove = np.abs(((yy + py + zig) % period) - period / 2) < period * 0.09
+    sipe = (np.abs(((xx + px + 0.5 * (yy + py)) % (period / 2)) - period / 4) < 0.9) & ~groove
+    rubber = 62.0 * rng.uniform(0.92, 1.08)
+    base = np.where(groove, rubber * 0.45, np.where(sipe, rubber * 0.7, rubber))
+    img = base[..., None] * np.array([1.0, 1.0, 1.04]) * _shade(rng, size, 0.15) + _noise(rng, size, 3.0)
+    return img, ~groove
+
+
+def _gen_brushed(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brushed metal: fine streaks along one direction (noise smoothed along rows), mid grey."""
+    streaks = rng.normal(0.0, 1.0, (size, size + 32))
+    kernel = np.ones(32) / 32.0
+    streaks = np.stack([np.convolve(row, kernel, mode="valid")[:size] for row in streaks])
+    streaks /= streaks.std() + 1e-9
+    level = 150.0 * rng.uniform(0.93, 1.07)
+    img = (level + 9.0 * streaks)[..., None] * np.array([1.0, 1.01, 1.03]) * _shade(rng, size, 0.2)
+    return img + _noise(rng, size, 2.0), np.ones((size, size), dtype=bool)
+
+
+def _gen_mesh(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fine woven mesh: thin bright wires every few pixels over a dark backing, random phase."""
+    yy, xx = _coords(size)
+    period = size / 24.0
+    py, px = rng.uniform(0, period, 2)
+    wy = np.cos(2 * np.pi * (yy + py) / period) ** 8
+    wx = np.cos(2 * np.pi * (xx + px) / period) ** 8
+    wires = np.maximum(wy, wx)
+    img = (45.0 + 150.0 * wires)[..., None] * np.array([1.0, 0.97, 0.9]) * rng.uniform(0.93, 1.07)
+    return img * _shade(rng, size, 0.1) + _noise(rng, size, 3.0), np.ones((size, size), dtype=bool)
+
+
 DEMO_CLASSES: tuple[tuple[str, Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]], ...] = (
     ("grid", _gen_grid),
     ("blobs", _gen_blobs),
     ("disc", _gen_disc),
     ("stripes", _gen_stripes),
     ("ring", _gen_ring),
+    ("screw", _gen_screw),
+    ("tread", _gen_tread),
+    ("brushed", _gen_brushed),
+    ("mesh", _gen_mesh),
 )
+# Defects of a few pixels (at 256 px: 3-60 pixels of mask), painted on the small-defect classes.
+SMALL_DEFECTS: tuple[str, ...] = ("pinhole", "thin_scratch", "chip")
+# The small-defect development set (`demo-small`): small parts freely placed, fine textures.
+SMALL_DEMO_CLASSES: tuple[str, ...] = ("screw", "tread", "brushed", "mesh")
+SMALL_DEMO_PARAMS: dict[str, Any] = {"classes": list(SMALL_DEMO_CLASSES), "train_per_class": 80,
+                                     "test_good_per_class": 30, "test_defect_per_class": 30, "size": 256}
+
+
+def _defects_of(name: str) -> tuple[str, ...]:
+    return SMALL_DEFECTS if name in SMALL_DEMO_CLASSES else DEMO_DEFECTS
 
 
 def _paint_defect(
@@ -660,6 +767,53 @@ def _paint_defect(
     return out, mask
 
 
+def _paint_small_defect(
+    rng: np.random.Generator, img: np.ndarray, region: np.ndarray, kind: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Paint one defect of a few pixels inside ``region``: a pin-hole (radius 1-2.5 px), a thin scratch
+    (1 px wide, 6-8 % of the side long) or a chip (a bite of radius 1.5-3.5 px taken out of the
+    region's edge, showing the background). Returns (image, bool mask of the changed pixels)."""
+    size = img.shape[0]
+    yy, xx = _coords(size)
+    px = size / 256.0  # sizes are given at 256 px
+    if kind == "chip":
+        inner = region.copy()
+        for axis in (0, 1):  # the region's edge: region pixels with a non-region 4-neighbour
+            inner &= np.roll(region, 1, axis) & np.roll(region, -1, axis)
+        edge = region & ~inner
+        edge[: size // 8] = edge[size - size // 8 :] = False
+        edge[:, : size // 8] = edge[:, size - size // 8 :] = False
+        ys, xs = np.nonzero(edge if edge.any() else region)
+    else:
+        margin = size // 8
+        ys, xs = np.nonzero(region[margin : size - margin, margin : size - margin])
+        ys, xs = ys + margin, xs + margin
+    k = int(rng.integers(len(ys)))
+    cy, cx = float(ys[k]), float(xs[k])
+    mean = img[region].mean(axis=0)
+    contrast = np.where(mean.mean() > 110, mean * 0.35, np.minimum(mean * 2.2 + 40, 255.0))
+    out = img.copy()
+    if kind == "pinhole":
+        mask = np.hypot(yy - cy, xx - cx) <= px * rng.uniform(1.0, 2.5)
+        mask &= region
+        out[mask] = contrast
+    elif kind == "thin_scratch":
+        ang = rng.uniform(0, np.pi)
+        half = size * rng.uniform(0.03, 0.04)
+        t = (yy - cy) * np.sin(ang) + (xx - cx) * np.cos(ang)
+        dist = np.abs((yy - cy) * np.cos(ang) - (xx - cx) * np.sin(ang))
+        mask = (dist < max(0.5, 0.6 * px)) & (np.abs(t) < half) & region
+        out[mask] = 0.3 * out[mask] + 0.7 * contrast
+    elif kind == "chip":
+        mask = (np.hypot(yy - cy, xx - cx) <= px * rng.uniform(1.5, 3.5)) & region
+        outside = ~region
+        background = img[outside].mean(axis=0) if outside.any() else contrast
+        out[mask] = background
+    else:  # pragma: no cover - internal
+        raise ValueError(kind)
+    return out, mask
+
+
 def _to_uint8(img: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
@@ -678,36 +832,55 @@ def _write_png(path: Path, arr: np.ndarray) -> None:
         raise
 
 
-def _demo_files(params: dict[str, int]) -> list[Path]:
+def _demo_class_names(classes: int | Sequence[str]) -> list[str]:
+    """The demo's class names: the first ``classes`` of :data:`DEMO_CLASSES`, or the names given."""
+    known = [name for name, _ in DEMO_CLASSES]
+    if isinstance(classes, bool) or not isinstance(classes, (int, list, tuple)):
+        raise ConfigError(f"demo classes must be an integer in 1..{len(DEMO_CLASSES)} or a list of class names "
+                          f"({', '.join(known)}), got {classes!r}")
+    if isinstance(classes, int):
+        if not 1 <= classes <= len(DEMO_CLASSES):
+            raise ConfigError(f"demo classes must be an integer in 1..{len(DEMO_CLASSES)}, got {classes!r}")
+        return known[:classes]
+    names = list(classes)
+    unknown = [n for n in names if n not in known]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ConfigError(f"demo classes must be distinct names among {', '.join(known)}, got {classes!r}")
+    return names
+
+
+def _demo_files(params: dict[str, Any]) -> list[Path]:
     """Relative paths the demo with ``params`` consists of (for completeness checks)."""
     files: list[Path] = []
-    for name, _ in DEMO_CLASSES[: params["classes"]]:
+    for name in _demo_class_names(params["classes"]):
         c = Path(name)
+        defects = _defects_of(name)
         files += [c / "train" / "good" / f"{i:03d}.png" for i in range(params["train_per_class"])]
         files += [c / "test" / "good" / f"{i:03d}.png" for i in range(params["test_good_per_class"])]
         for i in range(params["test_defect_per_class"]):
-            d = DEMO_DEFECTS[i % len(DEMO_DEFECTS)]
+            d = defects[i % len(defects)]
             files += [c / "test" / d / f"{i:03d}.png", c / "ground_truth" / d / f"{i:03d}_mask.png"]
     return files
 
 
-def _ensure_demo(root: Path) -> None:
-    """Use a demo dir as generated (any parameters), or generate the default one there."""
+def _ensure_demo(root: Path, defaults: dict[str, Any] | None = None) -> None:
+    """Use a demo dir as generated (any parameters), or generate one there with ``defaults`` (the
+    default demo when None)."""
     try:
         old = json.loads((root / DEMO_MARKER).read_text(encoding="utf-8"))
-        kwargs = {k: int(v) for k, v in old.items() if k != "version"}
+        kwargs = {k: (list(v) if isinstance(v, list) else int(v)) for k, v in old.items() if k != "version"}
     except (OSError, ValueError, TypeError, AttributeError):
-        kwargs = {}
+        kwargs = dict(defaults or {})
     try:
         make_demo_dataset(root, **kwargs)
     except TypeError:  # marker from an unknown future version: fall back to the defaults
-        make_demo_dataset(root)
+        make_demo_dataset(root, **(defaults or {}))
 
 
 def make_demo_dataset(
     root: Path,
     *,
-    classes: int = 3,
+    classes: int | Sequence[str] = 3,
     train_per_class: int = 24,
     test_good_per_class: int = 8,
     test_defect_per_class: int = 8,
@@ -716,13 +889,15 @@ def make_demo_dataset(
 ) -> Path:
     """Write a small synthetic multi-class dataset (MVTec layout) so everything runs without downloads.
 
-    Classes (in order): grid, blobs, disc, stripes, ring. Defects cycle through scratch, spot,
-    hole, stain. Deterministic in ``seed`` and idempotent: a marker file records the parameters
-    and generation is skipped when it matches and all files exist. Returns ``root``.
+    ``classes``: the first n of grid, blobs, disc, stripes, ring, screw, tread, brushed, mesh, or a
+    list of those names. Defects cycle through scratch, spot, hole, stain (large: 4-20 % of the
+    side), and on the small-defect classes (screw, tread, brushed, mesh: ``demo-small``) through
+    pinhole, thin_scratch, chip (a few pixels). Deterministic in ``seed`` and idempotent: a marker
+    file records the parameters and generation is skipped when it matches and all files exist.
+    Returns ``root``.
     """
     root = Path(root).expanduser()
-    if isinstance(classes, bool) or not isinstance(classes, int) or not 1 <= classes <= len(DEMO_CLASSES):
-        raise ConfigError(f"demo classes must be an integer in 1..{len(DEMO_CLASSES)}, got {classes!r}")
+    names = _demo_class_names(classes)
     for name, v, lo in (
         ("train_per_class", train_per_class, 1),
         ("test_good_per_class", test_good_per_class, 0),
@@ -736,7 +911,7 @@ def make_demo_dataset(
         raise ConfigError("demo needs test images: test_good_per_class + test_defect_per_class must be > 0")
     params = {
         "version": DEMO_VERSION,
-        "classes": classes,
+        "classes": classes if isinstance(classes, int) else names,
         "train_per_class": train_per_class,
         "test_good_per_class": test_good_per_class,
         "test_defect_per_class": test_defect_per_class,
@@ -759,8 +934,12 @@ def make_demo_dataset(
     if root.exists() and not root.is_dir():
         raise DataError(f"demo path {str(root)!r} exists and is not a directory")
 
-    for ci, (name, gen) in enumerate(DEMO_CLASSES[:classes]):
+    generators = dict(DEMO_CLASSES)
+    for ci, name in enumerate(names):
+        gen = generators[name]
         cdir = root / name
+        defects = _defects_of(name)
+        paint = _paint_small_defect if defects is SMALL_DEFECTS else _paint_defect
 
         def rng_for(split_code: int, i: int, _ci: int = ci) -> np.random.Generator:
             return np.random.default_rng([seed, _ci, split_code, i])
@@ -772,10 +951,10 @@ def make_demo_dataset(
             img, _ = gen(rng_for(1, i), size)
             _write_png(cdir / "test" / "good" / f"{i:03d}.png", _to_uint8(img))
         for i in range(test_defect_per_class):
-            d = DEMO_DEFECTS[i % len(DEMO_DEFECTS)]
+            d = defects[i % len(defects)]
             rng = rng_for(2, i)
             img, region = gen(rng, size)
-            img, mask = _paint_defect(rng, img, region, d)
+            img, mask = paint(rng, img, region, d)
             _write_png(cdir / "test" / d / f"{i:03d}.png", _to_uint8(img))
             _write_png(cdir / "ground_truth" / d / f"{i:03d}_mask.png", mask.astype(np.uint8) * 255)
 
