@@ -275,3 +275,85 @@ def test_pixel_metrics_at_benchmark_size_match_the_closed_form() -> None:
     maps = rng.random(masks.shape, dtype=np.float32) + 0.3 * masks
     out = compute_metrics(masks.any(axis=(1, 2)), maps.max(axis=(1, 2)), masks, maps, ["z"] * 300)
     assert out["mean"]["pixel_auroc"] == pytest.approx(0.755, abs=2e-3)
+
+
+# ----------------------------------------------------------------------------- by defect size
+
+
+def _slow_stratum_aupro(masks: np.ndarray, maps: np.ndarray, keep_region, limit: float = 0.3) -> float:
+    """Reference: sweep every distinct map value as a threshold; FPR over normal pixels, PRO over the
+    regions that ``keep_region(area)`` accepts; trapezoid up to ``limit`` with an interpolated end."""
+    regions = []
+    for i, m in enumerate(masks):
+        lab, n = ndimage.label(m, structure=np.ones((3, 3), dtype=bool))
+        for r in range(1, n + 1):
+            region = lab == r
+            if keep_region(int(region.sum())):
+                regions.append((i, region))
+    normal = maps[~masks]
+    fpr, pro = [0.0], [0.0]
+    for t in np.unique(maps)[::-1]:
+        fpr.append(float(np.mean(normal >= t)))
+        pro.append(float(np.mean([np.mean(maps[i][r] >= t) for i, r in regions])))
+    fpr, pro = np.array(fpr + [1.0]), np.array(pro + [1.0])
+    cut = np.searchsorted(fpr, limit, side="right")
+    x, y = fpr[:cut], pro[:cut]
+    if cut < fpr.size:
+        y_lim = np.interp(limit, fpr[cut - 1 : cut + 1], pro[cut - 1 : cut + 1])
+        x, y = np.append(x, limit), np.append(y, y_lim)
+    return float(np.sum(np.diff(x) * (y[1:] + y[:-1])) / 2 / limit)
+
+
+def test_defect_size_strata_follow_region_area_and_match_a_slow_reference() -> None:
+    from vpdm.metrics import defect_size_metrics
+
+    rng = np.random.default_rng(0)
+    size = 40  # 1600 pixels: small < 3.2 px (0.2 %), medium < 32 px (2 %), large above
+    masks = np.zeros((6, size, size), dtype=bool)
+    masks[1, 5:6, 5:8] = True  # 3 px: small
+    masks[1, 20:26, 20:25] = True  # 30 px: medium
+    masks[2, 2:3, 30:31] = True  # 1 px: small
+    masks[2, 10:20, 10:20] = True  # 100 px: large
+    masks[3, 30:34, 4:12] = True  # 32 px: large (2 % exactly is not below the bound)
+    masks[4, 33:35, 33:34] = True  # 2 px: small
+    maps = rng.normal(size=masks.shape) + 1.2 * masks + 0.3 * ndimage.uniform_filter(masks.astype(float), 3)
+    cats = ["a"] * 6
+    doc = defect_size_metrics(masks, maps, cats)
+    got = doc["per_class"]["a"]
+    assert {k: got[k]["regions"] for k in got} == {"small": 3, "medium": 1, "large": 2}
+    bounds = {"small": lambda a: a < 3.2, "medium": lambda a: 3.2 <= a < 32, "large": lambda a: a >= 32}
+    normal = maps[~masks]
+    threshold = np.quantile(normal, 0.99, method="higher")
+    for name, keep in bounds.items():
+        assert got[name]["aupro"] == pytest.approx(_slow_stratum_aupro(masks, maps, keep), abs=1e-9), name
+        inside = np.zeros_like(masks)
+        for i, m in enumerate(masks):
+            lab, n = ndimage.label(m, structure=np.ones((3, 3), dtype=bool))
+            for r in range(1, n + 1):
+                if keep(int((lab == r).sum())):
+                    inside[i] |= lab == r
+        assert got[name]["pixel_recall"] == pytest.approx(np.mean(maps[inside] > threshold)), name
+    # one stratum only: its AUPRO is the ordinary AUPRO
+    only_small = masks & False
+    only_small[1, 5:6, 5:8] = only_small[4, 33:35, 33:34] = True
+    small_doc = defect_size_metrics(only_small, maps, cats)["per_class"]["a"]
+    assert small_doc["small"]["aupro"] == pytest.approx(aupro(only_small, maps))
+    assert math.isnan(small_doc["large"]["aupro"]) and small_doc["large"]["regions"] == 0
+
+
+def test_defect_size_mean_skips_classes_without_the_stratum_and_refuses_bad_bounds() -> None:
+    from vpdm.metrics import defect_size_metrics
+
+    rng = np.random.default_rng(1)
+    masks = np.zeros((4, 40, 40), dtype=bool)
+    masks[1, 2:12, 2:12] = True  # class a: large only (100 of 1600 pixels)
+    masks[3, 5, 5] = True  # class b: small only (1 pixel)
+    maps = rng.normal(size=masks.shape) + masks
+    doc = defect_size_metrics(masks, maps, ["a", "a", "b", "b"])
+    assert doc["mean"]["large"]["aupro"] == doc["per_class"]["a"]["large"]["aupro"]
+    assert doc["mean"]["small"]["pixel_recall"] == doc["per_class"]["b"]["small"]["pixel_recall"]
+    assert doc["mean"]["small"]["regions"] == 1 and math.isnan(doc["mean"]["medium"]["aupro"])
+    with pytest.raises(ConfigError, match="bounds"):
+        defect_size_metrics(masks, maps, ["a"] * 4, bounds=(0.1, 0.01))
+    with pytest.raises(DataError, match="categories"):
+        defect_size_metrics(masks, maps, ["a"])

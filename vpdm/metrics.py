@@ -406,3 +406,97 @@ def decision_metrics(labels: Any, predicted: Any, categories: Sequence[str]) -> 
                           "image_false_alarm_rate": far}
     mean = {k: _nanmean([res[k] for res in per_class.values()]) for k in DECISION_KEYS}
     return {"per_class": per_class, "mean": mean}
+
+
+# ----------------------------------------------------------------------------- metrics by defect size
+
+# Region area as a fraction of the image: below 0.2 % "small" (under 100 pixels at 224 x 224: pits,
+# pin-holes, thin scratches of a few pixels), up to 2 % "medium", above "large".
+DEFECT_SIZE_BOUNDS: tuple[float, float] = (0.002, 0.02)
+DEFECT_SIZES: tuple[str, ...] = ("small", "medium", "large")
+
+
+def region_sizes(masks: Any) -> tuple[npt.NDArray[np.intp], list[npt.NDArray[np.int64]]]:
+    """8-connected ground-truth regions of each mask (as AUPRO counts them): the label image of every
+    mask (N x H x W, 0 = normal) and, per image, each region's area in pixels (index = label - 1)."""
+    from scipy import ndimage
+
+    m = _binary(_pixel_stack(masks, "masks"), "masks").reshape(np.shape(masks))
+    labels = np.zeros(m.shape, dtype=np.intp)
+    areas: list[npt.NDArray[np.int64]] = []
+    for i, mask in enumerate(m):
+        if mask.any():
+            labels[i], n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+            areas.append(np.bincount(labels[i].ravel(), minlength=n + 1)[1:].astype(np.int64))
+        else:
+            areas.append(np.zeros(0, dtype=np.int64))
+    return labels, areas
+
+
+def defect_size_metrics(
+    masks: Any,
+    maps: Any,
+    categories: Sequence[str],
+    bounds: tuple[float, float] = DEFECT_SIZE_BOUNDS,
+    fpr_limit: float = 0.3,
+    recall_fpr: float = 0.01,
+) -> dict[str, Any]:
+    """What a detector finds of small, medium and large defects, per class and as the mean over classes.
+
+    Each ground-truth region (8-connected, as AUPRO) falls in a size stratum by its area over the image
+    area (``bounds``: small below the first, large above the second). Per class and stratum:
+
+    * ``aupro``: AUPRO (up to ``fpr_limit``) with the PRO averaged over that stratum's regions only; the
+      FPR is over the class's normal pixels, as for the full AUPRO;
+    * ``pixel_recall``: the fraction of that stratum's defect pixels above the threshold that lets
+      ``recall_fpr`` of the class's normal pixels through (the same false-alarm budget for every
+      detector, whatever the scale of its map);
+    * ``regions``: how many regions the figures rest on.
+
+    The mean skips classes without regions of that stratum (``regions`` is the total).
+    """
+    limit = _check_limit(fpr_limit)
+    if not (isinstance(bounds, (tuple, list)) and len(bounds) == 2 and 0 < bounds[0] < bounds[1] < 1):
+        raise ConfigError(f"defect size bounds must be two increasing fractions of the image in (0, 1), got {bounds!r}")
+    if not 0 < recall_fpr < 1:
+        raise ConfigError(f"recall_fpr must be in (0, 1), got {recall_fpr!r}")
+    m = _binary(_pixel_stack(masks, "masks"), "masks").reshape(np.shape(masks))
+    a = _scores(_pixel_stack(maps, "maps"), "maps").reshape(np.shape(maps))
+    _same_size(m, a, "masks", "maps")
+    cats = np.asarray([str(c) for c in categories])
+    if cats.size != m.shape[0]:
+        raise DataError(f"got {m.shape[0]} masks/maps but {cats.size} categories; expected one per image")
+    labels, areas = region_sizes(m)
+    image_area = float(m.shape[1] * m.shape[2])
+    # stratum of every defect pixel: 0 normal, 1 small, 2 medium, 3 large
+    stratum = np.zeros(m.shape, dtype=np.int8)
+    region_strata = [1 + np.searchsorted(np.asarray(bounds) * image_area, r, side="right") for r in areas]
+    for i, strata in enumerate(region_strata):
+        if strata.size:
+            stratum[i] = np.concatenate(([0], strata))[labels[i]]
+    per_class: dict[str, dict[str, dict[str, float]]] = {}
+    for cat in sorted(set(cats.tolist())):
+        idx = np.flatnonzero(cats == cat)
+        s_c, a_c, m_c = stratum[idx], a[idx], m[idx]
+        normal = a_c[~m_c]
+        rows: dict[str, dict[str, float]] = {}
+        threshold = np.quantile(normal, 1.0 - recall_fpr, method="higher") if normal.size else math.nan
+        for k, name in enumerate(DEFECT_SIZES, start=1):
+            inside = s_c == k
+            n_regions = int(sum(np.count_nonzero(region_strata[i] == k) for i in idx))
+            row = {"regions": n_regions, "aupro": math.nan, "pixel_recall": math.nan}
+            if n_regions and normal.size:
+                keep = inside | ~m_c  # this stratum's defect pixels and every normal pixel
+                r = _rank(inside[keep], a_c[keep])
+                row["aupro"] = _aupro(r, inside, limit)
+                row["pixel_recall"] = float(np.mean(a_c[inside] > threshold))
+            rows[name] = row
+        per_class[cat] = rows
+    mean = {
+        name: {"regions": sum(per_class[c][name]["regions"] for c in per_class),
+               "aupro": _nanmean([per_class[c][name]["aupro"] for c in per_class]),
+               "pixel_recall": _nanmean([per_class[c][name]["pixel_recall"] for c in per_class])}
+        for name in DEFECT_SIZES
+    }
+    return {"bounds": list(bounds), "fpr_limit": limit, "recall_fpr": recall_fpr, "per_class": per_class,
+            "mean": mean}
