@@ -233,3 +233,42 @@ def test_bad_settings_fail_before_any_work(args, needle, tiny_demo, tmp_path, ca
     code = main(["--data", f"demo:{tiny_demo}", "--output", str(tmp_path / "out"), *TINY, *args])
     assert code == 2 and needle in capsys.readouterr().err
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def _screen_line(label, seed, per_class):
+    return json.dumps({"label": label, "seed": seed, "overrides": [], "variant": [], "metrics": {"per_class": {
+        c: {"image_auroc": i, "pixel_auroc": p} for c, (i, p) in per_class.items()}}})
+
+
+def test_leave_one_out_view_and_the_adoption_rule(tmp_path, capsys):
+    """Setting B wins on three categories by a lot and loses 2 points on `d`: the mean says adopt, the rule says
+    no, and the leave-one-out view shows `d` would not have chosen it. C is a small gain everywhere, on three
+    seeds: it passes."""
+    from vpdm.bench.loo import adoption, aggregate, leave_one_out, main as loo_main, read_rows
+
+    rows = []
+    for seed in (0, 1, 2):
+        rows.append(_screen_line("A", seed, {"a": (0.90, 0.90), "b": (0.90, 0.90), "c": (0.90, 0.90), "d": (0.90, 0.90)}))
+        rows.append(_screen_line("B", seed, {"a": (0.95, 0.95), "b": (0.95, 0.95), "c": (0.95, 0.95), "d": (0.88, 0.90)}))
+        rows.append(_screen_line("C", seed, {"a": (0.91, 0.90), "b": (0.91, 0.90), "c": (0.90 + 0.01 * seed, 0.90),
+                                             "d": (0.90, 0.91)}))
+    rows.append(_screen_line("PatchCore", 0, {"a": (0.99, 0.99), "b": (0.99, 0.99), "c": (0.99, 0.99), "d": (0.99, 0.99)}))
+    path = tmp_path / "screen.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    settings = aggregate(read_rows([str(path)]))
+    assert settings["C"]["seeds"] == [0, 1, 2]
+    assert settings["C"]["per_class"]["c"]["image_auroc"] == pytest.approx(0.91)  # mean over the seeds
+    rule = adoption(settings, "A", tolerance=0.5, min_seeds=3)
+    assert rule["B"]["mean_pt"]["image_auroc"] == pytest.approx(3.25) and not rule["B"]["passes"]
+    assert rule["B"]["worst_pt"]["image_auroc"] == pytest.approx(-2.0)
+    assert rule["C"]["passes"]
+    view = {r["held_out"]: r for r in leave_one_out(settings, "A")}
+    assert {c: view[c]["chosen"] for c in "abc"} == {"a": "B", "b": "B", "c": "B"}  # PatchCore is never chosen
+    assert view["d"]["chosen"] == "B" and view["d"]["held_out_image"] == pytest.approx(0.88)
+    assert view["d"]["reference_image"] == pytest.approx(0.90)
+    assert loo_main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| B | +3.25 / +3.75 | -2.00 / +0.00 | no |" in out and "Leave one category out" in out
+    (tmp_path / "bad.jsonl").write_text("{}\n")
+    assert loo_main([str(tmp_path / "bad.jsonl")]) == 2
+    assert "is not a line of vpdm.bench.screen --json" in capsys.readouterr().err

@@ -45,7 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leak", action="store_true",
                    help="also print, per class, the map inside the defect masks over outside them "
                         "(near 1 = defects pass through the reconstruction)")
-    p.add_argument("--json", help="append one JSON line per variant to this file")
+    p.add_argument("--baseline", action="store_true",
+                   help="also fit and score the PatchCore baseline on the same features (the bench's settings)")
+    p.add_argument("--sizes", action="store_true",
+                   help="also print AUPRO and pixel recall (at 1%% normal-pixel FPR) by defect size")
+    p.add_argument("--json", help="append one JSON line per variant to this file (python -m vpdm.bench.loo reads them)")
+    p.add_argument("--label", help="name of the setting in the JSON lines (default: the overrides and the variant); "
+                   "give one with --load, whose settings come from the checkpoint")
     return p
 
 
@@ -109,6 +115,35 @@ def line(label: str, metrics: dict[str, Any], seconds: float) -> str:
             f"pro {100 * mean['aupro']:.1f} ap {100 * mean['pixel_ap']:.1f} | {per} | {seconds:.0f}s")
 
 
+def size_line(masks: np.ndarray, maps: np.ndarray, cats: list[str]) -> str:
+    """AUPRO / pixel recall by defect size (mean over classes) and the regions each rests on."""
+    from vpdm.metrics import defect_size_metrics
+
+    mean = defect_size_metrics(masks, maps, cats)["mean"]
+    return "  by defect size (AUPRO / recall@1% FPR, regions): " + " ".join(
+        f"{name} {100 * r['aupro']:.1f}/{100 * r['pixel_recall']:.1f} ({r['regions']})" for name, r in mean.items())
+
+
+def _emit(args: argparse.Namespace, config, label: str, variant: list[str], metrics: dict[str, Any],
+          seconds: float, masks: np.ndarray, maps: np.ndarray, labels: np.ndarray, cats: list[str],
+          json_label: str | None = None) -> None:
+    print(line(label, metrics, seconds), flush=True)
+    if args.leak:
+        from vpdm.diagnostics import leak_report
+
+        leak = leak_report(maps, masks, labels, cats)
+        print("  inside/outside defects: " + " ".join(
+            f"{name} {r['inside_over_outside']:.2f}" for name, r in leak.items()), flush=True)
+    if args.sizes:
+        print(size_line(masks, maps, cats), flush=True)
+    if args.json:
+        with Path(args.json).open("a") as fh:
+            fh.write(json.dumps({"label": json_label or args.label, "seed": config.train.seed,
+                                 "overrides": _overrides(args), "preset": args.preset, "load": args.load,
+                                 "variant": variant, "condition_only": args.condition_only,
+                                 "metrics": metrics}) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -154,18 +189,18 @@ def main(argv: list[str] | None = None) -> int:
             scores, maps, seconds = score(model, c, test, args.condition_only)
             metrics = compute_metrics(labels, scores, masks, maps, cats)
             label = "; ".join(v) + (" [condition only]" if args.condition_only else "")
-            print(line(label, metrics, seconds), flush=True)
-            if args.leak:
-                from vpdm.diagnostics import leak_report
+            _emit(args, config, label, v, metrics, seconds, masks, maps, labels, cats)
+        if args.baseline:
+            from vpdm.bench.baselines import fit_baseline, score_baseline
+            from vpdm.patchcore import PatchCoreConfig
 
-                leak = leak_report(maps, masks, labels, cats)
-                print("  inside/outside defects: " + " ".join(
-                    f"{name} {r['inside_over_outside']:.2f}" for name, r in leak.items()), flush=True)
-            if args.json:
-                with Path(args.json).open("a") as fh:
-                    fh.write(json.dumps({"overrides": _overrides(args), "preset": args.preset, "load": args.load,
-                                         "variant": v, "condition_only": args.condition_only,
-                                         "metrics": metrics}) + "\n")
+            start = time.perf_counter()
+            pc = fit_baseline(PatchCoreConfig(seed=config.train.seed), train.features, torch.device("cpu"))
+            size = config.scoring.map_size or config.backbone.image_size
+            scores, maps, _ = score_baseline(pc, test.features, size, config.scoring, 32)
+            metrics = compute_metrics(labels, scores, masks, maps, cats)
+            _emit(args, config, "PatchCore", [], metrics, time.perf_counter() - start, masks, maps, labels, cats,
+                  json_label="PatchCore")
         return 0
     except VPDMError as exc:
         print(f"vpdm.bench.screen: error: {exc}", file=sys.stderr)

@@ -1,0 +1,196 @@
+"""Which setting would each category have chosen? ``python -m vpdm.bench.loo RESULTS.jsonl ...``
+
+Reads the JSON lines of ``python -m vpdm.bench.screen --json`` (one line per trained model and
+scoring variant), groups them by setting (the overrides and the variant, without ``train.seed``),
+averages each setting over its seeds, and prints three views:
+
+* the per-category table of every setting (image / pixel AUROC, mean over its seeds);
+* the adoption rule against the reference setting (``--reference``, default: the first one read):
+  a setting passes when no category loses more than ``--tolerance`` points of image or pixel AUROC
+  and it was measured on at least ``--min-seeds`` seeds;
+* the leave-one-category-out view: for each category, the setting that the *other* categories
+  would pick (best mean image + pixel AUROC over them), and what the left-out category then scores
+  against the reference. A default bought by one category shows up here as a choice that the
+  others would not have made, or as a left-out category that loses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vpdm.errors import ConfigError, VPDMError
+
+KEYS = ("image_auroc", "pixel_auroc")
+BASELINE = "PatchCore"  # the screen's --baseline rows: shown for comparison, never chosen
+
+
+def setting_key(row: dict[str, Any]) -> tuple[str, int | None]:
+    """(setting label, seed) of one screen line: its ``--label``, or the overrides except the data and
+    the seed, then the preset, the variant, and whether only the condition was scored."""
+    seed = row.get("seed")
+    parts: list[str] = []
+    for item in row.get("overrides") or []:
+        key, _, value = item.partition("=")
+        if key == "train.seed":
+            seed = int(value) if seed is None else seed
+        elif key not in ("data.spec", "backbone.name", "backbone.weights", "train.epochs"):
+            parts.append(item)
+    if row.get("label"):
+        parts = [row["label"]]
+        if row.get("variant"):
+            parts.extend(row["variant"])
+        return "; ".join(parts), (0 if seed is None else int(seed))
+    if row.get("preset"):
+        parts.insert(0, f"preset={row['preset']}")
+    if row.get("variant"):
+        parts.extend(row["variant"])
+    if row.get("condition_only"):
+        parts.append("[condition only]")
+    return ("; ".join(parts) or "(default)"), (0 if seed is None else int(seed))
+
+
+def read_rows(paths: Sequence[str]) -> list[dict[str, Any]]:
+    rows = []
+    for path in paths:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{path!r} is not a file; expected the JSON lines of vpdm.bench.screen --json")
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                row["metrics"]["per_class"]
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError(f"{path}:{n} is not a line of vpdm.bench.screen --json") from None
+            rows.append(row)
+    if not rows:
+        raise ConfigError(f"no screen results in {', '.join(paths)}")
+    return rows
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """setting -> {"seeds": [...], "per_class": {cat: {key: mean over seeds}}}; the last line of a
+    (setting, seed) pair wins (a rerun replaces the earlier one)."""
+    by_seed: dict[str, dict[int, dict[str, Any]]] = {}
+    for row in rows:
+        label, seed = setting_key(row)
+        by_seed.setdefault(label, {})[seed] = row["metrics"]["per_class"]
+    out: dict[str, dict[str, Any]] = {}
+    for label, seeds in by_seed.items():
+        cats = sorted(set.intersection(*(set(pc) for pc in seeds.values())))
+        per_class = {
+            c: {k: sum(seeds[s][c][k] for s in seeds) / len(seeds) for k in KEYS} for c in cats
+        }
+        out[label] = {"seeds": sorted(seeds), "per_class": per_class}
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def leave_one_out(settings: dict[str, dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+    """For each category: the setting the others pick (best mean of image + pixel AUROC over the other
+    categories, among settings measured on every category) and the left-out category's figures."""
+    cats = sorted(set.intersection(*(set(s["per_class"]) for s in settings.values())))
+    if len(cats) < 2:
+        raise ConfigError("the leave-one-out view needs at least two categories measured by every setting")
+    out = []
+    for held in cats:
+        others = [c for c in cats if c != held]
+
+        def merit(label: str, others: list[str] = others) -> float:
+            pc = settings[label]["per_class"]
+            return _mean([(pc[c]["image_auroc"] + pc[c]["pixel_auroc"]) / 2 for c in others])
+
+        chosen = max((label for label in settings if label != BASELINE), key=merit)
+        pc, ref = settings[chosen]["per_class"][held], settings[reference]["per_class"][held]
+        out.append({"held_out": held, "chosen": chosen, "others_merit": merit(chosen),
+                    "held_out_image": pc["image_auroc"], "held_out_pixel": pc["pixel_auroc"],
+                    "reference_image": ref["image_auroc"], "reference_pixel": ref["pixel_auroc"]})
+    return out
+
+
+def adoption(settings: dict[str, dict[str, Any]], reference: str, tolerance: float,
+             min_seeds: int) -> dict[str, dict[str, Any]]:
+    """Per setting: the worst per-category change (points) of image and pixel AUROC against the
+    reference, and whether it passes the rule."""
+    ref = settings[reference]["per_class"]
+    out = {}
+    for label, s in settings.items():
+        cats = [c for c in s["per_class"] if c in ref]
+        worst = {k: min(100 * (s["per_class"][c][k] - ref[c][k]) for c in cats) for k in KEYS}
+        mean = {k: 100 * _mean([s["per_class"][c][k] - ref[c][k] for c in cats]) for k in KEYS}
+        out[label] = {"worst_pt": worst, "mean_pt": mean, "seeds": len(s["seeds"]),
+                      "passes": len(s["seeds"]) >= min_seeds and min(worst.values()) >= -tolerance}
+    return out
+
+
+def report(settings: dict[str, dict[str, Any]], reference: str, tolerance: float, min_seeds: int) -> str:
+    cats = sorted(set.intersection(*(set(s["per_class"]) for s in settings.values())))
+    short = [c.split("/", 1)[-1] for c in cats]
+    lines = ["## Per category (image / pixel AUROC, %, mean over seeds)", "",
+             "| setting | seeds | mean | " + " | ".join(short) + " |", "|---|---|---|" + "---|" * len(cats)]
+    for label, s in settings.items():
+        pc = s["per_class"]
+        mean = "/".join(f"{100 * _mean([pc[c][k] for c in cats]):.1f}" for k in KEYS)
+        cells = " | ".join("/".join(f"{100 * pc[c][k]:.1f}" for k in KEYS) for c in cats)
+        lines.append(f"| {label} | {','.join(map(str, s['seeds']))} | {mean} | {cells} |")
+    rule = adoption(settings, reference, tolerance, min_seeds)
+    lines += ["", f"## Against the reference `{reference}` (points; rule: no category below -{tolerance:g} on image "
+              f"or pixel AUROC, at least {min_seeds} seeds)", "",
+              "| setting | mean image / pixel | worst category image / pixel | passes |", "|---|---|---|---|"]
+    for label, r in rule.items():
+        if label == reference:
+            continue
+        lines.append(f"| {label} | {r['mean_pt']['image_auroc']:+.2f} / {r['mean_pt']['pixel_auroc']:+.2f} | "
+                     f"{r['worst_pt']['image_auroc']:+.2f} / {r['worst_pt']['pixel_auroc']:+.2f} | "
+                     f"{'yes' if r['passes'] else 'no'} |")
+    lines += ["", "## Leave one category out (the others choose by mean image + pixel AUROC)", "",
+              "| left out | chosen by the others | left out: chosen image / pixel | left out: reference image / pixel |",
+              "|---|---|---|---|"]
+    for r in leave_one_out(settings, reference):
+        lines.append(f"| {r['held_out']} | {r['chosen']} | {100 * r['held_out_image']:.1f} / "
+                     f"{100 * r['held_out_pixel']:.1f} | {100 * r['reference_image']:.1f} / "
+                     f"{100 * r['reference_pixel']:.1f} |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vpdm.bench.loo", description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", help="JSON lines written by python -m vpdm.bench.screen --json")
+    p.add_argument("--reference", help="the setting the others are compared with (default: the first read)")
+    p.add_argument("--only", action="append", default=[],
+                   help="keep only settings whose label contains this text (repeatable; the reference is always kept)")
+    p.add_argument("--tolerance", type=float, default=0.5, help="points a category may lose (default 0.5)")
+    p.add_argument("--min-seeds", type=int, default=3, help="seeds a setting needs to pass (default 3)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = aggregate(read_rows(args.results))
+        reference = args.reference or next((k for k in settings if k != BASELINE), None)
+        if reference not in settings:
+            raise ConfigError(f"--reference {reference!r} is not among the settings read: {sorted(settings)}")
+        if args.only:
+            settings = {k: v for k, v in settings.items()
+                        if k in (reference, BASELINE) or any(o in k for o in args.only)}
+        print(report(settings, reference, args.tolerance, args.min_seeds))
+        return 0
+    except VPDMError as exc:
+        print(f"vpdm.bench.loo: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
