@@ -322,3 +322,50 @@ def test_a_config_saved_before_new_settings_loads_as_it_was_trained(tmp_path):
     loaded, cfg, _ = load_checkpoint(path)
     assert cfg.model.prototypes.level == "image" and cfg.model.diffusion.prediction == "eps"
     assert tuple(cfg.scoring.pools) == (1,) and loaded.prototypes.prototypes.shape == model.prototypes.prototypes.shape
+
+
+@pytest.mark.parametrize("assignment", ["ot", "nearest"])
+def test_precomputed_training_condition_gives_the_same_losses(assignment):
+    """Frozen prototypes without a prototype marginal: each image's condition is computed once for the whole
+    training run, and a batch of those gives the losses (the OT term included) of the forward that assigns
+    the batch itself, with the same noise."""
+    model = small_model()
+    model.config.prototypes.assignment = assignment
+    model.prototypes.prototypes.requires_grad_(False)
+    assert model.condition_is_fixed
+    torch.manual_seed(5)
+    feats = torch.randn(12, C, S, S) * 3 + 1
+    vague_all, terms = model.training_condition(feats, batch_size=5)
+    assert vague_all.shape == (12, C, S // 2, S // 2) and terms.shape == (12,)
+    rows = torch.tensor([1, 4, 6, 11])
+    direct = model(feats[rows], generator=torch.Generator().manual_seed(3))
+    cached = model(feats[rows], generator=torch.Generator().manual_seed(3), condition=(vague_all[rows], terms[rows]))
+    for key in ("loss", "diffusion_loss", "eps_mse", "ot_loss"):
+        torch.testing.assert_close(cached[key], direct[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_fit_assigns_frozen_prototypes_once_and_refuses_a_batch_dependent_condition(monkeypatch):
+    from vpdm import engine
+    from vpdm.config import TrainConfig
+
+    calls = []
+    original = VPDM.training_condition
+
+    def counting(self, features, batch_size=64):
+        calls.append(len(features))
+        return original(self, features, batch_size)
+
+    monkeypatch.setattr(VPDM, "training_condition", counting)
+    feats = torch.randn(24, C, S, S)
+    config = VPDMConfig(model=small_config(), train=TrainConfig(epochs=3, batch_size=8))
+    model, history = engine.fit(config, engine.SplitFeatures(features=feats, dataset=None, cache_hit=True),
+                                progress=False)
+    assert calls == [24] and len(history) == 3  # once for every image, not once per epoch
+    trained = VPDMConfig(model=small_config(), train=TrainConfig(epochs=1, batch_size=8, prototype_lr_scale=1.0))
+    model, _ = engine.fit(trained, engine.SplitFeatures(features=feats, dataset=None, cache_hit=True), progress=False)
+    assert calls == [24] and not model.condition_is_fixed  # trained prototypes: assigned in every step
+    balanced = small_model()
+    balanced.config.prototypes.ot_scope = "batch"
+    balanced.prototypes.prototypes.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="changes during training"):
+        balanced.training_condition(feats)

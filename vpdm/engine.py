@@ -198,7 +198,10 @@ def train_loop(
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False, disable=not progress, unit="batch")
         for step, batch in enumerate(bar):
             features = _features_of(batch).to(device, non_blocking=True)
-            losses = model(features)
+            if isinstance(batch, dict) and "vague" in batch:
+                losses = model(features, condition=(batch["vague"].to(device), batch["terms"].to(device)))
+            else:
+                losses = model(features)
             loss = losses["loss"]
             if not finite(loss.detach()):
                 raise TrainingDiverged(
@@ -292,10 +295,29 @@ def _features_of(batch: Any) -> Tensor:
     return batch[0]
 
 
-def feature_loader(features: Tensor, batch_size: int, seed: int, class_index: Tensor | None = None) -> torch.utils.data.DataLoader:
-    """Shuffled loader over cached features; drops a last batch of 1 (Sinkhorn over one image is degenerate)."""
-    tensors = [features] + ([class_index] if class_index is not None else [])
-    dataset = torch.utils.data.TensorDataset(*tensors)
+class _ConditionedFeatures(torch.utils.data.Dataset):
+    """Features with their precomputed training condition (:meth:`VPDM.training_condition`)."""
+
+    def __init__(self, features: Tensor, condition: tuple[Tensor, Tensor]) -> None:
+        self.features, (self.vague, self.terms) = features, condition
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {"features": self.features[i], "vague": self.vague[i], "terms": self.terms[i]}
+
+
+def feature_loader(features: Tensor, batch_size: int, seed: int, class_index: Tensor | None = None,
+                   condition: tuple[Tensor, Tensor] | None = None) -> torch.utils.data.DataLoader:
+    """Shuffled loader over cached features; drops a last batch of 1 (Sinkhorn over one image is degenerate).
+    With ``condition`` (frozen prototypes: :meth:`VPDM.training_condition`) each batch is a dict that also
+    holds its images' conditions."""
+    if condition is not None:
+        dataset: torch.utils.data.Dataset = _ConditionedFeatures(features, condition)
+    else:
+        tensors = [features] + ([class_index] if class_index is not None else [])
+        dataset = torch.utils.data.TensorDataset(*tensors)
     drop_last = len(dataset) % batch_size == 1 and len(dataset) > batch_size
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last, generator=torch.Generator().manual_seed(seed)
@@ -314,7 +336,9 @@ def fit(
         torch.set_num_threads(config.train.threads)
     device = select_device(config.train.device)
     model = build_model(config, train.features, stage_channels=train.stage_channels).to(device)
-    loader = feature_loader(train.features, config.train.batch_size, config.train.seed)
+    # Frozen prototypes give every image the same condition in every epoch: assign once, not once per epoch.
+    condition = model.training_condition(train.features) if model.condition_is_fixed else None
+    loader = feature_loader(train.features, config.train.batch_size, config.train.seed, condition=condition)
     history = train_loop(model, loader, config.train, callback=callback, device=device, progress=progress)
     return model.eval(), history
 

@@ -16,7 +16,7 @@ from vpdm.diffusion import ShiftedDiffusion
 from vpdm.errors import ConfigError
 from vpdm.precision import autocast
 from vpdm.scoring import ScoringConfig, distance_map, scores_and_maps
-from vpdm.vpot import VaguePrototypes
+from vpdm.vpot import VaguePrototypes, unvague
 
 
 class VPDM(nn.Module):
@@ -50,6 +50,23 @@ class VPDM(nn.Module):
     def init_prototypes(self, features: Tensor, generator: torch.Generator | None = None) -> None:
         self.prototypes.init_from(self.normalise(features), generator)
 
+    @property
+    def condition_is_fixed(self) -> bool:
+        """Whether each training image's condition is the same in every epoch: frozen prototypes
+        (``train.prototype_lr_scale=0``) whose assignment ignores the batch."""
+        return not self.prototypes.prototypes.requires_grad and self.prototypes.batch_independent
+
+    @torch.no_grad()
+    def training_condition(self, features: Tensor, batch_size: int = 64) -> tuple[Tensor, Tensor]:
+        """Every training image's condition (before T_up) and OT-loss term, computed once
+        (:meth:`VaguePrototypes.training_condition`); ``forward(..., condition=...)`` takes a batch of them."""
+        if not self.condition_is_fixed:
+            raise RuntimeError("the condition changes during training (trained prototypes or balanced OT)")
+        device = self.feature_mean.device
+        parts = [self.prototypes.training_condition(self.normalise(features[s : s + batch_size].to(device)))
+                 for s in range(0, features.shape[0], batch_size)]
+        return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
+
     def normalise(self, features: Tensor) -> Tensor:
         return (features - self.feature_mean) / self.feature_std
 
@@ -71,11 +88,20 @@ class VPDM(nn.Module):
         return x0 + strength * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
 
     # -- training -------------------------------------------------------------------------------
-    def forward(self, features: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def forward(self, features: Tensor, generator: torch.Generator | None = None,
+                condition: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
         """Training losses for a batch of raw backbone features (Algorithm 1 + Eq. 17), with the
-        diffusion term in the configured parameterisation and weighting (eps, unweighted: the paper)."""
+        diffusion term in the configured parameterisation and weighting (eps, unweighted: the paper).
+
+        ``condition``: the batch's rows of :meth:`training_condition` (frozen prototypes only), instead of
+        assigning every vague block to every prototype again."""
         x0 = self.normalise(features)
-        cond = self.prototypes(x0)
+        if condition is not None:
+            vague, terms = condition
+            cond = {"yhat": unvague(vague.to(x0), self.feature_size),
+                    "ot_loss": self.prototypes.ot_loss_of_terms(terms.to(x0))}
+        else:
+            cond = self.prototypes(x0)
         yhat = cond["yhat"]
         t = self.diffusion.sample_timesteps(x0.shape[0], generator=generator, device=x0.device,
                                             max_step=self.config.train_max_step)
