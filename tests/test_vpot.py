@@ -246,3 +246,33 @@ def test_inference_assignment_without_the_loss_is_the_same_condition(kw):
     m.train()
     with pytest.raises(RuntimeError, match="eval"):
         m(feats, with_loss=False)
+
+
+def test_coreset_init_covers_rare_looks_that_kmeans_leaves_out():
+    """Small parts on a large background: 2000 background blocks around one look and six rare looks far away
+    (3 blocks each). K-means from random samples spends its centres where the blocks are dense; the greedy
+    k-center coreset (PatchCore's) keeps every training block within its coverage radius, so every rare look
+    has a prototype near it."""
+    torch.manual_seed(0)
+    dense = torch.randn(2000, 8) * 0.3
+    centres = torch.cat([6.0 * torch.eye(8)[:3], -6.0 * torch.eye(8)[:3]])
+    rare = (centres.repeat_interleave(3, dim=0) + 0.05 * torch.randn(18, 8))
+    feats = torch.cat([dense, rare]).T.reshape(1, 8, 1, 2018)  # one "image", one row of 2018 positions
+    out = {}
+    for init in ("kmeans", "coreset", "coreset_kmeans"):
+        vp = VaguePrototypes(VPOTConfig(num_prototypes=8, downsample=1, init=init, kmeans_iters=10), 8, 1)
+        vp.init_from(feats, torch.Generator().manual_seed(1))
+        out[init] = torch.cdist(rare, vp.prototypes.detach()).min(dim=1).values.max()
+    assert out["coreset"] < 0.5 and out["coreset_kmeans"] < 0.5  # a prototype sits among the rare blocks
+    assert out["kmeans"] > 3.0  # k-means left them to the background centres
+
+
+def test_coreset_prototypes_are_training_blocks_and_refuse_unknown_inits():
+    feats = torch.randn(3, 4, 8, 8)
+    vp = VaguePrototypes(VPOTConfig(num_prototypes=10, downsample=2, init="coreset"), 4, 8)
+    vp.init_from(feats, torch.Generator().manual_seed(0))
+    blocks = vp.samples(feats)
+    nearest = torch.cdist(vp.prototypes.detach(), blocks).min(dim=1).values
+    assert nearest.max() < 0.1  # each is a training block (plus the 0.01 jitter every init adds)
+    with pytest.raises(ConfigError, match="prototypes.init"):
+        VPOTConfig(init="kcenter").validate()

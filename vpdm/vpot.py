@@ -33,6 +33,10 @@ from torch import Tensor, nn
 from vpdm.errors import ConfigError
 
 ASSIGNMENTS = ("ot", "nearest")
+INITS = ("samples", "kmeans", "coreset", "coreset_kmeans", "random")
+# Greedy k-center selection runs on at most this many training samples (a seeded random subset), as
+# PatchCore's coreset: its cost grows linearly with the candidates.
+CORESET_CANDIDATES = 250_000
 LEVELS = ("image", "local")
 OT_SCOPES = ("batch", "dataset", "none")
 
@@ -49,7 +53,8 @@ class VPOTConfig:
     assignment: str = "ot"  # "ot" (the paper) or "nearest" (ablation: prototypes without OT)
     potential_momentum: float = 0.9  # EMA of the prototype-side dual potential kept for inference
     # "samples" (random training samples' vague features), "kmeans" (those, then k-means on all training
-    # samples) or "random" (N(0, 1))
+    # samples), "coreset" (greedy k-center selection of training samples, as PatchCore's memory bank:
+    # covers rare looks), "coreset_kmeans" (k-means started from the coreset) or "random" (N(0, 1))
     init: str = "kmeans"
     kmeans_iters: int = 20
     # What one OT sample and one prototype are: "image" (the paper: an image's whole vague map, C*(S/N)^2
@@ -84,8 +89,8 @@ class VPOTConfig:
             raise ConfigError(f"prototypes.assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
         if not 0.0 <= self.potential_momentum < 1.0:
             raise ConfigError(f"prototypes.potential_momentum must be in [0, 1), got {self.potential_momentum!r}")
-        if self.init not in ("samples", "kmeans", "random"):
-            raise ConfigError(f"prototypes.init must be 'samples', 'kmeans' or 'random', got {self.init!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"prototypes.init must be one of {', '.join(INITS)}, got {self.init!r}")
         if not isinstance(self.kmeans_iters, int) or isinstance(self.kmeans_iters, bool) or self.kmeans_iters < 1:
             raise ConfigError(f"prototypes.kmeans_iters must be an integer >= 1, got {self.kmeans_iters!r}")
         if self.ot_scope not in OT_SCOPES:
@@ -141,6 +146,22 @@ def kmeans(samples: Tensor, centres: Tensor, iters: int, batch_size: int = 8192)
     return centres
 
 
+def coreset_index(samples: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """Indices of ``k`` rows chosen by greedy k-center (PatchCore's coreset: every sample is close to a
+    chosen one, rare looks included), on a seeded random subset of at most ``CORESET_CANDIDATES`` rows.
+    K-means instead places its centres where the samples are dense, so a look that covers a small
+    part of few images (a small part on a large background) gets few of them."""
+    from vpdm.patchcore import greedy_coreset
+
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+    pool = None
+    if samples.shape[0] > CORESET_CANDIDATES:
+        pool = torch.randperm(samples.shape[0], generator=generator)[:CORESET_CANDIDATES]
+        samples = samples[pool]
+    picks = greedy_coreset(samples, k, seed=seed)
+    return picks if pool is None else pool[picks]
+
+
 def vague(features: Tensor, downsample: int) -> Tensor:
     """Low-pass step T_down: average-pool by ``downsample`` (keeps shape and colour, drops detail)."""
     return F.avg_pool2d(features, downsample) if downsample > 1 else features
@@ -179,11 +200,14 @@ class VaguePrototypes(nn.Module):
             return
         flat = self.samples(features)
         k = self.config.num_prototypes
-        idx = torch.randperm(flat.shape[0], generator=generator)
+        if self.config.init.startswith("coreset"):
+            idx = coreset_index(flat, k, generator)
+        else:
+            idx = torch.randperm(flat.shape[0], generator=generator)
         idx = idx.repeat(math.ceil(k / len(idx)))[:k]
         jitter = 0.01 * torch.randn(k, self.dim, generator=generator)
         start = flat[idx] + jitter
-        if self.config.init == "kmeans":
+        if self.config.init.endswith("kmeans"):
             start = kmeans(flat, start, self.config.kmeans_iters)
         self.prototypes.copy_(start)
 
@@ -260,6 +284,52 @@ class VaguePrototypes(nn.Module):
         else:
             y = y.view(batch, self.channels, self.vague_size, self.vague_size)
         return {"yhat": unvague(y, self.feature_size), "ot_loss": ot_loss, "weights": weights, "cost": cost}
+
+    @property
+    def batch_independent(self) -> bool:
+        """Whether an image's training-time assignment ignores the rest of its batch: no prototype
+        marginal (``ot_scope='none'``) or the nearest-prototype ablation. Balanced OT couples the batch."""
+        return self.config.assignment == "nearest" or self.config.ot_scope == "none"
+
+    @torch.no_grad()
+    def training_condition(self, features: Tensor, batch_size: int = 64) -> tuple[Tensor, Tensor]:
+        """What the training forward computes of frozen, batch-independent prototypes, once per image:
+        the condition before T_up (B x C x s x s) and the image's term of the OT loss (B,), so that
+        :meth:`ot_loss_of_terms` of a batch's terms is its ``ot_loss``. With the prototypes fixed these do
+        not change from epoch to epoch, and the assignment (every vague block against every prototype) is
+        most of a training step's cost."""
+        if not self.batch_independent:
+            raise RuntimeError("the training condition depends on the batch (balanced OT): it cannot be precomputed")
+        ys, terms = [], []
+        reg = self.config.ot_reg
+        for start in range(0, features.shape[0], batch_size):
+            chunk = features[start : start + batch_size]
+            flat = self.samples(chunk)
+            cost = self.cost(flat)
+            if self.config.assignment == "nearest":
+                weights = F.one_hot(cost.argmin(dim=1), cost.shape[1]).to(cost.dtype)
+                per_sample = cost.min(dim=1).values
+            else:
+                weights = torch.softmax(-cost / reg, dim=1)
+                per_sample = (weights * cost).sum(dim=1) + reg * (weights * weights.clamp_min(1e-30).log()).sum(dim=1)
+            y = weights @ self.prototypes
+            n = chunk.shape[0]
+            if self.local:
+                y = y.view(n, self.vague_size, self.vague_size, self.channels).permute(0, 3, 1, 2)
+            else:
+                y = y.view(n, self.channels, self.vague_size, self.vague_size)
+            ys.append(y.contiguous())
+            terms.append(per_sample.view(n, -1).mean(dim=1))
+        return torch.cat(ys), torch.cat(terms)
+
+    def ot_loss_of_terms(self, terms: Tensor) -> Tensor:
+        """The batch's OT loss from its images' :meth:`training_condition` terms: the mean term, and for
+        entropic OT the entropy's share of the batch size (the plan is the weights over b samples:
+        sum P log P = (1/b) sum w log w - log b)."""
+        if self.config.assignment == "nearest":
+            return terms.mean()
+        samples = terms.shape[0] * (self.vague_size**2 if self.local else 1)
+        return terms.mean() - self.config.ot_reg * math.log(samples)
 
     def _assign(self, features: Tensor) -> dict[str, Tensor]:
         """Eval-mode ``forward`` without the loss: the same ``yhat`` and ``weights`` (float rounding aside),
