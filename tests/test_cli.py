@@ -595,6 +595,53 @@ def test_every_count_refuses_zero_and_negative_values_by_name(name, value):
         load_config(None, [f"{name}={value}"])
 
 
+@pytest.mark.parametrize("name", [n for n in INT_SETTINGS if n.endswith("seed")] + ["train.epochs"])
+@pytest.mark.parametrize("value", [99999999999999999999999, 2**63, -(2**63) - 1])
+def test_an_integer_beyond_64_bits_is_refused_by_name(name, value):
+    from vpdm.config import load_config
+    from vpdm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{name} must be an integer that fits in 64 bits"):
+        load_config(None, [f"{name}={value}"])
+    assert load_config(None, [f"train.seed={2**63 - 1}"]).train.seed == 2**63 - 1  # the edge itself is fine
+
+
+def test_a_seed_beyond_64_bits_fails_the_command_before_any_work(tiny_demo, tmp_path, capsys):
+    seen = _images_seen()
+    code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(tmp_path / "out"), "--no-progress",
+                 *TINY, "--set", "sampling.seed=99999999999999999999999"])
+    err = capsys.readouterr().err
+    assert code == 2 and "sampling.seed must be an integer that fits in 64 bits" in err and "Traceback" not in err, err
+    assert _images_seen() == seen and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("train:\n  epochs: 3\ntrain:\n  lr: 0.01\n", "train", (1, 3)),
+    ("train:\n  epochs: 3\n  lr: 0.01\n  epochs: 5\n", "epochs", (2, 4)),
+])
+def test_a_key_given_twice_in_a_settings_file_is_an_error_naming_it_and_both_lines(text, key, lines, tmp_path):
+    from vpdm.config import load_config
+    from vpdm.errors import ConfigError
+
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"setting '{key}' is given twice in {path}, on lines {lines[0]} and "
+                                          f"{lines[1]}"):
+        load_config(path)
+
+
+def test_a_section_set_merges_into_earlier_settings_of_that_section():
+    from vpdm.config import load_config
+    from vpdm.errors import ConfigError
+
+    config = load_config(None, ["train.lr=0.01", "train={epochs: 3}"])
+    assert (config.train.lr, config.train.epochs) == (0.01, 3)  # the earlier lr is kept, not reset to the default
+    with pytest.raises(ConfigError, match="'train' is a section; give a mapping"):
+        load_config(None, ["train=3"])
+    with pytest.raises(ConfigError, match="setting 'epochs' is given twice"):
+        load_config(None, ["train={epochs: 3, epochs: 4}"])
+
+
 def test_a_nan_setting_fails_the_command_before_any_work(tiny_demo, tmp_path, capsys):
     seen = _images_seen()
     code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(tmp_path / "out"), "--no-progress",
