@@ -235,6 +235,27 @@ def test_bad_settings_fail_before_any_work(args, needle, tiny_demo, tmp_path, ca
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+def test_existing_results_are_kept_unless_overwrite_and_refused_before_any_work(bench_run, tiny_demo, tmp_path,
+                                                                               capsys):
+    from vpdm.backbone import total_images_seen
+
+    out, _ = bench_run
+    before = (out / "results.json").read_bytes()
+    seen = total_images_seen()
+    argv = ["--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "1", "--preset", "paper-no-ot",
+            "--steps", "1", "--steps-subset", "0", "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY]
+    assert main(argv) == 2
+    assert f"results {str(out / 'results.json')!r} exists; pass --overwrite" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before and total_images_seen() == seen
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.md").write_text("my notes")
+    assert main([*argv[:3], str(mine), *argv[4:], "--overwrite"]) == 0
+    assert json.loads((mine / "results.json").read_text())["command"].startswith("python -m vpdm.bench")
+    assert (mine / "results.md").read_text() != "my notes"
+    assert sorted(p.name for p in mine.iterdir()) == ["results.json", "results.md"]
+
+
 def _screen_line(label, seed, per_class):
     return json.dumps({"label": label, "seed": seed, "overrides": [], "variant": [], "metrics": {"per_class": {
         c: {"image_auroc": i, "pixel_auroc": p} for c, (i, p) in per_class.items()}}})

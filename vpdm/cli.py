@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="data spec of the test split (default: the one the model was trained on)")
     e.add_argument("--output", help="metrics JSON to write (default: metrics.json beside the checkpoint)")
     e.add_argument("--plots", help="folder for ROC curves and anomaly-map overlays")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --output file and --plots folder")
     e.add_argument("--image-threshold", type=_threshold, help="decide at this raw image score instead of the "
                    "calibrated per-class thresholds")
     _device_option(e)
@@ -142,8 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--val-data", metavar="SPEC",
                     help="calibrate on labelled validation data instead (the test split of SPEC: normal and defect "
                          "images with masks, the model's classes) by calibration.method f1 (default) or recall")
-    cb.add_argument("--output", help="checkpoint to write (default: replace --checkpoint atomically; the old "
-                                     "file stays intact until the new one is complete)")
+    cb.add_argument("--output", help="checkpoint to write (default: replace --checkpoint atomically, the previous "
+                                     "file kept as .bak; any other existing file only with --overwrite)")
+    cb.add_argument("--overwrite", action="store_true", help="replace an existing --output (never --checkpoint "
+                                                             "itself, which is updated in place with a .bak)")
     _device_option(cb)
     _common(cb)
 
@@ -327,8 +331,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from vpdm.calibration import calibrate, calibrate_labelled, calibration_picks, validation_samples
     from vpdm.checkpoint import load_checkpoint
     from vpdm.config import inference_overrides
-    from vpdm.io import writable_file
-    from vpdm.preflight import list_splits
+    from vpdm.io import Output, check_outputs, writable_file
+    from vpdm.preflight import data_roots, list_splits
 
     if args.config:
         raise VPDMError("calibrate takes its settings from the checkpoint; use --set to change sampling, scoring "
@@ -353,7 +357,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     model.to(device)
     method = config.calibration.resolve(labelled=args.val_data is not None)
     target = Path(args.output) if args.output else Path(args.checkpoint)
-    writable_file(target, "checkpoint")  # before any image
+    in_place = target.exists() and os.path.samefile(target, args.checkpoint)
+    # before any image: where it goes (never onto the data; another existing file only with --overwrite)
+    roots = data_roots(config.with_overrides({"data.test_spec": args.val_data}) if args.val_data else config,
+                       "test" if args.val_data else "train")
+    if in_place:  # the documented default: the previous file is kept complete as .bak
+        check_outputs([], inputs=roots)
+        writable_file(target, "checkpoint")
+    else:
+        check_outputs([Output(target, "checkpoint")], inputs=[args.checkpoint, *roots], overwrite=args.overwrite)
     progress = not args.no_progress
     if args.val_data is not None:
         model_classes = list(payload.get("categories") or [])
@@ -361,7 +373,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         split = engine.load_split(config, "test", progress=progress, samples=val_samples, device=device)
         calibration = calibrate_labelled(model, config, split, method, source=f"--val-data {args.val_data}",
                                          progress=progress)
-        return _store_calibration(calibration, payload, config, target)
+        return _store_calibration(calibration, payload, config, target, in_place=in_place, overwrite=args.overwrite)
     samples = list_splits(config, ("train",))["train"]
     if args.fraction is not None and args.fraction < 1:  # the same pick as train's hold-out (same data and seed)
         keep = {i for _, picked in calibration_picks(samples, args.fraction, config.train.seed).values() for i in picked}
@@ -374,33 +386,47 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     fraction = f", fraction {args.fraction:g}" if args.fraction is not None else ""
     calibration = calibrate(model, config, split.features, [s.category for s in samples],
                             source=f"vpdm calibrate --data {config.data.spec}{fraction}", progress=progress)
-    return _store_calibration(calibration, payload, config, target)
+    return _store_calibration(calibration, payload, config, target, in_place=in_place, overwrite=args.overwrite)
 
 
-def _store_calibration(calibration, payload: dict[str, Any], config, target: Path) -> int:
-    """Write ``payload`` with ``calibration`` to ``target`` atomically, keeping an existing file as ``.bak``."""
+def _store_calibration(calibration, payload: dict[str, Any], config, target: Path, *, in_place: bool,
+                       overwrite: bool = False) -> int:
+    """Write ``payload`` with ``calibration`` to ``target`` atomically. In place (``target`` is the checkpoint
+    read), the previous file is first kept complete as ``<name>.bak`` (or ``.bak.2``, ...: never over a file)."""
     import shutil
 
     from vpdm.config import to_dict
-    from vpdm.io import atomic_torch_save, atomic_write
+    from vpdm.io import Output, atomic_torch_save, atomic_write, free_name, staged_outputs
 
     print(_calibration_summary(calibration))
     payload = dict(payload)
     payload["calibration"] = calibration.to_payload()
     payload["config"]["calibration"] = to_dict(config.calibration)
-    if target.exists():  # the previous version is kept beside it, complete, before anything replaces it
-        backup = target.with_name(target.name + ".bak")
-        source = target
+    if in_place:
+        backup = free_name(target.with_name(target.name + ".bak"))
 
-        def copy(f, _src=source):
+        def copy(f, _src=target):
             with open(_src, "rb") as old:
                 shutil.copyfileobj(old, f)
 
         atomic_write(backup, copy, what="backup of the previous checkpoint")
         print(f"previous {target.name} kept as {backup}")
-    atomic_torch_save(payload, target, what="checkpoint")  # temp file + rename: the old file survives any failure
+        atomic_torch_save(payload, target, what="checkpoint")  # temp file + rename: the old file survives any failure
+    else:  # a new file, or one --overwrite replaces; one that appeared meanwhile is kept
+        output = Output(target, "checkpoint")
+        with staged_outputs([output], overwrite=overwrite) as staged, writing(target, "checkpoint"):
+            _torch_save_to(payload, staged[target])
     print(f"thresholds written to {target}")
     return 0
+
+
+def _torch_save_to(obj: Any, path: Path) -> None:
+    import torch
+
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _torch_save(obj: Any, f: Any) -> None:
@@ -446,7 +472,8 @@ def _decisions(result, calibration, *, image_threshold: float | None = None) -> 
 
 
 def _write_metrics(result, path: Path, config, *, calibration=None, checkpoint: str = "checkpoint",
-                   image_threshold: float | None = None) -> dict[str, Any]:
+                   image_threshold: float | None = None, staged: Path | None = None) -> dict[str, Any]:
+    """Print the metrics and write them to ``path`` (or into ``staged``, its temporary, that a caller commits)."""
     from vpdm.config import to_dict
     from vpdm.engine import format_metrics
     from vpdm.postprocess import not_calibrated_message
@@ -483,7 +510,11 @@ def _write_metrics(result, path: Path, config, *, calibration=None, checkpoint: 
     if result.pixel_left_out:
         print(f"{len(result.pixel_left_out)} anomalous image(s) without a mask left out of the pixel metrics "
               f"(data.missing_masks=image_only), e.g. {result.pixel_left_out[0]}")
-    atomic_write_text(path, json.dumps(doc, indent=2), what="metrics")
+    if staged is None:
+        atomic_write_text(path, json.dumps(doc, indent=2), what="metrics")
+    else:
+        with writing(path, "metrics"):
+            staged.write_text(json.dumps(doc, indent=2), encoding="utf-8")
     print(f"metrics written to {path}")
     return doc
 
@@ -497,11 +528,10 @@ def _nan_to_none(value: Any) -> Any:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from vpdm import engine
     from vpdm.checkpoint import load_checkpoint
     from vpdm.config import inference_overrides
+    from vpdm.io import Output, staged_outputs
     from vpdm.preflight import check_evaluate
 
     if args.config:
@@ -519,33 +549,44 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     out = Path(args.output) if args.output else Path(args.checkpoint).with_name("metrics.json")
     plots = Path(args.plots) if args.plots else None
-    plan = check_evaluate(config, metrics=out, plots=plots)  # test split, output file, plots folder: before any image
+    outputs = [Output(out, "metrics")] + ([Output(plots, "plots folder", folder=True)] if plots else [])
+    # test split, outputs (never the checkpoint or the data, not there unless --overwrite): before any image
+    plan = check_evaluate(config, outputs=outputs, inputs=[args.checkpoint], overwrite=args.overwrite)
     print(_device_note(device, config))
     test = engine.load_split(config, "test", progress=progress, samples=plan.samples["test"], device=device)
     print(f"test: {len(test.features)} images, features {_cache_note(test)}")
     result = engine.evaluate(model, config, test, progress=progress)
     _warn_settings(calibration, config)
-    _write_metrics(result, out, config, calibration=calibration, checkpoint=args.checkpoint,
-                   image_threshold=args.image_threshold)
+    with staged_outputs(outputs, overwrite=args.overwrite) as staged:
+        _write_metrics(result, out, config, calibration=calibration, checkpoint=args.checkpoint,
+                       image_threshold=args.image_threshold, staged=staged[out])
+        if plots is not None:
+            _write_plots(result, test, staged[plots], shown=plots)
     if plots is not None:
-        from vpdm.plots import save_overlay, save_roc_curves
-
-        per_class = {c: (result.labels[[x == c for x in result.categories]], result.scores[[x == c for x in result.categories]])
-                     for c in sorted(set(result.categories))}
-        with writing(plots / "roc.png", "plot"):
-            save_roc_curves(per_class, plots / "roc.png")
-        vmax = float(np.quantile(result.maps, 0.999))
-        for c in sorted(set(result.categories)):
-            idx = [i for i, x in enumerate(result.categories) if x == c]
-            picks = [i for i in idx if result.labels[i] == 1][:3] + [i for i in idx if result.labels[i] == 0][:1]
-            for i in picks:
-                s = test.dataset.samples[i]
-                name = f"{c.replace('/', '_')}_{s.defect}_{s.image_path.stem}.png"
-                with writing(plots / name, "plot"):
-                    save_overlay(test.dataset.raw_image(i), result.maps[i], plots / name, mask=result.masks[i],
-                                 score=float(result.scores[i]), vmax=vmax)
         print(f"plots written to {plots}")
     return 0
+
+
+def _write_plots(result, test, folder: Path, *, shown: Path) -> None:
+    """ROC curves and a few overlays per class into ``folder`` (``shown``: the name in messages)."""
+    import numpy as np
+
+    from vpdm.plots import save_overlay, save_roc_curves
+
+    per_class = {c: (result.labels[[x == c for x in result.categories]], result.scores[[x == c for x in result.categories]])
+                 for c in sorted(set(result.categories))}
+    with writing(shown / "roc.png", "plot"):
+        save_roc_curves(per_class, folder / "roc.png")
+    vmax = float(np.quantile(result.maps, 0.999))
+    for c in sorted(set(result.categories)):
+        idx = [i for i, x in enumerate(result.categories) if x == c]
+        picks = [i for i in idx if result.labels[i] == 1][:3] + [i for i in idx if result.labels[i] == 0][:1]
+        for i in picks:
+            s = test.dataset.samples[i]
+            name = f"{c.replace('/', '_')}_{s.defect}_{s.image_path.stem}.png"
+            with writing(shown / name, "plot"):
+                save_overlay(test.dataset.raw_image(i), result.maps[i], folder / name, mask=result.masks[i],
+                             score=float(result.scores[i]), vmax=vmax)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -562,10 +603,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if out.suffix.lower() != suffix:
         raise VPDMError(f"--output {str(out)!r}: an {args.format} export is written to a {suffix} file")
     targets = [out] if args.format == "onnx" else [out, out.with_suffix(".bin")]
-    existing = [str(t) for t in targets if t.exists()]
-    if existing and not args.overwrite:  # before any work
-        raise VPDMError(f"{', '.join(map(repr, existing))} exist{'s' if len(existing) == 1 else ''}; "
-                        "pass --overwrite to replace")
+    from vpdm.io import Output, check_outputs
+
+    # before any work: the one rule of every command (never onto the checkpoint, nothing replaced unless --overwrite)
+    check_outputs([Output(t, f"{args.format} file") for t in targets], inputs=[args.checkpoint],
+                  overwrite=args.overwrite)
     require_package("onnx")
     runtime = "OpenVINO" if args.format == "openvino" else "ONNX Runtime"
     if args.format == "openvino":

@@ -2,9 +2,10 @@
 
 Each ``vpdm`` command calls one function here first (:func:`check_train`, :func:`check_evaluate`,
 :func:`check_predict`): the data splits it will read are listed and checked (paths, masks, mask
-sizes), the device exists, every output path can be written, and ``train.threads`` is applied. A
-typo or a bad path then fails in seconds, not after feature extraction, training or scoring, when
-the work would be lost.
+sizes), the device exists, every output path passes :func:`vpdm.io.check_outputs` (writable, not an
+input, not there already unless ``--overwrite``), and ``train.threads`` is applied. A typo or a bad
+path then fails in seconds, not after feature extraction, training or scoring, when the work would
+be lost.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import torch
 
 from vpdm.config import VPDMConfig
 from vpdm.data import Sample, list_samples
-from vpdm.errors import OutputError
-from vpdm.io import writable_dir, writable_file
+from vpdm.io import Output, check_outputs, writable_dir
 
 
 @dataclass
@@ -44,28 +44,25 @@ def list_splits(config: VPDMConfig, splits: tuple[str, ...]) -> dict[str, list[S
 
 
 def check_train(config: VPDMConfig, output: Path, *, overwrite: bool, evaluate: bool) -> Plan:
-    """``vpdm train``: device, an existing model.pt, the training split and, with --evaluate, the test split.
-
-    The output folder is already created, probed and locked by the caller.
-    """
+    """``vpdm train``: device, the run's outputs (:func:`check_outputs`), the training split and, with
+    --evaluate, the test split. The output folder is already created, probed and locked by the caller."""
     from vpdm.engine import select_device
 
     apply_threads(config)
     device = select_device(config.train.device)
-    model_path = output / "model.pt"
-    if model_path.exists() and not overwrite:
-        raise OutputError(f"{str(model_path)!r} already exists; choose another --output or pass --overwrite to replace it")
-    return Plan(list_splits(config, ("train", "test") if evaluate else ("train",)), device)
+    names = {"model.pt": "checkpoint", "config.yaml": "config", "history.json": "training history",
+             **({"metrics.json": "metrics"} if evaluate else {})}
+    splits = ("train", "test") if evaluate else ("train",)
+    inputs = [root for split in splits for root in data_roots(config, split)]
+    check_outputs([Output(output / n, w) for n, w in names.items()], inputs=inputs, overwrite=overwrite)
+    return Plan(list_splits(config, splits), device)
 
 
-def check_evaluate(config: VPDMConfig, *, metrics: Path, plots: Path | None) -> Plan:
-    """``vpdm evaluate``: the test split, the metrics file and the plots folder."""
+def check_evaluate(config: VPDMConfig, *, outputs: list[Output], inputs: list[str | Path], overwrite: bool) -> Plan:
+    """``vpdm evaluate``: the test split, the metrics file and the plots folder (:func:`check_outputs`)."""
     apply_threads(config)
-    plan = Plan(list_splits(config, ("test",)))
-    writable_file(metrics, "metrics")
-    if plots is not None:
-        writable_dir(plots, what="plots folder")
-    return plan
+    check_outputs(outputs, inputs=[*inputs, *data_roots(config, "test")], overwrite=overwrite)
+    return Plan(list_splits(config, ("test",)))
 
 
 def check_predict(config: VPDMConfig, *, output: Path, overlays: bool) -> Plan:
@@ -75,3 +72,10 @@ def check_predict(config: VPDMConfig, *, output: Path, overlays: bool) -> Plan:
     if overlays:
         writable_dir(output / "overlays", what="overlays folder")
     return Plan()
+
+
+def data_roots(config: VPDMConfig, split: str) -> list[Path]:
+    """The folders a split's data spec reads (the images and masks under them are a command's inputs)."""
+    from vpdm.data import parse_data_spec
+
+    return [path for _, path in parse_data_spec(split_spec(config, split))]
