@@ -110,10 +110,11 @@ def test_predict_overlays_of_same_named_images_in_two_folders_are_kept_apart(tra
                  "--no-progress"]) == 0
     rows = {Path(r["path"]).parent.name: r for r in csv.DictReader(open(out / "scores.csv"))}
     assert {k: r["overlay"] for k, r in rows.items()} == {"a": "overlays/a__x.png", "b": "overlays/b__x.png"}
-    # the overlay each row links is the one of its own image (recomputed here from the library's maps)
+    # the overlay each row links is the one of its own image (recomputed here from the library's maps), on the
+    # fixed colour scale: 0 to the highest map value of the calibration images
     detector = Detector.from_checkpoint(trained / "model.pt")
     preds = detector.predict_files([images / "a" / "x.png", images / "b" / "x.png"], progress=False)
-    vmax = float(np.quantile(np.stack([p.anomaly_map for p in preds]), 0.999))
+    vmax = max(t.pixel_max for t in detector.calibration.classes.values())
     for sub, pred in zip("ab", preds):
         rgb = AnomalyDataset([Sample(Path(pred.path), None, 0, "p", "u")], image_size=detector.map_size).raw_image(0)
         with Image.open(out / rows[sub]["overlay"]) as im:

@@ -1,12 +1,16 @@
-"""What the commands write: never onto what they read, never over a file unless told to."""
+"""What the commands write: never onto what they read, never over a file unless told to, never two runs in one
+folder, every file under --images accounted for, scores kept when a picture fails, one batch at a time."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.test_cli import TINY
 from vpdm.cli import main
@@ -27,6 +31,18 @@ def run(tiny_demo, tmp_path_factory):
                  "--set", f"data.cache_dir={cache}", *TINY]) == 0
     return {"model": out / "model.pt", "cache": cache, "demo": tiny_demo}
 
+
+def _rows(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "scores.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _incoming(tmp_path: Path, demo: Path, n: int, name: str = "incoming") -> Path:
+    folder = tmp_path / name
+    folder.mkdir()
+    for p in sorted((demo / "grid" / "test").rglob("*.png"))[:n]:
+        shutil.copy(p, folder / f"{p.parent.name}_{p.name}")
+    return folder
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,3 +136,141 @@ def test_check_outputs_is_one_rule_for_files_folders_and_inputs(tmp_path):
         check_outputs(cases[0][0], inputs=cases[0][1], overwrite=True)
     check_outputs([Output(tmp_path / "new.json", "metrics")], inputs=[data])  # a new file beside the input: fine
     assert (data / "a.png").read_bytes() == b"x"
+
+
+# --------------------------------------------------------------------------------------------
+# 4, 8. predict: never into its input, never two runs mixed, every output checked before scoring
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["equal", "inside"])
+def test_predict_refuses_an_output_in_its_input_folder(run, tmp_path, capsys, where):
+    images = _incoming(tmp_path, run["demo"], 2)
+    out = images if where == "equal" else images / "scored"
+    seen = _images_seen()
+    code = main(["predict", "--checkpoint", str(run["model"]), "--images", str(images), "--output", str(out),
+                 "--no-progress", "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"is inside the input {str(images)!r}" in err, err
+    assert _images_seen() == seen and sorted(p.name for p in images.iterdir())[:2] != []
+    assert not (out / "scores.csv").exists() and not (images / "overlays").exists()
+
+
+def test_a_second_predict_never_mixes_its_files_with_the_first(run, tmp_path, capsys):
+    many, one = _incoming(tmp_path, run["demo"], 5, "many"), _incoming(tmp_path, run["demo"], 1, "one")
+    out = tmp_path / "scored"
+    argv = ["predict", "--checkpoint", str(run["model"]), "--output", str(out), "--no-progress"]
+    assert main([*argv, "--images", str(many)]) == 0
+    first = (out / "scores.csv").read_bytes()
+    assert len(_rows(out)) == 5 and len(list((out / "overlays").iterdir())) == 5
+    assert main([*argv, "--images", str(one)]) == 2  # refused: the first run's files are there
+    err = capsys.readouterr().err
+    assert f"scores {str(out / 'scores.csv')!r} exists; pass --overwrite" in err, err
+    assert (out / "scores.csv").read_bytes() == first
+    assert main([*argv, "--images", str(one), "--overwrite"]) == 0
+    rows = _rows(out)
+    assert len(rows) == 1
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == [Path(rows[0]["overlay"]).name]
+    assert sorted(p.name for p in (out / "masks").iterdir()) == [Path(rows[0]["pred_mask"]).name]
+    assert sorted(p.name for p in out.iterdir()) == ["masks", "overlays", "scores.csv"]  # nothing left over
+    # --no-overlays with --overwrite: the previous overlays leave with the previous scores
+    assert main([*argv, "--images", str(one), "--overwrite", "--no-overlays"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["masks", "scores.csv"]
+
+
+def test_predict_checks_masks_before_scoring(run, tmp_path, capsys):
+    images = _incoming(tmp_path, run["demo"], 3)
+    out = tmp_path / "scored"
+    out.mkdir()
+    (out / "masks").write_text("a file where the masks folder goes")
+    seen = _images_seen()
+    code = main(["predict", "--checkpoint", str(run["model"]), "--images", str(images), "--output", str(out),
+                 "--no-progress", "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot write masks folder {str(out / 'masks')!r}: it is a file, not a folder" in err, err
+    assert _images_seen() == seen and sorted(p.name for p in out.iterdir()) == ["masks"]
+
+
+def test_scores_are_kept_when_an_overlay_cannot_be_written(run, tmp_path, capsys, monkeypatch):
+    """The disk fills up while overlays are drawn: every image is still scored and in scores.csv, the rows say
+    which pictures are missing, and the command exits 2 naming the file that failed."""
+    import errno
+
+    from PIL import Image as PILImage
+
+    images = _incoming(tmp_path, run["demo"], 4)
+    out = tmp_path / "scored"
+    real_save = PILImage.Image.save
+    saved = {"n": 0}
+
+    def full_disk(self, fp, *a, **k):
+        if "overlays" in str(fp):
+            saved["n"] += 1
+            if saved["n"] > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, fp, *a, **k)
+
+    monkeypatch.setattr(PILImage.Image, "save", full_disk)
+    code = main(["predict", "--checkpoint", str(run["model"]), "--images", str(images), "--output", str(out),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no space left on device (ENOSPC)" in err and "every score is in" in err, err
+    rows = _rows(out)
+    assert len(rows) == 4 and all(r["score"] for r in rows)
+    assert rows[0]["overlay"] and all(not r["overlay"] and "overlay not written" in r["error"] for r in rows[1:])
+    assert len(list((out / "overlays").iterdir())) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# 5. every file under --images is scored or named
+# --------------------------------------------------------------------------------------------
+
+
+def test_predict_follows_linked_folders_and_names_every_file_it_does_not_score(run, tmp_path, capsys):
+    images = _incoming(tmp_path, run["demo"], 2)
+    elsewhere = _incoming(tmp_path, run["demo"], 1, "elsewhere")
+    os.symlink(elsewhere, images / "linked")  # a linked sub-folder: followed
+    os.symlink(images, images / "loop")  # a link back up: scanned once
+    os.symlink(tmp_path / "gone.png", images / "broken.png")  # a broken link
+    with Image.open(next(elsewhere.iterdir())) as im:
+        im.save(images / "photo.webp")
+        im.save(images / "anim.gif")
+    (images / "notes.txt").write_text("not an image")
+    out = tmp_path / "scored"
+    assert main(["predict", "--checkpoint", str(run["model"]), "--images", str(images), "--output", str(out),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    rows = {str(Path(r["path"]).relative_to(images)): r for r in _rows(out)}
+    scored = sorted(k for k, r in rows.items() if r["score"])
+    assert scored == sorted([p.name for p in images.iterdir() if p.suffix == ".png" and not p.is_symlink()]
+                            + [f"linked/{p.name}" for p in elsewhere.iterdir()])
+    not_scored = {k: r["error"] for k, r in rows.items() if not r["score"]}
+    assert set(not_scored) == {"broken.png", "photo.webp", "anim.gif", "notes.txt", "loop"}
+    assert "a broken link" in not_scored["broken.png"] and "'.webp' files are not read" in not_scored["photo.webp"]
+    assert "already scanned" in not_scored["loop"]
+    assert "scored 3 image(s)" in printed and "5 not scored" in printed
+
+
+# --------------------------------------------------------------------------------------------
+# 7. predict streams: each batch's rows are on disk before the next batch is scored
+# --------------------------------------------------------------------------------------------
+
+
+def test_predict_writes_each_batch_before_scoring_the_next(run, tmp_path, monkeypatch):
+    from vpdm.pipeline import Detector
+
+    images = _incoming(tmp_path, run["demo"], 6)
+    out = tmp_path / "scored"
+    written: list[int] = []
+    real = Detector.analyse
+
+    def analyse(self, *a, **k):
+        staged = [p for p in out.glob("scores.csv.*.tmp")]
+        written.append(len(staged[0].read_text().splitlines()) - 1 if staged else -1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Detector, "analyse", analyse)
+    assert main(["predict", "--checkpoint", str(run["model"]), "--images", str(images), "--output", str(out),
+                 "--no-progress", "--batch-size", "2"]) == 0
+    assert written == [0, 2, 4]  # rows of the earlier batches are written, not held
+    assert len(_rows(out)) == 6

@@ -13,8 +13,6 @@ Settings come from the defaults (the paper's), then ``--config file.yaml``, then
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import os
@@ -124,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--images", required=True, help="an image file or a folder of images (searched recursively)")
     pr.add_argument("--output", required=True, help="folder for scores.csv and overlays/")
     pr.add_argument("--no-overlays", action="store_true")
+    pr.add_argument("--overwrite", action="store_true", help="replace the scores.csv, overlays/ and masks/ of a "
+                                                             "previous run in --output (as a whole)")
     pr.add_argument("--batch-size", type=_positive_int, default=16, help="images per backbone batch (default 16)")
     pr.add_argument("--category", help="class of every image (default: per image, the calibrated class whose "
                                        "prototype assignments are nearest)")
@@ -561,23 +561,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         _write_metrics(result, out, config, calibration=calibration, checkpoint=args.checkpoint,
                        image_threshold=args.image_threshold, staged=staged[out])
         if plots is not None:
-            _write_plots(result, test, staged[plots], shown=plots)
+            _write_plots(result, test, staged[plots], calibration, shown=plots)
     if plots is not None:
         print(f"plots written to {plots}")
     return 0
 
 
-def _write_plots(result, test, folder: Path, *, shown: Path) -> None:
-    """ROC curves and a few overlays per class into ``folder`` (``shown``: the name in messages)."""
-    import numpy as np
-
+def _write_plots(result, test, folder: Path, calibration, *, shown: Path) -> None:
+    """ROC curves and a few overlays per class into ``folder`` (``shown``: the name in messages), on one colour
+    scale: the calibrated range, else the highest map value of the test images."""
     from vpdm.plots import save_overlay, save_roc_curves
+    from vpdm.scored import calibrated_overlay_scale
 
     per_class = {c: (result.labels[[x == c for x in result.categories]], result.scores[[x == c for x in result.categories]])
                  for c in sorted(set(result.categories))}
     with writing(shown / "roc.png", "plot"):
         save_roc_curves(per_class, folder / "roc.png")
-    vmax = float(np.quantile(result.maps, 0.999))
+    vmax = calibrated_overlay_scale(calibration) or float(result.maps.max()) or None
     for c in sorted(set(result.categories)):
         idx = [i for i, x in enumerate(result.categories) if x == c]
         picks = [i for i in idx if result.labels[i] == 1][:3] + [i for i in idx if result.labels[i] == 0][:1]
@@ -635,79 +635,76 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from vpdm.pipeline import Detector, image_files, overlay_name
-
-    from vpdm.checkpoint import load_checkpoint
+    from vpdm.checkpoint import checkpoint_calibration, load_checkpoint
     from vpdm.config import inference_overrides
+    from vpdm.io import staged_outputs
+    from vpdm.pipeline import Detector, scan_images
+    from vpdm.postprocess import not_calibrated_message
     from vpdm.preflight import check_predict
+    from vpdm.scored import ScoredFolder, calibrated_overlay_scale, scored_outputs
 
     if args.config:
         raise VPDMError("predict takes its settings from the checkpoint; use --set to change sampling or scoring")
-    files = image_files(args.images)
-    from vpdm.checkpoint import checkpoint_calibration
-    from vpdm.postprocess import not_calibrated_message
-
+    scan = scan_images(args.images)  # every file that will not be scored is named in scores.csv
     model, config, payload = load_checkpoint(args.checkpoint)
     calibration = checkpoint_calibration(payload, args.checkpoint)
     config = inference_overrides(config, _inference_overrides(args), "predict").validate()
     config, device = _device(args, config)
     out = Path(args.output)
-    check_predict(config, output=out, overlays=not args.no_overlays)  # before the first image
     detector = Detector(model, config, payload.get("categories"), device=device, calibration=calibration,
                         checkpoint=args.checkpoint)
     post = detector.postprocessor(args.image_threshold, args.pixel_threshold)
+    overlays = not args.no_overlays
+    outputs = scored_outputs(out, overlays=overlays, masks=post.ready)
+    # before the first image: not inside --images, not over a previous run unless --overwrite, writable
+    check_predict(config, outputs=outputs, inputs=[args.images, args.checkpoint], overwrite=args.overwrite)
     if not post.ready:
         print(f"note: no decisions (pred_* columns empty): {not_calibrated_message(args.checkpoint)}", file=sys.stderr)
     elif args.category is not None:
         post.category(None, [args.category], 1)  # an unknown class fails here, before any image
     _warn_settings(calibration, config)
-    results = detector.predict_files(files, batch_size=args.batch_size, progress=not args.no_progress,
-                                     category=args.category, postprocessor=post)
-    scored = [r for r in results if r.score is not None]
-    table = io.StringIO()
-    writer = csv.writer(table)
-    writer.writerow(["path", "category", "score", "pred_score", "pred_label", "pred_mask", "overlay", "error"])
-    overlays = out / "overlays"
-    if not args.no_overlays and scored:
-        from PIL import Image
+    progress = not args.no_progress
 
-        from vpdm.data import AnomalyDataset, Sample
-        from vpdm.plots import overlay_array
+    def predictions():
+        return detector.iter_predictions(scan.files, batch_size=args.batch_size, progress=progress,
+                                         category=args.category, postprocessor=post)
 
-        vmax = float(np.quantile(np.stack([r.anomaly_map for r in scored]), 0.999))
-        size = detector.map_size
-    root = Path(args.images) if Path(args.images).is_dir() else Path(args.images).parent
-    used: set[str] = set()
-    used_masks: set[str] = set()
-    for r in results:
-        overlay = ""
-        if r.score is not None and not args.no_overlays:
-            rgb = AnomalyDataset([Sample(Path(r.path), None, 0, "predict", "unknown")], image_size=size).raw_image(0)
-            overlay_path = overlays / overlay_name(Path(r.path).relative_to(root), used)
-            with writing(overlay_path, "overlay"):
-                Image.fromarray(overlay_array(rgb, r.anomaly_map, vmax=vmax)).save(overlay_path)
-            overlay = str(overlay_path.relative_to(out))
-        mask = ""
-        if r.pred_mask is not None:
-            from PIL import Image
+    vmax = calibrated_overlay_scale(calibration) if overlays else None
+    if overlays and vmax is None:  # no calibrated range: one pass for the run's highest map value first
+        print("overlay colour scale: no calibration, so a first scoring pass finds this run's highest map value")
+        vmax = max((float(p.anomaly_map.max()) for p in predictions() if p.anomaly_map is not None), default=0.0)
+        vmax = vmax if vmax > 0 else None
+    from vpdm.data import AnomalyDataset, Sample
 
-            mask_path = out / "masks" / overlay_name(Path(r.path).relative_to(root), used_masks)
-            with writing(mask_path, "mask"):
-                mask_path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray((r.pred_mask.astype(np.uint8) * 255)).save(mask_path)
-            mask = str(mask_path.relative_to(out))
-        writer.writerow([r.path, r.category or "", "" if r.score is None else f"{r.score:.6f}",
-                         "" if r.pred_score is None else f"{r.pred_score:.6f}",
-                         "" if r.pred_label is None else r.pred_label, mask, overlay, r.error or ""])
-    atomic_write_text(out / "scores.csv", table.getvalue(), what="scores")
-    failed = len(results) - len(scored)
-    flagged = sum(1 for r in scored if r.pred_label == 1)
-    decided = f", {flagged} anomalous" if post.ready else ""
-    print(f"scored {len(scored)} image(s){decided}{f', {failed} failed (see error column)' if failed else ''} "
-          f"-> {out / 'scores.csv'}")
-    return 0 if scored else 1
+    size = detector.map_size
+    with staged_outputs(outputs, overwrite=args.overwrite) as staged:
+        folder = ScoredFolder(out, staged, vmax=vmax)
+        try:
+            for r in predictions():
+                path = Path(r.path)
+
+                def rgb(_path: Path = path):
+                    return AnomalyDataset([Sample(_path, None, 0, "predict", "unknown")], image_size=size).raw_image(0)
+
+                folder.add(r.path, path.relative_to(scan.root), score=r.score, anomaly_map=r.anomaly_map, rgb=rgb,
+                           category=r.category, pred_score=r.pred_score, pred_label=r.pred_label,
+                           pred_mask=r.pred_mask, error=r.error)
+            for path, reason in scan.skipped:
+                folder.add(str(path), path.relative_to(scan.root), error=reason, skipped=True)
+            folder.close()
+        except BaseException:
+            folder.abort()
+            raise
+    decided = f", {folder.flagged} anomalous" if post.ready else ""
+    failed = f", {folder.failed} failed (see error column)" if folder.failed else ""
+    skipped = f", {folder.skipped} not scored (not an image type vpdm reads, or a link it does not follow; see " \
+              "error column)" if folder.skipped else ""
+    print(f"scored {folder.scored} image(s){decided}{failed}{skipped} -> {out / 'scores.csv'}")
+    if folder.output_failure:
+        print(f"vpdm predict: error: {folder.output_failure}; every score is in {out / 'scores.csv'}, the rows "
+              "without an overlay or mask say so", file=sys.stderr)
+        return 2
+    return 0 if folder.scored else 1
 
 
 if __name__ == "__main__":

@@ -65,12 +65,14 @@ def check_evaluate(config: VPDMConfig, *, outputs: list[Output], inputs: list[st
     return Plan(list_splits(config, ("test",)))
 
 
-def check_predict(config: VPDMConfig, *, output: Path, overlays: bool) -> Plan:
-    """``vpdm predict``: the output folder and, unless --no-overlays, its overlays/ folder."""
+def check_predict(config: VPDMConfig, *, outputs: list[Output], inputs: list[str | Path], overwrite: bool) -> Plan:
+    """``vpdm predict``: scores.csv, overlays/ and masks/ (:func:`check_outputs`: not inside ``--images``, not
+    there already unless ``--overwrite``, writable)."""
     apply_threads(config)
-    writable_dir(output)
-    if overlays:
-        writable_dir(output / "overlays", what="overlays folder")
+    check_outputs(outputs, inputs=inputs, overwrite=overwrite, probe=False)  # nothing created for a refused one
+    for out in {Path(o.path).parent for o in outputs}:
+        writable_dir(out)  # the folder they go to, named as such
+    check_outputs(outputs, inputs=inputs, overwrite=overwrite)
     return Plan()
 
 
