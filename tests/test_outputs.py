@@ -1,5 +1,6 @@
 """What the commands write: never onto what they read, never over a file unless told to, never two runs in one
-folder, every file under --images accounted for, scores kept when a picture fails, one batch at a time."""
+folder, every file under --images accounted for, scores kept when a picture fails, one batch at a time; a
+calibration of some classes keeps the others."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from tests.test_cli import TINY
@@ -274,3 +276,65 @@ def test_predict_writes_each_batch_before_scoring_the_next(run, tmp_path, monkey
                  "--no-progress", "--batch-size", "2"]) == 0
     assert written == [0, 2, 4]  # rows of the earlier batches are written, not held
     assert len(_rows(out)) == 6
+
+
+# --------------------------------------------------------------------------------------------
+# 2. a calibration of some classes keeps the others
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def grid_only(tmp_path):
+    """The tiny demo's grid class alone (same seed and sizes: the same images), as a demo spec."""
+    from vpdm.data import make_demo_dataset
+
+    return make_demo_dataset(tmp_path / "grid-only", classes=["grid"], train_per_class=8, test_good_per_class=3,
+                             test_defect_per_class=3, size=64)
+
+
+def test_calibrating_one_class_keeps_the_others_thresholds(run, grid_only, tmp_path, capsys):
+    from vpdm.checkpoint import checkpoint_calibration, load_checkpoint
+    from vpdm.pipeline import Detector
+
+    ckpt = tmp_path / "model.pt"
+    shutil.copy(run["model"], ckpt)
+    before = checkpoint_calibration(load_checkpoint(ckpt)[2])
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--data", f"demo:{grid_only}", "--no-progress",
+                 "--set", f"data.cache_dir={run['cache']}"]) == 0
+    printed = capsys.readouterr().out
+    assert "recalibrated: demo/grid; kept from the previous calibration" in printed and ": demo/blobs" in printed
+    after = checkpoint_calibration(load_checkpoint(ckpt)[2])
+    assert sorted(after.classes) == ["demo/blobs", "demo/grid"]
+    assert after.classes["demo/blobs"] == before.classes["demo/blobs"]  # kept exactly
+    assert torch.equal(after.histograms["demo/blobs"], before.histograms["demo/blobs"])
+    assert after.classes["demo/grid"].num_images == 8  # every grid train/good image
+    assert "kept from the previous calibration" in after.source and "demo/blobs" in after.source
+    # blobs images are still judged by blobs' own thresholds
+    blobs = sorted((run["demo"] / "blobs" / "test" / "good").glob("*.png"))
+    detector = Detector.from_checkpoint(ckpt)
+    threshold = before.classes["demo/blobs"].image_threshold
+    for p in detector.predict_files(blobs, progress=False, category="demo/blobs"):
+        assert p.pred_label == int(p.score > threshold)
+
+
+def test_a_partial_calibration_that_cannot_keep_the_others_is_refused(run, grid_only, tmp_path, capsys):
+    from tests.test_postprocess import _uncalibrated_copy
+
+    ckpt = tmp_path / "model.pt"
+    shutil.copy(run["model"], ckpt)
+    original = ckpt.read_bytes()
+    seen = _images_seen()
+    base = ["--no-progress", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    # other method (labelled f1) than the kept classes' (quantile)
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--val-data", f"demo:{grid_only}", *base]) == 2
+    err = capsys.readouterr().err
+    assert "lacks class(es) of the model: demo/blobs" in err and "made the same way" in err, err
+    # same method, other false-alarm rate
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--data", f"demo:{grid_only}", *base,
+                 "--set", "calibration.false_alarm_rate=0.2"]) == 2
+    assert "target false-alarm rate 0.01" in capsys.readouterr().err
+    # nothing to keep
+    old = _uncalibrated_copy(ckpt, tmp_path / "old.pt")
+    assert main(["calibrate", "--checkpoint", str(old), "--data", f"demo:{grid_only}", *base]) == 2
+    assert "the checkpoint has no thresholds to keep for them" in capsys.readouterr().err
+    assert ckpt.read_bytes() == original and _images_seen() == seen

@@ -232,7 +232,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vpdm import engine
-    from vpdm.calibration import calibrate, calibrate_labelled, holdout_index, subset, validation_samples
+    from vpdm.calibration import (calibrate, calibrate_labelled, check_partial, holdout_index, subset,
+                                  validation_samples)
     from vpdm.checkpoint import checkpoint_payload
     from vpdm.data import categories
     from vpdm.io import commit_run, exclusive_folder, prepare_write
@@ -254,8 +255,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     # One run per folder: a second `vpdm train` into it fails at once instead of both "succeeding".
     with exclusive_folder(Path(args.output)) as out:
         plan = check_train(config, out, overwrite=args.overwrite, evaluate=args.evaluate)  # before the first image
-        val_samples = (validation_samples(args.val_data, config, categories(plan.samples["train"]))
-                       if args.val_data is not None else None)
+        val_samples = None
+        if args.val_data is not None:  # every class of the model needs its thresholds: none can be kept here
+            val_samples = validation_samples(args.val_data, config, categories(plan.samples["train"]))
+            check_partial(None, categories(val_samples), categories(plan.samples["train"]), method, config,
+                          f"--val-data {args.val_data!r}")
         fraction = config.train.calibration_fraction
         # One extraction (and cache entry) for all of train/good, then the seeded split of the features.
         print(_device_note(device, config))
@@ -328,9 +332,11 @@ def _calibration_summary(calibration) -> str:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from vpdm import engine
-    from vpdm.calibration import calibrate, calibrate_labelled, calibration_picks, validation_samples
-    from vpdm.checkpoint import load_checkpoint
+    from vpdm.calibration import (calibrate, calibrate_labelled, calibration_picks, check_partial, merge_calibration,
+                                  validation_samples)
+    from vpdm.checkpoint import checkpoint_calibration, load_checkpoint
     from vpdm.config import inference_overrides
+    from vpdm.data import categories
     from vpdm.io import Output, check_outputs, writable_file
     from vpdm.preflight import data_roots, list_splits
 
@@ -343,6 +349,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise VPDMError("--val-data calibrates on its labelled test split; --data and --fraction choose normal "
                         "train/good images for calibration.method=quantile: give one or the other")
     model, config, payload = load_checkpoint(args.checkpoint)
+    previous = checkpoint_calibration(payload, args.checkpoint)
     allowed = ("calibration.", "data.", "train.threads=", "train.batch_size=", "train.seed=", "train.device=")
     other = [o for o in args.overrides if not o.strip().startswith(allowed)]
     if other:
@@ -367,25 +374,33 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     else:
         check_outputs([Output(target, "checkpoint")], inputs=[args.checkpoint, *roots], overwrite=args.overwrite)
     progress = not args.no_progress
+    model_classes = list(payload.get("categories") or [])
+    flag = f"--val-data {args.val_data!r}" if args.val_data is not None else f"--data {config.data.spec!r}"
     if args.val_data is not None:
-        model_classes = list(payload.get("categories") or [])
         val_samples = validation_samples(args.val_data, config, model_classes)  # classes, masks: before any image
+        kept = check_partial(previous, categories(val_samples), model_classes, method, config, flag)
         split = engine.load_split(config, "test", progress=progress, samples=val_samples, device=device)
         calibration = calibrate_labelled(model, config, split, method, source=f"--val-data {args.val_data}",
                                          progress=progress)
-        return _store_calibration(calibration, payload, config, target, in_place=in_place, overwrite=args.overwrite)
-    samples = list_splits(config, ("train",))["train"]
-    if args.fraction is not None and args.fraction < 1:  # the same pick as train's hold-out (same data and seed)
-        keep = {i for _, picked in calibration_picks(samples, args.fraction, config.train.seed).values() for i in picked}
-        samples = [s for i, s in enumerate(samples) if i in keep]
-    split = engine.load_split(config, "train", progress=progress, samples=samples, device=device)
-    unknown = sorted(set(split.dataset.categories) - set(payload.get("categories") or []))
-    if unknown:
-        print(f"note: class(es) {', '.join(unknown)} were not in the model's training data "
-              f"({', '.join(payload.get('categories') or [])}); calibrating them anyway")
-    fraction = f", fraction {args.fraction:g}" if args.fraction is not None else ""
-    calibration = calibrate(model, config, split.features, [s.category for s in samples],
-                            source=f"vpdm calibrate --data {config.data.spec}{fraction}", progress=progress)
+    else:
+        samples = list_splits(config, ("train",))["train"]
+        kept = check_partial(previous, categories(samples), model_classes, method, config, flag)
+        if args.fraction is not None and args.fraction < 1:  # the same pick as train's hold-out (same data and seed)
+            keep = {i for _, picked in calibration_picks(samples, args.fraction, config.train.seed).values()
+                    for i in picked}
+            samples = [s for i, s in enumerate(samples) if i in keep]
+        split = engine.load_split(config, "train", progress=progress, samples=samples, device=device)
+        unknown = sorted(set(split.dataset.categories) - set(model_classes))
+        if unknown:
+            print(f"note: class(es) {', '.join(unknown)} were not in the model's training data "
+                  f"({', '.join(model_classes)}); calibrating them anyway")
+        fraction = f", fraction {args.fraction:g}" if args.fraction is not None else ""
+        calibration = calibrate(model, config, split.features, [s.category for s in samples],
+                                source=f"vpdm calibrate --data {config.data.spec}{fraction}", progress=progress)
+    if kept:
+        print(f"recalibrated: {', '.join(sorted(calibration.classes))}; kept from the previous calibration "
+              f"({previous.describe()}): {', '.join(kept)}")
+        calibration = merge_calibration(calibration, previous, kept)
     return _store_calibration(calibration, payload, config, target, in_place=in_place, overwrite=args.overwrite)
 
 
