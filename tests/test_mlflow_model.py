@@ -432,6 +432,12 @@ def test_an_uncalibrated_model_answers_scores_without_decisions(checkpoint, imag
     assert out["pred_label"].tolist() == [None, None] and out["pred_score"].isna().all()
     both = predict_frame(detector, images_to_frame(images[:2]), params={"image_threshold": 0.0, "pixel_threshold": 0.0})
     assert both["pred_label"].tolist() == [1, 1] and both["category"].tolist() == ["", ""]
+    with pytest.raises(MlflowException, match="an image threshold was given without a pixel threshold"):
+        predict_frame(detector, images_to_frame(images[:1]), params={"image_threshold": 0.0})  # decides nothing
+    frame = images_to_frame(images[:1])
+    frame["category"] = ["demo/nope"]
+    out = predict_frame(detector, frame, params={"image_threshold": 0.0, "pixel_threshold": 0.0})
+    assert "category 'demo/nope' is not one the model was trained for" in out["error"].iloc[0]
 
 
 # --------------------------------------------------------------------------------------------

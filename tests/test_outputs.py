@@ -1,6 +1,6 @@
 """What the commands write: never onto what they read, never over a file unless told to, never two runs in one
 folder, every file under --images accounted for, scores kept when a picture fails, one batch at a time; a
-calibration of some classes keeps the others."""
+calibration of some classes keeps the others; overrides are refused or applied, never ignored."""
 
 from __future__ import annotations
 
@@ -338,3 +338,37 @@ def test_a_partial_calibration_that_cannot_keep_the_others_is_refused(run, grid_
     assert main(["calibrate", "--checkpoint", str(old), "--data", f"demo:{grid_only}", *base]) == 2
     assert "the checkpoint has no thresholds to keep for them" in capsys.readouterr().err
     assert ckpt.read_bytes() == original and _images_seen() == seen
+
+
+# --------------------------------------------------------------------------------------------
+# 11. overrides: one threshold alone, an unknown class, backbone.* from Python
+# --------------------------------------------------------------------------------------------
+
+
+def test_threshold_and_category_overrides_on_an_uncalibrated_model(run, tmp_path, capsys):
+    from tests.test_postprocess import _uncalibrated_copy
+
+    old = _uncalibrated_copy(run["model"], tmp_path / "old.pt")
+    images = _incoming(tmp_path, run["demo"], 1)
+    base = ["predict", "--checkpoint", str(old), "--images", str(images), "--no-progress"]
+    assert main([*base, "--output", str(tmp_path / "a"), "--image-threshold", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "an image threshold was given without a pixel threshold" in err and "decisions need both" in err, err
+    assert main([*base, "--output", str(tmp_path / "b"), "--image-threshold", "5", "--pixel-threshold", "5",
+                 "--category", "demo/nope"]) == 2
+    assert "class 'demo/nope' is not one the model was trained for: demo/blobs, demo/grid" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() or not (tmp_path / "a" / "scores.csv").exists()
+    assert main([*base, "--output", str(tmp_path / "c"), "--image-threshold", "5", "--pixel-threshold", "5",
+                 "--category", "demo/grid"]) == 0
+    assert _rows(tmp_path / "c")[0]["category"] == "demo/grid"
+
+
+@pytest.mark.parametrize("override", ["backbone.image_size=32", "model.prototypes.num_prototypes=8"])
+def test_the_python_api_applies_the_clis_override_policy(run, override):
+    from vpdm.errors import ConfigError
+    from vpdm.pipeline import Detector
+
+    with pytest.raises(ConfigError, match=f"Detector.from_checkpoint cannot change {override.split('=')[0]}"):
+        Detector.from_checkpoint(run["model"], overrides=[override])
+    detector = Detector.from_checkpoint(run["model"], overrides=["sampling.num_steps=1"])
+    assert detector.config.sampling.num_steps == 1

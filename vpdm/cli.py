@@ -668,15 +668,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     out = Path(args.output)
     detector = Detector(model, config, payload.get("categories"), device=device, calibration=calibration,
                         checkpoint=args.checkpoint)
-    post = detector.postprocessor(args.image_threshold, args.pixel_threshold)
+    post = detector.postprocessor(args.image_threshold, args.pixel_threshold)  # one threshold alone: refused
+    if args.category is not None:
+        post.category(None, [args.category], 1)  # an unknown class fails here, before any image
     overlays = not args.no_overlays
     outputs = scored_outputs(out, overlays=overlays, masks=post.ready)
     # before the first image: not inside --images, not over a previous run unless --overwrite, writable
     check_predict(config, outputs=outputs, inputs=[args.images, args.checkpoint], overwrite=args.overwrite)
     if not post.ready:
         print(f"note: no decisions (pred_* columns empty): {not_calibrated_message(args.checkpoint)}", file=sys.stderr)
-    elif args.category is not None:
-        post.category(None, [args.category], 1)  # an unknown class fails here, before any image
     _warn_settings(calibration, config)
     progress = not args.no_progress
 

@@ -71,17 +71,23 @@ class Detector:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None) -> Detector:
         from vpdm.checkpoint import checkpoint_calibration
+        from vpdm.config import inference_overrides
 
         model, config, payload = load_checkpoint(path)
-        if overrides:
-            config = config.with_overrides(overrides).validate()
+        if overrides:  # the CLI's policy: sampling, scoring, data, inference may change; backbone.* and model.* not
+            config = inference_overrides(config, overrides, "Detector.from_checkpoint").validate()
         return cls(model, config, payload.get("categories"), device, calibration=checkpoint_calibration(payload, path),
                    checkpoint=str(path))
 
     def postprocessor(self, image_threshold: float | None = None, pixel_threshold: float | None = None) -> PostProcessor:
-        """The thresholds and normalisation of this model, with optional overrides (checked: finite, >= 0)."""
-        return PostProcessor(self.calibration, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
-                             checkpoint=self.checkpoint)
+        """The thresholds and normalisation of this model, with optional overrides (checked: finite, >= 0).
+
+        Without a calibration, one threshold alone cannot decide anything: :class:`ConfigError` saying that
+        both are needed (rather than no decisions without a word)."""
+        post = PostProcessor(self.calibration, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
+                             checkpoint=self.checkpoint, classes=self.categories)
+        post.require_complete()
+        return post
 
     def iter_predictions(self, paths: list[Path], batch_size: int = 16, progress: bool = True,
                          category: str | None = None, postprocessor: PostProcessor | None = None) -> Iterator[Prediction]:
