@@ -1,7 +1,7 @@
-"""What the commands write: never onto what they read, never over a file unless told to, never two runs in one
-folder, every file under --images accounted for, scores kept when a picture fails, one batch at a time; a
-calibration of some classes keeps the others; overrides are refused or applied, never ignored; a killed
-training run resumes."""
+"""What the commands write and check: never onto what they read, never over a file unless told to, never two
+runs in one folder, every file under --images accounted for, scores kept when a picture fails, one batch at a
+time; a partial calibration keeps the other classes; overrides applied or refused, never ignored; every input
+decoded before long work; a killed training run resumes."""
 
 from __future__ import annotations
 
@@ -373,6 +373,31 @@ def test_the_python_api_applies_the_clis_override_policy(run, override):
         Detector.from_checkpoint(run["model"], overrides=[override])
     detector = Detector.from_checkpoint(run["model"], overrides=["sampling.num_steps=1"])
     assert detector.config.sampling.num_steps == 1
+
+
+# --------------------------------------------------------------------------------------------
+# 9. checks before long work
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["train image", "test mask"])
+def test_a_truncated_image_or_mask_fails_before_any_image_goes_through_the_backbone(which, tiny_demo, tmp_path,
+                                                                                   capsys):
+    root = tmp_path / "demo"
+    shutil.copytree(tiny_demo, root)
+    # the last train image, in a later extraction batch than the first: extraction would reach it only after
+    # other images went through the backbone
+    victim = (sorted((root / "grid" / "train" / "good").glob("*.png"))[-1] if which == "train image"
+              else min((root / "grid" / "ground_truth").rglob("*_mask.png")))
+    victim.write_bytes(victim.read_bytes()[:-40])  # the header is intact: only a decode finds it
+    seen = _images_seen()
+    code = main(["train", "--data", f"demo:{root}", "--output", str(tmp_path / "out"), "--epochs", "1",
+                 "--evaluate", "--no-progress", "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY,
+                 "--set", "data.extract_batch_size=2"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot decode image {str(victim)!r}" in err, err
+    assert _images_seen() == seen
+    assert not (tmp_path / "out").exists()  # the failed run removed the folder it had made
 
 
 # --------------------------------------------------------------------------------------------

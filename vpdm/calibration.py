@@ -202,11 +202,13 @@ def calibrate_labelled(model: VPDM, config: VPDMConfig, split, method: str, *, s
 
 def validation_samples(spec: str, config: VPDMConfig, model_classes: list[str]) -> list[Sample]:
     """List and check the labelled validation set ``spec`` (its test split) for a model of ``model_classes``:
-    paths, masks and mask sizes (:func:`vpdm.data.list_samples`), then :func:`check_validation_samples`."""
-    from vpdm.data import list_samples
+    paths, masks and mask sizes (:func:`vpdm.data.list_samples`), :func:`check_validation_samples`, then every
+    image and mask decoded."""
+    from vpdm.data import check_images, list_samples
 
     samples = list_samples(spec, "test", config.data.missing_masks)
     check_validation_samples(samples, list(model_classes), spec)
+    check_images(samples)  # every image and mask decoded before any forward pass
     return samples
 
 

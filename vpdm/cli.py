@@ -321,7 +321,7 @@ def _train_in(out: Path, args: argparse.Namespace, config, device, method: str, 
         print(f"removed {len(stale)} temporary file(s) a killed run left in {out}: "
               f"{', '.join(p.name for p in stale[:5])}{', ...' if len(stale) > 5 else ''}")
     state_path = out / STATE_NAME
-    # before the first image: outputs, data, device, a state to resume or not to lose
+    # before the first image: outputs, data (decoded), device, a state to resume or not to lose
     plan = check_train(config, out, overwrite=args.overwrite, evaluate=args.evaluate, resume=args.resume)
     val_samples = None
     if args.val_data is not None:
@@ -649,7 +649,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else Path(args.checkpoint).with_name("metrics.json")
     plots = Path(args.plots) if args.plots else None
     outputs = [Output(out, "metrics")] + ([Output(plots, "plots folder", folder=True)] if plots else [])
-    # test split, outputs (never the checkpoint or the data, not there unless --overwrite): before any image
+    # test split (decoded), outputs (never the checkpoint or the data, not there unless --overwrite): before any image
     plan = check_evaluate(config, outputs=outputs, inputs=[args.checkpoint], overwrite=args.overwrite)
     print(_device_note(device, config))
     test = engine.load_split(config, "test", progress=progress, samples=plan.samples["test"], device=device)

@@ -2,10 +2,10 @@
 
 Each ``vpdm`` command calls one function here first (:func:`check_train`, :func:`check_evaluate`,
 :func:`check_predict`): the data splits it will read are listed and checked (paths, masks, mask
-sizes), the device exists, every output path passes :func:`vpdm.io.check_outputs` (writable, not an
-input, not there already unless ``--overwrite``), and ``train.threads`` is applied. A typo or a bad
-path then fails in seconds, not after feature extraction, training or scoring, when the work would
-be lost.
+sizes) and every image and mask of them is decoded, the device exists, every output path passes
+:func:`vpdm.io.check_outputs` (writable, not an input, not there already unless ``--overwrite``), and
+``train.threads`` is applied. A typo, a bad path or a truncated file then fails in seconds, not after
+feature extraction, training or scoring, when the work would be lost.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from vpdm.config import VPDMConfig
-from vpdm.data import Sample, list_samples
+from vpdm.data import Sample, check_images, list_samples
 from vpdm.errors import OutputError
 from vpdm.io import Output, check_outputs, writable_dir
 
@@ -42,14 +42,19 @@ def split_spec(config: VPDMConfig, split: str) -> str:
 
 
 def list_splits(config: VPDMConfig, splits: tuple[str, ...]) -> dict[str, list[Sample]]:
-    """List and check each split (cheap: names and image headers); DataError naming the bad path."""
-    return {split: list_samples(split_spec(config, split), split, config.data.missing_masks) for split in splits}
+    """List and check each split: paths, masks and mask sizes, then every image and mask fully decoded
+    (:func:`vpdm.data.check_images`: a truncated file fails now, naming it, not after extraction or training);
+    DataError naming the bad file."""
+    out = {split: list_samples(split_spec(config, split), split, config.data.missing_masks) for split in splits}
+    for samples in out.values():
+        check_images(samples)
+    return out
 
 
 def check_train(config: VPDMConfig, output: Path, *, overwrite: bool, evaluate: bool, resume: bool = False) -> Plan:
     """``vpdm train``: device, the run's outputs (:func:`check_outputs`), the state of an unfinished run (read
     with ``resume``, else never lost: refused unless ``overwrite``), the training split and, with --evaluate,
-    the test split. The output folder is already created, probed and locked by the caller."""
+    the test split (decoded). The output folder is already created, probed and locked by the caller."""
     from vpdm.engine import select_device
     from vpdm.resume import STATE_NAME, check_state, read_state
 
@@ -71,7 +76,7 @@ def check_train(config: VPDMConfig, output: Path, *, overwrite: bool, evaluate: 
 
 
 def check_evaluate(config: VPDMConfig, *, outputs: list[Output], inputs: list[str | Path], overwrite: bool) -> Plan:
-    """``vpdm evaluate``: the test split, the metrics file and the plots folder (:func:`check_outputs`)."""
+    """``vpdm evaluate``: the test split (decoded), the metrics file and the plots folder (:func:`check_outputs`)."""
     apply_threads(config)
     check_outputs(outputs, inputs=[*inputs, *data_roots(config, "test")], overwrite=overwrite)
     return Plan(list_splits(config, ("test",)))
