@@ -293,3 +293,19 @@ def test_leave_one_out_view_and_the_adoption_rule(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text("{}\n")
     assert loo_main([str(tmp_path / "bad.jsonl")]) == 2
     assert "is not a line of vpdm.bench.screen --json" in capsys.readouterr().err
+
+
+def test_the_predict_memory_benchmark_prints_a_peak_per_count(capsys):
+    """benchmarks/predict_memory.py end to end at a tiny size (the figures themselves are the README's)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "predict_memory.py"
+    spec = importlib.util.spec_from_file_location("predict_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--counts", "2,5", "--image-size", "64", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| 2 |", "| 5 |"))]
+    assert len(rows) == 2 and all(float(r.split("|")[2]) > 100 for r in rows), out  # MiB of a process with torch
+    assert "largest / smallest peak: " in out
