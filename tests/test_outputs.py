@@ -387,7 +387,7 @@ def test_a_truncated_image_or_mask_fails_before_any_image_goes_through_the_backb
     shutil.copytree(tiny_demo, root)
     # the last train image, in a later extraction batch than the first: extraction would reach it only after
     # other images went through the backbone
-    victim = (sorted((root / "grid" / "train" / "good").glob("*.png"))[-1] if which == "train image"
+    victim = (max((root / "grid" / "train" / "good").glob("*.png")) if which == "train image"
               else min((root / "grid" / "ground_truth").rglob("*_mask.png")))
     victim.write_bytes(victim.read_bytes()[:-40])  # the header is intact: only a decode finds it
     seen = _images_seen()
