@@ -12,7 +12,7 @@ from vpdm.errors import ConfigError
 TINY = [
     "--backbone", "tf_efficientnet_lite0", "--weights", "none",
     "--set", "backbone.image_size=64", "--set", "backbone.feature_size=8",
-    "--set", "model.prototypes.num_prototypes=4", "--set", "model.prototypes.downsample=2",
+    "--set", "model.prototypes.num_prototypes=4", "--set", "model.prototypes.downsample=2", "--set", "model.fine.num_prototypes=64",
     "--set", "model.diffusion.num_timesteps=50", "--set", "model.denoiser.width=16",
     "--set", "model.denoiser.groups=4", "--set", "sampling.num_steps=2", "--set", "train.batch_size=8",
     "--set", "scoring.pool_size=4", "--set", "scoring.blur_sigma=1.0",
@@ -53,6 +53,32 @@ def test_both_detectors_are_evaluated_with_the_same_metrics(bench_run):
     assert doc["baseline"]["settings"]["bank_size"] == 77  # ceil(0.1 * 12 images * 8 * 8 patches): 4 held out
     comp = doc["comparison"]["means"]["image_auroc"]
     assert comp["delta_pt"] == pytest.approx(100 * (comp["vpdm"] - comp["baseline"]))
+
+
+def test_defect_size_table_covers_every_detector_and_every_defect_region(bench_run):
+    """Every detector gets AUPRO / pixel recall per size stratum; the strata's regions add up to the
+    connected defect regions of the test masks (counted here with scipy), and results.md shows the table."""
+    from scipy import ndimage
+
+    from vpdm import engine
+    from vpdm.data import AnomalyDataset, list_samples
+
+    out, doc = bench_run
+    sizes = [doc["vpdm"]["defect_sizes"], doc["baseline"]["defect_sizes"], doc["preset_runs"]["paper"]["defect_sizes"]]
+    for d in sizes:
+        assert set(d["per_class"]) == {"demo/blobs", "demo/grid"}
+        assert list(d["mean"]) == ["small", "medium", "large"]
+        for row in d["mean"].values():
+            for key in ("aupro", "pixel_recall"):
+                assert row[key] is None or 0.0 <= row[key] <= 1.0
+    cfg = doc["config"]
+    test = AnomalyDataset(list_samples(doc["data"]["spec"], "test"), cfg["backbone"]["image_size"],
+                          cfg["scoring"]["map_size"])
+    _, masks, _ = engine.ground_truth(test)
+    regions = sum(ndimage.label(m, structure=np.ones((3, 3)))[1] for m in masks)
+    for d in sizes:
+        assert sum(r["regions"] for r in d["mean"].values()) == regions > 0
+    assert "## Defect sizes" in (out / "results.md").read_text()
 
 
 def test_both_detectors_decide_at_thresholds_calibrated_on_held_out_train_images(bench_run):

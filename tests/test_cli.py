@@ -19,7 +19,7 @@ from vpdm.cli import main
 TINY = [
     "--set", "backbone.name=tf_efficientnet_lite0", "--set", "backbone.weights=none",
     "--set", "backbone.image_size=64", "--set", "backbone.feature_size=8",
-    "--set", "model.prototypes.num_prototypes=4", "--set", "model.prototypes.downsample=2",
+    "--set", "model.prototypes.num_prototypes=4", "--set", "model.prototypes.downsample=2", "--set", "model.fine.num_prototypes=64",
     "--set", "model.diffusion.num_timesteps=50", "--set", "model.denoiser.width=16",
     "--set", "model.denoiser.groups=4", "--set", "sampling.num_steps=3", "--set", "train.batch_size=8",
     "--set", "scoring.pool_size=4", "--set", "scoring.blur_sigma=1.0",
@@ -241,7 +241,8 @@ def test_an_unloadable_checkpoint_is_named_in_our_words_never_with_unsafe_advice
 
 def test_a_checkpoint_of_the_wrong_shape_names_the_tensors_that_differ(trained, tmp_path, capsys):
     payload = torch.load(trained / "model.pt", weights_only=True)
-    key = next(k for k, v in payload["state_dict"].items() if v.ndim == 2)
+    # a weight (the per-class statistics are resized from the checkpoint, one row per class it knows)
+    key = next(k for k, v in payload["state_dict"].items() if v.ndim == 2 and not k.startswith("term_"))
     shape = tuple(payload["state_dict"][key].shape)
     payload["state_dict"][key] = torch.zeros(shape[0] + 1, shape[1])
     payload["state_dict"]["extra.weight"] = torch.zeros(1)
@@ -564,7 +565,8 @@ def _settings(kind: type) -> list[str]:
 FLOAT_SETTINGS = _settings(float)
 INT_SETTINGS = _settings(int)
 # Counts where zero means something (documented): torch's default threads, no residual blocks; seeds are not counts.
-ZERO_ALLOWED = {"train.threads", "model.denoiser.depth", "train.seed", "sampling.seed", "train.checkpoint_every"}
+ZERO_ALLOWED = {"train.threads", "model.denoiser.depth", "train.seed", "sampling.seed", "train.checkpoint_every",
+                "model.prototypes.list_size", "model.fine.list_size"}  # 0 = no short lists
 
 
 def test_the_walk_finds_the_settings():

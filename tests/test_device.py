@@ -26,13 +26,17 @@ from vpdm.model import VPDM
 from vpdm.pipeline import Detector
 from vpdm.precision import check_precision
 
-# bf16 keeps 8 bits of mantissa (relative rounding 2^-9 ~ 0.2% per operation), fp16 11 bits. Measured on this
-# fixture (3 classes, 36 test images, random-init Lite0 at 64 px, README "GPU"): image scores within 2.1% (bf16)
-# and 0.5% (fp16) of float32, Spearman >= 0.999, maps within 1.2% / 0.3% (relative L2). The bounds leave room
-# for other CPUs' kernels while still failing on a broken cast (a float16 overflow, a wrong dtype round trip).
-SCORE_RTOL = 0.05
-MAP_RTOL = 0.05
-MIN_SPEARMAN = 0.99
+# bf16 keeps 8 bits of mantissa (relative rounding 2^-9 ~ 0.2% per operation), fp16 11 bits. The default image
+# score is a sum of standardised terms whose zero is arbitrary, so its error is measured against the scores' spread
+# over the images (std). Measured on this fixture (3 classes, 36 test images, random-init Lite0 at 64 px, 64 fine
+# prototypes): bf16 moves scores by at most 26% of their spread (mean 6.6%), Spearman 0.986, maps 8.7% (relative
+# L2); fp16 6.6% (mean 1.9%), 0.9997, 2.8%. The fine prototypes' nearest distances carry the backbone's rounding
+# (README "Reduced precision"). The bounds leave room for other CPUs' kernels while still failing on a broken cast
+# (a float16 overflow, a wrong dtype round trip: errors of the order of the spread itself).
+SCORE_RTOL = 0.05  # the denoiser alone under autocast, relative to each score
+SPREAD_TOL = 0.4
+MAP_RTOL = 0.15
+MIN_SPEARMAN = 0.98
 
 
 @pytest.fixture(scope="module")
@@ -245,13 +249,15 @@ def test_reduced_precision_scores_match_float32_within_tolerance(precision, chec
     ref_scores, ref_maps = fp32_results
     assert scores.dtype == ref_scores.dtype and np.isfinite(scores).all() and np.isfinite(maps).all()
     relative = np.abs(scores - ref_scores) / np.abs(ref_scores)
+    spread = np.abs(scores - ref_scores) / ref_scores.std()
     rho = spearmanr(scores, ref_scores)[0]
     map_error = np.linalg.norm(maps - ref_maps) / np.linalg.norm(ref_maps)
     print(f"{precision} vs fp32 on {len(scores)} images: image score relative difference max {relative.max():.4f} "
-          f"mean {relative.mean():.4f}, Spearman {rho:.4f}, map relative L2 {map_error:.4f}")
+          f"mean {relative.mean():.4f}, over the scores' spread max {spread.max():.4f} mean {spread.mean():.4f}, "
+          f"Spearman {rho:.4f}, map relative L2 {map_error:.4f}")
     # Autocast really ran: the answers moved (a silently disabled autocast gives float32 exactly).
     assert relative.max() > 1e-5
-    assert relative.max() < SCORE_RTOL
+    assert spread.max() < SPREAD_TOL
     assert rho > MIN_SPEARMAN
     assert map_error < MAP_RTOL
 

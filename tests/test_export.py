@@ -170,6 +170,10 @@ VARIANT = {  # a random-init Lite0 backbone: the backbone's weights are the main
     "scoring.per_stage": True, "scoring.distance": "cosine", "scoring.feature_space": "raw",
     "scoring.image_score": "top_k", "scoring.aggregate": 3, "scoring.pools": [1, 3], "scoring.image_pools": [3], "scoring.map_size": 48,
     "scoring.blur_sigma": 1.5, "scoring.pool_size": 4,
+    # fine prototypes (every position, short lists of 4 probed 2 of 5) under the fixed-weight combination:
+    # an untrained model has no normal statistics to standardise with
+    "model.fine.num_prototypes": 20, "model.fine.list_size": 4, "model.fine.probes": 2,
+    "scoring.fine_pools": [1], "scoring.fine_image_pools": [1, 3], "scoring.combine": "weighted",
 }
 
 
@@ -186,6 +190,10 @@ def random_detector(overrides: dict) -> Detector:
     with torch.no_grad():  # the zero-initialised output layers would make the denoiser a no-op
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=generator))
+        if model.fine is not None:  # random fine prototypes, indexed in short lists, each owned by class 0
+            model.fine.prototypes.copy_(torch.randn(model.fine.prototypes.shape, generator=generator))
+            model.fine.build_lists(generator)
+            model.fine.owner.zero_()
     return Detector(model.eval(), config)
 
 

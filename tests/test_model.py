@@ -116,7 +116,7 @@ def test_scores_do_not_depend_on_the_batch(sampler, steps):
     model.eval()
     feats = torch.randn(5, C, S, S)
     sampling = SamplingConfig(sampler=sampler, num_steps=steps)
-    scoring = ScoringConfig(blur_sigma=1.0, pool_size=4)
+    scoring = ScoringConfig(blur_sigma=1.0, pool_size=4, fine_pools=(), fine_image_pools=None, combine="weighted")
     alone = torch.cat([score_features(model, feats[i : i + 1], sampling=sampling, scoring=scoring, map_size=16, progress=False)[0] for i in range(5)])
     together, _ = score_features(model, feats, sampling=sampling, scoring=scoring, map_size=16, batch_size=5, progress=False)
     mixed_in = torch.cat([torch.randn(3, C, S, S), feats[2:4], torch.randn(2, C, S, S) * 5])
@@ -369,3 +369,78 @@ def test_fit_assigns_frozen_prototypes_once_and_refuses_a_batch_dependent_condit
     balanced.prototypes.prototypes.requires_grad_(False)
     with pytest.raises(RuntimeError, match="changes during training"):
         balanced.training_condition(feats)
+
+
+def _fine_model(seed=0):
+    """Two well-separated classes; coarse and fine prototypes with short lists; statistics fitted."""
+    from vpdm.vpot import FineConfig
+
+    torch.manual_seed(seed)
+    feats = torch.cat([torch.randn(10, C, S, S), torch.randn(10, C, S, S) + 6.0])
+    classes = torch.tensor([0] * 10 + [1] * 10)
+    config = ModelConfig(
+        prototypes=VPOTConfig(num_prototypes=12, downsample=2, list_size=4, probes=2),
+        fine=FineConfig(num_prototypes=24, list_size=6, probes=2),
+        diffusion=NoiseScheduleConfig(num_timesteps=50, prediction="x0"),
+        denoiser=DenoiserConfig(width=16, depth=1, groups=4, time_dim=16))
+    model = VPDM(C, S, config)
+    model.fit_normalisation(feats)
+    model.init_prototypes(feats, torch.Generator().manual_seed(seed), class_index=classes)
+    model.eval()
+    sampling = SamplingConfig(num_steps=1)
+    scoring = ScoringConfig(blur_sigma=1.0, pool_size=4, pools=(4,), image_pools=(4,), fine_pools=(1,),
+                            fine_image_pools=(1, 4), combine="standardised")
+    model.fit_statistics(feats, classes, sampling, scoring, per_class=6, batch_size=4)
+    return model, feats, classes, sampling, scoring
+
+
+def test_standardised_scores_are_the_mean_of_class_standardised_terms():
+    """Every term (the reconstruction's 4x4 blocks, the fine condition per position and in 4x4 blocks) minus
+    the mean and over the std of its values on the image's class's normal training images, averaged; the
+    statistics themselves against numpy over the images fit_statistics picks (6 of 10, evenly spaced)."""
+    from vpdm.scoring import postprocess_maps, score_maps, term_map
+
+    model, feats, classes, sampling, scoring = _fine_model()
+    assert model.term_mean.shape == (2, len(model.stat_terms))
+    fine, found = model.fine_condition(feats)
+    assert found.tolist() == classes.tolist()  # the class is told by the fine prototypes' owners
+    x = model.normalise(feats)
+    rec = model.reconstruct(feats, sampling)
+    picks = torch.linspace(0, 9, 6).round().long()
+    for c in (0, 1):
+        idx = picks + 10 * c
+        for j, (branch, p) in enumerate(model.stat_terms):
+            values = term_map(x[idx], (rec if branch == "coarse" else fine)[idx], p, scoring).double().numpy()
+            assert float(model.term_mean[c, j]) == pytest.approx(values.mean(), rel=1e-4)
+            assert float(model.term_std[c, j]) == pytest.approx(values.std(), rel=1e-3)
+
+    def standardised(branch, p):
+        j = model.stat_terms.index((branch, p))
+        t = term_map(x, rec if branch == "coarse" else fine, p, scoring)
+        return (t - model.term_mean[classes, j].view(-1, 1, 1)) / model.term_std[classes, j].view(-1, 1, 1)
+
+    want_map = postprocess_maps((standardised("coarse", 4) + standardised("fine", 1)) / 2, 16, 1.0)
+    image = (standardised("coarse", 4) + standardised("fine", 1) + standardised("fine", 4)) / 3
+    want_scores = score_maps(postprocess_maps(image, 16, 1.0), scoring)
+    scores, maps = model.detect(feats, sampling, scoring, 16)
+    torch.testing.assert_close(maps, want_map, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scores, want_scores, rtol=1e-4, atol=1e-4)
+    # one image at a time or in a batch: the same scores
+    alone = torch.cat([model.detect(feats[i : i + 1], sampling, scoring, 16)[0] for i in range(0, 20, 7)])
+    torch.testing.assert_close(alone, scores[0:20:7], rtol=1e-5, atol=1e-5)
+
+
+def test_standardised_scores_refuse_other_distances_and_unfitted_models():
+    model, feats, _, sampling, scoring = _fine_model()
+    import dataclasses
+
+    with pytest.raises(ConfigError, match="scoring.distance=l2"):
+        model.detect(feats[:2], sampling, dataclasses.replace(scoring, distance="cosine"), 16)
+    model.resize_statistics(0)
+    with pytest.raises(ConfigError, match="combine=weighted"):
+        model.detect(feats[:2], sampling, scoring, 16)
+    # a saved and reloaded model keeps one row of statistics per class
+    fitted, *_ = _fine_model()
+    again = VPDM(C, S, fitted.config)
+    again.load_state_dict(fitted.state_dict())
+    assert torch.equal(again.term_mean, fitted.term_mean) and again.term_mean.shape[0] == 2

@@ -8,6 +8,9 @@ import torch
 from sklearn.metrics.pairwise import cosine_similarity
 
 from vpdm.errors import ConfigError
+
+# The weighted combination of the reconstruction's terms alone (no fine prototypes, no statistics).
+WEIGHTED = dict(fine_pools=(), fine_image_pools=None, combine="weighted")
 from vpdm.scoring import ScoringConfig, feature_distance, image_scores, score_maps
 
 
@@ -103,23 +106,33 @@ def test_the_image_score_comes_from_its_own_block_sides_and_the_map_from_pools()
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(4, 6, 8, 8, generator=g), torch.randn(4, 6, 8, 8, generator=g)
     b[1, :, 4:, 4:] += 3.0  # one image with a block-sized anomaly
-    cfg = ScoringConfig(pools=(1, 4), image_pools=(4,))
+    cfg = ScoringConfig(pools=(1, 4), image_pools=(4,), **WEIGHTED)
     scores, maps = scores_and_maps(a, b, cfg, 32)
-    want_map = postprocess_maps(distance_map(a, b, ScoringConfig(pools=(1, 4))), 32, cfg.blur_sigma)
+    want_map = postprocess_maps(distance_map(a, b, ScoringConfig(pools=(1, 4), **WEIGHTED)), 32, cfg.blur_sigma)
     torch.testing.assert_close(maps, want_map)
-    only_image = ScoringConfig(pools=(4,))
+    only_image = ScoringConfig(pools=(4,), **WEIGHTED)
     want_scores = score_maps(postprocess_maps(distance_map(a, b, only_image), 32, cfg.blur_sigma), only_image)
     torch.testing.assert_close(scores, want_scores)
     assert not torch.allclose(scores, score_maps(maps, cfg))  # the two block sets really differ here
-    same, same_maps = scores_and_maps(a, b, ScoringConfig(pools=(1, 4), image_pools=None), 32)
+    same, same_maps = scores_and_maps(a, b, ScoringConfig(pools=(1, 4), image_pools=None, **WEIGHTED), 32)
     torch.testing.assert_close(same, score_maps(same_maps, cfg))
     assert int(scores.argmax()) == 1
 
 
-@pytest.mark.parametrize("bad", [(), (0,), (2, 2), ("4",), 4.5])
+@pytest.mark.parametrize("bad", [(0,), (2, 2), ("4",), 4.5])
 def test_image_pools_refuses_what_is_not_a_list_of_distinct_positive_integers(bad) -> None:
     with pytest.raises(ConfigError, match="scoring.image_pools"):
         ScoringConfig(image_pools=bad).validate()
+
+
+def test_the_map_and_the_image_score_each_need_a_term() -> None:
+    ScoringConfig(image_pools=()).validate()  # the fine condition's terms alone make an image score
+    with pytest.raises(ConfigError, match="without a term"):
+        ScoringConfig(image_pools=(), fine_image_pools=()).validate()
+    with pytest.raises(ConfigError, match="at least one term"):
+        ScoringConfig(pools=(), fine_pools=()).validate()
+    with pytest.raises(ConfigError, match="scoring.combine"):
+        ScoringConfig(combine="sum").validate()
 
 
 def test_image_pools_must_divide_the_feature_size() -> None:

@@ -192,6 +192,28 @@ def test_pseudo_anomalies_paste_one_square_from_another_class():
         assert ys.max() - ys.min() <= 1 and xs.max() - xs.min() <= 1
 
 
+def test_same_class_pseudo_defects_cycle_through_small_sizes():
+    """Each image changes inside one square only; the squares' sides cycle through S/4, S/16 and one
+    position per round of the four kinds (a shuffle at least 2x2), so small defects are in the proxy."""
+    from tune.features import SAME_CLASS_KINDS, same_class_pseudo_anomalies, same_class_sides
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(24, 3, 32, 32)).astype(np.float32)
+    out = same_class_pseudo_anomalies(feats, seed=0)
+    assert same_class_sides(32) == (8, 2, 1) and same_class_sides(8) == (2, 1)
+    seen = set()
+    for i in range(len(feats)):
+        kind = SAME_CLASS_KINDS[i % 4]
+        side = (8, 2, 1)[(i // 4) % 3]
+        side = max(side, 2) if kind == "shuffle" else side
+        changed = np.any(out[i] != feats[i], axis=0)
+        ys, xs = np.nonzero(changed)
+        assert 0 < changed.sum() <= side * side, (i, kind, side)
+        assert ys.max() - ys.min() < side and xs.max() - xs.min() < side
+        seen.add((kind, side))
+    assert len(seen) == 11  # every kind at every size (a shuffle of one position is a 2x2 one)
+
+
 def test_validation_metrics_are_deterministic_and_in_range():
     from types import SimpleNamespace
 

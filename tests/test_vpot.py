@@ -239,9 +239,11 @@ def test_inference_assignment_without_the_loss_is_the_same_condition(kw):
     m.eval()
     feats = torch.randn(5, 3, 4, 4)
     with torch.no_grad():
-        full, fast = m(feats), m(feats, with_loss=False)
-    assert set(fast) == {"yhat", "weights"}
-    torch.testing.assert_close(fast["weights"], full["weights"], rtol=1e-5, atol=1e-7)
+        full, fast = m(feats), m(feats, with_loss=False, histogram=True)
+    assert set(fast) == {"yhat", "histogram"} and set(m(feats, with_loss=False)) == {"yhat"}
+    per_image = full["weights"].reshape(5, -1, 7).mean(dim=1)
+    torch.testing.assert_close(fast["histogram"], per_image, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(m.weights(m.samples(feats)), full["weights"], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(fast["yhat"], full["yhat"], rtol=1e-5, atol=1e-6)
     m.train()
     with pytest.raises(RuntimeError, match="eval"):
@@ -276,3 +278,120 @@ def test_coreset_prototypes_are_training_blocks_and_refuse_unknown_inits():
     assert nearest.max() < 0.1  # each is a training block (plus the 0.01 jitter every init adds)
     with pytest.raises(ConfigError, match="prototypes.init"):
         VPOTConfig(init="kcenter").validate()
+
+
+def _short_list_module(k=40, lists=6, probes=2, channels=5, size=8, n=2):
+    torch.manual_seed(4)
+    m = VaguePrototypes(VPOTConfig(num_prototypes=k, downsample=n, list_size=math.ceil(k / lists), probes=probes,
+                                   ot_reg=0.1), channels, size)
+    feats = torch.randn(12, channels, size, size) * 2
+    m.init_from(feats, torch.Generator().manual_seed(0))
+    return m.eval(), feats
+
+
+def test_short_lists_are_sorted_groups_of_the_nearest_centroid():
+    m, _ = _short_list_module()
+    offsets = m.list_offsets.tolist()
+    assert offsets[0] == 0 and offsets[-1] == 40 and all(b > a for a, b in zip(offsets, offsets[1:]))  # none empty
+    nearest = torch.cdist(m.prototypes.detach(), m.list_centroids).argmin(dim=1)
+    assert torch.equal(nearest, m.list_of)
+    assert torch.equal(m.list_of, torch.repeat_interleave(torch.arange(6), torch.tensor(offsets).diff()))
+
+
+def test_short_list_assignment_is_the_kernel_over_the_probed_lists_only():
+    """Reference in numpy: each sample's candidates are the prototypes of its `probes` nearest lists; its
+    weights are the softmax of -||x - B_j|| / (sqrt(d) eps) over them. Both the masked dense form and the
+    grouped fast path give it, and so the condition, each image's mean weights and its class mass."""
+    m, feats = _short_list_module()
+    m, feats = m.double(), feats.double()  # float64 throughout: the comparison is of the rule, not of rounding
+    m.owner.copy_(torch.arange(40) % 3)
+    m.owner[5] = -1  # a prototype of unknown class counts for no class
+    flat = m.samples(feats).double().numpy()
+    protos = m.prototypes.detach().double().numpy()
+    cents = m.list_centroids.double().numpy()
+    ref = np.zeros((len(flat), 40))
+    for i, x in enumerate(flat):
+        probed = np.argsort(np.linalg.norm(cents - x, axis=1))[:2]
+        cand = np.flatnonzero(np.isin(m.list_of.numpy(), probed))
+        logits = -np.linalg.norm(protos[cand] - x, axis=1) / (np.sqrt(5) * 0.1)
+        e = np.exp(logits - logits.max())
+        ref[i, cand] = e / e.sum()
+    with torch.no_grad():
+        dense = m.weights(m.samples(feats))
+    np.testing.assert_allclose(dense.numpy(), ref, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        fast = m(feats, with_loss=False, histogram=True, num_classes=3)
+    y = torch.from_numpy(ref @ protos).view(12, 4, 4, 5).permute(0, 3, 1, 2)
+    torch.testing.assert_close(fast["yhat"], torch.nn.functional.interpolate(y, size=8, mode="bilinear",
+                                                                            align_corners=False), rtol=1e-4, atol=1e-5)
+    hist = ref.reshape(12, 16, 40).mean(axis=1)
+    np.testing.assert_allclose(fast["histogram"].numpy(), hist, rtol=1e-4, atol=1e-7)
+    owner = (np.arange(40) % 3)[None, :] == np.arange(3)[:, None]
+    owner[:, 5] = False
+    np.testing.assert_allclose(fast["class_mass"].numpy(), hist @ owner.T, rtol=1e-4, atol=1e-7)
+    # probing every list is the exact kernel over every prototype
+    m.config.probes = 6
+    with torch.no_grad():
+        everything = torch.softmax(-torch.cdist(m.samples(feats), m.prototypes) / (np.sqrt(5) * 0.1), dim=1)
+        torch.testing.assert_close(m.weights(m.samples(feats)), everything, rtol=1e-5, atol=1e-7)
+    # one image at a time or in a batch: the same condition
+    with torch.no_grad():
+        alone = m(feats[3:4], with_loss=False)["yhat"]
+        batch = m(feats, with_loss=False)["yhat"][3:4]
+    torch.testing.assert_close(alone, batch, rtol=1e-5, atol=1e-6)
+
+
+def test_short_lists_need_frozen_kernel_prototypes_and_sensible_counts():
+    assert VPOTConfig(num_prototypes=12288, list_size=96).lists == 128
+    assert VPOTConfig(num_prototypes=300, list_size=96, probes=4).lists == 0  # 4 lists, all probed: exact
+    assert VPOTConfig(num_prototypes=40).lists == 0
+    with pytest.raises(ConfigError, match="list_size must be an integer >= 0"):
+        VPOTConfig(num_prototypes=40, list_size=-1).validate()
+    # a prototype marginal (balanced OT) or the nearest prototype needs every prototype: no lists
+    assert VPOTConfig(num_prototypes=40, list_size=10, ot_scope="batch").lists == 0
+    assert VPOTConfig(num_prototypes=40, list_size=10, assignment="nearest").lists == 0
+    m, feats = _short_list_module()
+    m.train()
+    with pytest.raises(RuntimeError, match="frozen prototypes"):
+        m(feats)
+
+
+def test_owners_are_the_majority_class_of_the_nearest_samples():
+    torch.manual_seed(0)
+    a = torch.randn(4, 3, 2, 2) * 0.1  # class 0 near the origin
+    b = torch.randn(4, 3, 2, 2) * 0.1 + 5.0  # class 1 far away
+    m = VaguePrototypes(VPOTConfig(num_prototypes=3, downsample=1, init="samples"), 3, 2)
+    with torch.no_grad():
+        m.prototypes.copy_(torch.tensor([[0.0, 0, 0], [5.0, 5, 5], [-40.0, -40, -40]]))
+    m.set_owners(torch.cat([a, b]), torch.tensor([0] * 4 + [1] * 4), batch_size=3)
+    assert m.owner.tolist() == [0, 1, -1]  # the third prototype is nobody's nearest
+
+
+def test_batched_coreset_covers_as_well_as_exact_farthest_first():
+    """The coverage radius (largest distance of a sample to its nearest chosen one) of the batched selection
+    is within 25 % of exact farthest-first's (PatchCore's greedy_coreset) on clustered data, and the picks
+    are distinct rows."""
+    from vpdm.patchcore import greedy_coreset
+    from vpdm.vpot import coreset_index
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(40, 16, generator=g) * 5
+    x = centres[torch.randint(40, (6000,), generator=g)] + torch.randn(6000, 16, generator=g) * torch.rand(6000, 1, generator=g)
+    exact = greedy_coreset(x, 300, projection_dim=None)
+    fast = coreset_index(x, 300, torch.Generator().manual_seed(1), batch=64)
+    assert len(set(fast.tolist())) == 300
+
+    def radius(idx):
+        return float(torch.cdist(x, x[idx]).min(dim=1).values.max())
+
+    assert radius(fast) <= 1.25 * radius(exact)
+    assert radius(fast) < 0.9 * radius(torch.randperm(6000, generator=g)[:300])  # better than random rows
+
+
+def test_short_lists_that_were_never_built_are_refused_not_read_as_empty():
+    """Prototypes set by hand without build_lists(): the assignment says so instead of matching nothing."""
+    m = VaguePrototypes(VPOTConfig(num_prototypes=40, downsample=1, list_size=4, probes=2, init="random"), 3, 4).eval()
+    with pytest.raises(RuntimeError, match="never built"):
+        m.weights(torch.randn(5, 3))
+    m.build_lists(torch.Generator().manual_seed(0))
+    assert torch.allclose(m.weights(torch.randn(5, 3)).sum(dim=1), torch.ones(5))

@@ -139,12 +139,13 @@ def _val_losses(model: Any, features: Tensor, t_uniform: Tensor, noise: Tensor) 
 
 
 @torch.no_grad()
-def _val_scores(model: Any, features: Tensor, sampling: Any, k: int, batch_size: int, scoring: Any = None) -> Tensor:
-    """Image scores from the model's inference path: mean of the ``k`` largest feature-map errors."""
+def _val_scores(model: Any, features: Tensor, config: Any, batch_size: int) -> Tensor:
+    """Image scores of the inference path (VPDM.detect: the reconstruction's and the fine prototypes' terms,
+    combined and post-processed as ``config.scoring`` says, at the map size inference uses)."""
+    size = config.scoring.map_size or config.backbone.image_size
     out = []
     for start in range(0, len(features), batch_size):
-        maps = model.anomaly_maps(features[start : start + batch_size], sampling, scoring)
-        out.append(maps.flatten(1).topk(min(k, maps[0].numel()), dim=1).values.mean(dim=1).cpu())
+        out.append(model.detect(features[start : start + batch_size], config.sampling, config.scoring, size)[0].cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -166,13 +167,11 @@ def validation_metrics(model: torch.nn.Module, bundle: Any, config: Any, *, rank
         feats = as_tensor(bundle.val_features)[idx].to(device)
         losses = _val_losses(m, feats, torch.from_numpy(bundle.val_t_uniform[idx]).to(device),
                              as_tensor(bundle.val_noise)[idx].to(device))
-        side = max(1, bundle.feature_shape[-1] // 4)
         bs = max(2, config.train.batch_size)
-        good = _val_scores(m, feats, config.sampling, side * side, bs, config.scoring)
-        bad = _val_scores(m, as_tensor(bundle.val_anomalous)[idx].to(device), config.sampling, side * side, bs,
-                          config.scoring)
+        good = _val_scores(m, feats, config, bs)
+        bad = _val_scores(m, as_tensor(bundle.val_anomalous)[idx].to(device), config, bs)
         same = getattr(bundle, "val_same_class", None)
-        bad_same = (_val_scores(m, as_tensor(same)[idx].to(device), config.sampling, side * side, bs, config.scoring)
+        bad_same = (_val_scores(m, as_tensor(same)[idx].to(device), config, bs)
                     if same is not None else torch.full((len(idx),), float("nan")))
     finally:
         m.train(was_training)
@@ -263,8 +262,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     train_x = as_tensor(bundle.train_features)
+    train_class = torch.as_tensor(np.asarray(bundle.train_class), dtype=torch.long)
     # same seed on every rank -> the same start
-    model = engine.build_model(config, train_x, stage_channels=tuple(bundle.stage_channels) or None)
+    model = engine.build_model(config, train_x, stage_channels=tuple(bundle.stage_channels) or None,
+                               class_index=train_class)
+    # Frozen prototypes: every image's condition is assigned once (as engine.fit does), on every rank alike.
+    condition = model.training_condition(train_x) if model.condition_is_fixed else None
     start_epoch, optimizer_state = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restarted worker group resumes where the last report left off
@@ -282,7 +285,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         bundle.train_class, num_replicas=world, rank=rank,
         batch_size=per_worker_batch_size(config.train.batch_size, world), seed=config.train.seed,
     )
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train_x), batch_sampler=sampler)
+    dataset = (engine.ConditionedFeatures(train_x, condition) if condition is not None
+               else torch.utils.data.TensorDataset(train_x))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
     total_epochs = config.train.epochs
 
     def on_epoch(epoch: int, m: dict[str, float]) -> None:
@@ -292,6 +297,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         )
         seconds = _all_reduce_max(m["seconds"], device)
         start = time.perf_counter()
+        # every rank alike (same images, same weights): the normal statistics the scores are standardised with
+        engine.fit_statistics(_unwrap(model), config, train_x, train_class)
         val = validation_metrics(model, bundle, config, rank=rank, world=world, device=device)
         metrics = {
             "epoch": epoch + 1,

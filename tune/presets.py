@@ -183,6 +183,7 @@ _TINY_FIXED: dict[str, Any] = {
     "train.batch_size": 8,
     "scoring.pool_size": 4,
     "scoring.blur_sigma": 1.0,
+    "model.fine.num_prototypes": 64,  # 8x8 features of a few images: a few hundred positions in all
 }
 
 _DEMO_FIXED: dict[str, Any] = {
@@ -195,14 +196,20 @@ _DEMO_FIXED: dict[str, Any] = {
     "train.batch_size": 16,
     "scoring.pool_size": 8,
     "scoring.blur_sigma": 2.0,
+    "model.fine.num_prototypes": 1024,  # 16x16 features: the demo's train/good holds ~20k positions
 }
 
 # The levers that mattered on the real benchmark (benchmarks/EXPERIMENTS.md): the number and sharpness of
-# the local prototypes, the size of the vague blocks, and the learning rate of the denoiser.
+# the local prototypes, the size of the vague blocks, the learning rate of the denoiser, and (section 16,
+# small defects) the number and sharpness of the fine per-position prototypes and how many short lists
+# the assignment probes.
 _DEFAULT_SPACE: tuple[Dim, ...] = (
     Dim("model.prototypes.num_prototypes", "logint", 2048, 16384),
     Dim("model.prototypes.ot_reg", "log", 0.02, 0.1),
     Dim("model.prototypes.downsample", "choice", values=(2, 4)),
+    Dim("model.fine.num_prototypes", "logint", 4096, 32768),
+    Dim("model.fine.ot_reg", "log", 0.02, 0.1),
+    Dim("model.fine.probes", "choice", values=(2, 4, 8)),
     Dim("train.lr", "log", 3e-4, 3e-3),
 )
 
@@ -251,7 +258,8 @@ PRESETS: dict[str, Preset] = {
         name="default",
         description="The library's defaults (EfficientNet-B4, timm weights, 224 px, 32x32 features, local prototypes "
         "from k-means, x0-prediction, one step from N(yhat, I)) with a search over what mattered on the real "
-        "benchmark: K 2048-16384, eps_OT 0.02-0.1, N 2 or 4, lr. 16 trials x 20 epochs: a cluster job.",
+        "benchmark: K 2048-16384, eps_OT 0.02-0.1, N 2 or 4, fine K 4096-32768 with its eps and probes, lr. "
+        "16 trials x 20 epochs: a cluster job.",
         fixed={},
         space=_DEFAULT_SPACE,
         trials=16,

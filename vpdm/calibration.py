@@ -106,8 +106,7 @@ def assignment_histograms(model: VPDM, features: Tensor, batch_size: int = 32) -
     try:
         for start in range(0, len(features), batch_size):
             f = features[start:start + batch_size].to(device)
-            weights = protos(model.normalise(f), with_loss=False)["weights"]
-            out.append(weights.reshape(f.shape[0], -1, weights.shape[-1]).mean(dim=1).float().cpu())
+            out.append(protos(model.normalise(f), with_loss=False, histogram=True)["histogram"].float().cpu())
     finally:
         protos.train(was_training)
     if not out:

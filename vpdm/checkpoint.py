@@ -15,7 +15,7 @@ import torch
 from vpdm.config import VPDMConfig, saved_config, to_dict
 from vpdm.errors import CheckpointError, VPDMError
 from vpdm.io import atomic_torch_save
-from vpdm.model import VPDM
+from vpdm.model import ADDED_BUFFERS, VPDM
 
 FORMAT = "vpdm.checkpoint"
 VERSION = 1
@@ -152,6 +152,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except (VPDMError, RuntimeError, TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{str(path)!r} holds settings this vpdm cannot build a model from: "
                               f"{str(exc).splitlines()[0][:300]}") from None
+    state = dict(payload["state_dict"])
+    saved_statistics = state.get("term_mean")
+    if isinstance(saved_statistics, torch.Tensor) and saved_statistics.ndim == 2:
+        model.resize_statistics(saved_statistics.shape[0])  # one row per class the model was trained on
+    for name, value in model.state_dict().items():  # buffers a checkpoint written before them lacks
+        if name not in state and name in ADDED_BUFFERS:
+            state[name] = value
+    payload["state_dict"] = state
     differences = state_dict_differences(model.state_dict(), payload["state_dict"])
     if differences:
         raise CheckpointError(f"{str(path)!r} does not match the model its settings describe: {'; '.join(differences)}")

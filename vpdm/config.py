@@ -26,7 +26,7 @@ from vpdm.errors import ConfigError
 from vpdm.io import atomic_write_text
 from vpdm.precision import check_precision_name
 from vpdm.scoring import ScoringConfig
-from vpdm.vpot import VPOTConfig
+from vpdm.vpot import FineConfig, VPOTConfig
 
 SAMPLERS = ("ddpm", "ddim")
 INPUT_COPIES = ("none", "dropout", "jitter")
@@ -44,6 +44,7 @@ PAPER: dict[str, Any] = {
     "model.prototypes.assignment": "ot",
     "model.prototypes.init": "samples",
     "model.prototypes.ot_scope": "batch",
+    "model.prototypes.list_size": 0,
     "model.ot_weight": 1.0,
     "model.diffusion.schedule": "linear",
     "model.diffusion.num_timesteps": 1000,
@@ -66,6 +67,10 @@ PAPER: dict[str, Any] = {
     "scoring.aggregate": 1,
     "scoring.pools": [1],
     "scoring.image_pools": None,
+    "scoring.fine_pools": [],
+    "scoring.fine_image_pools": None,
+    "scoring.combine": "weighted",
+    "model.fine.num_prototypes": 0,
     "train.lr": 1e-3,
     "train.batch_size": 32,
     "train.lr_schedule": "constant",
@@ -101,6 +106,11 @@ LEGACY_VALUES: dict[str, Any] = {
     "scoring.aggregate": 1,
     "scoring.pools": [1],
     "scoring.image_pools": None,
+    "scoring.fine_pools": [],
+    "scoring.fine_image_pools": None,
+    "scoring.combine": "weighted",
+    "model.fine": {"num_prototypes": 0},
+    "model.prototypes.list_size": 0,
     "train.prototype_lr_scale": 1.0,
     "train.lr_schedule": "constant",
     "train.warmup_fraction": 0.0,
@@ -132,6 +142,8 @@ class ModelConfig:
     """The trainable part: prototypes, noise process, denoiser, and how they are combined."""
 
     prototypes: VPOTConfig = field(default_factory=VPOTConfig)
+    # Per-position prototypes beside the vague ones, compared with the features directly (0 = none).
+    fine: FineConfig = field(default_factory=FineConfig)
     # x0-prediction (the paper: eps): one step from N(yhat, I) is then the decoder's conditional mean, not
     # an eps estimate divided by sqrt(abar_T) ~ 0.006.
     diffusion: NoiseScheduleConfig = field(default_factory=lambda: NoiseScheduleConfig(prediction="x0"))
@@ -162,6 +174,7 @@ class ModelConfig:
 
     def validate(self, feature_size: int | None = None) -> None:
         self.prototypes.validate(feature_size)
+        self.fine.validate(feature_size)
         self.diffusion.validate()
         self.denoiser.validate()
         if self.loss_weighting not in ("none", "min_snr"):
@@ -392,7 +405,15 @@ class VPDMConfig:
         self.model.validate(self.backbone.feature_size)
         self.sampling.validate(self.model.diffusion.num_timesteps)
         self.scoring.validate()
-        for key in ("pools", "image_pools"):
+        fine_terms = tuple(self.scoring.fine_pools) + tuple(self.scoring.image_terms()[1])
+        if fine_terms and not self.model.fine.num_prototypes:
+            raise ConfigError("scoring.fine_pools / scoring.fine_image_pools score the fine prototypes' condition, but "
+                              "model.fine.num_prototypes=0 (none): set both to [] or give the model fine prototypes")
+        if self.model.prototypes.lists and self.train.prototype_lr_scale > 0:
+            raise ConfigError(f"model.prototypes.list_size={self.model.prototypes.list_size} (short lists) needs frozen "
+                              f"prototypes (the lists are built once), but train.prototype_lr_scale="
+                              f"{self.train.prototype_lr_scale}: use prototypes.list_size=0 or train.prototype_lr_scale=0")
+        for key in ("pools", "image_pools", "fine_pools", "fine_image_pools"):
             for p in getattr(self.scoring, key) or ():
                 if self.backbone.feature_size % p:
                     raise ConfigError(

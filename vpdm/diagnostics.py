@@ -59,8 +59,9 @@ def assignment_weights(model: VPDM, features: Tensor, batch_size: int = 64) -> T
         out = []
         for s in range(0, len(features), batch_size):
             chunk = features[s : s + batch_size]
-            out.append(model.prototypes(model.normalise(chunk), with_loss=False)["weights"].reshape(chunk.shape[0], -1,
-                                                                                model.prototypes.config.num_prototypes))
+            protos = model.prototypes
+            out.append(protos.weights(protos.samples(model.normalise(chunk))).reshape(chunk.shape[0], -1,
+                                                                                     protos.config.num_prototypes))
     finally:
         model.prototypes.train(was)
     return torch.cat(out)

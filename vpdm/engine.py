@@ -135,17 +135,35 @@ def load_split(
 
 
 def build_model(config: VPDMConfig, train_features: Tensor, seed: int | None = None,
-                stage_channels: tuple[int, ...] | None = None) -> VPDM:
-    """A fresh model fitted to the training data's scale, with prototypes started from it."""
+                stage_channels: tuple[int, ...] | None = None, class_index: Tensor | None = None) -> VPDM:
+    """A fresh model fitted to the training data's scale, with prototypes started from it (``class_index``,
+    one class per image: which class each fine prototype stands for), and normal statistics of its score
+    terms, so that even an untrained model scores (training refits them: :func:`fit`)."""
     channels, feature_size = train_features.shape[1], train_features.shape[-1]
     seed = config.train.seed if seed is None else seed
     generator = seed_everything(seed)
     model = VPDM(channels, feature_size, config.model, stage_channels=stage_channels or None)
     model.fit_normalisation(train_features)
-    model.init_prototypes(train_features, generator)
+    model.init_prototypes(train_features, generator, class_index=_class_index_of(train_features, class_index))
     # Frozen before any wrapper (DDP) registers which parameters expect gradients.
     model.prototypes.prototypes.requires_grad_(config.train.prototype_lr_scale > 0)
-    return model
+    with torch.random.fork_rng(devices=[]):  # training draws the same random numbers as without them
+        fit_statistics(model, config, train_features, class_index)
+    return model.train()
+
+
+def _class_index_of(features: Tensor, class_index: Tensor | None) -> Tensor:
+    """One class per image: the given one, or class 0 for every image when none is known (one class)."""
+    if class_index is None or class_index.numel() != features.shape[0]:
+        return torch.zeros(features.shape[0], dtype=torch.long)
+    return class_index
+
+
+def fit_statistics(model: VPDM, config: VPDMConfig, features: Tensor, class_index: Tensor | None) -> None:
+    """The normal statistics of every score term (scoring.combine=standardised), once the model is trained."""
+    model.eval()
+    model.fit_statistics(features, _class_index_of(features, class_index), config.sampling, config.scoring,
+                         batch_size=config.train.batch_size)
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -303,7 +321,7 @@ def _features_of(batch: Any) -> Tensor:
     return batch[0]
 
 
-class _ConditionedFeatures(torch.utils.data.Dataset):
+class ConditionedFeatures(torch.utils.data.Dataset):
     """Features with their precomputed training condition (:meth:`VPDM.training_condition`)."""
 
     def __init__(self, features: Tensor, condition: tuple[Tensor, Tensor]) -> None:
@@ -322,7 +340,7 @@ def feature_loader(features: Tensor, batch_size: int, seed: int, class_index: Te
     With ``condition`` (frozen prototypes: :meth:`VPDM.training_condition`) each batch is a dict that also
     holds its images' conditions."""
     if condition is not None:
-        dataset: torch.utils.data.Dataset = _ConditionedFeatures(features, condition)
+        dataset: torch.utils.data.Dataset = ConditionedFeatures(features, condition)
     else:
         tensors = [features] + ([class_index] if class_index is not None else [])
         dataset = torch.utils.data.TensorDataset(*tensors)
@@ -350,7 +368,8 @@ def fit(
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     device = select_device(config.train.device)
-    model = build_model(config, train.features, stage_channels=train.stage_channels).to(device)
+    model = build_model(config, train.features, stage_channels=train.stage_channels,
+                        class_index=train.class_index).to(device)
     # Frozen prototypes give every image the same condition in every epoch: assign once, not once per epoch.
     condition = model.training_condition(train.features) if model.condition_is_fixed else None
     loader = feature_loader(train.features, config.train.batch_size, config.train.seed, condition=condition)
@@ -368,6 +387,7 @@ def fit(
                            history=done + history)
     history = train_loop(model, loader, config.train, optimizer=optimizer, start_epoch=start, callback=callback,
                          device=device, progress=progress, ema_shadow=shadow, end_of_epoch=hook)
+    fit_statistics(model, config, train.features, train.class_index)
     return model.eval(), done + history
 
 

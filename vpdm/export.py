@@ -267,18 +267,20 @@ class ExportableDetector(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         features = self.features(images)
         protos = self.model.prototypes
-        assigned = protos(self.model.normalise(features), with_loss=False)
+        histogram = self.tables is not None and self.tables.rule == "histogram"
+        assigned = protos(self.model.normalise(features), with_loss=False, histogram=histogram)
         yhat = assigned["yhat"]
         reconstruction = self.reconstruct(features, yhat)
+        fine, classes = self.model.fine_condition(features)  # short lists in their masked dense form when traced
         # vpdm.scoring.postprocess_maps (square maps) as the precomputed matrix products
         scores, maps = self.model.scores_and_maps(features, reconstruction, self.config.scoring, self.map_size,
-                                                  postprocess=lambda raw: self.upsample @ raw @ self.upsample.T)
+                                                  postprocess=lambda raw: self.upsample @ raw @ self.upsample.T,
+                                                  fine=fine, classes=classes)
         if self.tables is None:
             return scores, maps
         batch = scores.shape[0]
         if self.tables.rule == "histogram":  # vpdm.calibration.assignment_histograms + nearest_class
-            weights = assigned["weights"]
-            hist = weights.reshape(batch, -1, weights.shape[-1]).mean(dim=1).float()
+            hist = assigned["histogram"].float()
             sims = F.cosine_similarity(hist.unsqueeze(1), self.class_histograms.unsqueeze(0), dim=-1)
             index = sims.argmax(dim=1)
         else:

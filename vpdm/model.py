@@ -15,8 +15,13 @@ from vpdm.denoiser import Denoiser
 from vpdm.diffusion import ShiftedDiffusion
 from vpdm.errors import ConfigError
 from vpdm.precision import autocast
-from vpdm.scoring import ScoringConfig, distance_map, scores_and_maps
+from vpdm.scoring import DISTANCES, FEATURE_SPACES, STAT_POOLS, ScoringConfig, distance_map, scores_and_maps, term_map
 from vpdm.vpot import VaguePrototypes, unvague
+
+# Buffers added after the first checkpoints: a checkpoint without them gets these (a model saved before
+# had no short lists, no fine prototypes and no term statistics).
+ADDED_BUFFERS: tuple[str, ...] = ("prototypes.list_centroids", "prototypes.list_offsets", "prototypes.list_of",
+                                  "prototypes.owner", "term_mean", "term_std", "term_settings")
 
 
 class VPDM(nn.Module):
@@ -33,10 +38,26 @@ class VPDM(nn.Module):
         if sum(self.stage_channels) != channels or min(self.stage_channels) < 1:
             raise ConfigError(f"stage channels {self.stage_channels} do not add up to the {channels} feature channels")
         self.prototypes = VaguePrototypes(config.prototypes, channels, feature_size)
+        # Fine prototypes (model.fine): every position matched on its own, compared with the features
+        # directly; never trained (chosen from the training positions, then fixed).
+        self.fine: VaguePrototypes | None = None
+        if config.fine.num_prototypes:
+            self.fine = VaguePrototypes(config.fine.prototypes_config(), channels, feature_size)
+            self.fine.prototypes.requires_grad_(False)
         self.denoiser = Denoiser(channels, config.denoiser, extra_inputs=int(config.input_copy != "none"))
         self.diffusion = ShiftedDiffusion(config.diffusion)
         self.register_buffer("feature_mean", torch.zeros(1, channels, 1, 1))
         self.register_buffer("feature_std", torch.ones(1, channels, 1, 1))
+        # Normal statistics of every score term (scoring.combine=standardised): mean and std of the term's
+        # values on normal training images, one row per class (one row when the model cannot tell classes
+        # apart), a column per (branch, block side) of ``stat_terms``; no rows until fitted.
+        self.stat_terms: list[tuple[str, int]] = [
+            (branch, p) for branch in ("coarse", "fine") if branch == "coarse" or self.fine is not None
+            for p in STAT_POOLS if feature_size % p == 0]
+        self.register_buffer("term_mean", torch.zeros(0, len(self.stat_terms)))
+        self.register_buffer("term_std", torch.ones(0, len(self.stat_terms)))
+        # The scoring settings the statistics hold for: distance, per_stage, feature_space, aggregate.
+        self.register_buffer("term_settings", torch.zeros(4, dtype=torch.long))
 
     # -- set-up from training data -------------------------------------------------------------
     @torch.no_grad()
@@ -47,8 +68,95 @@ class VPDM(nn.Module):
             self.feature_std.copy_(features.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))
 
     @torch.no_grad()
-    def init_prototypes(self, features: Tensor, generator: torch.Generator | None = None) -> None:
-        self.prototypes.init_from(self.normalise(features), generator)
+    def init_prototypes(self, features: Tensor, generator: torch.Generator | None = None,
+                        class_index: Tensor | None = None) -> None:
+        """Prototypes from the training features; ``class_index`` (one class per image) also tells the fine
+        prototypes which class each stands for, so that an image's class can be told from its matches."""
+        normalised = self.normalise(features)
+        self.prototypes.init_from(normalised, generator)
+        if self.fine is not None:
+            self.fine.init_from(normalised, generator, class_index)
+
+    def resize_statistics(self, classes: int) -> None:
+        """Make room for the term statistics of ``classes`` rows (before fitting or loading them)."""
+        self.term_mean = self.term_mean.new_zeros(classes, len(self.stat_terms))
+        self.term_std = self.term_std.new_ones(classes, len(self.stat_terms))
+
+    @staticmethod
+    def _settings_key(scoring: ScoringConfig) -> list[int]:
+        return [DISTANCES.index(scoring.distance), int(scoring.per_stage), FEATURE_SPACES.index(scoring.feature_space),
+                int(scoring.aggregate)]
+
+    @torch.no_grad()
+    def fit_statistics(self, features: Tensor, class_index: Tensor, sampling: SamplingConfig, scoring: ScoringConfig,
+                       per_class: int = 64, batch_size: int = 32) -> None:
+        """Mean and std of every score term (:attr:`stat_terms`) over all positions of up to ``per_class``
+        normal training images of each class (evenly spaced in the class's list), for
+        ``scoring.combine=standardised``. One row per class when the fine prototypes know the classes,
+        else one row for all."""
+        by_class = self.fine is not None and bool((self.fine.owner >= 0).any())
+        classes = int(class_index.max()) + 1 if by_class else 1
+        self.resize_statistics(classes)
+        device = self.feature_mean.device
+        for c in range(classes):
+            members = torch.nonzero(class_index == c).flatten() if by_class else torch.arange(len(features))
+            if members.numel() == 0:
+                continue
+            pick = members[torch.linspace(0, members.numel() - 1, min(per_class, members.numel())).round().long()]
+            total = torch.zeros(len(self.stat_terms), dtype=torch.float64, device=device)
+            squares = torch.zeros_like(total)
+            count = 0
+            for s in range(0, len(pick), batch_size):
+                f = features[pick[s : s + batch_size]].to(device)
+                terms = self._term_maps(f, self.reconstruct(f, sampling), self.fine_condition(f)[0], scoring)
+                stacked = torch.stack(terms, dim=1).double()  # B x terms x H x W
+                total += stacked.sum(dim=(0, 2, 3))
+                squares += stacked.pow(2).sum(dim=(0, 2, 3))
+                count += stacked.shape[0] * stacked.shape[2] * stacked.shape[3]
+            mean = total / count
+            self.term_mean[c] = mean.float()
+            self.term_std[c] = (squares / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-6).float()
+        self.term_settings.copy_(torch.tensor(self._settings_key(scoring)))
+
+    def _term_maps(self, features: Tensor, reconstruction: Tensor, fine: Tensor | None,
+                   scoring: ScoringConfig) -> list[Tensor]:
+        """Every term of :attr:`stat_terms` for raw ``features`` (feature resolution)."""
+        a, b, groups = self._compared(features, reconstruction, scoring)
+        f = None if fine is None else self._compared(features, fine, scoring)[1]
+        return [term_map(a, b if branch == "coarse" else f, p, scoring, groups) for branch, p in self.stat_terms]
+
+    def _statistics(self, classes: Tensor | None, scoring: ScoringConfig):
+        """``statistics(branch, p)`` for :func:`vpdm.scoring.scores_and_maps`: each image's row of the term
+        statistics (its class's, or the one row); None when they were never fitted."""
+        if self.term_mean.shape[0] == 0:
+            return None
+        fitted = self.term_settings.tolist()
+        if fitted != self._settings_key(scoring):
+            names = ("distance", "per_stage", "feature_space", "aggregate")
+            values = (DISTANCES[fitted[0]], bool(fitted[1]), FEATURE_SPACES[fitted[2]], fitted[3])
+            raise ConfigError("scoring.combine=standardised: this model's term statistics were fitted with "
+                              + ", ".join(f"scoring.{n}={v}" for n, v in zip(names, values))
+                              + "; score with those, or use scoring.combine=weighted")
+
+        def statistics(branch: str, p: int) -> tuple[Tensor, Tensor]:
+            if (branch, p) not in self.stat_terms:
+                raise ConfigError(f"scoring: block side {p} has no normal statistics (standardised scores keep them "
+                                  f"for {[q for b, q in self.stat_terms if b == branch]})")
+            i = self.stat_terms.index((branch, p))
+            rows = classes if classes is not None and self.term_mean.shape[0] > 1 else torch.zeros(
+                1, dtype=torch.long, device=self.term_mean.device)
+            return self.term_mean[rows, i], self.term_std[rows, i]
+
+        return statistics
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # The term statistics have one row per class: take the saved number of rows.
+        saved = state_dict.get(prefix + "term_mean")
+        if isinstance(saved, Tensor) and saved.ndim == 2 and saved.shape[1] == len(self.stat_terms):
+            self.resize_statistics(saved.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @property
     def condition_is_fixed(self) -> bool:
@@ -169,6 +277,21 @@ class VPDM(nn.Module):
             self.prototypes.train(was_training)
 
     @torch.no_grad()
+    def fine_condition(self, features: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The fine prototypes' condition (B x C x S x S, normalised space) and each image's class (B,): the
+        class whose fine prototypes hold most of its assignment weight; (None, None) without fine prototypes."""
+        if self.fine is None:
+            return None, None
+        classes = self.term_mean.shape[0] if self.term_mean.shape[0] > 1 else 0
+        was_training = self.fine.training
+        self.fine.eval()
+        try:
+            out = self.fine(self.normalise(features), with_loss=False, num_classes=classes)
+        finally:
+            self.fine.train(was_training)
+        return out["yhat"], (out["class_mass"].argmax(dim=1) if classes else None)
+
+    @torch.no_grad()
     def reconstruct(self, features: Tensor, sampling: SamplingConfig | None = None, progress: bool = False,
                     precision: str = "fp32") -> Tensor:
         """Algorithm 2: start at N(yhat, I) and denoise back to x0; returns the reconstruction in
@@ -220,16 +343,21 @@ class VPDM(nn.Module):
         return distance_map(a, b, scoring, groups)
 
     def scores_and_maps(self, features: Tensor, reconstruction: Tensor, scoring: ScoringConfig,
-                        map_size: int, postprocess=None) -> tuple[Tensor, Tensor]:
+                        map_size: int, postprocess=None, fine: Tensor | None = None,
+                        classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Image scores and post-processed maps (``map_size`` square) of ``features`` against a reconstruction
-        (see :func:`vpdm.scoring.scores_and_maps`: the image score may come from other block sides)."""
+        and the fine condition with each image's class (:meth:`fine_condition`); see
+        :func:`vpdm.scoring.scores_and_maps`."""
         a, b, groups = self._compared(features, reconstruction, scoring)
-        return scores_and_maps(a, b, scoring, map_size, groups, postprocess)
+        f = None if fine is None else self._compared(features, fine, scoring)[1]
+        statistics = self._statistics(classes, scoring) if scoring.combine == "standardised" else None
+        return scores_and_maps(a, b, scoring, map_size, groups, postprocess, fine=f, statistics=statistics)
 
     @torch.no_grad()
     def detect(self, features: Tensor, sampling: SamplingConfig | None, scoring: ScoringConfig,
                map_size: int, precision: str = "fp32") -> tuple[Tensor, Tensor]:
         """Inference: image scores (B,) and anomaly maps (B x map_size x map_size) of raw features;
         ``precision`` (``inference.precision``) is the denoiser's autocast."""
-        return self.scores_and_maps(features, self.reconstruct(features, sampling, precision=precision), scoring,
-                                    map_size)
+        reconstruction = self.reconstruct(features, sampling, precision=precision)
+        fine, classes = self.fine_condition(features)
+        return self.scores_and_maps(features, reconstruction, scoring, map_size, fine=fine, classes=classes)

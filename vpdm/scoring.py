@@ -21,6 +21,10 @@ from vpdm.errors import ConfigError
 DISTANCES = ("l2", "cosine")
 IMAGE_SCORES = ("max_pool", "top_k")
 FEATURE_SPACES = ("normalised", "raw")
+COMBINES = ("standardised", "weighted")
+# Block sides whose normal statistics a model with standardised scores keeps, for the reconstruction and
+# for the fine condition (those that divide the feature size), so every pools setting can be scored.
+STAT_POOLS: tuple[int, ...] = (1, 2, 4, 8)
 
 
 @dataclass
@@ -53,12 +57,22 @@ class ScoringConfig:
     # mean's distance shrinks as 1/p, so p * d_p puts every scale on the same footing). With p = the vague
     # step's N the comparison is at the condition's own scale, where the prototypes say what is normal;
     # smaller blocks localise. (1,) = the paper: every position on its own.
-    pools: tuple[int, ...] = (1, 4)
+    pools: tuple[int, ...] = (4,)
     # The block sides the image score is taken from, when it should not come from the map itself
     # (None): the image decision wants the scale at which the condition says what is normal (the
     # vague step's N: a whole block must look abnormal), localisation wants finer blocks. The map
     # and the image score share one reconstruction; only the distance is computed twice.
     image_pools: tuple[int, ...] | None = (4,)
+    # The same for the distance between the features and the fine prototypes' condition (model.fine):
+    # block sides in the map, and in the image score (None: the map's). [] = not used.
+    fine_pools: tuple[int, ...] = (1,)
+    fine_image_pools: tuple[int, ...] | None = (1, 4)
+    # How the terms (one distance map per block side) become one map: "standardised" (each term minus the
+    # mean and over the std of its values on normal training images of the image's class, then averaged:
+    # the terms of the reconstruction and of the fine condition live on different scales, and a class of
+    # textured parts is noisier than a class of plain ones) or "weighted" (the p-weighted mean of the raw
+    # distances: under independent per-position noise a block mean's distance shrinks as 1/p).
+    combine: str = "standardised"
 
     def validate(self) -> None:
         if not (self.blur_sigma >= 0 and math.isfinite(self.blur_sigma)):
@@ -81,16 +95,27 @@ class ScoringConfig:
         if not isinstance(self.aggregate, int) or isinstance(self.aggregate, bool) or self.aggregate < 1 \
                 or self.aggregate % 2 == 0:
             raise ConfigError(f"scoring.aggregate must be an odd integer >= 1, got {self.aggregate!r}")
-        if (not isinstance(self.pools, (tuple, list)) or not self.pools
-                or any(not isinstance(p, int) or isinstance(p, bool) or p < 1 for p in self.pools)
-                or len(set(self.pools)) != len(self.pools)):
-            raise ConfigError(f"scoring.pools must be a non-empty list of distinct integers >= 1, got {self.pools!r}")
-        if self.image_pools is not None and (
-                not isinstance(self.image_pools, (tuple, list)) or not self.image_pools
-                or any(not isinstance(p, int) or isinstance(p, bool) or p < 1 for p in self.image_pools)
-                or len(set(self.image_pools)) != len(self.image_pools)):
-            raise ConfigError("scoring.image_pools must be null (the map's own pools) or a non-empty list of distinct "
-                              f"integers >= 1, got {self.image_pools!r}")
+        for name in ("pools", "image_pools", "fine_pools", "fine_image_pools"):
+            value = getattr(self, name)
+            if value is None and name.endswith("image_pools"):
+                continue
+            if (not isinstance(value, (tuple, list))
+                    or any(not isinstance(p, int) or isinstance(p, bool) or p < 1 for p in value)
+                    or len(set(value)) != len(value)):
+                allowed = "null (the map's own) or a list" if name.endswith("image_pools") else "a list"
+                raise ConfigError(f"scoring.{name} must be {allowed} of distinct integers >= 1, got {value!r}")
+        if self.combine not in COMBINES:
+            raise ConfigError(f"scoring.combine must be one of {COMBINES}, got {self.combine!r}")
+        if not self.pools and not self.fine_pools:
+            raise ConfigError("scoring.pools and scoring.fine_pools are both empty: the map needs at least one term")
+        if not self.image_terms()[0] and not self.image_terms()[1]:
+            raise ConfigError("scoring.image_pools and scoring.fine_image_pools leave the image score without a term")
+
+    def image_terms(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Block sides of the image score's terms: (of the reconstruction, of the fine condition)."""
+        coarse = self.pools if self.image_pools is None else self.image_pools
+        fine = self.fine_pools if self.fine_image_pools is None else self.fine_image_pools
+        return tuple(coarse), tuple(fine)
 
 
 def local_average(features: Tensor, window: int) -> Tensor:
@@ -127,42 +152,78 @@ def feature_distance(
     return torch.stack(maps).mean(dim=0)
 
 
+def term_map(features: Tensor, reconstruction: Tensor, p: int, config: ScoringConfig,
+             groups: tuple[int, ...] | None = None) -> Tensor:
+    """One term of a map: after the local averages (``aggregate``), the distance between the p x p block
+    means of B x C x H x W features and their reconstruction, upsampled bilinearly back to B x H x W
+    (p = 1: every position on its own)."""
+    a, b = local_average(features, config.aggregate), local_average(reconstruction, config.aggregate)
+    if p <= 1:
+        return feature_distance(a, b, config.distance, groups)
+    size = a.shape[-2:]
+    if size[0] % p or size[1] % p:
+        raise ConfigError(f"scoring.pools: {p} must divide the feature size {tuple(size)}")
+    d = feature_distance(F.avg_pool2d(a, p), F.avg_pool2d(b, p), config.distance, groups)
+    return F.interpolate(d.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+
+
 def distance_map(features: Tensor, reconstruction: Tensor, config: ScoringConfig,
                  groups: tuple[int, ...] | None = None, pools: tuple[int, ...] | None = None) -> Tensor:
-    """B x C x H x W features and reconstruction -> B x H x W map: local averages (``aggregate``), then
-    for each block side p of ``pools`` (default: ``config.pools``) the distance between p x p block
-    means, upsampled bilinearly to H x W; the maps are averaged with weights p (p = 1: every position
-    on its own, unweighted)."""
+    """B x C x H x W features and reconstruction -> B x H x W map: the :func:`term_map` of each block side p
+    of ``pools`` (default: ``config.pools``), averaged with weights p (the ``weighted`` combination)."""
     pools = tuple(config.pools if pools is None else pools)
-    a, b = local_average(features, config.aggregate), local_average(reconstruction, config.aggregate)
-    size = a.shape[-2:]
-    total = None
-    for p in pools:
-        if p <= 1:
-            d = feature_distance(a, b, config.distance, groups)
-        else:
-            if size[0] % p or size[1] % p:
-                raise ConfigError(f"scoring.pools: {p} must divide the feature size {tuple(size)}")
-            d = feature_distance(F.avg_pool2d(a, p), F.avg_pool2d(b, p), config.distance, groups)
-            d = p * F.interpolate(d.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
-        total = d if total is None else total + d
-    return total / len(pools)
+    return sum(p * term_map(features, reconstruction, p, config, groups) for p in pools) / len(pools)
+
+
+# The statistics of one term for each image of a batch: (mean, std), each of shape (B,).
+TermStatistics = Callable[[str, int], tuple[Tensor, Tensor]]
 
 
 def scores_and_maps(features: Tensor, reconstruction: Tensor, config: ScoringConfig, size: int,
                     groups: tuple[int, ...] | None = None,
-                    postprocess: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """Image scores (B,) and post-processed anomaly maps (B x size x size): the map from ``pools``; the
-    image score from the map itself, or, with ``image_pools`` set (and different), from the distance
-    at those block sides, post-processed the same way. ``postprocess`` replaces
-    :func:`postprocess_maps` (the ONNX export passes its precomputed matrices)."""
+                    postprocess: Callable[[Tensor], Tensor] | None = None, fine: Tensor | None = None,
+                    statistics: TermStatistics | None = None) -> tuple[Tensor, Tensor]:
+    """Image scores (B,) and post-processed anomaly maps (B x size x size).
+
+    Terms are :func:`term_map` s of the reconstruction (``pools``) and, when the model has fine
+    prototypes, of their condition ``fine`` (``fine_pools``). The map combines the map terms, the image
+    score the image terms (:meth:`ScoringConfig.image_terms`; when they are the map's, the map itself):
+    ``weighted`` as :func:`distance_map`, ``standardised`` as the mean of (term - mean) / std with the
+    ``statistics(branch, p)`` of each image's class (``branch`` "coarse" or "fine"). ``postprocess``
+    replaces :func:`postprocess_maps` (the ONNX export passes its precomputed matrices)."""
     if postprocess is None:
         postprocess = functools.partial(postprocess_maps, size=size, blur_sigma=config.blur_sigma)
-    maps = postprocess(distance_map(features, reconstruction, config, groups))
-    if config.image_pools is None or tuple(config.image_pools) == tuple(config.pools):
+    if fine is None and (config.fine_pools or config.image_terms()[1]):
+        raise ConfigError("scoring.fine_pools / fine_image_pools need the fine prototypes' condition "
+                          "(model.fine.num_prototypes > 0); set them to [] for a model without")
+    if config.combine == "standardised" and statistics is None:
+        raise ConfigError("scoring.combine=standardised needs the model's normal statistics of every term "
+                          "(fitted after training); use scoring.combine=weighted for a model without them")
+    cache: dict[tuple[str, int], Tensor] = {}
+
+    def term(branch: str, p: int) -> Tensor:
+        if (branch, p) not in cache:
+            other = reconstruction if branch == "coarse" else fine
+            cache[(branch, p)] = term_map(features, other, p, config, groups)
+        return cache[(branch, p)]
+
+    def combined(coarse: tuple[int, ...], fine_pools: tuple[int, ...]) -> Tensor:
+        keys = [("coarse", p) for p in coarse] + [("fine", p) for p in fine_pools]
+        if config.combine == "weighted":
+            return sum(p * term(branch, p) for branch, p in keys) / len(keys)
+        total = None
+        for branch, p in keys:
+            mean, std = statistics(branch, p)
+            z = (term(branch, p) - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
+            total = z if total is None else total + z
+        return total / len(keys)
+
+    map_terms = (tuple(config.pools), tuple(config.fine_pools))
+    maps = postprocess(combined(*map_terms))
+    image_terms = config.image_terms()
+    if image_terms == map_terms:
         return score_maps(maps, config), maps
-    image_maps = distance_map(features, reconstruction, config, groups, pools=tuple(config.image_pools))
-    return score_maps(postprocess(image_maps), config), maps
+    return score_maps(postprocess(combined(*image_terms)), config), maps
 
 
 def gaussian_kernel1d(sigma: float, device=None) -> Tensor:

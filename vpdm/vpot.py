@@ -70,6 +70,23 @@ class VPOTConfig:
     # plan row is softmax(-C / eps), a soft nearest-prototype assignment).
     ot_scope: str = "none"
     potential_lr: float = 0.1  # "dataset" scope: step of the potential ascent, in units of ot_reg
+    # Short lists (an inverted-file index, as faiss's IVF): the prototypes are split by k-means into groups of
+    # about ``list_size`` (ceil(K / list_size) lists), and each sample is assigned over the prototypes of its
+    # ``probes`` nearest groups only (the kernel restricted to them): about probes * list_size candidates,
+    # whatever K. 0 = every prototype (exact). Only the kernel without prototype marginal (assignment=ot,
+    # ot_scope=none) of frozen prototypes uses them (the index is built once); other assignments match every
+    # prototype. With ``probes`` lists or fewer the assignment is exact.
+    list_size: int = 96
+    probes: int = 4
+
+    @property
+    def lists(self) -> int:
+        """The number of short lists: 0 for none, for an assignment that needs every prototype, and when
+        ``probes`` lists would hold every prototype anyway."""
+        if not self.list_size or self.assignment != "ot" or self.ot_scope != "none":
+            return 0
+        lists = math.ceil(self.num_prototypes / self.list_size)
+        return lists if lists > self.probes else 0
 
     def validate(self, feature_size: int | None = None) -> None:
         if not isinstance(self.num_prototypes, int) or self.num_prototypes < 1:
@@ -99,6 +116,12 @@ class VPOTConfig:
             raise ConfigError(f"prototypes.potential_lr must be a finite number > 0, got {self.potential_lr!r}")
         if self.level not in LEVELS:
             raise ConfigError(f"prototypes.level must be one of {LEVELS}, got {self.level!r}")
+        for name in ("list_size", "probes"):
+            value = getattr(self, name)
+            low = 0 if name == "list_size" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"prototypes.{name} must be an integer >= {low}, got {value!r}")
+
 
 
 def sinkhorn_log(
@@ -146,20 +169,68 @@ def kmeans(samples: Tensor, centres: Tensor, iters: int, batch_size: int = 8192)
     return centres
 
 
-def coreset_index(samples: Tensor, k: int, generator: torch.Generator | None = None) -> Tensor:
-    """Indices of ``k`` rows chosen by greedy k-center (PatchCore's coreset: every sample is close to a
-    chosen one, rare looks included), on a seeded random subset of at most ``CORESET_CANDIDATES`` rows.
-    K-means instead places its centres where the samples are dense, so a look that covers a small
-    part of few images (a small part on a large background) gets few of them."""
-    from vpdm.patchcore import greedy_coreset
+def coreset_index(samples: Tensor, k: int, generator: torch.Generator | None = None, batch: int = 256,
+                  projection_dim: int = 128) -> Tensor:
+    """Indices of ``k`` rows chosen by greedy k-center (farthest-first, PatchCore's coreset: every sample
+    ends close to a chosen one, rare looks included), on a seeded random subset of at most
+    ``CORESET_CANDIDATES`` rows and, above ``projection_dim`` dimensions, a seeded random projection (as
+    PatchCore selects). K-means instead places its centres where the samples are dense, so a look that
+    covers a small part of few images (a small part on a large background) gets few of them.
 
-    seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+    Picked up to ``batch`` at a time: farthest-first among the 4 * batch rows farthest from the chosen ones,
+    for as long as the best of them is farther than every other row can be (so each pick is the one exact
+    farthest-first makes), then one matrix product updates every row's distance. Exact farthest-first
+    updates all rows after every pick, a memory-bound pass each (12288 picks from 250k rows: 566 s).
+    Fewer than ``k`` rows when the rest coincide."""
+    gen_seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
     pool = None
     if samples.shape[0] > CORESET_CANDIDATES:
-        pool = torch.randperm(samples.shape[0], generator=generator)[:CORESET_CANDIDATES]
+        pool = torch.randperm(samples.shape[0], generator=generator)[:CORESET_CANDIDATES].to(samples.device)
         samples = samples[pool]
-    picks = greedy_coreset(samples, k, seed=seed)
+    n, dim = samples.shape
+    if k >= n:
+        picks = torch.arange(n, device=samples.device)
+        return picks if pool is None else pool[picks]
+    x = samples.float()
+    if dim > projection_dim:
+        g = torch.Generator().manual_seed(gen_seed)
+        x = x @ (torch.randn(dim, projection_dim, generator=g) / math.sqrt(projection_dim)).to(x.device)
+    squares = x.pow(2).sum(dim=1)
+
+    def distance_to(rows: Tensor) -> Tensor:  # squared distances of every row to ``rows`` (n x m)
+        return (squares.unsqueeze(1) + squares[rows].unsqueeze(0) - 2.0 * (x @ x[rows].T)).clamp_min_(0)
+
+    first = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(gen_seed)))
+    chosen = [first]
+    nearest = distance_to(torch.tensor([first], device=x.device)).squeeze(1)
+    while len(chosen) < k:
+        b = min(batch, k - len(chosen))
+        top = nearest.topk(min(n, 4 * b))
+        cand, cd = top.indices, top.values.clone()
+        # A row outside the candidates is at most this far from the chosen ones: while a candidate is farther,
+        # it is the row exact farthest-first would pick next.
+        outside = float(top.values[-1]) if len(cand) < n else 0.0
+        cx = x[cand]
+        new: list[int] = []
+        for _ in range(b):
+            j = int(cd.argmax())
+            if float(cd[j]) <= outside or float(cd[j]) <= 0.0:
+                break
+            new.append(int(cand[j]))
+            cd = torch.minimum(cd, (cx - cx[j]).pow(2).sum(dim=1))
+        if not new:
+            break  # every remaining row coincides with a chosen one
+        rows = torch.tensor(new, device=x.device)
+        nearest = torch.minimum(nearest, distance_to(rows).min(dim=1).values)
+        nearest[rows] = 0.0
+        chosen.extend(new)
+    picks = torch.tensor(chosen, dtype=torch.long, device=samples.device)
     return picks if pool is None else pool[picks]
+
+
+def _one_hot(owner: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """K x classes one-hot of prototype owners; a prototype of unknown class (-1) is a zero row."""
+    return (owner.unsqueeze(1) == torch.arange(num_classes, device=owner.device).unsqueeze(0)).to(dtype)
 
 
 def vague(features: Tensor, downsample: int) -> Tensor:
@@ -190,12 +261,22 @@ class VaguePrototypes(nn.Module):
         # Prototype-side dual potential, kept for per-image assignment at inference (module docstring).
         self.register_buffer("potential", torch.zeros(config.num_prototypes))
         self.register_buffer("potential_initialised", torch.zeros((), dtype=torch.bool))
+        # Short lists (``config.lists``): the prototypes are stored sorted by list, list l being rows
+        # list_offsets[l]:list_offsets[l + 1]; list_of[j] is prototype j's list (built by build_lists()).
+        self.register_buffer("list_centroids", torch.zeros(config.lists, self.dim))
+        self.register_buffer("list_offsets", torch.zeros(config.lists + 1, dtype=torch.long))
+        self.register_buffer("list_of", torch.zeros(config.num_prototypes if config.lists else 0, dtype=torch.long))
+        # The class of the training samples each prototype stands for (-1: unknown), for an image's class.
+        self.register_buffer("owner", torch.full((config.num_prototypes,), -1, dtype=torch.long))
 
     @torch.no_grad()
-    def init_from(self, features: Tensor, generator: torch.Generator | None = None) -> None:
+    def init_from(self, features: Tensor, generator: torch.Generator | None = None,
+                  class_index: Tensor | None = None) -> None:
         """Data-dependent start: prototypes = K random training samples (with repeats if fewer), and
         with ``init="kmeans"`` then Lloyd's k-means iterations on all training samples, so the
-        prototypes start spread over the normal data as the OT assignment will use them."""
+        prototypes start spread over the normal data as the OT assignment will use them.
+        ``class_index`` (one class per image): also each prototype's class (:attr:`owner`): the class of
+        the sample it is, for a coreset, else by :meth:`set_owners`."""
         if self.config.init == "random":
             return
         flat = self.samples(features)
@@ -210,6 +291,55 @@ class VaguePrototypes(nn.Module):
         if self.config.init.endswith("kmeans"):
             start = kmeans(flat, start, self.config.kmeans_iters)
         self.prototypes.copy_(start)
+        if class_index is not None:
+            if self.config.init == "coreset":
+                per_image = flat.shape[0] // features.shape[0]
+                self.owner.copy_(class_index.to(idx.device)[torch.div(idx, per_image, rounding_mode="floor")])
+            else:
+                self.set_owners(features, class_index)
+        if self.config.lists:
+            self.build_lists(generator)
+
+    @torch.no_grad()
+    def set_owners(self, features: Tensor, class_index: Tensor, batch_size: int = 64) -> None:
+        """Each prototype's class: the class of the training samples whose nearest prototype it is most
+        often (a prototype no sample chose keeps -1). ``class_index``: one class per image of ``features``."""
+        per_image = self.samples(features[:1]).shape[0]
+        num_classes = int(class_index.max()) + 1
+        votes = torch.zeros(self.config.num_prototypes, num_classes, device=self.prototypes.device)
+        for s in range(0, features.shape[0], batch_size):
+            chunk = features[s : s + batch_size].to(self.prototypes.device)
+            nearest = torch.cdist(self.samples(chunk), self.prototypes).argmin(dim=1)
+            cls = class_index[s : s + batch_size].to(nearest.device).repeat_interleave(per_image)
+            votes.index_put_((nearest, cls), torch.ones_like(nearest, dtype=votes.dtype), accumulate=True)
+        owner = votes.argmax(dim=1)
+        owner[votes.sum(dim=1) == 0] = -1
+        self.owner.copy_(owner)
+
+    @torch.no_grad()
+    def build_lists(self, generator: torch.Generator | None = None, iters: int = 20) -> None:
+        """Split the (frozen) prototypes into ``config.lists`` groups by k-means and store them sorted by
+        group: the index of the short-list assignment. Reorders the prototypes (the kernel does not depend
+        on their order) and everything stored per prototype."""
+        lists, k = self.config.lists, self.config.num_prototypes
+        protos = self.prototypes.detach()
+        start = protos[torch.randperm(k, generator=generator)[:lists].to(protos.device)].clone()
+        centroids = kmeans(protos, start, iters)
+        for _ in range(lists):  # a list no prototype is nearest to takes the prototype farthest from its centre
+            distance = torch.cdist(protos, centroids)
+            group = distance.argmin(dim=1)
+            counts = torch.bincount(group, minlength=lists)
+            empty = torch.nonzero(counts == 0).flatten()
+            if empty.numel() == 0:
+                break
+            centroids[empty[0]] = protos[distance.gather(1, group.unsqueeze(1)).squeeze(1).argmax()]
+        order = torch.argsort(group, stable=True)
+        self.prototypes.copy_(protos[order])
+        self.potential.copy_(self.potential[order])
+        self.owner.copy_(self.owner[order])
+        self.list_centroids.copy_(centroids)
+        self.list_offsets.copy_(torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+        self.list_of.copy_(group[order])
 
     def samples(self, features: Tensor) -> Tensor:
         """The OT samples of a batch: one row per image (``level="image"``) or per vague position."""
@@ -223,21 +353,26 @@ class VaguePrototypes(nn.Module):
         so that ``ot_reg`` means the same for any backbone, feature size or N."""
         return torch.cdist(flat, self.prototypes) / math.sqrt(self.dim)
 
-    def forward(self, features: Tensor, with_loss: bool = True) -> dict[str, Tensor]:
+    def forward(self, features: Tensor, with_loss: bool = True, histogram: bool = False,
+                num_classes: int = 0) -> dict[str, Tensor]:
         """Return ``yhat`` (B x C x S x S), the OT loss and the plan.
 
         In training mode the plan is the balanced Sinkhorn plan of the batch (the paper's Eq. 9-11)
         and the stored potential is updated; in eval mode each image is assigned on its own with the
         stored potential, so its ``yhat`` does not depend on the batch.
 
-        ``with_loss=False`` (eval mode only: inference) returns ``yhat`` and ``weights`` alone: the OT
-        loss and the plan are B*P x K element-wise passes that inference never reads, and with
-        thousands of local prototypes they cost more than the denoiser.
+        ``with_loss=False`` (eval mode only: inference) returns ``yhat`` alone (and, when asked, each image's
+        mean ``histogram`` of weights and ``class_mass``: :meth:`_assign`): the OT loss and the plan are
+        B*P x K element-wise passes that inference never reads, and with thousands of local prototypes
+        they cost more than the denoiser.
         """
         if not with_loss:
             if self.training:
                 raise RuntimeError("VaguePrototypes(with_loss=False) is for inference: call .eval() first")
-            return self._assign(features)
+            return self._assign(features, histogram, num_classes)
+        if self.config.lists and self.training:
+            raise RuntimeError("short lists (prototypes.list_size) assign frozen prototypes: train with the precomputed "
+                               "condition (VPDM.training_condition)")
         batch = features.shape[0]
         flat = self.samples(features)
         cost = self.cost(flat)
@@ -247,6 +382,10 @@ class VaguePrototypes(nn.Module):
             weights = F.one_hot(cost.argmin(dim=1), k).to(cost.dtype)
             ot_loss = (weights * cost).sum(dim=1).mean()  # reported only; the ablation trains with lambda=0 or this k-means-like term
             plan = weights / b
+        elif self.config.lists:  # eval mode (a validation loss): the inference assignment, short lists and all
+            weights = self.weights(flat)
+            plan = weights / b
+            ot_loss = (plan * cost).sum() + reg * (plan * plan.clamp_min(1e-30).log()).sum()
         else:
             if self.config.ot_scope == "none":
                 potential = torch.zeros_like(self.potential)
@@ -306,11 +445,10 @@ class VaguePrototypes(nn.Module):
             chunk = features[start : start + batch_size]
             flat = self.samples(chunk)
             cost = self.cost(flat)
+            weights = self.weights(flat)  # the inference assignment (short lists included)
             if self.config.assignment == "nearest":
-                weights = F.one_hot(cost.argmin(dim=1), cost.shape[1]).to(cost.dtype)
                 per_sample = cost.min(dim=1).values
             else:
-                weights = torch.softmax(-cost / reg, dim=1)
                 per_sample = (weights * cost).sum(dim=1) + reg * (weights * weights.clamp_min(1e-30).log()).sum(dim=1)
             y = weights @ self.prototypes
             n = chunk.shape[0]
@@ -331,27 +469,111 @@ class VaguePrototypes(nn.Module):
         samples = terms.shape[0] * (self.vague_size**2 if self.local else 1)
         return terms.mean() - self.config.ot_reg * math.log(samples)
 
-    def _assign(self, features: Tensor) -> dict[str, Tensor]:
-        """Eval-mode ``forward`` without the loss: the same ``yhat`` and ``weights`` (float rounding aside),
-        with the cost's scaling folded into one in-place pass before the softmax."""
-        batch = features.shape[0]
-        flat = self.samples(features)
-        reg = self.config.ot_reg
+    def weights(self, flat: Tensor) -> Tensor:
+        """Inference assignment weights of samples (n x K, rows sum to 1): softmax((g - C) / eps) over every
+        prototype, or over the prototypes of each sample's ``probes`` nearest lists (``config.lists``; 0
+        elsewhere), or one-hot for ``assignment='nearest'``. The reference the fast paths are tested against."""
         if self.config.assignment == "nearest":
             cost = self.cost(flat)
-            weights = F.one_hot(cost.argmin(dim=1), cost.shape[1]).to(cost.dtype)
+            return F.one_hot(cost.argmin(dim=1), cost.shape[1]).to(cost.dtype)
+        # softmax((g - C) / reg) with C = dist / sqrt(d); g = 0 without a prototype marginal
+        logits = torch.cdist(flat, self.prototypes).mul_(-1.0 / (math.sqrt(self.dim) * self.config.ot_reg))
+        if self.config.ot_scope != "none":
+            logits.add_(self.potential.unsqueeze(0) / self.config.ot_reg)
+        if self.config.lists:
+            logits = logits.masked_fill(~self._probed(flat)[:, self.list_of], float("-inf"))
+        return torch.softmax(logits, dim=1)
+
+    def _check_lists(self) -> None:
+        if not torch.jit.is_tracing() and int(self.list_offsets[-1]) != self.config.num_prototypes:
+            raise RuntimeError(f"the short lists of these {self.config.num_prototypes} prototypes were never built: "
+                               "call init_from() or build_lists() after setting the prototypes (or list_size=0)")
+
+    def _probed(self, flat: Tensor) -> Tensor:
+        """n x lists: whether each list is among a sample's ``probes`` nearest (by centroid distance)."""
+        self._check_lists()
+        distance = torch.cdist(flat, self.list_centroids)
+        kth = distance.topk(min(self.config.probes, self.config.lists), dim=1, largest=False).values[:, -1:]
+        return distance <= kth
+
+    def _short_list(self, flat: Tensor, per_image: int, histogram: bool,
+                    num_classes: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """:meth:`weights` @ prototypes with short lists, without the n x K matrices: the samples are grouped
+        by probed list and each group is matched against its list's prototypes alone (one small product per
+        list), with a softmax over all of a sample's candidates. Also, when asked, each image's mean weights
+        (B x K) and its weight on each class's prototypes (B x classes)."""
+        self._check_lists()
+        n, device = flat.shape[0], flat.device
+        scale = 1.0 / (math.sqrt(self.dim) * self.config.ot_reg)
+        probes = min(self.config.probes, self.config.lists)
+        nearest = torch.cdist(flat, self.list_centroids).topk(probes, dim=1, largest=False).indices
+        lists = nearest.reshape(-1)
+        order = torch.argsort(lists, stable=True)
+        queries = torch.arange(n, device=device).repeat_interleave(probes)[order]
+        counts = torch.bincount(lists, minlength=self.config.lists).tolist()
+        offsets = self.list_offsets.tolist()
+        top = torch.full((n,), float("-inf"), device=device, dtype=flat.dtype)
+        blocks: list[tuple[int, Tensor, Tensor]] = []
+        start = 0
+        for group, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = queries[start : start + count]
+            start += count
+            logits = torch.cdist(flat[rows], self.prototypes[offsets[group] : offsets[group + 1]]).mul_(-scale)
+            top.scatter_reduce_(0, rows, logits.amax(dim=1), reduce="amax")
+            blocks.append((group, rows, logits))
+        y = torch.zeros(n, self.dim, device=device, dtype=flat.dtype)
+        total = torch.zeros(n, device=device, dtype=flat.dtype)
+        for group, rows, logits in blocks:
+            e = logits.sub_(top[rows].unsqueeze(1)).exp_()  # in place: the logits are not needed again
+            total.index_add_(0, rows, e.sum(dim=1))
+            y.index_add_(0, rows, e @ self.prototypes[offsets[group] : offsets[group + 1]])
+        y = y / total.unsqueeze(1)
+        hist = mass = None
+        if histogram or num_classes:
+            batch = n // per_image
+            hist = torch.zeros(batch, self.config.num_prototypes, device=device, dtype=flat.dtype) if histogram else None
+            mass = torch.zeros(batch, num_classes, device=device, dtype=flat.dtype) if num_classes else None
+            for group, rows, e in blocks:
+                w = e / (total[rows].unsqueeze(1) * per_image)
+                image = torch.div(rows, per_image, rounding_mode="floor")
+                if hist is not None:
+                    hist[:, offsets[group] : offsets[group + 1]].index_add_(0, image, w)
+                if mass is not None:
+                    owner = self.owner[offsets[group] : offsets[group + 1]]
+                    mass.index_add_(0, image, w @ _one_hot(owner, num_classes, w.dtype))
+        return y, hist, mass
+
+    def _assign(self, features: Tensor, histogram: bool = False, num_classes: int = 0) -> dict[str, Tensor]:
+        """Eval-mode ``forward`` without the loss: ``yhat``; with ``histogram`` each image's mean weights
+        (B x K, what a calibration compares classes by), with ``num_classes`` its weight on each class's
+        prototypes (B x classes, :meth:`set_owners`). Short lists run grouped by list (:meth:`_short_list`),
+        except while traced for export, where the masked dense form gives the same numbers."""
+        batch = features.shape[0]
+        flat = self.samples(features)
+        per_image = flat.shape[0] // batch
+        out: dict[str, Tensor] = {}
+        if self.config.lists and not torch.jit.is_tracing():
+            y, hist, mass = self._short_list(flat, per_image, histogram, num_classes)
+            if hist is not None:
+                out["histogram"] = hist
+            if mass is not None:
+                out["class_mass"] = mass
         else:
-            # softmax((g - C) / reg) with C = dist / sqrt(d); g = 0 without a prototype marginal
-            logits = torch.cdist(flat, self.prototypes).mul_(-1.0 / (math.sqrt(self.dim) * reg))
-            if self.config.ot_scope != "none":
-                logits.add_(self.potential.unsqueeze(0) / reg)
-            weights = torch.softmax(logits, dim=1)
-        y = weights @ self.prototypes
+            weights = self.weights(flat)
+            y = weights @ self.prototypes
+            if histogram:
+                out["histogram"] = weights.reshape(batch, per_image, -1).mean(dim=1)
+            if num_classes:
+                out["class_mass"] = (weights @ _one_hot(self.owner, num_classes, weights.dtype)).reshape(
+                    batch, per_image, num_classes).mean(dim=1)
         if self.local:
             y = y.view(batch, self.vague_size, self.vague_size, self.channels).permute(0, 3, 1, 2)
         else:
             y = y.view(batch, self.channels, self.vague_size, self.vague_size)
-        return {"yhat": unvague(y, self.feature_size), "weights": weights}
+        out["yhat"] = unvague(y, self.feature_size)
+        return out
 
     @torch.no_grad()
     def _ascend_potential(self, mass_ratio: Tensor) -> None:
@@ -370,3 +592,43 @@ class VaguePrototypes(nn.Module):
         else:
             m = self.config.potential_momentum
             self.potential.mul_(m).add_((1 - m) * g)
+
+
+FINE_INITS = ("coreset", "coreset_kmeans", "kmeans")
+
+
+@dataclass
+class FineConfig:
+    """Fine prototypes: every feature position on its own (no vague step) is matched to K prototypes of
+    single positions, and the kernel average is compared with the features directly (no diffusion).
+
+    The vague condition describes N x N blocks; a part lying at any place and angle, or a defect of a few
+    pixels, is a mixture inside a block that no set of block prototypes covers, and it is averaged away
+    (``benchmarks/EXPERIMENTS.md`` section 16). Positions chosen by a coreset (greedy k-center, as
+    PatchCore's memory bank) keep rare looks, such as a small part on a plain background, covered. Short
+    lists keep the cost of matching every position near that of the vague condition."""
+
+    num_prototypes: int = 12288  # K; 0 = no fine prototypes (the paper)
+    ot_reg: float = 0.05  # kernel width eps, as prototypes.ot_reg
+    init: str = "coreset"  # "coreset", "coreset_kmeans" or "kmeans" (VPOTConfig.init)
+    kmeans_iters: int = 20
+    list_size: int = 96  # short lists (VPOTConfig.list_size); 0 = every prototype
+    probes: int = 4
+
+    def validate(self, feature_size: int | None = None) -> None:
+        k = self.num_prototypes
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ConfigError(f"model.fine.num_prototypes must be an integer >= 0 (0 = none), got {k!r}")
+        if self.init not in FINE_INITS:
+            raise ConfigError(f"model.fine.init must be one of {', '.join(FINE_INITS)}, got {self.init!r}")
+        if k:
+            try:
+                self.prototypes_config().validate(feature_size)
+            except ConfigError as exc:
+                raise ConfigError(str(exc).replace("prototypes.", "model.fine.")) from None
+
+    def prototypes_config(self) -> VPOTConfig:
+        """The VPOT settings of the fine prototypes: local, N = 1, a kernel without prototype marginal."""
+        return VPOTConfig(num_prototypes=self.num_prototypes, downsample=1, level="local", ot_scope="none",
+                          assignment="ot", ot_reg=self.ot_reg, init=self.init, kmeans_iters=self.kmeans_iters,
+                          list_size=self.list_size, probes=self.probes)

@@ -45,6 +45,34 @@ def _metric_table(per_class: dict[str, dict[str, Any]], mean: dict[str, Any], ti
     return lines
 
 
+def _size_table(doc: dict[str, Any]) -> list[str]:
+    """AUPRO / pixel recall (at 1 % normal-pixel FPR) per defect-size stratum, every detector, mean over
+    the classes that have regions of that size."""
+    runs = [(f"VPDM `{doc['main_preset']}`", doc["vpdm"])]
+    runs += [(f"VPDM `{n}`", r) for n, r in doc.get("preset_runs", {}).items()]
+    runs += [("PatchCore", doc["baseline"])]
+    runs = [(n, r["defect_sizes"]) for n, r in runs if r.get("defect_sizes")]
+    if not runs:
+        return []
+    first = runs[0][1]
+    lo, hi = (100 * b for b in first["bounds"])
+    lines = ["", "## Defect sizes", "",
+             f"AUPRO / pixel recall (%) by defect region area: small < {lo:g} % of the image, medium < {hi:g} %, "
+             f"large above; recall at the threshold that passes {100 * first['recall_fpr']:g} % of each class's "
+             "normal pixels. Mean over the classes with regions of that size.", "",
+             "| stratum | regions | " + " | ".join(n for n, _ in runs) + " |",
+             "|---|---|" + "---|" * len(runs)]
+    for name, row in first["mean"].items():
+        cells = [f"{_pct(d['mean'][name]['aupro'])} / {_pct(d['mean'][name]['pixel_recall'])}" for _, d in runs]
+        lines.append(f"| {name} | {row['regions']} | " + " | ".join(cells) + " |")
+    lines += ["", "| class: small / medium / large AUPRO | " + " | ".join(n for n, _ in runs) + " |",
+              "|---|" + "---|" * len(runs)]
+    for cat in first["per_class"]:
+        cells = [" / ".join(_pct(d["per_class"][cat][k]["aupro"]) for k in d["per_class"][cat]) for _, d in runs]
+        lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _decision_table(doc: dict[str, Any]) -> list[str]:
     """Precision, recall, F1 and false-alarm rate at the calibrated thresholds, VPDM beside PatchCore."""
     cal = doc["data"].get("calibration") or {}
@@ -113,6 +141,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
     for name, run in doc.get("preset_runs", {}).items():
         lines += [""] + _metric_table(run["metrics"]["per_class"], run["metrics"]["mean"], f"VPDM `{name}`")
     lines += [""] + _metric_table(doc["baseline"]["metrics"]["per_class"], doc["baseline"]["metrics"]["mean"], "PatchCore")
+    lines += _size_table(doc)
     lines += _decision_table(doc)
 
     r = t["ratios"]

@@ -238,6 +238,7 @@ class Bench:
                 del held_maps
             runs[name] = {
                 "metrics": metrics,
+                "defect_sizes": self._defect_sizes(maps),
                 "decision": decision,
                 "train_seconds": train_seconds,
                 "train_ms_per_image_epoch": 1000 * train_seconds / (pcfg.train.epochs * len(fit.features)),
@@ -300,6 +301,7 @@ class Bench:
             "image_score": "max of the average-pooled map (scoring.pool_size), as VPDM",
             "metrics": self._metrics(pc_scores, pc_maps),
             "metrics_plain_max": self._metrics(pc_max, pc_maps),
+            "defect_sizes": self._defect_sizes(pc_maps),
             "decision": pc_decision,
         }
         del pc_maps
@@ -366,6 +368,14 @@ class Bench:
         if index is not None:
             labels, masks, cats = labels[index], masks[index], [cats[i] for i in index]
         return compute_metrics(labels, scores, masks, maps, cats)
+
+    def _defect_sizes(self, maps: np.ndarray) -> dict[str, Any]:
+        """AUPRO and pixel recall per defect-size stratum (:func:`vpdm.metrics.defect_size_metrics`): what
+        a detector misses of small defects, which the full-image metrics hide behind the large ones."""
+        from vpdm.metrics import defect_size_metrics
+
+        _, masks, cats = self.gt
+        return defect_size_metrics(masks, maps, cats)
 
     def _score_vpdm(self, model, sampling, features: Tensor, scoring=None) -> tuple[np.ndarray, np.ndarray, float]:
         from vpdm.engine import score_features

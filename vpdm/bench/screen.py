@@ -84,11 +84,13 @@ def condition_maps(model, features: torch.Tensor, scoring, batch_size: int = 64)
 
 @torch.no_grad()
 def condition_scores(model, features: torch.Tensor, scoring, size: int, batch_size: int = 64):
-    """Scores and maps of the configured distance between the features and the condition yhat (no diffusion)."""
+    """Scores and maps of the configured distance between the features and the condition yhat (no diffusion;
+    standardised terms use the statistics of the reconstruction)."""
     scores, maps = [], []
     for s in range(0, len(features), batch_size):
         chunk = features[s : s + batch_size]
-        sc, m = model.scores_and_maps(chunk, model.condition(chunk), scoring, size)
+        fine, classes = model.fine_condition(chunk)
+        sc, m = model.scores_and_maps(chunk, model.condition(chunk), scoring, size, fine=fine, classes=classes)
         scores.append(sc)
         maps.append(m)
     return torch.cat(scores), torch.cat(maps)
@@ -176,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.load:
             start = time.perf_counter()
             if args.no_train:
-                model = engine.build_model(config, train.features, stage_channels=train.stage_channels).eval()
+                model = engine.build_model(config, train.features, stage_channels=train.stage_channels,
+                                           class_index=train.class_index).eval()
+                engine.fit_statistics(model, config, train.features, train.class_index)
                 print(f"built without training in {time.perf_counter() - start:.0f}s", flush=True)
             else:
                 model, history = engine.fit(config, train, progress=False)
