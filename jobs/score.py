@@ -5,12 +5,17 @@
 
 Pulls the model from the MLflow registry (``models:/NAME@alias``, ``models:/NAME/VERSION``,
 ``runs:/...`` or a local model folder), scores every image under ``--images`` (recursively) and
-writes ``OUTPUT/scores.csv`` (``path,category,score,pred_score,pred_label,pred_mask,error``; ``path``
-relative to ``--images``; the decision columns as in the model's answer, ``pred_mask`` the path of a
-0/255 mask PNG under ``OUTPUT/masks/``; empty when the model has no calibrated thresholds and none
-are given) and one anomaly-map overlay PNG per scored image under ``OUTPUT/overlays/`` (all on one
-colour scale). ``--image-threshold`` / ``--pixel-threshold`` override the calibrated thresholds.
-Images that cannot be decoded get an ``error`` and do not stop the others.
+writes ``OUTPUT/scores.csv`` (``path,category,score,pred_score,pred_label,pred_mask,overlay,error``;
+``path`` relative to ``--images``; the decision columns as in the model's answer, ``pred_mask`` the
+path of a 0/255 mask PNG under ``OUTPUT/masks/``; empty when the model has no calibrated thresholds
+and none are given) and one anomaly-map overlay PNG per scored image under ``OUTPUT/overlays/`` (all
+on one colour scale: the calibrated range, else a first pass over the maps). Rows are written as each
+batch is scored, so memory does not grow with the number of images (``vpdm.scored``, shared with
+``vpdm predict``). ``--image-threshold`` / ``--pixel-threshold`` override the calibrated thresholds.
+Images that cannot be decoded get an ``error`` and do not stop the others; every other file under
+``--images`` (not an image type vpdm reads, a broken link) gets a row saying why it was not scored.
+An existing ``scores.csv``, ``overlays/`` or ``masks/`` is replaced only with ``--overwrite``, and
+``--output`` may not be inside ``--images``.
 
 Exit codes: 0 some images scored, 1 none could be scored, 2 bad input (missing folder, unknown
 model/alias/version, unreachable tracking server, unwritable output).
@@ -26,8 +31,6 @@ if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
 import argparse  # noqa: E402
-import csv  # noqa: E402
-import io  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
@@ -52,6 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="torch device of the backbone and the model: auto (default: cuda when available, else cpu), "
                         "cpu, cuda or cuda:N")
     p.add_argument("--no-overlays", action="store_true", help="write scores.csv only (no overlays, no masks)")
+    p.add_argument("--overwrite", action="store_true", help="replace the scores.csv, overlays/ and masks/ of a previous "
+                                                           "run in --output (as a whole)")
     p.add_argument("--image-threshold", type=float, help="raw image score above which an image is anomalous "
                                                          "(default: the model's calibrated threshold of its class)")
     p.add_argument("--pixel-threshold", type=float, help="raw map value above which a pixel is in pred_mask "
@@ -108,23 +113,23 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import pandas as pd
     from mlflow.exceptions import MlflowException
-    from PIL import Image
 
     from tune.mlflow_model import _encode_file, decode_image_bytes, load_detector_model
     from vpdm.engine import select_device
     from vpdm.errors import VPDMError
-    from vpdm.io import atomic_write_text, writable_dir, writing
-    from vpdm.pipeline import image_files, overlay_name
-    from vpdm.plots import overlay_array
+    from vpdm.io import check_outputs, staged_outputs, writable_dir
+    from vpdm.pipeline import scan_images
+    from vpdm.scored import ScoredFolder, calibrated_overlay_scale, scored_outputs
 
-    try:
-        device = select_device(args.device, what="--device")  # before the model is pulled: cuda without CUDA
-        files = image_files(images)
-    except VPDMError as exc:
-        raise UsageError(str(exc)) from exc
     out = Path(args.output)
     try:
+        device = select_device(args.device, what="--device")  # before the model is pulled: cuda without CUDA
+        scan = scan_images(images)  # every file that will not be scored is named in scores.csv
+        # the rule of every vpdm command: never into --images, nothing replaced unless --overwrite
+        planned = scored_outputs(out, overlays=not args.no_overlays, masks=True)
+        check_outputs(planned, inputs=[images], overwrite=args.overwrite, probe=False)
         writable_dir(out)
+        check_outputs(planned, inputs=[images], overwrite=args.overwrite)
     except VPDMError as exc:
         raise UsageError(str(exc)) from exc
 
@@ -139,101 +144,112 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"cannot load model {args.model!r}: {exc}") from exc
     meta = model.metadata.metadata or {}
     map_size = int(meta.get("map_size") or 0)
+    files = scan.files
     print(f"model {args.model} (model id {model.metadata.model_id or '-'}) loaded in {time.perf_counter() - t0:.1f}s "
           f"on {device}; scoring {len(files)} image(s)")
+    detector = getattr(model.unwrap_python_model(), "detector", None)
+    calibration = getattr(detector, "calibration", None)
+    decided = calibration is not None or (args.image_threshold is not None and args.pixel_threshold is not None)
+    thresholds = {name: float(getattr(args, name)) for name in ("image_threshold", "pixel_threshold")
+                  if getattr(args, name) is not None}
 
-    root = images if images.is_dir() else images.parent
-    rows: list[dict[str, Any]] = []
-    t1 = time.perf_counter()
-    for start in range(0, len(files), args.batch_size):
-        chunk = files[start:start + args.batch_size]
-        encoded, errors = [], {}
-        for i, f in enumerate(chunk):
+    def batches(anomaly_map: str):
+        """(files, answer, read errors) per batch: the model's answer for one batch at a time."""
+        for start in range(0, len(files), args.batch_size):
+            chunk = files[start:start + args.batch_size]
+            encoded, errors = [], {}
+            for i, f in enumerate(chunk):
+                try:
+                    encoded.append(_encode_file(f))
+                except VPDMError as exc:  # unreadable file: keep going
+                    encoded.append("")
+                    errors[i] = str(exc)
             try:
-                encoded.append(_encode_file(f))
-            except VPDMError as exc:  # unreadable file: keep going
-                encoded.append("")
-                errors[i] = str(exc)
-        # full maps for the overlays (the model's default answer is a small map), none without them
-        params: dict[str, Any] = {"anomaly_map": "none" if args.no_overlays else "full"}
-        for name in ("image_threshold", "pixel_threshold"):
-            if getattr(args, name) is not None:
-                params[name] = float(getattr(args, name))
-        result = model.predict(pd.DataFrame({"image": pd.Series(encoded, dtype="object")}), params=params)
-        for i, f in enumerate(chunk):
-            score = float(result["score"].iloc[i])
-            error = errors.get(i) or result["error"].iloc[i]
-            error = None if error is None or (isinstance(error, float) and np.isnan(error)) else str(error)
-            if error:  # name the file rather than the row of the batch
-                error = error.replace(f"row {i}: ", "", 1)
-            amap = result["anomaly_map"].iloc[i]
-            pred_score = float(result["pred_score"].iloc[i])
-            mask = result["pred_mask"].iloc[i]
-            label, category = result["pred_label"].iloc[i], result["category"].iloc[i]
-            label = None if label is None or (isinstance(label, float) and np.isnan(label)) else int(label)
-            category = category if isinstance(category, str) else ""
-            rows.append({"file": f, "path": str(f.relative_to(root)), "score": None if np.isnan(score) else score,
-                         "error": error, "map": None if amap is None else np.asarray(amap, dtype=np.float64),
-                         "category": category, "pred_label": label,
-                         "pred_score": None if np.isnan(pred_score) else pred_score,
-                         "mask": None if mask is None else np.asarray(mask, dtype=np.uint8)})
-    elapsed = time.perf_counter() - t1
+                result = model.predict(pd.DataFrame({"image": pd.Series(encoded, dtype="object")}),
+                                       params={"anomaly_map": anomaly_map, **thresholds})
+            except MlflowException as exc:  # e.g. one threshold alone for a model without calibrated ones
+                raise UsageError(exc.message) from exc
+            yield chunk, result, errors
 
-    scored = [r for r in rows if r["score"] is not None]
-    mask_names: dict[str, str] = {}
-    used_masks: set[str] = set()
-    for r in scored:
-        if r["mask"] is not None:
-            mask_names[r["path"]] = "masks/" + overlay_name(Path(r["path"]), used_masks)
-    table = io.StringIO()
-    writer = csv.writer(table)
-    writer.writerow(["path", "category", "score", "pred_score", "pred_label", "pred_mask", "error"])
-    for r in rows:
-        writer.writerow([r["path"], r["category"], "" if r["score"] is None else f"{r['score']:.6f}",
-                         "" if r["pred_score"] is None else f"{r['pred_score']:.6f}",
-                         "" if r["pred_label"] is None else int(r["pred_label"]), mask_names.get(r["path"], ""),
-                         r["error"] or ""])
-    try:  # scores first: they are the result, overlays only illustrate it
-        atomic_write_text(out / "scores.csv", table.getvalue(), what="scores")
-        if mask_names:
-            writable_dir(out / "masks", what="masks folder")
-            for r in scored:
-                if r["path"] in mask_names:
-                    target = out / mask_names[r["path"]]
-                    with writing(target, "mask"):
-                        Image.fromarray(r["mask"] * np.uint8(255)).save(target)
-        if scored and not args.no_overlays:
-            overlays = writable_dir(out / "overlays", what="overlays folder")
-            vmax = float(np.quantile(np.stack([r["map"] for r in scored]), 0.999))
-            vmax = vmax if vmax > 0 else None
-            used: set[str] = set()
-            for r in scored:
-                size = map_size or r["map"].shape[0]
-                rgb = decode_image_bytes(r["file"].read_bytes(), size, name=str(r["file"]))
-                target = overlays / overlay_name(Path(r["path"]), used)
-                with writing(target, "overlay"):
-                    Image.fromarray(overlay_array(rgb, r["map"], vmax=vmax)).save(target)
+    overlays = not args.no_overlays
+    vmax = calibrated_overlay_scale(calibration) if overlays else None
+    if overlays and vmax is None:  # no calibrated range: one pass for the run's highest map value first
+        print("overlay colour scale: no calibration, so a first scoring pass finds this run's highest map value")
+        vmax = 0.0
+        for _, result, _ in batches("full"):
+            for amap in result["anomaly_map"]:
+                if amap is not None:
+                    vmax = max(vmax, float(np.max(amap)))
+        vmax = vmax if vmax > 0 else None
+
+    outputs = scored_outputs(out, overlays=overlays, masks=decided and overlays)
+    root = scan.root
+    scores: list[tuple[float, str]] = []  # (score, path): a float and a name per image, for the summary
+    failures: list[tuple[str, str]] = []
+    t1 = time.perf_counter()
+    try:
+        with staged_outputs(outputs, overwrite=args.overwrite) as staged:
+            folder = ScoredFolder(out, staged, vmax=vmax)
+            try:
+                # full maps for the overlays (the model's default answer is a small map), none without them
+                for chunk, result, errors in batches("none" if args.no_overlays else "full"):
+                    for i, f in enumerate(chunk):
+                        rel = f.relative_to(root)
+                        score = float(result["score"].iloc[i])
+                        error = errors.get(i) or result["error"].iloc[i]
+                        error = None if error is None or (isinstance(error, float) and np.isnan(error)) else str(error)
+                        if error:  # name the file rather than the row of the batch
+                            error = error.replace(f"row {i}: ", "", 1)
+                        amap = result["anomaly_map"].iloc[i]
+                        pred_score = float(result["pred_score"].iloc[i])
+                        mask = result["pred_mask"].iloc[i]
+                        label, category = result["pred_label"].iloc[i], result["category"].iloc[i]
+                        label = None if label is None or (isinstance(label, float) and np.isnan(label)) else int(label)
+                        score_or_none = None if np.isnan(score) else score
+
+                        def rgb(_f: Path = f, _amap: Any = amap) -> Any:
+                            size = map_size or np.asarray(_amap).shape[0]
+                            return decode_image_bytes(_f.read_bytes(), size, name=str(_f))
+
+                        folder.add(str(rel), rel, score=score_or_none,
+                                   anomaly_map=None if amap is None else np.asarray(amap, dtype=np.float64), rgb=rgb,
+                                   category=category if isinstance(category, str) else "",
+                                   pred_score=None if np.isnan(pred_score) else pred_score, pred_label=label,
+                                   pred_mask=None if mask is None or not overlays else np.asarray(mask, dtype=bool),
+                                   error=error)
+                        if score_or_none is not None:
+                            scores.append((score_or_none, str(rel)))
+                        elif error:
+                            failures.append((str(rel), error))
+                for path, reason in scan.skipped:
+                    folder.add(str(path.relative_to(root)), path.relative_to(root), error=reason, skipped=True)
+                folder.close()
+            except BaseException:
+                folder.abort()
+                raise
     except VPDMError as exc:  # disk full or folder gone mid-run: exit 2 naming the file
         raise UsageError(str(exc)) from exc
+    elapsed = time.perf_counter() - t1
 
-    failed = len(rows) - len(scored)
-    decided = [r for r in scored if r["pred_label"] is not None]
-    flagged = f", {sum(int(r['pred_label']) for r in decided)} anomalous" if decided else ""
-    print(f"scored {len(scored)} image(s) in {elapsed:.1f}s{flagged}"
-          + (f", {failed} failed (see error column)" if failed else ""))
-    if scored and not decided:
+    flagged = f", {folder.flagged} anomalous" if decided and folder.scored else ""
+    skipped = f", {folder.skipped} not scored (see error column)" if folder.skipped else ""
+    print(f"scored {folder.scored} image(s) in {elapsed:.1f}s{flagged}"
+          + (f", {folder.failed} failed (see error column)" if folder.failed else "") + skipped)
+    if folder.scored and not decided:
         print("no decisions: the model has no calibrated thresholds (calibrate its checkpoint with 'vpdm calibrate' "
               "and log it again, or pass --image-threshold and --pixel-threshold)")
-    if scored:
-        s = np.array([r["score"] for r in scored])
+    if scores:
+        s = np.array([v for v, _ in scores])
         print(f"scores: min {s.min():.4f}  median {np.median(s):.4f}  max {s.max():.4f}")
-        for r in sorted(scored, key=lambda r: -r["score"])[:5]:
-            print(f"  {r['score']:.4f}  {r['path']}")
-    for r in rows:
-        if r["error"]:
-            print(f"  failed: {r['path']}: {r['error']}")
-    print(f"-> {out / 'scores.csv'}" + ("" if args.no_overlays or not scored else f", {out / 'overlays'}/"))
-    return EXIT_OK if scored else EXIT_NONE_SCORED
+        for value, path in sorted(scores, key=lambda r: -r[0])[:5]:
+            print(f"  {value:.4f}  {path}")
+    for path, error in failures:
+        print(f"  failed: {path}: {error}")
+    print(f"-> {out / 'scores.csv'}" + ("" if args.no_overlays or not folder.scored else f", {out / 'overlays'}/"))
+    if folder.output_failure:
+        raise UsageError(f"{folder.output_failure}; every score is in {out / 'scores.csv'}, the rows without an "
+                         "overlay or mask say so")
+    return EXIT_OK if folder.scored else EXIT_NONE_SCORED
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -261,6 +261,27 @@ def test_bad_settings_fail_before_any_work(args, needle, tiny_demo, tmp_path, ca
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+def test_existing_results_are_kept_unless_overwrite_and_refused_before_any_work(bench_run, tiny_demo, tmp_path,
+                                                                               capsys):
+    from vpdm.backbone import total_images_seen
+
+    out, _ = bench_run
+    before = (out / "results.json").read_bytes()
+    seen = total_images_seen()
+    argv = ["--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "1", "--preset", "paper-no-ot",
+            "--steps", "1", "--steps-subset", "0", "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY]
+    assert main(argv) == 2
+    assert f"results {str(out / 'results.json')!r} exists; pass --overwrite" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before and total_images_seen() == seen
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "results.md").write_text("my notes")
+    assert main([*argv[:3], str(mine), *argv[4:], "--overwrite"]) == 0
+    assert json.loads((mine / "results.json").read_text())["command"].startswith("python -m vpdm.bench")
+    assert (mine / "results.md").read_text() != "my notes"
+    assert sorted(p.name for p in mine.iterdir()) == ["results.json", "results.md"]
+
+
 def _screen_line(label, seed, per_class):
     return json.dumps({"label": label, "seed": seed, "overrides": [], "variant": [], "metrics": {"per_class": {
         c: {"image_auroc": i, "pixel_auroc": p} for c, (i, p) in per_class.items()}}})
@@ -298,3 +319,19 @@ def test_leave_one_out_view_and_the_adoption_rule(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text("{}\n")
     assert loo_main([str(tmp_path / "bad.jsonl")]) == 2
     assert "is not a line of vpdm.bench.screen --json" in capsys.readouterr().err
+
+
+def test_the_predict_memory_benchmark_prints_a_peak_per_count(capsys):
+    """benchmarks/predict_memory.py end to end at a tiny size (the figures themselves are the README's)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "predict_memory.py"
+    spec = importlib.util.spec_from_file_location("predict_memory", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--counts", "2,5", "--image-size", "64", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| 2 |", "| 5 |"))]
+    assert len(rows) == 2 and all(float(r.split("|")[2]) > 100 for r in rows), out  # MiB of a process with torch
+    assert "largest / smallest peak: " in out

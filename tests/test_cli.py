@@ -110,10 +110,11 @@ def test_predict_overlays_of_same_named_images_in_two_folders_are_kept_apart(tra
                  "--no-progress"]) == 0
     rows = {Path(r["path"]).parent.name: r for r in csv.DictReader(open(out / "scores.csv"))}
     assert {k: r["overlay"] for k, r in rows.items()} == {"a": "overlays/a__x.png", "b": "overlays/b__x.png"}
-    # the overlay each row links is the one of its own image (recomputed here from the library's maps)
+    # the overlay each row links is the one of its own image (recomputed here from the library's maps), on the
+    # fixed colour scale: 0 to the highest map value of the calibration images
     detector = Detector.from_checkpoint(trained / "model.pt")
     preds = detector.predict_files([images / "a" / "x.png", images / "b" / "x.png"], progress=False)
-    vmax = float(np.quantile(np.stack([p.anomaly_map for p in preds]), 0.999))
+    vmax = max(t.pixel_max for t in detector.calibration.classes.values())
     for sub, pred in zip("ab", preds):
         rgb = AnomalyDataset([Sample(Path(pred.path), None, 0, "p", "u")], image_size=detector.map_size).raw_image(0)
         with Image.open(out / rows[sub]["overlay"]) as im:
@@ -138,7 +139,7 @@ def test_existing_model_is_not_overwritten(trained, tiny_demo, capsys):
     before = (trained / "model.pt").read_bytes()
     code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(trained), "--epochs", "1", "--no-progress", *TINY])
     assert code == 2
-    assert "already exists" in capsys.readouterr().err
+    assert f"checkpoint {str(trained / 'model.pt')!r} exists; pass --overwrite to replace it" in capsys.readouterr().err
     assert (trained / "model.pt").read_bytes() == before
 
 
@@ -564,7 +565,7 @@ def _settings(kind: type) -> list[str]:
 FLOAT_SETTINGS = _settings(float)
 INT_SETTINGS = _settings(int)
 # Counts where zero means something (documented): torch's default threads, no residual blocks; seeds are not counts.
-ZERO_ALLOWED = {"train.threads", "model.denoiser.depth", "train.seed", "sampling.seed",
+ZERO_ALLOWED = {"train.threads", "model.denoiser.depth", "train.seed", "sampling.seed", "train.checkpoint_every",
                 "model.prototypes.list_size", "model.fine.list_size"}  # 0 = no short lists
 
 
@@ -595,6 +596,53 @@ def test_every_count_refuses_zero_and_negative_values_by_name(name, value):
     leaf = name.rsplit(".", 1)[-1]
     with pytest.raises(ConfigError, match=leaf):
         load_config(None, [f"{name}={value}"])
+
+
+@pytest.mark.parametrize("name", [n for n in INT_SETTINGS if n.endswith("seed")] + ["train.epochs"])
+@pytest.mark.parametrize("value", [99999999999999999999999, 2**63, -(2**63) - 1])
+def test_an_integer_beyond_64_bits_is_refused_by_name(name, value):
+    from vpdm.config import load_config
+    from vpdm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{name} must be an integer that fits in 64 bits"):
+        load_config(None, [f"{name}={value}"])
+    assert load_config(None, [f"train.seed={2**63 - 1}"]).train.seed == 2**63 - 1  # the edge itself is fine
+
+
+def test_a_seed_beyond_64_bits_fails_the_command_before_any_work(tiny_demo, tmp_path, capsys):
+    seen = _images_seen()
+    code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(tmp_path / "out"), "--no-progress",
+                 *TINY, "--set", "sampling.seed=99999999999999999999999"])
+    err = capsys.readouterr().err
+    assert code == 2 and "sampling.seed must be an integer that fits in 64 bits" in err and "Traceback" not in err, err
+    assert _images_seen() == seen and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, key, lines", [
+    ("train:\n  epochs: 3\ntrain:\n  lr: 0.01\n", "train", (1, 3)),
+    ("train:\n  epochs: 3\n  lr: 0.01\n  epochs: 5\n", "epochs", (2, 4)),
+])
+def test_a_key_given_twice_in_a_settings_file_is_an_error_naming_it_and_both_lines(text, key, lines, tmp_path):
+    from vpdm.config import load_config
+    from vpdm.errors import ConfigError
+
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=f"setting '{key}' is given twice in {path}, on lines {lines[0]} and "
+                                          f"{lines[1]}"):
+        load_config(path)
+
+
+def test_a_section_set_merges_into_earlier_settings_of_that_section():
+    from vpdm.config import load_config
+    from vpdm.errors import ConfigError
+
+    config = load_config(None, ["train.lr=0.01", "train={epochs: 3}"])
+    assert (config.train.lr, config.train.epochs) == (0.01, 3)  # the earlier lr is kept, not reset to the default
+    with pytest.raises(ConfigError, match="'train' is a section; give a mapping"):
+        load_config(None, ["train=3"])
+    with pytest.raises(ConfigError, match="setting 'epochs' is given twice"):
+        load_config(None, ["train={epochs: 3, epochs: 4}"])
 
 
 def test_a_nan_setting_fails_the_command_before_any_work(tiny_demo, tmp_path, capsys):
@@ -633,7 +681,7 @@ def test_evaluate_says_whether_it_used_the_feature_cache_and_which_entry(trained
     assert main(argv) == 0
     first = re.search(r"^test: 12 images, features extracted, cached as (\S+)$", capsys.readouterr().out, re.M)
     assert first and Path(first.group(1)).parent == tmp_path / "cache" and Path(first.group(1)).is_file()
-    assert main(argv) == 0
+    assert main(argv + ["--overwrite"]) == 0  # the metrics of the first run are there: replaced only when told to
     assert f"test: 12 images, features cache hit {first.group(1)} (content checksum verified)\n" in capsys.readouterr().out
 
 

@@ -433,6 +433,12 @@ def test_an_uncalibrated_model_answers_scores_without_decisions(checkpoint, imag
     assert out["pred_label"].tolist() == [None, None] and out["pred_score"].isna().all()
     both = predict_frame(detector, images_to_frame(images[:2]), params={"image_threshold": 0.0, "pixel_threshold": 0.0})
     assert both["pred_label"].tolist() == [1, 1] and both["category"].tolist() == ["", ""]
+    with pytest.raises(MlflowException, match="an image threshold was given without a pixel threshold"):
+        predict_frame(detector, images_to_frame(images[:1]), params={"image_threshold": 0.0})  # decides nothing
+    frame = images_to_frame(images[:1])
+    frame["category"] = ["demo/nope"]
+    out = predict_frame(detector, frame, params={"image_threshold": 0.0, "pixel_threshold": 0.0})
+    assert "category 'demo/nope' is not one the model was trained for" in out["error"].iloc[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,6 +507,45 @@ def test_score_job_bad_inputs_exit_2(champion, store, tmp_path, capsys):
         for argv, message in cases:
             assert score_main(argv) == 2, argv
             assert message in capsys.readouterr().err, argv
+    finally:
+        mlflow.set_tracking_uri(store["uri"])
+
+
+def test_score_job_never_replaces_a_previous_run_or_writes_into_its_input(champion, store, images, tmp_path, capsys):
+    """The rule of every vpdm command: an existing scores.csv is refused unless --overwrite, which then replaces
+    the previous run as a whole; an output inside --images is refused; every file not scored has a row."""
+    from jobs.score import main as score_main
+
+    many, one = tmp_path / "many", tmp_path / "one"
+    many.mkdir()
+    one.mkdir()
+    for i, p in enumerate(images):
+        (many / f"{i}.png").write_bytes(p.read_bytes())
+    (one / "x.png").write_bytes(images[0].read_bytes())
+    with Image.open(images[0]) as im:
+        im.save(one / "photo.webp")
+    out = tmp_path / "scored"
+    base = ["--model", f"models:/{MODEL_NAME}@champion", "--output", str(out), "--tracking-uri", store["uri"]]
+    try:
+        assert score_main([*base, "--images", str(many)]) == 0
+        first = (out / "scores.csv").read_bytes()
+        assert len(list((out / "overlays").iterdir())) == 4
+        capsys.readouterr()
+        assert score_main([*base, "--images", str(one)]) == 2
+        assert f"scores {str(out / 'scores.csv')!r} exists; pass --overwrite" in capsys.readouterr().err
+        assert (out / "scores.csv").read_bytes() == first
+        assert score_main([*base, "--images", str(one), "--overwrite"]) == 0
+        assert "1 not scored" in capsys.readouterr().out
+        with open(out / "scores.csv", newline="") as f:
+            rows = {r["path"]: r for r in csv.DictReader(f)}
+        assert set(rows) == {"x.png", "photo.webp"} and "'.webp' files are not read" in rows["photo.webp"]["error"]
+        assert sorted(p.name for p in (out / "overlays").iterdir()) == ["x.png"]  # not mixed with the first run's
+        assert sorted(p.name for p in out.iterdir()) == ["masks", "overlays", "scores.csv"]
+        inside = ["--model", f"models:/{MODEL_NAME}@champion", "--images", str(many), "--output", str(many / "o"),
+                  "--tracking-uri", store["uri"], "--overwrite"]
+        assert score_main(inside) == 2
+        assert f"is inside the input {str(many)!r}" in capsys.readouterr().err
+        assert sorted(p.name for p in many.iterdir()) == ["0.png", "1.png", "2.png", "3.png"]
     finally:
         mlflow.set_tracking_uri(store["uri"])
 

@@ -251,8 +251,10 @@ def _mask_payloads(masks: Any, params: Mapping[str, Any]) -> list[Any]:
     return out
 
 
-def _categories(model_input: pd.DataFrame, known: Sequence[str], errors: list[str | None]) -> list[str | None]:
-    """The optional ``category`` column: None where missing; an unknown class is that item's error."""
+def _categories(model_input: pd.DataFrame, known: Sequence[str], errors: list[str | None],
+                kind: str = "calibrated") -> list[str | None]:
+    """The optional ``category`` column: None where missing; an unknown class (not in ``known``, the classes the
+    model was ``kind`` for) is that item's error."""
     if CATEGORY_COLUMN not in model_input.columns:
         return [None] * len(model_input)
     out: list[str | None] = []
@@ -260,7 +262,7 @@ def _categories(model_input: pd.DataFrame, known: Sequence[str], errors: list[st
         if value is None or (isinstance(value, float) and np.isnan(value)) or value == "":
             out.append(None)
         elif not isinstance(value, str) or (known and value not in known):
-            errors[i] = (f"row {i}: category {value!r} is not one the model was calibrated for "
+            errors[i] = (f"row {i}: category {value!r} is not one the model was {kind} for "
                          f"({', '.join(known) or 'none'})")
             out.append(None)
         else:
@@ -303,9 +305,15 @@ def predict_frame(detector: Any, model_input: Any, batch_size: int = 16,
     masks: list[Any] = [None] * n
     used: list[Any] = [None] * n
     errors: list[str | None] = [None] * n
-    post = detector.postprocessor(params["image_threshold"], params["pixel_threshold"])
+    from vpdm.errors import ConfigError
+
+    try:  # one threshold alone on an uncalibrated model decides nothing: a bad request, not a silent one
+        post = detector.postprocessor(params["image_threshold"], params["pixel_threshold"])
+    except ConfigError as exc:
+        raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
     calibration = getattr(detector, "calibration", None)
-    given = _categories(model_input, list(calibration.classes) if calibration else [], errors)
+    known = list(calibration.classes) if calibration else list(getattr(detector, "categories", None) or [])
+    given = _categories(model_input, known, errors, "calibrated" if calibration else "trained")
     values = model_input[IMAGE_COLUMN].tolist()
     batch_size = max(1, int(batch_size))
     for start in range(0, n, batch_size):

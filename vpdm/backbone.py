@@ -248,6 +248,10 @@ def _load_weight_file(path: Path) -> dict[str, Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt/foreign files raise many different types
         raise ConfigError(f"cannot read backbone weights {str(path)!r}: {exc}") from exc
+    if isinstance(state, dict) and state.get("format") == "vpdm.checkpoint":
+        raise ConfigError(f"backbone weights {str(path)!r} is a vpdm checkpoint (a model.pt written by 'vpdm train'), "
+                          "not the weights of a backbone: --weights takes 'timm', 'pypi', 'none' or a state dict of "
+                          "the timm backbone; a trained vpdm model is used with --checkpoint (evaluate, predict)")
     # Unwrap the usual training-checkpoint containers.
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -262,11 +266,17 @@ def _check_full_model_strict(name: str, state: dict[str, Tensor], source: str) -
     """Load into the complete timm model strictly: the features-only model loads non-strictly in timm."""
     import timm
 
+    from vpdm.checkpoint import state_dict_differences
+
     full = timm.create_model(name, pretrained=False)
+    differences = state_dict_differences(full.state_dict(), state)  # a few names each, not every key
+    if differences:
+        raise ConfigError(f"backbone weights {source} do not fit timm model {name!r}: {'; '.join(differences)}")
     try:
         full.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ConfigError(f"backbone weights {source} do not fit timm model {name!r}: {exc}") from exc
+        raise ConfigError(f"backbone weights {source} do not fit timm model {name!r}: "
+                          f"{str(exc).splitlines()[-1][:300]}") from exc
 
 
 class _DropUnexpectedKeys(logging.Filter):

@@ -148,8 +148,8 @@ def calibrate(model: VPDM, config: VPDMConfig, features: Tensor, categories: lis
 def check_validation_samples(samples: list[Sample], model_classes: list[str], spec: str) -> None:
     """Refuse a labelled validation set that cannot calibrate every class of the model, before any work.
 
-    Its classes must be the model's (a class the model does not know, or one of the model's that it
-    lacks, is named); each needs a normal image, an anomalous one, and an anomalous one with a mask
+    Its classes must be the model's (a class the model does not know is named; one of the model's that it
+    lacks is :func:`check_partial`'s to judge); each needs a normal image, an anomalous one, and an anomalous one with a mask
     (the pixel threshold; with ``data.missing_masks=image_only`` the others count for the image
     threshold only).
     """
@@ -159,10 +159,6 @@ def check_validation_samples(samples: list[Sample], model_classes: list[str], sp
         raise DataError(f"--val-data {spec!r} has class(es) the model does not know: {', '.join(unknown)}; the model's "
                         f"classes are {', '.join(model_classes)} (a class is '<kind>/<folder>', so the validation "
                         "data must use the same spec kind and category folder names)")
-    missing = [c for c in model_classes if c not in found]
-    if missing:
-        raise DataError(f"--val-data {spec!r} lacks class(es) of the model: {', '.join(missing)}; every class needs "
-                        "labelled validation images for its thresholds")
     for c in found:
         mine = [s for s in samples if s.category == c]
         if not any(s.label == 0 for s in mine):
@@ -205,9 +201,60 @@ def calibrate_labelled(model: VPDM, config: VPDMConfig, split, method: str, *, s
 
 def validation_samples(spec: str, config: VPDMConfig, model_classes: list[str]) -> list[Sample]:
     """List and check the labelled validation set ``spec`` (its test split) for a model of ``model_classes``:
-    paths, masks and mask sizes (:func:`vpdm.data.list_samples`), then :func:`check_validation_samples`."""
-    from vpdm.data import list_samples
+    paths, masks and mask sizes (:func:`vpdm.data.list_samples`), :func:`check_validation_samples`, then every
+    image and mask decoded."""
+    from vpdm.data import check_images, list_samples
 
     samples = list_samples(spec, "test", config.data.missing_masks)
     check_validation_samples(samples, list(model_classes), spec)
+    check_images(samples)  # every image and mask decoded before any forward pass
     return samples
+
+
+def check_partial(previous: Calibration | None, classes: list[str], model_classes: list[str], method: str,
+                  config: VPDMConfig, data: str) -> list[str]:
+    """Before any work: the classes a calibration of ``classes`` (from ``data``, as named in messages) keeps
+    from ``previous`` (the checkpoint's): every other class of the model, or of the previous calibration.
+
+    A class left without thresholds would be judged by another class's without a word, so the kept
+    classes need a previous calibration by the same rule (method, false-alarm rate or target recall,
+    and the same sampling and scoring settings); otherwise :class:`ConfigError` naming them and why.
+    """
+    from vpdm.postprocess import settings_differ
+
+    universe = list(dict.fromkeys([*model_classes, *(previous.classes if previous else [])]))
+    rest = [c for c in universe if c not in classes]
+    if not rest:
+        return []
+    lacking = f"{data} lacks class(es) of the model: {', '.join(rest)}"
+    if previous is None:
+        raise ConfigError(f"{lacking}, and the checkpoint has no thresholds to keep for them: give data of every "
+                          f"class ({', '.join(universe)}), or they would be judged by another class's thresholds")
+    unknown = [c for c in rest if c not in previous.classes]
+    if unknown:
+        raise ConfigError(f"{lacking}, and the checkpoint's calibration has none for {', '.join(unknown)}: give data "
+                          "of those classes too")
+    rate, recall = config.calibration.false_alarm_rate, config.calibration.target_recall
+    same = previous.method == method and (
+        (method == "quantile" and previous.false_alarm_rate == rate)
+        or (method == "recall" and previous.target_recall == recall) or method == "f1")
+    differ = settings_differ(previous, config)
+    if not same or differ:
+        now = {"quantile": f"quantile at false-alarm rate {rate:g}", "recall": f"recall {recall:g}",
+               "f1": "f1"}[method]
+        why = f"settings {', '.join(differ)} differ" if same else f"they were made by {previous.describe()}, this " \
+                                                                    f"calibration by {now}"
+        raise ConfigError(f"{lacking}; their thresholds can be kept only beside ones made the same way, but {why}: "
+                          f"give data of every class ({', '.join(universe)}), or use the same rule")
+    return rest
+
+
+def merge_calibration(new: Calibration, previous: Calibration, kept: list[str]) -> Calibration:
+    """``new``'s classes recalibrated, ``kept`` ones (:func:`check_partial`) as ``previous`` had them; the source
+    says which images made which."""
+    classes = {c: new.classes[c] if c in new.classes else previous.classes[c] for c in sorted({*new.classes, *kept})}
+    histograms = {c: new.histograms[c] if c in new.histograms else previous.histograms[c]
+                  for c in classes if c in new.histograms or c in previous.histograms}
+    source = (f"{new.source or 'unrecorded images'} for {', '.join(sorted(new.classes))}; kept from the previous "
+              f"calibration ({previous.source or 'unrecorded images'}) for {', '.join(kept)}")
+    return Calibration(new.false_alarm_rate, classes, histograms, source, new.settings, new.method, new.target_recall)

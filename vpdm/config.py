@@ -272,8 +272,13 @@ class TrainConfig:
     # Fraction of each class's train/good images held out (seeded by train.seed, at least 2 per class) to
     # calibrate the decision thresholds after training (vpdm.calibration); 0 = train on all, no thresholds.
     calibration_fraction: float = 0.1
+    # `vpdm train` writes a resumable state (vpdm.resume) every this many epochs; 0 = never.
+    checkpoint_every: int = 1
 
     def validate(self) -> None:
+        if not isinstance(self.checkpoint_every, int) or isinstance(self.checkpoint_every, bool) \
+                or self.checkpoint_every < 0:
+            raise ConfigError(f"train.checkpoint_every must be an integer >= 0 (0 = never), got {self.checkpoint_every!r}")
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -431,11 +436,17 @@ class VPDMConfig:
         return apply_overrides(self, overrides)
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def check_finite(config: Any, prefix: str = "") -> None:
-    """Refuse NaN and infinity in every float of a (nested) config dataclass, naming the setting.
+    """Refuse NaN and infinity in every float, and integers beyond 64 bits, of a (nested) config dataclass,
+    naming the setting.
 
     One generic rule rather than a check in each component: a comparison such as ``value >= 0`` is
-    False for NaN, so a forgotten check would let ``train.weight_decay=nan`` train a model of NaNs.
+    False for NaN, so a forgotten check would let ``train.weight_decay=nan`` train a model of NaNs; and
+    torch, numpy and the checkpoint store integers in 64 bits, so ``train.seed=10**23`` would fail
+    after feature extraction instead of now.
     """
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
@@ -446,6 +457,9 @@ def check_finite(config: Any, prefix: str = "") -> None:
         for item in value if isinstance(value, (list, tuple)) else (value,):
             if isinstance(item, float) and not math.isfinite(item):
                 raise ConfigError(f"{name} must be a finite number, got {item!r}")
+            if isinstance(item, int) and not isinstance(item, bool) and not INT64_MIN <= item <= INT64_MAX:
+                raise ConfigError(f"{name} must be an integer that fits in 64 bits ({INT64_MIN}..{INT64_MAX}), "
+                                  f"got {item}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -504,6 +518,34 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (YAML would keep the last, silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                where = f" in {self.name}" if getattr(self, "name", None) not in (None, "<unicode string>") else ""
+                raise ConfigError(f"setting {key!r} is given twice{where}, on lines {seen[key]} and {line}; keep one "
+                                  "(YAML would silently keep the last)")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, name: str | None = None) -> Any:
+    """``yaml.safe_load`` of a settings text that refuses duplicate keys (:class:`ConfigError` naming the key
+    and both lines; ``name``, the file, in the message)."""
+    loader = _UniqueKeyLoader(text)
+    if name is not None:
+        loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _override_pairs(overrides: list[str] | dict[str, Any]) -> list[tuple[str, Any]]:
     """``["a.b=1", ...]`` or ``{"a.b": 1}`` -> ``[("a.b", 1), ...]`` (strings parsed as YAML)."""
     if isinstance(overrides, dict):
@@ -514,7 +556,7 @@ def _override_pairs(overrides: list[str] | dict[str, Any]) -> list[tuple[str, An
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. model.prototypes.num_prototypes=20")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
         pairs.append((key.strip(), value))
@@ -548,7 +590,19 @@ def apply_overrides(config: VPDMConfig, overrides: list[str] | dict[str, Any]) -
     """Return a copy with ``a.b.c=value`` overrides applied (values parsed as YAML: 10, 1e-3, true, [1,2])."""
     pairs = _override_pairs(overrides)
     data = to_dict(config)
-    for key, value in pairs:
+    expanded: list[tuple[str, Any]] = []
+    for key, value in pairs:  # a section given as a mapping (`train={epochs: 3}`) merges into it, key by key
+        node: Any = data
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{key!r} is a section; give a mapping ({key}={{key: value}}) or one setting "
+                                  f"({key}.<key>=value), got {value!r}")
+            expanded.extend(flatten_dict(value, f"{key}.").items() if value else [])
+        else:
+            expanded.append((key, value))
+    for key, value in expanded:
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
@@ -575,7 +629,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text(), str(path)) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):

@@ -43,6 +43,7 @@ import torch
 from PIL import Image, ImageFile
 
 from vpdm.errors import ConfigError, DataError
+from vpdm.io import new_file_mode
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -823,6 +824,7 @@ def _write_png(path: Path, arr: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
     try:
+        os.fchmod(fd, new_file_mode())  # mkstemp makes 0600: the demo is shared like any file open() makes
         with os.fdopen(fd, "wb") as f:
             Image.fromarray(arr).save(f, format="PNG")
         os.replace(tmp, path)
@@ -959,6 +961,7 @@ def make_demo_dataset(
             _write_png(cdir / "ground_truth" / d / f"{i:03d}_mask.png", mask.astype(np.uint8) * 255)
 
     fd, tmp = tempfile.mkstemp(dir=root, prefix=".tmp-", suffix=".json")
+    os.fchmod(fd, new_file_mode())
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(params, f, sort_keys=True)
     os.replace(tmp, marker)

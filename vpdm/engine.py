@@ -189,6 +189,8 @@ def train_loop(
     progress: bool = True,
     before_epoch: Callable[[int], None] | None = None,
     all_finite: Callable[[Tensor], bool] | None = None,
+    ema_shadow: dict[str, Tensor] | None = None,
+    end_of_epoch: Callable[[int, list[dict[str, float]], torch.optim.Optimizer, WeightEMA | None], None] | None = None,
 ) -> list[dict[str, float]]:
     """Run epochs ``start_epoch .. config.epochs - 1``; returns the per-epoch metrics.
 
@@ -198,6 +200,8 @@ def train_loop(
     :class:`TrainingDiverged` before the optimizer step, so no broken weights are written.
     ``all_finite(loss)`` replaces the local finiteness test; data-parallel workers pass a collective
     one so that every rank stops at the same step instead of the others waiting in an all-reduce.
+    ``ema_shadow`` continues a resumed run's weight average; ``end_of_epoch(epoch, history, optimizer, ema)``
+    sees each epoch's end before the averaged weights are swapped in (a resumable state holds the raw ones).
     """
     optimizer = optimizer or make_optimizer(model, config)
     finite = all_finite or (lambda value: bool(torch.isfinite(value)))
@@ -207,6 +211,8 @@ def train_loop(
     steps_per_epoch = len(loader) if hasattr(loader, "__len__") else 0
     schedule = LRSchedule(config, steps_per_epoch * config.epochs)
     ema = WeightEMA(model, config.ema_decay) if config.ema_decay > 0 else None
+    if ema is not None and ema_shadow is not None:
+        ema.shadow = {n: ema_shadow[n].to(p.device) for n, p in model.named_parameters()}
     model.train()
     for epoch in range(start_epoch, config.epochs):
         if before_epoch is not None:
@@ -249,6 +255,8 @@ def train_loop(
         metrics.update(epoch=epoch + 1, images=seen, seconds=time.perf_counter() - start,
                        lr=optimizer.param_groups[0]["lr"])
         history.append(metrics)
+        if end_of_epoch is not None:
+            end_of_epoch(epoch, history, optimizer, ema)
         last = epoch + 1 == config.epochs
         if ema is not None:  # evaluations and checkpoints see the averaged weights
             raw = ema.swap_in(model)
@@ -348,8 +356,15 @@ def fit(
     *,
     callback: EpochCallback | None = None,
     progress: bool = True,
+    resume: dict[str, Any] | None = None,
+    save_state: Callable[..., None] | None = None,
 ) -> tuple[VPDM, list[dict[str, float]]]:
-    """Train one unified model on all classes of ``train`` (single process)."""
+    """Train one unified model on all classes of ``train`` (single process).
+
+    ``save_state(epoch=, model=, optimizer=, generator=, ema=, history=)`` is called after every
+    ``train.checkpoint_every``-th epoch but the last (``vpdm.resume`` writes it); ``resume``, such a state
+    read back, continues that run exactly: the model is built as a fresh run builds it, then loaded.
+    """
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     device = select_device(config.train.device)
@@ -358,9 +373,22 @@ def fit(
     # Frozen prototypes give every image the same condition in every epoch: assign once, not once per epoch.
     condition = model.training_condition(train.features) if model.condition_is_fixed else None
     loader = feature_loader(train.features, config.train.batch_size, config.train.seed, condition=condition)
-    history = train_loop(model, loader, config.train, callback=callback, device=device, progress=progress)
+    optimizer = make_optimizer(model, config.train)
+    start, done, shadow = 0, [], None
+    if resume is not None:
+        from vpdm.resume import restore
+
+        start, done, shadow = restore(resume, model=model, optimizer=optimizer, generator=loader.generator)
+    every, hook = config.train.checkpoint_every, None
+    if save_state is not None and every:
+        def hook(epoch: int, history: list[dict[str, float]], opt: torch.optim.Optimizer, ema: Any) -> None:
+            if (epoch + 1) % every == 0 and epoch + 1 < config.train.epochs:
+                save_state(epoch=epoch + 1, model=model, optimizer=opt, generator=loader.generator, ema=ema,
+                           history=done + history)
+    history = train_loop(model, loader, config.train, optimizer=optimizer, start_epoch=start, callback=callback,
+                         device=device, progress=progress, ema_shadow=shadow, end_of_epoch=hook)
     fit_statistics(model, config, train.features, train.class_index)
-    return model.eval(), history
+    return model.eval(), done + history
 
 
 # -- evaluation ----------------------------------------------------------------------------------

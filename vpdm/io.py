@@ -13,7 +13,8 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,8 +22,9 @@ import torch
 
 from vpdm.errors import OutputError
 
-__all__ = ["RUN_OUTPUTS", "atomic_torch_save", "atomic_write", "atomic_write_text", "commit_run", "exclusive_folder",
-           "os_error_reason", "output_error", "prepare_write", "writable_dir", "writable_file", "writing"]
+__all__ = ["RUN_OUTPUTS", "Output", "atomic_torch_save", "atomic_write", "atomic_write_text", "check_outputs",
+           "commit_run", "exclusive_folder", "free_name", "new_file_mode", "os_error_reason", "output_error",
+           "prepare_write", "remove_stale_temporaries", "staged_outputs", "writable_dir", "writable_file", "writing"]
 
 _HINTS: dict[int, str] = {
     errno.ENOSPC: "free some space or write somewhere else",
@@ -35,6 +37,9 @@ _HINTS: dict[int, str] = {
 
 # Written by writable_dir: a zero-byte probe would succeed on a full disk that still has inodes.
 _PROBE_BYTES = 4096
+# Every temporary file of prepare_write is ``<name>.<random>.tmp`` beside its target: a run killed before
+# the rename leaves one, which the next run that owns the folder removes (remove_stale_temporaries).
+TEMP_SUFFIX = ".tmp"
 
 
 def os_error_reason(exc: OSError) -> str:
@@ -116,8 +121,8 @@ def prepare_write(path: str | Path, write: Callable[[IO[bytes]], Any], what: str
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint is shared like any file
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=TEMP_SUFFIX)
+        os.fchmod(fd, new_file_mode())  # mkstemp makes 0600; a checkpoint is shared like any file
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -169,6 +174,11 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any], what: str 
             raise output_error(exc, path, what) from exc
         raise
     return path
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file (0666 less the umask): for files made with mkstemp (0600)."""
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:
@@ -289,8 +299,8 @@ def commit_run(folder: str | Path, prepared: dict[str, Path], *, replace: bool, 
     then the other new files take theirs, and only then is the previous run deleted. At every point the
     folder holds files of one run only: a crash leaves the old run (part of it moved aside), or part of
     the new one with the whole old one in ``.vpdm-previous-<pid>/``; never a mix of two runs.
-    ``replace=False`` and a ``key`` file present (it appeared while training: something that ignores
-    the lock wrote it) -> :class:`OutputError`, that file kept. Whenever this raises, the new files
+    ``replace=False`` and a file of ``prepared`` present (it appeared while working: something that ignores
+    the lock wrote it) -> :class:`OutputError`, that file kept and nothing moved. Whenever this raises, the new files
     not yet in place are kept as ``<name>.new-<pid>`` and the message says where everything is.
     """
     folder = Path(folder)
@@ -302,7 +312,7 @@ def commit_run(folder: str | Path, prepared: dict[str, Path], *, replace: bool, 
         kept = []
         for name, tmp in prepared.items():
             if os.path.lexists(tmp):
-                dst = folder / f"{name}.new-{pid}"
+                dst = free_name(folder / f"{name}.new-{pid}")
                 try:
                     os.replace(tmp, dst)
                     kept.append(str(dst))
@@ -313,10 +323,13 @@ def commit_run(folder: str | Path, prepared: dict[str, Path], *, replace: bool, 
             where += f"; the previous run's files are in {str(previous)!r}"
         return OutputError(reason + where)
 
-    if not replace and os.path.lexists(target):
-        raise keep_new(f"{str(target)!r} appeared while this run was working (written by something that does not "
-                       "take vpdm's lock); it was not replaced")
-    old = [name for name in sorted(outputs, key=lambda n: n != key) if os.path.lexists(folder / name)]
+    if not replace:  # nothing is moved aside, let alone deleted: any name in the way stops the commit
+        there = [name for name in sorted(prepared, key=lambda n: n != key) if os.path.lexists(folder / name)]
+        if there:
+            raise keep_new(f"{str(folder / there[0])!r} appeared while this run was working (written by something "
+                           "that does not take vpdm's lock); it was not replaced")
+    old = ([name for name in sorted(outputs, key=lambda n: n != key) if os.path.lexists(folder / name)]
+           if replace else [])
     moved: list[str] = []
 
     def restore_old() -> None:
@@ -353,3 +366,166 @@ def commit_run(folder: str | Path, prepared: dict[str, Path], *, replace: bool, 
                        f"{str(target)!r}") from exc
     if old:
         shutil.rmtree(previous, ignore_errors=True)
+
+
+# -- outputs: never onto an input, never over an existing file unless told to ---------------------
+
+
+def free_name(path: str | Path) -> Path:
+    """``path``, or ``path.2``, ``path.3``, ...: the first name nothing exists at (a backup never replaces one)."""
+    path = Path(path)
+    candidate, k = path, 1
+    while os.path.lexists(candidate):
+        k += 1
+        candidate = path.with_name(f"{path.name}.{k}")
+    return candidate
+
+
+@dataclass(frozen=True)
+class Output:
+    """One file or folder a command writes, as its messages name it (``what``: "metrics", "plots folder").
+
+    A ``folder`` output is written as a whole (a new folder, swapped in at the end); ``holds`` are the
+    file suffixes vpdm writes in it: an existing folder with anything else in it is never replaced.
+    ``written=False``: this run writes nothing there (``predict --no-overlays``), but an old one belongs to
+    the previous run and leaves with it, so that a folder never holds the files of two runs.
+    """
+
+    path: Path
+    what: str
+    folder: bool = False
+    holds: tuple[str, ...] = (".png",)
+    written: bool = True
+
+
+def _real(path: str | Path) -> Path:
+    return Path(os.path.abspath(path)).resolve()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _foreign(folder: Path, holds: tuple[str, ...]) -> Path | None:
+    """The first entry of ``folder`` (recursively) that is not a file with one of the ``holds`` suffixes."""
+    for p in sorted(folder.rglob("*")):
+        if not (p.is_file() and p.suffix.lower() in holds):
+            return p
+    return None
+
+
+def check_outputs(outputs: Iterable[Output], *, inputs: Iterable[str | Path] = (), overwrite: bool = False,
+                  flag: str = "--overwrite", probe: bool = True) -> None:
+    """The one rule every command applies to what it will write, before any work (:class:`OutputError`):
+
+    * an output is never an input, inside an input folder, or (a folder) around an input, whatever
+      ``overwrite`` says: a checkpoint, an image or the folder being scanned is never written onto;
+    * an existing output is refused unless ``overwrite`` (the message names it and ``flag``); a folder
+      output is replaced only when it holds nothing but what vpdm writes there (``Output.holds``);
+    * a file output is not a folder, a folder output is not a file, and (``probe``) its folder can be
+      written: only then is anything created, so a refused output leaves nothing behind.
+    """
+    outputs = list(outputs)
+    sources = [(Path(i), _real(i)) for i in inputs]
+    for out in outputs:
+        path, real = Path(out.path), _real(out.path)
+        for given, src in sources:
+            if real == src or src in real.parents or _same_file(path, given) or (out.folder and real in src.parents):
+                where = ("is" if real == src or _same_file(path, given) else
+                         "is inside" if src in real.parents else "holds")
+                raise OutputError(f"{out.what} {str(path)!r} {where} the input {str(given)!r}: a command never writes "
+                                  f"onto or into what it reads ({flag} does not change that); choose another output")
+        if os.path.lexists(path):
+            if out.folder and not path.is_dir():
+                raise OutputError(f"cannot write {out.what} {str(path)!r}: it is a file, not a folder")
+            if not out.folder and path.is_dir():
+                raise OutputError(f"cannot write {out.what} {str(path)!r}: it is a folder, expected a file name")
+            if not overwrite:
+                raise OutputError(f"{out.what} {str(path)!r} exists; pass {flag} to replace it, or choose "
+                                  "another name")
+            if out.folder:
+                stranger = _foreign(path, out.holds)
+                if stranger is not None:
+                    raise OutputError(f"{out.what} {str(path)!r} holds {str(stranger)!r}, which vpdm does not write "
+                                      f"there ({flag} replaces only a folder of {', '.join(out.holds)} files); "
+                                      "choose another folder")
+    for out in outputs if probe else ():
+        if out.folder:
+            writable_dir(Path(out.path).parent, what="output folder")
+        else:
+            writable_file(out.path, out.what)
+
+
+def _stage(out: Output) -> Path:
+    path = Path(out.path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if out.folder:
+            tmp = tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".", suffix=TEMP_SUFFIX)
+            os.chmod(tmp, 0o777 & ~_umask())
+        else:
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=TEMP_SUFFIX)
+            os.fchmod(fd, new_file_mode())
+            os.close(fd)
+    except OSError as exc:
+        raise output_error(exc, path, out.what, is_folder=out.folder) from exc
+    return Path(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def staged_outputs(outputs: Sequence[Output], *, overwrite: bool) -> Iterator[dict[Path, Path]]:
+    """Temporaries for ``outputs`` ({output path: temporary file or empty folder beside it}) for the block to
+    fill; when it succeeds they take their names together, per folder, through :func:`commit_run` (an
+    existing one is moved aside and deleted only once the new ones are in place, and only with
+    ``overwrite``; one that appeared meanwhile is kept and the new one left beside it). When the block
+    fails, the temporaries are removed and nothing that was there changes."""
+    staged: dict[Path, Path] = {}
+    try:
+        for out in outputs:
+            if out.written:
+                staged[Path(out.path)] = _stage(out)
+        yield staged
+        groups: dict[Path, list[str]] = {}
+        for out in outputs:
+            groups.setdefault(Path(out.path).parent, []).append(Path(out.path).name)
+        for folder, names in groups.items():
+            prepared = {n: staged[folder / n] for n in names if folder / n in staged}
+            if prepared:
+                commit_run(folder, prepared, replace=overwrite, key=next(iter(prepared)), outputs=tuple(names))
+    finally:
+        for tmp in staged.values():
+            if os.path.lexists(tmp):
+                _remove(tmp)
+
+
+def remove_stale_temporaries(folder: str | Path, names: Iterable[str]) -> list[Path]:
+    """Remove ``<name>.<random>.tmp`` files and folders of ``names`` in ``folder`` that a killed run left.
+
+    Only for a folder this process holds the lock of (:func:`exclusive_folder`): no other vpdm run can be
+    writing there, so every such temporary is a leftover. Returns what was removed.
+    """
+    folder = Path(folder)
+    removed = []
+    for name in names:
+        for p in folder.glob(f"{glob_escape(name)}.*{TEMP_SUFFIX}"):
+            _remove(p)
+            removed.append(p)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with glob's special characters made literal."""
+    import glob
+
+    return glob.escape(name)

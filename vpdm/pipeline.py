@@ -6,7 +6,8 @@ assignment, per-image noise stream), so the answer for an image never depends on
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,17 +71,30 @@ class Detector:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None) -> Detector:
         from vpdm.checkpoint import checkpoint_calibration
+        from vpdm.config import inference_overrides
 
         model, config, payload = load_checkpoint(path)
-        if overrides:
-            config = config.with_overrides(overrides).validate()
+        if overrides:  # the CLI's policy: sampling, scoring, data, inference may change; backbone.* and model.* not
+            config = inference_overrides(config, overrides, "Detector.from_checkpoint").validate()
         return cls(model, config, payload.get("categories"), device, calibration=checkpoint_calibration(payload, path),
                    checkpoint=str(path))
 
     def postprocessor(self, image_threshold: float | None = None, pixel_threshold: float | None = None) -> PostProcessor:
-        """The thresholds and normalisation of this model, with optional overrides (checked: finite, >= 0)."""
-        return PostProcessor(self.calibration, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
-                             checkpoint=self.checkpoint)
+        """The thresholds and normalisation of this model, with optional overrides (checked: finite, >= 0).
+
+        Without a calibration, one threshold alone cannot decide anything: :class:`ConfigError` saying that
+        both are needed (rather than no decisions without a word)."""
+        post = PostProcessor(self.calibration, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
+                             checkpoint=self.checkpoint, classes=self.categories)
+        post.require_complete()
+        return post
+
+    def iter_predictions(self, paths: list[Path], batch_size: int = 16, progress: bool = True,
+                         category: str | None = None, postprocessor: PostProcessor | None = None) -> Iterator[Prediction]:
+        """:meth:`predict_files` one image at a time, in order: memory holds one batch, whatever the number of files."""
+        return iter_predictions(lambda images, cats: self.analyse(images, cats, postprocessor=postprocessor), paths,
+                                image_size=self.config.backbone.image_size, map_size=self.map_size,
+                                batch_size=batch_size, progress=progress, category=category)
 
     @torch.no_grad()
     def analyse(self, images: Tensor, categories: list[str | None] | None = None, *,
@@ -165,24 +179,25 @@ def check_images(images: Tensor, size: int) -> Tensor:
     return images
 
 
-def predict_files(analyse: Callable[[Tensor, list[str | None]], Analysis], paths: list[Path], *, image_size: int,
-                  map_size: int, batch_size: int = 16, progress: bool = True,
-                  category: str | None = None) -> list[Prediction]:
-    """Score image files with ``analyse(images, categories)`` (a torch or an ONNX Runtime detector's):
-    same decoding and resizing for both; an unreadable file gets an error entry and the others are still scored."""
+def iter_predictions(analyse: Callable[[Tensor, list[str | None]], Analysis], paths: list[Path], *, image_size: int,
+                     map_size: int, batch_size: int = 16, progress: bool = True,
+                     category: str | None = None) -> Iterator[Prediction]:
+    """Score image files with ``analyse(images, categories)`` (a torch or an ONNX Runtime detector's), yielding
+    one :class:`Prediction` per file in the order of ``paths`` as each batch is scored, so that memory holds one
+    batch whatever the number of files. Same decoding and resizing for both; an unreadable file gets an error
+    entry and the others are still scored."""
     from tqdm.auto import tqdm
 
     samples = [Sample(Path(p), None, 0, "predict", "unknown") for p in paths]
     dataset = AnomalyDataset(samples, image_size=image_size, mask_size=map_size) if samples else None
-    results: list[Prediction] = []
     for start in tqdm(range(0, len(samples), batch_size), desc="predict", disable=not progress, unit="batch"):
-        images, index = [], []
+        images, index, out = [], [], {}
         for i in range(start, min(start + batch_size, len(samples))):
             try:
                 images.append(dataset[i]["image"])
                 index.append(i)
             except (DataError, OSError) as exc:
-                results.append(Prediction(str(samples[i].image_path), None, None, str(exc)))
+                out[i] = Prediction(str(samples[i].image_path), None, None, str(exc))
         if images:
             found = analyse(torch.stack(images), [category] * len(images))
             d = found.decisions
@@ -191,9 +206,17 @@ def predict_files(analyse: Callable[[Tensor, list[str | None]], Analysis], paths
                 if d is not None:
                     p.category, p.pred_score = d.category[j], float(d.pred_score[j])
                     p.pred_label, p.pred_mask = int(d.pred_label[j]), d.pred_mask[j]
-                results.append(p)
-    order = {str(s.image_path): k for k, s in enumerate(samples)}
-    return sorted(results, key=lambda r: order[r.path])
+                out[i] = p
+        for i in sorted(out):
+            yield out[i]
+
+
+def predict_files(analyse: Callable[[Tensor, list[str | None]], Analysis], paths: list[Path], *, image_size: int,
+                  map_size: int, batch_size: int = 16, progress: bool = True,
+                  category: str | None = None) -> list[Prediction]:
+    """Every :func:`iter_predictions` at once (maps of all files in memory: for a few files)."""
+    return list(iter_predictions(analyse, paths, image_size=image_size, map_size=map_size, batch_size=batch_size,
+                                 progress=progress, category=category))
 
 
 def overlay_name(rel: Path, used: set[str]) -> str:
@@ -212,14 +235,65 @@ def overlay_name(rel: Path, used: set[str]) -> str:
     return name
 
 
-def image_files(folder: str | Path) -> list[Path]:
-    """The images of a folder (recursively), sorted; a missing or empty folder is an error."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise DataError(f"image folder {folder} does not exist")
-    if folder.is_file():
-        return [folder]
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+@dataclass
+class ImageScan:
+    """What a folder holds: the image files that will be scored, and every other entry with why it is not."""
+
+    root: Path  # the folder (or the single file's folder): paths are named relative to it
+    files: list[Path]
+    skipped: list[tuple[Path, str]]  # (path, reason): other file types, broken links, folder loops
+
+
+def scan_images(target: str | Path) -> ImageScan:
+    """The images under ``target`` (a file, or a folder searched recursively), sorted, and everything else named.
+
+    Followed: symbolic links to files and to folders (a folder reached again through a link, a loop, is
+    listed once, by its first path). Scored: files with an extension of :data:`IMAGE_EXTENSIONS`
+    (case-insensitive), hidden ones too. Every other file, a broken link or a loop is in ``skipped`` with
+    the reason, so a caller can count and name it. A missing folder, or one without images, is an error.
+    """
+    target = Path(target)
+    if not target.exists():
+        raise DataError(f"image folder {str(target)!r} does not exist" + (" (a broken link)" if target.is_symlink() else ""))
+    if target.is_file():
+        return ImageScan(target.parent, [target], [])
+    files: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    seen: dict[tuple[int, int], Path] = {}
+    supported = ", ".join(sorted(IMAGE_EXTENSIONS))
+    def unreadable(exc: OSError) -> None:
+        skipped.append((Path(exc.filename or target), f"not scanned: cannot read the folder ({exc.strerror or exc})"))
+
+    for folder, dirs, names in os.walk(target, followlinks=True, onerror=unreadable):
+        here = Path(folder)
+        st = here.stat()
+        if (st.st_dev, st.st_ino) in seen:  # a link back to a folder already scanned: a loop, or the same folder twice
+            first = str(seen[(st.st_dev, st.st_ino)])
+            skipped.append((here, f"not scanned: a link to the folder {first!r}, already scanned"))
+            dirs[:] = []
+            continue
+        seen[(st.st_dev, st.st_ino)] = here
+        dirs.sort()
+        for name in names:
+            path = here / name
+            if not path.exists():
+                skipped.append((path, "not scored: a broken link (its target does not exist)"))
+            elif not path.is_file():
+                skipped.append((path, "not scored: not a regular file"))
+            elif path.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(path)
+            else:
+                kind = f"{path.suffix!r} files" if path.suffix else "files without an extension"
+                skipped.append((path, f"not scored: {kind} are not read (image types read: {supported})"))
+    files.sort()
+    skipped.sort()
     if not files:
-        raise VPDMError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {folder}")
-    return files
+        others = f" ({len(skipped)} other entr{'y' if len(skipped) == 1 else 'ies'}, e.g. {str(skipped[0][0])!r}: " \
+                 f"{skipped[0][1]})" if skipped else ""
+        raise VPDMError(f"no images ({supported}) found under {str(target)!r}{others}")
+    return ImageScan(target, files, skipped)
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The images of a folder (recursively), sorted; a missing or empty folder is an error (:func:`scan_images`)."""
+    return scan_images(folder).files

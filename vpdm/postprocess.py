@@ -341,11 +341,24 @@ class PostProcessor:
     """
 
     def __init__(self, calibration: Calibration | None, *, image_threshold: float | None = None,
-                 pixel_threshold: float | None = None, checkpoint: str = "checkpoint") -> None:
+                 pixel_threshold: float | None = None, checkpoint: str = "checkpoint",
+                 classes: Sequence[str] = ()) -> None:
         self.calibration = calibration
         self.image_override = check_threshold(image_threshold, "image threshold")
         self.pixel_override = check_threshold(pixel_threshold, "pixel threshold")
         self.checkpoint = checkpoint
+        self.classes = list(classes)  # the model's classes: what a caller's class must be without a calibration
+
+    def require_complete(self) -> None:
+        """Refuse one threshold override alone on a model without calibrated thresholds: it could decide
+        nothing, and ignoring it would be silent (:class:`ConfigError` naming what is missing)."""
+        if self.calibration is None and (self.image_override is None) != (self.pixel_override is None):
+            given, missing = (("image", "pixel") if self.image_override is not None else ("pixel", "image"))
+            article = "an" if given == "image" else "a"
+            raise ConfigError(f"{article} {given} threshold was given without a {missing} threshold, but checkpoint "
+                              f"{self.checkpoint!r} has no calibrated thresholds: decisions need both "
+                              "(--image-threshold and --pixel-threshold; params image_threshold and pixel_threshold), "
+                              f"or calibrate it: vpdm calibrate --checkpoint {self.checkpoint} --data SPEC")
 
     @property
     def ready(self) -> bool:
@@ -354,7 +367,7 @@ class PostProcessor:
 
     def category(self, histograms: Tensor | None, given: Sequence[str | None] | None, n: int) -> list[str]:
         """The class of each image: the caller's, else the nearest by assignment histogram, else ``""``."""
-        known = list(self.calibration.classes) if self.calibration else []
+        known = list(self.calibration.classes) if self.calibration else list(self.classes)
         given = list(given) if given is not None else [None] * n
         out: list[str] = []
         guessed = None
@@ -363,7 +376,8 @@ class PostProcessor:
                 c = None
             if c is not None and c != "":
                 if known and c not in known:
-                    raise ConfigError(f"class {c!r} is not one the model was calibrated for: {', '.join(known)}")
+                    kind = "calibrated" if self.calibration else "trained"
+                    raise ConfigError(f"class {c!r} is not one the model was {kind} for: {', '.join(known)}")
                 out.append(str(c))
                 continue
             if self.calibration is not None and self.calibration.histograms and histograms is not None:

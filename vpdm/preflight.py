@@ -2,22 +2,24 @@
 
 Each ``vpdm`` command calls one function here first (:func:`check_train`, :func:`check_evaluate`,
 :func:`check_predict`): the data splits it will read are listed and checked (paths, masks, mask
-sizes), the device exists, every output path can be written, and ``train.threads`` is applied. A
-typo or a bad path then fails in seconds, not after feature extraction, training or scoring, when
-the work would be lost.
+sizes) and every image and mask of them is decoded, the device exists, every output path passes
+:func:`vpdm.io.check_outputs` (writable, not an input, not there already unless ``--overwrite``), and
+``train.threads`` is applied. A typo, a bad path or a truncated file then fails in seconds, not after
+feature extraction, training or scoring, when the work would be lost.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from vpdm.config import VPDMConfig
-from vpdm.data import Sample, list_samples
+from vpdm.data import Sample, check_images, list_samples
 from vpdm.errors import OutputError
-from vpdm.io import writable_dir, writable_file
+from vpdm.io import Output, check_outputs, writable_dir
 
 
 @dataclass
@@ -26,6 +28,7 @@ class Plan:
 
     samples: dict[str, list[Sample]] = field(default_factory=dict)
     device: torch.device | None = None
+    state: dict[str, Any] | None = None  # the training state to resume (vpdm.resume), train --resume only
 
 
 def apply_threads(config: VPDMConfig) -> None:
@@ -39,39 +42,59 @@ def split_spec(config: VPDMConfig, split: str) -> str:
 
 
 def list_splits(config: VPDMConfig, splits: tuple[str, ...]) -> dict[str, list[Sample]]:
-    """List and check each split (cheap: names and image headers); DataError naming the bad path."""
-    return {split: list_samples(split_spec(config, split), split, config.data.missing_masks) for split in splits}
+    """List and check each split: paths, masks and mask sizes, then every image and mask fully decoded
+    (:func:`vpdm.data.check_images`: a truncated file fails now, naming it, not after extraction or training);
+    DataError naming the bad file."""
+    out = {split: list_samples(split_spec(config, split), split, config.data.missing_masks) for split in splits}
+    for samples in out.values():
+        check_images(samples)
+    return out
 
 
-def check_train(config: VPDMConfig, output: Path, *, overwrite: bool, evaluate: bool) -> Plan:
-    """``vpdm train``: device, an existing model.pt, the training split and, with --evaluate, the test split.
-
-    The output folder is already created, probed and locked by the caller.
-    """
+def check_train(config: VPDMConfig, output: Path, *, overwrite: bool, evaluate: bool, resume: bool = False) -> Plan:
+    """``vpdm train``: device, the run's outputs (:func:`check_outputs`), the state of an unfinished run (read
+    with ``resume``, else never lost: refused unless ``overwrite``), the training split and, with --evaluate,
+    the test split (decoded). The output folder is already created, probed and locked by the caller."""
     from vpdm.engine import select_device
+    from vpdm.resume import STATE_NAME, check_state, read_state
 
     apply_threads(config)
     device = select_device(config.train.device)
-    model_path = output / "model.pt"
-    if model_path.exists() and not overwrite:
-        raise OutputError(f"{str(model_path)!r} already exists; choose another --output or pass --overwrite to replace it")
-    return Plan(list_splits(config, ("train", "test") if evaluate else ("train",)), device)
+    names = {"model.pt": "checkpoint", "config.yaml": "config", "history.json": "training history",
+             **({"metrics.json": "metrics"} if evaluate else {})}
+    splits = ("train", "test") if evaluate else ("train",)
+    inputs = [root for split in splits for root in data_roots(config, split)]
+    check_outputs([Output(output / n, w) for n, w in names.items()], inputs=inputs, overwrite=overwrite)
+    state_path, state = output / STATE_NAME, None
+    if resume:
+        state = read_state(state_path)
+        check_state(state, config, state_path)  # the settings now; the training features once extracted
+    elif state_path.exists() and not overwrite:
+        raise OutputError(f"{str(output)!r} holds the state of an unfinished run ({str(state_path)!r}): continue it "
+                          "with --resume, or pass --overwrite to start again")
+    return Plan(list_splits(config, splits), device, state)
 
 
-def check_evaluate(config: VPDMConfig, *, metrics: Path, plots: Path | None) -> Plan:
-    """``vpdm evaluate``: the test split, the metrics file and the plots folder."""
+def check_evaluate(config: VPDMConfig, *, outputs: list[Output], inputs: list[str | Path], overwrite: bool) -> Plan:
+    """``vpdm evaluate``: the test split (decoded), the metrics file and the plots folder (:func:`check_outputs`)."""
     apply_threads(config)
-    plan = Plan(list_splits(config, ("test",)))
-    writable_file(metrics, "metrics")
-    if plots is not None:
-        writable_dir(plots, what="plots folder")
-    return plan
+    check_outputs(outputs, inputs=[*inputs, *data_roots(config, "test")], overwrite=overwrite)
+    return Plan(list_splits(config, ("test",)))
 
 
-def check_predict(config: VPDMConfig, *, output: Path, overlays: bool) -> Plan:
-    """``vpdm predict``: the output folder and, unless --no-overlays, its overlays/ folder."""
+def check_predict(config: VPDMConfig, *, outputs: list[Output], inputs: list[str | Path], overwrite: bool) -> Plan:
+    """``vpdm predict``: scores.csv, overlays/ and masks/ (:func:`check_outputs`: not inside ``--images``, not
+    there already unless ``--overwrite``, writable)."""
     apply_threads(config)
-    writable_dir(output)
-    if overlays:
-        writable_dir(output / "overlays", what="overlays folder")
+    check_outputs(outputs, inputs=inputs, overwrite=overwrite, probe=False)  # nothing created for a refused one
+    for out in {Path(o.path).parent for o in outputs}:
+        writable_dir(out)  # the folder they go to, named as such
+    check_outputs(outputs, inputs=inputs, overwrite=overwrite)
     return Plan()
+
+
+def data_roots(config: VPDMConfig, split: str) -> list[Path]:
+    """The folders a split's data spec reads (the images and masks under them are a command's inputs)."""
+    from vpdm.data import parse_data_spec
+
+    return [path for _, path in parse_data_spec(split_spec(config, split))]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 import yaml
 
 from vpdm.bench.presets import PRESET_DESCRIPTIONS, PRESETS
-from vpdm.bench.report import to_markdown, write_results
+from vpdm.bench.report import to_markdown
 from vpdm.errors import ConfigError, VPDMError
 
 DEFAULT_STEPS = "1,2,5,10,25,ddpm:T"  # T = the diffusion's number of timesteps (the paper's full chain)
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", required=True, help="data spec, e.g. mvtec:../shared/data/mvtec_ad/bottle,mpdd:...")
     p.add_argument("--output", required=True, help="folder for results.json and results.md (e.g. benchmarks/NAME)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results.json and results.md already in --output")
     p.add_argument("--config", help="YAML file with VPDM settings")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="VPDM setting for every preset, e.g. --set sampling.num_steps=2 (repeatable)")
@@ -108,12 +110,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         output = Path(args.output)
         from vpdm.bench.run import Bench
+        from vpdm.data import parse_data_spec
+        from vpdm.io import Output, check_outputs, staged_outputs
 
         bench = Bench(args)  # validates every setting before any long work
-        output.mkdir(parents=True, exist_ok=True)
+        json_path, md_path = output / "results.json", output / "results.md"
+        outputs = [Output(json_path, "results"), Output(md_path, "results table")]
+        # the rule of every vpdm command, before the hours of work: an earlier run's results are replaced only
+        # with --overwrite, and nothing is written into the data
+        check_outputs(outputs, inputs=[path for _, path in parse_data_spec(args.data)], overwrite=args.overwrite)
         doc = bench.run()
         doc["command"] = "python -m vpdm.bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-        json_path, md_path = write_results(doc, output)
+        with staged_outputs(outputs, overwrite=args.overwrite) as staged:
+            staged[json_path].write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+            staged[md_path].write_text(to_markdown(doc), encoding="utf-8")
         print()
         print(to_markdown(doc))
         print(f"written {json_path} and {md_path}")
