@@ -25,6 +25,11 @@ or the NAME of NAME=SPEC; --model-name overrides it) with the alias 'challenger'
 validation metric (both re-scored on this sweep's held-out validation data), or with --promote; the
 summary says which and why, and so do the version's promotion.* tags. Load the champion with
 tune.mlflow_model.load_detector_model("models:/vpdm-DATASET@champion").
+The console shows the sweep's own steps, one line per trial start, epoch and end (completed, stopped
+by ASHA, failed) and the summary; Ray's own output (Tune's status tables, the trials' and Ray Train
+workers' output) goes to Ray's session logs, whose folder the sweep prints (--verbose: on the console
+too; --quiet: no per-trial lines). Every epoch's metrics are in <storage>/<sweep>/tune-DATASET/TRIAL/
+progress.csv and in MLflow.
 Exit codes: 0 done, 2 bad input (nothing was started), 1 the sweep failed.
 """
 
@@ -94,7 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the sweep named by --experiment after a crash (Tuner.restore): finished trials are "
                         "kept, unfinished ones resume from their checkpoints, MLflow runs are reused; the sweep's "
                         "saved settings are used (give the same --storage and --tracking-uri)")
-    p.add_argument("--quiet", action="store_true", help="less Ray Tune console output")
+    console = p.add_mutually_exclusive_group()
+    console.add_argument("--quiet", action="store_true",
+                         help="console: only the sweep's own steps and the summary (no line per trial epoch)")
+    console.add_argument("--verbose", action="store_true",
+                         help="console: Ray's own output too (Tune's status tables, every trial's and Ray Train "
+                              "worker's output), which by default goes only to Ray's session logs")
     p.add_argument("--list-presets", action="store_true", help="print every preset and ablation, then exit")
     return p
 
@@ -115,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         max_concurrent=args.max_concurrent, grace_period=args.grace_period, overrides=args.overrides, search=args.search, metric=args.metric,
         tracking_uri=args.tracking_uri, experiment=args.experiment, model_name=args.model_name, storage=args.storage,
         address=args.address, num_cpus=args.num_cpus, seed=args.seed, max_failures=args.max_failures,
-        register=not args.no_register, promote=args.promote, verbose=0 if args.quiet else 1, resume=args.resume,
+        register=not args.no_register, promote=args.promote, verbose=0 if args.quiet else 2 if args.verbose else 1, resume=args.resume,
     )
     try:
         result = run_sweep(sc)

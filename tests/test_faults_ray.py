@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,6 +31,9 @@ FAULT_ENV = ("VPDM_CACHE_DIR", "RAY_ADDRESS", "VPDM_FAULT_AFTER_EPOCH", "VPDM_FA
 # Waits are for events (a marker file, a process gone, a server answering); these bounds only stop a
 # test that is broken, and are generous so that a machine loaded by other jobs is slow, not failing.
 PATIENCE_S = 1800
+# The console of the resumed 2-trial sweep at the default verbosity: 41 lines when written; 59 before
+# issue 23, 25 of them Ray processes' lines (a fresh 2-trial sweep: 48 lines, 199 before).
+CONSOLE_LINES = 50
 
 
 def _wait_for(condition, what: str, *, timeout: float = PATIENCE_S, poll: float = 0.5, alive=None) -> None:
@@ -141,7 +145,7 @@ def _sweep_cmd(tiny_demo, root: Path, *extra: str) -> list[str]:
     return [sys.executable, str(REPO / "jobs" / "sweep.py"), "--data", f"demo:{tiny_demo}", "--preset", "tiny",
             "--trials", "2", "--epochs", "2", "--grace-period", "2", "--workers", "1", "--max-concurrent", "1",
             "--num-cpus", "2", "--tracking-uri", f"sqlite:///{root}/mlflow.db", "--storage", str(root / "runs"),
-            "--experiment", "killed", "--model-name", "vpdm-killed", "--quiet", *extra]
+            "--experiment", "killed", "--model-name", "vpdm-killed", *extra]
 
 
 def test_a_killed_sweep_driver_resumes_without_rerunning_or_duplicating(tiny_demo, tmp_path, fault_env):
@@ -157,7 +161,7 @@ def test_a_killed_sweep_driver_resumes_without_rerunning_or_duplicating(tiny_dem
     env.update(VPDM_FAULT_PAUSE_AFTER_EPOCH="1", VPDM_FAULT_PAUSE_TRIALS="2", VPDM_FAULT_MARKER_DIR=str(faults))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(_sweep_cmd(tiny_demo, tmp_path), env=env, stdout=log, stderr=subprocess.STDOUT,
+    first = subprocess.Popen(_sweep_cmd(tiny_demo, tmp_path, "--quiet"), env=env, stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True, cwd=tmp_path)
     finished_before: dict[str, int] = {}
 
@@ -199,6 +203,21 @@ def test_a_killed_sweep_driver_resumes_without_rerunning_or_duplicating(tiny_dem
     assert second.returncode == 0, out[-5000:]
     assert "resuming sweep killed" in out and "restoring demo" in out, out[-3000:]
     assert "vpdm-killed v1 @champion" in out
+    # The console at the default verbosity: the sweep's own steps, a line per trial event, the summary.
+    # Ray's own output (Tune's status tables, every Ray process's lines) stays in Ray's logs, which it names.
+    lines = out.splitlines()
+    assert len(lines) <= CONSOLE_LINES, f"{len(lines)} console lines:\n{out[-5000:]}"
+    forwarded = [line for line in lines if re.search(r"\(\w+ pid=\d+\)", line)]  # "(RayTrainWorker pid=123) ..."
+    assert not forwarded, forwarded[:10]
+    assert re.search(r"\[sweep\] demo\S*_[0-9a-f]+ epoch 2/2: val_pseudo_auroc \d", out), out[-3000:]
+    assert re.search(r"\[sweep\] demo\S*_[0-9a-f]+ completed: val_pseudo_auroc \d", out), out[-3000:]
+    assert "TrainingReport(" not in out  # a Train worker's per-epoch report ("Reporting training result 2: ...")
+    worker_said = "rank 0: resuming from the checkpoint of epoch 1"  # the resumed trial's Train worker
+    assert worker_said not in out
+    logs = Path(re.search(r"^Ray logs \(the trials' and Train workers' output\): (.+)$", out, re.M).group(1))
+    assert any(worker_said in f.read_text(errors="replace") for f in logs.rglob("*")
+               if f.is_file() and f.suffix in (".out", ".err", ".log")), logs
+    assert list((tmp_path / "runs" / "killed").glob("tune-*/*/progress.csv"))  # every epoch's metrics, per trial
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("killed")

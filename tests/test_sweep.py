@@ -474,8 +474,11 @@ def test_a_local_ray_is_started_on_loopback_and_a_cluster_is_joined_as_it_is(mon
     assert local["env"] == "0" and local["cluster_mode"] is False  # Ray keeps 127.0.0.1 only in this mode
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ and ray_constants.ENABLE_RAY_CLUSTER == before
     _start_ray(SweepConfig(address="ray://head:10001"))
-    assert calls[1]["kwargs"] == {"address": "ray://head:10001", "log_to_driver": True}
+    assert calls[1]["kwargs"] == {"address": "ray://head:10001", "log_to_driver": False}  # Ray's output: its logs
     assert calls[1]["cluster_mode"] == before  # joining a cluster: Ray's own addressing
+    assert local["kwargs"]["log_to_driver"] is False
+    _start_ray(SweepConfig(address="ray://head:10001", verbose=2))  # --verbose: every Ray process's output here too
+    assert calls[2]["kwargs"]["log_to_driver"] is True
 
 
 def test_the_pause_hook_stops_the_chosen_trial_once_until_released(tmp_path, monkeypatch):

@@ -53,6 +53,7 @@ from vpdm.io import writable_dir
 logger = logging.getLogger("tune.sweep")
 
 METRIC_MODES = {"val_pseudo_auroc": "max", "val_same_class_auroc": "max", "val_loss": "min"}
+TRIAL_LINES, RAY_OUTPUT = 1, 2  # SweepConfig.verbose levels: one line per trial event; Ray's own output too
 DEFAULT_STORAGE = "runs/sweeps"
 
 
@@ -91,7 +92,10 @@ class SweepConfig:
     reduction_factor: float = 2.0
     max_failures: int = 1  # Ray Train worker-group restarts per trial (resume from the last checkpoint)
     register: bool = True
-    verbose: int = 1  # Tune's console output: 0 silent, 1 status, 2 per-result
+    # Console: 0 the sweep's own lines and summary; 1 also one line per trial start, epoch and end; 2 also Ray's
+    # own output (Tune's status tables, every trial's and Train worker's output). Ray's output always goes to
+    # its session logs (SweepResult.ray_logs), the epochs' metrics to the trial folders and MLflow.
+    verbose: int = 1
     resume: bool = False  # continue the sweep named `experiment` (Tuner.restore); its saved settings are used
 
 # What a resumed sweep takes from the saved settings (the rest says where and how to run it now).
@@ -156,6 +160,7 @@ class SweepResult:
     threads_per_worker: int
     mlflow_pending: int = 0  # MLflow calls kept under storage_path (tracking server unreachable), all processes
     resumed: bool = False
+    ray_logs: str = ""  # Ray's session logs on the driver's node: the trials' and Train workers' output
 
     @property
     def ui_command(self) -> str:
@@ -215,7 +220,9 @@ class SweepResult:
             lines.append(f"MLflow was unreachable: {pending} call(s) kept under {self.storage_path}; once it is back, "
                          f"replay them: python -m tune.recover {self.storage_path}")
         lines.append(f"MLflow: experiment {self.experiment_name!r} (id {self.experiment_id}) at {self.tracking_uri}")
-        lines.append(f"Ray results: {self.storage_path}")
+        lines.append(f"Ray results: {self.storage_path} (every epoch's metrics: <trial folder>/progress.csv)")
+        if self.ray_logs:
+            lines.append(f"Ray logs (the trials' and Train workers' output): {self.ray_logs}")
         lines.append(f"browse: {self.ui_command}")
         return "\n".join(lines)
 
@@ -465,7 +472,7 @@ def _start_ray(sc: SweepConfig) -> tuple[bool, int | None]:
     address = sc.address or os.environ.get("RAY_ADDRESS")
     if address:
         try:
-            ray.init(address=address, log_to_driver=sc.verbose > 0)
+            ray.init(address=address, log_to_driver=sc.verbose >= RAY_OUTPUT)
         except Exception as exc:  # noqa: BLE001 - ConnectionError, ValueError, ...
             raise SweepError(f"cannot connect to the Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from None
         return True, sc.max_concurrent
@@ -475,7 +482,7 @@ def _start_ray(sc: SweepConfig) -> tuple[bool, int | None]:
     # The dashboard (when ray[default] is installed) serves the State API that Ray Train's placement-group
     # cleaner uses after ASHA kills a trial; without it the cleaner actors only log warnings.
     kwargs: dict[str, Any] = {"num_cpus": num_cpus, "include_dashboard": sc.dashboard, "dashboard_host": "127.0.0.1",
-                              "log_to_driver": sc.verbose > 0, "_node_ip_address": LOOPBACK}
+                              "log_to_driver": sc.verbose >= RAY_OUTPUT, "_node_ip_address": LOOPBACK}
     if sc.ray_temp_dir:
         kwargs["_temp_dir"] = str(Path(sc.ray_temp_dir).resolve())
     with _single_machine_ray():
@@ -557,6 +564,9 @@ def run_sweep(sc: SweepConfig, *, progress: bool = True) -> SweepResult:
     started_ray, max_concurrent = _start_ray(sc)
     try:
         use_gpu, fit = _check_cluster(sc)
+        logs = _ray_logs_dir() or "each node's Ray session folder (/tmp/ray/session_latest/logs)"
+        _say(progress, f"Ray's own output (trials, Train workers) goes to {logs}"
+                       + ("" if sc.verbose >= RAY_OUTPUT else "; --verbose shows it here too"))
         max_concurrent = min(max_concurrent or fit, fit) if sc.max_concurrent is None else sc.max_concurrent
         folder = plan.storage / plan.sweep_id
         parent_tags = {"vpdm.sweep": plan.sweep_id, "vpdm.role": "sweep"}
@@ -638,7 +648,7 @@ def _run(plan: SweepPlan, experiment_id: str, parent: Any, started: float, progr
         backbone_forwards=driver_forwards, trial_backbone_forwards=trial_forwards,
         pyfunc_example_forwards=example_forwards, num_images=sum(s.num_images for s in stats),
         storage_path=str(plan.storage / plan.sweep_id), workers=sc.workers, threads_per_worker=sc.threads_per_worker,
-        resumed=plan.experiment_id is not None,
+        resumed=plan.experiment_id is not None, ray_logs=_ray_logs_dir(),
     )
     assert vpdm_backbone.total_images_seen() >= driver_forwards
     out = plan.storage / plan.sweep_id
@@ -695,6 +705,60 @@ def _release_callback() -> Any:
     return ReleaseTrainResources()
 
 
+def _trial_lines_callback(metric: str, epochs: int) -> Any:
+    """A Tune callback that prints one ``[sweep]`` line per trial start, epoch result and end (completed,
+    stopped by ASHA, failed): the sweep's progress, in place of Tune's status tables and the workers'
+    output (those stay in Ray's logs; every epoch's metrics are in the trial's folder and MLflow)."""
+    from ray.tune import Callback
+
+    def pct(value: Any) -> str:
+        return _pct(float(value) if isinstance(value, (int, float)) else None, metric)
+
+    class TrialLines(Callback):
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            params = ", ".join(f"{k}={_short(v)}" for k, v in sorted((trial.config or {}).items()))
+            _say(True, f"{trial} started" + (f": {params}" if params else ""))
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+            if result.get("final") or "epoch" not in result:
+                return
+            note = " (diverged)" if result.get("diverged") else ""
+            _say(True, f"{trial} epoch {result['epoch']}/{epochs}: {metric} {pct(result.get(metric))}, "
+                       f"loss {_short(result.get('loss'))}{note}")
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            last = trial.last_result or {}
+            if last.get("final"):
+                _say(True, f"{trial} completed: {metric} {pct(last.get(metric))}, test image AUROC "
+                           f"{pct(last.get('test_image_auroc'))}, pixel AUROC {pct(last.get('test_pixel_auroc'))}")
+            else:
+                _say(True, f"{trial} stopped by ASHA after epoch {last.get('epoch', '?')}")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            error = None
+            if trial.error_file and Path(trial.error_file).is_file():
+                error = _error_line(Path(trial.error_file).read_text(errors="replace"))
+            _say(True, f"{trial} failed: {error or 'see ' + str(trial.error_file)}")
+
+    return TrialLines()
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _ray_logs_dir() -> str:
+    """Where Ray keeps the output of this driver's trials and Train workers: the session's ``logs`` folder
+    (``worker-*.out/.err`` per process, ``train/ray-train-*.log``) on the node this driver runs on."""
+    from ray._private import worker
+
+    node = getattr(worker, "_global_node", None)
+    try:
+        return str(Path(node.get_logs_dir_path()).resolve()) if node is not None else ""
+    except Exception:  # noqa: BLE001 - a Ray client connection (ray://) has no local node
+        return ""
+
+
 def _tune_dataset(plan: SweepPlan, d: DatasetPlan, bundle: Any, stats: FeatureStats, experiment_id: str,
                   parent: Any, use_gpu: bool, max_concurrent: int, driver_forwards: int,
                   progress: bool) -> DatasetResult:
@@ -718,6 +782,11 @@ def _tune_dataset(plan: SweepPlan, d: DatasetPlan, bundle: Any, stats: FeatureSt
         "train_env": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")},
     }
     trainable = tune.with_resources(tune.with_parameters(run_trial, data={"bundle": ref}, context=context), {"CPU": 1})
+    # The console: Tune's own status tables only at --verbose; one line per trial event unless --quiet.
+    tune_verbose = 1 if sc.verbose >= RAY_OUTPUT else 0
+    callbacks = [_release_callback()]
+    if progress and sc.verbose >= TRIAL_LINES:
+        callbacks.append(_trial_lines_callback(plan.metric, plan.epochs))
     param_space = plan.space.param_space()
     search_alg = None
     if param_space:
@@ -744,6 +813,10 @@ def _tune_dataset(plan: SweepPlan, d: DatasetPlan, bundle: Any, stats: FeatureSt
         # errored or diverged ones stay as they were; Optuna and ASHA continue from their saved state.
         tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
+        # Tuner.restore brings back the first run's RunConfig: the console follows this run's flags.
+        if getattr(tuner, "_local_tuner", None) is not None:
+            restored = tuner._local_tuner.get_run_config()
+            restored.verbose, restored.callbacks = tune_verbose, callbacks
         _say(progress, f"restoring {d.name} from {tune_path}")
     else:
         tuner = tune.Tuner(
@@ -755,8 +828,8 @@ def _tune_dataset(plan: SweepPlan, d: DatasetPlan, bundle: Any, stats: FeatureSt
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name,
             ),
             run_config=tune.RunConfig(name=f"tune-{d.name}", storage_path=str(plan.storage / plan.sweep_id),
-                                      failure_config=tune.FailureConfig(max_failures=0), verbose=sc.verbose,
-                                      callbacks=[_release_callback()]),
+                                      failure_config=tune.FailureConfig(max_failures=0), verbose=tune_verbose,
+                                      callbacks=callbacks),
         )
         _say(progress, f"tuning {d.name}: {plan.trials} trial(s), at most {max_concurrent} at once, "
                        f"{sc.workers} worker(s) each ({'GPU' if use_gpu else 'CPU'})")
