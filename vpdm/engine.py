@@ -135,10 +135,12 @@ def load_split(
 
 
 def build_model(config: VPDMConfig, train_features: Tensor, seed: int | None = None,
-                stage_channels: tuple[int, ...] | None = None, class_index: Tensor | None = None) -> VPDM:
+                stage_channels: tuple[int, ...] | None = None, class_index: Tensor | None = None,
+                statistics: bool = True) -> VPDM:
     """A fresh model fitted to the training data's scale, with prototypes started from it (``class_index``,
     one class per image: which class each fine prototype stands for), and normal statistics of its score
-    terms, so that even an untrained model scores (training refits them: :func:`fit`)."""
+    terms, so that even an untrained model scores. ``statistics=False``: without them, for a caller that
+    trains and fits them afterwards (:func:`fit`)."""
     channels, feature_size = train_features.shape[1], train_features.shape[-1]
     seed = config.train.seed if seed is None else seed
     generator = seed_everything(seed)
@@ -147,8 +149,9 @@ def build_model(config: VPDMConfig, train_features: Tensor, seed: int | None = N
     model.init_prototypes(train_features, generator, class_index=_class_index_of(train_features, class_index))
     # Frozen before any wrapper (DDP) registers which parameters expect gradients.
     model.prototypes.prototypes.requires_grad_(config.train.prototype_lr_scale > 0)
-    with torch.random.fork_rng(devices=[]):  # training draws the same random numbers as without them
-        fit_statistics(model, config, train_features, class_index)
+    if statistics:
+        with torch.random.fork_rng(devices=[]):  # training draws the same random numbers as without them
+            fit_statistics(model, config, train_features, class_index)
     return model.train()
 
 
@@ -368,8 +371,8 @@ def fit(
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     device = select_device(config.train.device)
-    model = build_model(config, train.features, stage_channels=train.stage_channels,
-                        class_index=train.class_index).to(device)
+    model = build_model(config, train.features, stage_channels=train.stage_channels, class_index=train.class_index,
+                        statistics=False).to(device)  # fitted after training
     # Frozen prototypes give every image the same condition in every epoch: assign once, not once per epoch.
     condition = model.training_condition(train.features) if model.condition_is_fixed else None
     loader = feature_loader(train.features, config.train.batch_size, config.train.seed, condition=condition)

@@ -180,7 +180,6 @@ def main(argv: list[str] | None = None) -> int:
             if args.no_train:
                 model = engine.build_model(config, train.features, stage_channels=train.stage_channels,
                                            class_index=train.class_index).eval()
-                engine.fit_statistics(model, config, train.features, train.class_index)
                 print(f"built without training in {time.perf_counter() - start:.0f}s", flush=True)
             else:
                 model, history = engine.fit(config, train, progress=False)
