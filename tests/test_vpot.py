@@ -280,10 +280,10 @@ def test_coreset_prototypes_are_training_blocks_and_refuse_unknown_inits():
         VPOTConfig(init="kcenter").validate()
 
 
-def _short_list_module(k=40, lists=6, probes=2, channels=5, size=8, n=2):
+def _short_list_module(k=40, lists=6, probes=2, channels=5, size=8, n=2, ot_reg=0.1):
     torch.manual_seed(4)
     m = VaguePrototypes(VPOTConfig(num_prototypes=k, downsample=n, list_size=math.ceil(k / lists), probes=probes,
-                                   ot_reg=0.1), channels, size)
+                                   ot_reg=ot_reg), channels, size)
     feats = torch.randn(12, channels, size, size) * 2
     m.init_from(feats, torch.Generator().manual_seed(0))
     return m.eval(), feats
@@ -298,11 +298,17 @@ def test_short_lists_are_sorted_groups_of_the_nearest_centroid():
     assert torch.equal(m.list_of, torch.repeat_interleave(torch.arange(6), torch.tensor(offsets).diff()))
 
 
-def test_short_list_assignment_is_the_kernel_over_the_probed_lists_only():
+@pytest.mark.parametrize("ot_reg", [0.1, 0.002])
+def test_short_list_assignment_is_the_kernel_over_the_probed_lists_only(ot_reg):
     """Reference in numpy: each sample's candidates are the prototypes of its `probes` nearest lists; its
     weights are the softmax of -||x - B_j|| / (sqrt(d) eps) over them. Both the masked dense form and the
-    grouped fast path give it, and so the condition, each image's mean weights and its class mass."""
-    m, feats = _short_list_module()
+    grouped fast path give it, and so the condition, each image's mean weights and its class mass. A wide
+    kernel is summed in one pass (logits shifted by the nearest centroid's distance), a narrow one, whose
+    shifted logits could overflow exp, in two (shifted by each sample's max)."""
+    m, feats = _short_list_module(ot_reg=ot_reg)
+    scale = 1 / (np.sqrt(5) * ot_reg)
+    radius = float((m.prototypes.detach() - m.list_centroids[m.list_of]).norm(dim=1).max())
+    assert (scale * radius <= 60) == (ot_reg == 0.1)  # both paths are exercised
     m, feats = m.double(), feats.double()  # float64 throughout: the comparison is of the rule, not of rounding
     m.owner.copy_(torch.arange(40) % 3)
     m.owner[5] = -1  # a prototype of unknown class counts for no class
@@ -313,7 +319,7 @@ def test_short_list_assignment_is_the_kernel_over_the_probed_lists_only():
     for i, x in enumerate(flat):
         probed = np.argsort(np.linalg.norm(cents - x, axis=1))[:2]
         cand = np.flatnonzero(np.isin(m.list_of.numpy(), probed))
-        logits = -np.linalg.norm(protos[cand] - x, axis=1) / (np.sqrt(5) * 0.1)
+        logits = -np.linalg.norm(protos[cand] - x, axis=1) / (np.sqrt(5) * ot_reg)
         e = np.exp(logits - logits.max())
         ref[i, cand] = e / e.sum()
     with torch.no_grad():
@@ -332,7 +338,7 @@ def test_short_list_assignment_is_the_kernel_over_the_probed_lists_only():
     # probing every list is the exact kernel over every prototype
     m.config.probes = 6
     with torch.no_grad():
-        everything = torch.softmax(-torch.cdist(m.samples(feats), m.prototypes) / (np.sqrt(5) * 0.1), dim=1)
+        everything = torch.softmax(-torch.cdist(m.samples(feats), m.prototypes) / (np.sqrt(5) * ot_reg), dim=1)
         torch.testing.assert_close(m.weights(m.samples(feats)), everything, rtol=1e-5, atol=1e-7)
     # one image at a time or in a batch: the same condition
     with torch.no_grad():

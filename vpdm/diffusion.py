@@ -390,6 +390,11 @@ class ShiftedDiffusion:
         """Standard noise shaped like ``like``; item i comes from ``generators[i]`` alone."""
         if generators is None:
             return torch.randn_like(like)
+        if all(g.device == like.device for g in generators):  # drawn in place: no stacked copy
+            out = torch.empty_like(like, memory_format=torch.contiguous_format)
+            for item, g in zip(out, generators):
+                torch.randn(like.shape[1:], generator=g, device=g.device, dtype=like.dtype, out=item)
+            return out
         items = [torch.randn(like.shape[1:], generator=g, device=g.device, dtype=like.dtype) for g in generators]
         return torch.stack(items).to(like.device)
 
@@ -435,6 +440,9 @@ class ShiftedDiffusion:
         if clip_x0 is not None:
             z0 = (z0 + y).clamp(-clip_x0, clip_x0) - y
             eps = (z - math.sqrt(abar) * z0) / math.sqrt(1.0 - abar)
+        if t_prev < 0:  # the last step lands on x0_hat itself (both samplers: abar_prev = 1, no noise)
+            x0_hat = z0 + y
+            return DiffusionStep(prev_sample=x0_hat, pred_original_sample=x0_hat, pred_noise=eps, sigma=0.0)
         if sampler == "ddpm":
             # In z = x - yhat the g2 yhat term is absorbed: g0 x0 + g1 x + g2 y - y = g0 z0 + g1 z.
             beta = 1.0 - abar / abar_prev

@@ -301,8 +301,10 @@ class VPDM(nn.Module):
         ``precision``: the denoiser's autocast (:meth:`denoise`)."""
         sampling = sampling or SamplingConfig()
         yhat = self.condition(features)
-        x0 = self.normalise(features)
-        copy = self.inference_copy(x0)
+        # the image's own features enter the chain only with an input copy or a start below T
+        uses_image = self.config.input_copy != "none" or sampling.start_step is not None
+        x0 = self.normalise(features) if uses_image else None
+        copy = self.inference_copy(x0) if uses_image else None
         generators = [
             torch.Generator(device=features.device).manual_seed(sampling.seed) for _ in range(features.shape[0])
         ]
@@ -349,7 +351,7 @@ class VPDM(nn.Module):
         and the fine condition with each image's class (:meth:`fine_condition`); see
         :func:`vpdm.scoring.scores_and_maps`."""
         a, b, groups = self._compared(features, reconstruction, scoring)
-        f = None if fine is None else self._compared(features, fine, scoring)[1]
+        f = None if fine is None else (self.denormalise(fine) if scoring.feature_space == "raw" else fine)
         statistics = self._statistics(classes, scoring) if scoring.combine == "standardised" else None
         return scores_and_maps(a, b, scoring, map_size, groups, postprocess, fine=f, statistics=statistics)
 

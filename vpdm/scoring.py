@@ -139,7 +139,9 @@ def feature_distance(
         raise ConfigError(f"distance must be one of {DISTANCES}, got {distance!r}")
     if groups is None:
         if distance == "l2":
-            return torch.linalg.vector_norm(x0 - x0_rec, dim=1)
+            # sqrt of the channel sum of squares: the same norm, several times faster than vector_norm over
+            # the channel dimension of a channels-first map on a CPU
+            return (x0 - x0_rec).square_().sum(dim=1).sqrt_()
         return 1.0 - F.cosine_similarity(x0, x0_rec, dim=1, eps=1e-8)
     if sum(groups) != x0.shape[1] or any(g < 1 for g in groups):
         raise ConfigError(f"channel groups {groups} do not add up to the {x0.shape[1]} feature channels")
@@ -157,14 +159,26 @@ def term_map(features: Tensor, reconstruction: Tensor, p: int, config: ScoringCo
     """One term of a map: after the local averages (``aggregate``), the distance between the p x p block
     means of B x C x H x W features and their reconstruction, upsampled bilinearly back to B x H x W
     (p = 1: every position on its own)."""
+    size = features.shape[-2:]
+    if p > 1 and (size[0] % p or size[1] % p):
+        raise ConfigError(f"scoring.pools: {p} must divide the feature size {tuple(size)}")
+    if config.distance == "l2" and groups is None:
+        return l2_block_term(local_average(features - reconstruction, config.aggregate), p)
     a, b = local_average(features, config.aggregate), local_average(reconstruction, config.aggregate)
     if p <= 1:
         return feature_distance(a, b, config.distance, groups)
-    size = a.shape[-2:]
-    if size[0] % p or size[1] % p:
-        raise ConfigError(f"scoring.pools: {p} must divide the feature size {tuple(size)}")
     d = feature_distance(F.avg_pool2d(a, p), F.avg_pool2d(b, p), config.distance, groups)
     return F.interpolate(d.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
+
+
+def l2_block_term(difference: Tensor, p: int) -> Tensor:
+    """:func:`term_map` for the L2 distance over all channels, from the (locally averaged) difference of the
+    features and their reconstruction: block means are linear, so the difference is averaged once instead
+    of both operands, and several terms of one reconstruction share it (``difference`` is not modified)."""
+    if p <= 1:
+        return difference.square().sum(dim=1).sqrt_()
+    d = F.avg_pool2d(difference, p).square_().sum(dim=1).sqrt_()
+    return F.interpolate(d.unsqueeze(1), size=difference.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
 
 
 def distance_map(features: Tensor, reconstruction: Tensor, config: ScoringConfig,
@@ -200,11 +214,17 @@ def scores_and_maps(features: Tensor, reconstruction: Tensor, config: ScoringCon
         raise ConfigError("scoring.combine=standardised needs the model's normal statistics of every term "
                           "(fitted after training); use scoring.combine=weighted for a model without them")
     cache: dict[tuple[str, int], Tensor] = {}
+    differences: dict[str, Tensor] = {}
 
     def term(branch: str, p: int) -> Tensor:
         if (branch, p) not in cache:
             other = reconstruction if branch == "coarse" else fine
-            cache[(branch, p)] = term_map(features, other, p, config, groups)
+            if config.distance == "l2" and groups is None:
+                if branch not in differences:
+                    differences[branch] = local_average(features - other, config.aggregate)
+                cache[(branch, p)] = l2_block_term(differences[branch], p)
+            else:
+                cache[(branch, p)] = term_map(features, other, p, config, groups)
         return cache[(branch, p)]
 
     def combined(coarse: tuple[int, ...], fine_pools: tuple[int, ...]) -> Tensor:

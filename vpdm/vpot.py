@@ -506,13 +506,27 @@ class VaguePrototypes(nn.Module):
         n, device = flat.shape[0], flat.device
         scale = 1.0 / (math.sqrt(self.dim) * self.config.ot_reg)
         probes = min(self.config.probes, self.config.lists)
-        nearest = torch.cdist(flat, self.list_centroids).topk(probes, dim=1, largest=False).indices
+        centroid_distance, nearest = torch.cdist(flat, self.list_centroids).topk(probes, dim=1, largest=False)
         lists = nearest.reshape(-1)
         order = torch.argsort(lists, stable=True)
         queries = torch.arange(n, device=device).repeat_interleave(probes)[order]
         counts = torch.bincount(lists, minlength=self.config.lists).tolist()
         offsets = self.list_offsets.tolist()
-        top = torch.full((n,), float("-inf"), device=device, dtype=flat.dtype)
+        # The softmax is shift-invariant; shifting each sample's logits by its nearest centroid's distance
+        # bounds them to [-scale R, scale R] (R: the largest distance of a prototype to its list's centroid;
+        # triangle inequality, the nearest list is always probed), so when scale R is small enough for exp
+        # the kernel is summed in one pass, list by list, without keeping the logits for a max.
+        radius = float((self.prototypes.detach() - self.list_centroids[self.list_of]).pow(2).sum(dim=1).max().sqrt())
+        one_pass = scale * radius <= 60.0
+        shift = centroid_distance[:, 0] * scale if one_pass else torch.full(
+            (n,), float("-inf"), device=device, dtype=flat.dtype)  # two passes: the running max of each row
+        keep = histogram or bool(num_classes) or not one_pass
+        # Squared distances as |x|^2 + |p|^2 - 2 x.p, the norms computed once (cdist recomputes them and
+        # pads both operands for its product in every call: a third of the time on small lists).
+        flat_sq = flat.pow(2).sum(dim=1)
+        prototypes_sq = self.prototypes.pow(2).sum(dim=1)
+        y = torch.zeros(n, self.dim, device=device, dtype=flat.dtype)
+        total = torch.zeros(n, device=device, dtype=flat.dtype)
         blocks: list[tuple[int, Tensor, Tensor]] = []
         start = 0
         for group, count in enumerate(counts):
@@ -520,15 +534,22 @@ class VaguePrototypes(nn.Module):
                 continue
             rows = queries[start : start + count]
             start += count
-            logits = torch.cdist(flat[rows], self.prototypes[offsets[group] : offsets[group + 1]]).mul_(-scale)
-            top.scatter_reduce_(0, rows, logits.amax(dim=1), reduce="amax")
-            blocks.append((group, rows, logits))
-        y = torch.zeros(n, self.dim, device=device, dtype=flat.dtype)
-        total = torch.zeros(n, device=device, dtype=flat.dtype)
-        for group, rows, logits in blocks:
-            e = logits.sub_(top[rows].unsqueeze(1)).exp_()  # in place: the logits are not needed again
-            total.index_add_(0, rows, e.sum(dim=1))
-            y.index_add_(0, rows, e @ self.prototypes[offsets[group] : offsets[group + 1]])
+            members = slice(offsets[group], offsets[group + 1])
+            logits = torch.addmm(prototypes_sq[members].unsqueeze(0), flat[rows], self.prototypes[members].T,
+                                 alpha=-2.0).add_(flat_sq[rows].unsqueeze(1)).clamp_min_(0.0).sqrt_().mul_(-scale)
+            if one_pass:
+                e = logits.add_(shift[rows].unsqueeze(1)).exp_()
+                total.index_add_(0, rows, e.sum(dim=1))
+                y.index_add_(0, rows, e @ self.prototypes[members])
+            else:
+                shift.scatter_reduce_(0, rows, logits.amax(dim=1), reduce="amax")
+            if keep:
+                blocks.append((group, rows, logits))
+        if not one_pass:
+            for group, rows, logits in blocks:
+                e = logits.sub_(shift[rows].unsqueeze(1)).exp_()  # in place: the logits are not needed again
+                total.index_add_(0, rows, e.sum(dim=1))
+                y.index_add_(0, rows, e @ self.prototypes[offsets[group] : offsets[group + 1]])
         y = y / total.unsqueeze(1)
         hist = mass = None
         if histogram or num_classes:
@@ -536,13 +557,13 @@ class VaguePrototypes(nn.Module):
             hist = torch.zeros(batch, self.config.num_prototypes, device=device, dtype=flat.dtype) if histogram else None
             mass = torch.zeros(batch, num_classes, device=device, dtype=flat.dtype) if num_classes else None
             for group, rows, e in blocks:
-                w = e / (total[rows].unsqueeze(1) * per_image)
+                norm = (total[rows] * per_image).reciprocal().unsqueeze(1)
                 image = torch.div(rows, per_image, rounding_mode="floor")
                 if hist is not None:
-                    hist[:, offsets[group] : offsets[group + 1]].index_add_(0, image, w)
-                if mass is not None:
+                    hist[:, offsets[group] : offsets[group + 1]].index_add_(0, image, e * norm)
+                if mass is not None:  # normalised after the product: rows x classes, not rows x list
                     owner = self.owner[offsets[group] : offsets[group + 1]]
-                    mass.index_add_(0, image, w @ _one_hot(owner, num_classes, w.dtype))
+                    mass.index_add_(0, image, (e @ _one_hot(owner, num_classes, e.dtype)).mul_(norm))
         return y, hist, mass
 
     def _assign(self, features: Tensor, histogram: bool = False, num_classes: int = 0) -> dict[str, Tensor]:
