@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
     from tune.mlflow_model import _encode_file, decode_image_bytes, load_detector_model
-    from vpdm.engine import select_device
+    from vpdm.device import select_device
     from vpdm.errors import VPDMError
     from vpdm.io import check_outputs, staged_outputs, writable_dir
     from vpdm.pipeline import scan_images

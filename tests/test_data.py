@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
 from PIL import Image, ImageFile
+from scipy import ndimage
 
 from vpdm.data import (
     AnomalyDataset,

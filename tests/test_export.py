@@ -298,7 +298,6 @@ def test_settings_the_weights_were_trained_for_cannot_change(trained, tmp_path, 
 
 
 def test_a_foreign_onnx_file_is_refused(tmp_path):
-    import onnx
     from onnx import TensorProto, helper
 
     graph = helper.make_graph([helper.make_node("Identity", ["images"], ["score"])], "other",

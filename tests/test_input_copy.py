@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.test_model import C, S, small_config, small_model
 from vpdm.checkpoint import load_checkpoint, save_checkpoint
 from vpdm.config import ModelConfig, SamplingConfig, VPDMConfig
 from vpdm.denoiser import Denoiser, DenoiserConfig
 from vpdm.errors import ConfigError
-from tests.test_model import C, S, small_config, small_model
 
 
 def test_dropout_copy_zeroes_a_fraction_p_and_keeps_the_mean() -> None:

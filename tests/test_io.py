@@ -215,7 +215,7 @@ def test_commit_run_leaves_one_run_and_loses_nothing_whichever_step_fails(tmp_pa
         out, prepared = _old_run_and_new_files(root)
         calls = {"n": 0}
 
-        def failing(name):
+        def failing(name, calls=calls, k=k):
             def op(*args, **kwargs):
                 calls["n"] += 1
                 if calls["n"] == k:

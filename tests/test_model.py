@@ -253,9 +253,8 @@ def test_same_seed_same_config_same_model_bitwise():
 def test_a_nan_loss_stops_training_before_any_step_and_says_where():
     import pickle
 
-    from vpdm.engine import TrainingDiverged
-
     from vpdm.config import TrainConfig
+    from vpdm.engine import TrainingDiverged
 
     torch.manual_seed(0)
     feats = torch.randn(16, C, S, S)

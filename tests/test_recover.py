@@ -13,7 +13,8 @@ import pytest
 
 mlflow = pytest.importorskip("mlflow")
 
-from tune.recover import count_pending, main as recover_main, replay  # noqa: E402
+from tune.recover import count_pending, replay  # noqa: E402
+from tune.recover import main as recover_main  # noqa: E402
 from tune.tracking import PENDING_DIR, RunLogger  # noqa: E402
 
 

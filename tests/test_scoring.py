@@ -8,10 +8,10 @@ import torch
 from sklearn.metrics.pairwise import cosine_similarity
 
 from vpdm.errors import ConfigError
+from vpdm.scoring import ScoringConfig, feature_distance, image_scores, score_maps
 
 # The weighted combination of the reconstruction's terms alone (no fine prototypes, no statistics).
 WEIGHTED = dict(fine_pools=(), fine_image_pools=None, combine="weighted")
-from vpdm.scoring import ScoringConfig, feature_distance, image_scores, score_maps
 
 
 def _pair(seed: int = 0, c: int = 7) -> tuple[torch.Tensor, torch.Tensor]:

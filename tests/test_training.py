@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from tests.test_model import C, S, small_config
 from vpdm.config import TrainConfig, VPDMConfig
 from vpdm.diffusion import NoiseScheduleConfig, ShiftedDiffusion
 from vpdm.engine import LRSchedule, WeightEMA, build_model, feature_loader, make_optimizer, train_loop
 from vpdm.errors import ConfigError
-from tests.test_model import C, S, small_config
 
 
 def test_schedule_is_linear_warmup_then_cosine() -> None:

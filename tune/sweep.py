@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 
 from tune.features import FeatureStats, split_validation
-from tune.registry import CHALLENGER, CHAMPION, Promotion, ValidationData, registered_name
 from tune.presets import Preset, ResolvedSpace, apply_search_overrides, get_preset, validate_space
+from tune.registry import CHALLENGER, CHAMPION, Promotion, ValidationData, registered_name
 from tune.tracking import check_experiment_free, check_tracking_uri, find_experiment, resolve_tracking_uri, ui_command
 from vpdm.config import VPDMConfig, check_finite, to_dict
 from vpdm.errors import ConfigError, DataError, OutputError, VPDMError
@@ -615,7 +615,7 @@ def _run(plan: SweepPlan, experiment_id: str, parent: Any, started: float, progr
     from tune.features import build_bundle
     from vpdm import backbone as vpdm_backbone
     from vpdm.backbone import FeatureExtractor
-    from vpdm.engine import select_device
+    from vpdm.device import select_device
 
     sc = plan.config
     # Features once: one backbone for the whole sweep, once per image (or none on a warm cache).

@@ -18,7 +18,6 @@ import math
 import os
 import random
 import re
-import socket
 import time
 import urllib.error
 import urllib.parse
@@ -100,7 +99,7 @@ def check_tracking_uri(uri: str, timeout: float = 10.0) -> None:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
         except urllib.error.HTTPError:
             pass  # it answered: a server without /health (or behind auth) is still reachable
-        except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as exc:
+        except (TimeoutError, urllib.error.URLError, ConnectionError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise TrackingError(
                 f"MLflow tracking server {uri!r} is unreachable ({reason}); start it (e.g. `mlflow server "
@@ -124,7 +123,6 @@ def _safe_name(name: str) -> str:
 def check_experiment_free(uri: str, name: str) -> None:
     """One experiment per sweep: refuse a name that exists (also deleted ones, which MLflow keeps)."""
     from mlflow import MlflowClient
-
     from mlflow.entities import ViewType
 
     client = MlflowClient(tracking_uri=uri)

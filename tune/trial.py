@@ -87,9 +87,9 @@ def run_trial(params: dict[str, Any], data: dict[str, Any], context: dict[str, A
 
     from tune.distributed import train_worker
     from tune.tracking import RunLogger, quick_http_env
-    from vpdm.engine import TrainingDiverged
     from vpdm import backbone as vpdm_backbone
     from vpdm.config import flatten_dict, saved_config, to_dict
+    from vpdm.engine import TrainingDiverged
 
     for key, value in (context.get("train_env") or {}).items():
         os.environ.setdefault(key, str(value))  # Ray Train propagates RAY_TRAIN_* from here to its workers
@@ -190,12 +190,12 @@ def finish_trial(config: Any, bundle: Any, checkpoint: Any, last: dict[str, Any]
 
     from tune.distributed import CHECKPOINT_FILE
     from tune.features import as_tensor
+    from tune.thresholds import calibrate_checkpoint, decisions_on_test
     from vpdm import backbone as vpdm_backbone
     from vpdm.checkpoint import load_checkpoint
     from vpdm.config import save_config
     from vpdm.engine import score_features
     from vpdm.metrics import compute_metrics
-    from tune.thresholds import calibrate_checkpoint, decisions_on_test
 
     torch.set_num_threads(max(1, int(context.get("eval_threads") or 1)))
     work = Path(tempfile.mkdtemp(prefix="vpdm-trial-"))

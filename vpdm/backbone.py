@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vpdm.io import atomic_torch_save
 from vpdm.errors import ConfigError, DataError, OutputError
+from vpdm.io import atomic_torch_save
 from vpdm.precision import autocast, check_precision_name
 
 __all__ = [
@@ -266,7 +266,7 @@ def _check_full_model_strict(name: str, state: dict[str, Tensor], source: str) -
     """Load into the complete timm model strictly: the features-only model loads non-strictly in timm."""
     import timm
 
-    from vpdm.checkpoint import state_dict_differences
+    from vpdm.state_dicts import state_dict_differences
 
     full = timm.create_model(name, pretrained=False)
     differences = state_dict_differences(full.state_dict(), state)  # a few names each, not every key

@@ -16,6 +16,7 @@ from vpdm.config import VPDMConfig, saved_config, to_dict
 from vpdm.errors import CheckpointError, VPDMError
 from vpdm.io import atomic_torch_save
 from vpdm.model import ADDED_BUFFERS, VPDM
+from vpdm.state_dicts import state_dict_differences
 
 FORMAT = "vpdm.checkpoint"
 VERSION = 1
@@ -122,23 +123,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(payload["state_dict"], dict):
         raise CheckpointError(f"{str(path)!r} is a damaged vpdm checkpoint: 'state_dict' is not a mapping of tensors")
     return payload
-
-
-def _shape(value: Any) -> str:
-    return "x".join(map(str, value.shape)) if isinstance(value, torch.Tensor) else type(value).__name__
-
-
-def state_dict_differences(expected: dict[str, Any], got: dict[str, Any], shown: int = 5) -> list[str]:
-    """Readable differences between two state dicts: tensors of another shape, missing and unexpected ones."""
-    out = []
-    differ = [f"{k} (checkpoint {_shape(got[k])}, model {_shape(expected[k])})" for k in sorted(set(got) & set(expected))
-              if not isinstance(got[k], torch.Tensor) or tuple(got[k].shape) != tuple(expected[k].shape)]
-    for label, items in (("tensors of another shape", differ), ("missing", sorted(set(expected) - set(got))),
-                         ("unexpected", sorted(set(got) - set(expected)))):
-        if items:
-            more = f", ... ({len(items) - shown} more)" if len(items) > shown else ""
-            out.append(f"{label}: {', '.join(items[:shown])}{more}")
-    return out
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[VPDM, VPDMConfig, dict[str, Any]]:

@@ -223,7 +223,7 @@ def _device(args: argparse.Namespace, config):
     """The device an inference command runs on, checked (with the precision) before any image, and the config
     with ``train.device`` saying so: ``--device``, else a ``--set train.device=...``, else auto. The
     checkpoint's own ``train.device`` is where it was trained, not where it runs now."""
-    from vpdm.engine import select_device
+    from vpdm.device import select_device
 
     if args.device is not None:
         name, what = args.device, "--device"
@@ -309,8 +309,7 @@ def _remove_empty_folders(path: Path, upto: Path) -> None:
 def _train_in(out: Path, args: argparse.Namespace, config, device, method: str, progress: bool) -> int:
     """The training run in ``out``, locked by the caller: checks, features, fit (resumable), calibration, commit."""
     from vpdm import engine
-    from vpdm.calibration import (calibrate, calibrate_labelled, check_partial, holdout_index, subset,
-                                  validation_samples)
+    from vpdm.calibration import calibrate, calibrate_labelled, check_partial, holdout_index, subset, validation_samples
     from vpdm.checkpoint import checkpoint_payload
     from vpdm.data import categories
     from vpdm.io import RUN_OUTPUTS, commit_run, prepare_write, remove_stale_temporaries
@@ -417,8 +416,14 @@ def _calibration_summary(calibration) -> str:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from vpdm import engine
-    from vpdm.calibration import (calibrate, calibrate_labelled, calibration_picks, check_partial, merge_calibration,
-                                  validation_samples)
+    from vpdm.calibration import (
+        calibrate,
+        calibrate_labelled,
+        calibration_picks,
+        check_partial,
+        merge_calibration,
+        validation_samples,
+    )
     from vpdm.checkpoint import checkpoint_calibration, load_checkpoint
     from vpdm.config import inference_overrides
     from vpdm.data import categories

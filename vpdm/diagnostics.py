@@ -21,7 +21,6 @@ from vpdm.model import VPDM
 from vpdm.scoring import ScoringConfig
 
 
-
 @torch.no_grad()
 def prototype_owners(model: VPDM, train_features: Tensor, train_class: Tensor, neighbours: int = 5,
                      batch_size: int = 256) -> Tensor:

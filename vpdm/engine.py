@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 from vpdm.backbone import FeatureExtractor, extract_features
 from vpdm.config import SamplingConfig, ScoringConfig, TrainConfig, VPDMConfig, default_cache_dir
 from vpdm.data import AnomalyDataset, Sample
+from vpdm.device import select_device
 from vpdm.errors import VPDMError
 from vpdm.metrics import compute_metrics
 from vpdm.model import VPDM
-from vpdm.precision import check_precision
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -38,30 +38,6 @@ class TrainingDiverged(VPDMError):
 
     def __reduce__(self):  # keep epoch/step across process boundaries (Ray pickles errors)
         return (type(self), (str(self), self.epoch, self.step))
-
-
-def select_device(name: str | torch.device = "auto", what: str = "train.device",
-                  precision: str = "fp32") -> torch.device:
-    """The torch device ``name`` means ("auto": cuda when available, else cpu), checked to exist now, and to
-    run ``precision`` (``inference.precision``), so that a typo, a GPU that is not there or an autocast this
-    torch would silently skip fails before any image is read. ``what`` names the setting in errors."""
-    if isinstance(name, torch.device):
-        name = str(name)
-    if name == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(name)
-        except (RuntimeError, TypeError):
-            raise VPDMError(f"{what}={name!r} is not a torch device (expected 'auto', 'cpu', 'cuda', 'cuda:N')") from None
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                raise VPDMError(f"{what}={name!r} but no CUDA device is available; use 'cpu' or 'auto'")
-            if device.index is not None and device.index >= torch.cuda.device_count():
-                raise VPDMError(f"{what}={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s) "
-                                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
-    check_precision(precision, device)
-    return device
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -43,6 +43,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vpdm.errors import CheckpointError, ConfigError, VPDMError
+from vpdm.onnx_format import (
+    METADATA_PREFIX,
+    ONNX_FORMAT,
+    ONNX_FORMAT_VERSION,
+    OUTPUT_NAMES,
+    RAW_OUTPUT_NAMES,
+    require_package,
+)
 
 __all__ = ["FORMATS", "ExportableDetector", "ExportResult", "MAX_EXPORT_STEPS", "METADATA_PREFIX", "ONNX_FORMAT",
            "OPSET", "OUTPUT_NAMES", "PARITY_TOLERANCE", "RAW_OUTPUT_NAMES", "check_with_onnxruntime",
@@ -50,17 +58,12 @@ __all__ = ["FORMATS", "ExportableDetector", "ExportResult", "MAX_EXPORT_STEPS", 
            "unsupported_settings"]
 
 OPSET = 17
-ONNX_FORMAT = "vpdm.onnx"
-ONNX_FORMAT_VERSION = 1
-METADATA_PREFIX = "vpdm."
 # Each step is one more copy of the denoiser in the graph (and, for ddpm or eta > 0, one more noise
 # map of C x S x S floats in the file): past this the file and the export time grow without purpose.
 MAX_EXPORT_STEPS = 100
 # ONNX Runtime / OpenVINO against torch: the largest difference of scores and maps, relative to the range of the
 # torch maps (max - min). Float32 kernels that sum in another order differ by ~1e-6 of it.
 PARITY_TOLERANCE = 1e-4
-RAW_OUTPUT_NAMES: tuple[str, ...] = ("score", "anomaly_map")
-OUTPUT_NAMES: tuple[str, ...] = ("score", "anomaly_map", "pred_score", "pred_label", "pred_mask", "class_index")
 
 
 def unsupported_settings(config: Any) -> list[str]:
@@ -278,7 +281,6 @@ class ExportableDetector(nn.Module):
                                                   fine=fine, classes=classes)
         if self.tables is None:
             return scores, maps
-        batch = scores.shape[0]
         if self.tables.rule == "histogram":  # vpdm.calibration.assignment_histograms + nearest_class
             hist = assigned["histogram"].float()
             sims = F.cosine_similarity(hist.unsqueeze(1), self.class_histograms.unsqueeze(0), dim=-1)
@@ -334,17 +336,6 @@ class ExportResult:
 
 
 FORMATS: tuple[str, ...] = ("onnx", "openvino")
-
-
-def require_package(module: str, extra: str = "export") -> Any:
-    """Import ``module`` or say which extra installs it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise VPDMError(f"the export needs the package {module!r}, which is not installed: "
-                        f"pip install 'vpdm[{extra}]'") from None
 
 
 def relative_difference(reference: tuple[Tensor, Tensor], other: tuple[Any, Any]) -> float:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from vpdm.errors import CheckpointError, ConfigError
-from vpdm.export import METADATA_PREFIX, ONNX_FORMAT, ONNX_FORMAT_VERSION, OUTPUT_NAMES, require_package
+from vpdm.onnx_format import METADATA_PREFIX, ONNX_FORMAT, ONNX_FORMAT_VERSION, OUTPUT_NAMES, require_package
 from vpdm.pipeline import Analysis, Prediction, check_images, predict_files
 from vpdm.postprocess import Calibration, Decisions, PostProcessor
 

@@ -53,7 +53,7 @@ class Detector:
     def __init__(self, model: VPDM, config: VPDMConfig, categories: list[str] | None = None,
                  device: str | torch.device = "cpu", calibration: Calibration | None = None,
                  checkpoint: str = "checkpoint"):
-        from vpdm.engine import select_device
+        from vpdm.device import select_device
         from vpdm.preflight import apply_threads
 
         apply_threads(config)  # train.threads holds for prediction too: a shared machine is not taken over

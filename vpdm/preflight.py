@@ -55,7 +55,7 @@ def check_train(config: VPDMConfig, output: Path, *, overwrite: bool, evaluate: 
     """``vpdm train``: device, the run's outputs (:func:`check_outputs`), the state of an unfinished run (read
     with ``resume``, else never lost: refused unless ``overwrite``), the training split and, with --evaluate,
     the test split (decoded). The output folder is already created, probed and locked by the caller."""
-    from vpdm.engine import select_device
+    from vpdm.device import select_device
     from vpdm.resume import STATE_NAME, check_state, read_state
 
     apply_threads(config)

@@ -17,7 +17,6 @@ from torch import Tensor
 
 from vpdm.errors import ConfigError
 
-
 DISTANCES = ("l2", "cosine")
 IMAGE_SCORES = ("max_pool", "top_k")
 FEATURE_SPACES = ("normalised", "raw")

@@ -7,18 +7,12 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
-import yaml
 
 from vpdm.bench.presets import PRESET_DESCRIPTIONS, PRESETS
 from vpdm.bench.report import to_markdown
-from vpdm.errors import ConfigError, VPDMError
+from vpdm.errors import VPDMError
 
 DEFAULT_STEPS = "1,2,5,10,25,ddpm:T"  # T = the diffusion's number of timesteps (the paper's full chain)
-# --set values kept as typed (not YAML-parsed): paths and names.
-_STRING_KEYS = ("data.spec", "data.test_spec", "data.cache_dir", "backbone.name", "backbone.weights")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -78,31 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="standardise channels before the PatchCore kNN (default: raw features)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
-
-
-def build_config(args: argparse.Namespace, preset: dict[str, Any] | None = None):
-    """Defaults, then ``--config``, then the preset's overrides, then the command line (``--set`` and
-    the shortcuts), so a setting the user names holds for every preset."""
-    from vpdm.config import load_config
-
-    base = load_config(args.config)
-    if preset:
-        base = base.with_overrides(preset)
-    overrides: dict[str, Any] = {"data.spec": args.data}
-    for key, value in (("train.epochs", args.epochs), ("backbone.name", args.backbone),
-                       ("backbone.weights", args.weights), ("train.device", args.device)):
-        if value is not None:
-            overrides[key] = value
-    for item in args.overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r} must look like section.key=value")
-        key, raw = (s.strip() for s in item.split("=", 1))
-        overrides[key] = raw if key in _STRING_KEYS else yaml.safe_load(raw)
-    config = base.with_overrides(overrides)
-    threads = args.threads or config.train.threads or torch.get_num_threads()
-    return config.with_overrides({"train.threads": int(threads)}).validate()
-
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+
 def _peak_rss_mb() -> float:
     """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -23,9 +23,8 @@ import torch
 from torch import Tensor
 
 from vpdm.bench.baselines import baseline_batch, fit_baseline, score_baseline
-from vpdm.bench.cli import build_config
 from vpdm.bench.measure import _peak_rss_mb, time_interleaved, versions
-from vpdm.bench.presets import ABLATIONS, PAPER_TABLE3, PRESET_DESCRIPTIONS, PRESETS
+from vpdm.bench.presets import ABLATIONS, PAPER_TABLE3, PRESET_DESCRIPTIONS, PRESETS, build_config
 from vpdm.bench.report import METRICS, _clean, _pct
 from vpdm.errors import ConfigError
 
