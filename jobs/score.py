@@ -44,23 +44,39 @@ class UsageError(Exception):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="jobs/score.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True,
-                   help="model URI, e.g. models:/vpdm-demo@champion or models:/vpdm-demo/3 (a sweep registers "
-                        "vpdm-DATASET unless given --model-name)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="model URI, e.g. models:/vpdm-demo@champion or models:/vpdm-demo/3 (a sweep registers "
+        "vpdm-DATASET unless given --model-name)",
+    )
     p.add_argument("--images", required=True, help="image file or folder (searched recursively)")
     p.add_argument("--output", required=True, help="folder for scores.csv and overlays/")
     p.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: $MLFLOW_TRACKING_URI)")
     p.add_argument("--batch-size", type=int, default=16, help="images per predict call (default 16)")
-    p.add_argument("--device", default="auto",
-                   help="torch device of the backbone and the model: auto (default: cuda when available, else cpu), "
-                        "cpu, cuda or cuda:N")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="torch device of the backbone and the model: auto (default: cuda when available, else cpu), "
+        "cpu, cuda or cuda:N",
+    )
     p.add_argument("--no-overlays", action="store_true", help="write scores.csv only (no overlays, no masks)")
-    p.add_argument("--overwrite", action="store_true", help="replace the scores.csv, overlays/ and masks/ of a previous "
-                                                           "run in --output (as a whole)")
-    p.add_argument("--image-threshold", type=float, help="raw image score above which an image is anomalous "
-                                                         "(default: the model's calibrated threshold of its class)")
-    p.add_argument("--pixel-threshold", type=float, help="raw map value above which a pixel is in pred_mask "
-                                                         "(default: the calibrated one)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the scores.csv, overlays/ and masks/ of a previous run in --output (as a whole)",
+    )
+    p.add_argument(
+        "--image-threshold",
+        type=float,
+        help="raw image score above which an image is anomalous "
+        "(default: the model's calibrated threshold of its class)",
+    )
+    p.add_argument(
+        "--pixel-threshold",
+        type=float,
+        help="raw map value above which a pixel is in pred_mask (default: the calibrated one)",
+    )
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -90,7 +106,7 @@ def check_tracking_uri(uri: str) -> None:
             reason = getattr(exc, "reason", exc)
             raise UsageError(f"tracking server {uri} is unreachable: {reason}") from exc
     elif parsed.scheme == "sqlite":
-        db = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        db = uri[len("sqlite:///") :] if uri.startswith("sqlite:///") else ""
         if db and db != ":memory:" and not Path(db).is_file():
             raise UsageError(f"tracking store {uri}: database file {db!r} does not exist")
     elif parsed.scheme in ("", "file"):
@@ -145,18 +161,23 @@ def run(args: argparse.Namespace) -> int:
     meta = model.metadata.metadata or {}
     map_size = int(meta.get("map_size") or 0)
     files = scan.files
-    print(f"model {args.model} (model id {model.metadata.model_id or '-'}) loaded in {time.perf_counter() - t0:.1f}s "
-          f"on {device}; scoring {len(files)} image(s)")
+    print(
+        f"model {args.model} (model id {model.metadata.model_id or '-'}) loaded in {time.perf_counter() - t0:.1f}s "
+        f"on {device}; scoring {len(files)} image(s)"
+    )
     detector = getattr(model.unwrap_python_model(), "detector", None)
     calibration = getattr(detector, "calibration", None)
     decided = calibration is not None or (args.image_threshold is not None and args.pixel_threshold is not None)
-    thresholds = {name: float(getattr(args, name)) for name in ("image_threshold", "pixel_threshold")
-                  if getattr(args, name) is not None}
+    thresholds = {
+        name: float(getattr(args, name))
+        for name in ("image_threshold", "pixel_threshold")
+        if getattr(args, name) is not None
+    }
 
     def batches(anomaly_map: str):
         """(files, answer, read errors) per batch: the model's answer for one batch at a time."""
         for start in range(0, len(files), args.batch_size):
-            chunk = files[start:start + args.batch_size]
+            chunk = files[start : start + args.batch_size]
             encoded, errors = [], {}
             for i, f in enumerate(chunk):
                 try:
@@ -165,8 +186,10 @@ def run(args: argparse.Namespace) -> int:
                     encoded.append("")
                     errors[i] = str(exc)
             try:
-                result = model.predict(pd.DataFrame({"image": pd.Series(encoded, dtype="object")}),
-                                       params={"anomaly_map": anomaly_map, **thresholds})
+                result = model.predict(
+                    pd.DataFrame({"image": pd.Series(encoded, dtype="object")}),
+                    params={"anomaly_map": anomaly_map, **thresholds},
+                )
             except MlflowException as exc:  # e.g. one threshold alone for a model without calibrated ones
                 raise UsageError(exc.message) from exc
             yield chunk, result, errors
@@ -211,12 +234,18 @@ def run(args: argparse.Namespace) -> int:
                             size = map_size or np.asarray(_amap).shape[0]
                             return decode_image_bytes(_f.read_bytes(), size, name=str(_f))
 
-                        folder.add(str(rel), rel, score=score_or_none,
-                                   anomaly_map=None if amap is None else np.asarray(amap, dtype=np.float64), rgb=rgb,
-                                   category=category if isinstance(category, str) else "",
-                                   pred_score=None if np.isnan(pred_score) else pred_score, pred_label=label,
-                                   pred_mask=None if mask is None or not overlays else np.asarray(mask, dtype=bool),
-                                   error=error)
+                        folder.add(
+                            str(rel),
+                            rel,
+                            score=score_or_none,
+                            anomaly_map=None if amap is None else np.asarray(amap, dtype=np.float64),
+                            rgb=rgb,
+                            category=category if isinstance(category, str) else "",
+                            pred_score=None if np.isnan(pred_score) else pred_score,
+                            pred_label=label,
+                            pred_mask=None if mask is None or not overlays else np.asarray(mask, dtype=bool),
+                            error=error,
+                        )
                         if score_or_none is not None:
                             scores.append((score_or_none, str(rel)))
                         elif error:
@@ -233,11 +262,16 @@ def run(args: argparse.Namespace) -> int:
 
     flagged = f", {folder.flagged} anomalous" if decided and folder.scored else ""
     skipped = f", {folder.skipped} not scored (see error column)" if folder.skipped else ""
-    print(f"scored {folder.scored} image(s) in {elapsed:.1f}s{flagged}"
-          + (f", {folder.failed} failed (see error column)" if folder.failed else "") + skipped)
+    print(
+        f"scored {folder.scored} image(s) in {elapsed:.1f}s{flagged}"
+        + (f", {folder.failed} failed (see error column)" if folder.failed else "")
+        + skipped
+    )
     if folder.scored and not decided:
-        print("no decisions: the model has no calibrated thresholds (calibrate its checkpoint with 'vpdm calibrate' "
-              "and log it again, or pass --image-threshold and --pixel-threshold)")
+        print(
+            "no decisions: the model has no calibrated thresholds (calibrate its checkpoint with 'vpdm calibrate' "
+            "and log it again, or pass --image-threshold and --pixel-threshold)"
+        )
     if scores:
         s = np.array([v for v, _ in scores])
         print(f"scores: min {s.min():.4f}  median {np.median(s):.4f}  max {s.max():.4f}")
@@ -247,8 +281,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  failed: {path}: {error}")
     print(f"-> {out / 'scores.csv'}" + ("" if args.no_overlays or not folder.scored else f", {out / 'overlays'}/"))
     if folder.output_failure:
-        raise UsageError(f"{folder.output_failure}; every score is in {out / 'scores.csv'}, the rows without an "
-                         "overlay or mask say so")
+        raise UsageError(
+            f"{folder.output_failure}; every score is in {out / 'scores.csv'}, the rows without an "
+            "overlay or mask say so"
+        )
     return EXIT_OK if folder.scored else EXIT_NONE_SCORED
 
 

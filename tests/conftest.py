@@ -63,7 +63,20 @@ def train_checkpoint(data: Path, tmp_path_factory, settings: list[str], epochs: 
     from vpdm.cli import main
 
     out = tmp_path_factory.mktemp("run")
-    code = main(["train", "--data", f"demo:{data}", "--output", str(out), "--epochs", str(epochs), "--no-progress",
-                 "--set", f"data.cache_dir={tmp_path_factory.mktemp('cache')}", *settings])
+    code = main(
+        [
+            "train",
+            "--data",
+            f"demo:{data}",
+            "--output",
+            str(out),
+            "--epochs",
+            str(epochs),
+            "--no-progress",
+            "--set",
+            f"data.cache_dir={tmp_path_factory.mktemp('cache')}",
+            *settings,
+        ]
+    )
     assert code == 0
     return out / "model.pt"

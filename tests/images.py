@@ -32,7 +32,7 @@ def raw_png16(arr: np.ndarray) -> bytes:
     color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
     rows = arr.reshape(h, w * channels).astype(">u2").tobytes()
     stride = w * channels * 2
-    raw = b"".join(b"\x00" + rows[y * stride:(y + 1) * stride] for y in range(h))  # filter type 0 per row
+    raw = b"".join(b"\x00" + rows[y * stride : (y + 1) * stride] for y in range(h))  # filter type 0 per row
     header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw)) + _chunk(b"IEND", b"")
 

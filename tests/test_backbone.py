@@ -122,7 +122,9 @@ def test_lite_weights_and_backbone_loaded_in_the_extractor_match(lite2: FeatureE
     loaded = lite2.backbone.state_dict()
     assert loaded.keys() <= state.keys()
     assert all(torch.equal(loaded[k], state[k]) for k in loaded)
-    assert lite2.out_channels == sum(timm.create_model("tf_efficientnet_lite2", features_only=True).feature_info.channels()[:4])
+    assert lite2.out_channels == sum(
+        timm.create_model("tf_efficientnet_lite2", features_only=True).feature_info.channels()[:4]
+    )
 
 
 def test_imagenet_input_is_renormalised_for_tf_lite_weights(lite2: FeatureExtractor) -> None:
@@ -237,7 +239,9 @@ def test_cache_hit_skips_backbone_and_changed_bytes_miss(tmp_path: Path) -> None
     paths = _write_images(tmp_path, 3, seed=0)
     cache = tmp_path / "cache"
 
-    first, info = extract_features(extractor, _FolderDataset(paths, 64), batch_size=2, cache_dir=cache, progress=False, return_info=True)
+    first, info = extract_features(
+        extractor, _FolderDataset(paths, 64), batch_size=2, cache_dir=cache, progress=False, return_info=True
+    )
     assert info["cache_hit"] is False and info["path"].is_file()
     assert first.shape == (3, extractor.out_channels, 8, 8) and extractor.images_seen == 3
     direct = extractor(torch.stack([_FolderDataset(paths, 64)[i]["image"] for i in range(3)]))
@@ -246,12 +250,16 @@ def test_cache_hit_skips_backbone_and_changed_bytes_miss(tmp_path: Path) -> None
     assert not torch.allclose(first[0], first[2], rtol=1e-2, atol=1e-2)
 
     seen, seen_total = extractor.images_seen, total_images_seen()
-    second, info = extract_features(extractor, _FolderDataset(paths, 64), cache_dir=cache, progress=False, return_info=True)
+    second, info = extract_features(
+        extractor, _FolderDataset(paths, 64), cache_dir=cache, progress=False, return_info=True
+    )
     assert info["cache_hit"] is True and extractor.images_seen == seen and total_images_seen() == seen_total
     assert torch.equal(first, second)
 
     Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(paths[1])  # new bytes, same name
-    third, info = extract_features(extractor, _FolderDataset(paths, 64), cache_dir=cache, progress=False, return_info=True)
+    third, info = extract_features(
+        extractor, _FolderDataset(paths, 64), cache_dir=cache, progress=False, return_info=True
+    )
     assert info["cache_hit"] is False and extractor.images_seen == seen + 3
     assert torch.equal(third[0], first[0]) and not torch.equal(third[1], first[1])
     assert not list(cache.glob("*.tmp"))  # atomic writes leave no temporaries
@@ -267,7 +275,9 @@ def test_corrupt_cache_is_recomputed_with_a_warning(tmp_path: Path) -> None:
     with pytest.warns(RuntimeWarning, match="unusable"):
         again, info2 = extract_features(extractor, dataset, cache_dir=tmp_path / "c", progress=False, return_info=True)
     assert info2["cache_hit"] is False and torch.equal(good, again)
-    assert extract_features(extractor, dataset, cache_dir=tmp_path / "c", progress=False, return_info=True)[1]["cache_hit"]
+    assert extract_features(extractor, dataset, cache_dir=tmp_path / "c", progress=False, return_info=True)[1][
+        "cache_hit"
+    ]
 
 
 def test_unwritable_cache_warns_and_still_returns_the_features(tmp_path: Path) -> None:
@@ -278,7 +288,9 @@ def test_unwritable_cache_warns_and_still_returns_the_features(tmp_path: Path) -
     dataset = _FolderDataset(_write_images(tmp_path, 2, seed=2), 64)
     (tmp_path / "blocker").write_text("not a folder")
     cache = tmp_path / "blocker" / "cache"
-    with pytest.warns(RuntimeWarning, match=r"cannot write feature cache .*blocker.* is a file, not a folder; continuing"):
+    with pytest.warns(
+        RuntimeWarning, match=r"cannot write feature cache .*blocker.* is a file, not a folder; continuing"
+    ):
         feats, info = extract_features(extractor, dataset, cache_dir=cache, progress=False, return_info=True)
     assert info == {"cache_hit": False, "path": None, "images_computed": 2}
     direct = extract_features(extractor, dataset, progress=False)  # no cache at all

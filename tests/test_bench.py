@@ -10,13 +10,41 @@ from vpdm.errors import ConfigError
 
 # Random-init Lite0 at 64 px (as tests/test_cli.py): exercises every code path in seconds.
 TINY = [
-    "--backbone", "tf_efficientnet_lite0", "--weights", "none",
-    "--set", "backbone.image_size=64", "--set", "backbone.feature_size=8",
-    "--set", "model.prototypes.num_prototypes=4", "--set", "model.prototypes.downsample=2", "--set", "model.fine.num_prototypes=64",
-    "--set", "model.diffusion.num_timesteps=50", "--set", "model.denoiser.width=16",
-    "--set", "model.denoiser.groups=4", "--set", "sampling.num_steps=2", "--set", "train.batch_size=8",
-    "--set", "scoring.pool_size=4", "--set", "scoring.blur_sigma=1.0",
-    "--threads", "1", "--timing-images", "4", "--timing-repeats", "1", "--no-progress",
+    "--backbone",
+    "tf_efficientnet_lite0",
+    "--weights",
+    "none",
+    "--set",
+    "backbone.image_size=64",
+    "--set",
+    "backbone.feature_size=8",
+    "--set",
+    "model.prototypes.num_prototypes=4",
+    "--set",
+    "model.prototypes.downsample=2",
+    "--set",
+    "model.fine.num_prototypes=64",
+    "--set",
+    "model.diffusion.num_timesteps=50",
+    "--set",
+    "model.denoiser.width=16",
+    "--set",
+    "model.denoiser.groups=4",
+    "--set",
+    "sampling.num_steps=2",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "scoring.pool_size=4",
+    "--set",
+    "scoring.blur_sigma=1.0",
+    "--threads",
+    "1",
+    "--timing-images",
+    "4",
+    "--timing-repeats",
+    "1",
+    "--no-progress",
 ]
 
 
@@ -24,17 +52,50 @@ TINY = [
 def bench_run(tiny_demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     cache = tmp_path_factory.mktemp("cache")
-    code = main(["--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "1", "--ablations", "--diagnose",
-                 "--steps", "1,ddpm:50", "--steps-subset", "4", "--time-widths", "8", "--onnx",
-                 "--set", f"data.cache_dir={cache}", *TINY])
+    code = main(
+        [
+            "--data",
+            f"demo:{tiny_demo}",
+            "--output",
+            str(out),
+            "--epochs",
+            "1",
+            "--ablations",
+            "--diagnose",
+            "--steps",
+            "1,ddpm:50",
+            "--steps-subset",
+            "4",
+            "--time-widths",
+            "8",
+            "--onnx",
+            "--set",
+            f"data.cache_dir={cache}",
+            *TINY,
+        ]
+    )
     assert code == 0
     return out, json.loads((out / "results.json").read_text())
 
 
 def test_json_has_every_section(bench_run):
     _, doc = bench_run
-    for key in ("schema", "command", "versions", "machine", "config", "data", "vpdm", "baseline", "steps", "timing",
-                "presets_table", "cache", "comparison", "memory"):
+    for key in (
+        "schema",
+        "command",
+        "versions",
+        "machine",
+        "config",
+        "data",
+        "vpdm",
+        "baseline",
+        "steps",
+        "timing",
+        "presets_table",
+        "cache",
+        "comparison",
+        "memory",
+    ):
         assert key in doc, key
     for key in ("torch", "timm", "numpy", "vpdm", "python", "cpu_count"):
         assert doc["versions"][key]
@@ -72,8 +133,9 @@ def test_defect_size_table_covers_every_detector_and_every_defect_region(bench_r
             for key in ("aupro", "pixel_recall"):
                 assert row[key] is None or 0.0 <= row[key] <= 1.0
     cfg = doc["config"]
-    test = AnomalyDataset(list_samples(doc["data"]["spec"], "test"), cfg["backbone"]["image_size"],
-                          cfg["scoring"]["map_size"])
+    test = AnomalyDataset(
+        list_samples(doc["data"]["spec"], "test"), cfg["backbone"]["image_size"], cfg["scoring"]["map_size"]
+    )
     _, masks, _ = engine.ground_truth(test)
     regions = sum(ndimage.label(m, structure=np.ones((3, 3)))[1] for m in masks)
     for d in sizes:
@@ -85,11 +147,13 @@ def test_both_detectors_decide_at_thresholds_calibrated_on_held_out_train_images
     _, doc = bench_run
     cal = doc["data"]["calibration"]
     # as `vpdm train`: 10 % of each class's 8 train/good images, at least 2, held out; the detectors fit on 12
-    assert cal["held_out_images"] == 4 and cal["fit_images"] == 12 and cal["per_class"] == {"demo/blobs": 2,
-                                                                                           "demo/grid": 2}
+    assert (
+        cal["held_out_images"] == 4
+        and cal["fit_images"] == 12
+        and cal["per_class"] == {"demo/blobs": 2, "demo/grid": 2}
+    )
     assert doc["preset_runs"]["paper"]["history"][0]["images"] == 12
-    for decision in (doc["vpdm"]["decision"], doc["baseline"]["decision"],
-                     doc["preset_runs"]["paper"]["decision"]):
+    for decision in (doc["vpdm"]["decision"], doc["baseline"]["decision"], doc["preset_runs"]["paper"]["decision"]):
         assert decision["method"] == "quantile" and decision["calibration_images"] == cal["per_class"]
         assert set(decision["per_class"]) == {"demo/blobs", "demo/grid"}
         for values in list(decision["per_class"].values()) + [decision["mean"]]:
@@ -113,8 +177,9 @@ def test_calibrated_decisions_are_quantile_thresholds_and_sklearns_scores():
     doc = calibrated_decisions(held, maps, held_cats, scores, labels, cats.tolist(), 0.1)
     for c, idx in (("a", slice(0, 30)), ("b", slice(30, 33))):
         t = np.quantile(held[idx], 0.9, method="higher")
-        assert doc["image_thresholds"][c] == t and doc["pixel_thresholds"][c] == np.quantile(maps[idx], 0.9,
-                                                                                             method="higher")
+        assert doc["image_thresholds"][c] == t and doc["pixel_thresholds"][c] == np.quantile(
+            maps[idx], 0.9, method="higher"
+        )
         i = cats == c
         y, p = labels[i], (scores[i] > t).astype(int)
         m = doc["per_class"][c]
@@ -131,22 +196,34 @@ def test_timings_and_ratios(bench_run):
     _, doc = bench_run
     t = doc["timing"]
     assert t["batch_images"] == 4 and t["threads"] == 1
-    for key in ("backbone_ms_per_image", "vpdm_model_ms_per_image", "vpdm_end_to_end_ms_per_image",
-                "baseline_model_ms_per_image", "baseline_end_to_end_ms_per_image", "train_ms_per_image_epoch"):
+    for key in (
+        "backbone_ms_per_image",
+        "vpdm_model_ms_per_image",
+        "vpdm_end_to_end_ms_per_image",
+        "baseline_model_ms_per_image",
+        "baseline_end_to_end_ms_per_image",
+        "train_ms_per_image_epoch",
+    ):
         assert t[key] > 0, key
     r = t["ratios"]
-    assert r["vpdm_end_to_end_over_backbone"] == pytest.approx(t["vpdm_end_to_end_ms_per_image"] / t["backbone_ms_per_image"])
+    assert r["vpdm_end_to_end_over_backbone"] == pytest.approx(
+        t["vpdm_end_to_end_ms_per_image"] / t["backbone_ms_per_image"]
+    )
     assert r["vpdm_full_chain_end_to_end_over_backbone"] > 1
     assert t["full_chain"]["sampler"] == "ddpm" and t["full_chain"]["steps"] == 50
     assert [(x["sampler"], x["steps"]) for x in t["vpdm_model_ms_per_image_by_steps"]] == [("ddim", 1), ("ddim", 2)]
     assert "full_chain_model_ms_per_image_extrapolated" in t
     assert [(x["sampler"], x["steps"]) for x in t["untrained_width_model_ms_per_image_by_steps"]["8"]] == [
-        ("ddim", 1), ("ddim", 2)]
+        ("ddim", 1),
+        ("ddim", 2),
+    ]
     assert len(t["raw_seconds"]["backbone"]) == 1
     # --onnx: ONNX Runtime on the same images, interleaved with torch, and the two agree
     ort = t["onnxruntime"]
     assert ort["end_to_end_ms_per_image"] > 0 and ort["threads"] == 1
-    assert ort["torch_over_onnxruntime"] == pytest.approx(t["vpdm_end_to_end_ms_per_image"] / ort["end_to_end_ms_per_image"])
+    assert ort["torch_over_onnxruntime"] == pytest.approx(
+        t["vpdm_end_to_end_ms_per_image"] / ort["end_to_end_ms_per_image"]
+    )
     assert ort["parity_relative_difference"] <= ort["parity_tolerance"]
     assert len(t["raw_seconds"]["onnxruntime_end_to_end"]) == 1
     assert doc["memory"]["peak_rss_mb"] > 0 and "after_training" in doc["memory"]["peak_rss_mb_by_phase"]
@@ -201,8 +278,16 @@ def test_diagnostics_of_the_default_and_the_paper(bench_run):
 def test_markdown_has_every_table(bench_run):
     out, _ = bench_run
     md = (out / "results.md").read_text()
-    for heading in ("## Detection", "## Decisions at calibrated thresholds", "## Speed", "## AUROC against sampler steps",
-                    "## Presets", "## Diagnostics", "## Feature cache", "## Targets"):
+    for heading in (
+        "## Detection",
+        "## Decisions at calibrated thresholds",
+        "## Speed",
+        "## AUROC against sampler steps",
+        "## Presets",
+        "## Diagnostics",
+        "## Feature cache",
+        "## Targets",
+    ):
         assert heading in md, heading
     assert "| demo/grid |" in md and "PatchCore" in md and "cache_hit=True" in md
     assert "| VPDM end to end, ONNX Runtime" in md
@@ -211,9 +296,27 @@ def test_markdown_has_every_table(bench_run):
 def test_second_run_with_other_model_settings_hits_the_cache(bench_run, tiny_demo, tmp_path):
     out, first = bench_run
     cache = json.loads((out / "results.json").read_text())["command"].split("data.cache_dir=")[1].split()[0]
-    code = main(["--data", f"demo:{tiny_demo}", "--output", str(tmp_path), "--epochs", "1", "--preset", "paper-no-ot",
-                 "--steps", "1", "--steps-subset", "0", "--set", f"data.cache_dir={cache}", *TINY,
-                 "--set", "model.denoiser.width=8"])
+    code = main(
+        [
+            "--data",
+            f"demo:{tiny_demo}",
+            "--output",
+            str(tmp_path),
+            "--epochs",
+            "1",
+            "--preset",
+            "paper-no-ot",
+            "--steps",
+            "1",
+            "--steps-subset",
+            "0",
+            "--set",
+            f"data.cache_dir={cache}",
+            *TINY,
+            "--set",
+            "model.denoiser.width=8",
+        ]
+    )
     assert code == 0
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["data"]["train"]["cache_hit"] and doc["data"]["test"]["cache_hit"]
@@ -230,7 +333,12 @@ def test_default_steps_follow_the_number_of_timesteps(tiny_demo, tmp_path):
 
 
 def test_parse_steps():
-    assert parse_steps("1, 2,ddpm:1000,ddim:5,2", 1000, "ddim") == [("ddim", 1), ("ddim", 2), ("ddpm", 1000), ("ddim", 5)]
+    assert parse_steps("1, 2,ddpm:1000,ddim:5,2", 1000, "ddim") == [
+        ("ddim", 1),
+        ("ddim", 2),
+        ("ddpm", 1000),
+        ("ddim", 5),
+    ]
     for bad in ("0", "ddpm:1001", "euler:5", "x", ""):
         with pytest.raises(ConfigError):
             parse_steps(bad, 1000, "ddim")
@@ -247,29 +355,48 @@ def test_balanced_subset():
     assert list(idx) == list(balanced_subset(labels, cats, 6, seed=0))
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--steps", "ddpm:5000"], "ddpm:5000"),
-    (["--set", "model.prototypes.downsample=3"], "downsample=3"),
-    (["--coreset-ratio", "0"], "coreset_ratio"),
-    (["--preset", "paper-no-ot", "--set", "model.ot_weight=-1"], "ot_weight"),
-    (["--onnx", "--set", "model.diffusion.num_timesteps=200", "--set", "sampling.num_steps=101"],
-     "sampling.num_steps=101"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--steps", "ddpm:5000"], "ddpm:5000"),
+        (["--set", "model.prototypes.downsample=3"], "downsample=3"),
+        (["--coreset-ratio", "0"], "coreset_ratio"),
+        (["--preset", "paper-no-ot", "--set", "model.ot_weight=-1"], "ot_weight"),
+        (
+            ["--onnx", "--set", "model.diffusion.num_timesteps=200", "--set", "sampling.num_steps=101"],
+            "sampling.num_steps=101",
+        ),
+    ],
+)
 def test_bad_settings_fail_before_any_work(args, needle, tiny_demo, tmp_path, capsys):
     code = main(["--data", f"demo:{tiny_demo}", "--output", str(tmp_path / "out"), *TINY, *args])
     assert code == 2 and needle in capsys.readouterr().err
     assert not (tmp_path / "out" / "results.json").exists()
 
 
-def test_existing_results_are_kept_unless_overwrite_and_refused_before_any_work(bench_run, tiny_demo, tmp_path,
-                                                                               capsys):
+def test_existing_results_are_kept_unless_overwrite_and_refused_before_any_work(bench_run, tiny_demo, tmp_path, capsys):
     from vpdm.backbone import total_images_seen
 
     out, _ = bench_run
     before = (out / "results.json").read_bytes()
     seen = total_images_seen()
-    argv = ["--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "1", "--preset", "paper-no-ot",
-            "--steps", "1", "--steps-subset", "0", "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY]
+    argv = [
+        "--data",
+        f"demo:{tiny_demo}",
+        "--output",
+        str(out),
+        "--epochs",
+        "1",
+        "--preset",
+        "paper-no-ot",
+        "--steps",
+        "1",
+        "--steps-subset",
+        "0",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        *TINY,
+    ]
     assert main(argv) == 2
     assert f"results {str(out / 'results.json')!r} exists; pass --overwrite" in capsys.readouterr().err
     assert (out / "results.json").read_bytes() == before and total_images_seen() == seen
@@ -283,8 +410,15 @@ def test_existing_results_are_kept_unless_overwrite_and_refused_before_any_work(
 
 
 def _screen_line(label, seed, per_class):
-    return json.dumps({"label": label, "seed": seed, "overrides": [], "variant": [], "metrics": {"per_class": {
-        c: {"image_auroc": i, "pixel_auroc": p} for c, (i, p) in per_class.items()}}})
+    return json.dumps(
+        {
+            "label": label,
+            "seed": seed,
+            "overrides": [],
+            "variant": [],
+            "metrics": {"per_class": {c: {"image_auroc": i, "pixel_auroc": p} for c, (i, p) in per_class.items()}},
+        }
+    )
 
 
 def test_leave_one_out_view_and_the_adoption_rule(tmp_path, capsys):
@@ -296,11 +430,20 @@ def test_leave_one_out_view_and_the_adoption_rule(tmp_path, capsys):
 
     rows = []
     for seed in (0, 1, 2):
-        rows.append(_screen_line("A", seed, {"a": (0.90, 0.90), "b": (0.90, 0.90), "c": (0.90, 0.90), "d": (0.90, 0.90)}))
-        rows.append(_screen_line("B", seed, {"a": (0.95, 0.95), "b": (0.95, 0.95), "c": (0.95, 0.95), "d": (0.88, 0.90)}))
-        rows.append(_screen_line("C", seed, {"a": (0.91, 0.90), "b": (0.91, 0.90), "c": (0.90 + 0.01 * seed, 0.90),
-                                             "d": (0.90, 0.91)}))
-    rows.append(_screen_line("PatchCore", 0, {"a": (0.99, 0.99), "b": (0.99, 0.99), "c": (0.99, 0.99), "d": (0.99, 0.99)}))
+        rows.append(
+            _screen_line("A", seed, {"a": (0.90, 0.90), "b": (0.90, 0.90), "c": (0.90, 0.90), "d": (0.90, 0.90)})
+        )
+        rows.append(
+            _screen_line("B", seed, {"a": (0.95, 0.95), "b": (0.95, 0.95), "c": (0.95, 0.95), "d": (0.88, 0.90)})
+        )
+        rows.append(
+            _screen_line(
+                "C", seed, {"a": (0.91, 0.90), "b": (0.91, 0.90), "c": (0.90 + 0.01 * seed, 0.90), "d": (0.90, 0.91)}
+            )
+        )
+    rows.append(
+        _screen_line("PatchCore", 0, {"a": (0.99, 0.99), "b": (0.99, 0.99), "c": (0.99, 0.99), "d": (0.99, 0.99)})
+    )
     path = tmp_path / "screen.jsonl"
     path.write_text("\n".join(rows) + "\n")
     settings = aggregate(read_rows([str(path)]))

@@ -17,12 +17,34 @@ from vpdm.cli import main
 
 # Random-init Lite0 at 64 px: exercises every code path in seconds (quality is the benchmark's job).
 TINY = [
-    "--set", "backbone.name=tf_efficientnet_lite0", "--set", "backbone.weights=none",
-    "--set", "backbone.image_size=64", "--set", "backbone.feature_size=8",
-    "--set", "model.prototypes.num_prototypes=4", "--set", "model.prototypes.downsample=2", "--set", "model.fine.num_prototypes=64",
-    "--set", "model.diffusion.num_timesteps=50", "--set", "model.denoiser.width=16",
-    "--set", "model.denoiser.groups=4", "--set", "sampling.num_steps=3", "--set", "train.batch_size=8",
-    "--set", "scoring.pool_size=4", "--set", "scoring.blur_sigma=1.0",
+    "--set",
+    "backbone.name=tf_efficientnet_lite0",
+    "--set",
+    "backbone.weights=none",
+    "--set",
+    "backbone.image_size=64",
+    "--set",
+    "backbone.feature_size=8",
+    "--set",
+    "model.prototypes.num_prototypes=4",
+    "--set",
+    "model.prototypes.downsample=2",
+    "--set",
+    "model.fine.num_prototypes=64",
+    "--set",
+    "model.diffusion.num_timesteps=50",
+    "--set",
+    "model.denoiser.width=16",
+    "--set",
+    "model.denoiser.groups=4",
+    "--set",
+    "sampling.num_steps=3",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "scoring.pool_size=4",
+    "--set",
+    "scoring.blur_sigma=1.0",
 ]
 # Bound on child processes: generous, so that a machine loaded by other jobs is slow, not failing.
 PATIENCE_S = 1800
@@ -32,8 +54,22 @@ PATIENCE_S = 1800
 def trained(tiny_demo, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     cache = tmp_path_factory.mktemp("cache")
-    code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "2", "--no-progress",
-                 "--evaluate", "--set", f"data.cache_dir={cache}", *TINY])
+    code = main(
+        [
+            "train",
+            "--data",
+            f"demo:{tiny_demo}",
+            "--output",
+            str(out),
+            "--epochs",
+            "2",
+            "--no-progress",
+            "--evaluate",
+            "--set",
+            f"data.cache_dir={cache}",
+            *TINY,
+        ]
+    )
     assert code == 0
     return out
 
@@ -51,8 +87,18 @@ def test_train_writes_model_config_history_and_metrics(trained):
 
 def test_evaluate_prints_and_writes_json_and_plots(trained, tiny_demo, tmp_path, capsys):
     out = tmp_path / "m.json"
-    code = main(["evaluate", "--checkpoint", str(trained / "model.pt"), "--output", str(out), "--plots",
-                 str(tmp_path / "plots"), "--no-progress"])
+    code = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(trained / "model.pt"),
+            "--output",
+            str(out),
+            "--plots",
+            str(tmp_path / "plots"),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     doc = json.loads(out.read_text())
     assert doc["num_images"] == 12
@@ -79,13 +125,26 @@ def test_predict_scores_a_folder_and_marks_bad_files(trained, tiny_demo, tmp_pat
     (images / "tiny.png").write_bytes(png_bytes(np.zeros((2, 3, 3), np.uint8)))
     (images / "bomb.png").write_bytes(declared_size_png(20000, 20000))
     out = tmp_path / "scored"
-    code = main(["predict", "--checkpoint", str(trained / "model.pt"), "--images", str(images), "--output", str(out),
-                 "--no-progress"])
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(trained / "model.pt"),
+            "--images",
+            str(images),
+            "--output",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     rows = {Path(r["path"]).name: r for r in csv.DictReader(open(out / "scores.csv"))}
     assert len(rows) == 8
-    for name, needle in [("broken.png", "cannot decode image"), ("tiny.png", "3x2 pixels is too small"),
-                         ("bomb.png", "refused, too large")]:
+    for name, needle in [
+        ("broken.png", "cannot decode image"),
+        ("tiny.png", "3x2 pixels is too small"),
+        ("bomb.png", "refused, too large"),
+    ]:
         assert rows[name]["score"] == "" and rows[name]["overlay"] == "", name
         assert str(images / name) in rows[name]["error"] and needle in rows[name]["error"], rows[name]["error"]
     good = [r for r in rows.values() if r["score"]]
@@ -100,14 +159,29 @@ def test_predict_overlays_of_same_named_images_in_two_folders_are_kept_apart(tra
     from vpdm.plots import overlay_array
 
     images = tmp_path / "in"
-    sources = {"a": sorted((tiny_demo / "grid" / "test").rglob("*.png"))[0],
-               "b": sorted((tiny_demo / "blobs" / "test").rglob("*.png"))[-1]}
+    sources = {
+        "a": sorted((tiny_demo / "grid" / "test").rglob("*.png"))[0],
+        "b": sorted((tiny_demo / "blobs" / "test").rglob("*.png"))[-1],
+    }
     for sub, src in sources.items():
         (images / sub).mkdir(parents=True)
         (images / sub / "x.png").write_bytes(src.read_bytes())
     out = tmp_path / "scored"
-    assert main(["predict", "--checkpoint", str(trained / "model.pt"), "--images", str(images), "--output", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(trained / "model.pt"),
+                "--images",
+                str(images),
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     rows = {Path(r["path"]).parent.name: r for r in csv.DictReader(open(out / "scores.csv"))}
     assert {k: r["overlay"] for k, r in rows.items()} == {"a": "overlays/a__x.png", "b": "overlays/b__x.png"}
     # the overlay each row links is the one of its own image (recomputed here from the library's maps), on the
@@ -132,12 +206,16 @@ def test_predict_score_matches_evaluate_score(trained, tiny_demo):
     result = engine.evaluate(model, config, test, progress=False)
     detector = Detector.from_checkpoint(trained / "model.pt")
     preds = detector.predict_files([s.image_path for s in test.dataset.samples[:4]], progress=False)
-    torch.testing.assert_close(torch.tensor([p.score for p in preds]), torch.tensor(result.scores[:4]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor([p.score for p in preds]), torch.tensor(result.scores[:4]), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_existing_model_is_not_overwritten(trained, tiny_demo, capsys):
     before = (trained / "model.pt").read_bytes()
-    code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(trained), "--epochs", "1", "--no-progress", *TINY])
+    code = main(
+        ["train", "--data", f"demo:{tiny_demo}", "--output", str(trained), "--epochs", "1", "--no-progress", *TINY]
+    )
     assert code == 2
     assert f"checkpoint {str(trained / 'model.pt')!r} exists; pass --overwrite to replace it" in capsys.readouterr().err
     assert (trained / "model.pt").read_bytes() == before
@@ -149,13 +227,27 @@ def test_unwritable_output_exits_2_naming_the_path(trained, tiny_demo, tmp_path,
     out = blocker / "run"
     code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(out), "--no-progress", *TINY])
     assert code == 2
-    assert capsys.readouterr().err.strip() == (f"vpdm train: error: cannot write output folder {str(out)!r}: "
-                                               f"{str(blocker)!r} is a file, not a folder")
+    assert capsys.readouterr().err.strip() == (
+        f"vpdm train: error: cannot write output folder {str(out)!r}: {str(blocker)!r} is a file, not a folder"
+    )
     images = sorted((tiny_demo / "grid" / "test").rglob("*.png"))[0]
-    code = main(["predict", "--checkpoint", str(trained / "model.pt"), "--images", str(images), "--output", str(blocker),
-                 "--no-progress"])
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(trained / "model.pt"),
+            "--images",
+            str(images),
+            "--output",
+            str(blocker),
+            "--no-progress",
+        ]
+    )
     assert code == 2
-    assert f"cannot write output folder {str(blocker)!r}: {str(blocker)!r} is a file, not a folder" in capsys.readouterr().err
+    assert (
+        f"cannot write output folder {str(blocker)!r}: {str(blocker)!r} is a file, not a folder"
+        in capsys.readouterr().err
+    )
     assert blocker.read_text() == "a file where the run folder should go"
 
 
@@ -166,13 +258,34 @@ def test_train_over_the_file_size_limit_keeps_the_old_model(tiny_demo, tmp_path)
     out.mkdir()
     (out / "model.pt").write_bytes(b"the previous model")
     proc = subprocess.run(
-        [sys.executable, "-m", "vpdm.cli", "train", "--data", f"demo:{tiny_demo}", "--output", str(out), "--overwrite",
-         "--epochs", "1", "--no-progress", "--set", f"data.cache_dir={cache}", *TINY],
-        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=PATIENCE_S,
-        preexec_fn=file_size_limit(256 * 1024))  # the cache (~0.8 MB) and the checkpoint (~1.7 MB) are bigger
+        [
+            sys.executable,
+            "-m",
+            "vpdm.cli",
+            "train",
+            "--data",
+            f"demo:{tiny_demo}",
+            "--output",
+            str(out),
+            "--overwrite",
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--set",
+            f"data.cache_dir={cache}",
+            *TINY,
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE_S,
+        preexec_fn=file_size_limit(256 * 1024),
+    )  # the cache (~0.8 MB) and the checkpoint (~1.7 MB) are bigger
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "cannot write feature cache" in proc.stderr and "file too large (EFBIG)" in proc.stderr
-    assert f"vpdm train: error: cannot write checkpoint {str(out / 'model.pt')!r}: file too large (EFBIG)" in proc.stderr
+    assert (
+        f"vpdm train: error: cannot write checkpoint {str(out / 'model.pt')!r}: file too large (EFBIG)" in proc.stderr
+    )
     assert (out / "model.pt").read_bytes() == b"the previous model"
     assert sorted(p.name for p in out.iterdir()) == ["model.pt"]
     assert not cache.exists() or not any(cache.iterdir())
@@ -212,12 +325,15 @@ def _pickled_payload(path: Path, marker: Path) -> None:
     torch.save({"format": "vpdm.checkpoint", "version": 1, "state_dict": Payload()}, path)
 
 
-@pytest.mark.parametrize("kind, reason", [
-    ("random bytes", "it is not a PyTorch checkpoint archive"),
-    ("plain text", "it is not a PyTorch checkpoint archive"),
-    ("empty file", "the file is empty"),
-    ("pickled objects", "it is a PyTorch archive that holds Python objects a vpdm checkpoint never contains"),
-])
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("random bytes", "it is not a PyTorch checkpoint archive"),
+        ("plain text", "it is not a PyTorch checkpoint archive"),
+        ("empty file", "the file is empty"),
+        ("pickled objects", "it is a PyTorch archive that holds Python objects a vpdm checkpoint never contains"),
+    ],
+)
 def test_an_unloadable_checkpoint_is_named_in_our_words_never_with_unsafe_advice(kind, reason, tmp_path, capsys):
     import os
 
@@ -230,8 +346,10 @@ def test_an_unloadable_checkpoint_is_named_in_our_words_never_with_unsafe_advice
         path.write_bytes(b"")
     else:
         _pickled_payload(path, marker)
-    for command in (["evaluate", "--checkpoint", str(path)],
-                    ["predict", "--checkpoint", str(path), "--images", str(path), "--output", str(tmp_path / "o")]):
+    for command in (
+        ["evaluate", "--checkpoint", str(path)],
+        ["predict", "--checkpoint", str(path), "--images", str(path), "--output", str(tmp_path / "o")],
+    ):
         assert main(command + ["--no-progress"]) == 2
         err = capsys.readouterr().err
         assert f"error: {str(path)!r} is not a vpdm checkpoint: {reason}" in err, err
@@ -250,8 +368,10 @@ def test_a_checkpoint_of_the_wrong_shape_names_the_tensors_that_differ(trained, 
     assert main(["evaluate", "--checkpoint", str(tmp_path / "model.pt"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     expected = "x".join(map(str, shape))
-    assert (f"does not match the model its settings describe: tensors of another shape: {key} (checkpoint "
-            f"{shape[0] + 1}x{shape[1]}, model {expected}); unexpected: extra.weight") in err, err
+    assert (
+        f"does not match the model its settings describe: tensors of another shape: {key} (checkpoint "
+        f"{shape[0] + 1}x{shape[1]}, model {expected}); unexpected: extra.weight"
+    ) in err, err
 
 
 def test_a_folder_given_as_checkpoint_is_called_a_folder(trained, capsys):
@@ -273,8 +393,10 @@ def test_console_script_is_installed():
 def test_core_library_imports_no_ray_or_mlflow():
     import subprocess
 
-    code = "import vpdm, vpdm.cli, vpdm.engine, vpdm.pipeline, sys; " \
-           "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')]; assert not bad, bad"
+    code = (
+        "import vpdm, vpdm.cli, vpdm.engine, vpdm.pipeline, sys; "
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')]; assert not bad, bad"
+    )
     assert subprocess.run([sys.executable, "-c", code], timeout=PATIENCE_S).returncode == 0
 
 
@@ -310,8 +432,22 @@ def test_train_evaluate_checks_the_test_split_before_extracting(fault, tiny_demo
     else:
         needle = str(part / "test")
     seen = _images_seen()
-    code = main(["train", "--data", f"folder:{part}", "--output", str(tmp_path / "out"), "--epochs", "1", "--evaluate",
-                 "--no-progress", "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY])
+    code = main(
+        [
+            "train",
+            "--data",
+            f"folder:{part}",
+            "--output",
+            str(tmp_path / "out"),
+            "--epochs",
+            "1",
+            "--evaluate",
+            "--no-progress",
+            "--set",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            *TINY,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and needle in err, err
     assert _images_seen() == seen  # refused before any feature was extracted
@@ -321,8 +457,23 @@ def test_train_evaluate_checks_the_test_split_before_extracting(fault, tiny_demo
 def test_train_on_a_missing_cuda_device_fails_before_extracting(tiny_demo, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA, also on a GPU runner
     seen = _images_seen()
-    code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(tmp_path / "out"), "--epochs", "1",
-                 "--no-progress", "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY, "--set", "train.device=cuda"])
+    code = main(
+        [
+            "train",
+            "--data",
+            f"demo:{tiny_demo}",
+            "--output",
+            str(tmp_path / "out"),
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--set",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            *TINY,
+            "--set",
+            "train.device=cuda",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "train.device='cuda' but no CUDA device is available" in err, err
     assert _images_seen() == seen
@@ -342,8 +493,9 @@ def _unwritable_dir(tmp_path: Path) -> Path:
     return Path("/proc")
 
 
-@pytest.mark.parametrize("case", ["--output is a folder", "--output below a file", "--output unwritable",
-                                  "--plots is a file"])
+@pytest.mark.parametrize(
+    "case", ["--output is a folder", "--output below a file", "--output unwritable", "--plots is a file"]
+)
 def test_evaluate_checks_its_outputs_before_extracting(case, trained, tmp_path, capsys):
     (tmp_path / "blocker").write_text("a file")
     metrics, plots = tmp_path / "m.json", None
@@ -361,8 +513,16 @@ def test_evaluate_checks_its_outputs_before_extracting(case, trained, tmp_path, 
         plots = tmp_path / "blocker"
         needle = f"cannot write plots folder {str(plots)!r}"
     seen = _images_seen()
-    argv = ["evaluate", "--checkpoint", str(trained / "model.pt"), "--output", str(metrics), "--no-progress",
-            "--set", f"data.cache_dir={tmp_path / 'cache'}"]  # a fresh cache: the old code extracted first
+    argv = [
+        "evaluate",
+        "--checkpoint",
+        str(trained / "model.pt"),
+        "--output",
+        str(metrics),
+        "--no-progress",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]  # a fresh cache: the old code extracted first
     code = main(argv + (["--plots", str(plots)] if plots else []))
     err = capsys.readouterr().err
     assert code == 2 and needle in err, err
@@ -397,22 +557,67 @@ def thread_probe(monkeypatch):
 
 def test_train_threads_holds_for_extraction_evaluation_and_prediction(thread_probe, trained, tiny_demo, tmp_path):
     one = ["--set", "train.threads=1", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
-    assert main(["train", "--data", f"demo:{tiny_demo}", "--output", str(tmp_path / "run"), "--epochs", "1",
-                 "--no-progress", *TINY, *one]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                f"demo:{tiny_demo}",
+                "--output",
+                str(tmp_path / "run"),
+                "--epochs",
+                "1",
+                "--no-progress",
+                *TINY,
+                *one,
+            ]
+        )
+        == 0
+    )
     assert thread_probe["backbone"] and set(thread_probe["backbone"]) == {1}
     for phase in thread_probe.values():
         phase.clear()
     torch.set_num_threads(2)
-    assert main(["evaluate", "--checkpoint", str(trained / "model.pt"), "--output", str(tmp_path / "m.json"),
-                 "--no-progress", "--set", f"data.cache_dir={tmp_path / 'cache2'}", "--set", "train.threads=1"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(trained / "model.pt"),
+                "--output",
+                str(tmp_path / "m.json"),
+                "--no-progress",
+                "--set",
+                f"data.cache_dir={tmp_path / 'cache2'}",
+                "--set",
+                "train.threads=1",
+            ]
+        )
+        == 0
+    )
     assert thread_probe["backbone"] and thread_probe["model"]
     assert set(thread_probe["backbone"]) == set(thread_probe["model"]) == {1}
     for phase in thread_probe.values():
         phase.clear()
     torch.set_num_threads(2)
     image = sorted((tiny_demo / "grid" / "test").rglob("*.png"))[0]
-    assert main(["predict", "--checkpoint", str(trained / "model.pt"), "--images", str(image), "--output",
-                 str(tmp_path / "scored"), "--no-progress", "--set", "train.threads=1"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(trained / "model.pt"),
+                "--images",
+                str(image),
+                "--output",
+                str(tmp_path / "scored"),
+                "--no-progress",
+                "--set",
+                "train.threads=1",
+            ]
+        )
+        == 0
+    )
     assert set(thread_probe["backbone"]) == set(thread_probe["model"]) == {1}
 
 
@@ -431,13 +636,31 @@ with exclusive_folder(sys.argv[1]):
 
 def test_a_second_train_into_a_busy_folder_fails_at_once_naming_the_other_pid(tiny_demo, tmp_path, capsys):
     out = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=Path(__file__).resolve().parents[1],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out)],
+        cwd=Path(__file__).resolve().parents[1],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"  # event: the other run holds the folder
         seen = _images_seen()
-        code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "1", "--no-progress",
-                     "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY])
+        code = main(
+            [
+                "train",
+                "--data",
+                f"demo:{tiny_demo}",
+                "--output",
+                str(out),
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--set",
+                f"data.cache_dir={tmp_path / 'cache'}",
+                *TINY,
+            ]
+        )
         err = capsys.readouterr().err
         assert code == 2, err
         assert f"output folder {str(out)!r} is in use by another vpdm run (pid {holder.pid})" in err
@@ -463,8 +686,21 @@ def test_a_model_that_appears_while_training_is_never_replaced(tiny_demo, tmp_pa
         return real_fit(*a, **k)
 
     monkeypatch.setattr(engine, "fit", fit_while_another_writes)
-    code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "1", "--no-progress",
-                 "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY])
+    code = main(
+        [
+            "train",
+            "--data",
+            f"demo:{tiny_demo}",
+            "--output",
+            str(out),
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--set",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            *TINY,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "appeared while this run was working" in err and "it was not replaced" in err, err
     assert (out / "model.pt").read_bytes() == b"the other writer's model"
@@ -483,8 +719,27 @@ def test_overwrite_replaces_the_previous_run_as_a_whole(trained, tiny_demo, tmp_
     (out / "notes.txt").write_text("the user's own file")
     old_model = (out / "model.pt").read_bytes()
     assert (out / "metrics.json").is_file()
-    assert main(["train", "--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "1", "--no-progress",
-                 "--overwrite", "--set", "train.seed=1", "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                f"demo:{tiny_demo}",
+                "--output",
+                str(out),
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--overwrite",
+                "--set",
+                "train.seed=1",
+                "--set",
+                f"data.cache_dir={tmp_path / 'cache'}",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert (out / "model.pt").read_bytes() != old_model
     # the old run's metrics and plots left with its model; nothing of the machinery is left behind
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "history.json", "model.pt", "notes.txt"]
@@ -497,16 +752,38 @@ def test_overwrite_replaces_the_previous_run_as_a_whole(trained, tiny_demo, tmp_
 
 
 @pytest.mark.parametrize("command", ["evaluate", "predict"])
-@pytest.mark.parametrize("setting", ["backbone.image_size=32", "backbone.feature_size=4", "backbone.name=resnet18",
-                                     "model.prototypes.num_prototypes=8"])
-def test_inference_refuses_settings_that_change_what_the_checkpoint_means(command, setting, trained, tiny_demo,
-                                                                           tmp_path, capsys):
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "backbone.image_size=32",
+        "backbone.feature_size=4",
+        "backbone.name=resnet18",
+        "model.prototypes.num_prototypes=8",
+    ],
+)
+def test_inference_refuses_settings_that_change_what_the_checkpoint_means(
+    command, setting, trained, tiny_demo, tmp_path, capsys
+):
     image = sorted((tiny_demo / "grid" / "test").rglob("*.png"))[0]
-    extra = ["--images", str(image), "--output", str(tmp_path / "o")] if command == "predict" else \
-        ["--output", str(tmp_path / "m.json")]
+    extra = (
+        ["--images", str(image), "--output", str(tmp_path / "o")]
+        if command == "predict"
+        else ["--output", str(tmp_path / "m.json")]
+    )
     seen = _images_seen()
-    code = main([command, "--checkpoint", str(trained / "model.pt"), *extra, "--no-progress", "--set", setting,
-                 "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+    code = main(
+        [
+            command,
+            "--checkpoint",
+            str(trained / "model.pt"),
+            *extra,
+            "--no-progress",
+            "--set",
+            setting,
+            "--set",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ]
+    )
     err = capsys.readouterr().err
     key = setting.split("=")[0]
     assert code == 2 and f"vpdm {command}: error: {command} cannot change {key}" in err, err
@@ -516,8 +793,20 @@ def test_inference_refuses_settings_that_change_what_the_checkpoint_means(comman
 def test_predict_refuses_a_config_file_it_would_ignore(trained, tiny_demo, tmp_path, capsys):
     (tmp_path / "c.yaml").write_text("sampling:\n  num_steps: 2\n")
     image = sorted((tiny_demo / "grid" / "test").rglob("*.png"))[0]
-    code = main(["predict", "--checkpoint", str(trained / "model.pt"), "--images", str(image), "--output",
-                 str(tmp_path / "o"), "--config", str(tmp_path / "c.yaml"), "--no-progress"])
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(trained / "model.pt"),
+            "--images",
+            str(image),
+            "--output",
+            str(tmp_path / "o"),
+            "--config",
+            str(tmp_path / "c.yaml"),
+            "--no-progress",
+        ]
+    )
     assert code == 2 and "predict takes its settings from the checkpoint" in capsys.readouterr().err
 
 
@@ -526,8 +815,18 @@ def test_evaluate_reports_defect_images_left_out_of_the_pixel_metrics(trained, t
     mask = sorted((part / "ground_truth").rglob("*_mask.png"))[0]
     mask.unlink()
     image = part / "test" / mask.parent.name / mask.name.replace("_mask", "")
-    base = ["evaluate", "--checkpoint", str(trained / "model.pt"), "--data", f"folder:{part}", "--no-progress",
-            "--output", str(tmp_path / "m.json"), "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    base = [
+        "evaluate",
+        "--checkpoint",
+        str(trained / "model.pt"),
+        "--data",
+        f"folder:{part}",
+        "--no-progress",
+        "--output",
+        str(tmp_path / "m.json"),
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
     assert main(base) == 2  # refused by default, naming the image and the mask looked for
     err = capsys.readouterr().err
     assert str(image) in err and str(mask) in err and not (tmp_path / "m.json").exists()
@@ -565,12 +864,21 @@ def _settings(kind: type) -> list[str]:
 FLOAT_SETTINGS = _settings(float)
 INT_SETTINGS = _settings(int)
 # Counts where zero means something (documented): torch's default threads, no residual blocks; seeds are not counts.
-ZERO_ALLOWED = {"train.threads", "model.denoiser.depth", "train.seed", "sampling.seed", "train.checkpoint_every",
-                "model.prototypes.list_size", "model.fine.list_size"}  # 0 = no short lists
+ZERO_ALLOWED = {
+    "train.threads",
+    "model.denoiser.depth",
+    "train.seed",
+    "sampling.seed",
+    "train.checkpoint_every",
+    "model.prototypes.list_size",
+    "model.fine.list_size",
+}  # 0 = no short lists
 
 
 def test_the_walk_finds_the_settings():
-    assert {"train.lr", "train.weight_decay", "train.grad_clip", "sampling.eta", "scoring.blur_sigma"} <= set(FLOAT_SETTINGS)
+    assert {"train.lr", "train.weight_decay", "train.grad_clip", "sampling.eta", "scoring.blur_sigma"} <= set(
+        FLOAT_SETTINGS
+    )
     assert {"train.epochs", "train.batch_size", "data.extract_batch_size", "backbone.image_size"} <= set(INT_SETTINGS)
 
 
@@ -611,25 +919,40 @@ def test_an_integer_beyond_64_bits_is_refused_by_name(name, value):
 
 def test_a_seed_beyond_64_bits_fails_the_command_before_any_work(tiny_demo, tmp_path, capsys):
     seen = _images_seen()
-    code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(tmp_path / "out"), "--no-progress",
-                 *TINY, "--set", "sampling.seed=99999999999999999999999"])
+    code = main(
+        [
+            "train",
+            "--data",
+            f"demo:{tiny_demo}",
+            "--output",
+            str(tmp_path / "out"),
+            "--no-progress",
+            *TINY,
+            "--set",
+            "sampling.seed=99999999999999999999999",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "sampling.seed must be an integer that fits in 64 bits" in err and "Traceback" not in err, err
     assert _images_seen() == seen and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("text, key, lines", [
-    ("train:\n  epochs: 3\ntrain:\n  lr: 0.01\n", "train", (1, 3)),
-    ("train:\n  epochs: 3\n  lr: 0.01\n  epochs: 5\n", "epochs", (2, 4)),
-])
+@pytest.mark.parametrize(
+    "text, key, lines",
+    [
+        ("train:\n  epochs: 3\ntrain:\n  lr: 0.01\n", "train", (1, 3)),
+        ("train:\n  epochs: 3\n  lr: 0.01\n  epochs: 5\n", "epochs", (2, 4)),
+    ],
+)
 def test_a_key_given_twice_in_a_settings_file_is_an_error_naming_it_and_both_lines(text, key, lines, tmp_path):
     from vpdm.config import load_config
     from vpdm.errors import ConfigError
 
     path = tmp_path / "s.yaml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match=f"setting '{key}' is given twice in {path}, on lines {lines[0]} and "
-                                          f"{lines[1]}"):
+    with pytest.raises(
+        ConfigError, match=f"setting '{key}' is given twice in {path}, on lines {lines[0]} and {lines[1]}"
+    ):
         load_config(path)
 
 
@@ -647,21 +970,39 @@ def test_a_section_set_merges_into_earlier_settings_of_that_section():
 
 def test_a_nan_setting_fails_the_command_before_any_work(tiny_demo, tmp_path, capsys):
     seen = _images_seen()
-    code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(tmp_path / "out"), "--no-progress",
-                 *TINY, "--set", "train.weight_decay=nan"])
+    code = main(
+        [
+            "train",
+            "--data",
+            f"demo:{tiny_demo}",
+            "--output",
+            str(tmp_path / "out"),
+            "--no-progress",
+            *TINY,
+            "--set",
+            "train.weight_decay=nan",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and err.strip() == "vpdm train: error: train.weight_decay must be a finite number, got nan", err
     assert _images_seen() == seen and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["predict", "--checkpoint", "m.pt", "--images", ".", "--output", "o", "--batch-size", "0"],
-     "argument --batch-size: expected an integer >= 1, got 0"),
-    (["predict", "--checkpoint", "m.pt", "--images", ".", "--output", "o", "--batch-size", "-4"],
-     "argument --batch-size: expected an integer >= 1, got -4"),
-    (["train", "--output", "o", "--epochs", "0"], "argument --epochs: expected an integer >= 1, got 0"),
-    (["train", "--output", "o", "--set", "train.lr=[1"], "train.lr=[1': the value is not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (
+            ["predict", "--checkpoint", "m.pt", "--images", ".", "--output", "o", "--batch-size", "0"],
+            "argument --batch-size: expected an integer >= 1, got 0",
+        ),
+        (
+            ["predict", "--checkpoint", "m.pt", "--images", ".", "--output", "o", "--batch-size", "-4"],
+            "argument --batch-size: expected an integer >= 1, got -4",
+        ),
+        (["train", "--output", "o", "--epochs", "0"], "argument --epochs: expected an integer >= 1, got 0"),
+        (["train", "--output", "o", "--set", "train.lr=[1"], "train.lr=[1': the value is not valid YAML"),
+    ],
+)
 def test_bad_command_line_numbers_are_one_line_errors(argv, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     try:
@@ -676,13 +1017,23 @@ def test_bad_command_line_numbers_are_one_line_errors(argv, needle, tmp_path, ca
 def test_evaluate_says_whether_it_used_the_feature_cache_and_which_entry(trained, tmp_path, capsys):
     import re
 
-    argv = ["evaluate", "--checkpoint", str(trained / "model.pt"), "--output", str(tmp_path / "m.json"),
-            "--no-progress", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    argv = [
+        "evaluate",
+        "--checkpoint",
+        str(trained / "model.pt"),
+        "--output",
+        str(tmp_path / "m.json"),
+        "--no-progress",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
     assert main(argv) == 0
     first = re.search(r"^test: 12 images, features extracted, cached as (\S+)$", capsys.readouterr().out, re.M)
     assert first and Path(first.group(1)).parent == tmp_path / "cache" and Path(first.group(1)).is_file()
     assert main(argv + ["--overwrite"]) == 0  # the metrics of the first run are there: replaced only when told to
-    assert f"test: 12 images, features cache hit {first.group(1)} (content checksum verified)\n" in capsys.readouterr().out
+    assert (
+        f"test: 12 images, features cache hit {first.group(1)} (content checksum verified)\n" in capsys.readouterr().out
+    )
 
 
 def test_config_preset_paper_is_the_papers_method_and_set_still_wins(capsys):
@@ -695,5 +1046,7 @@ def test_config_preset_paper_is_the_papers_method_and_set_still_wins(capsys):
     printed = flatten_dict(yaml.safe_load(capsys.readouterr().out))
     want = flatten_dict(to_dict(VPDMConfig().with_overrides(PAPER)))
     assert printed["train.epochs"] == 7
-    assert {k: v for k, v in printed.items() if k != "train.epochs"} == {k: v for k, v in want.items() if k != "train.epochs"}
+    assert {k: v for k, v in printed.items() if k != "train.epochs"} == {
+        k: v for k, v in want.items() if k != "train.epochs"
+    }
     assert printed["model.prototypes.level"] == "image" and printed["model.diffusion.prediction"] == "eps"

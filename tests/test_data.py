@@ -274,8 +274,9 @@ def test_visa_image_only_keeps_an_anomaly_without_mask_out_of_pixel_ground_truth
     with pytest.raises(DataError, match="missing_masks=image_only"):
         list_samples(f"visa:{root}", "test")
     kept = list_samples(f"visa:{root}", "test", missing_masks="image_only")
-    assert [(s.image_path, s.label, s.has_mask) for s in kept if s.image_path == first.image_path] == \
-        [(first.image_path, 1, False)]
+    assert [(s.image_path, s.label, s.has_mask) for s in kept if s.image_path == first.image_path] == [
+        (first.image_path, 1, False)
+    ]
     assert sum(not s.has_mask for s in kept) == 1 and len(kept) == len(test)
 
 
@@ -435,14 +436,22 @@ def test_demo_spec_generates_on_first_use(tmp_path: Path, monkeypatch: pytest.Mo
     assert len(train) == 3 * 24 and (tmp_path / "cache" / ".vpdm_demo.json").is_file()
 
 
-def test_small_defect_demo_has_few_pixel_defects_inside_the_part(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_small_defect_demo_has_few_pixel_defects_inside_the_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`demo-small`: small parts freely placed and fine textures, each defect a few pixels (under 0.2 % of
     the image, the bench's "small" stratum), drawn where the class's region is (on the screw, not beside it)."""
     from vpdm.data import SMALL_DEFECTS, SMALL_DEMO_CLASSES
 
     monkeypatch.setenv("VPDM_DEMO_DIR", str(tmp_path / "demo"))
-    root = make_demo_dataset(tmp_path / "small", classes=list(SMALL_DEMO_CLASSES), train_per_class=2,
-                             test_good_per_class=1, test_defect_per_class=6, size=128)
+    root = make_demo_dataset(
+        tmp_path / "small",
+        classes=list(SMALL_DEMO_CLASSES),
+        train_per_class=2,
+        test_good_per_class=1,
+        test_defect_per_class=6,
+        size=128,
+    )
     test = list_samples(f"demo-small:{root}", "test")
     assert categories(test) == [f"demo-small/{c}" for c in sorted(SMALL_DEMO_CLASSES)]
     assert {s.defect for s in test if s.label} == set(SMALL_DEFECTS)
@@ -514,7 +523,10 @@ def test_bsdata_counts_and_its_non_square_masks_line_up(shared_data: Path) -> No
         ry, rx = np.nonzero(m)
         # the same place after squashing 256 x 104 to 224 x 224 (within 2.5 output pixels); one-pixel pits that
         # nearest neighbour would drop are kept
-        assert abs(ry.mean() - (ys.mean() + 0.5) * 224 / 104 + 0.5) < 2.5 and abs(rx.mean() - (xs.mean() + 0.5) * 224 / 256 + 0.5) < 2.5
+        assert (
+            abs(ry.mean() - (ys.mean() + 0.5) * 224 / 104 + 0.5) < 2.5
+            and abs(rx.mean() - (xs.mean() + 0.5) * 224 / 256 + 0.5) < 2.5
+        )
 
 
 def test_resize_mask_keeps_a_defect_thinner_than_the_resampling_step() -> None:

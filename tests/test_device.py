@@ -78,12 +78,15 @@ def test_auto_is_cpu_on_this_machine():
     assert engine.select_device(torch.device("cpu")) == torch.device("cpu")
 
 
-@pytest.mark.parametrize("name, needle", [
-    ("cuda", "--device='cuda' but no CUDA device is available; use 'cpu' or 'auto'"),
-    ("cuda:1", "--device='cuda:1' but no CUDA device is available"),
-    ("nonsense", "--device='nonsense' is not a torch device (expected 'auto', 'cpu', 'cuda', 'cuda:N')"),
-    ("cuda:x", "--device='cuda:x' is not a torch device"),
-])
+@pytest.mark.parametrize(
+    "name, needle",
+    [
+        ("cuda", "--device='cuda' but no CUDA device is available; use 'cpu' or 'auto'"),
+        ("cuda:1", "--device='cuda:1' but no CUDA device is available"),
+        ("nonsense", "--device='nonsense' is not a torch device (expected 'auto', 'cpu', 'cuda', 'cuda:N')"),
+        ("cuda:x", "--device='cuda:x' is not a torch device"),
+    ],
+)
 def test_select_device_names_the_value(name, needle, no_cuda):
     with pytest.raises(VPDMError) as info:
         engine.select_device(name, what="--device")
@@ -93,27 +96,50 @@ def test_select_device_names_the_value(name, needle, no_cuda):
 def _command(command: str, checkpoint, data, out) -> list[str]:
     """A command line on the demo ``data`` writing under ``out`` (nothing there before)."""
     if command == "evaluate":
-        return ["evaluate", "--checkpoint", str(checkpoint), "--output", str(out / "m.json"), "--plots",
-                str(out / "plots")]
+        return [
+            "evaluate",
+            "--checkpoint",
+            str(checkpoint),
+            "--output",
+            str(out / "m.json"),
+            "--plots",
+            str(out / "plots"),
+        ]
     if command == "predict":
-        return ["predict", "--checkpoint", str(checkpoint), "--images", str(data / "grid" / "test"), "--output",
-                str(out)]
+        return [
+            "predict",
+            "--checkpoint",
+            str(checkpoint),
+            "--images",
+            str(data / "grid" / "test"),
+            "--output",
+            str(out),
+        ]
     if command == "calibrate":
         return ["calibrate", "--checkpoint", str(checkpoint), "--output", str(out / "model.pt")]
     return ["train", "--data", f"demo:{data}", "--output", str(out), "--epochs", "1", *TINY]
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "predict", "calibrate"])
-@pytest.mark.parametrize("device, needle", [
-    ("cuda", "--device='cuda' but no CUDA device is available"),
-    ("nonsense", "--device='nonsense' is not a torch device"),
-])
-def test_a_device_that_is_not_there_fails_before_any_work(command, device, needle, checkpoint, demo3, tmp_path,
-                                                          capsys, no_cuda):
+@pytest.mark.parametrize(
+    "device, needle",
+    [
+        ("cuda", "--device='cuda' but no CUDA device is available"),
+        ("nonsense", "--device='nonsense' is not a torch device"),
+    ],
+)
+def test_a_device_that_is_not_there_fails_before_any_work(
+    command, device, needle, checkpoint, demo3, tmp_path, capsys, no_cuda
+):
     before = checkpoint.read_bytes()
     out = tmp_path / "out"
-    argv = _command(command, checkpoint, demo3, out) + ["--device", device, "--no-progress",
-                                                         "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    argv = _command(command, checkpoint, demo3, out) + [
+        "--device",
+        device,
+        "--no-progress",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
     seen = total_images_seen()
     code = main(argv)
     err = capsys.readouterr().err
@@ -129,8 +155,18 @@ def test_score_job_refuses_a_missing_cuda_device_before_loading_the_model(test_f
 
     assert parse_args(["--model", "m", "--images", "i", "--output", "o"]).device == "auto"
     out = tmp_path / "scored"
-    code = score_main(["--model", "models:/nothing@champion", "--images", str(test_files[0].parent),
-                       "--output", str(out), "--device", "cuda"])
+    code = score_main(
+        [
+            "--model",
+            "models:/nothing@champion",
+            "--images",
+            str(test_files[0].parent),
+            "--output",
+            str(out),
+            "--device",
+            "cuda",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "--device='cuda' but no CUDA device is available" in err, err
     assert not out.exists()
@@ -167,6 +203,7 @@ def probe(monkeypatch):
         def to(self, *args, **kwargs):
             seen[key].append(args[0] if args else kwargs.get("device"))
             return torch.nn.Module.to(self, *args, **kwargs)
+
         return to
 
     def forward(self, images):
@@ -189,15 +226,19 @@ def probe(monkeypatch):
 def test_the_device_option_reaches_extraction_and_scoring(command, probe, checkpoint, demo3, tmp_path):
     out = tmp_path / "out"
     # a cold cache: the features are extracted now, on the device
-    argv = _command(command, checkpoint, demo3, out) + ["--device", "cuda:7", "--no-progress",
-                                                         "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    argv = _command(command, checkpoint, demo3, out) + [
+        "--device",
+        "cuda:7",
+        "--no-progress",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
     assert main(argv) == 0
     assert ("cuda:7", "--device") in probe["resolved"]
     assert torch.device("cpu:0") in probe["extractor_to"] and torch.device("cpu:0") in probe["model_to"]
     assert probe["backbone"] and all(d == torch.device("cpu") for d, _ in probe["backbone"])
     # train scores its held-out calibration images; the others score what they were asked to
-    assert probe["detect"] and all(f == torch.device("cpu") and m == torch.device("cpu")
-                                   for f, m, _ in probe["detect"])
+    assert probe["detect"] and all(f == torch.device("cpu") and m == torch.device("cpu") for f, m, _ in probe["detect"])
     if command == "train":  # --device is the shortcut of --set train.device=...
         assert "device: cuda:7" in (out / "config.yaml").read_text()
 
@@ -210,8 +251,9 @@ def test_the_checkpoints_train_device_is_not_where_it_runs_now(checkpoint, tmp_p
     payload["config"]["train"]["device"] = "cuda"
     gpu_trained = tmp_path / "gpu.pt"
     torch.save(payload, gpu_trained)
-    assert main(["evaluate", "--checkpoint", str(gpu_trained), "--output", str(tmp_path / "m.json"),
-                 "--no-progress"]) == 0
+    assert (
+        main(["evaluate", "--checkpoint", str(gpu_trained), "--output", str(tmp_path / "m.json"), "--no-progress"]) == 0
+    )
     assert ("auto", "--device") in probe["resolved"]
 
 
@@ -232,8 +274,10 @@ def _scores_and_maps(checkpoint, files, precision: str):
     detector = Detector.from_checkpoint(checkpoint, device="cpu", overrides=[f"inference.precision={precision}"])
     results = detector.predict_files(files, progress=False)
     assert all(r.error is None for r in results)
-    return (np.array([r.score for r in results], dtype=np.float64),
-            np.stack([r.anomaly_map for r in results]).astype(np.float64))
+    return (
+        np.array([r.score for r in results], dtype=np.float64),
+        np.stack([r.anomaly_map for r in results]).astype(np.float64),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -252,9 +296,11 @@ def test_reduced_precision_scores_match_float32_within_tolerance(precision, chec
     spread = np.abs(scores - ref_scores) / ref_scores.std()
     rho = spearmanr(scores, ref_scores)[0]
     map_error = np.linalg.norm(maps - ref_maps) / np.linalg.norm(ref_maps)
-    print(f"{precision} vs fp32 on {len(scores)} images: image score relative difference max {relative.max():.4f} "
-          f"mean {relative.mean():.4f}, over the scores' spread max {spread.max():.4f} mean {spread.mean():.4f}, "
-          f"Spearman {rho:.4f}, map relative L2 {map_error:.4f}")
+    print(
+        f"{precision} vs fp32 on {len(scores)} images: image score relative difference max {relative.max():.4f} "
+        f"mean {relative.mean():.4f}, over the scores' spread max {spread.max():.4f} mean {spread.mean():.4f}, "
+        f"Spearman {rho:.4f}, map relative L2 {map_error:.4f}"
+    )
     # Autocast really ran: the answers moved (a silently disabled autocast gives float32 exactly).
     assert relative.max() > 1e-5
     assert spread.max() < SPREAD_TOL
@@ -283,10 +329,27 @@ def test_both_networks_run_under_autocast_and_come_back_as_float32(checkpoint, d
 
 
 def test_evaluate_precision_option_gives_float32_like_metrics(checkpoint, tmp_path, capsys):
-    assert main(["evaluate", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "fp32.json"),
-                 "--no-progress"]) == 0
-    assert main(["evaluate", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "bf16.json"),
-                 "--no-progress", "--precision", "bf16", "--device", "cpu"]) == 0
+    assert (
+        main(["evaluate", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "fp32.json"), "--no-progress"])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(checkpoint),
+                "--output",
+                str(tmp_path / "bf16.json"),
+                "--no-progress",
+                "--precision",
+                "bf16",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     out, err = capsys.readouterr()
     assert "device cpu, inference.precision bf16" in out
     # the thresholds were calibrated in float32: the command says they may not hold
@@ -341,26 +404,56 @@ def test_an_invalid_precision_is_a_clear_error(checkpoint, tmp_path, capsys):
         VPDMConfig().with_overrides(["inference.precision=fp8"]).validate()
     with pytest.raises(ConfigError, match="got 'half'"):
         FeatureExtractor(VPDMConfig().backbone, precision="half")
-    code = main(["evaluate", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "m.json"), "--no-progress",
-                 "--set", "inference.precision=fp8"])
+    code = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(checkpoint),
+            "--output",
+            str(tmp_path / "m.json"),
+            "--no-progress",
+            "--set",
+            "inference.precision=fp8",
+        ]
+    )
     assert code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
     with pytest.raises(SystemExit) as info:
-        main(["predict", "--checkpoint", str(checkpoint), "--images", str(tmp_path), "--output", str(tmp_path / "o"),
-              "--precision", "fp8"])
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(checkpoint),
+                "--images",
+                str(tmp_path),
+                "--output",
+                str(tmp_path / "o"),
+                "--precision",
+                "fp8",
+            ]
+        )
     assert info.value.code == 2 and "invalid choice: 'fp8'" in capsys.readouterr().err
 
 
-def test_a_precision_torch_cannot_autocast_to_is_refused_not_run_in_float32(monkeypatch, checkpoint, tmp_path,
-                                                                            capsys):
+def test_a_precision_torch_cannot_autocast_to_is_refused_not_run_in_float32(monkeypatch, checkpoint, tmp_path, capsys):
     """torch only warns and runs float32 when a device lacks autocast to a dtype; vpdm refuses instead."""
     monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: False)
     with pytest.raises(ConfigError, match="inference.precision='bf16' is not supported on device 'cpu'"):
         check_precision("bf16", "cpu")
     check_precision("fp32", "cpu")  # float32 needs no autocast
     seen = total_images_seen()
-    code = main(["evaluate", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "m.json"), "--no-progress",
-                 "--precision", "bf16"])
+    code = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(checkpoint),
+            "--output",
+            str(tmp_path / "m.json"),
+            "--no-progress",
+            "--precision",
+            "bf16",
+        ]
+    )
     assert code == 2 and "is not supported on device 'cpu'" in capsys.readouterr().err
     assert total_images_seen() == seen and not (tmp_path / "m.json").exists()
 

@@ -92,8 +92,10 @@ def test_posterior_equals_gaussian_conditioning(schedule: str) -> None:
         want_mean, want_var = m1 + cov / v2 * (xt - m2), v1 - cov**2 / v2
         tt = torch.tensor([t])
         mean, var = d.posterior_mean_variance(
-            torch.tensor([x0], dtype=torch.float64), torch.tensor([xt], dtype=torch.float64),
-            torch.tensor([y], dtype=torch.float64), tt,
+            torch.tensor([x0], dtype=torch.float64),
+            torch.tensor([xt], dtype=torch.float64),
+            torch.tensor([y], dtype=torch.float64),
+            tt,
         )
         assert mean.item() == pytest.approx(want_mean, rel=1e-9, abs=1e-12)
         assert var.item() == pytest.approx(want_var, rel=1e-9, abs=1e-14)
@@ -178,8 +180,15 @@ def oracle(d: ShiftedDiffusion, x0: Tensor, abar: np.ndarray):  # noqa: ANN201
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"num_steps": 100}, {"num_steps": 13}, {"num_steps": 1}, {"sampler": "ddim", "eta": 0.0, "num_steps": 10},
-     {"sampler": "ddim", "eta": 1.0, "num_steps": 25}, {"sampler": "ddim", "eta": 0.5}],
+    [
+        {},
+        {"num_steps": 100},
+        {"num_steps": 13},
+        {"num_steps": 1},
+        {"sampler": "ddim", "eta": 0.0, "num_steps": 10},
+        {"sampler": "ddim", "eta": 1.0, "num_steps": 25},
+        {"sampler": "ddim", "eta": 0.5},
+    ],
 )
 def test_oracle_eps_recovers_x0(kwargs: dict) -> None:
     d = ShiftedDiffusion(NoiseScheduleConfig(num_timesteps=100, beta_end=0.2))
@@ -288,9 +297,15 @@ def test_gaussian_data_exact_eps_sampler_statistics() -> None:
         return var
 
     yhat = torch.full((n,), y, dtype=torch.float64)
-    cases = [("ddpm", None, 1.0, "linspace"), ("ddpm", 50, 1.0, "linspace"), ("ddim", 50, 0.0, "linspace"),
-             ("ddim", 10, 0.0, "linspace"), ("ddim", 20, 0.5, "linspace"), ("ddim", 3, 0.0, "trailing"),
-             ("ddpm", 10, 1.0, "trailing")]
+    cases = [
+        ("ddpm", None, 1.0, "linspace"),
+        ("ddpm", 50, 1.0, "linspace"),
+        ("ddim", 50, 0.0, "linspace"),
+        ("ddim", 10, 0.0, "linspace"),
+        ("ddim", 20, 0.5, "linspace"),
+        ("ddim", 3, 0.0, "trailing"),
+        ("ddpm", 10, 1.0, "trailing"),
+    ]
     for sampler, steps, eta, spacing in cases:
         torch.manual_seed(0)
         out = d.sample(eps_fn, yhat, num_steps=steps, sampler=sampler, eta=eta, spacing=spacing)

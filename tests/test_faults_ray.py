@@ -25,9 +25,19 @@ from tune.presets import get_preset
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-FAULT_ENV = ("VPDM_CACHE_DIR", "RAY_ADDRESS", "VPDM_FAULT_AFTER_EPOCH", "VPDM_FAULT_MARKER_DIR", "VPDM_FAULT_TRIALS",
-             "VPDM_FAULT_NAN_AT_EPOCH", "VPDM_FAULT_NAN_TRIALS", "VPDM_FAULT_PAUSE_AFTER_EPOCH",
-             "VPDM_FAULT_PAUSE_TRIALS", "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+FAULT_ENV = (
+    "VPDM_CACHE_DIR",
+    "RAY_ADDRESS",
+    "VPDM_FAULT_AFTER_EPOCH",
+    "VPDM_FAULT_MARKER_DIR",
+    "VPDM_FAULT_TRIALS",
+    "VPDM_FAULT_NAN_AT_EPOCH",
+    "VPDM_FAULT_NAN_TRIALS",
+    "VPDM_FAULT_PAUSE_AFTER_EPOCH",
+    "VPDM_FAULT_PAUSE_TRIALS",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+)
 # Waits are for events (a marker file, a process gone, a server answering); these bounds only stop a
 # test that is broken, and are generous so that a machine loaded by other jobs is slow, not failing.
 PATIENCE_S = 1800
@@ -83,7 +93,8 @@ def _in_order(trials, marker_dir: Path, kind: str):
 
 
 def test_worker_crash_resumes_like_an_uninterrupted_run_and_a_diverged_trial_does_not_stop_the_sweep(
-        tiny_demo, tmp_path, fault_env, monkeypatch):
+    tiny_demo, tmp_path, fault_env, monkeypatch
+):
     """Three identical trials (same seed, config, data), one after the other, 2 DDP workers each:
     the first loses rank 0 after epoch 1 (the worker group restarts from that checkpoint), the second
     runs uninterrupted, the third gets NaN weights on rank 0 at the start of epoch 2 (a real NaN loss)."""
@@ -93,13 +104,29 @@ def test_worker_crash_resumes_like_an_uninterrupted_run_and_a_diverged_trial_doe
     from tune.sweep import SweepConfig, run_sweep
 
     faults = tmp_path / "faults"
-    for key, value in {"VPDM_FAULT_AFTER_EPOCH": "1", "VPDM_FAULT_TRIALS": "1", "VPDM_FAULT_NAN_AT_EPOCH": "2",
-                       "VPDM_FAULT_NAN_TRIALS": "3", "VPDM_FAULT_MARKER_DIR": str(faults)}.items():
+    for key, value in {
+        "VPDM_FAULT_AFTER_EPOCH": "1",
+        "VPDM_FAULT_TRIALS": "1",
+        "VPDM_FAULT_NAN_AT_EPOCH": "2",
+        "VPDM_FAULT_NAN_TRIALS": "3",
+        "VPDM_FAULT_MARKER_DIR": str(faults),
+    }.items():
         monkeypatch.setenv(key, value)
     sc = SweepConfig(
-        datasets=[f"demo:{tiny_demo}"], preset="tiny", trials=3, epochs=2, grace_period=2, workers=2,
-        max_concurrent=1, num_cpus=3, search=_identical_trials(), tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
-        experiment="faults", model_name="vpdm-faults", storage=str(tmp_path / "runs"), ray_temp_dir=fault_env,
+        datasets=[f"demo:{tiny_demo}"],
+        preset="tiny",
+        trials=3,
+        epochs=2,
+        grace_period=2,
+        workers=2,
+        max_concurrent=1,
+        num_cpus=3,
+        search=_identical_trials(),
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        experiment="faults",
+        model_name="vpdm-faults",
+        storage=str(tmp_path / "runs"),
+        ray_temp_dir=fault_env,
         verbose=0,
     )
     result = run_sweep(sc, progress=False)
@@ -142,10 +169,35 @@ def test_worker_crash_resumes_like_an_uninterrupted_run_and_a_diverged_trial_doe
 
 
 def _sweep_cmd(tiny_demo, root: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(REPO / "jobs" / "sweep.py"), "--data", f"demo:{tiny_demo}", "--preset", "tiny",
-            "--trials", "2", "--epochs", "2", "--grace-period", "2", "--workers", "1", "--max-concurrent", "1",
-            "--num-cpus", "2", "--tracking-uri", f"sqlite:///{root}/mlflow.db", "--storage", str(root / "runs"),
-            "--experiment", "killed", "--model-name", "vpdm-killed", *extra]
+    return [
+        sys.executable,
+        str(REPO / "jobs" / "sweep.py"),
+        "--data",
+        f"demo:{tiny_demo}",
+        "--preset",
+        "tiny",
+        "--trials",
+        "2",
+        "--epochs",
+        "2",
+        "--grace-period",
+        "2",
+        "--workers",
+        "1",
+        "--max-concurrent",
+        "1",
+        "--num-cpus",
+        "2",
+        "--tracking-uri",
+        f"sqlite:///{root}/mlflow.db",
+        "--storage",
+        str(root / "runs"),
+        "--experiment",
+        "killed",
+        "--model-name",
+        "vpdm-killed",
+        *extra,
+    ]
 
 
 def test_a_killed_sweep_driver_resumes_without_rerunning_or_duplicating(tiny_demo, tmp_path, fault_env):
@@ -161,8 +213,14 @@ def test_a_killed_sweep_driver_resumes_without_rerunning_or_duplicating(tiny_dem
     env.update(VPDM_FAULT_PAUSE_AFTER_EPOCH="1", VPDM_FAULT_PAUSE_TRIALS="2", VPDM_FAULT_MARKER_DIR=str(faults))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(_sweep_cmd(tiny_demo, tmp_path, "--quiet"), env=env, stdout=log, stderr=subprocess.STDOUT,
-                             start_new_session=True, cwd=tmp_path)
+    first = subprocess.Popen(
+        _sweep_cmd(tiny_demo, tmp_path, "--quiet"),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=tmp_path,
+    )
     finished_before: dict[str, int] = {}
 
     def one_finished_one_running() -> bool:
@@ -196,8 +254,14 @@ def test_a_killed_sweep_driver_resumes_without_rerunning_or_duplicating(tiny_dem
             os.killpg(first.pid, signal.SIGKILL)
         log.close()
 
-    second = subprocess.run(_sweep_cmd(tiny_demo, tmp_path, "--resume"), env=env, capture_output=True, text=True,
-                            timeout=PATIENCE_S, cwd=tmp_path)
+    second = subprocess.run(
+        _sweep_cmd(tiny_demo, tmp_path, "--resume"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE_S,
+        cwd=tmp_path,
+    )
     out = second.stdout + second.stderr
     (tmp_path / "second.log").write_text(out)
     assert second.returncode == 0, out[-5000:]
@@ -215,8 +279,11 @@ def test_a_killed_sweep_driver_resumes_without_rerunning_or_duplicating(tiny_dem
     worker_said = "rank 0: resuming from the checkpoint of epoch 1"  # the resumed trial's Train worker
     assert worker_said not in out
     logs = Path(re.search(r"^Ray logs \(the trials' and Train workers' output\): (.+)$", out, re.M).group(1))
-    assert any(worker_said in f.read_text(errors="replace") for f in logs.rglob("*")
-               if f.is_file() and f.suffix in (".out", ".err", ".log")), logs
+    assert any(
+        worker_said in f.read_text(errors="replace")
+        for f in logs.rglob("*")
+        if f.is_file() and f.suffix in (".out", ".err", ".log")
+    ), logs
     assert list((tmp_path / "runs" / "killed").glob("tune-*/*/progress.csv"))  # every epoch's metrics, per trial
 
     client = MlflowClient(tracking_uri=uri)
@@ -248,10 +315,24 @@ def _start_mlflow_server(root: Path, port: int, log_name: str) -> subprocess.Pop
     bindir = Path(sys.executable).parent
     env = {**os.environ, "PATH": str(bindir) + os.pathsep + os.environ.get("PATH", "")}
     server = subprocess.Popen(
-        [str(bindir / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/server.db",
-         "--artifacts-destination", str(root / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        env=env, stdout=open(root / log_name, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(bindir / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root}/server.db",
+            "--artifacts-destination",
+            str(root / "server-artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env=env,
+        stdout=open(root / log_name, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     import urllib.request
 
@@ -275,8 +356,9 @@ def _stop(server: subprocess.Popen) -> None:
         server.wait(timeout=PATIENCE_S)
 
 
-def test_mlflow_server_lost_mid_sweep_training_goes_on_and_the_replay_loses_nothing(tiny_demo, tmp_path, fault_env,
-                                                                                   monkeypatch):
+def test_mlflow_server_lost_mid_sweep_training_goes_on_and_the_replay_loses_nothing(
+    tiny_demo, tmp_path, fault_env, monkeypatch
+):
     from mlflow import MlflowClient
 
     from tune.recover import main as recover_main
@@ -322,9 +404,20 @@ def test_mlflow_server_lost_mid_sweep_training_goes_on_and_the_replay_loses_noth
     watcher.start()
     try:
         sc = SweepConfig(
-            datasets=[f"demo:{tiny_demo}"], preset="tiny", trials=1, epochs=3, grace_period=3, workers=1,
-            max_concurrent=1, num_cpus=2, tracking_uri=uri, experiment="outage", model_name="vpdm-outage",
-            storage=str(tmp_path / "runs"), ray_temp_dir=fault_env, verbose=0,
+            datasets=[f"demo:{tiny_demo}"],
+            preset="tiny",
+            trials=1,
+            epochs=3,
+            grace_period=3,
+            workers=1,
+            max_concurrent=1,
+            num_cpus=2,
+            tracking_uri=uri,
+            experiment="outage",
+            model_name="vpdm-outage",
+            storage=str(tmp_path / "runs"),
+            ray_temp_dir=fault_env,
+            verbose=0,
         )
         result = run_sweep(sc, progress=False)
     finally:

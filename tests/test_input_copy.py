@@ -100,14 +100,19 @@ def test_checkpoint_round_trip_with_a_copy(tmp_path) -> None:
     loaded, cfg, _ = load_checkpoint(path)
     assert cfg.model.input_copy == "jitter" and loaded.denoiser.inp.weight.shape[1] == 3 * C
     feats = torch.randn(2, C, S, S)
-    torch.testing.assert_close(loaded.anomaly_maps(feats, SamplingConfig()), model.anomaly_maps(feats, SamplingConfig()))
+    torch.testing.assert_close(
+        loaded.anomaly_maps(feats, SamplingConfig()), model.anomaly_maps(feats, SamplingConfig())
+    )
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("input_copy", "mask", "model.input_copy must be one of"),
-    ("input_copy_strength", -0.1, "model.input_copy_strength"),
-    ("input_copy_strength", float("nan"), "model.input_copy_strength"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("input_copy", "mask", "model.input_copy must be one of"),
+        ("input_copy_strength", -0.1, "model.input_copy_strength"),
+        ("input_copy_strength", float("nan"), "model.input_copy_strength"),
+    ],
+)
 def test_bad_copy_settings_are_refused_by_name(field, value, needle) -> None:
     with pytest.raises(ConfigError, match=needle):
         ModelConfig(**{field: value}).validate()

@@ -55,8 +55,14 @@ def test_efbig_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
             print(exc)
             sys.exit(3)
     """)
-    proc = subprocess.run([sys.executable, "-c", script, str(target)], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=PATIENCE_S, preexec_fn=file_size_limit(64 * 1024))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(target)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE_S,
+        preexec_fn=file_size_limit(64 * 1024),
+    )
     assert proc.returncode == 3, proc.stderr[-2000:]
     message = proc.stdout.strip()
     assert message.startswith(f"cannot write checkpoint {str(target)!r}: file too large (EFBIG)"), message
@@ -93,16 +99,27 @@ def test_dev_full_gives_a_named_enospc():
     with pytest.raises(OutputError) as info, writing("/dev/full", "overlay"):
         with open("/dev/full", "wb") as f:
             f.write(b"x" * 10)
-    assert str(info.value) == ("cannot write overlay '/dev/full': no space left on device (ENOSPC); "
-                               "free some space or write somewhere else")
+    assert str(info.value) == (
+        "cannot write overlay '/dev/full': no space left on device (ENOSPC); free some space or write somewhere else"
+    )
 
 
 def _private_tmpfs_works() -> bool:
     if shutil.which("unshare") is None or sys.platform != "linux":
         return False
-    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
-                            "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs \"$d\" && umount \"$d\"; rmdir \"$d\""],
-                           capture_output=True, timeout=PATIENCE_S)
+    probe = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            'd=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs "$d" && umount "$d"; rmdir "$d"',
+        ],
+        capture_output=True,
+        timeout=PATIENCE_S,
+    )
     return probe.returncode == 0
 
 
@@ -141,12 +158,19 @@ def test_full_file_system_enospc(tmp_path):
         print(json.dumps(out))
     """)
     cmd = 'mount -t tmpfs -o size=256k tmpfs "$1" && exec "$2" -c "$3" "$1"'
-    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", cmd, "sh", str(mnt),
-                           sys.executable, script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=PATIENCE_S)
+    proc = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", cmd, "sh", str(mnt), sys.executable, script],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE_S,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got["save"] == (f"cannot write checkpoint {str(mnt / 'model.pt')!r}: no space left on device (ENOSPC); "
-                           "free some space or write somewhere else")
+    assert got["save"] == (
+        f"cannot write checkpoint {str(mnt / 'model.pt')!r}: no space left on device (ENOSPC); "
+        "free some space or write somewhere else"
+    )
     assert got["kept"] is True
     assert got["files_after_save"] == ["model.pt", "run"]  # no temporary left behind
     assert got["probe"].startswith(f"cannot write output folder {str(mnt / 'run')!r}: no space left on device (ENOSPC)")
@@ -221,6 +245,7 @@ def test_commit_run_leaves_one_run_and_loses_nothing_whichever_step_fails(tmp_pa
                 if calls["n"] == k:
                     raise OSError(errno.EIO, "injected I/O error")
                 return real[name](*args, **kwargs)
+
             return op
 
         for name in real:

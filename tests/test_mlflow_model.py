@@ -94,8 +94,11 @@ def reference(checkpoint, images):
 def champion(store, checkpoint, images):
     with mlflow.start_run(experiment_id=store["experiment_id"]) as run:
         info = log_pyfunc_model(checkpoint, example_images=images[:1])
-    version = register_champion(run.info.run_id, model_name=MODEL_NAME,
-                                tags={"sweep": "test-sweep", "dataset": "demo", "metrics": {"image_auroc": 0.75}})
+    version = register_champion(
+        run.info.run_id,
+        model_name=MODEL_NAME,
+        tags={"sweep": "test-sweep", "dataset": "demo", "metrics": {"image_auroc": 0.75}},
+    )
     return {"run_id": run.info.run_id, "info": info, "version": version}
 
 
@@ -142,7 +145,8 @@ def test_logged_model_has_signature_example_and_carried_code(champion):
 
 
 def test_champion_loads_in_a_fresh_process_and_matches_the_detector(champion, store, images, reference, tmp_path):
-    script = textwrap.dedent("""
+    script = (
+        textwrap.dedent("""
         import base64, json, sys
         import mlflow, pandas as pd
         paths = sys.argv[1:]
@@ -153,12 +157,20 @@ def test_champion_loads_in_a_fresh_process_and_matches_the_detector(champion, st
         print(json.dumps({"scores": out["score"].tolist(), "maps": out["anomaly_map"].tolist(),
                           "errors": out["error"].tolist(), "vpdm": vpdm.__file__,
                           "tune": tune.mlflow_model.__file__}))
-    """) % MODEL_NAME
+    """)
+        % MODEL_NAME
+    )
     # cwd outside the checkout, no PYTHONPATH: the loaded model must bring what it needs
     env = _env(store)
     env.pop("PYTHONPATH", None)
-    proc = subprocess.run([sys.executable, "-c", script, *map(str, images)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=PATIENCE_S)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *map(str, images)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE_S,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["errors"] == [None] * len(images)
@@ -252,19 +264,31 @@ def loaded(champion):
 
 def test_bad_items_fail_alone(loaded, images, reference):
     good = images[0].read_bytes()
-    frame = pd.DataFrame({
-        "image": [_b64(good), _b64(good[:200]), _b64(b"hello, not an image"), "%%% not base64 %%%", None,
-                  _b64(images[1].read_bytes())],
-        "path": ["a", "b", "c", "d", "e", "f"],  # extra columns are ignored
-    })
+    frame = pd.DataFrame(
+        {
+            "image": [
+                _b64(good),
+                _b64(good[:200]),
+                _b64(b"hello, not an image"),
+                "%%% not base64 %%%",
+                None,
+                _b64(images[1].read_bytes()),
+            ],
+            "path": ["a", "b", "c", "d", "e", "f"],  # extra columns are ignored
+        }
+    )
     out = loaded.predict(frame)
     assert list(out.columns) == list(OUTPUT_COLUMNS) and len(out) == 6
     assert out["score"].iloc[0] == pytest.approx(reference[str(images[0])][0], rel=REL, abs=TOL)
     assert out["score"].iloc[5] == pytest.approx(reference[str(images[1])][0], rel=REL, abs=TOL)
     assert out["error"].iloc[0] is None and out["error"].iloc[5] is None
     assert np.asarray(out["anomaly_map"].iloc[0]).shape == (16, 16)  # the default: a small map
-    for i, pattern in [(1, "row 1: cannot decode image"), (2, "row 2: not a PNG, JPEG, BMP or TIFF"),
-                       (3, "row 3: not valid base64"), (4, "row 4: expected a base64 string")]:
+    for i, pattern in [
+        (1, "row 1: cannot decode image"),
+        (2, "row 2: not a PNG, JPEG, BMP or TIFF"),
+        (3, "row 3: not valid base64"),
+        (4, "row 4: expected a base64 string"),
+    ]:
         assert np.isnan(out["score"].iloc[i]) and out["anomaly_map"].iloc[i] is None
         assert out["error"].iloc[i].startswith(pattern), out["error"].iloc[i]
 
@@ -274,15 +298,29 @@ def test_huge_and_tiny_images_are_refused_per_item(checkpoint, images, reference
     error) are refused before any decoding; sides under 8 px are refused; the good items are scored."""
     detector = Detector.from_checkpoint(checkpoint)
     eight = png_bytes(np.full((8, 8, 3), 128, np.uint8))
-    payloads = [declared_size_png(20000, 20000), images[0].read_bytes(), declared_size_png(10000, 10000),
-                png_bytes(np.zeros((1, 1), np.uint8)), png_bytes(np.zeros((2, 3, 3), np.uint8)), eight,
-                images[1].read_bytes()]
+    payloads = [
+        declared_size_png(20000, 20000),
+        images[0].read_bytes(),
+        declared_size_png(10000, 10000),
+        png_bytes(np.zeros((1, 1), np.uint8)),
+        png_bytes(np.zeros((2, 3, 3), np.uint8)),
+        eight,
+        images[1].read_bytes(),
+    ]
     out = predict_frame(detector, pd.DataFrame({"image": [_b64(p) for p in payloads]}), batch_size=4)
     assert out["error"].iloc[0].startswith("row 0: refused, image too large (Image size (400000000 pixels) exceeds")
-    assert out["error"].iloc[2].startswith("row 2: refused, image too large (Image size (100000000 pixels) exceeds "
-                                           f"limit of {Image.MAX_IMAGE_PIXELS} pixels")
-    assert out["error"].iloc[3] == ("row 3: 1x1 pixels is too small, expected at least 8 pixels on each side "
-                                    "(small images are refused, not upscaled)")
+    assert (
+        out["error"]
+        .iloc[2]
+        .startswith(
+            "row 2: refused, image too large (Image size (100000000 pixels) exceeds "
+            f"limit of {Image.MAX_IMAGE_PIXELS} pixels"
+        )
+    )
+    assert out["error"].iloc[3] == (
+        "row 3: 1x1 pixels is too small, expected at least 8 pixels on each side "
+        "(small images are refused, not upscaled)"
+    )
     assert out["error"].iloc[4].startswith("row 4: 3x2 pixels is too small")
     for i in (0, 2, 3, 4):
         assert np.isnan(out["score"].iloc[i]) and out["anomaly_map"].iloc[i] is None
@@ -327,8 +365,9 @@ def test_converted_images_score_like_their_rgb(loaded):
     assert out["error"].tolist() == [None] * 6
     for k in range(3):
         assert out["score"].iloc[2 * k] == pytest.approx(out["score"].iloc[2 * k + 1], rel=1e-5), k
-        np.testing.assert_allclose(out["anomaly_map"].iloc[2 * k], out["anomaly_map"].iloc[2 * k + 1],
-                                   rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(
+            out["anomaly_map"].iloc[2 * k], out["anomaly_map"].iloc[2 * k + 1], rtol=1e-5, atol=1e-4
+        )
 
 
 def test_empty_frame_and_missing_column(loaded, checkpoint):
@@ -355,8 +394,9 @@ def test_the_caller_chooses_what_map_comes_back(loaded, images, reference):
         blocks = full.reshape(16, 4, 16, 4).mean(axis=(1, 3))  # 16 x 16 block means of the 64 px map
         np.testing.assert_allclose(np.asarray(got), blocks, rtol=1e-4, atol=1e-4)
     eight = loaded.predict(frame, params={"map_side": 8})
-    np.testing.assert_allclose(np.asarray(eight["anomaly_map"].iloc[0]), ref[0].reshape(8, 8, 8, 8).mean(axis=(1, 3)),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(eight["anomaly_map"].iloc[0]), ref[0].reshape(8, 8, 8, 8).mean(axis=(1, 3)), rtol=1e-4, atol=1e-4
+    )
     none = loaded.predict(frame, params={"anomaly_map": "none"})
     assert none["anomaly_map"].tolist() == [None, None] and np.allclose(none["score"], small["score"])
     full = loaded.predict(frame, params={"anomaly_map": "full"})
@@ -371,11 +411,16 @@ def test_the_caller_chooses_what_map_comes_back(loaded, images, reference):
     with Image.open(io.BytesIO(base64.b64decode(scaled["anomaly_map"].iloc[0]))) as im:
         assert abs(int(np.asarray(im).max()) - 128) <= 1  # a fixed scale: half of it is mid-grey
     # what a 100-image answer weighs: the default stays small, the full float map does not
-    per_image = {kind: len(json.dumps(out["anomaly_map"].iloc[0])) for kind, out in
-                 (("small", small), ("full", full), ("none", none))}
-    assert per_image["small"] * 100 < 1_000_000 < per_image["full"] * 100 * 224 ** 2 / 64 ** 2, per_image
-    for bad, needle in [({"anomaly_map": "jpeg"}, "anomaly_map='jpeg'"), ({"map_side": 0}, "map_side=0"),
-                        ({"png_vmax": -1.0}, "png_vmax=-1.0")]:
+    per_image = {
+        kind: len(json.dumps(out["anomaly_map"].iloc[0]))
+        for kind, out in (("small", small), ("full", full), ("none", none))
+    }
+    assert per_image["small"] * 100 < 1_000_000 < per_image["full"] * 100 * 224**2 / 64**2, per_image
+    for bad, needle in [
+        ({"anomaly_map": "jpeg"}, "anomaly_map='jpeg'"),
+        ({"map_side": 0}, "map_side=0"),
+        ({"png_vmax": -1.0}, "png_vmax=-1.0"),
+    ]:
         with pytest.raises(MlflowException, match=needle):
             loaded.predict(frame, params=bad)
 
@@ -395,14 +440,16 @@ def test_the_answer_carries_decisions_at_the_calibrated_or_requested_thresholds(
         score = reference[str(path)][0]
         assert out["score"].iloc[i] == pytest.approx(score, rel=REL, abs=TOL)
         assert out["pred_label"].iloc[i] == int(out["score"].iloc[i] > t.image_threshold)
-        assert out["pred_score"].iloc[i] == pytest.approx(normalise(out["score"].iloc[i], t.image_threshold,
-                                                                    t.image_min, t.image_max))
+        assert out["pred_score"].iloc[i] == pytest.approx(
+            normalise(out["score"].iloc[i], t.image_threshold, t.image_min, t.image_max)
+        )
         small = np.asarray(out["pred_mask"].iloc[i])  # 16 x 16: a block is 1 when any of its pixels is
         full = reference[str(path)][1] > t.pixel_threshold
         assert small.shape == (16, 16) and (small == full.reshape(16, 4, 16, 4).any(axis=(1, 3))).all()
     # a per-call override; the same numbers through the library's own PostProcessor
-    over = predict_frame(detector, frame, params={"image_threshold": 0.0, "pixel_threshold": 1e9,
-                                                  "anomaly_map": "full"})
+    over = predict_frame(
+        detector, frame, params={"image_threshold": 0.0, "pixel_threshold": 1e9, "anomaly_map": "full"}
+    )
     assert over["pred_label"].tolist() == [1, 1, 1, 1]
     assert all(not np.asarray(m).any() for m in over["pred_mask"])
     # an unknown class fails its item only
@@ -412,9 +459,14 @@ def test_the_answer_carries_decisions_at_the_calibrated_or_requested_thresholds(
     assert np.isnan(bad["score"].iloc[0]) and bad["pred_label"].iloc[0] is None and bad["error"].iloc[1] is None
 
 
-@pytest.mark.parametrize("params, needle", [({"image_threshold": float("nan")}, "image_threshold must be a finite"),
-                                            ({"pixel_threshold": -1.0}, "pixel_threshold must be a finite"),
-                                            ({"image_threshold": "high"}, "image_threshold must be a finite")])
+@pytest.mark.parametrize(
+    "params, needle",
+    [
+        ({"image_threshold": float("nan")}, "image_threshold must be a finite"),
+        ({"pixel_threshold": -1.0}, "pixel_threshold must be a finite"),
+        ({"image_threshold": "high"}, "image_threshold must be a finite"),
+    ],
+)
 def test_bad_threshold_params_are_refused_by_name(checkpoint, images, params, needle):
     with pytest.raises(MlflowException, match=needle):
         predict_frame(Detector.from_checkpoint(checkpoint), images_to_frame(images[:1]), params=params)
@@ -456,9 +508,25 @@ def test_score_job_end_to_end(champion, store, checkpoint, images, reference, tm
     ramp = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
     (folder / "ramp16.png").write_bytes(png_bytes(ramp))
     out = tmp_path / "scored"
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "jobs" / "score.py"), "--model", f"models:/{MODEL_NAME}@champion",
-                           "--images", str(folder), "--output", str(out), "--tracking-uri", store["uri"]],
-                          cwd=tmp_path, env=_env(store), capture_output=True, text=True, timeout=PATIENCE_S)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "jobs" / "score.py"),
+            "--model",
+            f"models:/{MODEL_NAME}@champion",
+            "--images",
+            str(folder),
+            "--output",
+            str(out),
+            "--tracking-uri",
+            store["uri"],
+        ],
+        cwd=tmp_path,
+        env=_env(store),
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE_S,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "scored 3 image(s)" in proc.stdout and "2 failed" in proc.stdout
     rows = {r["path"]: r for r in csv.DictReader(open(out / "scores.csv"))}
@@ -474,7 +542,9 @@ def test_score_job_end_to_end(champion, store, checkpoint, images, reference, tm
     assert rows["tiny.png"]["score"] == "" and rows["tiny.png"]["error"].startswith("3x2 pixels is too small")
     assert "failed: tiny.png: 3x2 pixels is too small, expected at least 8 pixels on each side" in proc.stdout
     (lib,) = Detector.from_checkpoint(checkpoint).predict_files([folder / "ramp16.png"], progress=False)
-    assert rows["ramp16.png"]["error"] == "" and float(rows["ramp16.png"]["score"]) == pytest.approx(lib.score, rel=REL, abs=TOL)
+    assert rows["ramp16.png"]["error"] == "" and float(rows["ramp16.png"]["score"]) == pytest.approx(
+        lib.score, rel=REL, abs=TOL
+    )
     overlays = sorted(p.name for p in (out / "overlays").iterdir())
     assert overlays == ["a.png", "nested__b.png", "ramp16.png"]
     with Image.open(out / "overlays" / "a.png") as im:
@@ -490,18 +560,37 @@ def test_score_job_bad_inputs_exit_2(champion, store, tmp_path, capsys):
     (tmp_path / "blocker").write_text("a file")
     base = ["--images", str(folder), "--output", str(tmp_path / "o")]
     cases = [
-        (["--model", f"models:/{MODEL_NAME}@champion", "--images", str(folder), "--output", str(tmp_path / "blocker" / "o"),
-          "--tracking-uri", store["uri"]],
-         f"cannot write output folder {str(tmp_path / 'blocker' / 'o')!r}: {str(tmp_path / 'blocker')!r} is a file, "
-         "not a folder"),
-        (["--model", f"models:/{MODEL_NAME}@champion", "--images", str(tmp_path / "missing"), "--output", "o"],
-         "does not exist"),
-        (["--model", "models:/nope@champion", *base, "--tracking-uri", store["uri"]], "no registered model named 'nope'"),
+        (
+            [
+                "--model",
+                f"models:/{MODEL_NAME}@champion",
+                "--images",
+                str(folder),
+                "--output",
+                str(tmp_path / "blocker" / "o"),
+                "--tracking-uri",
+                store["uri"],
+            ],
+            f"cannot write output folder {str(tmp_path / 'blocker' / 'o')!r}: {str(tmp_path / 'blocker')!r} is a file, "
+            "not a folder",
+        ),
+        (
+            ["--model", f"models:/{MODEL_NAME}@champion", "--images", str(tmp_path / "missing"), "--output", "o"],
+            "does not exist",
+        ),
+        (
+            ["--model", "models:/nope@champion", *base, "--tracking-uri", store["uri"]],
+            "no registered model named 'nope'",
+        ),
         (["--model", f"models:/{MODEL_NAME}@staging", *base, "--tracking-uri", store["uri"]], "no alias 'staging'"),
-        (["--model", f"models:/{MODEL_NAME}@champion", *base, "--tracking-uri", f"http://127.0.0.1:{_free_port()}"],
-         "unreachable"),
-        (["--model", f"models:/{MODEL_NAME}@champion", *base, "--tracking-uri", f"sqlite:///{tmp_path / 'no.db'}"],
-         "does not exist"),
+        (
+            ["--model", f"models:/{MODEL_NAME}@champion", *base, "--tracking-uri", f"http://127.0.0.1:{_free_port()}"],
+            "unreachable",
+        ),
+        (
+            ["--model", f"models:/{MODEL_NAME}@champion", *base, "--tracking-uri", f"sqlite:///{tmp_path / 'no.db'}"],
+            "does not exist",
+        ),
     ]
     try:
         for argv, message in cases:
@@ -541,8 +630,17 @@ def test_score_job_never_replaces_a_previous_run_or_writes_into_its_input(champi
         assert set(rows) == {"x.png", "photo.webp"} and "'.webp' files are not read" in rows["photo.webp"]["error"]
         assert sorted(p.name for p in (out / "overlays").iterdir()) == ["x.png"]  # not mixed with the first run's
         assert sorted(p.name for p in out.iterdir()) == ["masks", "overlays", "scores.csv"]
-        inside = ["--model", f"models:/{MODEL_NAME}@champion", "--images", str(many), "--output", str(many / "o"),
-                  "--tracking-uri", store["uri"], "--overwrite"]
+        inside = [
+            "--model",
+            f"models:/{MODEL_NAME}@champion",
+            "--images",
+            str(many),
+            "--output",
+            str(many / "o"),
+            "--tracking-uri",
+            store["uri"],
+            "--overwrite",
+        ]
         assert score_main(inside) == 2
         assert f"is inside the input {str(many)!r}" in capsys.readouterr().err
         assert sorted(p.name for p in many.iterdir()) == ["0.png", "1.png", "2.png", "3.png"]
@@ -566,24 +664,50 @@ def test_models_serve_answers_invocations(champion, store, images, reference, tm
     port = _free_port()
     log = open(tmp_path / "serve.log", "w")
     # `mlflow models serve` execs `uvicorn` through the shell, so this env's bin/ must be on PATH.
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-                            cwd=tmp_path, env=_env(store), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{MODEL_NAME}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "-w",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=_env(store),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + PATIENCE_S  # it answers /ping once the model is loaded: wait for that
         while True:
-            assert proc.poll() is None, f"server exited with {proc.returncode}:\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
+            assert proc.poll() is None, (
+                f"server exited with {proc.returncode}:\n{(tmp_path / 'serve.log').read_text()[-3000:]}"
+            )
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=10) as r:
                     if r.status == 200:
                         break
             except (urllib.error.URLError, OSError):
                 pass
-            assert time.monotonic() < deadline, "server did not come up:\n" + (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (
+                "server did not come up:\n" + (tmp_path / "serve.log").read_text()[-3000:]
+            )
             time.sleep(0.5)
         body = {"dataframe_split": {"columns": ["image"], "data": [[_b64(images[2].read_bytes())]]}}
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=PATIENCE_S) as r:
             assert r.status == 200
             answer = json.loads(r.read())
@@ -593,8 +717,11 @@ def test_models_serve_answers_invocations(champion, store, images, reference, tm
         assert np.asarray(prediction["anomaly_map"]).shape == (16, 16)  # the default: a small map
 
         def invoke(payload: dict) -> tuple[int, dict]:
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(payload).encode(),
-                                         {"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations",
+                json.dumps(payload).encode(),
+                {"Content-Type": "application/json"},
+            )
             try:
                 with urllib.request.urlopen(req, timeout=PATIENCE_S) as r:
                     return r.status, json.loads(r.read())

@@ -117,10 +117,19 @@ def test_scores_do_not_depend_on_the_batch(sampler, steps):
     feats = torch.randn(5, C, S, S)
     sampling = SamplingConfig(sampler=sampler, num_steps=steps)
     scoring = ScoringConfig(blur_sigma=1.0, pool_size=4, fine_pools=(), fine_image_pools=None, combine="weighted")
-    alone = torch.cat([score_features(model, feats[i : i + 1], sampling=sampling, scoring=scoring, map_size=16, progress=False)[0] for i in range(5)])
-    together, _ = score_features(model, feats, sampling=sampling, scoring=scoring, map_size=16, batch_size=5, progress=False)
+    alone = torch.cat(
+        [
+            score_features(model, feats[i : i + 1], sampling=sampling, scoring=scoring, map_size=16, progress=False)[0]
+            for i in range(5)
+        ]
+    )
+    together, _ = score_features(
+        model, feats, sampling=sampling, scoring=scoring, map_size=16, batch_size=5, progress=False
+    )
     mixed_in = torch.cat([torch.randn(3, C, S, S), feats[2:4], torch.randn(2, C, S, S) * 5])
-    mixed, _ = score_features(model, mixed_in, sampling=sampling, scoring=scoring, map_size=16, batch_size=7, progress=False)
+    mixed, _ = score_features(
+        model, mixed_in, sampling=sampling, scoring=scoring, map_size=16, batch_size=7, progress=False
+    )
     torch.testing.assert_close(alone, together, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(mixed[3:5], together[2:4], rtol=1e-5, atol=1e-6)
 
@@ -224,10 +233,23 @@ def test_config_yaml_and_overrides(tmp_path):
     assert VPDMConfig.from_dict(cfg.to_dict()) == cfg
     paper = VPDMConfig().with_overrides(PAPER)
     assert (paper.model.prototypes.num_prototypes, paper.model.prototypes.downsample) == (50, 4)
-    assert (paper.model.prototypes.level, paper.model.diffusion.prediction, paper.sampling.start_step) == ("image", "eps", None)
+    assert (paper.model.prototypes.level, paper.model.diffusion.prediction, paper.sampling.start_step) == (
+        "image",
+        "eps",
+        None,
+    )
     assert tuple(paper.scoring.pools) == (1,) and paper.model.loss_weighting == "none"
-    assert (paper.model.diffusion.num_timesteps, paper.model.diffusion.beta_start, paper.model.diffusion.beta_end) == (1000, 1e-4, 0.02)
-    assert (paper.train.lr, paper.train.batch_size, paper.backbone.image_size, paper.backbone.feature_size) == (1e-3, 32, 224, 32)
+    assert (paper.model.diffusion.num_timesteps, paper.model.diffusion.beta_start, paper.model.diffusion.beta_end) == (
+        1000,
+        1e-4,
+        0.02,
+    )
+    assert (paper.train.lr, paper.train.batch_size, paper.backbone.image_size, paper.backbone.feature_size) == (
+        1e-3,
+        32,
+        224,
+        32,
+    )
 
 
 def test_same_seed_same_config_same_model_bitwise():
@@ -244,7 +266,9 @@ def test_same_seed_same_config_same_model_bitwise():
     b, _ = engine.fit(config, split, progress=False)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
-    other, _ = engine.fit(VPDMConfig(model=small_config(), train=TrainConfig(epochs=2, batch_size=8, seed=8)), split, progress=False)
+    other, _ = engine.fit(
+        VPDMConfig(model=small_config(), train=TrainConfig(epochs=2, batch_size=8, seed=8)), split, progress=False
+    )
     assert not torch.equal(other.prototypes.prototypes, a.prototypes.prototypes)
     sampling = SamplingConfig(num_steps=3)
     assert torch.equal(a.anomaly_maps(feats[:4], sampling), b.anomaly_maps(feats[:4], sampling))
@@ -271,8 +295,9 @@ def test_a_nan_loss_stops_training_before_any_step_and_says_where():
         return bool(torch.isfinite(loss))
 
     with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 1, step 1.*train\.lr") as info:
-        train_loop(model, feature_loader(feats, 8, 0), TrainConfig(epochs=2, lr=1e-3), progress=False,
-                   all_finite=all_finite)
+        train_loop(
+            model, feature_loader(feats, 8, 0), TrainConfig(epochs=2, lr=1e-3), progress=False, all_finite=all_finite
+        )
     assert (info.value.epoch, info.value.step) == (1, 1)
     assert len(seen) == 1  # the collective check replaces the local one
     for key, value in model.named_parameters():  # no optimizer step was taken
@@ -357,8 +382,9 @@ def test_fit_assigns_frozen_prototypes_once_and_refuses_a_batch_dependent_condit
     monkeypatch.setattr(VPDM, "training_condition", counting)
     feats = torch.randn(24, C, S, S)
     config = VPDMConfig(model=small_config(), train=TrainConfig(epochs=3, batch_size=8))
-    model, history = engine.fit(config, engine.SplitFeatures(features=feats, dataset=None, cache_hit=True),
-                                progress=False)
+    model, history = engine.fit(
+        config, engine.SplitFeatures(features=feats, dataset=None, cache_hit=True), progress=False
+    )
     assert calls == [24] and len(history) == 3  # once for every image, not once per epoch
     trained = VPDMConfig(model=small_config(), train=TrainConfig(epochs=1, batch_size=8, prototype_lr_scale=1.0))
     model, _ = engine.fit(trained, engine.SplitFeatures(features=feats, dataset=None, cache_hit=True), progress=False)
@@ -381,14 +407,22 @@ def _fine_model(seed=0):
         prototypes=VPOTConfig(num_prototypes=12, downsample=2, list_size=4, probes=2),
         fine=FineConfig(num_prototypes=24, list_size=6, probes=2),
         diffusion=NoiseScheduleConfig(num_timesteps=50, prediction="x0"),
-        denoiser=DenoiserConfig(width=16, depth=1, groups=4, time_dim=16))
+        denoiser=DenoiserConfig(width=16, depth=1, groups=4, time_dim=16),
+    )
     model = VPDM(C, S, config)
     model.fit_normalisation(feats)
     model.init_prototypes(feats, torch.Generator().manual_seed(seed), class_index=classes)
     model.eval()
     sampling = SamplingConfig(num_steps=1)
-    scoring = ScoringConfig(blur_sigma=1.0, pool_size=4, pools=(4,), image_pools=(4,), fine_pools=(1,),
-                            fine_image_pools=(1, 4), combine="standardised")
+    scoring = ScoringConfig(
+        blur_sigma=1.0,
+        pool_size=4,
+        pools=(4,),
+        image_pools=(4,),
+        fine_pools=(1,),
+        fine_image_pools=(1, 4),
+        combine="standardised",
+    )
     model.fit_statistics(feats, classes, sampling, scoring, per_class=6, batch_size=4)
     return model, feats, classes, sampling, scoring
 

@@ -30,8 +30,24 @@ def run(tiny_demo, tmp_path_factory):
     """A calibrated tiny model (2 held-out train/good images per class) and its feature cache."""
     out = tmp_path_factory.mktemp("run")
     cache = tmp_path_factory.mktemp("cache")
-    assert main(["train", "--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "1", "--no-progress",
-                 "--set", f"data.cache_dir={cache}", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                f"demo:{tiny_demo}",
+                "--output",
+                str(out),
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--set",
+                f"data.cache_dir={cache}",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     return {"model": out / "model.pt", "cache": cache, "demo": tiny_demo}
 
 
@@ -59,8 +75,19 @@ def test_evaluate_never_writes_onto_its_checkpoint(run, tmp_path, capsys, overwr
     shutil.copy(run["model"], ckpt)
     before = ckpt.read_bytes()
     seen = _images_seen()
-    code = main(["evaluate", "--checkpoint", str(ckpt), "--output", str(ckpt), "--no-progress",
-                 "--set", f"data.cache_dir={tmp_path / 'cache'}"] + (["--overwrite"] if overwrite else []))
+    code = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(ckpt),
+            "--output",
+            str(ckpt),
+            "--no-progress",
+            "--set",
+            f"data.cache_dir={tmp_path / 'cache'}",
+        ]
+        + (["--overwrite"] if overwrite else [])
+    )
     err = capsys.readouterr().err
     assert code == 2 and f"metrics {str(ckpt)!r} is the input {str(ckpt)!r}" in err, err
     assert ckpt.read_bytes() == before and _images_seen() == seen
@@ -85,15 +112,43 @@ def test_every_writer_refuses_an_existing_file_unless_told_and_then_replaces_it(
 
     plots.mkdir()
     (plots / "notes.txt").write_text("mine")
-    assert main(["evaluate", "--checkpoint", str(run["model"]), "--output", str(metrics), "--plots", str(plots),
-                 "--overwrite", *base]) == 2  # --overwrite replaces a folder of pictures, never a folder of other things
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(run["model"]),
+                "--output",
+                str(metrics),
+                "--plots",
+                str(plots),
+                "--overwrite",
+                *base,
+            ]
+        )
+        == 2
+    )  # --overwrite replaces a folder of pictures, never a folder of other things
     assert f"holds {str(plots / 'notes.txt')!r}, which vpdm does not write there" in capsys.readouterr().err
     assert metrics.read_bytes() == theirs and (plots / "notes.txt").read_text() == "mine"
 
     (plots / "notes.txt").unlink()
     (plots / "old.png").write_bytes(b"an old picture")
-    assert main(["evaluate", "--checkpoint", str(run["model"]), "--output", str(metrics), "--plots", str(plots),
-                 "--overwrite", *base]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(run["model"]),
+                "--output",
+                str(metrics),
+                "--plots",
+                str(plots),
+                "--overwrite",
+                *base,
+            ]
+        )
+        == 0
+    )
     assert json.loads(metrics.read_text())["num_images"] == 12
     names = sorted(p.name for p in plots.iterdir())
     assert "roc.png" in names and "old.png" not in names  # the folder is the new run's, whole
@@ -108,8 +163,21 @@ def test_calibrate_in_place_never_replaces_an_older_backup(run, tmp_path, capsys
     shutil.copy(run["model"], ckpt)
     first = ckpt.read_bytes()
     (tmp_path / "model.pt.bak").write_bytes(b"an older backup")
-    assert main(["calibrate", "--checkpoint", str(ckpt), "--data", f"demo:{run['demo']}", "--no-progress",
-                 "--set", f"data.cache_dir={run['cache']}"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                f"demo:{run['demo']}",
+                "--no-progress",
+                "--set",
+                f"data.cache_dir={run['cache']}",
+            ]
+        )
+        == 0
+    )
     assert f"previous model.pt kept as {tmp_path / 'model.pt.bak.2'}" in capsys.readouterr().out
     assert (tmp_path / "model.pt.bak").read_bytes() == b"an older backup"
     assert (tmp_path / "model.pt.bak.2").read_bytes() == first
@@ -151,8 +219,19 @@ def test_predict_refuses_an_output_in_its_input_folder(run, tmp_path, capsys, wh
     images = _incoming(tmp_path, run["demo"], 2)
     out = images if where == "equal" else images / "scored"
     seen = _images_seen()
-    code = main(["predict", "--checkpoint", str(run["model"]), "--images", str(images), "--output", str(out),
-                 "--no-progress", "--overwrite"])
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(run["model"]),
+            "--images",
+            str(images),
+            "--output",
+            str(out),
+            "--no-progress",
+            "--overwrite",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and f"is inside the input {str(images)!r}" in err, err
     assert _images_seen() == seen and sorted(p.name for p in images.iterdir())[:2] != []
@@ -187,8 +266,19 @@ def test_predict_checks_masks_before_scoring(run, tmp_path, capsys):
     out.mkdir()
     (out / "masks").write_text("a file where the masks folder goes")
     seen = _images_seen()
-    code = main(["predict", "--checkpoint", str(run["model"]), "--images", str(images), "--output", str(out),
-                 "--no-progress", "--overwrite"])
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(run["model"]),
+            "--images",
+            str(images),
+            "--output",
+            str(out),
+            "--no-progress",
+            "--overwrite",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and f"cannot write masks folder {str(out / 'masks')!r}: it is a file, not a folder" in err, err
     assert _images_seen() == seen and sorted(p.name for p in out.iterdir()) == ["masks"]
@@ -214,8 +304,9 @@ def test_scores_are_kept_when_an_overlay_cannot_be_written(run, tmp_path, capsys
         return real_save(self, fp, *a, **k)
 
     monkeypatch.setattr(PILImage.Image, "save", full_disk)
-    code = main(["predict", "--checkpoint", str(run["model"]), "--images", str(images), "--output", str(out),
-                 "--no-progress"])
+    code = main(
+        ["predict", "--checkpoint", str(run["model"]), "--images", str(images), "--output", str(out), "--no-progress"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "no space left on device (ENOSPC)" in err and "every score is in" in err, err
     rows = _rows(out)
@@ -240,13 +331,28 @@ def test_predict_follows_linked_folders_and_names_every_file_it_does_not_score(r
         im.save(images / "anim.gif")
     (images / "notes.txt").write_text("not an image")
     out = tmp_path / "scored"
-    assert main(["predict", "--checkpoint", str(run["model"]), "--images", str(images), "--output", str(out),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run["model"]),
+                "--images",
+                str(images),
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     rows = {str(Path(r["path"]).relative_to(images)): r for r in _rows(out)}
     scored = sorted(k for k, r in rows.items() if r["score"])
-    assert scored == sorted([p.name for p in images.iterdir() if p.suffix == ".png" and not p.is_symlink()]
-                            + [f"linked/{p.name}" for p in elsewhere.iterdir()])
+    assert scored == sorted(
+        [p.name for p in images.iterdir() if p.suffix == ".png" and not p.is_symlink()]
+        + [f"linked/{p.name}" for p in elsewhere.iterdir()]
+    )
     not_scored = {k: r["error"] for k, r in rows.items() if not r["score"]}
     assert set(not_scored) == {"broken.png", "photo.webp", "anim.gif", "notes.txt", "loop"}
     assert "a broken link" in not_scored["broken.png"] and "'.webp' files are not read" in not_scored["photo.webp"]
@@ -273,8 +379,23 @@ def test_predict_writes_each_batch_before_scoring_the_next(run, tmp_path, monkey
         return real(self, *a, **k)
 
     monkeypatch.setattr(Detector, "analyse", analyse)
-    assert main(["predict", "--checkpoint", str(run["model"]), "--images", str(images), "--output", str(out),
-                 "--no-progress", "--batch-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(run["model"]),
+                "--images",
+                str(images),
+                "--output",
+                str(out),
+                "--no-progress",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert written == [0, 2, 4]  # rows of the earlier batches are written, not held
     assert len(_rows(out)) == 6
 
@@ -289,8 +410,14 @@ def grid_only(tmp_path):
     """The tiny demo's grid class alone (same seed and sizes: the same images), as a demo spec."""
     from vpdm.data import make_demo_dataset
 
-    return make_demo_dataset(tmp_path / "grid-only", classes=["grid"], train_per_class=8, test_good_per_class=3,
-                             test_defect_per_class=3, size=64)
+    return make_demo_dataset(
+        tmp_path / "grid-only",
+        classes=["grid"],
+        train_per_class=8,
+        test_good_per_class=3,
+        test_defect_per_class=3,
+        size=64,
+    )
 
 
 def test_calibrating_one_class_keeps_the_others_thresholds(run, grid_only, tmp_path, capsys):
@@ -300,8 +427,21 @@ def test_calibrating_one_class_keeps_the_others_thresholds(run, grid_only, tmp_p
     ckpt = tmp_path / "model.pt"
     shutil.copy(run["model"], ckpt)
     before = checkpoint_calibration(load_checkpoint(ckpt)[2])
-    assert main(["calibrate", "--checkpoint", str(ckpt), "--data", f"demo:{grid_only}", "--no-progress",
-                 "--set", f"data.cache_dir={run['cache']}"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                f"demo:{grid_only}",
+                "--no-progress",
+                "--set",
+                f"data.cache_dir={run['cache']}",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "recalibrated: demo/grid; kept from the previous calibration" in printed and ": demo/blobs" in printed
     after = checkpoint_calibration(load_checkpoint(ckpt)[2])
@@ -331,8 +471,21 @@ def test_a_partial_calibration_that_cannot_keep_the_others_is_refused(run, grid_
     err = capsys.readouterr().err
     assert "lacks class(es) of the model: demo/blobs" in err and "made the same way" in err, err
     # same method, other false-alarm rate
-    assert main(["calibrate", "--checkpoint", str(ckpt), "--data", f"demo:{grid_only}", *base,
-                 "--set", "calibration.false_alarm_rate=0.2"]) == 2
+    assert (
+        main(
+            [
+                "calibrate",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                f"demo:{grid_only}",
+                *base,
+                "--set",
+                "calibration.false_alarm_rate=0.2",
+            ]
+        )
+        == 2
+    )
     assert "target false-alarm rate 0.01" in capsys.readouterr().err
     # nothing to keep
     old = _uncalibrated_copy(ckpt, tmp_path / "old.pt")
@@ -355,12 +508,40 @@ def test_threshold_and_category_overrides_on_an_uncalibrated_model(run, tmp_path
     assert main([*base, "--output", str(tmp_path / "a"), "--image-threshold", "5"]) == 2
     err = capsys.readouterr().err
     assert "an image threshold was given without a pixel threshold" in err and "decisions need both" in err, err
-    assert main([*base, "--output", str(tmp_path / "b"), "--image-threshold", "5", "--pixel-threshold", "5",
-                 "--category", "demo/nope"]) == 2
+    assert (
+        main(
+            [
+                *base,
+                "--output",
+                str(tmp_path / "b"),
+                "--image-threshold",
+                "5",
+                "--pixel-threshold",
+                "5",
+                "--category",
+                "demo/nope",
+            ]
+        )
+        == 2
+    )
     assert "class 'demo/nope' is not one the model was trained for: demo/blobs, demo/grid" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() or not (tmp_path / "a" / "scores.csv").exists()
-    assert main([*base, "--output", str(tmp_path / "c"), "--image-threshold", "5", "--pixel-threshold", "5",
-                 "--category", "demo/grid"]) == 0
+    assert (
+        main(
+            [
+                *base,
+                "--output",
+                str(tmp_path / "c"),
+                "--image-threshold",
+                "5",
+                "--pixel-threshold",
+                "5",
+                "--category",
+                "demo/grid",
+            ]
+        )
+        == 0
+    )
     assert _rows(tmp_path / "c")[0]["category"] == "demo/grid"
 
 
@@ -381,19 +562,36 @@ def test_the_python_api_applies_the_clis_override_policy(run, override):
 
 
 @pytest.mark.parametrize("which", ["train image", "test mask"])
-def test_a_truncated_image_or_mask_fails_before_any_image_goes_through_the_backbone(which, tiny_demo, tmp_path,
-                                                                                   capsys):
+def test_a_truncated_image_or_mask_fails_before_any_image_goes_through_the_backbone(which, tiny_demo, tmp_path, capsys):
     root = tmp_path / "demo"
     shutil.copytree(tiny_demo, root)
     # the last train image, in a later extraction batch than the first: extraction would reach it only after
     # other images went through the backbone
-    victim = (max((root / "grid" / "train" / "good").glob("*.png")) if which == "train image"
-              else min((root / "grid" / "ground_truth").rglob("*_mask.png")))
+    victim = (
+        max((root / "grid" / "train" / "good").glob("*.png"))
+        if which == "train image"
+        else min((root / "grid" / "ground_truth").rglob("*_mask.png"))
+    )
     victim.write_bytes(victim.read_bytes()[:-40])  # the header is intact: only a decode finds it
     seen = _images_seen()
-    code = main(["train", "--data", f"demo:{root}", "--output", str(tmp_path / "out"), "--epochs", "1",
-                 "--evaluate", "--no-progress", "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY,
-                 "--set", "data.extract_batch_size=2"])
+    code = main(
+        [
+            "train",
+            "--data",
+            f"demo:{root}",
+            "--output",
+            str(tmp_path / "out"),
+            "--epochs",
+            "1",
+            "--evaluate",
+            "--no-progress",
+            "--set",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            *TINY,
+            "--set",
+            "data.extract_batch_size=2",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and f"cannot decode image {str(victim)!r}" in err, err
     assert _images_seen() == seen
@@ -401,8 +599,19 @@ def test_a_truncated_image_or_mask_fails_before_any_image_goes_through_the_backb
 
 
 def test_a_vpdm_checkpoint_given_as_backbone_weights_is_named_in_one_line(run, tiny_demo, tmp_path, capsys):
-    code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(tmp_path / "out"), "--no-progress", *TINY,
-                 "--weights", str(run["model"])])
+    code = main(
+        [
+            "train",
+            "--data",
+            f"demo:{tiny_demo}",
+            "--output",
+            str(tmp_path / "out"),
+            "--no-progress",
+            *TINY,
+            "--weights",
+            str(run["model"]),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "is a vpdm checkpoint (a model.pt written by 'vpdm train'), not the weights" in err, err
     assert len(err) < 600
@@ -412,8 +621,23 @@ def test_evaluate_says_why_metrics_are_empty_on_a_test_split_of_good_images(run,
     part = tmp_path / "part"
     shutil.copytree(run["demo"] / "grid" / "train", part / "train")
     shutil.copytree(run["demo"] / "grid" / "test" / "good", part / "test" / "good")
-    assert main(["evaluate", "--checkpoint", str(run["model"]), "--data", f"folder:{part}", "--output",
-                 str(tmp_path / "m.json"), "--no-progress", "--set", f"data.cache_dir={tmp_path / 'cache'}"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(run["model"]),
+                "--data",
+                f"folder:{part}",
+                "--output",
+                str(tmp_path / "m.json"),
+                "--no-progress",
+                "--set",
+                f"data.cache_dir={tmp_path / 'cache'}",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "note: folder/part: every test image is normal (no defect image), so its image AUROC" in printed
     assert json.loads((tmp_path / "m.json").read_text())["notes"][0].startswith("folder/part: every test image")
@@ -424,8 +648,9 @@ def test_the_demo_files_are_readable_like_any_new_file(tmp_path):
 
     old = os.umask(0o022)
     try:
-        root = make_demo_dataset(tmp_path / "d", classes=1, train_per_class=1, test_good_per_class=1,
-                                 test_defect_per_class=1, size=32)
+        root = make_demo_dataset(
+            tmp_path / "d", classes=1, train_per_class=1, test_good_per_class=1, test_defect_per_class=1, size=32
+        )
     finally:
         os.umask(old)
     modes = {p.stat().st_mode & 0o777 for p in root.rglob("*") if p.is_file()}
@@ -436,8 +661,26 @@ def test_train_takes_batch_size_as_the_readme_says(tiny_demo, tmp_path):
     import yaml
 
     out = tmp_path / "run"
-    assert main(["train", "--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "1", "--no-progress",
-                 "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY, "--batch-size", "5"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                f"demo:{tiny_demo}",
+                "--output",
+                str(out),
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--set",
+                f"data.cache_dir={tmp_path / 'cache'}",
+                *TINY,
+                "--batch-size",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["batch_size"] == 5
 
 
@@ -447,17 +690,30 @@ def test_train_takes_batch_size_as_the_readme_says(tiny_demo, tmp_path):
 
 
 @pytest.mark.parametrize("ema", ["0.0", "0.9"])  # the weight average is part of the state too
-def test_a_run_terminated_after_an_epoch_resumes_to_the_same_model_bit_for_bit(ema, tiny_demo, tmp_path, capsys,
-                                                                                monkeypatch):
+def test_a_run_terminated_after_an_epoch_resumes_to_the_same_model_bit_for_bit(
+    ema, tiny_demo, tmp_path, capsys, monkeypatch
+):
     import signal
 
     import vpdm.resume
     from vpdm.checkpoint import load_checkpoint
     from vpdm.io import exclusive_folder
 
-    base = ["train", "--data", f"demo:{tiny_demo}", "--epochs", "3", "--no-progress",
-            "--set", f"data.cache_dir={tmp_path / 'cache'}", *TINY, "--set", "train.lr=0.01",
-            "--set", f"train.ema_decay={ema}"]
+    base = [
+        "train",
+        "--data",
+        f"demo:{tiny_demo}",
+        "--epochs",
+        "3",
+        "--no-progress",
+        "--set",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        *TINY,
+        "--set",
+        "train.lr=0.01",
+        "--set",
+        f"train.ema_decay={ema}",
+    ]
     assert main([*base, "--output", str(tmp_path / "whole")]) == 0
     assert not (tmp_path / "whole" / "train-state.pt").exists()  # a complete run leaves nothing to resume
 
@@ -496,8 +752,15 @@ def test_a_run_terminated_after_an_epoch_resumes_to_the_same_model_bit_for_bit(e
 
 
 def test_a_failed_train_removes_the_output_folders_it_created_and_nothing_else(tiny_demo, tmp_path, capsys):
-    argv = ["train", "--data", f"demo:{tiny_demo}", "--val-data", f"mvtec:{tmp_path / 'missing'}", "--no-progress",
-            *TINY]
+    argv = [
+        "train",
+        "--data",
+        f"demo:{tiny_demo}",
+        "--val-data",
+        f"mvtec:{tmp_path / 'missing'}",
+        "--no-progress",
+        *TINY,
+    ]
     assert main([*argv, "--output", str(tmp_path / "new" / "run")]) == 2  # refused once the folder is made
     assert "missing" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []

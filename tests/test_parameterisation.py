@@ -75,9 +75,16 @@ def test_weighted_loss_is_the_documented_x0_weighting(prediction: str, weighting
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
-@pytest.mark.parametrize("kwargs", [{}, {"num_steps": 7}, {"sampler": "ddim", "eta": 0.0, "num_steps": 3, "spacing": "trailing"},
-                                    {"sampler": "ddim", "eta": 0.0, "num_steps": 2, "start_step": 30},
-                                    {"num_steps": 5, "start_step": 50}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"num_steps": 7},
+        {"sampler": "ddim", "eta": 0.0, "num_steps": 3, "spacing": "trailing"},
+        {"sampler": "ddim", "eta": 0.0, "num_steps": 2, "start_step": 30},
+        {"num_steps": 5, "start_step": 50},
+    ],
+)
 def test_oracle_of_every_parameterisation_recovers_x0(prediction: str, kwargs: dict) -> None:
     d = ShiftedDiffusion(NoiseScheduleConfig(num_timesteps=100, beta_end=0.2, prediction=prediction))
     g = torch.Generator().manual_seed(3)
@@ -104,8 +111,17 @@ def test_chain_below_T_starts_at_the_forward_marginal_of_the_image() -> None:
 
     g = torch.Generator().manual_seed(5)
     x0, yhat = torch.randn(2, 3, 2, generator=g), torch.randn(2, 3, 2, generator=g)
-    d.sample(model_fn, yhat, num_steps=3, sampler="ddim", eta=0.0, spacing="trailing", generators=gens([10, 11]),
-             x0=x0, start_step=25)
+    d.sample(
+        model_fn,
+        yhat,
+        num_steps=3,
+        sampler="ddim",
+        eta=0.0,
+        spacing="trailing",
+        generators=gens([10, 11]),
+        x0=x0,
+        start_step=25,
+    )
     noise = torch.stack([torch.randn(3, 2, generator=torch.Generator().manual_seed(s)) for s in (10, 11)])
     ab = float(abar_np()[24])  # 1-based step 25 is code index 24
     want = math.sqrt(ab) * x0 + (1 - math.sqrt(ab)) * yhat + math.sqrt(1 - ab) * noise
@@ -118,15 +134,21 @@ def test_start_at_T_is_the_papers_start_whatever_x0() -> None:
     d = ShiftedDiffusion(NoiseScheduleConfig(num_timesteps=50))
     firsts: list[Tensor] = []
     yhat = torch.randn(1, 4)
-    d.sample(lambda x, y, t: firsts.append(x.clone()) or torch.zeros_like(x), yhat, generators=gens([3]),
-             x0=torch.full((1, 4), 100.0), start_step=50)
+    d.sample(
+        lambda x, y, t: firsts.append(x.clone()) or torch.zeros_like(x),
+        yhat,
+        generators=gens([3]),
+        x0=torch.full((1, 4), 100.0),
+        start_step=50,
+    )
     torch.testing.assert_close(firsts[0], yhat + torch.randn(1, 4, generator=torch.Generator().manual_seed(3)))
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 @pytest.mark.parametrize("sampler,steps,eta", [("ddim", 3, 0.0), ("ddpm", 10, 1.0), ("ddim", 5, 0.5)])
-def test_gaussian_data_from_a_noised_image_has_the_recursions_statistics(prediction: str, sampler: str, steps: int,
-                                                                         eta: float) -> None:
+def test_gaussian_data_from_a_noised_image_has_the_recursions_statistics(
+    prediction: str, sampler: str, steps: int, eta: float
+) -> None:
     """z0 ~ N(0, s2) around yhat has a linear optimal denoiser; started from the marginal of a fixed
     z0 at step s, the chain's output is C z0 + N(0, V) with C, V from the test's own recursion."""
     t_max, s2, start, n = 1000, 0.25, 250, 20_000
@@ -160,8 +182,10 @@ def test_gaussian_data_from_a_noised_image_has_the_recursions_statistics(predict
     yhat = torch.full((n,), y, dtype=torch.float64)
     x0 = torch.full((n,), y + z0_value, dtype=torch.float64)
     torch.manual_seed(0)
-    out = d.sample(model_fn, yhat, num_steps=steps, sampler=sampler, eta=eta, spacing="trailing", x0=x0,
-                   start_step=start) - y
+    out = (
+        d.sample(model_fn, yhat, num_steps=steps, sampler=sampler, eta=eta, spacing="trailing", x0=x0, start_step=start)
+        - y
+    )
     assert abs(out.mean().item() - c * z0_value) < 5 * math.sqrt(var / n) + 1e-9
     assert abs(out.var().item() - var) < 5 * var * math.sqrt(2 / n) + 1e-12
 

@@ -122,8 +122,10 @@ def test_anomaly_maps_are_nn_distances_to_the_bank():
     # full bank, no aggregation, raw features: the map is the NN distance to every training patch
     pc = PatchCore(coreset_ratio=1.0, max_bank=None, aggregate=1, standardise=False).fit(train)
     assert pc.bank.shape == (6 * 64, 10)
-    ref, _ = NearestNeighbors(n_neighbors=1).fit(train.permute(0, 2, 3, 1).reshape(-1, 10).numpy()).kneighbors(
-        test.permute(0, 2, 3, 1).reshape(-1, 10).numpy()
+    ref, _ = (
+        NearestNeighbors(n_neighbors=1)
+        .fit(train.permute(0, 2, 3, 1).reshape(-1, 10).numpy())
+        .kneighbors(test.permute(0, 2, 3, 1).reshape(-1, 10).numpy())
     )
     np.testing.assert_allclose(pc.anomaly_maps(test).numpy(), ref.reshape(3, 8, 8), rtol=1e-4, atol=1e-4)
     assert float(pc.anomaly_maps(train).abs().max()) < 1e-2  # training patches are in the bank

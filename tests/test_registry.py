@@ -50,8 +50,22 @@ def store(tmp_path_factory):
 
 
 def _train(demo: Path, out: Path, cache: Path, *extra: str) -> Path:
-    code = vpdm_main(["train", "--data", f"demo:{demo}", "--output", str(out), "--epochs", "2", "--no-progress",
-                      "--set", f"data.cache_dir={cache}", *TINY, *extra])
+    code = vpdm_main(
+        [
+            "train",
+            "--data",
+            f"demo:{demo}",
+            "--output",
+            str(out),
+            "--epochs",
+            "2",
+            "--no-progress",
+            "--set",
+            f"data.cache_dir={cache}",
+            *TINY,
+            *extra,
+        ]
+    )
     assert code == 0
     return out / "model.pt"
 
@@ -89,8 +103,13 @@ def validation(checkpoints, tiny_demo):
     config = config.with_overrides({"data.spec": f"demo:{tiny_demo}", "data.cache_dir": str(checkpoints["cache"])})
     bundle, _ = build_bundle("demo", config, FeatureExtractor(config.backbone), val_fraction=VAL_FRACTION, seed=SEED)
     assert len(bundle.val_features) >= 4
-    data = ValidationData(data_spec=f"demo:{tiny_demo}", backbone=to_dict(config.backbone), seed=SEED,
-                          val_fraction=VAL_FRACTION, bundle=lambda: bundle)
+    data = ValidationData(
+        data_spec=f"demo:{tiny_demo}",
+        backbone=to_dict(config.backbone),
+        seed=SEED,
+        val_fraction=VAL_FRACTION,
+        bundle=lambda: bundle,
+    )
     return {"data": data, "bundle": bundle, "config": config}
 
 
@@ -101,9 +120,18 @@ def _truth(path: Path, bundle, metric: str) -> float:
 
 
 def _promote(name, run_id, validation, metric="val_loss", mode="min", force=False, trial_value=None):
-    return register_challenger(run_id, model_name=name, metric=metric, mode=mode, sweep="test-sweep",
-                               data_spec=validation["data"].data_spec, validation=validation["data"], force=force,
-                               trial_value=trial_value, tags={"sweep": "test-sweep", "trial": run_id[:8]})
+    return register_challenger(
+        run_id,
+        model_name=name,
+        metric=metric,
+        mode=mode,
+        sweep="test-sweep",
+        data_spec=validation["data"].data_spec,
+        validation=validation["data"],
+        force=force,
+        trial_value=trial_value,
+        tags={"sweep": "test-sweep", "trial": run_id[:8]},
+    )
 
 
 def _no_data():
@@ -131,10 +159,21 @@ def test_registered_name_is_one_per_dataset_slug_unless_overridden(tiny_demo, tm
     with pytest.raises(ConfigError, match="'a/b'.*models:/"):
         registered_name("a/b", "demo", 1)
 
-    other = make_demo_dataset(tmp_path / "other", classes=1, train_per_class=8, test_good_per_class=2,
-                              test_defect_per_class=2, size=64, seed=1)
-    base = {"preset": "tiny", "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "storage": str(tmp_path / "runs"),
-            "workers": 1}
+    other = make_demo_dataset(
+        tmp_path / "other",
+        classes=1,
+        train_per_class=8,
+        test_good_per_class=2,
+        test_defect_per_class=2,
+        size=64,
+        seed=1,
+    )
+    base = {
+        "preset": "tiny",
+        "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+        "storage": str(tmp_path / "runs"),
+        "workers": 1,
+    }
     plan = plan_sweep(SweepConfig(datasets=[f"demo:{tiny_demo}", f"demo:{other}"], **base))
     names = [d.model_name for d in plan.datasets]
     assert names == [f"vpdm-demo-{tiny_demo.name}", "vpdm-demo-other"]  # two products, two names
@@ -202,7 +241,11 @@ def test_a_tie_keeps_the_champion(store, runs, checkpoints, validation):
     register_champion(runs["good"], model_name="tie")
     register_champion(runs["good"], model_name="tie", alias=CHALLENGER)
     p = decide("tie", "2", champion="1", metric=metric, mode="max", validation=validation["data"])
-    assert p.challenger_value == p.champion_value == pytest.approx(_truth(checkpoints["good"], validation["bundle"], metric))
+    assert (
+        p.challenger_value
+        == p.champion_value
+        == pytest.approx(_truth(checkpoints["good"], validation["bundle"], metric))
+    )
     assert p.decision == "kept champion v1" and p.champion == "1" and "a tie" in p.reason
 
 
@@ -257,8 +300,16 @@ def test_deciding_again_neither_registers_nor_decides_twice(store, runs, validat
     assert first.decision == "promoted"
     # a resumed sweep or a replay: the recorded decision stands (with data that cannot even be built now,
     # deciding again would keep v1)
-    gone = {**validation, "data": ValidationData(data_spec="demo:/gone", backbone=validation["data"].backbone,
-                                                 seed=SEED, val_fraction=VAL_FRACTION, bundle=_no_data)}
+    gone = {
+        **validation,
+        "data": ValidationData(
+            data_spec="demo:/gone",
+            backbone=validation["data"].backbone,
+            seed=SEED,
+            val_fraction=VAL_FRACTION,
+            bundle=_no_data,
+        ),
+    }
     again = _promote("again", runs["good"], gone)
     assert (again.version, again.decision, again.champion) == ("2", "promoted", "2")
     assert _state("again")[1]["2"].tags["promotion.reason"] == first.reason
@@ -278,11 +329,26 @@ def test_the_replay_of_a_registration_applies_the_same_rule(store, runs, checkpo
     from tune.tracking import PENDING_DIR
 
     _promote("replayed", runs["good"], validation)
-    record = {"op": "register", "run_id": "parent", "tracking_uri": store["uri"], "model_name": "replayed",
-              "challenger_run_id": runs["worse"], "tags": {"sweep": "s2", "data_spec": validation["data"].data_spec},
-              "promotion": {"metric": "val_loss", "mode": "min", "force": False, "sweep": "s2", "dataset": "demo",
-                            "data_spec": validation["data"].data_spec, "config": to_dict(validation["config"]),
-                            "seed": SEED, "val_fraction": VAL_FRACTION, "trial_value": 1.5}}
+    record = {
+        "op": "register",
+        "run_id": "parent",
+        "tracking_uri": store["uri"],
+        "model_name": "replayed",
+        "challenger_run_id": runs["worse"],
+        "tags": {"sweep": "s2", "data_spec": validation["data"].data_spec},
+        "promotion": {
+            "metric": "val_loss",
+            "mode": "min",
+            "force": False,
+            "sweep": "s2",
+            "dataset": "demo",
+            "data_spec": validation["data"].data_spec,
+            "config": to_dict(validation["config"]),
+            "seed": SEED,
+            "val_fraction": VAL_FRACTION,
+            "trial_value": 1.5,
+        },
+    }
     spool = tmp_path / "sweep" / PENDING_DIR
     spool.mkdir(parents=True)
     (spool / "driver.jsonl").write_text(json.dumps(record) + "\n")
@@ -301,12 +367,30 @@ def test_the_sweep_summary_says_what_the_registry_decided():
     from tune.sweep import DatasetResult, SweepResult, TrialSummary
 
     best = TrialSummary("t1", "demo_t1", "completed", 2, 0.8, 0.5, {"image_auroc": 0.9}, {}, "r1", "models:/m-1")
-    kept = Promotion("vpdm-demo", "2", "kept champion v1", "1", "1", "val_pseudo_auroc", 0.8, 0.9,
-                     "not better: val_pseudo_auroc 0.8000 vs champion v1's 0.9000; pass --promote to make it champion anyway")
-    d = DatasetResult("demo", "demo", FeatureStats("demo", 10, 10, 0, 1.0), [best], best,
-                      registered_model="vpdm-demo", registered_version="2", promotion=kept)
-    result = SweepResult("s", "e", "1", "sqlite:///x.db", None, "val_pseudo_auroc", "max", "demo", [d], 1.0, 10, 0, 0,
-                         10, "runs/s", 1, 1)
+    kept = Promotion(
+        "vpdm-demo",
+        "2",
+        "kept champion v1",
+        "1",
+        "1",
+        "val_pseudo_auroc",
+        0.8,
+        0.9,
+        "not better: val_pseudo_auroc 0.8000 vs champion v1's 0.9000; pass --promote to make it champion anyway",
+    )
+    d = DatasetResult(
+        "demo",
+        "demo",
+        FeatureStats("demo", 10, 10, 0, 1.0),
+        [best],
+        best,
+        registered_model="vpdm-demo",
+        registered_version="2",
+        promotion=kept,
+    )
+    result = SweepResult(
+        "s", "e", "1", "sqlite:///x.db", None, "val_pseudo_auroc", "max", "demo", [d], 1.0, 10, 0, 0, 10, "runs/s", 1, 1
+    )
     text = result.summary_text()
     assert "vpdm-demo v2 @challenger" in text and "@champion" not in text.split("\n")[3]
     assert "registry: vpdm-demo v2 @challenger: kept champion v1: not better" in text

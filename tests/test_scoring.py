@@ -16,7 +16,9 @@ WEIGHTED = dict(fine_pools=(), fine_image_pools=None, combine="weighted")
 
 def _pair(seed: int = 0, c: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(3, c, 4, 5, generator=g, dtype=torch.float64), torch.randn(3, c, 4, 5, generator=g, dtype=torch.float64)
+    return torch.randn(3, c, 4, 5, generator=g, dtype=torch.float64), torch.randn(
+        3, c, 4, 5, generator=g, dtype=torch.float64
+    )
 
 
 def _per_position(a: torch.Tensor) -> np.ndarray:  # B x C x H x W -> (B*H*W) x C
@@ -36,12 +38,16 @@ def test_per_stage_maps_are_the_mean_of_each_stages_distance() -> None:
     pa, pb = _per_position(a), _per_position(b)
     rms = [np.sqrt(((pa[:, s] - pb[:, s]) ** 2).mean(1)) for s in (slice(0, 2), slice(2, 7))]
     cos = [1 - np.diag(cosine_similarity(pa[:, s], pb[:, s])) for s in (slice(0, 2), slice(2, 7))]
-    np.testing.assert_allclose(feature_distance(a, b, "l2", groups).reshape(-1).numpy(), (rms[0] + rms[1]) / 2, rtol=1e-10)
-    np.testing.assert_allclose(feature_distance(a, b, "cosine", groups).reshape(-1).numpy(), (cos[0] + cos[1]) / 2,
-                               rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        feature_distance(a, b, "l2", groups).reshape(-1).numpy(), (rms[0] + rms[1]) / 2, rtol=1e-10
+    )
+    np.testing.assert_allclose(
+        feature_distance(a, b, "cosine", groups).reshape(-1).numpy(), (cos[0] + cos[1]) / 2, rtol=1e-10, atol=1e-12
+    )
     # one group of all channels: RMS = L2 / sqrt(C)
-    np.testing.assert_allclose(feature_distance(a, b, "l2", (7,)).numpy(),
-                               feature_distance(a, b, "l2").numpy() / np.sqrt(7), rtol=1e-10)
+    np.testing.assert_allclose(
+        feature_distance(a, b, "l2", (7,)).numpy(), feature_distance(a, b, "l2").numpy() / np.sqrt(7), rtol=1e-10
+    )
     with pytest.raises(ConfigError, match="add up"):
         feature_distance(a, b, "l2", (2, 4))
 
@@ -62,9 +68,17 @@ def test_top_k_image_score_is_the_mean_of_the_largest_pixels(percent: float) -> 
     np.testing.assert_allclose(score_maps(maps, cfg).numpy(), want, rtol=1e-12)
 
 
-@pytest.mark.parametrize("field,value", [("distance", "l1"), ("image_score", "max"), ("top_k_percent", 0.0),
-                                         ("top_k_percent", float("nan")), ("feature_space", "pixels"),
-                                         ("per_stage", "yes")])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("distance", "l1"),
+        ("image_score", "max"),
+        ("top_k_percent", 0.0),
+        ("top_k_percent", float("nan")),
+        ("feature_space", "pixels"),
+        ("per_stage", "yes"),
+    ],
+)
 def test_bad_scoring_settings_are_refused_by_name(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"scoring.{field}"):
         ScoringConfig(**{field: value}).validate()
@@ -74,24 +88,31 @@ def test_pooled_and_aggregated_maps_match_numpy() -> None:
     from vpdm.scoring import distance_map
 
     a, b = _pair(4, c=3)
-    a, b = torch.nn.functional.pad(a, (0, 3, 0, 4))[:, :, :8, :8], torch.nn.functional.pad(b, (0, 3, 0, 4))[:, :, :8, :8]
+    a, b = (
+        torch.nn.functional.pad(a, (0, 3, 0, 4))[:, :, :8, :8],
+        torch.nn.functional.pad(b, (0, 3, 0, 4))[:, :, :8, :8],
+    )
     an, bn = a.numpy(), b.numpy()
     blocks = lambda x: x.reshape(3, 3, 2, 4, 2, 4).mean(axis=(3, 5))  # noqa: E731  4x4 block means
     want = np.sqrt(((blocks(an) - blocks(bn)) ** 2).sum(1))  # 3 x 2 x 2
     got = distance_map(a, b, ScoringConfig(pools=(4,)))
-    up = torch.nn.functional.interpolate(torch.from_numpy(want)[:, None], size=(8, 8), mode="bilinear",
-                                         align_corners=False)[:, 0]
+    up = torch.nn.functional.interpolate(
+        torch.from_numpy(want)[:, None], size=(8, 8), mode="bilinear", align_corners=False
+    )[:, 0]
     np.testing.assert_allclose(got.numpy(), 4 * up.numpy(), rtol=1e-10)  # weighted by the block side
     # two scales: the p-weighted mean of the single-scale maps
     both = distance_map(a, b, ScoringConfig(pools=(1, 4)))
-    np.testing.assert_allclose(both.numpy(), (distance_map(a, b, ScoringConfig(pools=(1,))).numpy() + 4 * up.numpy()) / 2,
-                               rtol=1e-10)
+    np.testing.assert_allclose(
+        both.numpy(), (distance_map(a, b, ScoringConfig(pools=(1,))).numpy() + 4 * up.numpy()) / 2, rtol=1e-10
+    )
     # aggregate 3: the mean of each position's existing 3x3 neighbours
     pad = lambda x: np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), constant_values=np.nan)  # noqa: E731
+
     def local(x):
         p = pad(x)
-        stack = np.stack([p[:, :, i:i + 8, j:j + 8] for i in range(3) for j in range(3)])
+        stack = np.stack([p[:, :, i : i + 8, j : j + 8] for i in range(3) for j in range(3)])
         return np.nanmean(stack, axis=0)
+
     want3 = np.sqrt(((local(an) - local(bn)) ** 2).sum(1))
     np.testing.assert_allclose(distance_map(a, b, ScoringConfig(aggregate=3, pools=(1,))).numpy(), want3, rtol=1e-10)
     with pytest.raises(ConfigError, match="pools"):
@@ -149,6 +170,7 @@ def test_max_pool_image_score_is_the_max_of_the_box_means(pool: int) -> None:
     maps = torch.rand(3, 37, 41, generator=g, dtype=torch.float64)
     m = maps.numpy()
     k = min(pool, 37)
-    want = np.array([max(m[b, i:i + k, j:j + k].mean() for i in range(37 - k + 1) for j in range(41 - k + 1))
-                     for b in range(3)])
+    want = np.array(
+        [max(m[b, i : i + k, j : j + k].mean() for i in range(37 - k + 1) for j in range(41 - k + 1)) for b in range(3)]
+    )
     np.testing.assert_allclose(image_scores(maps, pool).numpy(), want, rtol=1e-12)

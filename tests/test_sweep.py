@@ -22,8 +22,10 @@ from vpdm.errors import ConfigError, DataError, VPDMError
 
 
 def _shards(class_index, world, batch, epoch, seed=0):
-    samplers = [StratifiedShardSampler(class_index, num_replicas=world, rank=r, batch_size=batch, seed=seed)
-                for r in range(world)]
+    samplers = [
+        StratifiedShardSampler(class_index, num_replicas=world, rank=r, batch_size=batch, seed=seed)
+        for r in range(world)
+    ]
     for s in samplers:
         s.set_epoch(epoch)
     return samplers, [list(s) for s in samplers]
@@ -129,10 +131,21 @@ def test_a_trials_model_is_calibrated_on_the_held_out_normal_images_and_answers_
     from vpdm.data import list_samples
     from vpdm.pipeline import Detector
 
-    cfg = VPDMConfig().with_overrides({**PRESETS["tiny"].fixed, "model.prototypes.num_prototypes": 4,
-                                       "model.prototypes.downsample": 2, "model.diffusion.num_timesteps": 20,
-                                       "sampling.num_steps": 1, "data.spec": f"demo:{tiny_demo}",
-                                       "data.cache_dir": str(tmp_path / "cache")}).validate()
+    cfg = (
+        VPDMConfig()
+        .with_overrides(
+            {
+                **PRESETS["tiny"].fixed,
+                "model.prototypes.num_prototypes": 4,
+                "model.prototypes.downsample": 2,
+                "model.diffusion.num_timesteps": 20,
+                "sampling.num_steps": 1,
+                "data.spec": f"demo:{tiny_demo}",
+                "data.cache_dir": str(tmp_path / "cache"),
+            }
+        )
+        .validate()
+    )
     bundle, _ = build_bundle("demo", cfg, FeatureExtractor(cfg.backbone), val_fraction=0.15, seed=3)
     model = engine.build_model(cfg, as_tensor(bundle.train_features))
     path = save_checkpoint(tmp_path / "model.pt", model, cfg, categories=bundle.categories)
@@ -155,11 +168,17 @@ def test_a_trials_model_is_calibrated_on_the_held_out_normal_images_and_answers_
         mine = [found[str(x.image_path)] for x in held if x.category == c]
         assert t.num_images == len(mine) == 2
         assert t.image_threshold == pytest.approx(max(mine), rel=1e-5)  # 2 images, rate 0.01: their maximum
-    for r in results[len(held):]:  # labels from the calibrated thresholds, not empty
+    for r in results[len(held) :]:  # labels from the calibrated thresholds, not empty
         assert r.pred_label == int(r.score > stored.classes[r.category].image_threshold)
     # the decisions the trial logs: the labels of the test scores at each class's threshold
-    scores = engine.score_features(model, as_tensor(bundle.test_features), sampling=cfg.sampling, scoring=cfg.scoring,
-                                   map_size=cfg.scoring.map_size or cfg.backbone.image_size, progress=False)[0].numpy()
+    scores = engine.score_features(
+        model,
+        as_tensor(bundle.test_features),
+        sampling=cfg.sampling,
+        scoring=cfg.scoring,
+        map_size=cfg.scoring.map_size or cfg.backbone.image_size,
+        progress=False,
+    )[0].numpy()
     decision = decisions_on_test(calibration, bundle, scores)
     grid = np.array(bundle.test_categories) == "demo/grid"
     flagged = scores[grid] > calibration.classes["demo/grid"].image_threshold
@@ -174,8 +193,13 @@ def test_a_trials_model_is_calibrated_on_the_held_out_normal_images_and_answers_
 
 
 def test_a_sweep_refuses_a_calibration_method_that_needs_labels(tiny_demo, tmp_path):
-    sc = SweepConfig(datasets=[f"demo:{tiny_demo}"], preset="tiny", storage=str(tmp_path / "runs"),
-                     tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", overrides=["calibration.method=f1"])
+    sc = SweepConfig(
+        datasets=[f"demo:{tiny_demo}"],
+        preset="tiny",
+        storage=str(tmp_path / "runs"),
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        overrides=["calibration.method=f1"],
+    )
     with pytest.raises(ConfigError, match="calibration.method=f1: a sweep calibrates each trial"):
         plan_sweep(sc)
 
@@ -223,8 +247,11 @@ def test_validation_metrics_are_deterministic_and_in_range():
     rng = np.random.default_rng(0)
     val = rng.normal(size=(4, 40, 8, 8)).astype(np.float32)
     bundle = SimpleNamespace(
-        val_features=val, val_anomalous=pseudo_anomalies(val, np.array([0, 0, 1, 1]), 0),
-        val_t_uniform=rng.random(4), val_noise=rng.normal(size=val.shape).astype(np.float32), feature_shape=(40, 8, 8),
+        val_features=val,
+        val_anomalous=pseudo_anomalies(val, np.array([0, 0, 1, 1]), 0),
+        val_t_uniform=rng.random(4),
+        val_noise=rng.normal(size=val.shape).astype(np.float32),
+        feature_shape=(40, 8, 8),
     )
     model = engine.build_model(cfg, torch.from_numpy(val))
     a = validation_metrics(model, bundle, cfg)
@@ -254,9 +281,15 @@ def test_every_preset_validates(name):
 
 def test_issue_search_dimensions_and_ablations_are_covered():
     keys = set(PRESETS["paper"].space_keys())
-    assert {"model.prototypes.num_prototypes", "model.prototypes.downsample", "model.diffusion.schedule",
-            "model.diffusion.beta_start", "model.diffusion.beta_end", "model.diffusion.num_timesteps",
-            "train.lr"} <= keys
+    assert {
+        "model.prototypes.num_prototypes",
+        "model.prototypes.downsample",
+        "model.diffusion.schedule",
+        "model.diffusion.beta_start",
+        "model.diffusion.beta_end",
+        "model.diffusion.num_timesteps",
+        "train.lr",
+    } <= keys
     assert ABLATIONS["no-vague"][1] == {"model.prototypes.downsample": 1}
     assert ABLATIONS["nearest"][1] == {"model.prototypes.assignment": "nearest"}
     assert ABLATIONS["no-ot-loss"][1] == {"model.ot_weight": 0.0}
@@ -301,8 +334,13 @@ def test_out_of_range_search_bounds_are_refused_naming_the_setting(edits, needle
 def test_dataset_arguments():
     assert parse_datasets(["demo"]) == [("demo", "demo")]
     assert parse_datasets(["mvtec:/d/mvtec/bottle,mpdd:/d/mpdd; visa:/v"]) == [
-        ("mvtec-bottle+mpdd-mpdd", "mvtec:/d/mvtec/bottle,mpdd:/d/mpdd"), ("visa-v", "visa:/v")]
-    assert parse_datasets(["b=mvtec:/x/bottle", "b=mvtec:/y/bottle"]) == [("b", "mvtec:/x/bottle"), ("b-2", "mvtec:/y/bottle")]
+        ("mvtec-bottle+mpdd-mpdd", "mvtec:/d/mvtec/bottle,mpdd:/d/mpdd"),
+        ("visa-v", "visa:/v"),
+    ]
+    assert parse_datasets(["b=mvtec:/x/bottle", "b=mvtec:/y/bottle"]) == [
+        ("b", "mvtec:/x/bottle"),
+        ("b-2", "mvtec:/y/bottle"),
+    ]
     assert dataset_slug("demo:/data/abc/") == "demo-abc"
 
 
@@ -344,10 +382,23 @@ def _closed_port() -> int:
 def test_bad_input_is_refused_before_any_trial(change, error, needle, tiny_demo, tmp_path):
     import ray
 
-    change = {k: ([x.format(port=_closed_port()) for x in v] if isinstance(v, list) else
-                  v.format(port=_closed_port()) if isinstance(v, str) else v) for k, v in change.items()}
-    sc = SweepConfig(datasets=[f"demo:{tiny_demo}"], preset="tiny", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
-                     storage=str(tmp_path / "runs"), verbose=0)
+    change = {
+        k: (
+            [x.format(port=_closed_port()) for x in v]
+            if isinstance(v, list)
+            else v.format(port=_closed_port())
+            if isinstance(v, str)
+            else v
+        )
+        for k, v in change.items()
+    }
+    sc = SweepConfig(
+        datasets=[f"demo:{tiny_demo}"],
+        preset="tiny",
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        storage=str(tmp_path / "runs"),
+        verbose=0,
+    )
     for key, value in change.items():
         setattr(sc, key, value)
     with pytest.raises(error, match=needle.replace("(", r"\(").replace(".", r"\.")):
@@ -366,8 +417,13 @@ def test_an_existing_experiment_is_not_reused(tiny_demo, tmp_path):
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     MlflowClient(uri).create_experiment("taken")
-    sc = SweepConfig(datasets=[f"demo:{tiny_demo}"], preset="tiny", tracking_uri=uri, experiment="taken",
-                     storage=str(tmp_path / "runs"))
+    sc = SweepConfig(
+        datasets=[f"demo:{tiny_demo}"],
+        preset="tiny",
+        tracking_uri=uri,
+        experiment="taken",
+        storage=str(tmp_path / "runs"),
+    )
     with pytest.raises(VPDMError, match="already has an experiment named 'taken'"):
         plan_sweep(sc)
 
@@ -375,19 +431,27 @@ def test_an_existing_experiment_is_not_reused(tiny_demo, tmp_path):
 def test_unwritable_storage_is_named(tiny_demo, tmp_path):
     (tmp_path / "blocker").write_text("a file")
     storage = tmp_path / "blocker" / "runs"
-    sc = SweepConfig(datasets=[f"demo:{tiny_demo}"], preset="tiny", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
-                     storage=str(storage))
+    sc = SweepConfig(
+        datasets=[f"demo:{tiny_demo}"],
+        preset="tiny",
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+        storage=str(storage),
+    )
     with pytest.raises(VPDMError) as info:
         plan_sweep(sc)
-    assert str(info.value) == (f"cannot write storage folder {str(storage)!r}: "
-                               f"{str(tmp_path / 'blocker')!r} is a file, not a folder")
+    assert str(info.value) == (
+        f"cannot write storage folder {str(storage)!r}: {str(tmp_path / 'blocker')!r} is a file, not a folder"
+    )
 
 
 def test_plan_resolves_the_embedded_defaults(tiny_demo, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    plan = plan_sweep(SweepConfig(datasets=[f"demo:{tiny_demo}"], preset="tiny",
-                                  overrides=["train.lr=0.005", "model.denoiser.width=8"]))
+    plan = plan_sweep(
+        SweepConfig(
+            datasets=[f"demo:{tiny_demo}"], preset="tiny", overrides=["train.lr=0.005", "model.denoiser.width=8"]
+        )
+    )
     assert plan.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"  # sqlite:///mlflow.db in the cwd, made absolute
     assert "train.lr" not in [d.key for d in plan.space.space]  # pinned by --set
     assert plan.space.base.train.lr == 0.005 and plan.space.base.model.denoiser.width == 8
@@ -399,20 +463,41 @@ def test_cli_help_and_bad_input_exit_code(tiny_demo, tmp_path, capsys):
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("sweep_cli", Path(__file__).resolve().parents[1] / "jobs" / "sweep.py")
+    spec = importlib.util.spec_from_file_location(
+        "sweep_cli", Path(__file__).resolve().parents[1] / "jobs" / "sweep.py"
+    )
     sweep_cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep_cli)
     with pytest.raises(SystemExit) as exc:
         sweep_cli.main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for word in ("--data", "--preset", "--trials", "--workers", "--tracking-uri", "ray job submit", "champion", "--promote",
-                 "challenger"):
+    for word in (
+        "--data",
+        "--preset",
+        "--trials",
+        "--workers",
+        "--tracking-uri",
+        "ray job submit",
+        "champion",
+        "--promote",
+        "challenger",
+    ):
         assert word in out
     assert sweep_cli.main(["--list-presets"]) == 0
     assert "ablation-no-vague" in capsys.readouterr().out
-    code = sweep_cli.main(["--data", f"demo:{tiny_demo}", "--preset", "nope", "--storage", str(tmp_path / "r"),
-                           "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    code = sweep_cli.main(
+        [
+            "--data",
+            f"demo:{tiny_demo}",
+            "--preset",
+            "nope",
+            "--storage",
+            str(tmp_path / "r"),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path}/m.db",
+        ]
+    )
     assert code == 2 and "sweep: error: unknown preset 'nope'" in capsys.readouterr().err
 
 
@@ -460,8 +545,13 @@ def test_a_local_ray_is_started_on_loopback_and_a_cluster_is_joined_as_it_is(mon
     calls = []
 
     def fake_init(**kwargs):
-        calls.append({"kwargs": kwargs, "env": os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"),
-                      "cluster_mode": ray_constants.ENABLE_RAY_CLUSTER})
+        calls.append(
+            {
+                "kwargs": kwargs,
+                "env": os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"),
+                "cluster_mode": ray_constants.ENABLE_RAY_CLUSTER,
+            }
+        )
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", fake_init)

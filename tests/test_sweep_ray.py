@@ -53,8 +53,10 @@ def sweep(tiny_demo, tmp_path_factory):
     from tune.sweep import SweepConfig, run_sweep
 
     root = tmp_path_factory.mktemp("sweep")
-    saved = {k: os.environ.get(k) for k in ("VPDM_CACHE_DIR", "RAY_ADDRESS", "VPDM_FAULT_AFTER_EPOCH",
-                                            "VPDM_FAULT_MARKER_DIR")}
+    saved = {
+        k: os.environ.get(k)
+        for k in ("VPDM_CACHE_DIR", "RAY_ADDRESS", "VPDM_FAULT_AFTER_EPOCH", "VPDM_FAULT_MARKER_DIR")
+    }
     os.environ["VPDM_CACHE_DIR"] = str(root / "features")  # a fresh cache: the backbone must run once per image
     # Rank 0 of every trial dies once after epoch 1: Ray Train restarts the workers from that checkpoint.
     os.environ["VPDM_FAULT_AFTER_EPOCH"] = "1"
@@ -63,9 +65,20 @@ def sweep(tiny_demo, tmp_path_factory):
     ray_tmp = tempfile.mkdtemp(prefix="vr-")  # short: Ray's unix sockets live under it
     try:
         sc = SweepConfig(
-            datasets=[f"demo:{tiny_demo}"], preset="tiny", trials=2, epochs=2, workers=2, threads_per_worker=1,
-            max_concurrent=2, num_cpus=6, tracking_uri=f"sqlite:///{root}/mlflow.db", experiment="e2e-sweep",
-            model_name=MODEL_NAME, storage=str(root / "runs"), ray_temp_dir=ray_tmp, verbose=0,
+            datasets=[f"demo:{tiny_demo}"],
+            preset="tiny",
+            trials=2,
+            epochs=2,
+            workers=2,
+            threads_per_worker=1,
+            max_concurrent=2,
+            num_cpus=6,
+            tracking_uri=f"sqlite:///{root}/mlflow.db",
+            experiment="e2e-sweep",
+            model_name=MODEL_NAME,
+            storage=str(root / "runs"),
+            ray_temp_dir=ray_tmp,
+            verbose=0,
         )
         started = time.perf_counter()
         result = run_sweep(sc, progress=False)
@@ -226,8 +239,14 @@ def test_a_fresh_process_loads_the_champion_and_matches_the_trials_evaluation(sw
         "                  'method': cal.method, 'source': cal.source,\n"
         "                  'thresholds': {c: t.image_threshold for c, t in cal.classes.items()}}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(paths), capture_output=True, text=True,
-                          cwd=REPO, timeout=PATIENCE_S)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        input=json.dumps(paths),
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=PATIENCE_S,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["errors"] == [None] * len(paths)
@@ -291,12 +310,21 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.skipif(importlib.util.find_spec("aiohttp_cors") is None,
-                    reason="`ray job submit` needs the Ray dashboard: install ray[default] (the 'dist' extra)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("aiohttp_cors") is None,
+    reason="`ray job submit` needs the Ray dashboard: install ray[default] (the 'dist' extra)",
+)
 def test_ray_job_submit_runs_the_sweep_job_on_a_private_head_node(tiny_demo, tmp_path):
     """Also a multi-dataset sweep: 'a' = the demo, 'b' = the union of two demo sets, one model each."""
-    other = make_demo_dataset(tmp_path / "other", classes=1, train_per_class=8, test_good_per_class=2,
-                              test_defect_per_class=2, size=64, seed=1)
+    other = make_demo_dataset(
+        tmp_path / "other",
+        classes=1,
+        train_per_class=8,
+        test_good_per_class=2,
+        test_defect_per_class=2,
+        size=64,
+        seed=1,
+    )
     gcs, dashboard, agent_http, agent_grpc, runtime_env, metrics, client = _free_ports(7)
     temp_dir = tempfile.mkdtemp(prefix="vrj-")  # short: Ray's unix sockets live under it
     bindir = str(Path(sys.executable).parent)
@@ -311,13 +339,29 @@ def test_ray_job_submit_runs_the_sweep_job_on_a_private_head_node(tiny_demo, tmp
     for key in ("RAY_ADDRESS", "VPDM_FAULT_AFTER_EPOCH", "VPDM_FAULT_MARKER_DIR"):
         env.pop(key, None)
     head = subprocess.Popen(
-        [str(Path(bindir) / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-         "--node-ip-address=127.0.0.1", f"--port={gcs}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent_http}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-         f"--metrics-export-port={metrics}", f"--ray-client-server-port={client}", f"--temp-dir={temp_dir}",
-         "--num-cpus=4"],
-        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            str(Path(bindir) / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--metrics-export-port={metrics}",
+            f"--ray-client-server-port={client}",
+            f"--temp-dir={temp_dir}",
+            "--num-cpus=4",
+        ],
+        env=env,
+        stdout=open(tmp_path / "head.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
 
@@ -338,12 +382,42 @@ def test_ray_job_submit_runs_the_sweep_job_on_a_private_head_node(tiny_demo, tmp
                 pytest.fail(f"{exc}:\n" + (tmp_path / "head.log").read_text()[-3000:])
         uri = f"sqlite:///{tmp_path}/mlflow.db"
         job = subprocess.run(
-            [str(Path(bindir) / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-             "python", "jobs/sweep.py", "--data", f"a=demo:{tiny_demo}", "--data", f"b=demo:{tiny_demo},demo:{other}",
-             "--preset", "tiny", "--trials", "1",
-             "--epochs", "1", "--workers", "1", "--tracking-uri", uri, "--storage", str(tmp_path / "runs"),
-             "--experiment", "job-sweep", "--quiet"],
-            env=env, capture_output=True, text=True, timeout=PATIENCE_S, cwd=tmp_path,
+            [
+                str(Path(bindir) / "ray"),
+                "job",
+                "submit",
+                "--address",
+                address,
+                "--working-dir",
+                str(REPO),
+                "--",
+                "python",
+                "jobs/sweep.py",
+                "--data",
+                f"a=demo:{tiny_demo}",
+                "--data",
+                f"b=demo:{tiny_demo},demo:{other}",
+                "--preset",
+                "tiny",
+                "--trials",
+                "1",
+                "--epochs",
+                "1",
+                "--workers",
+                "1",
+                "--tracking-uri",
+                uri,
+                "--storage",
+                str(tmp_path / "runs"),
+                "--experiment",
+                "job-sweep",
+                "--quiet",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=PATIENCE_S,
+            cwd=tmp_path,
         )
         log = job.stdout + job.stderr
         (tmp_path / "job.log").write_text(log)
@@ -430,8 +504,7 @@ def test_the_local_ray_of_a_sweep_listens_on_loopback_only():
         _start_ray(SweepConfig(num_cpus=1, ray_temp_dir=ray_tmp, verbose=0))
         assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
         pids = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)}
-        listening = [c for c in psutil.net_connections(kind="inet")
-                     if c.status == psutil.CONN_LISTEN and c.pid in pids]
+        listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]
         assert len(listening) >= 3  # GCS, raylet, object manager at least
         elsewhere = [(c.pid, c.laddr) for c in listening if c.laddr.ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
         assert not elsewhere, elsewhere

@@ -44,11 +44,18 @@ def test_ema_is_the_closed_form_average() -> None:
 def _fit(train_overrides: dict, epochs: int = 3, **model_kw):
     torch.manual_seed(0)
     feats = torch.randn(24, C, S, S) * 2 + 1
-    config = VPDMConfig(model=small_config(**model_kw), train=TrainConfig(epochs=epochs, batch_size=8, **train_overrides))
+    config = VPDMConfig(
+        model=small_config(**model_kw), train=TrainConfig(epochs=epochs, batch_size=8, **train_overrides)
+    )
     model = build_model(config, feats)
     seen = []
-    history = train_loop(model, feature_loader(feats, 8, 0), config.train, progress=False,
-                         callback=lambda e, m: seen.append({k: v.clone() for k, v in model.state_dict().items()}))
+    history = train_loop(
+        model,
+        feature_loader(feats, 8, 0),
+        config.train,
+        progress=False,
+        callback=lambda e, m: seen.append({k: v.clone() for k, v in model.state_dict().items()}),
+    )
     return model, history, seen
 
 
@@ -99,8 +106,9 @@ def test_jittered_x0_training_targets_the_clean_features() -> None:
     assert float(model(feats)["diffusion_loss"]) == pytest.approx(0.0, abs=1e-10)
 
 
-@pytest.mark.parametrize("field,value", [("lr_schedule", "step"), ("warmup_fraction", 1.0), ("ema_decay", 1.0),
-                                         ("prototype_lr_scale", -1.0)])
+@pytest.mark.parametrize(
+    "field,value", [("lr_schedule", "step"), ("warmup_fraction", 1.0), ("ema_decay", 1.0), ("prototype_lr_scale", -1.0)]
+)
 def test_bad_training_settings_are_refused_by_name(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"train.{field}"):
         TrainConfig(**{field: value}).validate()

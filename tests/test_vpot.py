@@ -162,8 +162,9 @@ def test_local_prototypes_keep_the_layout_and_kmeans_init_is_lloyds_fixed_point(
     assert out["weights"].shape == (160, 4) and out["yhat"].shape == feats.shape
     # the condition of position (i, j) is built from that position's own assignment
     y = (out["weights"] @ protos).view(10, 4, 4, 3).permute(0, 3, 1, 2)
-    torch.testing.assert_close(out["yhat"], torch.nn.functional.interpolate(y, size=8, mode="bilinear",
-                                                                            align_corners=False))
+    torch.testing.assert_close(
+        out["yhat"], torch.nn.functional.interpolate(y, size=8, mode="bilinear", align_corners=False)
+    )
 
 
 def test_init_from_samples_copies_vague_features():
@@ -177,7 +178,13 @@ def test_init_from_samples_copies_vague_features():
 
 @pytest.mark.parametrize(
     "kw, size",
-    [({"num_prototypes": 0}, 8), ({"downsample": 3}, 8), ({"ot_reg": 0.0}, 8), ({"assignment": "x"}, 8), ({"downsample": 0}, 8)],
+    [
+        ({"num_prototypes": 0}, 8),
+        ({"downsample": 3}, 8),
+        ({"ot_reg": 0.0}, 8),
+        ({"assignment": "x"}, 8),
+        ({"downsample": 0}, 8),
+    ],
 )
 def test_bad_config_is_refused(kw, size):
     with pytest.raises(ConfigError) as err:
@@ -192,8 +199,9 @@ def test_dataset_scope_potential_balances_the_prototypes_over_the_whole_set():
     torch.manual_seed(0)
     centres = torch.tensor([[-3.0, 0.0], [3.0, 0.0]])
     data = torch.cat([centres[0] + 0.5 * torch.randn(3000, 2), centres[1] + 0.5 * torch.randn(1000, 2)])
-    m = VaguePrototypes(VPOTConfig(num_prototypes=4, downsample=1, ot_reg=0.05, ot_scope="dataset", potential_lr=0.5),
-                        2, 1)
+    m = VaguePrototypes(
+        VPOTConfig(num_prototypes=4, downsample=1, ot_reg=0.05, ot_scope="dataset", potential_lr=0.5), 2, 1
+    )
     with torch.no_grad():  # three prototypes on the big cluster's side, one on the small one's (not balanced yet)
         m.prototypes.copy_(torch.tensor([[-3.5, 0.0], [-2.5, 0.0], [3.0, 0.5], [3.0, -0.5]]))
     feats = data.view(-1, 2, 1, 1)
@@ -220,12 +228,15 @@ def test_free_prototype_marginal_is_the_gibbs_softmax_in_training_and_inference(
     assert float(m.potential.abs().sum()) == 0.0
 
 
-@pytest.mark.parametrize("kw", [
-    dict(level="local", ot_scope="none"),
-    dict(level="local", ot_scope="dataset"),
-    dict(level="image", ot_scope="batch"),
-    dict(level="local", assignment="nearest"),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(level="local", ot_scope="none"),
+        dict(level="local", ot_scope="dataset"),
+        dict(level="image", ot_scope="batch"),
+        dict(level="local", assignment="nearest"),
+    ],
+)
 def test_inference_assignment_without_the_loss_is_the_same_condition(kw):
     """with_loss=False (what inference calls) folds the scaling and skips the loss: the same yhat and
     weights as the full eval-mode forward, after training has set a nonzero prototype potential."""
@@ -258,7 +269,7 @@ def test_coreset_init_covers_rare_looks_that_kmeans_leaves_out():
     torch.manual_seed(0)
     dense = torch.randn(2000, 8) * 0.3
     centres = torch.cat([6.0 * torch.eye(8)[:3], -6.0 * torch.eye(8)[:3]])
-    rare = (centres.repeat_interleave(3, dim=0) + 0.05 * torch.randn(18, 8))
+    rare = centres.repeat_interleave(3, dim=0) + 0.05 * torch.randn(18, 8)
     feats = torch.cat([dense, rare]).T.reshape(1, 8, 1, 2018)  # one "image", one row of 2018 positions
     out = {}
     for init in ("kmeans", "coreset", "coreset_kmeans"):
@@ -282,8 +293,11 @@ def test_coreset_prototypes_are_training_blocks_and_refuse_unknown_inits():
 
 def _short_list_module(k=40, lists=6, probes=2, channels=5, size=8, n=2, ot_reg=0.1):
     torch.manual_seed(4)
-    m = VaguePrototypes(VPOTConfig(num_prototypes=k, downsample=n, list_size=math.ceil(k / lists), probes=probes,
-                                   ot_reg=ot_reg), channels, size)
+    m = VaguePrototypes(
+        VPOTConfig(num_prototypes=k, downsample=n, list_size=math.ceil(k / lists), probes=probes, ot_reg=ot_reg),
+        channels,
+        size,
+    )
     feats = torch.randn(12, channels, size, size) * 2
     m.init_from(feats, torch.Generator().manual_seed(0))
     return m.eval(), feats
@@ -328,8 +342,12 @@ def test_short_list_assignment_is_the_kernel_over_the_probed_lists_only(ot_reg):
     with torch.no_grad():
         fast = m(feats, with_loss=False, histogram=True, num_classes=3)
     y = torch.from_numpy(ref @ protos).view(12, 4, 4, 5).permute(0, 3, 1, 2)
-    torch.testing.assert_close(fast["yhat"], torch.nn.functional.interpolate(y, size=8, mode="bilinear",
-                                                                            align_corners=False), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        fast["yhat"],
+        torch.nn.functional.interpolate(y, size=8, mode="bilinear", align_corners=False),
+        rtol=1e-4,
+        atol=1e-5,
+    )
     hist = ref.reshape(12, 16, 40).mean(axis=1)
     np.testing.assert_allclose(fast["histogram"].numpy(), hist, rtol=1e-4, atol=1e-7)
     owner = (np.arange(40) % 3)[None, :] == np.arange(3)[:, None]
@@ -382,7 +400,9 @@ def test_batched_coreset_covers_as_well_as_exact_farthest_first():
 
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(40, 16, generator=g) * 5
-    x = centres[torch.randint(40, (6000,), generator=g)] + torch.randn(6000, 16, generator=g) * torch.rand(6000, 1, generator=g)
+    x = centres[torch.randint(40, (6000,), generator=g)] + torch.randn(6000, 16, generator=g) * torch.rand(
+        6000, 1, generator=g
+    )
     exact = greedy_coreset(x, 300, projection_dim=None)
     fast = coreset_index(x, 300, torch.Generator().manual_seed(1), batch=64)
     assert len(set(fast.tolist())) == 300

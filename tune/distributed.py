@@ -129,7 +129,11 @@ def _val_losses(model: Any, features: Tensor, t_uniform: Tensor, noise: Tensor) 
     x0 = model.normalise(features)
     cond = model.prototypes(x0)  # eval mode: each image assigned on its own
     yhat = cond["yhat"]
-    steps = model.diffusion.num_timesteps if hasattr(model.diffusion, "num_timesteps") else model.config.diffusion.num_timesteps
+    steps = (
+        model.diffusion.num_timesteps
+        if hasattr(model.diffusion, "num_timesteps")
+        else model.config.diffusion.num_timesteps
+    )
     t = (t_uniform * steps).long().clamp_(0, steps - 1)
     x_t = model.diffusion.q_sample(x0, yhat, t, noise)
     eps = model.predict_noise(x_t, yhat, t, copy=model.inference_copy(x0))
@@ -149,8 +153,15 @@ def _val_scores(model: Any, features: Tensor, config: Any, batch_size: int) -> T
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def validation_metrics(model: torch.nn.Module, bundle: Any, config: Any, *, rank: int = 0, world: int = 1,
-                       device: torch.device | str = "cpu") -> dict[str, float]:
+def validation_metrics(
+    model: torch.nn.Module,
+    bundle: Any,
+    config: Any,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
     """``val_loss``, ``val_pseudo_auroc`` and ``val_same_class_auroc`` over the held-out images, sharded over
     ``world`` ranks.
 
@@ -165,14 +176,21 @@ def validation_metrics(model: torch.nn.Module, bundle: Any, config: Any, *, rank
     try:
         idx = np.arange(len(bundle.val_features))[rank::world]
         feats = as_tensor(bundle.val_features)[idx].to(device)
-        losses = _val_losses(m, feats, torch.from_numpy(bundle.val_t_uniform[idx]).to(device),
-                             as_tensor(bundle.val_noise)[idx].to(device))
+        losses = _val_losses(
+            m,
+            feats,
+            torch.from_numpy(bundle.val_t_uniform[idx]).to(device),
+            as_tensor(bundle.val_noise)[idx].to(device),
+        )
         bs = max(2, config.train.batch_size)
         good = _val_scores(m, feats, config, bs)
         bad = _val_scores(m, as_tensor(bundle.val_anomalous)[idx].to(device), config, bs)
         same = getattr(bundle, "val_same_class", None)
-        bad_same = (_val_scores(m, as_tensor(same)[idx].to(device), config, bs)
-                    if same is not None else torch.full((len(idx),), float("nan")))
+        bad_same = (
+            _val_scores(m, as_tensor(same)[idx].to(device), config, bs)
+            if same is not None
+            else torch.full((len(idx),), float("nan"))
+        )
     finally:
         m.train(was_training)
     parts = [(idx.tolist(), losses.tolist(), good.tolist(), bad.tolist(), bad_same.tolist())]
@@ -195,8 +213,11 @@ def validation_metrics(model: torch.nn.Module, bundle: Any, config: Any, *, rank
     same_arr = np.asarray(same_all, dtype=float)[perm]
     same_auroc = _pseudo_auroc(good_arr, same_arr) if same is not None else float("nan")
     loss = float(np.mean(loss_all)) if loss_all else float("nan")
-    return {"val_loss": loss if math.isfinite(loss) else 1e9, "val_pseudo_auroc": auroc,
-            "val_same_class_auroc": same_auroc}
+    return {
+        "val_loss": loss if math.isfinite(loss) else 1e9,
+        "val_pseudo_auroc": auroc,
+        "val_same_class_auroc": same_auroc,
+    }
 
 
 def _pseudo_auroc(good: np.ndarray, bad: np.ndarray) -> float:
@@ -264,8 +285,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     train_x = as_tensor(bundle.train_features)
     train_class = torch.as_tensor(np.asarray(bundle.train_class), dtype=torch.long)
     # same seed on every rank -> the same start
-    model = engine.build_model(config, train_x, stage_channels=tuple(bundle.stage_channels) or None,
-                               class_index=train_class, statistics=False)  # fitted after each epoch (on_epoch)
+    model = engine.build_model(
+        config, train_x, stage_channels=tuple(bundle.stage_channels) or None, class_index=train_class, statistics=False
+    )  # fitted after each epoch (on_epoch)
     # Frozen prototypes: every image's condition is assigned once (as engine.fit does), on every rank alike.
     condition = model.training_condition(train_x) if model.condition_is_fixed else None
     start_epoch, optimizer_state = 0, None
@@ -282,18 +304,25 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         optimizer.load_state_dict(optimizer_state)
 
     sampler = StratifiedShardSampler(
-        bundle.train_class, num_replicas=world, rank=rank,
-        batch_size=per_worker_batch_size(config.train.batch_size, world), seed=config.train.seed,
+        bundle.train_class,
+        num_replicas=world,
+        rank=rank,
+        batch_size=per_worker_batch_size(config.train.batch_size, world),
+        seed=config.train.seed,
     )
-    dataset = (engine.ConditionedFeatures(train_x, condition) if condition is not None
-               else torch.utils.data.TensorDataset(train_x))
+    dataset = (
+        engine.ConditionedFeatures(train_x, condition)
+        if condition is not None
+        else torch.utils.data.TensorDataset(train_x)
+    )
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
     total_epochs = config.train.epochs
 
     def on_epoch(epoch: int, m: dict[str, float]) -> None:
         n = m["images"]
         loss, eps, ot, images, forwards = _all_reduce_sum(
-            [m["loss"] * n, m["eps_mse"] * n, m["ot_loss"] * n, float(n), float(vpdm_backbone.total_images_seen())], device
+            [m["loss"] * n, m["eps_mse"] * n, m["ot_loss"] * n, float(n), float(vpdm_backbone.total_images_seen())],
+            device,
         )
         seconds = _all_reduce_max(m["seconds"], device)
         start = time.perf_counter()
@@ -322,9 +351,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             checkpoint = None
             if rank == 0:
                 save_checkpoint(
-                    Path(directory) / CHECKPOINT_FILE, _unwrap(model), config, categories=bundle.categories,
+                    Path(directory) / CHECKPOINT_FILE,
+                    _unwrap(model),
+                    config,
+                    categories=bundle.categories,
                     extra={"trial": loop_config.get("trial"), "dataset": bundle.name, "metrics": metrics},
-                    optimizer=optimizer, epoch=epoch + 1,
+                    optimizer=optimizer,
+                    epoch=epoch + 1,
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -335,8 +368,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     current_group = ray.util.get_current_placement_group()
     placement_group_id = current_group.id.hex() if current_group is not None else ""
     if start_epoch > 0:
-        print(f"[{loop_config.get('trial')}] rank {rank}: resuming from the checkpoint of epoch {start_epoch} "
-              f"(epochs {start_epoch + 1}..{total_epochs} to go)", flush=True)
+        print(
+            f"[{loop_config.get('trial')}] rank {rank}: resuming from the checkpoint of epoch {start_epoch} "
+            f"(epochs {start_epoch + 1}..{total_epochs} to go)",
+            flush=True,
+        )
     if start_epoch >= total_epochs:
         return
 
@@ -346,8 +382,15 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
     try:
         engine.train_loop(
-            model, loader, config.train, optimizer=optimizer, start_epoch=start_epoch, callback=on_epoch,
-            device=device, progress=False, before_epoch=before_epoch,
+            model,
+            loader,
+            config.train,
+            optimizer=optimizer,
+            start_epoch=start_epoch,
+            callback=on_epoch,
+            device=device,
+            progress=False,
+            before_epoch=before_epoch,
             all_finite=_collective_finite(device) if world > 1 else None,
         )
     except engine.TrainingDiverged as exc:
@@ -359,12 +402,25 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0 and note:
             from vpdm.io import atomic_write_text
 
-            atomic_write_text(note, json.dumps({"epoch": exc.epoch, "step": exc.step, "error": str(exc)}),
-                              what="divergence note")
-        worst = {"val_loss": 1e9, "val_pseudo_auroc": 0.0, "val_same_class_auroc": 0.0}  # the convention of validation_metrics
-        ray.train.report({"epoch": exc.epoch, "diverged": 1, "diverged_step": exc.step, "error": str(exc), **worst,
-                          "placement_group_id": placement_group_id,
-                          "mlflow_run_id": loop_config.get("mlflow_run_id") or ""})
+            atomic_write_text(
+                note, json.dumps({"epoch": exc.epoch, "step": exc.step, "error": str(exc)}), what="divergence note"
+            )
+        worst = {
+            "val_loss": 1e9,
+            "val_pseudo_auroc": 0.0,
+            "val_same_class_auroc": 0.0,
+        }  # the convention of validation_metrics
+        ray.train.report(
+            {
+                "epoch": exc.epoch,
+                "diverged": 1,
+                "diverged_step": exc.step,
+                "error": str(exc),
+                **worst,
+                "placement_group_id": placement_group_id,
+                "mlflow_run_id": loop_config.get("mlflow_run_id") or "",
+            }
+        )
 
 
 def _fault_targets(trial: Any, variable: str, kind: str) -> bool:
@@ -408,7 +464,13 @@ def _maybe_inject_nan(epoch: int, rank: int, trial: Any, model: torch.nn.Module)
     trial to reach epoch N (of those VPDM_FAULT_NAN_TRIALS numbers; one marker file, created exclusively) gets NaN weights on rank 0 at its start,
     so its next loss is really NaN on that rank (the other ranks' losses stay finite)."""
     at, folder = os.environ.get("VPDM_FAULT_NAN_AT_EPOCH"), os.environ.get("VPDM_FAULT_MARKER_DIR")
-    if rank != 0 or not at or not folder or epoch != int(at) or not _fault_targets(trial, "VPDM_FAULT_NAN_TRIALS", "nan"):
+    if (
+        rank != 0
+        or not at
+        or not folder
+        or epoch != int(at)
+        or not _fault_targets(trial, "VPDM_FAULT_NAN_TRIALS", "nan")
+    ):
         return
     Path(folder).mkdir(parents=True, exist_ok=True)
     try:
@@ -428,8 +490,13 @@ def _maybe_pause(epoch: int, rank: int, trial: Any) -> None:
     DIR/<trial>.paused and waits until DIR/release exists (at most VPDM_FAULT_PAUSE_TIMEOUT_S, default 1800 s).
     A test then acts at a known point of training (kill a server, kill the driver) instead of racing it."""
     after, folder = os.environ.get("VPDM_FAULT_PAUSE_AFTER_EPOCH"), os.environ.get("VPDM_FAULT_MARKER_DIR")
-    if rank != 0 or not after or not folder or epoch != int(after) or \
-            not _fault_targets(trial, "VPDM_FAULT_PAUSE_TRIALS", "pause"):
+    if (
+        rank != 0
+        or not after
+        or not folder
+        or epoch != int(after)
+        or not _fault_targets(trial, "VPDM_FAULT_PAUSE_TRIALS", "pause")
+    ):
         return
     marker = Path(folder) / f"{trial}.paused"
     if marker.exists():  # once per trial: a resumed trial does not stop again
@@ -446,7 +513,13 @@ def _maybe_inject_fault(epoch: int, rank: int, trial: Any) -> None:
     every trial (or those VPDM_FAULT_TRIALS numbers) dies once, right after reporting epoch N (its checkpoint is
     then registered), so the worker group restarts (FailureConfig) and resumes from ``ray.train.get_checkpoint()``."""
     after, folder = os.environ.get("VPDM_FAULT_AFTER_EPOCH"), os.environ.get("VPDM_FAULT_MARKER_DIR")
-    if rank != 0 or not after or not folder or epoch != int(after) or not _fault_targets(trial, "VPDM_FAULT_TRIALS", "crash"):
+    if (
+        rank != 0
+        or not after
+        or not folder
+        or epoch != int(after)
+        or not _fault_targets(trial, "VPDM_FAULT_TRIALS", "crash")
+    ):
         return
     marker = Path(folder) / f"{trial}.crashed"
     if marker.exists():

@@ -52,8 +52,15 @@ from vpdm.config import VPDMConfig
 from vpdm.data import AnomalyDataset
 from vpdm.errors import DataError
 
-__all__ = ["DatasetBundle", "FeatureStats", "OverlayItem", "build_bundle", "split_validation", "pseudo_anomalies",
-           "same_class_pseudo_anomalies"]
+__all__ = [
+    "DatasetBundle",
+    "FeatureStats",
+    "OverlayItem",
+    "build_bundle",
+    "split_validation",
+    "pseudo_anomalies",
+    "same_class_pseudo_anomalies",
+]
 
 
 @dataclass

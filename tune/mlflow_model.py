@@ -77,8 +77,13 @@ OUTPUT_COLUMNS = ("score", "pred_score", "pred_label", "pred_mask", "category", 
 CATEGORY_COLUMN = "category"
 # What a caller may ask for per request (MLflow `params`); the defaults keep a 100-image answer small.
 MAP_FORMATS = ("small", "none", "full", "png")
-DEFAULT_PARAMS: dict[str, Any] = {"anomaly_map": "small", "map_side": 16, "png_vmax": 0.0,
-                                  "image_threshold": None, "pixel_threshold": None}
+DEFAULT_PARAMS: dict[str, Any] = {
+    "anomaly_map": "small",
+    "map_side": 16,
+    "png_vmax": 0.0,
+    "image_threshold": None,
+    "pixel_threshold": None,
+}
 THRESHOLD_PARAMS = ("image_threshold", "pixel_threshold")  # double, default None: the calibrated thresholds
 # Formats the library reads from disk (vpdm.data.IMAGE_EXTENSIONS). Restricting PIL's plugins keeps
 # exotic decoders (EPS via ghostscript, ...) away from untrusted request bytes.
@@ -121,7 +126,8 @@ def decode_image_bytes(data: bytes, image_size: int, *, name: str = "image") -> 
                 limit = Image.MAX_IMAGE_PIXELS
                 if limit is not None and im.width * im.height > limit:
                     raise Image.DecompressionBombError(
-                        f"{im.width}x{im.height} = {im.width * im.height} pixels exceeds the limit of {limit}")
+                        f"{im.width}x{im.height} = {im.width * im.height} pixels exceeds the limit of {limit}"
+                    )
                 im.load()
                 return image_to_rgb(im, image_size, name)
     except DataError:
@@ -167,8 +173,9 @@ def _b64decode(value: Any, name: str) -> bytes:
 
 
 def _empty_result(index: Any = None) -> pd.DataFrame:
-    frame = pd.DataFrame({c: pd.Series(dtype="float64" if c in ("score", "pred_score") else "object")
-                          for c in OUTPUT_COLUMNS})
+    frame = pd.DataFrame(
+        {c: pd.Series(dtype="float64" if c in ("score", "pred_score") else "object") for c in OUTPUT_COLUMNS}
+    )
     if index is not None:
         frame.index = index
     return frame
@@ -180,19 +187,26 @@ def _check_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
 
     unknown = sorted(set(params or {}) - set(DEFAULT_PARAMS))
     if unknown:
-        raise MlflowException(f"unknown parameter(s) {unknown}; known: {sorted(DEFAULT_PARAMS)}",
-                              error_code=INVALID_PARAMETER_VALUE)
+        raise MlflowException(
+            f"unknown parameter(s) {unknown}; known: {sorted(DEFAULT_PARAMS)}", error_code=INVALID_PARAMETER_VALUE
+        )
     out = {**DEFAULT_PARAMS, **{k: v for k, v in (params or {}).items() if v is not None}}
     if out["anomaly_map"] not in MAP_FORMATS:
-        raise MlflowException(f"parameter anomaly_map={out['anomaly_map']!r}: expected one of {', '.join(MAP_FORMATS)}",
-                              error_code=INVALID_PARAMETER_VALUE)
+        raise MlflowException(
+            f"parameter anomaly_map={out['anomaly_map']!r}: expected one of {', '.join(MAP_FORMATS)}",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
     side = out["map_side"]
     if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < 1:
-        raise MlflowException(f"parameter map_side={side!r}: expected an integer >= 1", error_code=INVALID_PARAMETER_VALUE)
+        raise MlflowException(
+            f"parameter map_side={side!r}: expected an integer >= 1", error_code=INVALID_PARAMETER_VALUE
+        )
     vmax = out["png_vmax"]
     if isinstance(vmax, bool) or not isinstance(vmax, (int, float)) or not math.isfinite(vmax) or vmax < 0:
-        raise MlflowException(f"parameter png_vmax={vmax!r}: expected a finite number >= 0 (0: each map's maximum)",
-                              error_code=INVALID_PARAMETER_VALUE)
+        raise MlflowException(
+            f"parameter png_vmax={vmax!r}: expected a finite number >= 0 (0: each map's maximum)",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
     from vpdm.errors import ConfigError
     from vpdm.postprocess import check_threshold
 
@@ -200,7 +214,9 @@ def _check_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
         try:
             out[name] = check_threshold(out[name], f"parameter {name}")
         except ConfigError as exc:
-            raise MlflowException(f"{exc} (null: the calibrated threshold)", error_code=INVALID_PARAMETER_VALUE) from None
+            raise MlflowException(
+                f"{exc} (null: the calibrated threshold)", error_code=INVALID_PARAMETER_VALUE
+            ) from None
     return {**out, "map_side": int(side), "png_vmax": float(vmax)}
 
 
@@ -251,8 +267,9 @@ def _mask_payloads(masks: Any, params: Mapping[str, Any]) -> list[Any]:
     return out
 
 
-def _categories(model_input: pd.DataFrame, known: Sequence[str], errors: list[str | None],
-                kind: str = "calibrated") -> list[str | None]:
+def _categories(
+    model_input: pd.DataFrame, known: Sequence[str], errors: list[str | None], kind: str = "calibrated"
+) -> list[str | None]:
     """The optional ``category`` column: None where missing; an unknown class (not in ``known``, the classes the
     model was ``kind`` for) is that item's error."""
     if CATEGORY_COLUMN not in model_input.columns:
@@ -262,16 +279,18 @@ def _categories(model_input: pd.DataFrame, known: Sequence[str], errors: list[st
         if value is None or (isinstance(value, float) and np.isnan(value)) or value == "":
             out.append(None)
         elif not isinstance(value, str) or (known and value not in known):
-            errors[i] = (f"row {i}: category {value!r} is not one the model was {kind} for "
-                         f"({', '.join(known) or 'none'})")
+            errors[i] = (
+                f"row {i}: category {value!r} is not one the model was {kind} for ({', '.join(known) or 'none'})"
+            )
             out.append(None)
         else:
             out.append(value)
     return out
 
 
-def predict_frame(detector: Any, model_input: Any, batch_size: int = 16,
-                  params: Mapping[str, Any] | None = None) -> pd.DataFrame:
+def predict_frame(
+    detector: Any, model_input: Any, batch_size: int = 16, params: Mapping[str, Any] | None = None
+) -> pd.DataFrame:
     """Score a frame of base64 images with a :class:`vpdm.pipeline.Detector` (the model's predict).
 
     ``params``: ``anomaly_map`` (``small``, ``none``, ``full``, ``png``), ``map_side``, ``png_vmax``;
@@ -287,7 +306,9 @@ def predict_frame(detector: Any, model_input: Any, batch_size: int = 16,
     if not isinstance(model_input, pd.DataFrame):
         raise MlflowException(
             f"expected a pandas DataFrame with a string column {IMAGE_COLUMN!r} of base64-encoded image files, "
-            f"got {type(model_input).__name__}", error_code=INVALID_PARAMETER_VALUE)
+            f"got {type(model_input).__name__}",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
     n = len(model_input)
     if n == 0:  # {"dataframe_records": []} has no columns at all: still an empty request, not a bad one
         return _empty_result(model_input.index)
@@ -295,7 +316,8 @@ def predict_frame(detector: Any, model_input: Any, batch_size: int = 16,
         raise MlflowException(
             f"input has no {IMAGE_COLUMN!r} column (columns: {list(map(str, model_input.columns))}); expected a "
             f"DataFrame with a string column {IMAGE_COLUMN!r} of base64-encoded image files",
-            error_code=INVALID_PARAMETER_VALUE)
+            error_code=INVALID_PARAMETER_VALUE,
+        )
 
     size = detector.config.backbone.image_size
     scores = np.full(n, np.nan, dtype=np.float64)
@@ -338,10 +360,23 @@ def predict_frame(detector: Any, model_input: Any, batch_size: int = 16,
                     pred_scores[i], labels[i] = float(d.pred_score[j]), int(d.pred_label[j])
                     masks[i], used[i] = mask, d.category[j]
     # object dtype keeps None as None (pandas 3 would infer a string column with NaN for missing).
-    columns = {"score": scores, "pred_score": pred_scores, "pred_label": labels, "pred_mask": masks,
-               "category": used, "anomaly_map": maps, "error": errors}
-    return pd.DataFrame({c: pd.Series(columns[c], dtype="float64" if c in ("score", "pred_score") else "object",
-                                      index=model_input.index) for c in OUTPUT_COLUMNS})
+    columns = {
+        "score": scores,
+        "pred_score": pred_scores,
+        "pred_label": labels,
+        "pred_mask": masks,
+        "category": used,
+        "anomaly_map": maps,
+        "error": errors,
+    }
+    return pd.DataFrame(
+        {
+            c: pd.Series(
+                columns[c], dtype="float64" if c in ("score", "pred_score") else "object", index=model_input.index
+            )
+            for c in OUTPUT_COLUMNS
+        }
+    )
 
 
 class VPDMPyfuncModel(mlflow.pyfunc.PythonModel):
@@ -354,9 +389,12 @@ class VPDMPyfuncModel(mlflow.pyfunc.PythonModel):
         self.batch_size = int(config["batch_size"])
         self.detector = Detector.from_checkpoint(context.artifacts["checkpoint"], device=config["device"])
         if self.detector.calibration is None:
-            warnings.warn("this VPDM model has no calibrated thresholds: pred_score, pred_label and pred_mask stay "
-                          "empty unless a request passes image_threshold and pixel_threshold; calibrate the "
-                          "checkpoint with 'vpdm calibrate' and log it again", stacklevel=2)
+            warnings.warn(
+                "this VPDM model has no calibrated thresholds: pred_score, pred_label and pred_mask stay "
+                "empty unless a request passes image_threshold and pixel_threshold; calibrate the "
+                "checkpoint with 'vpdm calibrate' and log it again",
+                stacklevel=2,
+            )
 
     # model_input is typed pd.DataFrame (a hint MLflow derives no schema from): the logged
     # signature is what validates requests.
@@ -398,8 +436,9 @@ def _example_image(example_images: Sequence[str | Path] | None, size: int) -> st
         rgb = decode_image_bytes(data, size, name=str(first))
     else:
         yy, xx = np.mgrid[0:size, 0:size]
-        rgb = np.stack([(xx * 255 // max(size - 1, 1)), (yy * 255 // max(size - 1, 1)),
-                        np.full_like(xx, 128)], axis=-1).astype(np.uint8)
+        rgb = np.stack(
+            [(xx * 255 // max(size - 1, 1)), (yy * 255 // max(size - 1, 1)), np.full_like(xx, 128)], axis=-1
+        ).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
@@ -457,8 +496,10 @@ def log_pyfunc_model(
     from vpdm.pipeline import Detector
 
     if mlflow.active_run() is None:
-        raise MlflowException("log_pyfunc_model needs an active run: call it inside `with mlflow.start_run():`",
-                              error_code=INVALID_PARAMETER_VALUE)
+        raise MlflowException(
+            "log_pyfunc_model needs an active run: call it inside `with mlflow.start_run():`",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
     _check_artifact_path(artifact_path)
     checkpoint_path = Path(checkpoint_path)
     detector = Detector.from_checkpoint(checkpoint_path)  # raises CheckpointError for a bad file
@@ -508,8 +549,10 @@ def log_pyfunc_model(
 
 def _check_artifact_path(artifact_path: Any) -> str:
     if not isinstance(artifact_path, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", artifact_path):
-        raise MlflowException(f"artifact_path must be a non-empty name of letters, digits, '_', '-', '.', "
-                              f"got {artifact_path!r}", error_code=INVALID_PARAMETER_VALUE)
+        raise MlflowException(
+            f"artifact_path must be a non-empty name of letters, digits, '_', '-', '.', got {artifact_path!r}",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
     return artifact_path
 
 
@@ -518,21 +561,29 @@ _NAME_RE = re.compile(r"^[^/:@\s][^/:@]*$")
 
 def _check_name(model_name: Any) -> str:
     if not isinstance(model_name, str) or not model_name.strip():
-        raise MlflowException(f"registered model name must be a non-empty string, got {model_name!r}",
-                              error_code=INVALID_PARAMETER_VALUE)
+        raise MlflowException(
+            f"registered model name must be a non-empty string, got {model_name!r}", error_code=INVALID_PARAMETER_VALUE
+        )
     if not _NAME_RE.match(model_name) or model_name != model_name.strip():
         raise MlflowException(
             f"registered model name {model_name!r} is not usable in a models:/ URI: no '/', ':', '@' and no "
-            "leading/trailing spaces", error_code=INVALID_PARAMETER_VALUE)
+            "leading/trailing spaces",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
     return model_name
 
 
 def _check_alias(alias: Any) -> str:
-    if not isinstance(alias, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", alias) or alias.lower() == "latest" \
-            or re.fullmatch(r"[vV]\d+", alias):
+    if (
+        not isinstance(alias, str)
+        or not re.fullmatch(r"[A-Za-z0-9_\-]+", alias)
+        or alias.lower() == "latest"
+        or re.fullmatch(r"[vV]\d+", alias)
+    ):
         raise MlflowException(
             f"alias {alias!r} is invalid: expected letters, digits, '_' or '-', not 'latest' nor 'v<number>'",
-            error_code=INVALID_PARAMETER_VALUE)
+            error_code=INVALID_PARAMETER_VALUE,
+        )
     return alias
 
 
@@ -559,20 +610,25 @@ def _logged_model_id(client: Any, run_id: str, artifact_path: str) -> str:
     try:
         run = client.get_run(run_id)
     except MlflowException as exc:
-        raise MlflowException(f"run {run_id!r} not found in tracking store {mlflow.get_tracking_uri()!r}",
-                              error_code=RESOURCE_DOES_NOT_EXIST) from exc
+        raise MlflowException(
+            f"run {run_id!r} not found in tracking store {mlflow.get_tracking_uri()!r}",
+            error_code=RESOURCE_DOES_NOT_EXIST,
+        ) from exc
     steps = {o.model_id: o.step for o in (run.outputs.model_outputs if run.outputs else [])}
     found, token = [], None
     while True:
-        page = client.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                           filter_string=f"name = '{artifact_path}'", page_token=token)
+        page = client.search_logged_models(
+            experiment_ids=[run.info.experiment_id], filter_string=f"name = '{artifact_path}'", page_token=token
+        )
         found.extend(m for m in page if m.source_run_id == run_id)
         token = page.token
         if not token:
             break
     if not found:
-        raise MlflowException(f"run {run_id!r} has no model logged as {artifact_path!r} "
-                              "(log it with log_pyfunc_model inside that run)", error_code=RESOURCE_DOES_NOT_EXIST)
+        raise MlflowException(
+            f"run {run_id!r} has no model logged as {artifact_path!r} (log it with log_pyfunc_model inside that run)",
+            error_code=RESOURCE_DOES_NOT_EXIST,
+        )
     return max(found, key=lambda m: (steps.get(m.model_id, 0), m.creation_timestamp)).model_id
 
 
@@ -623,18 +679,22 @@ def _check_registered(model_uri: str) -> None:
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        raise MlflowException(f"no registered model named {name!r} {where} (from {model_uri!r})",
-                              error_code=RESOURCE_DOES_NOT_EXIST) from exc
+        raise MlflowException(
+            f"no registered model named {name!r} {where} (from {model_uri!r})", error_code=RESOURCE_DOES_NOT_EXIST
+        ) from exc
     if alias is not None and alias not in (registered.aliases or {}):
         known = ", ".join(f"@{a} -> v{v}" for a, v in sorted((registered.aliases or {}).items())) or "none"
-        raise MlflowException(f"registered model {name!r} has no alias {alias!r} {where} (aliases: {known})",
-                              error_code=RESOURCE_DOES_NOT_EXIST)
+        raise MlflowException(
+            f"registered model {name!r} has no alias {alias!r} {where} (aliases: {known})",
+            error_code=RESOURCE_DOES_NOT_EXIST,
+        )
     if version is not None and version != "latest":
         try:
             client.get_model_version(name, version)
         except MlflowException as exc:
-            raise MlflowException(f"registered model {name!r} has no version {version!r} {where}",
-                                  error_code=RESOURCE_DOES_NOT_EXIST) from exc
+            raise MlflowException(
+                f"registered model {name!r} has no version {version!r} {where}", error_code=RESOURCE_DOES_NOT_EXIST
+            ) from exc
 
 
 def load_detector_model(model_uri: str, *, model_config: Mapping[str, Any] | None = None) -> Any:
@@ -644,7 +704,8 @@ def load_detector_model(model_uri: str, *, model_config: Mapping[str, Any] | Non
     ``model_config`` overrides ``device`` / ``batch_size``.
     """
     if not isinstance(model_uri, str) or not model_uri.strip():
-        raise MlflowException(f"model URI must be a non-empty string, got {model_uri!r}",
-                              error_code=INVALID_PARAMETER_VALUE)
+        raise MlflowException(
+            f"model URI must be a non-empty string, got {model_uri!r}", error_code=INVALID_PARAMETER_VALUE
+        )
     _check_registered(model_uri)
     return mlflow.pyfunc.load_model(model_uri, model_config=dict(model_config) if model_config else None)

@@ -84,7 +84,9 @@ class Dim:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ConfigError(f"search space {self.key}: {name}={v!r} must be a finite number")
         if self.kind in ("int", "logint") and not (float(self.low).is_integer() and float(self.high).is_integer()):
-            raise ConfigError(f"search space {self.key}: {self.kind} bounds must be integers, got {self.low}..{self.high}")
+            raise ConfigError(
+                f"search space {self.key}: {self.kind} bounds must be integers, got {self.low}..{self.high}"
+            )
         if self.low > self.high:
             raise ConfigError(f"search space {self.key}: low={self.low} is larger than high={self.high}")
         if self.kind in ("log", "logint") and self.low <= 0:
@@ -159,6 +161,7 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 # -- presets ---------------------------------------------------------------------------------------
+
 
 # The noise-schedule dimensions shared by the demo and paper spaces.
 def _schedule_dims(t_values: Sequence[int]) -> tuple[Dim, ...]:
@@ -362,7 +365,9 @@ def apply_search_overrides(space: Sequence[Dim], items: Iterable[str]) -> tuple[
         parsed = parse_dim(item)
         if isinstance(parsed, str):
             if parsed not in dims:
-                raise ConfigError(f"--search {item!r}: {parsed!r} is not in the search space ({', '.join(dims) or 'empty'})")
+                raise ConfigError(
+                    f"--search {item!r}: {parsed!r} is not in the search space ({', '.join(dims) or 'empty'})"
+                )
             del dims[parsed]
         else:
             dims[parsed.key] = parsed
@@ -429,7 +434,9 @@ def describe_presets() -> str:
     lines = []
     for preset in PRESETS.values():
         lines.append(f"{preset.name}: {preset.description}")
-        lines.append(f"    trials={preset.trials} epochs={preset.epochs} asha_grace={preset.grace_period} metric={preset.metric}")
+        lines.append(
+            f"    trials={preset.trials} epochs={preset.epochs} asha_grace={preset.grace_period} metric={preset.metric}"
+        )
         for k, v in preset.fixed.items():
             lines.append(f"    fixed  {k}={_fmt(v)}")
         for d in preset.space:

@@ -123,14 +123,18 @@ def replay(root: str | Path, tracking_uri: str | None = None) -> ReplayReport:
             base = f.parent
             try:
                 if op == "create_run":
-                    run = client.create_run(rec["experiment_id"], run_name=rec.get("run_name"), tags=rec.get("tags") or {})
+                    run = client.create_run(
+                        rec["experiment_id"], run_name=rec.get("run_name"), tags=rec.get("tags") or {}
+                    )
                     mapping[rec["run_id"]] = run.info.run_id
                     report.created_runs[rec["run_id"]] = run.info.run_id
                 elif op == "params":
                     items = [Param(k, v) for k, v in rec["params"].items()]
                     client.log_batch(run_id_of(rec), params=items)
                 elif op == "metrics":
-                    items = [Metric(k, float(v), int(rec["timestamp"]), int(rec["step"])) for k, v in rec["metrics"].items()]
+                    items = [
+                        Metric(k, float(v), int(rec["timestamp"]), int(rec["step"])) for k, v in rec["metrics"].items()
+                    ]
                     client.log_batch(run_id_of(rec), metrics=items)
                 elif op == "tags":
                     client.log_batch(run_id_of(rec), tags=[RunTag(k, v) for k, v in rec["tags"].items()])
@@ -139,7 +143,8 @@ def replay(root: str | Path, tracking_uri: str | None = None) -> ReplayReport:
                         raise VPDMError("the files were not kept (the spool folder was not writable then)")
                     path = base / rec["path"]
                     (client.log_artifact if op == "artifact" else client.log_artifacts)(
-                        run_id_of(rec), str(path), rec.get("artifact_path"))
+                        run_id_of(rec), str(path), rec.get("artifact_path")
+                    )
                 elif op == "model":
                     from tune.mlflow_model import log_pyfunc_model
 
@@ -147,8 +152,9 @@ def replay(root: str | Path, tracking_uri: str | None = None) -> ReplayReport:
                     examples = [Path(p) for p in rec.get("example_images") or [] if Path(p).is_file()]
                     mlflow.set_tracking_uri(uri)
                     with mlflow.start_run(run_id=rid, log_system_metrics=False):
-                        info = log_pyfunc_model(base / rec["checkpoint"], artifact_path="model",
-                                                example_images=examples or None)
+                        info = log_pyfunc_model(
+                            base / rec["checkpoint"], artifact_path="model", example_images=examples or None
+                        )
                     client.set_tag(rid, "vpdm.model_uri", str(info.model_uri))
                 elif op == "finish":
                     client.set_terminated(run_id_of(rec), rec.get("status", "FINISHED"))
@@ -163,11 +169,17 @@ def replay(root: str | Path, tracking_uri: str | None = None) -> ReplayReport:
                     info = rec.get("promotion") or {}
                     tags = rec.get("tags") or {}
                     promotion = register_challenger(
-                        challenger, model_name=rec["model_name"], metric=info.get("metric", ""),
-                        mode=info.get("mode", "max"), sweep=info.get("sweep") or str(tags.get("sweep", "")),
+                        challenger,
+                        model_name=rec["model_name"],
+                        metric=info.get("metric", ""),
+                        mode=info.get("mode", "max"),
+                        sweep=info.get("sweep") or str(tags.get("sweep", "")),
                         data_spec=info.get("data_spec") or str(tags.get("data_spec", "")),
-                        validation=validation_data(info), force=bool(info.get("force")),
-                        trial_value=info.get("trial_value"), tags=tags)
+                        validation=validation_data(info),
+                        force=bool(info.get("force")),
+                        trial_value=info.get("trial_value"),
+                        tags=tags,
+                    )
                     report.registered.append(promotion.line())
                 else:
                     raise VPDMError(f"unknown record {op!r}")
@@ -200,12 +212,18 @@ def validation_data(info: dict[str, Any]) -> Any:
         from vpdm.backbone import FeatureExtractor
 
         extractor = FeatureExtractor(config.backbone, precision=config.inference.precision)  # the sweep's features
-        bundle, _ = build_bundle(info["dataset"], config, extractor,
-                                 val_fraction=float(info["val_fraction"]), seed=int(info["seed"]))
+        bundle, _ = build_bundle(
+            info["dataset"], config, extractor, val_fraction=float(info["val_fraction"]), seed=int(info["seed"])
+        )
         return bundle
 
-    return ValidationData(data_spec=info.get("data_spec") or config.data.spec, backbone=to_dict(config.backbone),
-                          seed=int(info["seed"]), val_fraction=float(info["val_fraction"]), bundle=rebuild)
+    return ValidationData(
+        data_spec=info.get("data_spec") or config.data.spec,
+        backbone=to_dict(config.backbone),
+        seed=int(info["seed"]),
+        val_fraction=float(info["val_fraction"]),
+        bundle=rebuild,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

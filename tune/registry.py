@@ -40,8 +40,20 @@ from vpdm.errors import ConfigError, VPDMError
 
 logger = logging.getLogger("tune.registry")
 
-__all__ = ["CHALLENGER", "CHAMPION", "Promotion", "Unscoreable", "ValidationData", "beats", "decide",
-           "default_model_name", "download_checkpoint", "register_challenger", "registered_name", "score_checkpoint"]
+__all__ = [
+    "CHALLENGER",
+    "CHAMPION",
+    "Promotion",
+    "Unscoreable",
+    "ValidationData",
+    "beats",
+    "decide",
+    "default_model_name",
+    "download_checkpoint",
+    "register_challenger",
+    "registered_name",
+    "score_checkpoint",
+]
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -76,8 +88,9 @@ def registered_name(model_name: str | None, dataset: str, num_datasets: int) -> 
     try:
         return _check_name(name)
     except MlflowException as exc:
-        raise ConfigError(f"--model-name {model_name!r} gives dataset {dataset!r} the name {name!r}: {exc.message}") \
-            from None
+        raise ConfigError(
+            f"--model-name {model_name!r} gives dataset {dataset!r} the name {name!r}: {exc.message}"
+        ) from None
 
 
 def beats(challenger: float, champion: float, mode: str) -> bool:
@@ -137,9 +150,17 @@ class Promotion:
         return f"{self.model_name} v{self.version} @{CHAMPION if self.promoted else CHALLENGER}: {self.decision}: {self.reason}"
 
     def tags(self, sweep: str, data_spec: str, split: str) -> dict[str, str]:
-        values = {"sweep": sweep, "data_spec": data_spec, "split": split, "metric": self.metric,
-                  "challenger_value": _num(self.challenger_value), "champion_value": _num(self.champion_value),
-                  "previous_champion": self.previous_champion or "", "decision": self.decision, "reason": self.reason}
+        values = {
+            "sweep": sweep,
+            "data_spec": data_spec,
+            "split": split,
+            "metric": self.metric,
+            "challenger_value": _num(self.challenger_value),
+            "champion_value": _num(self.champion_value),
+            "previous_champion": self.previous_champion or "",
+            "decision": self.decision,
+            "reason": self.reason,
+        }
         return {f"{TAG}{k}": v for k, v in values.items()}
 
     @classmethod
@@ -153,9 +174,17 @@ class Promotion:
             except ValueError:
                 return None
 
-        return cls(model_name, str(version.version), tags.get(f"{TAG}decision", ""), champion or "",
-                   tags.get(f"{TAG}previous_champion") or None, tags.get(f"{TAG}metric", ""),
-                   number("challenger_value"), number("champion_value"), tags.get(f"{TAG}reason", ""))
+        return cls(
+            model_name,
+            str(version.version),
+            tags.get(f"{TAG}decision", ""),
+            champion or "",
+            tags.get(f"{TAG}previous_champion") or None,
+            tags.get(f"{TAG}metric", ""),
+            number("challenger_value"),
+            number("champion_value"),
+            tags.get(f"{TAG}reason", ""),
+        )
 
 
 def _num(value: float | None) -> str:
@@ -187,17 +216,22 @@ def score_checkpoint(path: str | Path, validation: ValidationData, metric: str) 
     mine = to_dict(config.backbone)
     different = sorted(k for k in set(mine) | set(validation.backbone) if mine.get(k) != validation.backbone.get(k))
     if different:
-        shown = ", ".join(f"backbone.{k}={mine.get(k)!r} (this sweep: {validation.backbone.get(k)!r})" for k in different)
+        shown = ", ".join(
+            f"backbone.{k}={mine.get(k)!r} (this sweep: {validation.backbone.get(k)!r})" for k in different
+        )
         raise Unscoreable(f"it was trained on other features: {shown}")
     try:
         bundle = validation.get()
     except Exception as exc:  # noqa: BLE001 - a replay whose data is gone: nothing to compare on
-        raise Unscoreable(f"this sweep's validation data ({validation.data_spec}) cannot be built: {_first_line(exc)}") \
-            from None
+        raise Unscoreable(
+            f"this sweep's validation data ({validation.data_spec}) cannot be built: {_first_line(exc)}"
+        ) from None
     channels, side, _ = bundle.feature_shape
     if (int(payload["channels"]), int(payload["feature_size"])) != (channels, side):
-        raise Unscoreable(f"it expects {payload['channels']} x {payload['feature_size']}^2 features; this sweep's are "
-                          f"{channels} x {side}^2")
+        raise Unscoreable(
+            f"it expects {payload['channels']} x {payload['feature_size']}^2 features; this sweep's are "
+            f"{channels} x {side}^2"
+        )
     try:
         value = float(validation_metrics(model, bundle, config, device=_device())[metric])
     except KeyError:
@@ -222,8 +256,9 @@ def download_checkpoint(name: str, version: str, folder: Path) -> Path:
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{relative}", dst_path=str(folder)))
     except Exception as exc:  # noqa: BLE001 - deleted from the artifact store, ...
-        raise Unscoreable(f"v{version}'s checkpoint artifact {relative} cannot be downloaded: {_first_line(exc)}") \
-            from None
+        raise Unscoreable(
+            f"v{version}'s checkpoint artifact {relative} cannot be downloaded: {_first_line(exc)}"
+        ) from None
 
 
 def _score_version(name: str, version: str, validation: ValidationData, metric: str) -> float:
@@ -264,11 +299,22 @@ def _alias(client: Any, name: str, alias: str) -> str | None:
     return str(version) if version is not None else None
 
 
-def decide(name: str, version: str, *, champion: str | None, metric: str, mode: str, validation: ValidationData | None,
-           force: bool = False, trial_value: float | None = None) -> Promotion:
+def decide(
+    name: str,
+    version: str,
+    *,
+    champion: str | None,
+    metric: str,
+    mode: str,
+    validation: ValidationData | None,
+    force: bool = False,
+    trial_value: float | None = None,
+) -> Promotion:
     """Whether version ``version`` of ``name`` takes ``@champion`` from ``champion`` (see the module doc)."""
-    def promotion(decision: str, new_champion: str, reason: str, chal: float | None = None,
-                  champ: float | None = None) -> Promotion:
+
+    def promotion(
+        decision: str, new_champion: str, reason: str, chal: float | None = None, champ: float | None = None
+    ) -> Promotion:
         return Promotion(name, version, decision, new_champion, champion, metric, chal, champ, reason)
 
     if champion is None:
@@ -289,8 +335,14 @@ def decide(name: str, version: str, *, champion: str | None, metric: str, mode: 
         except Unscoreable as exc:
             problems[who] = f"{who} v{v} cannot be scored on this sweep's validation data: {exc}"
     chal, champ = values.get("challenger"), values.get("champion")
-    compared = (f"{metric} {chal:.4f} vs champion v{champion}'s {champ:.4f}, both scored on this sweep's validation "
-                f"data ({validation.data_spec}, {validation.split})") if chal is not None and champ is not None else ""
+    compared = (
+        (
+            f"{metric} {chal:.4f} vs champion v{champion}'s {champ:.4f}, both scored on this sweep's validation "
+            f"data ({validation.data_spec}, {validation.split})"
+        )
+        if chal is not None and champ is not None
+        else ""
+    )
     if force:
         return promotion(FORCED, version, "asked with --promote" + (f" ({compared})" if compared else ""), chal, champ)
     if problems:
@@ -310,14 +362,26 @@ def _with_split_note(p: Promotion, client: Any, name: str, validation: Validatio
     tags = client.get_model_version(name, p.previous_champion).tags or {}
     theirs = (tags.get(f"{TAG}data_spec") or tags.get("data_spec"), tags.get(f"{TAG}split"))
     if theirs != (validation.data_spec, validation.split):
-        p.reason += (f"; note: champion v{p.previous_champion} was trained on {theirs[0] or 'unknown data'} "
-                     f"({theirs[1] or 'unknown split'}), so it may have seen some of these validation images")
+        p.reason += (
+            f"; note: champion v{p.previous_champion} was trained on {theirs[0] or 'unknown data'} "
+            f"({theirs[1] or 'unknown split'}), so it may have seen some of these validation images"
+        )
     return p
 
 
-def register_challenger(run_id: str, *, model_name: str, metric: str, mode: str, sweep: str, data_spec: str,
-                        validation: ValidationData | None, force: bool = False, trial_value: float | None = None,
-                        tags: Mapping[str, Any] | None = None) -> Promotion:
+def register_challenger(
+    run_id: str,
+    *,
+    model_name: str,
+    metric: str,
+    mode: str,
+    sweep: str,
+    data_spec: str,
+    validation: ValidationData | None,
+    force: bool = False,
+    trial_value: float | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> Promotion:
     """Register run ``run_id``'s model as a new version of ``model_name`` with the alias ``challenger``,
     decide whether it becomes ``champion`` (:func:`decide`), tag the decision on it and move the alias.
 
@@ -339,8 +403,16 @@ def register_challenger(run_id: str, *, model_name: str, metric: str, mode: str,
         logger.info("%s v%s already holds run %s; deciding its promotion", model_name, version, run_id)
         if int(_alias(client, model_name, CHALLENGER) or 0) < int(version):  # unless a later sweep's took it
             client.set_registered_model_alias(model_name, CHALLENGER, version)
-    p = decide(model_name, version, champion=_alias(client, model_name, CHAMPION), metric=metric, mode=mode,
-               validation=validation, force=force, trial_value=trial_value)
+    p = decide(
+        model_name,
+        version,
+        champion=_alias(client, model_name, CHAMPION),
+        metric=metric,
+        mode=mode,
+        validation=validation,
+        force=force,
+        trial_value=trial_value,
+    )
     p = _with_split_note(p, client, model_name, validation)
     # The decision is written first, the alias moved second: a crash in between is finished by the next call.
     split = validation.split if validation is not None else ""

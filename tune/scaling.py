@@ -47,12 +47,20 @@ def measure(bundle_ref: Any, config: Any, workers: int, threads: int, storage: P
     log = storage / f"metrics-{workers}x{threads}-{time.time_ns()}.jsonl"
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"bundle": bundle_ref, "vpdm_config": to_dict(config), "threads": threads,
-                           "trial": f"scaling-{workers}x{threads}"},
+        train_loop_config={
+            "bundle": bundle_ref,
+            "vpdm_config": to_dict(config),
+            "threads": threads,
+            "trial": f"scaling-{workers}x{threads}",
+        },
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": threads}),
-        run_config=ray.train.RunConfig(name=log.stem, storage_path=str(storage), callbacks=[_JsonlMetrics(str(log))],
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1)),
+        run_config=ray.train.RunConfig(
+            name=log.stem,
+            storage_path=str(storage),
+            callbacks=[_JsonlMetrics(str(log))],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+        ),
     )
     trainer.fit()
     return [json.loads(line) for line in log.read_text().splitlines()]
@@ -76,17 +84,23 @@ def main(argv: list[str] | None = None) -> int:
     from vpdm.config import VPDMConfig
 
     preset = get_preset(args.preset)
-    config = VPDMConfig().with_overrides(dict(preset.fixed)).with_overrides(
-        {"data.spec": args.data, "train.epochs": args.epochs})
+    config = (
+        VPDMConfig()
+        .with_overrides(dict(preset.fixed))
+        .with_overrides({"data.spec": args.data, "train.epochs": args.epochs})
+    )
     if args.overrides:
         config = config.with_overrides(args.overrides)
     config.validate()
     configs = [tuple(int(x) for x in c.lower().split("x")) for c in args.configs.split(",")]
     extractor = FeatureExtractor(config.backbone, precision=config.inference.precision)
     bundle, stats = build_bundle("scaling", config, extractor, progress=False)
-    print(f"data {args.data}: {len(bundle.train_features)} training images, features {bundle.feature_shape}, "
-          f"{stats.backbone_forwards} backbone forwards; global batch {config.train.batch_size}, {args.epochs} epochs; "
-          f"host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"data {args.data}: {len(bundle.train_features)} training images, features {bundle.feature_shape}, "
+        f"{stats.backbone_forwards} backbone forwards; global batch {config.train.batch_size}, {args.epochs} epochs; "
+        f"host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
     need = max(w * t for w, t in configs)
     ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     results: dict[tuple[int, int], list[float]] = {c: [] for c in configs}
@@ -98,9 +112,13 @@ def main(argv: list[str] | None = None) -> int:
                     epochs = measure(ref, config, workers, threads, Path(storage))
                     warm = [e["images_per_s"] for e in epochs[1:]] or [e["images_per_s"] for e in epochs]
                     results[(workers, threads)].append(statistics.median(warm))
-                    print(f"{workers} worker(s) x {threads} thread(s): "
-                          + ", ".join(f"{e['images_per_s']:.1f}" for e in epochs) + " images/s per epoch "
-                          f"(median after warm-up {statistics.median(warm):.1f})", flush=True)
+                    print(
+                        f"{workers} worker(s) x {threads} thread(s): "
+                        + ", ".join(f"{e['images_per_s']:.1f}" for e in epochs)
+                        + " images/s per epoch "
+                        f"(median after warm-up {statistics.median(warm):.1f})",
+                        flush=True,
+                    )
     finally:
         ray.shutdown()
     base = statistics.median(results[configs[0]])

@@ -76,7 +76,9 @@ class SweepConfig:
     max_concurrent: int | None = None  # trials at once; None = as many as the cluster's CPUs fit
     overrides: list[str] = field(default_factory=list)  # vpdm "key=value" settings (pin a searched key too)
     search: list[str] = field(default_factory=list)  # "key=int:lo:hi" / "key=choice:a,b" / "key=off"
-    metric: str | None = None  # "val_pseudo_auroc" / "val_same_class_auroc" (max) or "val_loss" (min); None = the preset's
+    metric: str | None = (
+        None  # "val_pseudo_auroc" / "val_same_class_auroc" (max) or "val_loss" (min); None = the preset's
+    )
     tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     experiment: str | None = None  # None = "vpdm-<preset>-<timestamp>"
     model_name: str | None = None  # None = vpdm-<dataset> per dataset; else the name (one dataset) or a prefix
@@ -98,10 +100,27 @@ class SweepConfig:
     verbose: int = 1
     resume: bool = False  # continue the sweep named `experiment` (Tuner.restore); its saved settings are used
 
+
 # What a resumed sweep takes from the saved settings (the rest says where and how to run it now).
-RESUMED_FIELDS = ("datasets", "preset", "ablation", "trials", "epochs", "workers", "threads_per_worker", "overrides",
-                  "search", "metric", "model_name", "seed", "val_fraction", "grace_period", "reduction_factor",
-                  "max_failures", "register")
+RESUMED_FIELDS = (
+    "datasets",
+    "preset",
+    "ablation",
+    "trials",
+    "epochs",
+    "workers",
+    "threads_per_worker",
+    "overrides",
+    "search",
+    "metric",
+    "model_name",
+    "seed",
+    "val_fraction",
+    "grace_period",
+    "reduction_factor",
+    "max_failures",
+    "register",
+)
 # Asked for now or when the sweep started: a resumed sweep forces the promotion if either run asked for it.
 RESUMED_OR_FIELDS = ("promote",)
 SETTINGS_FILE = "sweep_config.json"
@@ -172,10 +191,14 @@ class SweepResult:
         return _finite(out)
 
     def summary_text(self) -> str:
-        lines = [f"sweep {self.sweep_id}: preset {self.preset}, {self.workers} worker(s) x {self.threads_per_worker} "
-                 f"thread(s) per trial, metric {self.metric} ({self.mode}), wall time {self.wall_seconds:.1f}s"]
-        header = f"{'dataset':<18} {'trials (done/stopped/err)':>26} {'best trial':<24} {self.metric:>17} " \
-                 f"{'img AUROC':>9} {'pix AUROC':>9} {'AUPRO':>7}  registered model"
+        lines = [
+            f"sweep {self.sweep_id}: preset {self.preset}, {self.workers} worker(s) x {self.threads_per_worker} "
+            f"thread(s) per trial, metric {self.metric} ({self.mode}), wall time {self.wall_seconds:.1f}s"
+        ]
+        header = (
+            f"{'dataset':<18} {'trials (done/stopped/err)':>26} {'best trial':<24} {self.metric:>17} "
+            f"{'img AUROC':>9} {'pix AUROC':>9} {'AUPRO':>7}  registered model"
+        )
         lines.append(header)
         lines.append("-" * len(header))
         for d in self.datasets:
@@ -201,7 +224,11 @@ class SweepResult:
         lines.append(
             f"backbone: {self.backbone_forwards} forward(s) for {self.num_images} image(s) in the whole sweep "
             f"(driver, once per image; trials and workers ran it {self.trial_backbone_forwards} times"
-            + (f"; +{self.pyfunc_example_forwards} input example(s) for MLflow model signatures" if self.pyfunc_example_forwards else "")
+            + (
+                f"; +{self.pyfunc_example_forwards} input example(s) for MLflow model signatures"
+                if self.pyfunc_example_forwards
+                else ""
+            )
             + ")"
         )
         for d in self.datasets:
@@ -217,8 +244,10 @@ class SweepResult:
                     lines.append(f"  {t.name}: {t.status}: {t.error}")
         pending = self.mlflow_pending
         if pending:
-            lines.append(f"MLflow was unreachable: {pending} call(s) kept under {self.storage_path}; once it is back, "
-                         f"replay them: python -m tune.recover {self.storage_path}")
+            lines.append(
+                f"MLflow was unreachable: {pending} call(s) kept under {self.storage_path}; once it is back, "
+                f"replay them: python -m tune.recover {self.storage_path}"
+            )
         lines.append(f"MLflow: experiment {self.experiment_name!r} (id {self.experiment_id}) at {self.tracking_uri}")
         lines.append(f"Ray results: {self.storage_path} (every epoch's metrics: <trial folder>/progress.csv)")
         if self.ray_logs:
@@ -322,8 +351,11 @@ def plan_sweep(sc: SweepConfig) -> SweepPlan:
         sc = _with_saved_settings(sc)
     preset = get_preset(sc.preset, sc.ablation)
     check_finite(sc)  # val_fraction, reduction_factor: NaN/inf by name
-    for name, value, low in (("workers", sc.workers, 1), ("threads_per_worker", sc.threads_per_worker, 1),
-                             ("max_failures", sc.max_failures, 0)):
+    for name, value, low in (
+        ("workers", sc.workers, 1),
+        ("threads_per_worker", sc.threads_per_worker, 1),
+        ("max_failures", sc.max_failures, 0),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
     trials = preset.trials if sc.trials is None else sc.trials
@@ -372,9 +404,11 @@ def plan_sweep(sc: SweepConfig) -> SweepPlan:
     base.validate()
     validate_space(base, space)
     if base.calibration.method not in ("auto", "quantile"):
-        raise ConfigError(f"calibration.method={base.calibration.method}: a sweep calibrates each trial's thresholds on "
-                          "held-out normal images (quantile method); it has no labelled validation data for "
-                          "f1/recall: calibrate the champion's checkpoint with 'vpdm calibrate --val-data SPEC'")
+        raise ConfigError(
+            f"calibration.method={base.calibration.method}: a sweep calibrates each trial's thresholds on "
+            "held-out normal images (quantile method); it has no labelled validation data for "
+            "f1/recall: calibrate the champion's checkpoint with 'vpdm calibrate --val-data SPEC'"
+        )
 
     datasets = []
     for (name, spec), model_name in zip(parsed, model_names):
@@ -403,9 +437,23 @@ def plan_sweep(sc: SweepConfig) -> SweepPlan:
     except OutputError as exc:
         raise SweepError(str(exc)) from None
     sweep_id = _sweep_id(experiment)
-    return SweepPlan(sc, preset, ResolvedSpace(preset, base, space), datasets, trials, epochs, metric,
-                     METRIC_MODES[metric], uri, experiment, sweep_id, storage, grace, _job_warnings(uri, storage),
-                     experiment_id)
+    return SweepPlan(
+        sc,
+        preset,
+        ResolvedSpace(preset, base, space),
+        datasets,
+        trials,
+        epochs,
+        metric,
+        METRIC_MODES[metric],
+        uri,
+        experiment,
+        sweep_id,
+        storage,
+        grace,
+        _job_warnings(uri, storage),
+        experiment_id,
+    )
 
 
 def _sweep_id(experiment: str) -> str:
@@ -422,17 +470,26 @@ def _with_saved_settings(sc: SweepConfig) -> SweepConfig:
     folder = Path(sc.storage).expanduser().resolve() / _sweep_id(sc.experiment)
     saved_path = folder / SETTINGS_FILE
     if not saved_path.is_file():
-        raise SweepError(f"--resume: no saved sweep at {saved_path} (expected the --storage folder the sweep "
-                         f"{sc.experiment!r} was started with)")
+        raise SweepError(
+            f"--resume: no saved sweep at {saved_path} (expected the --storage folder the sweep "
+            f"{sc.experiment!r} was started with)"
+        )
     try:
         saved = json.loads(saved_path.read_text())
     except (OSError, ValueError) as exc:
         raise SweepError(f"--resume: cannot read {saved_path}: {exc}") from None
-    changed = [k for k in RESUMED_FIELDS if k in saved and getattr(sc, k) != saved[k] and getattr(sc, k) != getattr(SweepConfig(), k)]
+    changed = [
+        k
+        for k in RESUMED_FIELDS
+        if k in saved and getattr(sc, k) != saved[k] and getattr(sc, k) != getattr(SweepConfig(), k)
+    ]
     if changed:
         logger.warning("--resume: ignoring %s (the sweep keeps the settings it was started with)", ", ".join(changed))
-    return replace(sc, **{k: saved[k] for k in RESUMED_FIELDS if k in saved},
-                   **{k: bool(getattr(sc, k) or saved.get(k)) for k in RESUMED_OR_FIELDS})
+    return replace(
+        sc,
+        **{k: saved[k] for k in RESUMED_FIELDS if k in saved},
+        **{k: bool(getattr(sc, k) or saved.get(k)) for k in RESUMED_OR_FIELDS},
+    )
 
 
 def _job_warnings(uri: str, storage: Path) -> list[str]:
@@ -445,10 +502,14 @@ def _job_warnings(uri: str, storage: Path) -> list[str]:
     out = []
     store = local_store_dir(uri)
     if store is not None and (store == cwd or cwd in store.parents):
-        out.append(f"the MLflow store {uri} is inside the job's working directory, which Ray deletes with its session; "
-                   "pass --tracking-uri (a server, or sqlite:////absolute/path/mlflow.db) to keep it")
+        out.append(
+            f"the MLflow store {uri} is inside the job's working directory, which Ray deletes with its session; "
+            "pass --tracking-uri (a server, or sqlite:////absolute/path/mlflow.db) to keep it"
+        )
     if storage == cwd or cwd in storage.parents:
-        out.append(f"Ray results ({storage}) are inside the job's working directory; pass --storage /absolute/shared/path")
+        out.append(
+            f"Ray results ({storage}) are inside the job's working directory; pass --storage /absolute/shared/path"
+        )
     return out
 
 
@@ -481,8 +542,13 @@ def _start_ray(sc: SweepConfig) -> tuple[bool, int | None]:
     num_cpus = sc.num_cpus or max(visible_threads(), max_concurrent * per_trial)
     # The dashboard (when ray[default] is installed) serves the State API that Ray Train's placement-group
     # cleaner uses after ASHA kills a trial; without it the cleaner actors only log warnings.
-    kwargs: dict[str, Any] = {"num_cpus": num_cpus, "include_dashboard": sc.dashboard, "dashboard_host": "127.0.0.1",
-                              "log_to_driver": sc.verbose >= RAY_OUTPUT, "_node_ip_address": LOOPBACK}
+    kwargs: dict[str, Any] = {
+        "num_cpus": num_cpus,
+        "include_dashboard": sc.dashboard,
+        "dashboard_host": "127.0.0.1",
+        "log_to_driver": sc.verbose >= RAY_OUTPUT,
+        "_node_ip_address": LOOPBACK,
+    }
     if sc.ray_temp_dir:
         kwargs["_temp_dir"] = str(Path(sc.ray_temp_dir).resolve())
     with _single_machine_ray():
@@ -553,8 +619,11 @@ def run_sweep(sc: SweepConfig, *, progress: bool = True) -> SweepResult:
     for warning in plan.warnings:
         logger.warning(warning)
         _say(progress, f"warning: {warning}")
-    _say(progress, f"validated: preset {plan.preset.name}, {len(plan.space.space)} searched setting(s), "
-                   f"{len(plan.datasets)} dataset(s), {plan.trials} trial(s) x {plan.epochs} epoch(s) each")
+    _say(
+        progress,
+        f"validated: preset {plan.preset.name}, {len(plan.space.space)} searched setting(s), "
+        f"{len(plan.datasets)} dataset(s), {plan.trials} trial(s) x {plan.epochs} epoch(s) each",
+    )
 
     import ray
 
@@ -565,32 +634,56 @@ def run_sweep(sc: SweepConfig, *, progress: bool = True) -> SweepResult:
     try:
         use_gpu, fit = _check_cluster(sc)
         logs = _ray_logs_dir() or "each node's Ray session folder (/tmp/ray/session_latest/logs)"
-        _say(progress, f"Ray's own output (trials, Train workers) goes to {logs}"
-                       + ("" if sc.verbose >= RAY_OUTPUT else "; --verbose shows it here too"))
+        _say(
+            progress,
+            f"Ray's own output (trials, Train workers) goes to {logs}"
+            + ("" if sc.verbose >= RAY_OUTPUT else "; --verbose shows it here too"),
+        )
         max_concurrent = min(max_concurrent or fit, fit) if sc.max_concurrent is None else sc.max_concurrent
         folder = plan.storage / plan.sweep_id
         parent_tags = {"vpdm.sweep": plan.sweep_id, "vpdm.role": "sweep"}
         if plan.experiment_id is not None:  # --resume: same experiment, same parent run
             experiment_id = plan.experiment_id
-            parent = RunLogger.resume_or_start(plan.tracking_uri, experiment_id, f"sweep-{plan.sweep_id}", parent_tags,
-                                               match=parent_tags, spool_dir=folder)
+            parent = RunLogger.resume_or_start(
+                plan.tracking_uri,
+                experiment_id,
+                f"sweep-{plan.sweep_id}",
+                parent_tags,
+                match=parent_tags,
+                spool_dir=folder,
+            )
             _say(progress, f"resuming sweep {plan.sweep_id} (experiment id {experiment_id}, Ray results {folder})")
         else:
-            experiment_id = create_experiment(plan.tracking_uri, plan.experiment, tags={
-                "vpdm.sweep": plan.sweep_id, "vpdm.preset": plan.preset.name,
-                "vpdm.datasets": ";".join(f"{d.name}={d.spec}" for d in plan.datasets)})
-            parent = RunLogger.start(plan.tracking_uri, experiment_id, f"sweep-{plan.sweep_id}", parent_tags,
-                                     spool_dir=folder)
+            experiment_id = create_experiment(
+                plan.tracking_uri,
+                plan.experiment,
+                tags={
+                    "vpdm.sweep": plan.sweep_id,
+                    "vpdm.preset": plan.preset.name,
+                    "vpdm.datasets": ";".join(f"{d.name}={d.spec}" for d in plan.datasets),
+                },
+            )
+            parent = RunLogger.start(
+                plan.tracking_uri, experiment_id, f"sweep-{plan.sweep_id}", parent_tags, spool_dir=folder
+            )
             folder.mkdir(parents=True, exist_ok=True)
             saved = {k: v for k, v in asdict(sc).items() if k in RESUMED_FIELDS + RESUMED_OR_FIELDS}
             (folder / SETTINGS_FILE).write_text(json.dumps({**saved, "experiment": plan.experiment}, indent=2))
-        parent.log_params({
-            "preset": plan.preset.name, "trials": plan.trials, "epochs": plan.epochs, "workers": sc.workers,
-            "threads_per_worker": sc.threads_per_worker, "metric": plan.metric, "datasets": len(plan.datasets),
-            "use_gpu": use_gpu, "max_concurrent": max_concurrent,
-            **{f"search.{d.key}": d.spec() for d in plan.space.space},
-            **{f"fixed.{k}": v for k, v in plan.preset.fixed.items()},
-        })
+        parent.log_params(
+            {
+                "preset": plan.preset.name,
+                "trials": plan.trials,
+                "epochs": plan.epochs,
+                "workers": sc.workers,
+                "threads_per_worker": sc.threads_per_worker,
+                "metric": plan.metric,
+                "datasets": len(plan.datasets),
+                "use_gpu": use_gpu,
+                "max_concurrent": max_concurrent,
+                **{f"search.{d.key}": d.spec() for d in plan.space.space},
+                **{f"fixed.{k}": v for k, v in plan.preset.fixed.items()},
+            }
+        )
         try:
             return _run(plan, experiment_id, parent, started, progress, use_gpu, max_concurrent)
         except BaseException as exc:
@@ -610,8 +703,9 @@ def driver_device(use_gpu: bool) -> Any:
     return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
 
 
-def _run(plan: SweepPlan, experiment_id: str, parent: Any, started: float, progress: bool, use_gpu: bool,
-         max_concurrent: int) -> SweepResult:
+def _run(
+    plan: SweepPlan, experiment_id: str, parent: Any, started: float, progress: bool, use_gpu: bool, max_concurrent: int
+) -> SweepResult:
     from tune.features import build_bundle
     from vpdm import backbone as vpdm_backbone
     from vpdm.backbone import FeatureExtractor
@@ -625,30 +719,49 @@ def _run(plan: SweepPlan, experiment_id: str, parent: Any, started: float, progr
     _say(progress, f"feature extraction on {device} (inference.precision={base.inference.precision})")
     bundles, stats = [], []
     for d in plan.datasets:
-        bundle, st = build_bundle(d.name, d.config, extractor, val_fraction=sc.val_fraction, seed=sc.seed,
-                                  progress=progress)
+        bundle, st = build_bundle(
+            d.name, d.config, extractor, val_fraction=sc.val_fraction, seed=sc.seed, progress=progress
+        )
         bundles.append(bundle)
         stats.append(st)
-        _say(progress, f"features of {d.name}: {st.num_images} images, {st.backbone_forwards} backbone forwards "
-                       f"({st.cache_hits}/2 splits from the cache) in {st.seconds:.1f}s")
+        _say(
+            progress,
+            f"features of {d.name}: {st.num_images} images, {st.backbone_forwards} backbone forwards "
+            f"({st.cache_hits}/2 splits from the cache) in {st.seconds:.1f}s",
+        )
     driver_forwards = extractor.images_seen
     parent.log_metrics({"backbone_forwards": driver_forwards, "num_images": sum(s.num_images for s in stats)})
 
     results = []
     for plan_d, bundle, st in zip(plan.datasets, bundles, stats):
-        results.append(_tune_dataset(plan, plan_d, bundle, st, experiment_id, parent, use_gpu,
-                                     max_concurrent, driver_forwards, progress))
+        results.append(
+            _tune_dataset(
+                plan, plan_d, bundle, st, experiment_id, parent, use_gpu, max_concurrent, driver_forwards, progress
+            )
+        )
 
     trial_forwards = sum(t.backbone_forwards for r in results for t in r.trials)
     example_forwards = sum(t.example_forwards for r in results for t in r.trials)
     result = SweepResult(
-        sweep_id=plan.sweep_id, experiment_name=plan.experiment, experiment_id=experiment_id,
-        tracking_uri=plan.tracking_uri, parent_run_id=parent.run_id, metric=plan.metric, mode=plan.mode,
-        preset=plan.preset.name, datasets=results, wall_seconds=time.perf_counter() - started,
-        backbone_forwards=driver_forwards, trial_backbone_forwards=trial_forwards,
-        pyfunc_example_forwards=example_forwards, num_images=sum(s.num_images for s in stats),
-        storage_path=str(plan.storage / plan.sweep_id), workers=sc.workers, threads_per_worker=sc.threads_per_worker,
-        resumed=plan.experiment_id is not None, ray_logs=_ray_logs_dir(),
+        sweep_id=plan.sweep_id,
+        experiment_name=plan.experiment,
+        experiment_id=experiment_id,
+        tracking_uri=plan.tracking_uri,
+        parent_run_id=parent.run_id,
+        metric=plan.metric,
+        mode=plan.mode,
+        preset=plan.preset.name,
+        datasets=results,
+        wall_seconds=time.perf_counter() - started,
+        backbone_forwards=driver_forwards,
+        trial_backbone_forwards=trial_forwards,
+        pyfunc_example_forwards=example_forwards,
+        num_images=sum(s.num_images for s in stats),
+        storage_path=str(plan.storage / plan.sweep_id),
+        workers=sc.workers,
+        threads_per_worker=sc.threads_per_worker,
+        resumed=plan.experiment_id is not None,
+        ray_logs=_ray_logs_dir(),
     )
     assert vpdm_backbone.total_images_seen() >= driver_forwards
     out = plan.storage / plan.sweep_id
@@ -723,14 +836,20 @@ def _trial_lines_callback(metric: str, epochs: int) -> Any:
             if result.get("final") or "epoch" not in result:
                 return
             note = " (diverged)" if result.get("diverged") else ""
-            _say(True, f"{trial} epoch {result['epoch']}/{epochs}: {metric} {pct(result.get(metric))}, "
-                       f"loss {_short(result.get('loss'))}{note}")
+            _say(
+                True,
+                f"{trial} epoch {result['epoch']}/{epochs}: {metric} {pct(result.get(metric))}, "
+                f"loss {_short(result.get('loss'))}{note}",
+            )
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             last = trial.last_result or {}
             if last.get("final"):
-                _say(True, f"{trial} completed: {metric} {pct(last.get(metric))}, test image AUROC "
-                           f"{pct(last.get('test_image_auroc'))}, pixel AUROC {pct(last.get('test_pixel_auroc'))}")
+                _say(
+                    True,
+                    f"{trial} completed: {metric} {pct(last.get(metric))}, test image AUROC "
+                    f"{pct(last.get('test_image_auroc'))}, pixel AUROC {pct(last.get('test_pixel_auroc'))}",
+                )
             else:
                 _say(True, f"{trial} stopped by ASHA after epoch {last.get('epoch', '?')}")
 
@@ -759,9 +878,18 @@ def _ray_logs_dir() -> str:
         return ""
 
 
-def _tune_dataset(plan: SweepPlan, d: DatasetPlan, bundle: Any, stats: FeatureStats, experiment_id: str,
-                  parent: Any, use_gpu: bool, max_concurrent: int, driver_forwards: int,
-                  progress: bool) -> DatasetResult:
+def _tune_dataset(
+    plan: SweepPlan,
+    d: DatasetPlan,
+    bundle: Any,
+    stats: FeatureStats,
+    experiment_id: str,
+    parent: Any,
+    use_gpu: bool,
+    max_concurrent: int,
+    driver_forwards: int,
+    progress: bool,
+) -> DatasetResult:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -773,13 +901,27 @@ def _tune_dataset(plan: SweepPlan, d: DatasetPlan, bundle: Any, stats: FeatureSt
     ref = ray.put(bundle)  # once per dataset: every trial and Train worker reads this object
     base = d.config
     context = {
-        "sweep_id": plan.sweep_id, "dataset": d.name, "data_spec": d.spec, "preset": plan.preset.name,
-        "base_config": to_dict(base), "tracking_uri": plan.tracking_uri, "experiment_id": experiment_id,
-        "parent_run_id": parent.run_id, "workers": sc.workers, "threads_per_worker": sc.threads_per_worker,
-        "eval_threads": 1, "use_gpu": use_gpu, "metric": plan.metric, "max_failures": sc.max_failures,
-        "train_storage": str(plan.storage / plan.sweep_id / "train"), "run_prefix": d.name,
-        "backbone_forwards": driver_forwards, "num_images": stats.num_images,
-        "train_env": {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")},
+        "sweep_id": plan.sweep_id,
+        "dataset": d.name,
+        "data_spec": d.spec,
+        "preset": plan.preset.name,
+        "base_config": to_dict(base),
+        "tracking_uri": plan.tracking_uri,
+        "experiment_id": experiment_id,
+        "parent_run_id": parent.run_id,
+        "workers": sc.workers,
+        "threads_per_worker": sc.threads_per_worker,
+        "eval_threads": 1,
+        "use_gpu": use_gpu,
+        "metric": plan.metric,
+        "max_failures": sc.max_failures,
+        "train_storage": str(plan.storage / plan.sweep_id / "train"),
+        "run_prefix": d.name,
+        "backbone_forwards": driver_forwards,
+        "num_images": stats.num_images,
+        "train_env": {
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+        },
     }
     trainable = tune.with_resources(tune.with_parameters(run_trial, data={"bundle": ref}, context=context), {"CPU": 1})
     # The console: Tune's own status tables only at --verbose; one line per trial event unless --quiet.
@@ -800,8 +942,13 @@ def _tune_dataset(plan: SweepPlan, d: DatasetPlan, bundle: Any, stats: FeatureSt
         # No rung at the last epoch (stop_last_trials=False, max_t = epochs - 1): a trial that reaches its
         # last epoch always finishes, evaluates and logs its model.
         max_t = plan.epochs - 1
-        scheduler = ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=min(plan.grace_period, max_t),
-                                  reduction_factor=sc.reduction_factor, stop_last_trials=False)
+        scheduler = ASHAScheduler(
+            time_attr="epoch",
+            max_t=max_t,
+            grace_period=min(plan.grace_period, max_t),
+            reduction_factor=sc.reduction_factor,
+            stop_last_trials=False,
+        )
 
     def trial_name(trial: Any) -> str:
         return f"{d.name}_{trial.trial_id}"
@@ -811,8 +958,9 @@ def _tune_dataset(plan: SweepPlan, d: DatasetPlan, bundle: Any, stats: FeatureSt
         # Resumed sweep: finished trials keep their results and are not rerun; unfinished ones restart
         # (their Ray Train runs resume from their last checkpoints, their MLflow runs are reused);
         # errored or diverged ones stay as they were; Optuna and ASHA continue from their saved state.
-        tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
+        tuner = tune.Tuner.restore(
+            str(tune_path), trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+        )
         # Tuner.restore brings back the first run's RunConfig: the console follows this run's flags.
         if getattr(tuner, "_local_tuner", None) is not None:
             restored = tuner._local_tuner.get_run_config()
@@ -823,41 +971,74 @@ def _tune_dataset(plan: SweepPlan, d: DatasetPlan, bundle: Any, stats: FeatureSt
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=plan.metric, mode=plan.mode, search_alg=search_alg, scheduler=scheduler,
-                num_samples=plan.trials, max_concurrent_trials=max_concurrent,
-                trial_name_creator=trial_name, trial_dirname_creator=trial_name,
+                metric=plan.metric,
+                mode=plan.mode,
+                search_alg=search_alg,
+                scheduler=scheduler,
+                num_samples=plan.trials,
+                max_concurrent_trials=max_concurrent,
+                trial_name_creator=trial_name,
+                trial_dirname_creator=trial_name,
             ),
-            run_config=tune.RunConfig(name=f"tune-{d.name}", storage_path=str(plan.storage / plan.sweep_id),
-                                      failure_config=tune.FailureConfig(max_failures=0), verbose=tune_verbose,
-                                      callbacks=callbacks),
+            run_config=tune.RunConfig(
+                name=f"tune-{d.name}",
+                storage_path=str(plan.storage / plan.sweep_id),
+                failure_config=tune.FailureConfig(max_failures=0),
+                verbose=tune_verbose,
+                callbacks=callbacks,
+            ),
         )
-        _say(progress, f"tuning {d.name}: {plan.trials} trial(s), at most {max_concurrent} at once, "
-                       f"{sc.workers} worker(s) each ({'GPU' if use_gpu else 'CPU'})")
+        _say(
+            progress,
+            f"tuning {d.name}: {plan.trials} trial(s), at most {max_concurrent} at once, "
+            f"{sc.workers} worker(s) each ({'GPU' if use_gpu else 'CPU'})",
+        )
     grid = tuner.fit()
 
     trials: list[TrialSummary] = []
     for r in grid:
         m = dict(r.metrics or {})
         trial_id = str(m.get("trial_id") or (Path(r.path).name if r.path else "?"))
-        status = ("diverged" if "TrainingDiverged" in repr(r.error) or m.get("diverged") else "error") if r.error \
-            else "completed" if m.get("final") else "stopped"
+        status = (
+            ("diverged" if "TrainingDiverged" in repr(r.error) or m.get("diverged") else "error")
+            if r.error
+            else "completed"
+            if m.get("final")
+            else "stopped"
+        )
         metric = m.get(plan.metric)
-        trials.append(TrialSummary(
-            trial_id=trial_id, name=f"{d.name}_{trial_id}", status=status, epochs=int(m.get("epoch", 0) or 0),
-            metric=float(metric) if isinstance(metric, (int, float)) else None,
-            val_loss=float(m["val_loss"]) if isinstance(m.get("val_loss"), (int, float)) else None,
-            test={k[len("test_"):]: float(v) for k, v in m.items() if k.startswith("test_") and isinstance(v, (int, float))},
-            params={k: v for k, v in (r.config or {}).items()},
-            mlflow_run_id=m.get("mlflow_run_id") or None, model_uri=m.get("model_uri") or None,
-            error=_error_line(r.error),
-            mlflow_pending=int(m.get("mlflow_pending", 0) or 0),
-            backbone_forwards=int(m.get("trial_backbone_forwards", 0) or 0),
-            example_forwards=int(m.get("pyfunc_example_forwards", 0) or 0),
-        ))
+        trials.append(
+            TrialSummary(
+                trial_id=trial_id,
+                name=f"{d.name}_{trial_id}",
+                status=status,
+                epochs=int(m.get("epoch", 0) or 0),
+                metric=float(metric) if isinstance(metric, (int, float)) else None,
+                val_loss=float(m["val_loss"]) if isinstance(m.get("val_loss"), (int, float)) else None,
+                test={
+                    k[len("test_") :]: float(v)
+                    for k, v in m.items()
+                    if k.startswith("test_") and isinstance(v, (int, float))
+                },
+                params={k: v for k, v in (r.config or {}).items()},
+                mlflow_run_id=m.get("mlflow_run_id") or None,
+                model_uri=m.get("model_uri") or None,
+                error=_error_line(r.error),
+                mlflow_pending=int(m.get("mlflow_pending", 0) or 0),
+                backbone_forwards=int(m.get("trial_backbone_forwards", 0) or 0),
+                example_forwards=int(m.get("pyfunc_example_forwards", 0) or 0),
+            )
+        )
     _close_unfinished_runs(plan.tracking_uri, experiment_id, d.name)
 
-    result = DatasetResult(d.name, d.spec, stats, trials, best=_best(trials, plan.mode),
-                           tune_path=str(plan.storage / plan.sweep_id / f"tune-{d.name}"))
+    result = DatasetResult(
+        d.name,
+        d.spec,
+        stats,
+        trials,
+        best=_best(trials, plan.mode),
+        tune_path=str(plan.storage / plan.sweep_id / f"tune-{d.name}"),
+    )
     if result.best is not None and sc.register:
         if result.best.model_uri:
             result.promotion = _register(plan, d, result, bundle, parent)
@@ -866,8 +1047,11 @@ def _tune_dataset(plan: SweepPlan, d: DatasetPlan, bundle: Any, stats: FeatureSt
                 _say(progress, f"registry: {result.promotion.line()}")
         elif result.best.mlflow_pending:  # its model is waiting in the trial's folder: register on replay
             parent.keep_record(_registration_record(plan, d, result))
-            logger.warning("best trial %s of %s: MLflow was unreachable; `python -m tune.recover` registers it",
-                           result.best.name, d.name)
+            logger.warning(
+                "best trial %s of %s: MLflow was unreachable; `python -m tune.recover` registers it",
+                result.best.name,
+                d.name,
+            )
         else:
             logger.warning("best trial %s of %s has no logged model; nothing registered", result.best.name, d.name)
     result.seconds = time.perf_counter() - started
@@ -898,9 +1082,15 @@ def _close_unfinished_runs(uri: str, experiment_id: str, dataset: str) -> None:
     """Runs of trials ASHA stopped (or that died) are still RUNNING: close them as KILLED, say why."""
     from tune.tracking import RunLogger, iter_runs, retrying
 
-    runs = retrying(lambda: list(iter_runs(uri, experiment_id,
-                                           f"attributes.status = 'RUNNING' and tags.`vpdm.dataset` = '{dataset}'")),
-                    what="listing unfinished runs") or []
+    runs = (
+        retrying(
+            lambda: list(
+                iter_runs(uri, experiment_id, f"attributes.status = 'RUNNING' and tags.`vpdm.dataset` = '{dataset}'")
+            ),
+            what="listing unfinished runs",
+        )
+        or []
+    )
     for run in runs:
         if run.data.tags.get("vpdm.role") == "sweep":
             continue
@@ -915,17 +1105,39 @@ def _registration_record(plan: SweepPlan, d: DatasetPlan, result: DatasetResult)
     best = result.best
     assert best is not None
     tags = {
-        "sweep": plan.sweep_id, "experiment": plan.experiment, "dataset": result.name, "data_spec": result.spec,
-        "trial": best.name, "preset": plan.preset.name,
-        "metrics": {plan.metric: best.metric, "val_loss": best.val_loss, **{f"test_{k}": v for k, v in best.test.items()}},
+        "sweep": plan.sweep_id,
+        "experiment": plan.experiment,
+        "dataset": result.name,
+        "data_spec": result.spec,
+        "trial": best.name,
+        "preset": plan.preset.name,
+        "metrics": {
+            plan.metric: best.metric,
+            "val_loss": best.val_loss,
+            **{f"test_{k}": v for k, v in best.test.items()},
+        },
         "params": best.params,
     }
     sc = plan.config
-    promotion = {"metric": plan.metric, "mode": plan.mode, "force": sc.promote, "sweep": plan.sweep_id,
-                 "dataset": d.name, "data_spec": d.spec, "config": to_dict(d.config), "seed": sc.seed,
-                 "val_fraction": sc.val_fraction, "trial_value": best.metric}
-    return {"op": "register", "model_name": d.model_name, "challenger_run_id": best.mlflow_run_id,
-            "tags": _finite(tags), "promotion": _finite(promotion)}
+    promotion = {
+        "metric": plan.metric,
+        "mode": plan.mode,
+        "force": sc.promote,
+        "sweep": plan.sweep_id,
+        "dataset": d.name,
+        "data_spec": d.spec,
+        "config": to_dict(d.config),
+        "seed": sc.seed,
+        "val_fraction": sc.val_fraction,
+        "trial_value": best.metric,
+    }
+    return {
+        "op": "register",
+        "model_name": d.model_name,
+        "challenger_run_id": best.mlflow_run_id,
+        "tags": _finite(tags),
+        "promotion": _finite(promotion),
+    }
 
 
 def _register(plan: SweepPlan, d: DatasetPlan, result: DatasetResult, bundle: Any, parent: Any) -> Promotion | None:
@@ -938,13 +1150,27 @@ def _register(plan: SweepPlan, d: DatasetPlan, result: DatasetResult, bundle: An
 
     record = _registration_record(plan, d, result)
     info = record["promotion"]
-    validation = ValidationData(data_spec=d.spec, backbone=to_dict(d.config.backbone), seed=info["seed"],
-                                val_fraction=info["val_fraction"], bundle=lambda: bundle)
+    validation = ValidationData(
+        data_spec=d.spec,
+        backbone=to_dict(d.config.backbone),
+        seed=info["seed"],
+        val_fraction=info["val_fraction"],
+        bundle=lambda: bundle,
+    )
     mlflow.set_tracking_uri(plan.tracking_uri)
     try:
-        return register_challenger(record["challenger_run_id"], model_name=d.model_name, metric=plan.metric,
-                                   mode=plan.mode, sweep=plan.sweep_id, data_spec=d.spec, validation=validation,
-                                   force=plan.config.promote, trial_value=info["trial_value"], tags=record["tags"])
+        return register_challenger(
+            record["challenger_run_id"],
+            model_name=d.model_name,
+            metric=plan.metric,
+            mode=plan.mode,
+            sweep=plan.sweep_id,
+            data_spec=d.spec,
+            validation=validation,
+            force=plan.config.promote,
+            trial_value=info["trial_value"],
+            tags=record["tags"],
+        )
     except Exception as exc:  # noqa: BLE001 - the sweep's results stand; say what went wrong, keep it for later
         logger.warning("registering %s from run %s failed: %s", d.model_name, record["challenger_run_id"], exc)
         parent.keep_record(record)

@@ -37,9 +37,13 @@ def calibrate_checkpoint(path: str | Path, bundle: Any) -> tuple[Calibration | N
     try:
         config.calibration.resolve(labelled=False)
         categories = [bundle.categories[int(i)] for i in bundle.val_class]
-        calibration = calibrate(model, config, as_tensor(bundle.val_features), categories,
-                                source=f"sweep validation hold-out {bundle.val_fraction:g} of train/good "
-                                       f"(seed {bundle.val_seed})")
+        calibration = calibrate(
+            model,
+            config,
+            as_tensor(bundle.val_features),
+            categories,
+            source=f"sweep validation hold-out {bundle.val_fraction:g} of train/good (seed {bundle.val_seed})",
+        )
     except ConfigError as exc:
         return None, str(exc)
     payload = dict(payload)

@@ -142,8 +142,10 @@ def find_experiment(uri: str, name: str) -> str:
     experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
     if experiment is None or experiment.lifecycle_stage != "active":
         state = "no experiment" if experiment is None else "only a deleted experiment"
-        raise TrackingError(f"--resume: MLflow at {uri} has {state} named {name!r}; nothing to resume "
-                            "(check --experiment and --tracking-uri)")
+        raise TrackingError(
+            f"--resume: MLflow at {uri} has {state} named {name!r}; nothing to resume "
+            "(check --experiment and --tracking-uri)"
+        )
     return experiment.experiment_id
 
 
@@ -166,7 +168,9 @@ def retrying(fn: Callable[..., T], *args: Any, what: str, attempts: int = 5, **k
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - tracking must not kill training
             if attempt == attempts - 1:
-                logger.warning("MLflow: %s failed after %d attempts: %s", what, attempts, str(exc).splitlines()[0][:300])
+                logger.warning(
+                    "MLflow: %s failed after %d attempts: %s", what, attempts, str(exc).splitlines()[0][:300]
+                )
                 return None
             time.sleep(0.2 * 2**attempt + random.random() * 0.2)
     return None
@@ -258,12 +262,21 @@ class RunLogger:
         return self._client
 
     @classmethod
-    def start(cls, tracking_uri: str, experiment_id: str, run_name: str, tags: Mapping[str, Any],
-              spool_dir: str | Path | None = None) -> RunLogger:
+    def start(
+        cls,
+        tracking_uri: str,
+        experiment_id: str,
+        run_name: str,
+        tags: Mapping[str, Any],
+        spool_dir: str | Path | None = None,
+    ) -> RunLogger:
         logger_ = cls(tracking_uri, None, spool_dir, name=run_name)
         str_tags = {k: str(v) for k, v in tags.items()}
-        run = retrying(lambda: logger_.client.create_run(experiment_id, run_name=run_name, tags=str_tags),
-                       what=f"creating run {run_name!r}", attempts=cls.attempts)
+        run = retrying(
+            lambda: logger_.client.create_run(experiment_id, run_name=run_name, tags=str_tags),
+            what=f"creating run {run_name!r}",
+            attempts=cls.attempts,
+        )
         if run is not None:
             logger_.run_id = run.info.run_id
         elif logger_.spool_dir is not None:
@@ -276,12 +289,21 @@ class RunLogger:
         return logger_
 
     @classmethod
-    def resume_or_start(cls, tracking_uri: str, experiment_id: str, run_name: str, tags: Mapping[str, Any],
-                        match: Mapping[str, str], spool_dir: str | Path | None = None) -> RunLogger:
+    def resume_or_start(
+        cls,
+        tracking_uri: str,
+        experiment_id: str,
+        run_name: str,
+        tags: Mapping[str, Any],
+        match: Mapping[str, str],
+        spool_dir: str | Path | None = None,
+    ) -> RunLogger:
         """Reopen the run whose tags equal ``match`` (a trial restarted after a driver crash), else start one:
         a resumed sweep must not leave two runs for one trial."""
         filters = " and ".join(f"tags.`{k}` = '{v}'" for k, v in match.items())
-        found = retrying(lambda: list(iter_runs(tracking_uri, experiment_id, filters)), what=f"looking up run {run_name!r}")
+        found = retrying(
+            lambda: list(iter_runs(tracking_uri, experiment_id, filters)), what=f"looking up run {run_name!r}"
+        )
         if found:
             logger_ = cls(tracking_uri, found[0].info.run_id, spool_dir, name=run_name)
             retrying(logger_.client.update_run, logger_.run_id, "RUNNING", what="reopening the run")
@@ -299,13 +321,18 @@ class RunLogger:
         try:
             self.spool_file.parent.mkdir(parents=True, exist_ok=True)
             with open(self.spool_file, "a") as fh:
-                fh.write(json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri, "time": time.time(),
-                                     **record}) + "\n")
+                fh.write(
+                    json.dumps(
+                        {"run_id": self.run_id, "tracking_uri": self.tracking_uri, "time": time.time(), **record}
+                    )
+                    + "\n"
+                )
         except OSError as exc:
             logger.warning("MLflow: cannot keep the unlogged %s in %s: %s", record.get("op"), self.spool_file, exc)
 
-    def _call(self, record: dict[str, Any] | Callable[[], dict[str, Any]], fn: Callable[..., Any], *args: Any,
-              what: str) -> bool:
+    def _call(
+        self, record: dict[str, Any] | Callable[[], dict[str, Any]], fn: Callable[..., Any], *args: Any, what: str
+    ) -> bool:
         """Run one MLflow call; on failure spool ``record`` (or what it returns; when there is a spool)
         and go offline a while."""
         if not self.enabled:
@@ -330,8 +357,11 @@ class RunLogger:
         if self.spool_file is not None:
             self._spool(record() if callable(record) else record)
         if self.failures == 1 and self.spool_file is not None:
-            logger.warning("MLflow unreachable: keeping what could not be logged in %s (replay: python -m tune.recover %s)",
-                           self.spool_file, self.spool_dir)
+            logger.warning(
+                "MLflow unreachable: keeping what could not be logged in %s (replay: python -m tune.recover %s)",
+                self.spool_file,
+                self.spool_dir,
+            )
         return False
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -341,9 +371,11 @@ class RunLogger:
         keys = list(items)
         for start in range(0, len(keys), 100):  # MLflow's per-batch limit
             chunk = {k: items[k] for k in keys[start : start + 100]}
-            self._call({"op": "params", "params": chunk},
-                       lambda c=chunk: self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in c.items()]),
-                       what="logging params")
+            self._call(
+                {"op": "params", "params": chunk},
+                lambda c=chunk: self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in c.items()]),
+                what="logging params",
+            )
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int = 0) -> None:
         from mlflow.entities import Metric
@@ -353,17 +385,23 @@ class RunLogger:
         keys = list(values)
         for start in range(0, len(keys), 1000):
             chunk = {k: values[k] for k in keys[start : start + 1000]}
-            self._call({"op": "metrics", "metrics": chunk, "step": step, "timestamp": now},
-                       lambda c=chunk: self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in c.items()]),
-                       what="logging metrics")
+            self._call(
+                {"op": "metrics", "metrics": chunk, "step": step, "timestamp": now},
+                lambda c=chunk: self.client.log_batch(
+                    self.run_id, metrics=[Metric(k, v, now, step) for k, v in c.items()]
+                ),
+                what="logging metrics",
+            )
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         items = {k: str(v)[:5000] for k, v in tags.items()}
-        self._call({"op": "tags", "tags": items},
-                   lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in items.items()]),
-                   what="setting tags")
+        self._call(
+            {"op": "tags", "tags": items},
+            lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in items.items()]),
+            what="setting tags",
+        )
 
     def _keep_files(self, source: Path) -> str | None:
         """Copy a file or folder into the spool (the original is often a temporary folder)."""
@@ -392,8 +430,14 @@ class RunLogger:
 
     def _artifacts(self, op: str, path: Path, artifact_path: str | None, fn: Callable[..., Any] | None) -> None:
         if fn is not None:  # the files are copied into the spool only if the call fails
-            self._call(lambda: {"op": op, "path": self._keep_files(path), "artifact_path": artifact_path},
-                       fn, self.run_id, str(path), artifact_path, what=f"logging {path.name}")
+            self._call(
+                lambda: {"op": op, "path": self._keep_files(path), "artifact_path": artifact_path},
+                fn,
+                self.run_id,
+                str(path),
+                artifact_path,
+                what=f"logging {path.name}",
+            )
 
     def keep_record(self, record: dict[str, Any]) -> None:
         """Keep a call made elsewhere (e.g. a registration) that failed, for the replay."""
@@ -404,12 +448,20 @@ class RunLogger:
         """The pyfunc model could not be logged: keep its checkpoint so the replay can log it."""
         if self.enabled and self.spool_file is not None:
             self.failures += 1
-            self._spool({"op": "model", "checkpoint": self._keep_files(Path(checkpoint)),
-                         "example_images": [str(p) for p in example_images or []]})
+            self._spool(
+                {
+                    "op": "model",
+                    "checkpoint": self._keep_files(Path(checkpoint)),
+                    "example_images": [str(p) for p in example_images or []],
+                }
+            )
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._call({"op": "finish", "status": status}, lambda: self.client.set_terminated(self.run_id, status),
-                   what=f"closing the run as {status}")
+        self._call(
+            {"op": "finish", "status": status},
+            lambda: self.client.set_terminated(self.run_id, status),
+            what=f"closing the run as {status}",
+        )
 
 
 def iter_runs(uri: str, experiment_id: str, filter_string: str = "") -> Iterable[Any]:

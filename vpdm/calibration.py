@@ -65,7 +65,8 @@ def holdout_split(samples: list[Sample], fraction: float, seed: int) -> tuple[li
             raise ConfigError(
                 f"class {category!r} has {len(index)} training image(s): holding out {len(picked)} for calibration "
                 f"(train.calibration_fraction={fraction}) leaves fewer than {MIN_TRAIN_IMAGES} to train on; "
-                "set train.calibration_fraction=0 and calibrate later with 'vpdm calibrate'")
+                "set train.calibration_fraction=0 and calibrate later with 'vpdm calibrate'"
+            )
         held.update(picked)
     return ([s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held])
 
@@ -74,8 +75,10 @@ def holdout_index(samples: list[Sample], fraction: float, seed: int) -> tuple[li
     """Positions in ``samples`` of :func:`holdout_split`'s ``(train, calibration)`` lists."""
     train, held = holdout_split(samples, fraction, seed)
     held_paths = {s.image_path for s in held}
-    return ([i for i, s in enumerate(samples) if s.image_path not in held_paths],
-            [i for i, s in enumerate(samples) if s.image_path in held_paths])
+    return (
+        [i for i, s in enumerate(samples) if s.image_path not in held_paths],
+        [i for i, s in enumerate(samples) if s.image_path in held_paths],
+    )
 
 
 def subset(split, index: list[int]):
@@ -105,7 +108,7 @@ def assignment_histograms(model: VPDM, features: Tensor, batch_size: int = 32) -
     out = []
     try:
         for start in range(0, len(features), batch_size):
-            f = features[start:start + batch_size].to(device)
+            f = features[start : start + batch_size].to(device)
             out.append(protos(model.normalise(f), with_loss=False, histogram=True)["histogram"].float().cpu())
     finally:
         protos.train(was_training)
@@ -114,8 +117,15 @@ def assignment_histograms(model: VPDM, features: Tensor, batch_size: int = 32) -
     return torch.cat(out)
 
 
-def calibrate(model: VPDM, config: VPDMConfig, features: Tensor, categories: list[str], *,
-              source: str = "", progress: bool = False) -> Calibration:
+def calibrate(
+    model: VPDM,
+    config: VPDMConfig,
+    features: Tensor,
+    categories: list[str],
+    *,
+    source: str = "",
+    progress: bool = False,
+) -> Calibration:
     """Score normal images' ``features`` (one class name per image in ``categories``) and calibrate.
 
     Every class needs :data:`MIN_CALIBRATION_IMAGES` images.
@@ -129,12 +139,19 @@ def calibrate(model: VPDM, config: VPDMConfig, features: Tensor, categories: lis
         counts[c] += 1
     few = {c: n for c, n in counts.items() if n < MIN_CALIBRATION_IMAGES}
     if few or not counts:
-        raise ConfigError(f"calibration needs at least {MIN_CALIBRATION_IMAGES} normal images per class; got "
-                          f"{dict(few) or 'none'}")
-    scores, maps = score_features(model, features, sampling=config.sampling, scoring=config.scoring,
-                                  map_size=config.scoring.map_size or config.backbone.image_size,
-                                  batch_size=config.train.batch_size, progress=progress,
-                                  precision=config.inference.precision)
+        raise ConfigError(
+            f"calibration needs at least {MIN_CALIBRATION_IMAGES} normal images per class; got {dict(few) or 'none'}"
+        )
+    scores, maps = score_features(
+        model,
+        features,
+        sampling=config.sampling,
+        scoring=config.scoring,
+        map_size=config.scoring.map_size or config.backbone.image_size,
+        batch_size=config.train.batch_size,
+        progress=progress,
+        precision=config.inference.precision,
+    )
     hist = assignment_histograms(model, features, config.train.batch_size)
     rate = config.calibration.false_alarm_rate
     classes, histograms = {}, {}
@@ -156,24 +173,33 @@ def check_validation_samples(samples: list[Sample], model_classes: list[str], sp
     found = sorted({s.category for s in samples})
     unknown = [c for c in found if c not in model_classes]
     if unknown:
-        raise DataError(f"--val-data {spec!r} has class(es) the model does not know: {', '.join(unknown)}; the model's "
-                        f"classes are {', '.join(model_classes)} (a class is '<kind>/<folder>', so the validation "
-                        "data must use the same spec kind and category folder names)")
+        raise DataError(
+            f"--val-data {spec!r} has class(es) the model does not know: {', '.join(unknown)}; the model's "
+            f"classes are {', '.join(model_classes)} (a class is '<kind>/<folder>', so the validation "
+            "data must use the same spec kind and category folder names)"
+        )
     for c in found:
         mine = [s for s in samples if s.category == c]
         if not any(s.label == 0 for s in mine):
-            raise DataError(f"--val-data {spec!r}, class {c!r}: no normal image (test/good); a labelled threshold "
-                            "needs normal and defect images")
+            raise DataError(
+                f"--val-data {spec!r}, class {c!r}: no normal image (test/good); a labelled threshold "
+                "needs normal and defect images"
+            )
         if not any(s.label == 1 for s in mine):
-            raise DataError(f"--val-data {spec!r}, class {c!r}: no defect image (test/<defect>); a labelled threshold "
-                            "needs normal and defect images")
+            raise DataError(
+                f"--val-data {spec!r}, class {c!r}: no defect image (test/<defect>); a labelled threshold "
+                "needs normal and defect images"
+            )
         if not any(s.label == 1 and s.has_mask for s in mine):
-            raise DataError(f"--val-data {spec!r}, class {c!r}: no defect image with a mask (ground_truth/); the "
-                            "pixel threshold needs defect pixels")
+            raise DataError(
+                f"--val-data {spec!r}, class {c!r}: no defect image with a mask (ground_truth/); the "
+                "pixel threshold needs defect pixels"
+            )
 
 
-def calibrate_labelled(model: VPDM, config: VPDMConfig, split, method: str, *, source: str = "",
-                       progress: bool = False) -> Calibration:
+def calibrate_labelled(
+    model: VPDM, config: VPDMConfig, split, method: str, *, source: str = "", progress: bool = False
+) -> Calibration:
     """Score a labelled validation split (:class:`vpdm.engine.SplitFeatures` of normal and defect images
     with masks) and choose each class's thresholds by ``method`` (``"f1"`` or ``"recall"``)."""
     from vpdm.engine import ground_truth, pixel_known, score_features
@@ -182,21 +208,42 @@ def calibrate_labelled(model: VPDM, config: VPDMConfig, split, method: str, *, s
         raise ConfigError(f"labelled calibration method must be one of {', '.join(LABELLED_METHODS)}, got {method!r}")
     labels, masks, categories = ground_truth(split.dataset)
     known = pixel_known(split.dataset)
-    scores, maps = score_features(model, split.features, sampling=config.sampling, scoring=config.scoring,
-                                  map_size=config.scoring.map_size or config.backbone.image_size,
-                                  batch_size=config.train.batch_size, progress=progress,
-                                  precision=config.inference.precision)
+    scores, maps = score_features(
+        model,
+        split.features,
+        sampling=config.sampling,
+        scoring=config.scoring,
+        map_size=config.scoring.map_size or config.backbone.image_size,
+        batch_size=config.train.batch_size,
+        progress=progress,
+        precision=config.inference.precision,
+    )
     if maps.shape[-2:] != masks.shape[-2:]:
         raise DataError(f"validation masks are {tuple(masks.shape[-2:])} px but the maps {tuple(maps.shape[-2:])}")
     hist = assignment_histograms(model, split.features, config.train.batch_size)
     classes, histograms = {}, {}
     for c in sorted(set(categories)):
         idx = [i for i, x in enumerate(categories) if x == c]
-        classes[c] = ClassThresholds.from_labelled(scores[idx], labels[idx], maps[idx], masks[idx], known[idx], method,
-                                                   target_recall=config.calibration.target_recall, category=c)
+        classes[c] = ClassThresholds.from_labelled(
+            scores[idx],
+            labels[idx],
+            maps[idx],
+            masks[idx],
+            known[idx],
+            method,
+            target_recall=config.calibration.target_recall,
+            category=c,
+        )
         histograms[c] = hist[torch.tensor(idx)].mean(dim=0)
-    return Calibration(config.calibration.false_alarm_rate, classes, histograms, source, settings_of(config),
-                       method=method, target_recall=config.calibration.target_recall if method == "recall" else None)
+    return Calibration(
+        config.calibration.false_alarm_rate,
+        classes,
+        histograms,
+        source,
+        settings_of(config),
+        method=method,
+        target_recall=config.calibration.target_recall if method == "recall" else None,
+    )
 
 
 def validation_samples(spec: str, config: VPDMConfig, model_classes: list[str]) -> list[Sample]:
@@ -211,8 +258,14 @@ def validation_samples(spec: str, config: VPDMConfig, model_classes: list[str]) 
     return samples
 
 
-def check_partial(previous: Calibration | None, classes: list[str], model_classes: list[str], method: str,
-                  config: VPDMConfig, data: str) -> list[str]:
+def check_partial(
+    previous: Calibration | None,
+    classes: list[str],
+    model_classes: list[str],
+    method: str,
+    config: VPDMConfig,
+    data: str,
+) -> list[str]:
     """Before any work: the classes a calibration of ``classes`` (from ``data``, as named in messages) keeps
     from ``previous`` (the checkpoint's): every other class of the model, or of the previous calibration.
 
@@ -228,24 +281,34 @@ def check_partial(previous: Calibration | None, classes: list[str], model_classe
         return []
     lacking = f"{data} lacks class(es) of the model: {', '.join(rest)}"
     if previous is None:
-        raise ConfigError(f"{lacking}, and the checkpoint has no thresholds to keep for them: give data of every "
-                          f"class ({', '.join(universe)}), or they would be judged by another class's thresholds")
+        raise ConfigError(
+            f"{lacking}, and the checkpoint has no thresholds to keep for them: give data of every "
+            f"class ({', '.join(universe)}), or they would be judged by another class's thresholds"
+        )
     unknown = [c for c in rest if c not in previous.classes]
     if unknown:
-        raise ConfigError(f"{lacking}, and the checkpoint's calibration has none for {', '.join(unknown)}: give data "
-                          "of those classes too")
+        raise ConfigError(
+            f"{lacking}, and the checkpoint's calibration has none for {', '.join(unknown)}: give data "
+            "of those classes too"
+        )
     rate, recall = config.calibration.false_alarm_rate, config.calibration.target_recall
     same = previous.method == method and (
         (method == "quantile" and previous.false_alarm_rate == rate)
-        or (method == "recall" and previous.target_recall == recall) or method == "f1")
+        or (method == "recall" and previous.target_recall == recall)
+        or method == "f1"
+    )
     differ = settings_differ(previous, config)
     if not same or differ:
-        now = {"quantile": f"quantile at false-alarm rate {rate:g}", "recall": f"recall {recall:g}",
-               "f1": "f1"}[method]
-        why = f"settings {', '.join(differ)} differ" if same else f"they were made by {previous.describe()}, this " \
-                                                                    f"calibration by {now}"
-        raise ConfigError(f"{lacking}; their thresholds can be kept only beside ones made the same way, but {why}: "
-                          f"give data of every class ({', '.join(universe)}), or use the same rule")
+        now = {"quantile": f"quantile at false-alarm rate {rate:g}", "recall": f"recall {recall:g}", "f1": "f1"}[method]
+        why = (
+            f"settings {', '.join(differ)} differ"
+            if same
+            else f"they were made by {previous.describe()}, this calibration by {now}"
+        )
+        raise ConfigError(
+            f"{lacking}; their thresholds can be kept only beside ones made the same way, but {why}: "
+            f"give data of every class ({', '.join(universe)}), or use the same rule"
+        )
     return rest
 
 
@@ -253,8 +316,13 @@ def merge_calibration(new: Calibration, previous: Calibration, kept: list[str]) 
     """``new``'s classes recalibrated, ``kept`` ones (:func:`check_partial`) as ``previous`` had them; the source
     says which images made which."""
     classes = {c: new.classes[c] if c in new.classes else previous.classes[c] for c in sorted({*new.classes, *kept})}
-    histograms = {c: new.histograms[c] if c in new.histograms else previous.histograms[c]
-                  for c in classes if c in new.histograms or c in previous.histograms}
-    source = (f"{new.source or 'unrecorded images'} for {', '.join(sorted(new.classes))}; kept from the previous "
-              f"calibration ({previous.source or 'unrecorded images'}) for {', '.join(kept)}")
+    histograms = {
+        c: new.histograms[c] if c in new.histograms else previous.histograms[c]
+        for c in classes
+        if c in new.histograms or c in previous.histograms
+    }
+    source = (
+        f"{new.source or 'unrecorded images'} for {', '.join(sorted(new.classes))}; kept from the previous "
+        f"calibration ({previous.source or 'unrecorded images'}) for {', '.join(kept)}"
+    )
     return Calibration(new.false_alarm_rate, classes, histograms, source, new.settings, new.method, new.target_recall)

@@ -92,9 +92,13 @@ def _not_loadable(path: Path) -> str:
     if size == 0:
         return "the file is empty"
     if not zipfile.is_zipfile(path):
-        return "it is not a PyTorch checkpoint archive (vpdm writes a zip archive with torch.save; this file is not one)"
-    return ("it is a PyTorch archive that holds Python objects a vpdm checkpoint never contains (only tensors, numbers, "
-            "strings, lists and dicts), or it is damaged; it was not loaded, because loading such objects can run code")
+        return (
+            "it is not a PyTorch checkpoint archive (vpdm writes a zip archive with torch.save; this file is not one)"
+        )
+    return (
+        "it is a PyTorch archive that holds Python objects a vpdm checkpoint never contains (only tensors, numbers, "
+        "strings, lists and dicts), or it is damaged; it was not loaded, because loading such objects can run code"
+    )
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -102,8 +106,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         hint = f"; did you mean {str(path / 'model.pt')!r}?" if (path / "model.pt").is_file() else ""
-        raise CheckpointError(f"checkpoint {str(path)!r} is a folder, not a file: expected a model.pt written by "
-                              f"'vpdm train'{hint}")
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is a folder, not a file: expected a model.pt written by 'vpdm train'{hint}"
+        )
     if not path.exists():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist (expected a model.pt written by 'vpdm train')")
     try:
@@ -115,8 +120,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a vpdm checkpoint (no '{FORMAT}' format marker)")
     if payload.get("version") != VERSION:
-        raise CheckpointError(f"{str(path)!r} has checkpoint version {payload.get('version')!r}; this vpdm reads "
-                              f"version {VERSION}")
+        raise CheckpointError(
+            f"{str(path)!r} has checkpoint version {payload.get('version')!r}; this vpdm reads version {VERSION}"
+        )
     for key in ("config", "channels", "feature_size", "state_dict", "categories"):
         if key not in payload:
             raise CheckpointError(f"{str(path)!r} is a damaged vpdm checkpoint: missing {key!r}")
@@ -125,17 +131,24 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[VPDM, VPDMConfig, dict[str, Any]]:
+def load_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[VPDM, VPDMConfig, dict[str, Any]]:
     """Rebuild the model from a checkpoint. Returns ``(model in eval mode, config, payload)``."""
     payload = read_checkpoint(path)
     try:
         config = saved_config(payload["config"])
         stages = payload.get("stage_channels")  # absent in checkpoints written before per-stage scoring
-        model = VPDM(int(payload["channels"]), int(payload["feature_size"]), config.model,
-                     stage_channels=[int(c) for c in stages] if stages else None)
+        model = VPDM(
+            int(payload["channels"]),
+            int(payload["feature_size"]),
+            config.model,
+            stage_channels=[int(c) for c in stages] if stages else None,
+        )
     except (VPDMError, RuntimeError, TypeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{str(path)!r} holds settings this vpdm cannot build a model from: "
-                              f"{str(exc).splitlines()[0][:300]}") from None
+        raise CheckpointError(
+            f"{str(path)!r} holds settings this vpdm cannot build a model from: {str(exc).splitlines()[0][:300]}"
+        ) from None
     state = dict(payload["state_dict"])
     saved_statistics = state.get("term_mean")
     if isinstance(saved_statistics, torch.Tensor) and saved_statistics.ndim == 2:
@@ -150,5 +163,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         model.load_state_dict(payload["state_dict"], strict=True)
     except (RuntimeError, TypeError) as exc:  # same names and shapes, yet refused (e.g. a dtype torch cannot copy)
-        raise CheckpointError(f"{str(path)!r} does not match this vpdm's model: {str(exc).splitlines()[-1][:300]}") from None
+        raise CheckpointError(
+            f"{str(path)!r} does not match this vpdm's model: {str(exc).splitlines()[-1][:300]}"
+        ) from None
     return model.to(map_location).eval(), config, payload

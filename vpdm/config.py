@@ -179,24 +179,41 @@ class ModelConfig:
         self.denoiser.validate()
         if self.loss_weighting not in ("none", "min_snr"):
             raise ConfigError(f"model.loss_weighting must be 'none' or 'min_snr', got {self.loss_weighting!r}")
-        if not (isinstance(self.min_snr_gamma, (int, float)) and math.isfinite(self.min_snr_gamma) and self.min_snr_gamma > 0):
+        if not (
+            isinstance(self.min_snr_gamma, (int, float))
+            and math.isfinite(self.min_snr_gamma)
+            and self.min_snr_gamma > 0
+        ):
             raise ConfigError(f"model.min_snr_gamma must be a finite number > 0, got {self.min_snr_gamma!r}")
-        if not (isinstance(self.feature_jitter, (int, float)) and math.isfinite(self.feature_jitter)
-                and self.feature_jitter >= 0):
+        if not (
+            isinstance(self.feature_jitter, (int, float))
+            and math.isfinite(self.feature_jitter)
+            and self.feature_jitter >= 0
+        ):
             raise ConfigError(f"model.feature_jitter must be a finite number >= 0, got {self.feature_jitter!r}")
         if self.input_copy not in INPUT_COPIES:
             raise ConfigError(f"model.input_copy must be one of {INPUT_COPIES}, got {self.input_copy!r}")
         strength = self.input_copy_strength
-        if not (isinstance(strength, (int, float)) and not isinstance(strength, bool) and math.isfinite(strength)
-                and strength >= 0 and (self.input_copy != "dropout" or strength < 1)):
-            raise ConfigError("model.input_copy_strength must be a finite number >= 0 (and < 1 for dropout, a "
-                              f"probability), got {strength!r}")
+        if not (
+            isinstance(strength, (int, float))
+            and not isinstance(strength, bool)
+            and math.isfinite(strength)
+            and strength >= 0
+            and (self.input_copy != "dropout" or strength < 1)
+        ):
+            raise ConfigError(
+                "model.input_copy_strength must be a finite number >= 0 (and < 1 for dropout, a "
+                f"probability), got {strength!r}"
+            )
         t = self.diffusion.num_timesteps
         if self.train_max_step is not None and (
-            not isinstance(self.train_max_step, int) or isinstance(self.train_max_step, bool)
+            not isinstance(self.train_max_step, int)
+            or isinstance(self.train_max_step, bool)
             or not 1 <= self.train_max_step <= t
         ):
-            raise ConfigError(f"model.train_max_step must be an integer in 1..{t} (T) or null, got {self.train_max_step!r}")
+            raise ConfigError(
+                f"model.train_max_step must be an integer in 1..{t} (T) or null, got {self.train_max_step!r}"
+            )
         if not (self.ot_weight >= 0 and math.isfinite(self.ot_weight)):
             raise ConfigError(f"model.ot_weight must be a finite number >= 0, got {self.ot_weight!r}")
         if self.feature_norm not in ("channel", "none"):
@@ -240,8 +257,11 @@ class SamplingConfig:
         if self.spacing not in ("linspace", "trailing"):
             raise ConfigError(f"sampling.spacing must be 'linspace' or 'trailing', got {self.spacing!r}")
         if self.start_step is not None:
-            if not isinstance(self.start_step, int) or isinstance(self.start_step, bool) or self.start_step < 1 or (
-                num_timesteps is not None and self.start_step > num_timesteps
+            if (
+                not isinstance(self.start_step, int)
+                or isinstance(self.start_step, bool)
+                or self.start_step < 1
+                or (num_timesteps is not None and self.start_step > num_timesteps)
             ):
                 raise ConfigError(
                     f"sampling.start_step must be an integer in 1..T={num_timesteps} or null, got {self.start_step!r}"
@@ -276,9 +296,14 @@ class TrainConfig:
     checkpoint_every: int = 1
 
     def validate(self) -> None:
-        if not isinstance(self.checkpoint_every, int) or isinstance(self.checkpoint_every, bool) \
-                or self.checkpoint_every < 0:
-            raise ConfigError(f"train.checkpoint_every must be an integer >= 0 (0 = never), got {self.checkpoint_every!r}")
+        if (
+            not isinstance(self.checkpoint_every, int)
+            or isinstance(self.checkpoint_every, bool)
+            or self.checkpoint_every < 0
+        ):
+            raise ConfigError(
+                f"train.checkpoint_every must be an integer >= 0 (0 = never), got {self.checkpoint_every!r}"
+            )
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -287,8 +312,11 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be a finite number > 0, got {self.lr!r}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("train.weight_decay and train.grad_clip must be >= 0")
-        if not (isinstance(self.prototype_lr_scale, (int, float)) and math.isfinite(self.prototype_lr_scale)
-                and self.prototype_lr_scale >= 0):
+        if not (
+            isinstance(self.prototype_lr_scale, (int, float))
+            and math.isfinite(self.prototype_lr_scale)
+            and self.prototype_lr_scale >= 0
+        ):
             raise ConfigError(f"train.prototype_lr_scale must be a finite number >= 0, got {self.prototype_lr_scale!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"train.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
@@ -298,10 +326,15 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be a number in [0, 1) (0 = off), got {self.ema_decay!r}")
         if not isinstance(self.threads, int) or self.threads < 0:
             raise ConfigError(f"train.threads must be an integer >= 0, got {self.threads!r}")
-        if not (isinstance(self.calibration_fraction, (int, float)) and not isinstance(self.calibration_fraction, bool)
-                and 0 <= self.calibration_fraction < 1):
-            raise ConfigError(f"train.calibration_fraction must be a number in [0, 1) (0 = no held-out calibration "
-                              f"images), got {self.calibration_fraction!r}")
+        if not (
+            isinstance(self.calibration_fraction, (int, float))
+            and not isinstance(self.calibration_fraction, bool)
+            and 0 <= self.calibration_fraction < 1
+        ):
+            raise ConfigError(
+                f"train.calibration_fraction must be a number in [0, 1) (0 = no held-out calibration "
+                f"images), got {self.calibration_fraction!r}"
+            )
 
 
 CALIBRATION_METHODS: tuple[str, ...] = ("auto", "quantile", "f1", "recall")
@@ -325,12 +358,20 @@ class CalibrationConfig:
 
     def validate(self) -> None:
         if self.method not in CALIBRATION_METHODS:
-            raise ConfigError(f"calibration.method must be one of {', '.join(CALIBRATION_METHODS)}, got {self.method!r}")
-        if not (isinstance(self.false_alarm_rate, (int, float)) and not isinstance(self.false_alarm_rate, bool)
-                and 0 <= self.false_alarm_rate < 1):
+            raise ConfigError(
+                f"calibration.method must be one of {', '.join(CALIBRATION_METHODS)}, got {self.method!r}"
+            )
+        if not (
+            isinstance(self.false_alarm_rate, (int, float))
+            and not isinstance(self.false_alarm_rate, bool)
+            and 0 <= self.false_alarm_rate < 1
+        ):
             raise ConfigError(f"calibration.false_alarm_rate must be a number in [0, 1), got {self.false_alarm_rate!r}")
-        if not (isinstance(self.target_recall, (int, float)) and not isinstance(self.target_recall, bool)
-                and 0 < self.target_recall <= 1):
+        if not (
+            isinstance(self.target_recall, (int, float))
+            and not isinstance(self.target_recall, bool)
+            and 0 < self.target_recall <= 1
+        ):
             raise ConfigError(f"calibration.target_recall must be a number in (0, 1], got {self.target_recall!r}")
 
     def resolve(self, labelled: bool) -> str:
@@ -338,12 +379,16 @@ class CalibrationConfig:
         if self.method == "auto":
             return "f1" if labelled else "quantile"
         if labelled and self.method == "quantile":
-            raise ConfigError("calibration.method=quantile uses normal images only, but --val-data (a labelled "
-                              "validation set) was given: use calibration.method=f1 or recall with it, or calibrate "
-                              "on normal images with 'vpdm calibrate --data SPEC' (its train/good)")
+            raise ConfigError(
+                "calibration.method=quantile uses normal images only, but --val-data (a labelled "
+                "validation set) was given: use calibration.method=f1 or recall with it, or calibrate "
+                "on normal images with 'vpdm calibrate --data SPEC' (its train/good)"
+            )
         if not labelled and self.method != "quantile":
-            raise ConfigError(f"calibration.method={self.method} needs a labelled validation set (normal and defect "
-                              "images with masks): pass --val-data SPEC, or use calibration.method=quantile")
+            raise ConfigError(
+                f"calibration.method={self.method} needs a labelled validation set (normal and defect "
+                "images with masks): pass --val-data SPEC, or use calibration.method=quantile"
+            )
         return self.method
 
 
@@ -381,9 +426,13 @@ class DataConfig:
 
     def validate(self) -> None:
         if not isinstance(self.spec, str) or not self.spec.strip():
-            raise ConfigError(f"data.spec must be a non-empty data spec such as 'mvtec:/path/to/mvtec', got {self.spec!r}")
+            raise ConfigError(
+                f"data.spec must be a non-empty data spec such as 'mvtec:/path/to/mvtec', got {self.spec!r}"
+            )
         if self.missing_masks not in MISSING_MASKS:
-            raise ConfigError(f"data.missing_masks must be one of {', '.join(MISSING_MASKS)}, got {self.missing_masks!r}")
+            raise ConfigError(
+                f"data.missing_masks must be one of {', '.join(MISSING_MASKS)}, got {self.missing_masks!r}"
+            )
         if not isinstance(self.extract_batch_size, int) or self.extract_batch_size < 1:
             raise ConfigError(f"data.extract_batch_size must be an integer >= 1, got {self.extract_batch_size!r}")
 
@@ -407,12 +456,16 @@ class VPDMConfig:
         self.scoring.validate()
         fine_terms = tuple(self.scoring.fine_pools) + tuple(self.scoring.image_terms()[1])
         if fine_terms and not self.model.fine.num_prototypes:
-            raise ConfigError("scoring.fine_pools / scoring.fine_image_pools score the fine prototypes' condition, but "
-                              "model.fine.num_prototypes=0 (none): set both to [] or give the model fine prototypes")
+            raise ConfigError(
+                "scoring.fine_pools / scoring.fine_image_pools score the fine prototypes' condition, but "
+                "model.fine.num_prototypes=0 (none): set both to [] or give the model fine prototypes"
+            )
         if self.model.prototypes.lists and self.train.prototype_lr_scale > 0:
-            raise ConfigError(f"model.prototypes.list_size={self.model.prototypes.list_size} (short lists) needs frozen "
-                              f"prototypes (the lists are built once), but train.prototype_lr_scale="
-                              f"{self.train.prototype_lr_scale}: use prototypes.list_size=0 or train.prototype_lr_scale=0")
+            raise ConfigError(
+                f"model.prototypes.list_size={self.model.prototypes.list_size} (short lists) needs frozen "
+                f"prototypes (the lists are built once), but train.prototype_lr_scale="
+                f"{self.train.prototype_lr_scale}: use prototypes.list_size=0 or train.prototype_lr_scale=0"
+            )
         for key in ("pools", "image_pools", "fine_pools", "fine_image_pools"):
             for p in getattr(self.scoring, key) or ():
                 if self.backbone.feature_size % p:
@@ -458,8 +511,9 @@ def check_finite(config: Any, prefix: str = "") -> None:
             if isinstance(item, float) and not math.isfinite(item):
                 raise ConfigError(f"{name} must be a finite number, got {item!r}")
             if isinstance(item, int) and not isinstance(item, bool) and not INT64_MIN <= item <= INT64_MAX:
-                raise ConfigError(f"{name} must be an integer that fits in 64 bits ({INT64_MIN}..{INT64_MAX}), "
-                                  f"got {item}")
+                raise ConfigError(
+                    f"{name} must be an integer that fits in 64 bits ({INT64_MIN}..{INT64_MAX}), got {item}"
+                )
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -500,7 +554,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return float(value)
         except ValueError:
             pass
-    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+    if hint in (int, float, str, bool) and not (
+        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    ):
         raise ConfigError(f"{where} must be of type {hint.__name__}, got {value!r}")
     return value
 
@@ -513,7 +569,9 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"unknown setting(s) {[prefix + u for u in unknown]}; known: {sorted(prefix + k for k in known)}")
+        raise ConfigError(
+            f"unknown setting(s) {[prefix + u for u in unknown]}; known: {sorted(prefix + k for k in known)}"
+        )
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
     return cls(**kwargs)
 
@@ -528,8 +586,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             line = key_node.start_mark.line + 1
             if key in seen:
                 where = f" in {self.name}" if getattr(self, "name", None) not in (None, "<unicode string>") else ""
-                raise ConfigError(f"setting {key!r} is given twice{where}, on lines {seen[key]} and {line}; keep one "
-                                  "(YAML would silently keep the last)")
+                raise ConfigError(
+                    f"setting {key!r} is given twice{where}, on lines {seen[key]} and {line}; keep one "
+                    "(YAML would silently keep the last)"
+                )
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
@@ -553,7 +613,9 @@ def _override_pairs(overrides: list[str] | dict[str, Any]) -> list[tuple[str, An
     pairs = []
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. model.prototypes.num_prototypes=20")
+            raise ConfigError(
+                f"override {item!r} must look like section.key=value, e.g. model.prototypes.num_prototypes=20"
+            )
         key, raw = item.split("=", 1)
         try:
             value = load_yaml(raw) if raw.strip() else ""
@@ -597,8 +659,10 @@ def apply_overrides(config: VPDMConfig, overrides: list[str] | dict[str, Any]) -
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict):
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{key!r} is a section; give a mapping ({key}={{key: value}}) or one setting "
-                                  f"({key}.<key>=value), got {value!r}")
+                raise ConfigError(
+                    f"{key!r} is a section; give a mapping ({key}={{key: value}}) or one setting "
+                    f"({key}.<key>=value), got {value!r}"
+                )
             expanded.extend(flatten_dict(value, f"{key}.").items() if value else [])
         else:
             expanded.append((key, value))
@@ -615,8 +679,9 @@ def apply_overrides(config: VPDMConfig, overrides: list[str] | dict[str, Any]) -
     return VPDMConfig.from_dict(data)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                preset: str | None = None) -> VPDMConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, preset: str | None = None
+) -> VPDMConfig:
     """Defaults, then a named preset (``PRESETS``, e.g. ``paper``), then a YAML file (partial is fine),
     then overrides; validated."""
     config = VPDMConfig()

@@ -165,13 +165,14 @@ def list_samples(spec: str, split: Split, missing_masks: str = "refuse") -> list
     for kind, path in parse_data_spec(spec):
         if kind in DEMO_KINDS:
             _ensure_demo(path, SMALL_DEMO_PARAMS if kind == "demo-small" else None)
-        groups = (_list_visa(path, split, masks_required) if kind == "visa"
-                  else _list_mvtec_like(kind, path, split, seen_dirs, masks_required))
+        groups = (
+            _list_visa(path, split, masks_required)
+            if kind == "visa"
+            else _list_mvtec_like(kind, path, split, seen_dirs, masks_required)
+        )
         for name, group in groups:
             unique = _unique_name(f"{kind}/{name}", used_names)
-            samples.extend(
-                Sample(s.image_path, s.mask_path, s.label, unique, s.defect) for s in group
-            )
+            samples.extend(Sample(s.image_path, s.mask_path, s.label, unique, s.defect) for s in group)
     return sorted(samples, key=lambda s: (s.category, str(s.image_path)))
 
 
@@ -226,9 +227,7 @@ def _list_mvtec_like(
         if key in seen_dirs:  # same directory reached twice (root + category spec)
             continue
         seen_dirs.add(key)
-        groups.append(
-            (cat_dir.resolve().name, _list_mvtec_category(cat_dir, split, masks_required=masks_required))
-        )
+        groups.append((cat_dir.resolve().name, _list_mvtec_category(cat_dir, split, masks_required=masks_required)))
     return groups
 
 
@@ -263,9 +262,11 @@ def _list_mvtec_category(cat_dir: Path, split: Split, *, masks_required: bool) -
 
 
 def _no_mask_message(image: Path, expected: Path) -> str:
-    return (f"anomalous test image {str(image)!r} has no mask: expected {str(expected)!r} (without it every pixel "
-            "would count as normal); add the mask, or set data.missing_masks=image_only to leave such images "
-            "out of the pixel metrics")
+    return (
+        f"anomalous test image {str(image)!r} has no mask: expected {str(expected)!r} (without it every pixel "
+        "would count as normal); add the mask, or set data.missing_masks=image_only to leave such images "
+        "out of the pixel metrics"
+    )
 
 
 def _find_mask(gt_dir: Path, stem: str) -> Path | None:
@@ -404,8 +405,10 @@ def image_to_rgb(im: Image.Image, image_size: int, name: str) -> np.ndarray:
     Raises :class:`DataError` naming ``name`` when a side is below :data:`MIN_IMAGE_SIDE`.
     """
     if min(im.size) < MIN_IMAGE_SIDE:
-        raise DataError(f"{name}: {im.width}x{im.height} pixels is too small, expected at least "
-                        f"{MIN_IMAGE_SIDE} pixels on each side (small images are refused, not upscaled)")
+        raise DataError(
+            f"{name}: {im.width}x{im.height} pixels is too small, expected at least "
+            f"{MIN_IMAGE_SIDE} pixels on each side (small images are refused, not upscaled)"
+        )
     rgb = _to_rgb(im).resize((image_size, image_size), Image.Resampling.BICUBIC)
     return np.array(rgb, dtype=np.uint8)
 
@@ -442,10 +445,13 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
 
     labels, n = ndimage.label(mask > 0, structure=np.ones((3, 3), dtype=bool))
     if n:
-        kept = np.asarray(Image.fromarray(labels.astype(np.int32), mode="I").resize((size, size), Image.Resampling.NEAREST))
+        kept = np.asarray(
+            Image.fromarray(labels.astype(np.int32), mode="I").resize((size, size), Image.Resampling.NEAREST)
+        )
         for region in sorted(set(range(1, n + 1)) - set(np.unique(kept).tolist())):
-            area = Image.fromarray((labels == region).astype(np.float32), mode="F").resize((size, size),
-                                                                                         Image.Resampling.BOX)
+            area = Image.fromarray((labels == region).astype(np.float32), mode="F").resize(
+                (size, size), Image.Resampling.BOX
+            )
             out |= np.asarray(area) > 0
     return out.astype(np.uint8)
 
@@ -715,8 +721,13 @@ DEMO_CLASSES: tuple[tuple[str, Callable[[np.random.Generator, int], tuple[np.nda
 SMALL_DEFECTS: tuple[str, ...] = ("pinhole", "thin_scratch", "chip")
 # The small-defect development set (`demo-small`): small parts freely placed, fine textures.
 SMALL_DEMO_CLASSES: tuple[str, ...] = ("screw", "tread", "brushed", "mesh")
-SMALL_DEMO_PARAMS: dict[str, Any] = {"classes": list(SMALL_DEMO_CLASSES), "train_per_class": 80,
-                                     "test_good_per_class": 30, "test_defect_per_class": 30, "size": 256}
+SMALL_DEMO_PARAMS: dict[str, Any] = {
+    "classes": list(SMALL_DEMO_CLASSES),
+    "train_per_class": 80,
+    "test_good_per_class": 30,
+    "test_defect_per_class": 30,
+    "size": 256,
+}
 
 
 def _defects_of(name: str) -> tuple[str, ...]:
@@ -838,8 +849,10 @@ def _demo_class_names(classes: int | Sequence[str]) -> list[str]:
     """The demo's class names: the first ``classes`` of :data:`DEMO_CLASSES`, or the names given."""
     known = [name for name, _ in DEMO_CLASSES]
     if isinstance(classes, bool) or not isinstance(classes, (int, list, tuple)):
-        raise ConfigError(f"demo classes must be an integer in 1..{len(DEMO_CLASSES)} or a list of class names "
-                          f"({', '.join(known)}), got {classes!r}")
+        raise ConfigError(
+            f"demo classes must be an integer in 1..{len(DEMO_CLASSES)} or a list of class names "
+            f"({', '.join(known)}), got {classes!r}"
+        )
     if isinstance(classes, int):
         if not 1 <= classes <= len(DEMO_CLASSES):
             raise ConfigError(f"demo classes must be an integer in 1..{len(DEMO_CLASSES)}, got {classes!r}")

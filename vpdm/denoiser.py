@@ -96,7 +96,9 @@ class Denoiser(nn.Module):
         self.config = config
         w, g = config.width, config.groups
         self.time_mlp = nn.Sequential(
-            nn.Linear(config.time_dim, 4 * config.time_dim), nn.SiLU(), nn.Linear(4 * config.time_dim, 4 * config.time_dim)
+            nn.Linear(config.time_dim, 4 * config.time_dim),
+            nn.SiLU(),
+            nn.Linear(4 * config.time_dim, 4 * config.time_dim),
         )
         emb = 4 * config.time_dim
         self.inp = nn.Conv2d((2 + extra_inputs) * channels, w, 1)
@@ -112,8 +114,11 @@ class Denoiser(nn.Module):
 
     def forward(self, x_t: Tensor, yhat: Tensor, t: Tensor, copy: Tensor | None = None) -> Tensor:
         if (copy is None) != (self.extra_inputs == 0):
-            raise ValueError("this denoiser takes a copy of the image's features beside yhat" if self.extra_inputs
-                             else "this denoiser was built without an input for a copy of the image's features")
+            raise ValueError(
+                "this denoiser takes a copy of the image's features beside yhat"
+                if self.extra_inputs
+                else "this denoiser was built without an input for a copy of the image's features"
+            )
         inputs = [x_t, yhat] if copy is None else [x_t, yhat, copy]
         emb = self.time_mlp(timestep_embedding(t, self.config.time_dim))
         h = self.full_in(self.inp(torch.cat(inputs, dim=1)), emb)

@@ -22,8 +22,9 @@ from vpdm.scoring import ScoringConfig
 
 
 @torch.no_grad()
-def prototype_owners(model: VPDM, train_features: Tensor, train_class: Tensor, neighbours: int = 5,
-                     batch_size: int = 256) -> Tensor:
+def prototype_owners(
+    model: VPDM, train_features: Tensor, train_class: Tensor, neighbours: int = 5, batch_size: int = 256
+) -> Tensor:
     """Class of each prototype: the majority class of its ``neighbours`` nearest training samples
     (images, or vague positions for local prototypes; the OT cost); ties go to the nearest one's class.
     Shape (K,)."""
@@ -59,16 +60,25 @@ def assignment_weights(model: VPDM, features: Tensor, batch_size: int = 64) -> T
         for s in range(0, len(features), batch_size):
             chunk = features[s : s + batch_size]
             protos = model.prototypes
-            out.append(protos.weights(protos.samples(model.normalise(chunk))).reshape(chunk.shape[0], -1,
-                                                                                     protos.config.num_prototypes))
+            out.append(
+                protos.weights(protos.samples(model.normalise(chunk))).reshape(
+                    chunk.shape[0], -1, protos.config.num_prototypes
+                )
+            )
     finally:
         model.prototypes.train(was)
     return torch.cat(out)
 
 
 @torch.no_grad()
-def condition_report(model: VPDM, train_features: Tensor, train_class: Tensor, features: Tensor,
-                     classes: Tensor, categories: Sequence[str]) -> dict[str, dict[str, float]]:
+def condition_report(
+    model: VPDM,
+    train_features: Tensor,
+    train_class: Tensor,
+    features: Tensor,
+    classes: Tensor,
+    categories: Sequence[str],
+) -> dict[str, dict[str, float]]:
     """Per class: purity (share of the assignment weight on prototypes owned by the image's own
     class), entropy of the assignment (nats; uniform = log K), weight of the top prototype, and how
     many prototypes the class owns."""
@@ -93,8 +103,9 @@ def condition_report(model: VPDM, train_features: Tensor, train_class: Tensor, f
 
 
 @torch.no_grad()
-def x0_error_by_t(model: VPDM, features: Tensor, timesteps: Sequence[int], seed: int = 0,
-                  batch_size: int = 64) -> dict[int, float]:
+def x0_error_by_t(
+    model: VPDM, features: Tensor, timesteps: Sequence[int], seed: int = 0, batch_size: int = 64
+) -> dict[int, float]:
     """Mean squared x0-prediction error per feature value (normalised space) of one denoiser call at
     each paper step t (1-based), with fixed noise, on ``features`` (held-out normal images). For
     reference, predicting x0 = yhat scores the condition's own error (reported as t = 0)."""
@@ -118,7 +129,9 @@ def x0_error_by_t(model: VPDM, features: Tensor, timesteps: Sequence[int], seed:
     return out
 
 
-def leak_report(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, categories: Sequence[str]) -> dict[str, dict[str, float]]:
+def leak_report(
+    maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, categories: Sequence[str]
+) -> dict[str, dict[str, float]]:
     """Per class, on the anomalous test images: mean map value inside the defect masks, outside them,
     and their ratio (high = the defect is not reconstructed; near 1 = it passes through, the
     "identical shortcut"); also the mean map value of normal test images."""
@@ -140,11 +153,22 @@ def leak_report(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray, categor
 
 
 @torch.no_grad()
-def normal_reconstruction_error(model: VPDM, features: Tensor, sampling: SamplingConfig, scoring: ScoringConfig,
-                                classes: Tensor, categories: Sequence[str], batch_size: int = 32) -> dict[str, dict[str, float]]:
+def normal_reconstruction_error(
+    model: VPDM,
+    features: Tensor,
+    sampling: SamplingConfig,
+    scoring: ScoringConfig,
+    classes: Tensor,
+    categories: Sequence[str],
+    batch_size: int = 32,
+) -> dict[str, dict[str, float]]:
     """Feature-resolution anomaly map of normal images, per class: mean and 99th percentile."""
-    maps = torch.cat([model.anomaly_maps(features[s : s + batch_size], sampling, scoring)
-                      for s in range(0, len(features), batch_size)])
+    maps = torch.cat(
+        [
+            model.anomaly_maps(features[s : s + batch_size], sampling, scoring)
+            for s in range(0, len(features), batch_size)
+        ]
+    )
     out: dict[str, dict[str, float]] = {}
     for c, name in enumerate(categories):
         m = maps[classes == c]

@@ -30,7 +30,15 @@ from torch import Tensor
 
 from vpdm.errors import ConfigError
 
-__all__ = ["NoiseScheduleConfig", "ShiftedDiffusion", "DiffusionStep", "make_betas", "SCHEDULES", "SAMPLERS", "PREDICTIONS"]
+__all__ = [
+    "NoiseScheduleConfig",
+    "ShiftedDiffusion",
+    "DiffusionStep",
+    "make_betas",
+    "SCHEDULES",
+    "SAMPLERS",
+    "PREDICTIONS",
+]
 
 SCHEDULES: tuple[str, ...] = ("linear", "cosine", "quadratic", "sigmoid")
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
@@ -329,7 +337,10 @@ class ShiftedDiffusion:
         return clipped / (snr + 1.0)
 
     def sample_timesteps(
-        self, batch: int, generator: torch.Generator | None = None, device: torch.device | str | None = None,
+        self,
+        batch: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
         max_step: int | None = None,
     ) -> Tensor:
         """Uniform training timesteps in ``0..max_step-1`` (default ``0..T-1``), drawn on the
@@ -531,6 +542,7 @@ class ShiftedDiffusion:
                 )
             eta_i = eta if sampler == "ddim" else 1.0
             noise = self._randn(x, generators) if t_prev >= 0 and (sampler == "ddpm" or eta > 0) else None
-            x = self.step(output, t, t_prev, x, yhat, sampler=sampler, eta=eta_i, noise=noise,
-                          clip_x0=clip_x0).prev_sample
+            x = self.step(
+                output, t, t_prev, x, yhat, sampler=sampler, eta=eta_i, noise=noise, clip_x0=clip_x0
+            ).prev_sample
         return x

@@ -84,8 +84,9 @@ def load_split(
     dataset = AnomalyDataset(samples, image_size=config.backbone.image_size, mask_size=config.scoring.map_size)
     if extractor is None:
         extractor = FeatureExtractor(config.backbone, precision=config.inference.precision)
-        extractor = extractor.to(select_device(device if device is not None else config.train.device,
-                                               precision=config.inference.precision))
+        extractor = extractor.to(
+            select_device(device if device is not None else config.train.device, precision=config.inference.precision)
+        )
     start = time.perf_counter()
     features, info = extract_features(
         extractor,
@@ -110,9 +111,14 @@ def load_split(
 # -- training ------------------------------------------------------------------------------------
 
 
-def build_model(config: VPDMConfig, train_features: Tensor, seed: int | None = None,
-                stage_channels: tuple[int, ...] | None = None, class_index: Tensor | None = None,
-                statistics: bool = True) -> VPDM:
+def build_model(
+    config: VPDMConfig,
+    train_features: Tensor,
+    seed: int | None = None,
+    stage_channels: tuple[int, ...] | None = None,
+    class_index: Tensor | None = None,
+    statistics: bool = True,
+) -> VPDM:
     """A fresh model fitted to the training data's scale, with prototypes started from it (``class_index``,
     one class per image: which class each fine prototype stands for), and normal statistics of its score
     terms, so that even an untrained model scores. ``statistics=False``: without them, for a caller that
@@ -141,8 +147,13 @@ def _class_index_of(features: Tensor, class_index: Tensor | None) -> Tensor:
 def fit_statistics(model: VPDM, config: VPDMConfig, features: Tensor, class_index: Tensor | None) -> None:
     """The normal statistics of every score term (scoring.combine=standardised), once the model is trained."""
     model.eval()
-    model.fit_statistics(features, _class_index_of(features, class_index), config.sampling, config.scoring,
-                         batch_size=config.train.batch_size)
+    model.fit_statistics(
+        features,
+        _class_index_of(features, class_index),
+        config.sampling,
+        config.scoring,
+        batch_size=config.train.batch_size,
+    )
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -211,7 +222,8 @@ def train_loop(
                     f"loss became {loss.item()} at epoch {epoch + 1}, step {step + 1} "
                     f"(eps-MSE {losses['eps_mse'].item():.4g}, OT {losses['ot_loss'].item():.4g}); "
                     f"try a lower train.lr (now {config.lr})",
-                    epoch=epoch + 1, step=step + 1,
+                    epoch=epoch + 1,
+                    step=step + 1,
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -231,8 +243,9 @@ def train_loop(
         if seen == 0:
             raise VPDMError("the training loader yielded no batches; is the training split empty?")
         metrics = {key: value / seen for key, value in totals.items()}
-        metrics.update(epoch=epoch + 1, images=seen, seconds=time.perf_counter() - start,
-                       lr=optimizer.param_groups[0]["lr"])
+        metrics.update(
+            epoch=epoch + 1, images=seen, seconds=time.perf_counter() - start, lr=optimizer.param_groups[0]["lr"]
+        )
         history.append(metrics)
         if end_of_epoch is not None:
             end_of_epoch(epoch, history, optimizer, ema)
@@ -313,8 +326,13 @@ class ConditionedFeatures(torch.utils.data.Dataset):
         return {"features": self.features[i], "vague": self.vague[i], "terms": self.terms[i]}
 
 
-def feature_loader(features: Tensor, batch_size: int, seed: int, class_index: Tensor | None = None,
-                   condition: tuple[Tensor, Tensor] | None = None) -> torch.utils.data.DataLoader:
+def feature_loader(
+    features: Tensor,
+    batch_size: int,
+    seed: int,
+    class_index: Tensor | None = None,
+    condition: tuple[Tensor, Tensor] | None = None,
+) -> torch.utils.data.DataLoader:
     """Shuffled loader over cached features; drops a last batch of 1 (Sinkhorn over one image is degenerate).
     With ``condition`` (frozen prototypes: :meth:`VPDM.training_condition`) each batch is a dict that also
     holds its images' conditions."""
@@ -347,8 +365,9 @@ def fit(
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     device = select_device(config.train.device)
-    model = build_model(config, train.features, stage_channels=train.stage_channels, class_index=train.class_index,
-                        statistics=False).to(device)  # fitted after training
+    model = build_model(
+        config, train.features, stage_channels=train.stage_channels, class_index=train.class_index, statistics=False
+    ).to(device)  # fitted after training
     # Frozen prototypes give every image the same condition in every epoch: assign once, not once per epoch.
     condition = model.training_condition(train.features) if model.condition_is_fixed else None
     loader = feature_loader(train.features, config.train.batch_size, config.train.seed, condition=condition)
@@ -360,12 +379,30 @@ def fit(
         start, done, shadow = restore(resume, model=model, optimizer=optimizer, generator=loader.generator)
     every, hook = config.train.checkpoint_every, None
     if save_state is not None and every:
+
         def hook(epoch: int, history: list[dict[str, float]], opt: torch.optim.Optimizer, ema: Any) -> None:
             if (epoch + 1) % every == 0 and epoch + 1 < config.train.epochs:
-                save_state(epoch=epoch + 1, model=model, optimizer=opt, generator=loader.generator, ema=ema,
-                           history=done + history)
-    history = train_loop(model, loader, config.train, optimizer=optimizer, start_epoch=start, callback=callback,
-                         device=device, progress=progress, ema_shadow=shadow, end_of_epoch=hook)
+                save_state(
+                    epoch=epoch + 1,
+                    model=model,
+                    optimizer=opt,
+                    generator=loader.generator,
+                    ema=ema,
+                    history=done + history,
+                )
+
+    history = train_loop(
+        model,
+        loader,
+        config.train,
+        optimizer=optimizer,
+        start_epoch=start,
+        callback=callback,
+        device=device,
+        progress=progress,
+        ema_shadow=shadow,
+        end_of_epoch=hook,
+    )
     fit_statistics(model, config, train.features, train.class_index)
     return model.eval(), done + history
 
@@ -391,8 +428,9 @@ def score_features(
     device = next(model.parameters()).device
     scores, maps = [], []
     for start in tqdm(range(0, len(features), batch_size), desc="scoring", disable=not progress, unit="batch"):
-        batch_scores, up = model.detect(features[start : start + batch_size].to(device), sampling, scoring, map_size,
-                                        precision=precision)
+        batch_scores, up = model.detect(
+            features[start : start + batch_size].to(device), sampling, scoring, map_size, precision=precision
+        )
         scores.append(batch_scores.cpu())
         maps.append(up.cpu())
     return torch.cat(scores), torch.cat(maps)
@@ -460,8 +498,12 @@ def format_metrics(metrics: dict[str, Any]) -> str:
         keys += ["image_precision", "image_recall", "image_f1", "image_false_alarm_rate"]
     rows = list(metrics["per_class"].items()) + [("mean", metrics["mean"])]
     width = max(12, *(len(name) for name, _ in rows))
-    short = {"image_precision": "precision", "image_recall": "recall", "image_f1": "f1@thr",
-             "image_false_alarm_rate": "false_alarm"}
+    short = {
+        "image_precision": "precision",
+        "image_recall": "recall",
+        "image_f1": "f1@thr",
+        "image_false_alarm_rate": "false_alarm",
+    }
     lines = [f"{'class':<{width}} " + " ".join(f"{short.get(k, k):>12}" for k in keys)]
     for name, values in rows:
         cells = []

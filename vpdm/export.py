@@ -52,10 +52,25 @@ from vpdm.onnx_format import (
     require_package,
 )
 
-__all__ = ["FORMATS", "ExportableDetector", "ExportResult", "MAX_EXPORT_STEPS", "METADATA_PREFIX", "ONNX_FORMAT",
-           "OPSET", "OUTPUT_NAMES", "PARITY_TOLERANCE", "RAW_OUTPUT_NAMES", "check_with_onnxruntime",
-           "check_with_openvino", "export_onnx", "onnx_model", "relative_difference", "require_package",
-           "unsupported_settings"]
+__all__ = [
+    "FORMATS",
+    "ExportableDetector",
+    "ExportResult",
+    "MAX_EXPORT_STEPS",
+    "METADATA_PREFIX",
+    "ONNX_FORMAT",
+    "OPSET",
+    "OUTPUT_NAMES",
+    "PARITY_TOLERANCE",
+    "RAW_OUTPUT_NAMES",
+    "check_with_onnxruntime",
+    "check_with_openvino",
+    "export_onnx",
+    "onnx_model",
+    "relative_difference",
+    "require_package",
+    "unsupported_settings",
+]
 
 OPSET = 17
 # Each step is one more copy of the denoiser in the graph (and, for ddpm or eta > 0, one more noise
@@ -75,12 +90,14 @@ def unsupported_settings(config: Any) -> list[str]:
             f"sampling.num_steps={steps}: the ONNX graph unrolls the reverse chain, one denoiser call per step "
             f"(and one stored noise map per step for ddpm or eta > 0); export supports at most "
             f"{MAX_EXPORT_STEPS} steps. Export with fewer (--set sampling.num_steps=N); thresholds hold for the "
-            f"steps they were calibrated with, so for decisions that fit, train with that setting")
+            f"steps they were calibrated with, so for decisions that fit, train with that setting"
+        )
     precision = getattr(getattr(config, "inference", None), "precision", "fp32")
     if precision != "fp32":
         problems.append(
             f"inference.precision={precision}: the graph is exported in float32 (reduced precision is the "
-            "runtime's choice, not an autocast baked into the graph); export with --set inference.precision=fp32")
+            "runtime's choice, not an autocast baked into the graph); export with --set inference.precision=fp32"
+        )
     return problems
 
 
@@ -130,8 +147,10 @@ def _decision_tables(post: Any) -> _Tables:
     if calibration.histograms:
         missing = [n for n in names if n not in calibration.histograms]
         if missing:
-            raise CheckpointError(f"the calibration has no assignment histogram for class(es) {', '.join(missing)}; "
-                                  "re-run 'vpdm calibrate' on this checkpoint")
+            raise CheckpointError(
+                f"the calibration has no assignment histogram for class(es) {', '.join(missing)}; "
+                "re-run 'vpdm calibrate' on this checkpoint"
+            )
         return _Tables(names, image_t, pixel_t, scale, "histogram", 0)
     if len(names) == 1:
         return _Tables(names, image_t, pixel_t, scale, "single", 0)
@@ -162,8 +181,9 @@ class ExportableDetector(nn.Module):
         self.image_size = int(self.config.backbone.image_size)
         sampling = self.config.sampling
         diffusion = self.model.diffusion
-        self.timesteps: list[int] = diffusion.timesteps_for(sampling.num_steps, sampling.spacing,
-                                                            sampling.start_step).tolist()
+        self.timesteps: list[int] = diffusion.timesteps_for(
+            sampling.num_steps, sampling.spacing, sampling.start_step
+        ).tolist()
         self.sampler = sampling.sampler
         self.eta = sampling.eta if sampling.sampler == "ddim" else 1.0
         self.from_image = sampling.start_step is not None and sampling.start_step < diffusion.num_timesteps
@@ -187,8 +207,10 @@ class ExportableDetector(nn.Module):
         self.area_sizes: set[int] = set()
         if self.config.backbone.resize == "area":
             with torch.no_grad():
-                shapes = [tuple(m.shape[-2:]) for m in self.extractor.backbone(torch.zeros(1, 3, self.image_size,
-                                                                                           self.image_size))]
+                shapes = [
+                    tuple(m.shape[-2:])
+                    for m in self.extractor.backbone(torch.zeros(1, 3, self.image_size, self.image_size))
+                ]
             for h, w in shapes:
                 if h > s and w > s:
                     for n in {h, w}:
@@ -198,9 +220,12 @@ class ExportableDetector(nn.Module):
         # postprocess_maps's upsampling-and-blur matrix, made here: traced, its making would become graph nodes
         from vpdm.scoring import _upsample_blur_matrix
 
-        self.register_buffer("upsample", _upsample_blur_matrix(self.model.feature_size, self.map_size,
-                                                               float(self.config.scoring.blur_sigma), "cpu",
-                                                               torch.float32).clone())
+        self.register_buffer(
+            "upsample",
+            _upsample_blur_matrix(
+                self.model.feature_size, self.map_size, float(self.config.scoring.blur_sigma), "cpu", torch.float32
+            ).clone(),
+        )
         # decisions
         self.tables: _Tables | None = None
         if postprocessor is not None and postprocessor.ready:
@@ -263,8 +288,7 @@ class ExportableDetector(nn.Module):
             if self.step_noise[i]:
                 noise = self.noise[draw]
                 draw += 1
-            x = diffusion.step(output, t, t_prev, x, yhat, sampler=self.sampler, eta=self.eta,
-                               noise=noise).prev_sample
+            x = diffusion.step(output, t, t_prev, x, yhat, sampler=self.sampler, eta=self.eta, noise=noise).prev_sample
         return x
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
@@ -276,9 +300,15 @@ class ExportableDetector(nn.Module):
         reconstruction = self.reconstruct(features, yhat)
         fine, classes = self.model.fine_condition(features)  # short lists in their masked dense form when traced
         # vpdm.scoring.postprocess_maps (square maps) as the precomputed matrix products
-        scores, maps = self.model.scores_and_maps(features, reconstruction, self.config.scoring, self.map_size,
-                                                  postprocess=lambda raw: self.upsample @ raw @ self.upsample.T,
-                                                  fine=fine, classes=classes)
+        scores, maps = self.model.scores_and_maps(
+            features,
+            reconstruction,
+            self.config.scoring,
+            self.map_size,
+            postprocess=lambda raw: self.upsample @ raw @ self.upsample.T,
+            fine=fine,
+            classes=classes,
+        )
         if self.tables is None:
             return scores, maps
         if self.tables.rule == "histogram":  # vpdm.calibration.assignment_histograms + nearest_class
@@ -310,8 +340,13 @@ class ExportableDetector(nn.Module):
             "noise": f"baked in: {len(self.noise)} draw(s) of the CPU generator seeded {self.config.sampling.seed}",
         }
         if self.tables is not None:
-            data.update(classes=self.tables.names, class_rule=self.tables.rule, fixed_class=self.tables.fixed_index,
-                        image_threshold=self.tables.image_threshold, pixel_threshold=self.tables.pixel_threshold)
+            data.update(
+                classes=self.tables.names,
+                class_rule=self.tables.rule,
+                fixed_class=self.tables.fixed_index,
+                image_threshold=self.tables.image_threshold,
+                pixel_threshold=self.tables.pixel_threshold,
+            )
             calibration = postprocessor.calibration if postprocessor is not None else None
             if calibration is not None:
                 payload = calibration.to_payload()
@@ -387,12 +422,25 @@ def onnx_model(detector: Any, postprocessor: Any = None, *, source: str = "", op
         traced = Path(tmp) / "model.onnx"
         try:
             with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the tracer's notes on constants: the unrolled chain is constant by design
-                torch.onnx.export(wrapper, (example,), str(traced), input_names=["images"], output_names=list(names),
-                                  dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+                warnings.simplefilter(
+                    "ignore"
+                )  # the tracer's notes on constants: the unrolled chain is constant by design
+                torch.onnx.export(
+                    wrapper,
+                    (example,),
+                    str(traced),
+                    input_names=["images"],
+                    output_names=list(names),
+                    dynamic_axes=axes,
+                    opset_version=opset,
+                    dynamo=False,
+                    do_constant_folding=True,
+                )
         except (RuntimeError, TypeError, ValueError, NotImplementedError, torch.onnx.errors.OnnxExporterError) as exc:
-            raise ConfigError(f"torch.onnx cannot export this model (backbone.name={detector.config.backbone.name!r}, "
-                              f"opset {opset}): {str(exc).splitlines()[0][:300]}") from None
+            raise ConfigError(
+                f"torch.onnx cannot export this model (backbone.name={detector.config.backbone.name!r}, "
+                f"opset {opset}): {str(exc).splitlines()[0][:300]}"
+            ) from None
         model = onnx.load(str(traced))
     for key, value in wrapper.metadata(postprocessor, source).items():
         entry = model.metadata_props.add()
@@ -411,8 +459,10 @@ def _refuse_existing(targets: list[Path], overwrite: bool) -> None:
     if not overwrite:
         existing = [str(t) for t in targets if t.exists()]
         if existing:
-            raise VPDMError(f"{', '.join(map(repr, existing))} exist{'s' if len(existing) == 1 else ''}; "
-                            "pass --overwrite (overwrite=True) to replace")
+            raise VPDMError(
+                f"{', '.join(map(repr, existing))} exist{'s' if len(existing) == 1 else ''}; "
+                "pass --overwrite (overwrite=True) to replace"
+            )
 
 
 def _place(prepared: list[tuple[Path, Path]], overwrite: bool) -> None:
@@ -431,14 +481,24 @@ def _place(prepared: list[tuple[Path, Path]], overwrite: bool) -> None:
         except FileExistsError:
             for done in placed:
                 done.unlink(missing_ok=True)
-            raise VPDMError(f"{str(target)!r} appeared while exporting; it was left as it is "
-                            "(pass --overwrite to replace it)") from None
+            raise VPDMError(
+                f"{str(target)!r} appeared while exporting; it was left as it is (pass --overwrite to replace it)"
+            ) from None
         except OSError as exc:
             raise output_error(exc, target, "exported model") from exc
 
 
-def export_onnx(detector: Any, path: str | Path, *, postprocessor: Any = None, overwrite: bool = False,
-                source: str = "", opset: int = OPSET, check: bool = True, fmt: str = "onnx") -> ExportResult:
+def export_onnx(
+    detector: Any,
+    path: str | Path,
+    *,
+    postprocessor: Any = None,
+    overwrite: bool = False,
+    source: str = "",
+    opset: int = OPSET,
+    check: bool = True,
+    fmt: str = "onnx",
+) -> ExportResult:
     """Write ``detector`` (with ``postprocessor``'s thresholds, if ready) as one graph at ``path``.
 
     ``fmt="onnx"``: one ``.onnx`` file. ``fmt="openvino"``: the same graph converted by OpenVINO,
@@ -474,9 +534,11 @@ def export_onnx(detector: Any, path: str | Path, *, postprocessor: Any = None, o
             prepared = _openvino_files(ov, model, scratch, path)
             parity = check_with_openvino(scratch / "model.xml", detector) if check else None
         if parity is not None and not parity <= PARITY_TOLERANCE:
-            raise VPDMError(f"the exported graph disagrees with torch: its scores and maps differ by {parity:.2e} "
-                            f"of the map range on random images (tolerance {PARITY_TOLERANCE:g}); nothing was "
-                            f"written to {str(path)!r}")
+            raise VPDMError(
+                f"the exported graph disagrees with torch: its scores and maps differ by {parity:.2e} "
+                f"of the map range on random images (tolerance {PARITY_TOLERANCE:g}); nothing was "
+                f"written to {str(path)!r}"
+            )
         size = sum(tmp.stat().st_size for tmp, _ in prepared)
         _place(prepared, overwrite)
     finally:

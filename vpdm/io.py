@@ -22,9 +22,26 @@ import torch
 
 from vpdm.errors import OutputError
 
-__all__ = ["RUN_OUTPUTS", "Output", "atomic_torch_save", "atomic_write", "atomic_write_text", "check_outputs",
-           "commit_run", "exclusive_folder", "free_name", "new_file_mode", "os_error_reason", "output_error",
-           "prepare_write", "remove_stale_temporaries", "staged_outputs", "writable_dir", "writable_file", "writing"]
+__all__ = [
+    "RUN_OUTPUTS",
+    "Output",
+    "atomic_torch_save",
+    "atomic_write",
+    "atomic_write_text",
+    "check_outputs",
+    "commit_run",
+    "exclusive_folder",
+    "free_name",
+    "new_file_mode",
+    "os_error_reason",
+    "output_error",
+    "prepare_write",
+    "remove_stale_temporaries",
+    "staged_outputs",
+    "writable_dir",
+    "writable_file",
+    "writing",
+]
 
 _HINTS: dict[int, str] = {
     errno.ENOSPC: "free some space or write somewhere else",
@@ -255,8 +272,10 @@ def exclusive_folder(folder: str | Path, what: str = "output folder") -> Iterato
             raise output_error(exc, lock, "lock file") from exc
         if not _try_lock(fd):
             os.close(fd)
-            raise OutputError(f"{what} {str(folder)!r} is in use by another vpdm run ({_holder(lock)}); "
-                              "wait for it to finish or choose another folder")
+            raise OutputError(
+                f"{what} {str(folder)!r} is in use by another vpdm run ({_holder(lock)}); "
+                "wait for it to finish or choose another folder"
+            )
         try:  # the previous holder may have removed the file between our open and our lock: lock the new one
             same = os.path.samestat(os.fstat(fd), os.stat(lock))
         except FileNotFoundError:
@@ -290,8 +309,14 @@ def _claim(src: Path, dst: Path) -> None:
     os.unlink(src)
 
 
-def commit_run(folder: str | Path, prepared: dict[str, Path], *, replace: bool, key: str = "model.pt",
-               outputs: tuple[str, ...] = RUN_OUTPUTS) -> None:
+def commit_run(
+    folder: str | Path,
+    prepared: dict[str, Path],
+    *,
+    replace: bool,
+    key: str = "model.pt",
+    outputs: tuple[str, ...] = RUN_OUTPUTS,
+) -> None:
     """Make ``prepared`` ({name: fsynced temporary file in ``folder``}) the run in ``folder``.
 
     The previous run's ``outputs`` (model, config, history, metrics, plots) are moved aside into
@@ -326,10 +351,13 @@ def commit_run(folder: str | Path, prepared: dict[str, Path], *, replace: bool, 
     if not replace:  # nothing is moved aside, let alone deleted: any name in the way stops the commit
         there = [name for name in sorted(prepared, key=lambda n: n != key) if os.path.lexists(folder / name)]
         if there:
-            raise keep_new(f"{str(folder / there[0])!r} appeared while this run was working (written by something "
-                           "that does not take vpdm's lock); it was not replaced")
-    old = ([name for name in sorted(outputs, key=lambda n: n != key) if os.path.lexists(folder / name)]
-           if replace else [])
+            raise keep_new(
+                f"{str(folder / there[0])!r} appeared while this run was working (written by something "
+                "that does not take vpdm's lock); it was not replaced"
+            )
+    old = (
+        [name for name in sorted(outputs, key=lambda n: n != key) if os.path.lexists(folder / name)] if replace else []
+    )
     moved: list[str] = []
 
     def restore_old() -> None:
@@ -352,8 +380,10 @@ def commit_run(folder: str | Path, prepared: dict[str, Path], *, replace: bool, 
     try:
         _claim(prepared[key], target)
     except FileExistsError:  # the newcomer stays; the previous run stays aside rather than mix with it
-        raise keep_new(f"{str(target)!r} appeared while this run was working (written by something that does not "
-                       "take vpdm's lock); it was not replaced") from None
+        raise keep_new(
+            f"{str(target)!r} appeared while this run was working (written by something that does not "
+            "take vpdm's lock); it was not replaced"
+        ) from None
     except OSError as exc:
         restore_old()
         raise keep_new(f"cannot write {str(target)!r}: {os_error_reason(exc)}") from exc
@@ -362,8 +392,9 @@ def commit_run(folder: str | Path, prepared: dict[str, Path], *, replace: bool, 
             if name != key:
                 os.replace(tmp, folder / name)
     except OSError as exc:
-        raise keep_new(f"cannot complete the run in {str(folder)!r} ({os_error_reason(exc)}); its model is "
-                       f"{str(target)!r}") from exc
+        raise keep_new(
+            f"cannot complete the run in {str(folder)!r} ({os_error_reason(exc)}); its model is {str(target)!r}"
+        ) from exc
     if old:
         shutil.rmtree(previous, ignore_errors=True)
 
@@ -417,8 +448,14 @@ def _foreign(folder: Path, holds: tuple[str, ...]) -> Path | None:
     return None
 
 
-def check_outputs(outputs: Iterable[Output], *, inputs: Iterable[str | Path] = (), overwrite: bool = False,
-                  flag: str = "--overwrite", probe: bool = True) -> None:
+def check_outputs(
+    outputs: Iterable[Output],
+    *,
+    inputs: Iterable[str | Path] = (),
+    overwrite: bool = False,
+    flag: str = "--overwrite",
+    probe: bool = True,
+) -> None:
     """The one rule every command applies to what it will write, before any work (:class:`OutputError`):
 
     * an output is never an input, inside an input folder, or (a folder) around an input, whatever
@@ -434,24 +471,28 @@ def check_outputs(outputs: Iterable[Output], *, inputs: Iterable[str | Path] = (
         path, real = Path(out.path), _real(out.path)
         for given, src in sources:
             if real == src or src in real.parents or _same_file(path, given) or (out.folder and real in src.parents):
-                where = ("is" if real == src or _same_file(path, given) else
-                         "is inside" if src in real.parents else "holds")
-                raise OutputError(f"{out.what} {str(path)!r} {where} the input {str(given)!r}: a command never writes "
-                                  f"onto or into what it reads ({flag} does not change that); choose another output")
+                where = (
+                    "is" if real == src or _same_file(path, given) else "is inside" if src in real.parents else "holds"
+                )
+                raise OutputError(
+                    f"{out.what} {str(path)!r} {where} the input {str(given)!r}: a command never writes "
+                    f"onto or into what it reads ({flag} does not change that); choose another output"
+                )
         if os.path.lexists(path):
             if out.folder and not path.is_dir():
                 raise OutputError(f"cannot write {out.what} {str(path)!r}: it is a file, not a folder")
             if not out.folder and path.is_dir():
                 raise OutputError(f"cannot write {out.what} {str(path)!r}: it is a folder, expected a file name")
             if not overwrite:
-                raise OutputError(f"{out.what} {str(path)!r} exists; pass {flag} to replace it, or choose "
-                                  "another name")
+                raise OutputError(f"{out.what} {str(path)!r} exists; pass {flag} to replace it, or choose another name")
             if out.folder:
                 stranger = _foreign(path, out.holds)
                 if stranger is not None:
-                    raise OutputError(f"{out.what} {str(path)!r} holds {str(stranger)!r}, which vpdm does not write "
-                                      f"there ({flag} replaces only a folder of {', '.join(out.holds)} files); "
-                                      "choose another folder")
+                    raise OutputError(
+                        f"{out.what} {str(path)!r} holds {str(stranger)!r}, which vpdm does not write "
+                        f"there ({flag} replaces only a folder of {', '.join(out.holds)} files); "
+                        "choose another folder"
+                    )
     for out in outputs if probe else ():
         if out.folder:
             writable_dir(Path(out.path).parent, what="output folder")

@@ -73,10 +73,7 @@ def _binary(x: Any, name: str) -> npt.NDArray[np.bool_]:
     flat = arr.reshape(-1)
     if not ((flat == 0) | (flat == 1)).all():
         bad = flat[(flat != 0) & (flat != 1)][:5]
-        raise DataError(
-            f"{name} contains values {bad.tolist()}; expected only 0 and 1 "
-            "(divide 0/255 masks by 255)"
-        )
+        raise DataError(f"{name} contains values {bad.tolist()}; expected only 0 and 1 (divide 0/255 masks by 255)")
     return flat == 1
 
 
@@ -93,8 +90,7 @@ def _pixel_stack(x: Any, name: str) -> np.ndarray:
 def _same_size(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
     if a.shape != b.shape:
         raise DataError(
-            f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}; "
-            "expected the same shape"
+            f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}; expected the same shape"
         )
 
 
@@ -335,9 +331,7 @@ def compute_metrics(
     cats = np.asarray([str(c) for c in categories])
     n = len(cats)
     if y.size != n or s.size != n:
-        raise DataError(
-            f"got {y.size} labels, {s.size} scores and {n} categories; expected one of each per image"
-        )
+        raise DataError(f"got {y.size} labels, {s.size} scores and {n} categories; expected one of each per image")
     pixel = masks is not None or maps is not None
     if pixel:
         m = _pixel_stack(masks, "masks")
@@ -388,8 +382,9 @@ def decision_metrics(labels: Any, predicted: Any, categories: Sequence[str]) -> 
     p = _binary(predicted, "predicted labels")
     cats = np.asarray([str(c) for c in categories])
     if y.size != cats.size or p.size != cats.size:
-        raise DataError(f"got {y.size} labels, {p.size} decisions and {cats.size} categories; expected one of each "
-                        "per image")
+        raise DataError(
+            f"got {y.size} labels, {p.size} decisions and {cats.size} categories; expected one of each per image"
+        )
     per_class: dict[str, dict[str, float]] = {}
     for cat in sorted(set(cats.tolist())):
         idx = cats == cat
@@ -402,8 +397,12 @@ def decision_metrics(labels: Any, predicted: Any, categories: Sequence[str]) -> 
         recall = tp / (tp + fn) if tp + fn else math.nan
         f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
         far = fp / (fp + tn) if fp + tn else math.nan
-        per_class[cat] = {"image_precision": precision, "image_recall": recall, "image_f1": f1,
-                          "image_false_alarm_rate": far}
+        per_class[cat] = {
+            "image_precision": precision,
+            "image_recall": recall,
+            "image_f1": f1,
+            "image_false_alarm_rate": far,
+        }
     mean = {k: _nanmean([res[k] for res in per_class.values()]) for k in DECISION_KEYS}
     return {"per_class": per_class, "mean": mean}
 
@@ -493,10 +492,11 @@ def defect_size_metrics(
             rows[name] = row
         per_class[cat] = rows
     mean = {
-        name: {"regions": sum(per_class[c][name]["regions"] for c in per_class),
-               "aupro": _nanmean([per_class[c][name]["aupro"] for c in per_class]),
-               "pixel_recall": _nanmean([per_class[c][name]["pixel_recall"] for c in per_class])}
+        name: {
+            "regions": sum(per_class[c][name]["regions"] for c in per_class),
+            "aupro": _nanmean([per_class[c][name]["aupro"] for c in per_class]),
+            "pixel_recall": _nanmean([per_class[c][name]["pixel_recall"] for c in per_class]),
+        }
         for name in DEFECT_SIZES
     }
-    return {"bounds": list(bounds), "fpr_limit": limit, "recall_fpr": recall_fpr, "per_class": per_class,
-            "mean": mean}
+    return {"bounds": list(bounds), "fpr_limit": limit, "recall_fpr": recall_fpr, "per_class": per_class, "mean": mean}

@@ -20,13 +20,25 @@ from vpdm.vpot import VaguePrototypes, unvague
 
 # Buffers added after the first checkpoints: a checkpoint without them gets these (a model saved before
 # had no short lists, no fine prototypes and no term statistics).
-ADDED_BUFFERS: tuple[str, ...] = ("prototypes.list_centroids", "prototypes.list_offsets", "prototypes.list_of",
-                                  "prototypes.owner", "term_mean", "term_std", "term_settings")
+ADDED_BUFFERS: tuple[str, ...] = (
+    "prototypes.list_centroids",
+    "prototypes.list_offsets",
+    "prototypes.list_of",
+    "prototypes.owner",
+    "term_mean",
+    "term_std",
+    "term_settings",
+)
 
 
 class VPDM(nn.Module):
-    def __init__(self, channels: int, feature_size: int, config: ModelConfig | None = None,
-                 stage_channels: tuple[int, ...] | list[int] | None = None):
+    def __init__(
+        self,
+        channels: int,
+        feature_size: int,
+        config: ModelConfig | None = None,
+        stage_channels: tuple[int, ...] | list[int] | None = None,
+    ):
         super().__init__()
         config = config or ModelConfig()
         config.validate(feature_size)
@@ -52,8 +64,12 @@ class VPDM(nn.Module):
         # values on normal training images, one row per class (one row when the model cannot tell classes
         # apart), a column per (branch, block side) of ``stat_terms``; no rows until fitted.
         self.stat_terms: list[tuple[str, int]] = [
-            (branch, p) for branch in ("coarse", "fine") if branch == "coarse" or self.fine is not None
-            for p in STAT_POOLS if feature_size % p == 0]
+            (branch, p)
+            for branch in ("coarse", "fine")
+            if branch == "coarse" or self.fine is not None
+            for p in STAT_POOLS
+            if feature_size % p == 0
+        ]
         self.register_buffer("term_mean", torch.zeros(0, len(self.stat_terms)))
         self.register_buffer("term_std", torch.ones(0, len(self.stat_terms)))
         # The scoring settings the statistics hold for: distance, per_stage, feature_space, aggregate.
@@ -68,8 +84,9 @@ class VPDM(nn.Module):
             self.feature_std.copy_(features.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))
 
     @torch.no_grad()
-    def init_prototypes(self, features: Tensor, generator: torch.Generator | None = None,
-                        class_index: Tensor | None = None) -> None:
+    def init_prototypes(
+        self, features: Tensor, generator: torch.Generator | None = None, class_index: Tensor | None = None
+    ) -> None:
         """Prototypes from the training features; ``class_index`` (one class per image) also tells the fine
         prototypes which class each stands for, so that an image's class can be told from its matches."""
         normalised = self.normalise(features)
@@ -84,12 +101,23 @@ class VPDM(nn.Module):
 
     @staticmethod
     def _settings_key(scoring: ScoringConfig) -> list[int]:
-        return [DISTANCES.index(scoring.distance), int(scoring.per_stage), FEATURE_SPACES.index(scoring.feature_space),
-                int(scoring.aggregate)]
+        return [
+            DISTANCES.index(scoring.distance),
+            int(scoring.per_stage),
+            FEATURE_SPACES.index(scoring.feature_space),
+            int(scoring.aggregate),
+        ]
 
     @torch.no_grad()
-    def fit_statistics(self, features: Tensor, class_index: Tensor, sampling: SamplingConfig, scoring: ScoringConfig,
-                       per_class: int = 64, batch_size: int = 32) -> None:
+    def fit_statistics(
+        self,
+        features: Tensor,
+        class_index: Tensor,
+        sampling: SamplingConfig,
+        scoring: ScoringConfig,
+        per_class: int = 64,
+        batch_size: int = 32,
+    ) -> None:
         """Mean and std of every score term (:attr:`stat_terms`) over all positions of up to ``per_class``
         normal training images of each class (evenly spaced in the class's list), for
         ``scoring.combine=standardised``. One row per class when the fine prototypes know the classes,
@@ -118,8 +146,9 @@ class VPDM(nn.Module):
             self.term_std[c] = (squares / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-6).float()
         self.term_settings.copy_(torch.tensor(self._settings_key(scoring)))
 
-    def _term_maps(self, features: Tensor, reconstruction: Tensor, fine: Tensor | None,
-                   scoring: ScoringConfig) -> list[Tensor]:
+    def _term_maps(
+        self, features: Tensor, reconstruction: Tensor, fine: Tensor | None, scoring: ScoringConfig
+    ) -> list[Tensor]:
         """Every term of :attr:`stat_terms` for raw ``features`` (feature resolution)."""
         a, b, groups = self._compared(features, reconstruction, scoring)
         f = None if fine is None else self._compared(features, fine, scoring)[1]
@@ -134,29 +163,38 @@ class VPDM(nn.Module):
         if fitted != self._settings_key(scoring):
             names = ("distance", "per_stage", "feature_space", "aggregate")
             values = (DISTANCES[fitted[0]], bool(fitted[1]), FEATURE_SPACES[fitted[2]], fitted[3])
-            raise ConfigError("scoring.combine=standardised: this model's term statistics were fitted with "
-                              + ", ".join(f"scoring.{n}={v}" for n, v in zip(names, values))
-                              + "; score with those, or use scoring.combine=weighted")
+            raise ConfigError(
+                "scoring.combine=standardised: this model's term statistics were fitted with "
+                + ", ".join(f"scoring.{n}={v}" for n, v in zip(names, values))
+                + "; score with those, or use scoring.combine=weighted"
+            )
 
         def statistics(branch: str, p: int) -> tuple[Tensor, Tensor]:
             if (branch, p) not in self.stat_terms:
-                raise ConfigError(f"scoring: block side {p} has no normal statistics (standardised scores keep them "
-                                  f"for {[q for b, q in self.stat_terms if b == branch]})")
+                raise ConfigError(
+                    f"scoring: block side {p} has no normal statistics (standardised scores keep them "
+                    f"for {[q for b, q in self.stat_terms if b == branch]})"
+                )
             i = self.stat_terms.index((branch, p))
-            rows = classes if classes is not None and self.term_mean.shape[0] > 1 else torch.zeros(
-                1, dtype=torch.long, device=self.term_mean.device)
+            rows = (
+                classes
+                if classes is not None and self.term_mean.shape[0] > 1
+                else torch.zeros(1, dtype=torch.long, device=self.term_mean.device)
+            )
             return self.term_mean[rows, i], self.term_std[rows, i]
 
         return statistics
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         # The term statistics have one row per class: take the saved number of rows.
         saved = state_dict.get(prefix + "term_mean")
         if isinstance(saved, Tensor) and saved.ndim == 2 and saved.shape[1] == len(self.stat_terms):
             self.resize_statistics(saved.shape[0])
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     @property
     def condition_is_fixed(self) -> bool:
@@ -171,8 +209,10 @@ class VPDM(nn.Module):
         if not self.condition_is_fixed:
             raise RuntimeError("the condition changes during training (trained prototypes or balanced OT)")
         device = self.feature_mean.device
-        parts = [self.prototypes.training_condition(self.normalise(features[s : s + batch_size].to(device)))
-                 for s in range(0, features.shape[0], batch_size)]
+        parts = [
+            self.prototypes.training_condition(self.normalise(features[s : s + batch_size].to(device)))
+            for s in range(0, features.shape[0], batch_size)
+        ]
         return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
 
     def normalise(self, features: Tensor) -> Tensor:
@@ -196,8 +236,9 @@ class VPDM(nn.Module):
         return x0 + strength * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
 
     # -- training -------------------------------------------------------------------------------
-    def forward(self, features: Tensor, generator: torch.Generator | None = None,
-                condition: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, features: Tensor, generator: torch.Generator | None = None, condition: tuple[Tensor, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         """Training losses for a batch of raw backbone features (Algorithm 1 + Eq. 17), with the
         diffusion term in the configured parameterisation and weighting (eps, unweighted: the paper).
 
@@ -206,19 +247,23 @@ class VPDM(nn.Module):
         x0 = self.normalise(features)
         if condition is not None:
             vague, terms = condition
-            cond = {"yhat": unvague(vague.to(x0), self.feature_size),
-                    "ot_loss": self.prototypes.ot_loss_of_terms(terms.to(x0))}
+            cond = {
+                "yhat": unvague(vague.to(x0), self.feature_size),
+                "ot_loss": self.prototypes.ot_loss_of_terms(terms.to(x0)),
+            }
         else:
             cond = self.prototypes(x0)
         yhat = cond["yhat"]
-        t = self.diffusion.sample_timesteps(x0.shape[0], generator=generator, device=x0.device,
-                                            max_step=self.config.train_max_step)
+        t = self.diffusion.sample_timesteps(
+            x0.shape[0], generator=generator, device=x0.device, max_step=self.config.train_max_step
+        )
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         if self.config.feature_jitter > 0:
             # The network sees jittered features; the target is the clean x0 (with the noise that, from
             # the clean x0, gives the same x_t), so it learns to undo deviations it was not trained on.
-            jitter = self.config.feature_jitter * torch.randn(x0.shape, generator=generator, device=x0.device,
-                                                              dtype=x0.dtype)
+            jitter = self.config.feature_jitter * torch.randn(
+                x0.shape, generator=generator, device=x0.device, dtype=x0.dtype
+            )
             x_t = self.diffusion.q_sample(x0 + jitter, yhat, t, noise)
             a = self.diffusion.sqrt_alphas_cumprod.to(x0)[t].view(-1, 1, 1, 1)
             noise = noise + (a / (1 - a**2).sqrt()) * jitter
@@ -232,11 +277,16 @@ class VPDM(nn.Module):
             eps = output if self.config.diffusion.prediction == "eps" else self.diffusion.split(output, x_t, yhat, t)[1]
             eps_mse = (eps - noise).pow(2).mean()
         loss = diffusion_loss + self.config.ot_weight * cond["ot_loss"]
-        return {"loss": loss, "diffusion_loss": diffusion_loss.detach(), "eps_mse": eps_mse,
-                "ot_loss": cond["ot_loss"].detach()}
+        return {
+            "loss": loss,
+            "diffusion_loss": diffusion_loss.detach(),
+            "eps_mse": eps_mse,
+            "ot_loss": cond["ot_loss"].detach(),
+        }
 
-    def denoise(self, x_t: Tensor, yhat: Tensor, t: Tensor, precision: str = "fp32",
-                copy: Tensor | None = None) -> Tensor:
+    def denoise(
+        self, x_t: Tensor, yhat: Tensor, t: Tensor, precision: str = "fp32", copy: Tensor | None = None
+    ) -> Tensor:
         """The network's prediction in the configured parameterisation (``model.diffusion.prediction``):
         ``c_skip(t) * z_t + denoiser(x_t, yhat, t)`` with ``z_t = x_t - yhat``.
 
@@ -292,8 +342,9 @@ class VPDM(nn.Module):
         return out["yhat"], (out["class_mass"].argmax(dim=1) if classes else None)
 
     @torch.no_grad()
-    def reconstruct(self, features: Tensor, sampling: SamplingConfig | None = None, progress: bool = False,
-                    precision: str = "fp32") -> Tensor:
+    def reconstruct(
+        self, features: Tensor, sampling: SamplingConfig | None = None, progress: bool = False, precision: str = "fp32"
+    ) -> Tensor:
         """Algorithm 2: start at N(yhat, I) and denoise back to x0; returns the reconstruction in
         normalised feature space. The image enters only through yhat, unless ``sampling.start_step``
         is below T: then the chain starts from the image's own features noised to that step, or
@@ -325,8 +376,9 @@ class VPDM(nn.Module):
         return x * self.feature_std + self.feature_mean
 
     @torch.no_grad()
-    def anomaly_maps(self, features: Tensor, sampling: SamplingConfig | None = None,
-                     scoring: ScoringConfig | None = None) -> Tensor:
+    def anomaly_maps(
+        self, features: Tensor, sampling: SamplingConfig | None = None, scoring: ScoringConfig | None = None
+    ) -> Tensor:
         """Feature-resolution anomaly maps (B x S x S): the distance between the features and their
         reconstruction, by default ||x0 - x0_rec||_2 over the standardised channels (the paper)."""
         return self.distance_maps(features, self.reconstruct(features, sampling), scoring)
@@ -344,9 +396,16 @@ class VPDM(nn.Module):
         a, b, groups = self._compared(features, reconstruction, scoring)
         return distance_map(a, b, scoring, groups)
 
-    def scores_and_maps(self, features: Tensor, reconstruction: Tensor, scoring: ScoringConfig,
-                        map_size: int, postprocess=None, fine: Tensor | None = None,
-                        classes: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def scores_and_maps(
+        self,
+        features: Tensor,
+        reconstruction: Tensor,
+        scoring: ScoringConfig,
+        map_size: int,
+        postprocess=None,
+        fine: Tensor | None = None,
+        classes: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
         """Image scores and post-processed maps (``map_size`` square) of ``features`` against a reconstruction
         and the fine condition with each image's class (:meth:`fine_condition`); see
         :func:`vpdm.scoring.scores_and_maps`."""
@@ -356,8 +415,14 @@ class VPDM(nn.Module):
         return scores_and_maps(a, b, scoring, map_size, groups, postprocess, fine=f, statistics=statistics)
 
     @torch.no_grad()
-    def detect(self, features: Tensor, sampling: SamplingConfig | None, scoring: ScoringConfig,
-               map_size: int, precision: str = "fp32") -> tuple[Tensor, Tensor]:
+    def detect(
+        self,
+        features: Tensor,
+        sampling: SamplingConfig | None,
+        scoring: ScoringConfig,
+        map_size: int,
+        precision: str = "fp32",
+    ) -> tuple[Tensor, Tensor]:
         """Inference: image scores (B,) and anomaly maps (B x map_size x map_size) of raw features;
         ``precision`` (``inference.precision``) is the denoiser's autocast."""
         reconstruction = self.reconstruct(features, sampling, precision=precision)

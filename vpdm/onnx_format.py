@@ -22,5 +22,6 @@ def require_package(module: str, extra: str = "export") -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise VPDMError(f"the export needs the package {module!r}, which is not installed: "
-                        f"pip install 'vpdm[{extra}]'") from None
+        raise VPDMError(
+            f"the export needs the package {module!r}, which is not installed: pip install 'vpdm[{extra}]'"
+        ) from None

@@ -37,17 +37,24 @@ class ExportedDetector:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise CheckpointError(f"{self.kind} {str(self.path)!r} does not exist or is not a file "
-                                  "(expected one written by 'vpdm export')")
+            raise CheckpointError(
+                f"{self.kind} {str(self.path)!r} does not exist or is not a file "
+                "(expected one written by 'vpdm export')"
+            )
         outputs, meta = self._load()
-        self.metadata: dict[str, Any] = {k[len(METADATA_PREFIX):]: json.loads(v) for k, v in meta.items()
-                                         if k.startswith(METADATA_PREFIX)}
+        self.metadata: dict[str, Any] = {
+            k[len(METADATA_PREFIX) :]: json.loads(v) for k, v in meta.items() if k.startswith(METADATA_PREFIX)
+        }
         if self.metadata.get("format") != ONNX_FORMAT:
-            raise CheckpointError(f"{str(self.path)!r} is an {self.kind} but not one written by 'vpdm export' "
-                                  f"(no {METADATA_PREFIX}format={ONNX_FORMAT!r} metadata)")
+            raise CheckpointError(
+                f"{str(self.path)!r} is an {self.kind} but not one written by 'vpdm export' "
+                f"(no {METADATA_PREFIX}format={ONNX_FORMAT!r} metadata)"
+            )
         if self.metadata.get("format_version") != ONNX_FORMAT_VERSION:
-            raise CheckpointError(f"{str(self.path)!r} has vpdm ONNX format version "
-                                  f"{self.metadata.get('format_version')!r}; this vpdm reads version {ONNX_FORMAT_VERSION}")
+            raise CheckpointError(
+                f"{str(self.path)!r} has vpdm ONNX format version "
+                f"{self.metadata.get('format_version')!r}; this vpdm reads version {ONNX_FORMAT_VERSION}"
+            )
         self.image_size = int(self.metadata["image_size"])
         self.map_size = int(self.metadata["map_size"])
         self.outputs: list[str] = outputs
@@ -58,9 +65,12 @@ class ExportedDetector:
         if self.has_decisions:
             data = self.metadata.get("calibration")
             calibration = Calibration.from_payload(data, where=repr(str(self.path))) if data else None
-            self.postprocessor = PostProcessor(calibration, image_threshold=self.metadata.get("image_threshold_override"),
-                                               pixel_threshold=self.metadata.get("pixel_threshold_override"),
-                                               checkpoint=str(self.path))
+            self.postprocessor = PostProcessor(
+                calibration,
+                image_threshold=self.metadata.get("image_threshold_override"),
+                pixel_threshold=self.metadata.get("pixel_threshold_override"),
+                checkpoint=str(self.path),
+            )
 
     def _load(self) -> tuple[list[str], dict[str, str]]:
         raise NotImplementedError
@@ -100,8 +110,10 @@ class ExportedDetector:
         if not self.has_decisions:
             return Analysis(scores, maps, None)
         # None, "" and NaN (a missing value in a pandas column) mean "not given", as in PostProcessor.category
-        given = [None if c is None or c == "" or (isinstance(c, float) and math.isnan(c)) else c
-                 for c in (categories if categories is not None else [None] * n)]
+        given = [
+            None if c is None or c == "" or (isinstance(c, float) and math.isnan(c)) else c
+            for c in (categories if categories is not None else [None] * n)
+        ]
         if len(given) != n:
             raise ConfigError(f"{len(given)} categories for {n} images; expected one per image (None: the graph's)")
         named = self._graph_categories(out["class_index"])
@@ -109,8 +121,9 @@ class ExportedDetector:
             index = out["class_index"]
             image_t = np.asarray(self.metadata["image_threshold"], dtype=np.float64)[index]
             pixel_t = np.asarray(self.metadata["pixel_threshold"], dtype=np.float64)[index]
-            return Analysis(scores, maps, Decisions(named, out["pred_score"], out["pred_label"], out["pred_mask"],
-                                                    image_t, pixel_t))
+            return Analysis(
+                scores, maps, Decisions(named, out["pred_score"], out["pred_label"], out["pred_mask"], image_t, pixel_t)
+            )
         post = self.postprocessor
         for c in {c for c in given if c is not None}:
             post.category(None, [c], 1)  # an unknown class: ConfigError naming it and the calibrated ones
@@ -123,11 +136,19 @@ class ExportedDetector:
             return [self.classes[int(i)] for i in index]
         return [""] * len(index)
 
-    def predict_files(self, paths: list[Path], batch_size: int = 16, progress: bool = True,
-                      category: str | None = None) -> list[Prediction]:
+    def predict_files(
+        self, paths: list[Path], batch_size: int = 16, progress: bool = True, category: str | None = None
+    ) -> list[Prediction]:
         """Score image files as ``Detector.predict_files`` does (same decoding and resizing)."""
-        return predict_files(self.analyse, paths, image_size=self.image_size, map_size=self.map_size,
-                             batch_size=batch_size, progress=progress, category=category)
+        return predict_files(
+            self.analyse,
+            paths,
+            image_size=self.image_size,
+            map_size=self.map_size,
+            batch_size=batch_size,
+            progress=progress,
+            category=category,
+        )
 
 
 class OnnxDetector(ExportedDetector):
@@ -152,7 +173,9 @@ class OnnxDetector(ExportedDetector):
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable models
-            raise CheckpointError(f"ONNX Runtime cannot load {str(self.path)!r}: {str(exc).splitlines()[0][:300]}") from None
+            raise CheckpointError(
+                f"ONNX Runtime cannot load {str(self.path)!r}: {str(exc).splitlines()[0][:300]}"
+            ) from None
         return [o.name for o in self.session.get_outputs()], dict(self.session.get_modelmeta().custom_metadata_map)
 
     def _run(self, images: np.ndarray) -> list[np.ndarray]:
@@ -180,7 +203,9 @@ class OpenVinoDetector(ExportedDetector):
         try:
             model = core.read_model(str(self.path))
         except Exception as exc:  # OpenVINO raises RuntimeError and its own types for unreadable models
-            raise CheckpointError(f"OpenVINO cannot load {str(self.path)!r}: {str(exc).splitlines()[0][:300]}") from None
+            raise CheckpointError(
+                f"OpenVINO cannot load {str(self.path)!r}: {str(exc).splitlines()[0][:300]}"
+            ) from None
         meta: dict[str, str] = {}
         if model.has_rt_info(["vpdm", "metadata"]):
             meta = json.loads(model.get_rt_info(["vpdm", "metadata"]).astype(str))

@@ -62,7 +62,9 @@ __all__ = ["PatchCore", "PatchCoreConfig", "greedy_coreset", "random_projection"
 class PatchCoreConfig:
     coreset_ratio: float = 0.1  # fraction of the training patch vectors kept in the bank (PatchCore: 0.1 / 0.01)
     max_bank: int | None = 10000  # cap on the bank size (CPU budget for multi-class sets); None = no cap
-    max_candidates: int | None = 250_000  # greedy selection runs on a seeded random subset of this many patch vectors; None = all
+    max_candidates: int | None = (
+        250_000  # greedy selection runs on a seeded random subset of this many patch vectors; None = all
+    )
     projection_dim: int | None = 128  # JL projection used only for the greedy selection; None = exact distances
     k: int = 1  # nearest neighbours averaged into the map value
     aggregate: int = 3  # local neighbourhood (odd); 1 = no aggregation
@@ -76,9 +78,13 @@ class PatchCoreConfig:
         if self.max_bank is not None and (not isinstance(self.max_bank, int) or self.max_bank < 1):
             raise ConfigError(f"patchcore max_bank must be a positive integer or None, got {self.max_bank!r}")
         if self.max_candidates is not None and (not isinstance(self.max_candidates, int) or self.max_candidates < 1):
-            raise ConfigError(f"patchcore max_candidates must be a positive integer or None, got {self.max_candidates!r}")
+            raise ConfigError(
+                f"patchcore max_candidates must be a positive integer or None, got {self.max_candidates!r}"
+            )
         if self.projection_dim is not None and (not isinstance(self.projection_dim, int) or self.projection_dim < 1):
-            raise ConfigError(f"patchcore projection_dim must be a positive integer or None, got {self.projection_dim!r}")
+            raise ConfigError(
+                f"patchcore projection_dim must be a positive integer or None, got {self.projection_dim!r}"
+            )
         if not isinstance(self.k, int) or self.k < 1:
             raise ConfigError(f"patchcore k must be an integer >= 1, got {self.k!r}")
         if not isinstance(self.aggregate, int) or self.aggregate < 1 or self.aggregate % 2 == 0:

@@ -50,9 +50,15 @@ class Detector:
     """Backbone + model on one ``device`` ("cpu", "cuda", "cuda:N" or "auto": cuda when there is one),
     both networks at ``config.inference.precision``."""
 
-    def __init__(self, model: VPDM, config: VPDMConfig, categories: list[str] | None = None,
-                 device: str | torch.device = "cpu", calibration: Calibration | None = None,
-                 checkpoint: str = "checkpoint"):
+    def __init__(
+        self,
+        model: VPDM,
+        config: VPDMConfig,
+        categories: list[str] | None = None,
+        device: str | torch.device = "cpu",
+        calibration: Calibration | None = None,
+        checkpoint: str = "checkpoint",
+    ):
         from vpdm.device import select_device
         from vpdm.preflight import apply_threads
 
@@ -69,36 +75,64 @@ class Detector:
         self.checkpoint = str(checkpoint)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None) -> Detector:
+    def from_checkpoint(
+        cls, path: str | Path, device: str | torch.device = "cpu", overrides: list[str] | None = None
+    ) -> Detector:
         from vpdm.checkpoint import checkpoint_calibration
         from vpdm.config import inference_overrides
 
         model, config, payload = load_checkpoint(path)
         if overrides:  # the CLI's policy: sampling, scoring, data, inference may change; backbone.* and model.* not
             config = inference_overrides(config, overrides, "Detector.from_checkpoint").validate()
-        return cls(model, config, payload.get("categories"), device, calibration=checkpoint_calibration(payload, path),
-                   checkpoint=str(path))
+        return cls(
+            model,
+            config,
+            payload.get("categories"),
+            device,
+            calibration=checkpoint_calibration(payload, path),
+            checkpoint=str(path),
+        )
 
-    def postprocessor(self, image_threshold: float | None = None, pixel_threshold: float | None = None) -> PostProcessor:
+    def postprocessor(
+        self, image_threshold: float | None = None, pixel_threshold: float | None = None
+    ) -> PostProcessor:
         """The thresholds and normalisation of this model, with optional overrides (checked: finite, >= 0).
 
         Without a calibration, one threshold alone cannot decide anything: :class:`ConfigError` saying that
         both are needed (rather than no decisions without a word)."""
-        post = PostProcessor(self.calibration, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
-                             checkpoint=self.checkpoint, classes=self.categories)
+        post = PostProcessor(
+            self.calibration,
+            image_threshold=image_threshold,
+            pixel_threshold=pixel_threshold,
+            checkpoint=self.checkpoint,
+            classes=self.categories,
+        )
         post.require_complete()
         return post
 
-    def iter_predictions(self, paths: list[Path], batch_size: int = 16, progress: bool = True,
-                         category: str | None = None, postprocessor: PostProcessor | None = None) -> Iterator[Prediction]:
+    def iter_predictions(
+        self,
+        paths: list[Path],
+        batch_size: int = 16,
+        progress: bool = True,
+        category: str | None = None,
+        postprocessor: PostProcessor | None = None,
+    ) -> Iterator[Prediction]:
         """:meth:`predict_files` one image at a time, in order: memory holds one batch, whatever the number of files."""
-        return iter_predictions(lambda images, cats: self.analyse(images, cats, postprocessor=postprocessor), paths,
-                                image_size=self.config.backbone.image_size, map_size=self.map_size,
-                                batch_size=batch_size, progress=progress, category=category)
+        return iter_predictions(
+            lambda images, cats: self.analyse(images, cats, postprocessor=postprocessor),
+            paths,
+            image_size=self.config.backbone.image_size,
+            map_size=self.map_size,
+            batch_size=batch_size,
+            progress=progress,
+            category=category,
+        )
 
     @torch.no_grad()
-    def analyse(self, images: Tensor, categories: list[str | None] | None = None, *,
-                postprocessor: PostProcessor | None = None) -> Analysis:
+    def analyse(
+        self, images: Tensor, categories: list[str | None] | None = None, *, postprocessor: PostProcessor | None = None
+    ) -> Analysis:
         """Scores, maps and decisions of ImageNet-normalised images (as :meth:`score_tensor` takes them).
 
         ``categories``: each image's class if the caller knows it (None entries: picked by
@@ -111,8 +145,9 @@ class Detector:
         if n == 0:
             return Analysis(torch.empty(0), torch.empty(0, self.map_size, self.map_size), None)
         features = self.extractor(images.to(self.device))
-        scores, maps = self.model.detect(features, self.config.sampling, self.config.scoring, self.map_size,
-                                         precision=self.precision)
+        scores, maps = self.model.detect(
+            features, self.config.sampling, self.config.scoring, self.map_size, precision=self.precision
+        )
         scores, maps = scores.cpu(), maps.cpu()
         if not post.ready:
             return Analysis(scores, maps, None)
@@ -139,20 +174,33 @@ class Detector:
         if images.shape[0] == 0:
             return torch.empty(0), torch.empty(0, self.map_size, self.map_size)
         features = self.extractor(images.to(self.device))
-        scores, maps = self.model.detect(features, self.config.sampling, self.config.scoring, self.map_size,
-                                         precision=self.precision)
+        scores, maps = self.model.detect(
+            features, self.config.sampling, self.config.scoring, self.map_size, precision=self.precision
+        )
         return scores.cpu(), maps.cpu()
 
-    def predict_files(self, paths: list[Path], batch_size: int = 16, progress: bool = True,
-                      category: str | None = None, postprocessor: PostProcessor | None = None) -> list[Prediction]:
+    def predict_files(
+        self,
+        paths: list[Path],
+        batch_size: int = 16,
+        progress: bool = True,
+        category: str | None = None,
+        postprocessor: PostProcessor | None = None,
+    ) -> list[Prediction]:
         """Score image files; an unreadable file gets an error entry and the others are still scored.
 
         With thresholds (calibrated, or both given to ``postprocessor``) each prediction carries its
         decisions; ``category`` is the class of every image (None: picked per image).
         """
-        return predict_files(lambda images, cats: self.analyse(images, cats, postprocessor=postprocessor), paths,
-                             image_size=self.config.backbone.image_size, map_size=self.map_size,
-                             batch_size=batch_size, progress=progress, category=category)
+        return predict_files(
+            lambda images, cats: self.analyse(images, cats, postprocessor=postprocessor),
+            paths,
+            image_size=self.config.backbone.image_size,
+            map_size=self.map_size,
+            batch_size=batch_size,
+            progress=progress,
+            category=category,
+        )
 
 
 def check_images(images: Tensor, size: int) -> Tensor:
@@ -161,8 +209,10 @@ def check_images(images: Tensor, size: int) -> Tensor:
     Integer and bool tensors are refused rather than cast: uint8 0..255 pixels read as
     normalised values would score as nonsense without any error.
     """
-    expected = (f"a float B x 3 x {size} x {size} tensor of ImageNet-normalised RGB images "
-                "((x / 255 - IMAGENET_MEAN) / IMAGENET_STD, as vpdm.data.AnomalyDataset yields)")
+    expected = (
+        f"a float B x 3 x {size} x {size} tensor of ImageNet-normalised RGB images "
+        "((x / 255 - IMAGENET_MEAN) / IMAGENET_STD, as vpdm.data.AnomalyDataset yields)"
+    )
     if not isinstance(images, Tensor):
         raise DataError(f"expected {expected}, got {type(images).__name__}")
     if not images.is_floating_point():
@@ -179,9 +229,16 @@ def check_images(images: Tensor, size: int) -> Tensor:
     return images
 
 
-def iter_predictions(analyse: Callable[[Tensor, list[str | None]], Analysis], paths: list[Path], *, image_size: int,
-                     map_size: int, batch_size: int = 16, progress: bool = True,
-                     category: str | None = None) -> Iterator[Prediction]:
+def iter_predictions(
+    analyse: Callable[[Tensor, list[str | None]], Analysis],
+    paths: list[Path],
+    *,
+    image_size: int,
+    map_size: int,
+    batch_size: int = 16,
+    progress: bool = True,
+    category: str | None = None,
+) -> Iterator[Prediction]:
     """Score image files with ``analyse(images, categories)`` (a torch or an ONNX Runtime detector's), yielding
     one :class:`Prediction` per file in the order of ``paths`` as each batch is scored, so that memory holds one
     batch whatever the number of files. Same decoding and resizing for both; an unreadable file gets an error
@@ -211,12 +268,28 @@ def iter_predictions(analyse: Callable[[Tensor, list[str | None]], Analysis], pa
             yield out[i]
 
 
-def predict_files(analyse: Callable[[Tensor, list[str | None]], Analysis], paths: list[Path], *, image_size: int,
-                  map_size: int, batch_size: int = 16, progress: bool = True,
-                  category: str | None = None) -> list[Prediction]:
+def predict_files(
+    analyse: Callable[[Tensor, list[str | None]], Analysis],
+    paths: list[Path],
+    *,
+    image_size: int,
+    map_size: int,
+    batch_size: int = 16,
+    progress: bool = True,
+    category: str | None = None,
+) -> list[Prediction]:
     """Every :func:`iter_predictions` at once (maps of all files in memory: for a few files)."""
-    return list(iter_predictions(analyse, paths, image_size=image_size, map_size=map_size, batch_size=batch_size,
-                                 progress=progress, category=category))
+    return list(
+        iter_predictions(
+            analyse,
+            paths,
+            image_size=image_size,
+            map_size=map_size,
+            batch_size=batch_size,
+            progress=progress,
+            category=category,
+        )
+    )
 
 
 def overlay_name(rel: Path, used: set[str]) -> str:
@@ -254,13 +327,16 @@ def scan_images(target: str | Path) -> ImageScan:
     """
     target = Path(target)
     if not target.exists():
-        raise DataError(f"image folder {str(target)!r} does not exist" + (" (a broken link)" if target.is_symlink() else ""))
+        raise DataError(
+            f"image folder {str(target)!r} does not exist" + (" (a broken link)" if target.is_symlink() else "")
+        )
     if target.is_file():
         return ImageScan(target.parent, [target], [])
     files: list[Path] = []
     skipped: list[tuple[Path, str]] = []
     seen: dict[tuple[int, int], Path] = {}
     supported = ", ".join(sorted(IMAGE_EXTENSIONS))
+
     def unreadable(exc: OSError) -> None:
         skipped.append((Path(exc.filename or target), f"not scanned: cannot read the folder ({exc.strerror or exc})"))
 
@@ -288,8 +364,12 @@ def scan_images(target: str | Path) -> ImageScan:
     files.sort()
     skipped.sort()
     if not files:
-        others = f" ({len(skipped)} other entr{'y' if len(skipped) == 1 else 'ies'}, e.g. {str(skipped[0][0])!r}: " \
-                 f"{skipped[0][1]})" if skipped else ""
+        others = (
+            f" ({len(skipped)} other entr{'y' if len(skipped) == 1 else 'ies'}, e.g. {str(skipped[0][0])!r}: "
+            f"{skipped[0][1]})"
+            if skipped
+            else ""
+        )
         raise VPDMError(f"no images ({supported}) found under {str(target)!r}{others}")
     return ImageScan(target, files, skipped)
 

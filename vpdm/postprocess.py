@@ -44,9 +44,20 @@ from torch import Tensor
 
 from vpdm.errors import CheckpointError, ConfigError
 
-__all__ = ["METHODS", "Calibration", "ClassThresholds", "Decisions", "PostProcessor", "check_threshold",
-           "f1_threshold", "nearest_class", "normalise", "not_calibrated_message", "quantile_threshold",
-           "recall_threshold"]
+__all__ = [
+    "METHODS",
+    "Calibration",
+    "ClassThresholds",
+    "Decisions",
+    "PostProcessor",
+    "check_threshold",
+    "f1_threshold",
+    "nearest_class",
+    "normalise",
+    "not_calibrated_message",
+    "quantile_threshold",
+    "recall_threshold",
+]
 
 QUANTILE_METHOD = "higher"  # numpy's quantile method: the threshold is always one of the observed scores
 # How thresholds are chosen: from normal images only, or from a labelled validation set.
@@ -60,8 +71,12 @@ def quantile_threshold(values: np.ndarray | Tensor | Sequence[float], false_alar
     At most a fraction ``false_alarm_rate`` of the values is strictly above it. With ``n`` values and
     ``(1 - rate) * (n - 1) > n - 2`` (fewer than ``1 / rate + 1`` values) it is their maximum.
     """
-    if not (isinstance(false_alarm_rate, (int, float)) and not isinstance(false_alarm_rate, bool)
-            and math.isfinite(false_alarm_rate) and 0 <= false_alarm_rate < 1):
+    if not (
+        isinstance(false_alarm_rate, (int, float))
+        and not isinstance(false_alarm_rate, bool)
+        and math.isfinite(false_alarm_rate)
+        and 0 <= false_alarm_rate < 1
+    ):
         raise ConfigError(f"false alarm rate must be a number in [0, 1), got {false_alarm_rate!r}")
     array = values.detach().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values)
     array = array.astype(np.float64, copy=False).ravel()
@@ -72,8 +87,9 @@ def quantile_threshold(values: np.ndarray | Tensor | Sequence[float], false_alar
     return float(np.quantile(array, 1.0 - false_alarm_rate, method=QUANTILE_METHOD))
 
 
-def _labelled(labels: np.ndarray | Tensor | Sequence[int], scores: np.ndarray | Tensor | Sequence[float],
-              what: str) -> tuple[np.ndarray, np.ndarray]:
+def _labelled(
+    labels: np.ndarray | Tensor | Sequence[int], scores: np.ndarray | Tensor | Sequence[float], what: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Flat bool labels and float64 scores of the same size, with both a normal and an anomalous entry."""
     y = labels.detach().cpu().numpy() if isinstance(labels, Tensor) else np.asarray(labels)
     s = scores.detach().cpu().numpy() if isinstance(scores, Tensor) else np.asarray(scores)
@@ -84,8 +100,10 @@ def _labelled(labels: np.ndarray | Tensor | Sequence[int], scores: np.ndarray | 
         raise ConfigError(f"cannot calibrate {what}: the validation scores contain NaN or infinity")
     if y.all() or not y.any():
         kind = "normal" if y.all() else "anomalous"
-        raise ConfigError(f"cannot calibrate {what} on labelled data without {kind} entries; "
-                          "a labelled threshold needs both normal and anomalous ones")
+        raise ConfigError(
+            f"cannot calibrate {what} on labelled data without {kind} entries; "
+            "a labelled threshold needs both normal and anomalous ones"
+        )
     return y, s
 
 
@@ -112,8 +130,11 @@ def _below(values: np.ndarray, k: int) -> float:
     return _just_below(values[k])
 
 
-def f1_threshold(labels: np.ndarray | Tensor | Sequence[int], scores: np.ndarray | Tensor | Sequence[float],
-                 what: str = "a threshold") -> float:
+def f1_threshold(
+    labels: np.ndarray | Tensor | Sequence[int],
+    scores: np.ndarray | Tensor | Sequence[float],
+    what: str = "a threshold",
+) -> float:
     """The threshold maximising F1 of ``score > threshold`` on labelled validation scores.
 
     anomalib's ``F1AdaptiveThreshold``: over the precision-recall curve (a cut at every distinct score
@@ -128,12 +149,20 @@ def f1_threshold(labels: np.ndarray | Tensor | Sequence[int], scores: np.ndarray
     return _below(values, k)
 
 
-def recall_threshold(labels: np.ndarray | Tensor | Sequence[int], scores: np.ndarray | Tensor | Sequence[float],
-                     target_recall: float, what: str = "a threshold") -> float:
+def recall_threshold(
+    labels: np.ndarray | Tensor | Sequence[int],
+    scores: np.ndarray | Tensor | Sequence[float],
+    target_recall: float,
+    what: str = "a threshold",
+) -> float:
     """The highest threshold at which ``score > threshold`` flags at least ``target_recall`` of the anomalous
     entries: the highest validation score below the ``ceil(target_recall * P)``-th largest anomalous one."""
-    if not (isinstance(target_recall, (int, float)) and not isinstance(target_recall, bool)
-            and math.isfinite(target_recall) and 0 < target_recall <= 1):
+    if not (
+        isinstance(target_recall, (int, float))
+        and not isinstance(target_recall, bool)
+        and math.isfinite(target_recall)
+        and 0 < target_recall <= 1
+    ):
         raise ConfigError(f"target recall must be a number in (0, 1], got {target_recall!r}")
     y, s = _labelled(labels, scores, what)
     positives = np.sort(s[y])[::-1]
@@ -176,9 +205,11 @@ def check_threshold(value: Any, name: str) -> float | None:
 
 
 def not_calibrated_message(checkpoint: str) -> str:
-    return (f"checkpoint {checkpoint!r} has no calibrated thresholds (it predates them, or was trained with "
-            f"train.calibration_fraction=0); make them from normal images with: vpdm calibrate --checkpoint "
-            f"{checkpoint} --data SPEC (train/good of SPEC is used), or pass --image-threshold/--pixel-threshold")
+    return (
+        f"checkpoint {checkpoint!r} has no calibrated thresholds (it predates them, or was trained with "
+        f"train.calibration_fraction=0); make them from normal images with: vpdm calibrate --checkpoint "
+        f"{checkpoint} --data SPEC (train/good of SPEC is used), or pass --image-threshold/--pixel-threshold"
+    )
 
 
 @dataclass(frozen=True)
@@ -195,24 +226,42 @@ class ClassThresholds:
     num_anomalous: int = 0  # anomalous images among them (labelled validation data; 0 for normal images only)
 
     @classmethod
-    def from_scores(cls, scores: np.ndarray | Tensor, maps: np.ndarray | Tensor, false_alarm_rate: float) -> ClassThresholds:
+    def from_scores(
+        cls, scores: np.ndarray | Tensor, maps: np.ndarray | Tensor, false_alarm_rate: float
+    ) -> ClassThresholds:
         """Thresholds of one class from its normal calibration images' scores (N,) and maps (N x H x W)."""
         s = _float64(scores).ravel()
         m = _float64(maps).ravel()
-        return cls(image_threshold=quantile_threshold(s, false_alarm_rate),
-                   pixel_threshold=quantile_threshold(m, false_alarm_rate),
-                   image_min=float(s.min()), image_max=float(s.max()),
-                   pixel_min=float(m.min()), pixel_max=float(m.max()), num_images=int(s.size))
+        return cls(
+            image_threshold=quantile_threshold(s, false_alarm_rate),
+            pixel_threshold=quantile_threshold(m, false_alarm_rate),
+            image_min=float(s.min()),
+            image_max=float(s.max()),
+            pixel_min=float(m.min()),
+            pixel_max=float(m.max()),
+            num_images=int(s.size),
+        )
 
     @classmethod
-    def from_labelled(cls, scores: np.ndarray | Tensor, labels: np.ndarray | Sequence[int], maps: np.ndarray | Tensor,
-                      masks: np.ndarray | Tensor, pixel_known: np.ndarray | Sequence[bool], method: str, *,
-                      target_recall: float = 1.0, category: str = "") -> ClassThresholds:
+    def from_labelled(
+        cls,
+        scores: np.ndarray | Tensor,
+        labels: np.ndarray | Sequence[int],
+        maps: np.ndarray | Tensor,
+        masks: np.ndarray | Tensor,
+        pixel_known: np.ndarray | Sequence[bool],
+        method: str,
+        *,
+        target_recall: float = 1.0,
+        category: str = "",
+    ) -> ClassThresholds:
         """Thresholds of one class from labelled validation images: scores (N,), labels (N,), maps and masks
         (N x H x W); ``pixel_known`` (N,) is False for an anomalous image without a mask (left out of the
         pixel threshold). ``method``: ``"f1"`` or ``"recall"`` (:data:`LABELLED_METHODS`)."""
         if method not in LABELLED_METHODS:
-            raise ConfigError(f"labelled calibration method must be one of {', '.join(LABELLED_METHODS)}, got {method!r}")
+            raise ConfigError(
+                f"labelled calibration method must be one of {', '.join(LABELLED_METHODS)}, got {method!r}"
+            )
         s, m = _float64(scores).ravel(), _float64(maps)
         y = np.asarray(labels).astype(bool).ravel()
         known = np.asarray(pixel_known, dtype=bool).ravel()
@@ -226,9 +275,16 @@ class ClassThresholds:
 
         image_t = rule(y, s, "the image threshold")
         pixel_t = rule(gt[known], m[known], "the pixel threshold (pixels of images with known masks)")
-        return cls(image_threshold=image_t, pixel_threshold=pixel_t, image_min=float(s.min()), image_max=float(s.max()),
-                   pixel_min=float(m.min()), pixel_max=float(m.max()), num_images=int(s.size),
-                   num_anomalous=int(y.sum()))
+        return cls(
+            image_threshold=image_t,
+            pixel_threshold=pixel_t,
+            image_min=float(s.min()),
+            image_max=float(s.max()),
+            pixel_min=float(m.min()),
+            pixel_max=float(m.max()),
+            num_images=int(s.size),
+            num_anomalous=int(y.sum()),
+        )
 
 
 def _float64(values: np.ndarray | Tensor) -> np.ndarray:
@@ -252,8 +308,10 @@ class Calibration:
     def describe(self) -> str:
         """How the thresholds were chosen, in words (for outputs)."""
         if self.method == "quantile":
-            rule = (f"{1 - self.false_alarm_rate:g} quantile of normal images (target false-alarm rate "
-                    f"{self.false_alarm_rate:g})")
+            rule = (
+                f"{1 - self.false_alarm_rate:g} quantile of normal images (target false-alarm rate "
+                f"{self.false_alarm_rate:g})"
+            )
         elif self.method == "recall":
             rule = f"highest threshold reaching recall {self.target_recall:g} on labelled images"
         else:
@@ -268,8 +326,10 @@ class Calibration:
             "target_recall": None if self.target_recall is None else float(self.target_recall),
             "class_rule": "cosine to the mean prototype-assignment histogram",
             "source": self.source,
-            "classes": {c: {k: (int(v) if k.startswith("num_") else float(v)) for k, v in vars(t).items()}
-                        for c, t in self.classes.items()},
+            "classes": {
+                c: {k: (int(v) if k.startswith("num_") else float(v)) for k, v in vars(t).items()}
+                for c, t in self.classes.items()
+            },
             "histograms": {c: h.detach().cpu().float().clone() for c, h in self.histograms.items()},
             "settings": dict(self.settings),
         }
@@ -279,15 +339,24 @@ class Calibration:
         """Read :meth:`to_payload`'s dict; a calibration stored before the method was recorded is ``quantile``."""
         try:
             classes = {str(c): ClassThresholds(**{k: v for k, v in t.items()}) for c, t in data["classes"].items()}
-            histograms = {str(c): torch.as_tensor(h, dtype=torch.float32) for c, h in (data.get("histograms") or {}).items()}
+            histograms = {
+                str(c): torch.as_tensor(h, dtype=torch.float32) for c, h in (data.get("histograms") or {}).items()
+            }
             method = str(data.get("method") or "quantile")
             if method not in METHODS:
                 raise ValueError(f"unknown method {method!r}")
             recall = data.get("target_recall")
             if method == "recall" and recall is None:
                 raise ValueError("method 'recall' without its target_recall")
-            return cls(float(data["false_alarm_rate"]), classes, histograms, str(data.get("source", "")),
-                       dict(data.get("settings") or {}), method, None if recall is None else float(recall))
+            return cls(
+                float(data["false_alarm_rate"]),
+                classes,
+                histograms,
+                str(data.get("source", "")),
+                dict(data.get("settings") or {}),
+                method,
+                None if recall is None else float(recall),
+            )
         except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise CheckpointError(f"{where} holds a damaged calibration ({type(exc).__name__}: {exc})") from None
 
@@ -296,8 +365,11 @@ def settings_of(config: Any) -> dict[str, Any]:
     """The settings a calibration depends on (sampling, scoring and the inference precision), as plain dicts."""
     from vpdm.config import to_dict
 
-    return {"sampling": to_dict(config.sampling), "scoring": to_dict(config.scoring),
-            "inference": to_dict(config.inference)}
+    return {
+        "sampling": to_dict(config.sampling),
+        "scoring": to_dict(config.scoring),
+        "inference": to_dict(config.inference),
+    }
 
 
 def settings_differ(calibration: Calibration | None, config: Any) -> list[str]:
@@ -306,8 +378,12 @@ def settings_differ(calibration: Calibration | None, config: Any) -> list[str]:
     if calibration is None or not calibration.settings:
         return []
     now = settings_of(config)
-    return [f"{sec}.{k}" for sec in ("sampling", "scoring", "inference") for k in now[sec]
-            if k in calibration.settings.get(sec, {}) and calibration.settings[sec][k] != now[sec][k]]
+    return [
+        f"{sec}.{k}"
+        for sec in ("sampling", "scoring", "inference")
+        for k in now[sec]
+        if k in calibration.settings.get(sec, {}) and calibration.settings[sec][k] != now[sec][k]
+    ]
 
 
 def nearest_class(histograms: Tensor, prototypes: Mapping[str, Tensor]) -> list[str]:
@@ -340,9 +416,15 @@ class PostProcessor:
     ``|threshold|``). Without a calibration and without both overrides, :meth:`decide` raises.
     """
 
-    def __init__(self, calibration: Calibration | None, *, image_threshold: float | None = None,
-                 pixel_threshold: float | None = None, checkpoint: str = "checkpoint",
-                 classes: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        calibration: Calibration | None,
+        *,
+        image_threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        checkpoint: str = "checkpoint",
+        classes: Sequence[str] = (),
+    ) -> None:
         self.calibration = calibration
         self.image_override = check_threshold(image_threshold, "image threshold")
         self.pixel_override = check_threshold(pixel_threshold, "pixel threshold")
@@ -353,12 +435,14 @@ class PostProcessor:
         """Refuse one threshold override alone on a model without calibrated thresholds: it could decide
         nothing, and ignoring it would be silent (:class:`ConfigError` naming what is missing)."""
         if self.calibration is None and (self.image_override is None) != (self.pixel_override is None):
-            given, missing = (("image", "pixel") if self.image_override is not None else ("pixel", "image"))
+            given, missing = ("image", "pixel") if self.image_override is not None else ("pixel", "image")
             article = "an" if given == "image" else "a"
-            raise ConfigError(f"{article} {given} threshold was given without a {missing} threshold, but checkpoint "
-                              f"{self.checkpoint!r} has no calibrated thresholds: decisions need both "
-                              "(--image-threshold and --pixel-threshold; params image_threshold and pixel_threshold), "
-                              f"or calibrate it: vpdm calibrate --checkpoint {self.checkpoint} --data SPEC")
+            raise ConfigError(
+                f"{article} {given} threshold was given without a {missing} threshold, but checkpoint "
+                f"{self.checkpoint!r} has no calibrated thresholds: decisions need both "
+                "(--image-threshold and --pixel-threshold; params image_threshold and pixel_threshold), "
+                f"or calibrate it: vpdm calibrate --checkpoint {self.checkpoint} --data SPEC"
+            )
 
     @property
     def ready(self) -> bool:
@@ -422,6 +506,11 @@ class PostProcessor:
             low, high = (t.image_min, t.image_max) if t is not None else (0.0, 0.0)
             pred_score[i] = normalise(float(s[i]), image_t, low, high)
             it[i], pt[i] = image_t, pixel_t
-        return Decisions(category=list(categories), pred_score=pred_score, pred_label=(s > it).astype(np.int64),
-                         pred_mask=m > pt.reshape(-1, *([1] * (m.ndim - 1))), image_threshold=it,
-                         pixel_threshold=pt)
+        return Decisions(
+            category=list(categories),
+            pred_score=pred_score,
+            pred_label=(s > it).astype(np.int64),
+            pred_mask=m > pt.reshape(-1, *([1] * (m.ndim - 1))),
+            image_threshold=it,
+            pixel_threshold=pt,
+        )

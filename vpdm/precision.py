@@ -53,8 +53,10 @@ def check_precision(precision: str, device: torch.device | str) -> None:
     except (RuntimeError, ValueError) as exc:  # e.g. a device type without autocast
         problem = str(exc).splitlines()[0]
     if problem:
-        raise ConfigError(f"inference.precision={precision!r} is not supported on device {str(device)!r} by torch "
-                          f"{torch.__version__} ({problem}); use inference.precision=fp32")
+        raise ConfigError(
+            f"inference.precision={precision!r} is not supported on device {str(device)!r} by torch "
+            f"{torch.__version__} ({problem}); use inference.precision=fp32"
+        )
 
 
 @contextlib.contextmanager

@@ -60,8 +60,12 @@ def check_train(config: VPDMConfig, output: Path, *, overwrite: bool, evaluate: 
 
     apply_threads(config)
     device = select_device(config.train.device)
-    names = {"model.pt": "checkpoint", "config.yaml": "config", "history.json": "training history",
-             **({"metrics.json": "metrics"} if evaluate else {})}
+    names = {
+        "model.pt": "checkpoint",
+        "config.yaml": "config",
+        "history.json": "training history",
+        **({"metrics.json": "metrics"} if evaluate else {}),
+    }
     splits = ("train", "test") if evaluate else ("train",)
     inputs = [root for split in splits for root in data_roots(config, split)]
     check_outputs([Output(output / n, w) for n, w in names.items()], inputs=inputs, overwrite=overwrite)
@@ -70,8 +74,10 @@ def check_train(config: VPDMConfig, output: Path, *, overwrite: bool, evaluate: 
         state = read_state(state_path)
         check_state(state, config, state_path)  # the settings now; the training features once extracted
     elif state_path.exists() and not overwrite:
-        raise OutputError(f"{str(output)!r} holds the state of an unfinished run ({str(state_path)!r}): continue it "
-                          "with --resume, or pass --overwrite to start again")
+        raise OutputError(
+            f"{str(output)!r} holds the state of an unfinished run ({str(state_path)!r}): continue it "
+            "with --resume, or pass --overwrite to start again"
+        )
     return Plan(list_splits(config, splits), device, state)
 
 

@@ -31,8 +31,14 @@ FORMAT = "vpdm.train-state"
 VERSION = 1
 # Settings that change where or how fast a run computes, not what it computes (the same device and
 # thread count give the same bits; another may differ by float rounding).
-FREE_SETTINGS: tuple[str, ...] = ("train.device", "train.threads", "train.checkpoint_every", "data.cache_dir",
-                                  "data.extract_batch_size", "data.test_spec")
+FREE_SETTINGS: tuple[str, ...] = (
+    "train.device",
+    "train.threads",
+    "train.checkpoint_every",
+    "data.cache_dir",
+    "data.extract_batch_size",
+    "data.test_spec",
+)
 
 
 def features_checksum(features: torch.Tensor) -> str:
@@ -41,15 +47,22 @@ def features_checksum(features: torch.Tensor) -> str:
     flat = features.detach().cpu().contiguous().reshape(-1)
     step = 1 << 24
     for start in range(0, flat.numel(), step):
-        digest.update(flat[start:start + step].numpy().tobytes())
+        digest.update(flat[start : start + step].numpy().tobytes())
     return digest.hexdigest()
 
 
 def _rng() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {"torch": torch.get_rng_state(),
-                             "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                                       "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)}}
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -63,16 +76,32 @@ def _set_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def capture(*, epoch: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
-            ema: Any, history: list[dict[str, float]], config: VPDMConfig, checksum: str) -> dict[str, Any]:
+def capture(
+    *,
+    epoch: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    ema: Any,
+    history: list[dict[str, float]],
+    config: VPDMConfig,
+    checksum: str,
+) -> dict[str, Any]:
     """The state after ``epoch`` epochs (plain containers and tensors: ``torch.load(weights_only=True)`` reads it)."""
     inner = model.module if hasattr(model, "module") else model
-    return {"format": FORMAT, "version": VERSION, "epoch": int(epoch), "config": to_dict(config),
-            "features": checksum, "history": [dict(h) for h in history],
-            "model": {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()},
-            "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-            "ema": None if ema is None else {k: v.detach().cpu().clone() for k, v in ema.shadow.items()},
-            "rng": _rng()}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "epoch": int(epoch),
+        "config": to_dict(config),
+        "features": checksum,
+        "history": [dict(h) for h in history],
+        "model": {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "ema": None if ema is None else {k: v.detach().cpu().clone() for k, v in ema.shadow.items()},
+        "rng": _rng(),
+    }
 
 
 def write_state(path: str | Path, state: dict[str, Any]) -> Path:
@@ -86,11 +115,14 @@ def read_state(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"nothing to resume: {str(path)!r} does not exist (a run writes it after its first "
-                              "epoch; start without --resume)") from None
+        raise CheckpointError(
+            f"nothing to resume: {str(path)!r} does not exist (a run writes it after its first "
+            "epoch; start without --resume)"
+        ) from None
     except Exception as exc:  # noqa: BLE001 (damaged files raise many types): say so rather than continue
-        raise CheckpointError(f"{str(path)!r} is not a readable training state ({type(exc).__name__}); start again "
-                              "with --overwrite") from None
+        raise CheckpointError(
+            f"{str(path)!r} is not a readable training state ({type(exc).__name__}); start again with --overwrite"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("version") != VERSION:
         raise CheckpointError(f"{str(path)!r} is not a vpdm training state of version {VERSION}")
     return state
@@ -103,15 +135,20 @@ def check_state(state: dict[str, Any], config: VPDMConfig, path: str | Path, che
     if differ:
         shown = ", ".join(f"{k} ({saved.get(k)!r} in the state, now {now.get(k)!r})" for k in differ[:5])
         more = f" and {len(differ) - 5} more" if len(differ) > 5 else ""
-        raise ConfigError(f"cannot resume {str(path)!r} with other settings: {shown}{more}; resume with the same "
-                          "command, or start again with --overwrite")
+        raise ConfigError(
+            f"cannot resume {str(path)!r} with other settings: {shown}{more}; resume with the same "
+            "command, or start again with --overwrite"
+        )
     if checksum is not None and state["features"] != checksum:
-        raise ConfigError(f"cannot resume {str(path)!r}: the training images are not the ones it was trained on "
-                          "(their features differ); resume with the same data, or start again with --overwrite")
+        raise ConfigError(
+            f"cannot resume {str(path)!r}: the training images are not the ones it was trained on "
+            "(their features differ); resume with the same data, or start again with --overwrite"
+        )
 
 
-def restore(state: dict[str, Any], *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            generator: torch.Generator) -> tuple[int, list[dict[str, float]], dict[str, torch.Tensor] | None]:
+def restore(
+    state: dict[str, Any], *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
+) -> tuple[int, list[dict[str, float]], dict[str, torch.Tensor] | None]:
     """Load ``state`` into a freshly built model, its optimizer, the loader's generator and the random states;
     returns (epochs done, their history, the EMA weights or None)."""
     inner = model.module if hasattr(model, "module") else model

@@ -24,16 +24,26 @@ from vpdm.io import Output, output_error
 
 __all__ = ["SCORE_COLUMNS", "ScoredFolder", "calibrated_overlay_scale", "scored_outputs"]
 
-SCORE_COLUMNS: tuple[str, ...] = ("path", "category", "score", "pred_score", "pred_label", "pred_mask", "overlay",
-                                  "error")
+SCORE_COLUMNS: tuple[str, ...] = (
+    "path",
+    "category",
+    "score",
+    "pred_score",
+    "pred_label",
+    "pred_mask",
+    "overlay",
+    "error",
+)
 
 
 def scored_outputs(out: str | Path, *, overlays: bool, masks: bool) -> list[Output]:
     """The outputs of a scored folder; the ones not written this time still leave with a previous run."""
     out = Path(out)
-    return [Output(out / "scores.csv", "scores"),
-            Output(out / "overlays", "overlays folder", folder=True, written=overlays),
-            Output(out / "masks", "masks folder", folder=True, written=masks)]
+    return [
+        Output(out / "scores.csv", "scores"),
+        Output(out / "overlays", "overlays folder", folder=True, written=overlays),
+        Output(out / "masks", "masks folder", folder=True, written=masks),
+    ]
 
 
 def calibrated_overlay_scale(calibration: Any) -> float | None:
@@ -82,8 +92,9 @@ class ScoredFolder:
         except OSError as exc:
             raise output_error(exc, self.out / "scores.csv", "scores") from exc
 
-    def _picture(self, folder: Path, final: str, rel: Path, used: set[str], what: str,
-                 draw: Callable[[], np.ndarray]) -> str:
+    def _picture(
+        self, folder: Path, final: str, rel: Path, used: set[str], what: str, draw: Callable[[], np.ndarray]
+    ) -> str:
         """Write one PNG into the temporary ``folder`` (``final``: its name when in place); the link for the CSV,
         or '' when it cannot be written (the first failure is kept; later pictures are not tried)."""
         from PIL import Image
@@ -102,10 +113,21 @@ class ScoredFolder:
             return ""
         return f"{final}/{name}"
 
-    def add(self, path: str, rel: Path, *, score: float | None = None, anomaly_map: np.ndarray | None = None,
-            rgb: Callable[[], np.ndarray] | None = None, category: str | None = None, pred_score: float | None = None,
-            pred_label: int | None = None, pred_mask: np.ndarray | None = None, error: str | None = None,
-            skipped: bool = False) -> None:
+    def add(
+        self,
+        path: str,
+        rel: Path,
+        *,
+        score: float | None = None,
+        anomaly_map: np.ndarray | None = None,
+        rgb: Callable[[], np.ndarray] | None = None,
+        category: str | None = None,
+        pred_score: float | None = None,
+        pred_label: int | None = None,
+        pred_mask: np.ndarray | None = None,
+        error: str | None = None,
+        skipped: bool = False,
+    ) -> None:
         """One image's row (``rel``: its path relative to the scanned folder, which names its overlay and mask)."""
         from vpdm.plots import overlay_array
 
@@ -113,17 +135,39 @@ class ScoredFolder:
         notes = [error] if error else []
         if score is not None:
             if self.overlays is not None and anomaly_map is not None and rgb is not None:
-                overlay = self._picture(self.overlays, "overlays", rel, self._used, "overlay",
-                                        lambda: overlay_array(rgb(), anomaly_map, vmax=self.vmax))
+                overlay = self._picture(
+                    self.overlays,
+                    "overlays",
+                    rel,
+                    self._used,
+                    "overlay",
+                    lambda: overlay_array(rgb(), anomaly_map, vmax=self.vmax),
+                )
                 if not overlay and self.output_failure:
                     notes.append(f"scored; overlay not written ({self.output_failure})")
             if self.masks is not None and pred_mask is not None:
-                mask = self._picture(self.masks, "masks", rel, self._used_masks, "mask",
-                                     lambda: np.asarray(pred_mask, dtype=np.uint8) * np.uint8(255))
+                mask = self._picture(
+                    self.masks,
+                    "masks",
+                    rel,
+                    self._used_masks,
+                    "mask",
+                    lambda: np.asarray(pred_mask, dtype=np.uint8) * np.uint8(255),
+                )
                 if not mask and self.output_failure and not notes:
                     notes.append(f"scored; mask not written ({self.output_failure})")
-        self._write_row([path, category or "", _cell(score, True), _cell(pred_score, True), _cell(pred_label), mask,
-                         overlay, "; ".join(notes)])
+        self._write_row(
+            [
+                path,
+                category or "",
+                _cell(score, True),
+                _cell(pred_score, True),
+                _cell(pred_label),
+                mask,
+                overlay,
+                "; ".join(notes),
+            ]
+        )
         self.rows += 1
         if skipped:
             self.skipped += 1

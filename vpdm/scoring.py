@@ -39,7 +39,9 @@ class ScoringConfig:
     ``image_score="top_k"`` is the mean of the ``top_k_percent`` largest map pixels (Dinomaly: 1 %).
     """
 
-    blur_sigma: float = 4.0  # Gaussian blur of the upsampled map, in output pixels (common practice: 4 at 224px); 0 = off
+    blur_sigma: float = (
+        4.0  # Gaussian blur of the upsampled map, in output pixels (common practice: 4 at 224px); 0 = off
+    )
     pool_size: int = 16  # image score = max of the map average-pooled with this window (output pixels)
     map_size: int | None = None  # output map size; None = the image size
     distance: str = "l2"
@@ -88,19 +90,28 @@ class ScoringConfig:
             raise ConfigError(f"scoring.feature_space must be one of {FEATURE_SPACES}, got {self.feature_space!r}")
         if self.image_score not in IMAGE_SCORES:
             raise ConfigError(f"scoring.image_score must be one of {IMAGE_SCORES}, got {self.image_score!r}")
-        if not (isinstance(self.top_k_percent, (int, float)) and math.isfinite(self.top_k_percent)
-                and 0 < self.top_k_percent <= 100):
+        if not (
+            isinstance(self.top_k_percent, (int, float))
+            and math.isfinite(self.top_k_percent)
+            and 0 < self.top_k_percent <= 100
+        ):
             raise ConfigError(f"scoring.top_k_percent must be a number in (0, 100], got {self.top_k_percent!r}")
-        if not isinstance(self.aggregate, int) or isinstance(self.aggregate, bool) or self.aggregate < 1 \
-                or self.aggregate % 2 == 0:
+        if (
+            not isinstance(self.aggregate, int)
+            or isinstance(self.aggregate, bool)
+            or self.aggregate < 1
+            or self.aggregate % 2 == 0
+        ):
             raise ConfigError(f"scoring.aggregate must be an odd integer >= 1, got {self.aggregate!r}")
         for name in ("pools", "image_pools", "fine_pools", "fine_image_pools"):
             value = getattr(self, name)
             if value is None and name.endswith("image_pools"):
                 continue
-            if (not isinstance(value, (tuple, list))
-                    or any(not isinstance(p, int) or isinstance(p, bool) or p < 1 for p in value)
-                    or len(set(value)) != len(value)):
+            if (
+                not isinstance(value, (tuple, list))
+                or any(not isinstance(p, int) or isinstance(p, bool) or p < 1 for p in value)
+                or len(set(value)) != len(value)
+            ):
                 allowed = "null (the map's own) or a list" if name.endswith("image_pools") else "a list"
                 raise ConfigError(f"scoring.{name} must be {allowed} of distinct integers >= 1, got {value!r}")
         if self.combine not in COMBINES:
@@ -125,9 +136,7 @@ def local_average(features: Tensor, window: int) -> Tensor:
     return F.avg_pool2d(features, window, stride=1, padding=window // 2, count_include_pad=False)
 
 
-def feature_distance(
-    x0: Tensor, x0_rec: Tensor, distance: str = "l2", groups: tuple[int, ...] | None = None
-) -> Tensor:
+def feature_distance(x0: Tensor, x0_rec: Tensor, distance: str = "l2", groups: tuple[int, ...] | None = None) -> Tensor:
     """Anomaly map from B x C x H x W features and their reconstruction -> B x H x W.
 
     ``groups=None``: over all channels at once, ``||x0 - x0_rec||_2`` (the paper) or ``1 - cos``.
@@ -153,8 +162,9 @@ def feature_distance(
     return torch.stack(maps).mean(dim=0)
 
 
-def term_map(features: Tensor, reconstruction: Tensor, p: int, config: ScoringConfig,
-             groups: tuple[int, ...] | None = None) -> Tensor:
+def term_map(
+    features: Tensor, reconstruction: Tensor, p: int, config: ScoringConfig, groups: tuple[int, ...] | None = None
+) -> Tensor:
     """One term of a map: after the local averages (``aggregate``), the distance between the p x p block
     means of B x C x H x W features and their reconstruction, upsampled bilinearly back to B x H x W
     (p = 1: every position on its own)."""
@@ -180,8 +190,13 @@ def l2_block_term(difference: Tensor, p: int) -> Tensor:
     return F.interpolate(d.unsqueeze(1), size=difference.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
 
 
-def distance_map(features: Tensor, reconstruction: Tensor, config: ScoringConfig,
-                 groups: tuple[int, ...] | None = None, pools: tuple[int, ...] | None = None) -> Tensor:
+def distance_map(
+    features: Tensor,
+    reconstruction: Tensor,
+    config: ScoringConfig,
+    groups: tuple[int, ...] | None = None,
+    pools: tuple[int, ...] | None = None,
+) -> Tensor:
     """B x C x H x W features and reconstruction -> B x H x W map: the :func:`term_map` of each block side p
     of ``pools`` (default: ``config.pools``), averaged with weights p (the ``weighted`` combination)."""
     pools = tuple(config.pools if pools is None else pools)
@@ -192,10 +207,16 @@ def distance_map(features: Tensor, reconstruction: Tensor, config: ScoringConfig
 TermStatistics = Callable[[str, int], tuple[Tensor, Tensor]]
 
 
-def scores_and_maps(features: Tensor, reconstruction: Tensor, config: ScoringConfig, size: int,
-                    groups: tuple[int, ...] | None = None,
-                    postprocess: Callable[[Tensor], Tensor] | None = None, fine: Tensor | None = None,
-                    statistics: TermStatistics | None = None) -> tuple[Tensor, Tensor]:
+def scores_and_maps(
+    features: Tensor,
+    reconstruction: Tensor,
+    config: ScoringConfig,
+    size: int,
+    groups: tuple[int, ...] | None = None,
+    postprocess: Callable[[Tensor], Tensor] | None = None,
+    fine: Tensor | None = None,
+    statistics: TermStatistics | None = None,
+) -> tuple[Tensor, Tensor]:
     """Image scores (B,) and post-processed anomaly maps (B x size x size).
 
     Terms are :func:`term_map` s of the reconstruction (``pools``) and, when the model has fine
@@ -207,11 +228,15 @@ def scores_and_maps(features: Tensor, reconstruction: Tensor, config: ScoringCon
     if postprocess is None:
         postprocess = functools.partial(postprocess_maps, size=size, blur_sigma=config.blur_sigma)
     if fine is None and (config.fine_pools or config.image_terms()[1]):
-        raise ConfigError("scoring.fine_pools / fine_image_pools need the fine prototypes' condition "
-                          "(model.fine.num_prototypes > 0); set them to [] for a model without")
+        raise ConfigError(
+            "scoring.fine_pools / fine_image_pools need the fine prototypes' condition "
+            "(model.fine.num_prototypes > 0); set them to [] for a model without"
+        )
     if config.combine == "standardised" and statistics is None:
-        raise ConfigError("scoring.combine=standardised needs the model's normal statistics of every term "
-                          "(fitted after training); use scoring.combine=weighted for a model without them")
+        raise ConfigError(
+            "scoring.combine=standardised needs the model's normal statistics of every term "
+            "(fitted after training); use scoring.combine=weighted for a model without them"
+        )
     cache: dict[tuple[str, int], Tensor] = {}
     differences: dict[str, Tensor] = {}
 

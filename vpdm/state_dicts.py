@@ -15,10 +15,16 @@ def _shape(value: Any) -> str:
 def state_dict_differences(expected: dict[str, Any], got: dict[str, Any], shown: int = 5) -> list[str]:
     """Readable differences between two state dicts: tensors of another shape, missing and unexpected ones."""
     out = []
-    differ = [f"{k} (checkpoint {_shape(got[k])}, model {_shape(expected[k])})" for k in sorted(set(got) & set(expected))
-              if not isinstance(got[k], torch.Tensor) or tuple(got[k].shape) != tuple(expected[k].shape)]
-    for label, items in (("tensors of another shape", differ), ("missing", sorted(set(expected) - set(got))),
-                         ("unexpected", sorted(set(got) - set(expected)))):
+    differ = [
+        f"{k} (checkpoint {_shape(got[k])}, model {_shape(expected[k])})"
+        for k in sorted(set(got) & set(expected))
+        if not isinstance(got[k], torch.Tensor) or tuple(got[k].shape) != tuple(expected[k].shape)
+    ]
+    for label, items in (
+        ("tensors of another shape", differ),
+        ("missing", sorted(set(expected) - set(got))),
+        ("unexpected", sorted(set(got) - set(expected))),
+    ):
         if items:
             more = f", ... ({len(items) - shown} more)" if len(items) > shown else ""
             out.append(f"{label}: {', '.join(items[:shown])}{more}")

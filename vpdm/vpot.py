@@ -112,7 +112,9 @@ class VPOTConfig:
             raise ConfigError(f"prototypes.kmeans_iters must be an integer >= 1, got {self.kmeans_iters!r}")
         if self.ot_scope not in OT_SCOPES:
             raise ConfigError(f"prototypes.ot_scope must be one of {OT_SCOPES}, got {self.ot_scope!r}")
-        if not (isinstance(self.potential_lr, (int, float)) and math.isfinite(self.potential_lr) and self.potential_lr > 0):
+        if not (
+            isinstance(self.potential_lr, (int, float)) and math.isfinite(self.potential_lr) and self.potential_lr > 0
+        ):
             raise ConfigError(f"prototypes.potential_lr must be a finite number > 0, got {self.potential_lr!r}")
         if self.level not in LEVELS:
             raise ConfigError(f"prototypes.level must be one of {LEVELS}, got {self.level!r}")
@@ -121,7 +123,6 @@ class VPOTConfig:
             low = 0 if name == "list_size" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"prototypes.{name} must be an integer >= {low}, got {value!r}")
-
 
 
 def sinkhorn_log(
@@ -169,8 +170,9 @@ def kmeans(samples: Tensor, centres: Tensor, iters: int, batch_size: int = 8192)
     return centres
 
 
-def coreset_index(samples: Tensor, k: int, generator: torch.Generator | None = None, batch: int = 256,
-                  projection_dim: int = 128) -> Tensor:
+def coreset_index(
+    samples: Tensor, k: int, generator: torch.Generator | None = None, batch: int = 256, projection_dim: int = 128
+) -> Tensor:
     """Indices of ``k`` rows chosen by greedy k-center (farthest-first, PatchCore's coreset: every sample
     ends close to a chosen one, rare looks included), on a seeded random subset of at most
     ``CORESET_CANDIDATES`` rows and, above ``projection_dim`` dimensions, a seeded random projection (as
@@ -270,8 +272,9 @@ class VaguePrototypes(nn.Module):
         self.register_buffer("owner", torch.full((config.num_prototypes,), -1, dtype=torch.long))
 
     @torch.no_grad()
-    def init_from(self, features: Tensor, generator: torch.Generator | None = None,
-                  class_index: Tensor | None = None) -> None:
+    def init_from(
+        self, features: Tensor, generator: torch.Generator | None = None, class_index: Tensor | None = None
+    ) -> None:
         """Data-dependent start: prototypes = K random training samples (with repeats if fewer), and
         with ``init="kmeans"`` then Lloyd's k-means iterations on all training samples, so the
         prototypes start spread over the normal data as the OT assignment will use them.
@@ -353,8 +356,9 @@ class VaguePrototypes(nn.Module):
         so that ``ot_reg`` means the same for any backbone, feature size or N."""
         return torch.cdist(flat, self.prototypes) / math.sqrt(self.dim)
 
-    def forward(self, features: Tensor, with_loss: bool = True, histogram: bool = False,
-                num_classes: int = 0) -> dict[str, Tensor]:
+    def forward(
+        self, features: Tensor, with_loss: bool = True, histogram: bool = False, num_classes: int = 0
+    ) -> dict[str, Tensor]:
         """Return ``yhat`` (B x C x S x S), the OT loss and the plan.
 
         In training mode the plan is the balanced Sinkhorn plan of the batch (the paper's Eq. 9-11)
@@ -371,8 +375,10 @@ class VaguePrototypes(nn.Module):
                 raise RuntimeError("VaguePrototypes(with_loss=False) is for inference: call .eval() first")
             return self._assign(features, histogram, num_classes)
         if self.config.lists and self.training:
-            raise RuntimeError("short lists (prototypes.list_size) assign frozen prototypes: train with the precomputed "
-                               "condition (VPDM.training_condition)")
+            raise RuntimeError(
+                "short lists (prototypes.list_size) assign frozen prototypes: train with the precomputed "
+                "condition (VPDM.training_condition)"
+            )
         batch = features.shape[0]
         flat = self.samples(features)
         cost = self.cost(flat)
@@ -380,7 +386,9 @@ class VaguePrototypes(nn.Module):
         reg = self.config.ot_reg
         if self.config.assignment == "nearest":
             weights = F.one_hot(cost.argmin(dim=1), k).to(cost.dtype)
-            ot_loss = (weights * cost).sum(dim=1).mean()  # reported only; the ablation trains with lambda=0 or this k-means-like term
+            ot_loss = (
+                (weights * cost).sum(dim=1).mean()
+            )  # reported only; the ablation trains with lambda=0 or this k-means-like term
             plan = weights / b
         elif self.config.lists:  # eval mode (a validation loss): the inference assignment, short lists and all
             weights = self.weights(flat)
@@ -486,8 +494,10 @@ class VaguePrototypes(nn.Module):
 
     def _check_lists(self) -> None:
         if not torch.jit.is_tracing() and int(self.list_offsets[-1]) != self.config.num_prototypes:
-            raise RuntimeError(f"the short lists of these {self.config.num_prototypes} prototypes were never built: "
-                               "call init_from() or build_lists() after setting the prototypes (or list_size=0)")
+            raise RuntimeError(
+                f"the short lists of these {self.config.num_prototypes} prototypes were never built: "
+                "call init_from() or build_lists() after setting the prototypes (or list_size=0)"
+            )
 
     def _probed(self, flat: Tensor) -> Tensor:
         """n x lists: whether each list is among a sample's ``probes`` nearest (by centroid distance)."""
@@ -496,8 +506,9 @@ class VaguePrototypes(nn.Module):
         kth = distance.topk(min(self.config.probes, self.config.lists), dim=1, largest=False).values[:, -1:]
         return distance <= kth
 
-    def _short_list(self, flat: Tensor, per_image: int, histogram: bool,
-                    num_classes: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _short_list(
+        self, flat: Tensor, per_image: int, histogram: bool, num_classes: int
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """:meth:`weights` @ prototypes with short lists, without the n x K matrices: the samples are grouped
         by probed list and each group is matched against its list's prototypes alone (one small product per
         list), with a softmax over all of a sample's candidates. Also, when asked, each image's mean weights
@@ -518,8 +529,11 @@ class VaguePrototypes(nn.Module):
         # the kernel is summed in one pass, list by list, without keeping the logits for a max.
         radius = float((self.prototypes.detach() - self.list_centroids[self.list_of]).pow(2).sum(dim=1).max().sqrt())
         one_pass = scale * radius <= 60.0
-        shift = centroid_distance[:, 0] * scale if one_pass else torch.full(
-            (n,), float("-inf"), device=device, dtype=flat.dtype)  # two passes: the running max of each row
+        shift = (
+            centroid_distance[:, 0] * scale
+            if one_pass
+            else torch.full((n,), float("-inf"), device=device, dtype=flat.dtype)
+        )  # two passes: the running max of each row
         keep = histogram or bool(num_classes) or not one_pass
         # Squared distances as |x|^2 + |p|^2 - 2 x.p, the norms computed once (cdist recomputes them and
         # pads both operands for its product in every call: a third of the time on small lists).
@@ -535,8 +549,13 @@ class VaguePrototypes(nn.Module):
             rows = queries[start : start + count]
             start += count
             members = slice(offsets[group], offsets[group + 1])
-            logits = torch.addmm(prototypes_sq[members].unsqueeze(0), flat[rows], self.prototypes[members].T,
-                                 alpha=-2.0).add_(flat_sq[rows].unsqueeze(1)).clamp_min_(0.0).sqrt_().mul_(-scale)
+            logits = (
+                torch.addmm(prototypes_sq[members].unsqueeze(0), flat[rows], self.prototypes[members].T, alpha=-2.0)
+                .add_(flat_sq[rows].unsqueeze(1))
+                .clamp_min_(0.0)
+                .sqrt_()
+                .mul_(-scale)
+            )
             if one_pass:
                 e = logits.add_(shift[rows].unsqueeze(1)).exp_()
                 total.index_add_(0, rows, e.sum(dim=1))
@@ -554,7 +573,9 @@ class VaguePrototypes(nn.Module):
         hist = mass = None
         if histogram or num_classes:
             batch = n // per_image
-            hist = torch.zeros(batch, self.config.num_prototypes, device=device, dtype=flat.dtype) if histogram else None
+            hist = (
+                torch.zeros(batch, self.config.num_prototypes, device=device, dtype=flat.dtype) if histogram else None
+            )
             mass = torch.zeros(batch, num_classes, device=device, dtype=flat.dtype) if num_classes else None
             for group, rows, e in blocks:
                 norm = (total[rows] * per_image).reciprocal().unsqueeze(1)
@@ -587,8 +608,11 @@ class VaguePrototypes(nn.Module):
             if histogram:
                 out["histogram"] = weights.reshape(batch, per_image, -1).mean(dim=1)
             if num_classes:
-                out["class_mass"] = (weights @ _one_hot(self.owner, num_classes, weights.dtype)).reshape(
-                    batch, per_image, num_classes).mean(dim=1)
+                out["class_mass"] = (
+                    (weights @ _one_hot(self.owner, num_classes, weights.dtype))
+                    .reshape(batch, per_image, num_classes)
+                    .mean(dim=1)
+                )
         if self.local:
             y = y.view(batch, self.vague_size, self.vague_size, self.channels).permute(0, 3, 1, 2)
         else:
@@ -650,6 +674,15 @@ class FineConfig:
 
     def prototypes_config(self) -> VPOTConfig:
         """The VPOT settings of the fine prototypes: local, N = 1, a kernel without prototype marginal."""
-        return VPOTConfig(num_prototypes=self.num_prototypes, downsample=1, level="local", ot_scope="none",
-                          assignment="ot", ot_reg=self.ot_reg, init=self.init, kmeans_iters=self.kmeans_iters,
-                          list_size=self.list_size, probes=self.probes)
+        return VPOTConfig(
+            num_prototypes=self.num_prototypes,
+            downsample=1,
+            level="local",
+            ot_scope="none",
+            assignment="ot",
+            ot_reg=self.ot_reg,
+            init=self.init,
+            kmeans_iters=self.kmeans_iters,
+            list_size=self.list_size,
+            probes=self.probes,
+        )

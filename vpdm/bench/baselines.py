@@ -17,15 +17,18 @@ def fit_baseline(config: PatchCoreConfig, features: Tensor, device: torch.device
     return pc
 
 
-def baseline_batch(pc: PatchCore, features: Tensor, map_size: int, scoring: ScoringConfig) -> tuple[Tensor, Tensor, Tensor]:
+def baseline_batch(
+    pc: PatchCore, features: Tensor, map_size: int, scoring: ScoringConfig
+) -> tuple[Tensor, Tensor, Tensor]:
     """Image scores (VPDM's method), maps at ``map_size`` and the plain-max image scores of one batch."""
     maps = postprocess_maps(pc.anomaly_maps(features), map_size, scoring.blur_sigma)
     return score_maps(maps, scoring), maps, maps.flatten(1).amax(dim=1)
 
 
 @torch.no_grad()
-def score_baseline(pc: PatchCore, features: Tensor, map_size: int, scoring: ScoringConfig,
-                   batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def score_baseline(
+    pc: PatchCore, features: Tensor, map_size: int, scoring: ScoringConfig, batch: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`baseline_batch` over all features, as numpy arrays."""
     scores, maps, plain = [], [], []
     for start in range(0, len(features), batch):

@@ -85,9 +85,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for label, seeds in by_seed.items():
         cats = sorted(set.intersection(*(set(pc) for pc in seeds.values())))
-        per_class = {
-            c: {k: sum(seeds[s][c][k] for s in seeds) / len(seeds) for k in KEYS} for c in cats
-        }
+        per_class = {c: {k: sum(seeds[s][c][k] for s in seeds) / len(seeds) for k in KEYS} for c in cats}
         out[label] = {"seeds": sorted(seeds), "per_class": per_class}
     return out
 
@@ -113,14 +111,23 @@ def leave_one_out(settings: dict[str, dict[str, Any]], reference: str) -> list[d
 
         chosen = max((label for label in settings if label != BASELINE), key=merit)
         pc, ref = settings[chosen]["per_class"][held], settings[reference]["per_class"][held]
-        out.append({"held_out": held, "chosen": chosen, "others_merit": merit(chosen),
-                    "held_out_image": pc["image_auroc"], "held_out_pixel": pc["pixel_auroc"],
-                    "reference_image": ref["image_auroc"], "reference_pixel": ref["pixel_auroc"]})
+        out.append(
+            {
+                "held_out": held,
+                "chosen": chosen,
+                "others_merit": merit(chosen),
+                "held_out_image": pc["image_auroc"],
+                "held_out_pixel": pc["pixel_auroc"],
+                "reference_image": ref["image_auroc"],
+                "reference_pixel": ref["pixel_auroc"],
+            }
+        )
     return out
 
 
-def adoption(settings: dict[str, dict[str, Any]], reference: str, tolerance: float,
-             min_seeds: int) -> dict[str, dict[str, Any]]:
+def adoption(
+    settings: dict[str, dict[str, Any]], reference: str, tolerance: float, min_seeds: int
+) -> dict[str, dict[str, Any]]:
     """Per setting: the worst per-category change (points) of image and pixel AUROC against the
     reference, and whether it passes the rule."""
     ref = settings[reference]["per_class"]
@@ -129,38 +136,59 @@ def adoption(settings: dict[str, dict[str, Any]], reference: str, tolerance: flo
         cats = [c for c in s["per_class"] if c in ref]
         worst = {k: min(100 * (s["per_class"][c][k] - ref[c][k]) for c in cats) for k in KEYS}
         mean = {k: 100 * _mean([s["per_class"][c][k] - ref[c][k] for c in cats]) for k in KEYS}
-        out[label] = {"worst_pt": worst, "mean_pt": mean, "seeds": len(s["seeds"]),
-                      "passes": len(s["seeds"]) >= min_seeds and min(worst.values()) >= -tolerance}
+        out[label] = {
+            "worst_pt": worst,
+            "mean_pt": mean,
+            "seeds": len(s["seeds"]),
+            "passes": len(s["seeds"]) >= min_seeds and min(worst.values()) >= -tolerance,
+        }
     return out
 
 
 def report(settings: dict[str, dict[str, Any]], reference: str, tolerance: float, min_seeds: int) -> str:
     cats = sorted(set.intersection(*(set(s["per_class"]) for s in settings.values())))
     short = [c.split("/", 1)[-1] for c in cats]
-    lines = ["## Per category (image / pixel AUROC, %, mean over seeds)", "",
-             "| setting | seeds | mean | " + " | ".join(short) + " |", "|---|---|---|" + "---|" * len(cats)]
+    lines = [
+        "## Per category (image / pixel AUROC, %, mean over seeds)",
+        "",
+        "| setting | seeds | mean | " + " | ".join(short) + " |",
+        "|---|---|---|" + "---|" * len(cats),
+    ]
     for label, s in settings.items():
         pc = s["per_class"]
         mean = "/".join(f"{100 * _mean([pc[c][k] for c in cats]):.1f}" for k in KEYS)
         cells = " | ".join("/".join(f"{100 * pc[c][k]:.1f}" for k in KEYS) for c in cats)
         lines.append(f"| {label} | {','.join(map(str, s['seeds']))} | {mean} | {cells} |")
     rule = adoption(settings, reference, tolerance, min_seeds)
-    lines += ["", f"## Against the reference `{reference}` (points; rule: no category below -{tolerance:g} on image "
-              f"or pixel AUROC, at least {min_seeds} seeds)", "",
-              "| setting | mean image / pixel | worst category image / pixel | passes |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Against the reference `{reference}` (points; rule: no category below -{tolerance:g} on image "
+        f"or pixel AUROC, at least {min_seeds} seeds)",
+        "",
+        "| setting | mean image / pixel | worst category image / pixel | passes |",
+        "|---|---|---|---|",
+    ]
     for label, r in rule.items():
         if label == reference:
             continue
-        lines.append(f"| {label} | {r['mean_pt']['image_auroc']:+.2f} / {r['mean_pt']['pixel_auroc']:+.2f} | "
-                     f"{r['worst_pt']['image_auroc']:+.2f} / {r['worst_pt']['pixel_auroc']:+.2f} | "
-                     f"{'yes' if r['passes'] else 'no'} |")
-    lines += ["", "## Leave one category out (the others choose by mean image + pixel AUROC)", "",
-              "| left out | chosen by the others | left out: chosen image / pixel | left out: reference image / pixel |",
-              "|---|---|---|---|"]
+        lines.append(
+            f"| {label} | {r['mean_pt']['image_auroc']:+.2f} / {r['mean_pt']['pixel_auroc']:+.2f} | "
+            f"{r['worst_pt']['image_auroc']:+.2f} / {r['worst_pt']['pixel_auroc']:+.2f} | "
+            f"{'yes' if r['passes'] else 'no'} |"
+        )
+    lines += [
+        "",
+        "## Leave one category out (the others choose by mean image + pixel AUROC)",
+        "",
+        "| left out | chosen by the others | left out: chosen image / pixel | left out: reference image / pixel |",
+        "|---|---|---|---|",
+    ]
     for r in leave_one_out(settings, reference):
-        lines.append(f"| {r['held_out']} | {r['chosen']} | {100 * r['held_out_image']:.1f} / "
-                     f"{100 * r['held_out_pixel']:.1f} | {100 * r['reference_image']:.1f} / "
-                     f"{100 * r['reference_pixel']:.1f} |")
+        lines.append(
+            f"| {r['held_out']} | {r['chosen']} | {100 * r['held_out_image']:.1f} / "
+            f"{100 * r['held_out_pixel']:.1f} | {100 * r['reference_image']:.1f} / "
+            f"{100 * r['reference_pixel']:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -168,8 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vpdm.bench.loo", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="JSON lines written by python -m vpdm.bench.screen --json")
     p.add_argument("--reference", help="the setting the others are compared with (default: the first read)")
-    p.add_argument("--only", action="append", default=[],
-                   help="keep only settings whose label contains this text (repeatable; the reference is always kept)")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help="keep only settings whose label contains this text (repeatable; the reference is always kept)",
+    )
     p.add_argument("--tolerance", type=float, default=0.5, help="points a category may lose (default 0.5)")
     p.add_argument("--min-seeds", type=int, default=3, help="seeds a setting needs to pass (default 3)")
     return p
@@ -183,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         if reference not in settings:
             raise ConfigError(f"--reference {reference!r} is not among the settings read: {sorted(settings)}")
         if args.only:
-            settings = {k: v for k, v in settings.items()
-                        if k in (reference, BASELINE) or any(o in k for o in args.only)}
+            settings = {
+                k: v for k, v in settings.items() if k in (reference, BASELINE) or any(o in k for o in args.only)
+            }
         print(report(settings, reference, args.tolerance, args.min_seeds))
         return 0
     except VPDMError as exc:

@@ -28,8 +28,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int,
-                     warmup: int = 1) -> dict[str, dict[str, Any]]:
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int = 1
+) -> dict[str, dict[str, Any]]:
     """Wall time of each callable (seconds): ``warmup`` untimed rounds, then ``repeats`` rounds that
     run every callable once in turn, so a burst of load from other processes hits all of them
     alike. Reports the min (the least disturbed run: used for the ratios) and the median."""
@@ -45,7 +46,6 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, re
             _sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: {"min": min(t), "median": statistics.median(t), "all": t} for name, t in times.items()}
-
 
 
 def versions() -> dict[str, Any]:
@@ -70,10 +70,14 @@ def versions() -> dict[str, Any]:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if commit.returncode == 0:
             info["git_commit"] = commit.stdout.strip()
-            dirty = subprocess.run(["git", "status", "--porcelain", "--", "vpdm"], cwd=here.parent,
-                                   capture_output=True, text=True, timeout=10)
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--", "vpdm"],
+                cwd=here.parent,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             info["git_dirty_vpdm"] = bool(dirty.stdout.strip())
     except (OSError, subprocess.SubprocessError):
         pass
     return info
-

@@ -57,8 +57,12 @@ def build_config(args: argparse.Namespace, preset: dict[str, Any] | None = None)
     if preset:
         base = base.with_overrides(preset)
     overrides: dict[str, Any] = {"data.spec": args.data}
-    for key, value in (("train.epochs", args.epochs), ("backbone.name", args.backbone),
-                       ("backbone.weights", args.weights), ("train.device", args.device)):
+    for key, value in (
+        ("train.epochs", args.epochs),
+        ("backbone.name", args.backbone),
+        ("backbone.weights", args.weights),
+        ("train.device", args.device),
+    ):
         if value is not None:
             overrides[key] = value
     for item in args.overrides:

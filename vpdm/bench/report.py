@@ -12,6 +12,7 @@ import numpy as np
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max")
 DECISIONS = ("image_precision", "image_recall", "image_f1", "image_false_alarm_rate")
 
+
 def _clean(value: Any) -> Any:
     """JSON-safe: NaN/inf -> None, numpy scalars -> Python, tuples -> lists."""
     if isinstance(value, dict):
@@ -37,7 +38,6 @@ def _num(value: float | None, digits: int = 1) -> str:
     return f"{value:.{digits}f}"
 
 
-
 def _metric_table(per_class: dict[str, dict[str, Any]], mean: dict[str, Any], title: str) -> list[str]:
     lines = [f"| {title} | image AUROC | pixel AUROC | AUPRO | pixel AP | image F1-max |", "|---|---|---|---|---|---|"]
     for name, m in list(per_class.items()) + [("**mean**", mean)]:
@@ -56,17 +56,25 @@ def _size_table(doc: dict[str, Any]) -> list[str]:
         return []
     first = runs[0][1]
     lo, hi = (100 * b for b in first["bounds"])
-    lines = ["", "## Defect sizes", "",
-             f"AUPRO / pixel recall (%) by defect region area: small < {lo:g} % of the image, medium < {hi:g} %, "
-             f"large above; recall at the threshold that passes {100 * first['recall_fpr']:g} % of each class's "
-             "normal pixels. Mean over the classes with regions of that size.", "",
-             "| stratum | regions | " + " | ".join(n for n, _ in runs) + " |",
-             "|---|---|" + "---|" * len(runs)]
+    lines = [
+        "",
+        "## Defect sizes",
+        "",
+        f"AUPRO / pixel recall (%) by defect region area: small < {lo:g} % of the image, medium < {hi:g} %, "
+        f"large above; recall at the threshold that passes {100 * first['recall_fpr']:g} % of each class's "
+        "normal pixels. Mean over the classes with regions of that size.",
+        "",
+        "| stratum | regions | " + " | ".join(n for n, _ in runs) + " |",
+        "|---|---|" + "---|" * len(runs),
+    ]
     for name, row in first["mean"].items():
         cells = [f"{_pct(d['mean'][name]['aupro'])} / {_pct(d['mean'][name]['pixel_recall'])}" for _, d in runs]
         lines.append(f"| {name} | {row['regions']} | " + " | ".join(cells) + " |")
-    lines += ["", "| class: small / medium / large AUPRO | " + " | ".join(n for n, _ in runs) + " |",
-              "|---|" + "---|" * len(runs)]
+    lines += [
+        "",
+        "| class: small / medium / large AUPRO | " + " | ".join(n for n, _ in runs) + " |",
+        "|---|" + "---|" * len(runs),
+    ]
     for cat in first["per_class"]:
         cells = [" / ".join(_pct(d["per_class"][cat][k]["aupro"]) for k in d["per_class"][cat]) for _, d in runs]
         lines.append(f"| {cat} | " + " | ".join(cells) + " |")
@@ -95,8 +103,13 @@ def _decision_table(doc: dict[str, Any]) -> list[str]:
         a = v["mean"] if name == "mean" else v["per_class"][name]
         b = p["mean"] if name == "mean" else p["per_class"].get(name, {})
         label = "**mean**" if name == "mean" else name
-        lines.append(f"| {label} | " + " | ".join(_pct(a.get(k)) for k in DECISIONS) + " | "
-                     + " | ".join(_pct(b.get(k)) for k in DECISIONS) + " |")
+        lines.append(
+            f"| {label} | "
+            + " | ".join(_pct(a.get(k)) for k in DECISIONS)
+            + " | "
+            + " | ".join(_pct(b.get(k)) for k in DECISIONS)
+            + " |"
+        )
     return lines
 
 
@@ -128,19 +141,26 @@ def to_markdown(doc: dict[str, Any]) -> str:
     comp = doc["comparison"]["means"]
     others = doc.get("preset_runs", {})
     head = f"| mean | VPDM `{doc['main_preset']}` | " + "".join(f"VPDM `{n}` | " for n in others)
-    lines += [head + "PatchCore | PatchCore (plain max) | VPDM - PatchCore (pt) |",
-              "|---|---|" + "---|" * len(others) + "---|---|---|"]
+    lines += [
+        head + "PatchCore | PatchCore (plain max) | VPDM - PatchCore (pt) |",
+        "|---|---|" + "---|" * len(others) + "---|---|---|",
+    ]
     plain = doc["baseline"]["metrics_plain_max"]["mean"]
     for k in METRICS:
         d = comp[k]["delta_pt"]
         extra = "".join(f"{_pct(r['metrics']['mean'][k])} | " for r in others.values())
-        lines.append(f"| {k} | {_pct(comp[k]['vpdm'])} | {extra}{_pct(comp[k]['baseline'])} | {_pct(plain[k])} | "
-                     f"{'-' if d is None else f'{d:+.1f}'} |")
-    lines += [""] + _metric_table(doc["vpdm"]["metrics"]["per_class"], doc["vpdm"]["metrics"]["mean"],
-                                  f"VPDM `{doc['main_preset']}`")
+        lines.append(
+            f"| {k} | {_pct(comp[k]['vpdm'])} | {extra}{_pct(comp[k]['baseline'])} | {_pct(plain[k])} | "
+            f"{'-' if d is None else f'{d:+.1f}'} |"
+        )
+    lines += [""] + _metric_table(
+        doc["vpdm"]["metrics"]["per_class"], doc["vpdm"]["metrics"]["mean"], f"VPDM `{doc['main_preset']}`"
+    )
     for name, run in doc.get("preset_runs", {}).items():
         lines += [""] + _metric_table(run["metrics"]["per_class"], run["metrics"]["mean"], f"VPDM `{name}`")
-    lines += [""] + _metric_table(doc["baseline"]["metrics"]["per_class"], doc["baseline"]["metrics"]["mean"], "PatchCore")
+    lines += [""] + _metric_table(
+        doc["baseline"]["metrics"]["per_class"], doc["baseline"]["metrics"]["mean"], "PatchCore"
+    )
     lines += _size_table(doc)
     lines += _decision_table(doc)
 
@@ -159,18 +179,24 @@ def to_markdown(doc: dict[str, Any]) -> str:
     ]
     fc = t.get("full_chain")
     if fc:
-        lines.append(f"| VPDM model, full chain ({fc['sampler']} {fc['steps']} steps, measured) | "
-                     f"{_num(fc['model_ms_per_image_measured'])} | {_num(fc.get('end_to_end_over_backbone'), 1)} (end to end) |")
+        lines.append(
+            f"| VPDM model, full chain ({fc['sampler']} {fc['steps']} steps, measured) | "
+            f"{_num(fc['model_ms_per_image_measured'])} | {_num(fc.get('end_to_end_over_backbone'), 1)} (end to end) |"
+        )
     if "full_chain_model_ms_per_image_extrapolated" in t:
-        lines.append(f"| VPDM model, {cfg['model']['diffusion']['num_timesteps']} steps (extrapolated: "
-                     f"{_num(t['fixed_ms_per_image'])} + {_num(t['denoiser_step_ms_per_image'], 2)} per step) | "
-                     f"{_num(t['full_chain_model_ms_per_image_extrapolated'])} | - |")
+        lines.append(
+            f"| VPDM model, {cfg['model']['diffusion']['num_timesteps']} steps (extrapolated: "
+            f"{_num(t['fixed_ms_per_image'])} + {_num(t['denoiser_step_ms_per_image'], 2)} per step) | "
+            f"{_num(t['full_chain_model_ms_per_image_extrapolated'])} | - |"
+        )
     ort = t.get("onnxruntime")
     if ort:
-        lines.append(f"| VPDM end to end, ONNX Runtime (same graph exported; scores and maps within "
-                     f"{ort['parity_relative_difference']:.1e} of the map range) | "
-                     f"{_num(ort['end_to_end_ms_per_image'])} | "
-                     f"{_num(ort['end_to_end_ms_per_image'] / t['backbone_ms_per_image'], 2)} |")
+        lines.append(
+            f"| VPDM end to end, ONNX Runtime (same graph exported; scores and maps within "
+            f"{ort['parity_relative_difference']:.1e} of the map range) | "
+            f"{_num(ort['end_to_end_ms_per_image'])} | "
+            f"{_num(ort['end_to_end_ms_per_image'] / t['backbone_ms_per_image'], 2)} |"
+        )
     lines += [
         f"| PatchCore end to end | {_num(t['baseline_end_to_end_ms_per_image'])} | {_num(r['baseline_end_to_end_over_backbone'], 2)} |",
         f"| PatchCore model only | {_num(t['baseline_model_ms_per_image'])} | - |",
@@ -178,24 +204,33 @@ def to_markdown(doc: dict[str, Any]) -> str:
         "",
         f"Training {_num(doc['vpdm']['train_seconds'], 0)} s; PatchCore fit {_num(doc['baseline']['fit_seconds'], 0)} s; "
         f"whole run {_num(doc['total_seconds'], 0)} s. Peak RSS {_num(doc['memory']['peak_rss_mb'], 0)} MB"
-        + (f", CUDA peak {doc['memory']['cuda_peak_allocated_mb']} MB"
-           if doc["memory"].get("cuda_peak_allocated_mb") else "")
+        + (
+            f", CUDA peak {doc['memory']['cuda_peak_allocated_mb']} MB"
+            if doc["memory"].get("cuda_peak_allocated_mb")
+            else ""
+        )
         + f" (by phase: {', '.join(f'{k} {v:.0f}' for k, v in doc['memory']['peak_rss_mb_by_phase'].items())}).",
     ]
 
     widths = t.get("untrained_width_model_ms_per_image_by_steps")
     if widths:
         rows = next(iter(widths.values()))
-        lines += ["", "Denoiser width against speed (untrained models of other widths, same chains; model ms / image, "
-                  "end to end x backbone):", "",
-                  "| width | " + " | ".join(f"{r['sampler']} {r['steps']}" for r in rows) + " |",
-                  "|---|" + "---|" * len(rows)]
+        lines += [
+            "",
+            "Denoiser width against speed (untrained models of other widths, same chains; model ms / image, "
+            "end to end x backbone):",
+            "",
+            "| width | " + " | ".join(f"{r['sampler']} {r['steps']}" for r in rows) + " |",
+            "|---|" + "---|" * len(rows),
+        ]
         own = {(r["sampler"], r["steps"]): r for r in t["vpdm_model_ms_per_image_by_steps"]}
         trained = f"{cfg['model']['denoiser']['width']} (trained)"
         table = {trained: [own.get((r["sampler"], r["steps"])) for r in rows], **widths}
         for w, vals in table.items():
-            cells = ["-" if v is None else f"{v['model_ms_per_image']:.1f} ({v['end_to_end_over_backbone']:.2f}x)"
-                     for v in vals]
+            cells = [
+                "-" if v is None else f"{v['model_ms_per_image']:.1f} ({v['end_to_end_over_backbone']:.2f}x)"
+                for v in vals
+            ]
             lines.append(f"| {w} | " + " | ".join(cells) + " |")
 
     st = doc["steps"]
@@ -234,9 +269,11 @@ def to_markdown(doc: dict[str, Any]) -> str:
         ]
         for name, a in doc["presets_table"].items():
             paper = a["paper_mvtec_image_pixel_auroc"]
-            lines.append(f"| {name} | {a['description']} | {_pct(a['mean']['image_auroc'])} | {_pct(a['mean']['pixel_auroc'])} | "
-                         f"{_pct(a['mean']['aupro'])} | {_pct(a['mean']['pixel_ap'])} | {_num(a['train_seconds'], 0)} | "
-                         f"{'-' if paper is None else f'{paper[0]} / {paper[1]}'} |")
+            lines.append(
+                f"| {name} | {a['description']} | {_pct(a['mean']['image_auroc'])} | {_pct(a['mean']['pixel_auroc'])} | "
+                f"{_pct(a['mean']['aupro'])} | {_pct(a['mean']['pixel_ap'])} | {_num(a['train_seconds'], 0)} | "
+                f"{'-' if paper is None else f'{paper[0]} / {paper[1]}'} |"
+            )
 
     if doc.get("diagnostics"):
         from vpdm.bench.diagnose import markdown as diagnostics_markdown
@@ -262,8 +299,10 @@ def to_markdown(doc: dict[str, Any]) -> str:
     for key, ok in doc["comparison"]["targets"].items():
         lines.append(f"- {key.replace('_', ' ')}: {'n/a' if ok is None else ('**yes**' if ok else '**no**')}")
     meeting = doc["comparison"]["step_settings_meeting_speed_and_accuracy"]
-    lines.append("- sampler settings meeting both the speed and the accuracy target: "
-                 + (", ".join(f"{m['sampler']} {m['steps']}" for m in meeting) if meeting else "none measured"))
+    lines.append(
+        "- sampler settings meeting both the speed and the accuracy target: "
+        + (", ".join(f"{m['sampler']} {m['steps']}" for m in meeting) if meeting else "none measured")
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -273,4 +312,3 @@ def write_results(doc: dict[str, Any], output: Path) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(doc, indent=2) + "\n")
     md_path.write_text(to_markdown(doc))
     return json_path, md_path
-

@@ -30,6 +30,7 @@ from vpdm.errors import ConfigError
 
 SCHEMA = "vpdm-bench/1"
 
+
 def parse_steps(text: str, num_timesteps: int, default_sampler: str) -> list[tuple[str, int]]:
     """``"1,2,5,ddpm:1000"`` -> [(sampler, steps), ...]; a bare number uses ``default_sampler``."""
     rows: list[tuple[str, int]] = []
@@ -53,22 +54,31 @@ def parse_steps(text: str, num_timesteps: int, default_sampler: str) -> list[tup
     return rows
 
 
-def calibrated_decisions(held_scores: np.ndarray, held_maps: np.ndarray, held_categories: list[str],
-                         test_scores: np.ndarray, test_labels: np.ndarray, test_categories: list[str],
-                         false_alarm_rate: float) -> dict[str, Any]:
+def calibrated_decisions(
+    held_scores: np.ndarray,
+    held_maps: np.ndarray,
+    held_categories: list[str],
+    test_scores: np.ndarray,
+    test_labels: np.ndarray,
+    test_categories: list[str],
+    false_alarm_rate: float,
+) -> dict[str, Any]:
     """Per class, quantile thresholds from held-out normal images' scores and maps; the decisions
     ``score > image threshold`` on the test split, per class and mean (:func:`vpdm.metrics.decision_metrics`)."""
     from vpdm.metrics import decision_metrics
     from vpdm.postprocess import ClassThresholds
 
     held_cats = np.asarray(held_categories)
-    thresholds = {c: ClassThresholds.from_scores(held_scores[held_cats == c], held_maps[held_cats == c],
-                                                 false_alarm_rate) for c in sorted(set(held_categories))}
+    thresholds = {
+        c: ClassThresholds.from_scores(held_scores[held_cats == c], held_maps[held_cats == c], false_alarm_rate)
+        for c in sorted(set(held_categories))
+    }
     missing = sorted(set(test_categories) - set(thresholds))
     if missing:
         raise ConfigError(f"no held-out calibration images of test class(es) {', '.join(missing)}")
-    predicted = np.array([s > thresholds[c].image_threshold for s, c in zip(test_scores, test_categories)],
-                         dtype=np.int64)
+    predicted = np.array(
+        [s > thresholds[c].image_threshold for s, c in zip(test_scores, test_categories)], dtype=np.int64
+    )
     doc = decision_metrics(test_labels, predicted, test_categories)
     doc["image_thresholds"] = {c: t.image_threshold for c, t in thresholds.items()}
     doc["pixel_thresholds"] = {c: t.pixel_threshold for c, t in thresholds.items()}
@@ -94,7 +104,6 @@ def balanced_subset(labels: np.ndarray, categories: list[str], per_class: int, s
         n_bad = min(len(bad), per_class - n_good)
         keep.extend(good[:n_good].tolist() + bad[:n_bad].tolist())
     return np.array(sorted(keep), dtype=np.int64)
-
 
 
 class Bench:
@@ -138,8 +147,9 @@ class Bench:
             if problems:
                 raise ConfigError("--onnx: the ONNX export cannot do " + "; ".join(problems))
             if engine.select_device(self.main_config.train.device).type != "cpu":
-                raise ConfigError("--onnx times ONNX Runtime on the CPU against torch on the CPU; "
-                                  "run the benchmark with --device cpu")
+                raise ConfigError(
+                    "--onnx times ONNX Runtime on the CPU against torch on the CPU; run the benchmark with --device cpu"
+                )
         if args.steps_subset < 0 or args.subset_above < 1:
             raise ConfigError("--steps-subset must be >= 0 and --subset-above >= 1")
         from vpdm.patchcore import PatchCoreConfig
@@ -177,11 +187,15 @@ class Bench:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": None,  # filled in by main()
             "versions": versions(),
-            "machine": {"device": str(device), "torch_threads": torch.get_num_threads(),
-                        "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+            "machine": {
+                "device": str(device),
+                "torch_threads": torch.get_num_threads(),
+                "cuda": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            },
             "config": cfg.to_dict(),
-            "presets": {name: {"overrides": PRESETS[name], "description": PRESET_DESCRIPTIONS[name]}
-                        for name in self.presets},
+            "presets": {
+                name: {"overrides": PRESETS[name], "description": PRESET_DESCRIPTIONS[name]} for name in self.presets
+            },
             "main_preset": self.main,
         }
 
@@ -195,9 +209,11 @@ class Bench:
         self.gt = (labels, masks, cats)
         self.map_size = cfg.scoring.map_size or cfg.backbone.image_size
         doc["data"] = self._data_section(cfg, extractor, train, test, extracted)
-        self.log(f"features: train {tuple(train.features.shape)} ({'cache hit' if train.cache_hit else 'extracted'}, "
-                 f"{train.extract_seconds:.1f}s), test {tuple(test.features.shape)} "
-                 f"({'cache hit' if test.cache_hit else 'extracted'}, {test.extract_seconds:.1f}s)")
+        self.log(
+            f"features: train {tuple(train.features.shape)} ({'cache hit' if train.cache_hit else 'extracted'}, "
+            f"{train.extract_seconds:.1f}s), test {tuple(test.features.shape)} "
+            f"({'cache hit' if test.cache_hit else 'extracted'}, {test.extract_seconds:.1f}s)"
+        )
         # The calibration hold-out of `vpdm train`: every detector is fitted on the rest (one split for all).
         from vpdm.calibration import holdout_index, subset
 
@@ -209,13 +225,18 @@ class Bench:
         n_train = len(train.features)
         del train  # fit and held hold their own copies
         doc["data"]["calibration"] = {
-            "fraction": fraction, "seed": cfg.train.seed, "false_alarm_rate": cfg.calibration.false_alarm_rate,
-            "held_out_images": len(held_index), "fit_images": len(fit.features),
+            "fraction": fraction,
+            "seed": cfg.train.seed,
+            "false_alarm_rate": cfg.calibration.false_alarm_rate,
+            "held_out_images": len(held_index),
+            "fit_images": len(fit.features),
             "per_class": {c: held_cats.count(c) for c in sorted(set(held_cats))},
         }
         if held is not None:
-            self.log(f"calibration: {len(held_index)} train/good images held out (train.calibration_fraction="
-                     f"{fraction:g}); the detectors are fitted on the other {len(fit.features)}")
+            self.log(
+                f"calibration: {len(held_index)} train/good images held out (train.calibration_fraction="
+                f"{fraction:g}); the detectors are fitted on the other {len(fit.features)}"
+            )
         self._mark("after_features")
 
         # 2. VPDM, one unified model per preset -----------------------------------------------
@@ -232,8 +253,9 @@ class Bench:
             decision = None
             if held is not None:
                 held_scores, held_maps, _ = self._score_vpdm(model, pcfg.sampling, held.features, pcfg.scoring)
-                decision = calibrated_decisions(held_scores, held_maps, held_cats, scores, self.gt[0], self.gt[2],
-                                                pcfg.calibration.false_alarm_rate)
+                decision = calibrated_decisions(
+                    held_scores, held_maps, held_cats, scores, self.gt[0], self.gt[2], pcfg.calibration.false_alarm_rate
+                )
                 del held_maps
             runs[name] = {
                 "metrics": metrics,
@@ -245,17 +267,28 @@ class Bench:
                 "sampling": dataclasses.asdict(pcfg.sampling),
                 "history": [{k: v for k, v in h.items()} for h in history],
             }
-            self.log(f"  [{name}] image AUROC {_pct(metrics['mean']['image_auroc'], 2)}  pixel AUROC "
-                     f"{_pct(metrics['mean']['pixel_auroc'], 2)}  (train {train_seconds:.0f}s, score {seconds:.0f}s)")
+            self.log(
+                f"  [{name}] image AUROC {_pct(metrics['mean']['image_auroc'], 2)}  pixel AUROC "
+                f"{_pct(metrics['mean']['pixel_auroc'], 2)}  (train {train_seconds:.0f}s, score {seconds:.0f}s)"
+            )
             if self.args.diagnose and name in (self.main, "paper"):
                 from vpdm.bench.diagnose import diagnose
 
                 labels, masks, cats = self.gt
                 diag = doc.setdefault("diagnostics", {})
                 diag[name] = diagnose(
-                    model, pcfg, fit, test, labels, masks, cats, maps,
+                    model,
+                    pcfg,
+                    fit,
+                    test,
+                    labels,
+                    masks,
+                    cats,
+                    maps,
                     lambda sampling, scoring, m=model, x=test.features: self._score_vpdm(m, sampling, x, scoring)[:2],
-                    self.log, start_table=name == self.main)
+                    self.log,
+                    start_table=name == self.main,
+                )
             if name == self.main:
                 main_model, main_scores, main_maps = model, scores, maps
             else:
@@ -289,8 +322,9 @@ class Bench:
         pc_decision = None
         if held is not None:  # the same quantile rule on the same held-out images, with PatchCore's own scores
             held_scores, held_maps, _ = self._score_baseline(pc, held.features)
-            pc_decision = calibrated_decisions(held_scores, held_maps, held_cats, pc_scores, self.gt[0], self.gt[2],
-                                               cfg.calibration.false_alarm_rate)
+            pc_decision = calibrated_decisions(
+                held_scores, held_maps, held_cats, pc_scores, self.gt[0], self.gt[2], cfg.calibration.false_alarm_rate
+            )
             del held_maps
         doc["baseline"] = {
             "name": "patchcore",
@@ -304,9 +338,11 @@ class Bench:
             "decision": pc_decision,
         }
         del pc_maps
-        self.log(f"  PatchCore bank {pc.bank.shape[0]} (fit {fit_seconds:.0f}s): image AUROC "
-                 f"{_pct(doc['baseline']['metrics']['mean']['image_auroc'], 2)}  pixel AUROC "
-                 f"{_pct(doc['baseline']['metrics']['mean']['pixel_auroc'], 2)}")
+        self.log(
+            f"  PatchCore bank {pc.bank.shape[0]} (fit {fit_seconds:.0f}s): image AUROC "
+            f"{_pct(doc['baseline']['metrics']['mean']['image_auroc'], 2)}  pixel AUROC "
+            f"{_pct(doc['baseline']['metrics']['mean']['pixel_auroc'], 2)}"
+        )
         self._mark("after_baseline")
 
         # 4. AUROC against sampler steps (main model) ------------------------------------------
@@ -328,7 +364,8 @@ class Bench:
             "peak_rss_mb": round(_peak_rss_mb(), 1),
             "peak_rss_mb_by_phase": self.memory,
             "cuda_peak_allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-            if device.type == "cuda" else None,
+            if device.type == "cuda"
+            else None,
         }
         doc["total_seconds"] = time.perf_counter() - started
         return _clean(doc)
@@ -380,9 +417,16 @@ class Bench:
         from vpdm.engine import score_features
 
         t0 = time.perf_counter()
-        scores, maps = score_features(model, features, sampling=sampling, scoring=scoring or self.config.scoring,
-                                      map_size=self.map_size, batch_size=self.config.train.batch_size,
-                                      progress=self.progress, precision=self.config.inference.precision)
+        scores, maps = score_features(
+            model,
+            features,
+            sampling=sampling,
+            scoring=scoring or self.config.scoring,
+            map_size=self.map_size,
+            batch_size=self.config.train.batch_size,
+            progress=self.progress,
+            precision=self.config.inference.precision,
+        )
         return scores.numpy(), maps.numpy(), time.perf_counter() - t0
 
     def _baseline_batch(self, pc, features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -418,8 +462,10 @@ class Bench:
             row["score_seconds"] = seconds
             row["score_ms_per_image"] = None if seconds is None else 1000 * seconds / n
             rows.append(row)
-            self.log(f"  {sampler:>4} {steps:>4} steps: subset image AUROC {_pct(row['subset']['image_auroc'], 2)}"
-                     + (f", test {_pct(row['test']['image_auroc'], 2)}" if row["test"] else ""))
+            self.log(
+                f"  {sampler:>4} {steps:>4} steps: subset image AUROC {_pct(row['subset']['image_auroc'], 2)}"
+                + (f", test {_pct(row['test']['image_auroc'], 2)}" if row["test"] else "")
+            )
         full_chain = [r for r in rows if r["steps"] == self.main_config.model.diffusion.num_timesteps]
         ref = next((r for r in full_chain if r["sampler"] == "ddpm"), full_chain[0] if full_chain else None)
         for row in rows:
@@ -467,8 +513,9 @@ class Bench:
         for width in self.time_widths:
             wcfg = cfg.with_overrides({"model.denoiser.width": width}).validate()
             other = VPDM(model.channels, model.feature_size, wcfg.model).to(device).eval()
-            other.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("denoiser.")},
-                                  strict=False)
+            other.load_state_dict(
+                {k: v for k, v in model.state_dict().items() if not k.startswith("denoiser.")}, strict=False
+            )
             for sampler, n_steps in short:
                 sampling = dataclasses.replace(accel, sampler=sampler, num_steps=n_steps)
                 fns[f"width{width}:{sampler}:{n_steps}"] = lambda s=sampling, m=other: vpdm_score(features, s, m)
@@ -480,9 +527,14 @@ class Bench:
         def per_image(name: str, stat: str = "min") -> float:
             return 1000 * timed[name][stat] / n
 
-        out: dict[str, Any] = {"batch_images": n, "repeats": repeats, "threads": torch.get_num_threads(),
-                               "device": str(device), "statistic": "min over interleaved rounds (median beside)",
-                               "raw_seconds": {k: v["all"] for k, v in timed.items()}}
+        out: dict[str, Any] = {
+            "batch_images": n,
+            "repeats": repeats,
+            "threads": torch.get_num_threads(),
+            "device": str(device),
+            "statistic": "min over interleaved rounds (median beside)",
+            "raw_seconds": {k: v["all"] for k, v in timed.items()},
+        }
         out["backbone_ms_per_image"] = b = per_image("backbone")
         out["backbone_ms_per_image_median"] = per_image("backbone", "median")
         out["accelerated_sampler"] = {"sampler": accel.sampler, "steps": accel.num_steps}
@@ -493,18 +545,27 @@ class Bench:
         per_steps = []
         for sampler, n_steps in short:
             ms = per_image(f"vpdm_model:{sampler}:{n_steps}")
-            per_steps.append({"sampler": sampler, "steps": n_steps, "model_ms_per_image": ms,
-                              "end_to_end_over_backbone": (b + ms) / b})
+            per_steps.append(
+                {
+                    "sampler": sampler,
+                    "steps": n_steps,
+                    "model_ms_per_image": ms,
+                    "end_to_end_over_backbone": (b + ms) / b,
+                }
+            )
         out["vpdm_model_ms_per_image_by_steps"] = per_steps
         # full chain: measured in the steps table (scoring batch), and extrapolated from the per-step cost
         full = steps.get("full_chain")
         if full is not None:
             row = next(r for r in steps["rows"] if (r["sampler"], r["steps"]) == (full["sampler"], full["steps"]))
             measured = row["score_ms_per_image"]
-            out["full_chain"] = {"sampler": full["sampler"], "steps": full["steps"],
-                                 "model_ms_per_image_measured": measured,
-                                 "note": "measured once while scoring the steps-table images (batch "
-                                         f"{self.config.train.batch_size}), includes upsampling and blur"}
+            out["full_chain"] = {
+                "sampler": full["sampler"],
+                "steps": full["steps"],
+                "model_ms_per_image_measured": measured,
+                "note": "measured once while scoring the steps-table images (batch "
+                f"{self.config.train.batch_size}), includes upsampling and blur",
+            }
             if measured is not None:
                 out["full_chain"]["end_to_end_over_backbone"] = (b + measured) / b
         if len({r["steps"] for r in per_steps}) >= 2:
@@ -517,8 +578,15 @@ class Bench:
             out["full_chain_model_ms_per_image_extrapolated"] = float(intercept + slope * t_full)
         if self.time_widths:
             out["untrained_width_model_ms_per_image_by_steps"] = {
-                str(w): [{"sampler": sm, "steps": st, "model_ms_per_image": per_image(f"width{w}:{sm}:{st}"),
-                          "end_to_end_over_backbone": (b + per_image(f"width{w}:{sm}:{st}")) / b} for sm, st in short]
+                str(w): [
+                    {
+                        "sampler": sm,
+                        "steps": st,
+                        "model_ms_per_image": per_image(f"width{w}:{sm}:{st}"),
+                        "end_to_end_over_backbone": (b + per_image(f"width{w}:{sm}:{st}")) / b,
+                    }
+                    for sm, st in short
+                ]
                 for w in self.time_widths
             }
         out["baseline_model_ms_per_image"] = per_image("baseline_model")
@@ -537,10 +605,14 @@ class Bench:
             onnx["torch_end_to_end_ms_per_image"] = e2e
             onnx["torch_over_onnxruntime"] = e2e / ort_ms
             out["onnxruntime"] = onnx
-            self.log(f"  ONNX Runtime end-to-end {ort_ms:.1f} ms/img against torch {e2e:.1f} (same images; scores and "
-                     f"maps within {onnx['parity_relative_difference']:.1e} of the map range)")
-        self.log(f"  backbone {b:.1f} ms/img; VPDM end-to-end {e2e:.1f} ms/img ({e2e / b:.2f}x backbone, "
-                 f"{accel.sampler} {accel.num_steps} steps); PatchCore end-to-end {pc_e2e:.1f} ms/img ({pc_e2e / b:.2f}x)")
+            self.log(
+                f"  ONNX Runtime end-to-end {ort_ms:.1f} ms/img against torch {e2e:.1f} (same images; scores and "
+                f"maps within {onnx['parity_relative_difference']:.1e} of the map range)"
+            )
+        self.log(
+            f"  backbone {b:.1f} ms/img; VPDM end-to-end {e2e:.1f} ms/img ({e2e / b:.2f}x backbone, "
+            f"{accel.sampler} {accel.num_steps} steps); PatchCore end-to-end {pc_e2e:.1f} ms/img ({pc_e2e / b:.2f}x)"
+        )
         return out
 
     def _onnx_runtime(self, model, images: Tensor, fns: dict[str, Callable[[], Any]]) -> dict[str, Any]:
@@ -565,19 +637,28 @@ class Bench:
         got = runtime.run(x)
         parity = relative_difference(detector.score_tensor(x), (got["score"], got["anomaly_map"]))
         fns["onnxruntime_end_to_end"] = lambda: runtime.session.run(None, {"images": array})
-        return {"export_seconds": seconds, "bytes": result.bytes, "opset": result.opset, "threads": threads,
-                "outputs": list(result.outputs), "parity_relative_difference": parity,
-                "parity_tolerance": PARITY_TOLERANCE,
-                "note": "ONNX Runtime (CPU) on the graph of `vpdm export` without thresholds (score and map), "
-                        "interleaved with torch's VPDM end to end on the same images"}
+        return {
+            "export_seconds": seconds,
+            "bytes": result.bytes,
+            "opset": result.opset,
+            "threads": threads,
+            "outputs": list(result.outputs),
+            "parity_relative_difference": parity,
+            "parity_tolerance": PARITY_TOLERANCE,
+            "note": "ONNX Runtime (CPU) on the graph of `vpdm export` without thresholds (score and map), "
+            "interleaved with torch's VPDM end to end on the same images",
+        }
 
     def _cache_proof(self, extractor, train_key: str | None, n_train: int) -> dict[str, Any]:
         from vpdm import engine
         from vpdm.backbone import total_images_seen
 
         k = self.main_config.model.prototypes.num_prototypes
-        changed = {"model.prototypes.num_prototypes": k + 1, "model.ot_weight": self.main_config.model.ot_weight + 0.5,
-                   "model.denoiser.width": self.main_config.model.denoiser.width * 2}
+        changed = {
+            "model.prototypes.num_prototypes": k + 1,
+            "model.ot_weight": self.main_config.model.ot_weight + 0.5,
+            "model.denoiser.width": self.main_config.model.denoiser.width * 2,
+        }
         cfg = self.main_config.with_overrides(changed).validate()
         seen = total_images_seen()
         again = engine.load_split(cfg, "train", extractor, progress=False)
@@ -591,15 +672,20 @@ class Bench:
             "expected_images": n_train,
             "load_seconds": again.extract_seconds,
         }
-        self.log(f"cache proof: after changing {sorted(changed)} the train split loads with cache_hit="
-                 f"{again.cache_hit}, {proof['images_through_backbone']} images through the backbone")
+        self.log(
+            f"cache proof: after changing {sorted(changed)} the train split loads with cache_hit="
+            f"{again.cache_hit}, {proof['images_through_backbone']} images through the backbone"
+        )
         return {"proof": proof}
 
     def _comparison(self, doc: dict[str, Any]) -> dict[str, Any]:
         v, p = doc["vpdm"]["metrics"]["mean"], doc["baseline"]["metrics"]["mean"]
         comp: dict[str, Any] = {
-            k: {"vpdm": v[k], "baseline": p[k],
-                "delta_pt": None if v[k] is None or p[k] is None else 100 * (v[k] - p[k])}
+            k: {
+                "vpdm": v[k],
+                "baseline": p[k],
+                "delta_pt": None if v[k] is None or p[k] is None else 100 * (v[k] - p[k]),
+            }
             for k in METRICS
         }
         ratio = doc["timing"]["ratios"]["vpdm_end_to_end_over_backbone"]
@@ -621,17 +707,24 @@ class Bench:
             t = by_steps.get((row["sampler"], row["steps"]))
             g = row.get("subset_image_auroc_minus_full_chain_pt")
             if t is not None and t["end_to_end_over_backbone"] <= 2.0 and (g is None or g >= -0.5):
-                candidates.append({"sampler": row["sampler"], "steps": row["steps"],
-                                   "end_to_end_over_backbone": t["end_to_end_over_backbone"],
-                                   "subset_image_auroc_minus_full_chain_pt": g})
-        return {"means": comp, "targets": targets, "accelerated_gap_to_full_chain_pt": gap,
-                "step_settings_meeting_speed_and_accuracy": candidates, "backbone_ms_per_image": b}
-
+                candidates.append(
+                    {
+                        "sampler": row["sampler"],
+                        "steps": row["steps"],
+                        "end_to_end_over_backbone": t["end_to_end_over_backbone"],
+                        "subset_image_auroc_minus_full_chain_pt": g,
+                    }
+                )
+        return {
+            "means": comp,
+            "targets": targets,
+            "accelerated_gap_to_full_chain_pt": gap,
+            "step_settings_meeting_speed_and_accuracy": candidates,
+            "backbone_ms_per_image": b,
+        }
 
 
 def _ge(a: float | None, b: float | None) -> bool | None:
     if a is None or b is None or (isinstance(a, float) and math.isnan(a)) or (isinstance(b, float) and math.isnan(b)):
         return None
     return a >= b
-
-

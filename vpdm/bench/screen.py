@@ -39,26 +39,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", help="write the trained model here (a vpdm checkpoint)")
     p.add_argument("--load", help="score this checkpoint instead of training")
     p.add_argument("--no-train", action="store_true", help="build the model without training it")
-    p.add_argument("--variant", action="append", default=None,
-                   help="';'-separated sampling/scoring overrides to score with (repeatable; '' = as trained)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        help="';'-separated sampling/scoring overrides to score with (repeatable; '' = as trained)",
+    )
     p.add_argument("--condition-only", action="store_true", help="score the distance to the condition yhat")
-    p.add_argument("--leak", action="store_true",
-                   help="also print, per class, the map inside the defect masks over outside them "
-                        "(near 1 = defects pass through the reconstruction)")
-    p.add_argument("--baseline", action="store_true",
-                   help="also fit and score the PatchCore baseline on the same features (the bench's settings)")
-    p.add_argument("--sizes", action="store_true",
-                   help="also print AUPRO and pixel recall (at 1%% normal-pixel FPR) by defect size")
+    p.add_argument(
+        "--leak",
+        action="store_true",
+        help="also print, per class, the map inside the defect masks over outside them "
+        "(near 1 = defects pass through the reconstruction)",
+    )
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also fit and score the PatchCore baseline on the same features (the bench's settings)",
+    )
+    p.add_argument(
+        "--sizes",
+        action="store_true",
+        help="also print AUPRO and pixel recall (at 1%% normal-pixel FPR) by defect size",
+    )
     p.add_argument("--json", help="append one JSON line per variant to this file (python -m vpdm.bench.loo reads them)")
-    p.add_argument("--label", help="name of the setting in the JSON lines (default: the overrides and the variant); "
-                   "give one with --load, whose settings come from the checkpoint")
+    p.add_argument(
+        "--label",
+        help="name of the setting in the JSON lines (default: the overrides and the variant); "
+        "give one with --load, whose settings come from the checkpoint",
+    )
     return p
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     out = []
-    for key, value in (("data.spec", args.data), ("backbone.name", args.backbone), ("backbone.weights", args.weights),
-                       ("train.epochs", args.epochs)):
+    for key, value in (
+        ("data.spec", args.data),
+        ("backbone.name", args.backbone),
+        ("backbone.weights", args.weights),
+        ("train.epochs", args.epochs),
+    ):
         if value is not None:
             out.append(f"{key}={value}")
     return out + list(args.overrides)
@@ -104,17 +124,27 @@ def score(model, config, test, condition_only: bool) -> tuple[np.ndarray, np.nda
     if condition_only:
         scores, up = condition_scores(model, test.features, config.scoring, size)
     else:
-        scores, up = engine.score_features(model, test.features, sampling=config.sampling, scoring=config.scoring,
-                                           map_size=size, batch_size=32, progress=False)
+        scores, up = engine.score_features(
+            model,
+            test.features,
+            sampling=config.sampling,
+            scoring=config.scoring,
+            map_size=size,
+            batch_size=32,
+            progress=False,
+        )
     return scores.numpy(), up.numpy(), time.perf_counter() - start
 
 
 def line(label: str, metrics: dict[str, Any], seconds: float) -> str:
     mean = metrics["mean"]
-    per = " ".join(f"{name} {100 * m['image_auroc']:.1f}/{100 * m['pixel_auroc']:.1f}"
-                   for name, m in metrics["per_class"].items())
-    return (f"{label or '(as trained)'}: img {100 * mean['image_auroc']:.1f} pix {100 * mean['pixel_auroc']:.1f} "
-            f"pro {100 * mean['aupro']:.1f} ap {100 * mean['pixel_ap']:.1f} | {per} | {seconds:.0f}s")
+    per = " ".join(
+        f"{name} {100 * m['image_auroc']:.1f}/{100 * m['pixel_auroc']:.1f}" for name, m in metrics["per_class"].items()
+    )
+    return (
+        f"{label or '(as trained)'}: img {100 * mean['image_auroc']:.1f} pix {100 * mean['pixel_auroc']:.1f} "
+        f"pro {100 * mean['aupro']:.1f} ap {100 * mean['pixel_ap']:.1f} | {per} | {seconds:.0f}s"
+    )
 
 
 def size_line(masks: np.ndarray, maps: np.ndarray, cats: list[str]) -> str:
@@ -123,27 +153,52 @@ def size_line(masks: np.ndarray, maps: np.ndarray, cats: list[str]) -> str:
 
     mean = defect_size_metrics(masks, maps, cats)["mean"]
     return "  by defect size (AUPRO / recall@1% FPR, regions): " + " ".join(
-        f"{name} {100 * r['aupro']:.1f}/{100 * r['pixel_recall']:.1f} ({r['regions']})" for name, r in mean.items())
+        f"{name} {100 * r['aupro']:.1f}/{100 * r['pixel_recall']:.1f} ({r['regions']})" for name, r in mean.items()
+    )
 
 
-def _emit(args: argparse.Namespace, config, label: str, variant: list[str], metrics: dict[str, Any],
-          seconds: float, masks: np.ndarray, maps: np.ndarray, labels: np.ndarray, cats: list[str],
-          json_label: str | None = None) -> None:
+def _emit(
+    args: argparse.Namespace,
+    config,
+    label: str,
+    variant: list[str],
+    metrics: dict[str, Any],
+    seconds: float,
+    masks: np.ndarray,
+    maps: np.ndarray,
+    labels: np.ndarray,
+    cats: list[str],
+    json_label: str | None = None,
+) -> None:
     print(line(label, metrics, seconds), flush=True)
     if args.leak:
         from vpdm.diagnostics import leak_report
 
         leak = leak_report(maps, masks, labels, cats)
-        print("  inside/outside defects: " + " ".join(
-            f"{name} {r['inside_over_outside']:.2f}" for name, r in leak.items()), flush=True)
+        print(
+            "  inside/outside defects: "
+            + " ".join(f"{name} {r['inside_over_outside']:.2f}" for name, r in leak.items()),
+            flush=True,
+        )
     if args.sizes:
         print(size_line(masks, maps, cats), flush=True)
     if args.json:
         with Path(args.json).open("a") as fh:
-            fh.write(json.dumps({"label": json_label or args.label, "seed": config.train.seed,
-                                 "overrides": _overrides(args), "preset": args.preset, "load": args.load,
-                                 "variant": variant, "condition_only": args.condition_only,
-                                 "metrics": metrics}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "label": json_label or args.label,
+                        "seed": config.train.seed,
+                        "overrides": _overrides(args),
+                        "preset": args.preset,
+                        "load": args.load,
+                        "variant": variant,
+                        "condition_only": args.condition_only,
+                        "metrics": metrics,
+                    }
+                )
+                + "\n"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,13 +233,17 @@ def main(argv: list[str] | None = None) -> int:
         if not args.load:
             start = time.perf_counter()
             if args.no_train:
-                model = engine.build_model(config, train.features, stage_channels=train.stage_channels,
-                                           class_index=train.class_index).eval()
+                model = engine.build_model(
+                    config, train.features, stage_channels=train.stage_channels, class_index=train.class_index
+                ).eval()
                 print(f"built without training in {time.perf_counter() - start:.0f}s", flush=True)
             else:
                 model, history = engine.fit(config, train, progress=False)
-                print(f"trained {config.train.epochs} epochs in {time.perf_counter() - start:.0f}s; last loss "
-                      f"{history[-1]['loss']:.4f}", flush=True)
+                print(
+                    f"trained {config.train.epochs} epochs in {time.perf_counter() - start:.0f}s; last loss "
+                    f"{history[-1]['loss']:.4f}",
+                    flush=True,
+                )
             if args.save:
                 save_checkpoint(args.save, model, config, categories=train.dataset.categories)
         for v in variants:
@@ -202,8 +261,19 @@ def main(argv: list[str] | None = None) -> int:
             size = config.scoring.map_size or config.backbone.image_size
             scores, maps, _ = score_baseline(pc, test.features, size, config.scoring, 32)
             metrics = compute_metrics(labels, scores, masks, maps, cats)
-            _emit(args, config, "PatchCore", [], metrics, time.perf_counter() - start, masks, maps, labels, cats,
-                  json_label="PatchCore")
+            _emit(
+                args,
+                config,
+                "PatchCore",
+                [],
+                metrics,
+                time.perf_counter() - start,
+                masks,
+                maps,
+                labels,
+                cats,
+                json_label="PatchCore",
+            )
         return 0
     except VPDMError as exc:
         print(f"vpdm.bench.screen: error: {exc}", file=sys.stderr)
