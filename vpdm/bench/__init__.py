@@ -24,9 +24,9 @@ One process does everything, so the timings share a machine state and the ratios
 8. ``results.json`` (config, data fingerprint, versions, metrics, timings) and ``results.md``.
 """
 
-from vpdm.bench.cli import build_config, build_parser, main
+from vpdm.bench.cli import build_parser, main
 from vpdm.bench.measure import time_interleaved, versions
-from vpdm.bench.presets import PAPER_TABLE3, PRESET_DESCRIPTIONS, PRESETS
+from vpdm.bench.presets import PAPER_TABLE3, PRESET_DESCRIPTIONS, PRESETS, build_config
 from vpdm.bench.report import to_markdown, write_results
 from vpdm.bench.run import Bench, balanced_subset, parse_steps
 
