@@ -14,6 +14,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+import vpdm.device
 import vpdm.engine as engine
 from tests.conftest import train_checkpoint
 from tests.test_cli import TINY
@@ -214,6 +215,8 @@ def probe(monkeypatch):
         seen["detect"].append((features.device, next(self.parameters()).device, kwargs.get("precision", "fp32")))
         return real_detect(self, features, *args, **kwargs)
 
+    # the commands import it from vpdm.device when they run; engine bound its own name at import
+    monkeypatch.setattr(vpdm.device, "select_device", select)
     monkeypatch.setattr(engine, "select_device", select)
     monkeypatch.setattr(FeatureExtractor, "forward", forward)
     monkeypatch.setattr(VPDM, "detect", detect)
