@@ -127,3 +127,27 @@ def test_a_rejected_call_does_not_take_the_logger_offline(tmp_path, fast_failure
     got = client.get_run(run.run_id).data.metrics
     assert got == {"test/demo/grid_2/image_auroc": 0.5}
     assert client.list_artifacts(run.run_id)
+
+
+def test_a_resumed_run_logs_only_new_params_and_tags_the_changed_ones(tmp_path):
+    """MLflow refuses to change a logged param: a trial or sweep reopened by --resume must not fail (nor be
+    reported as an unreachable server) over the params its first attempt logged."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=store)
+    experiment_id = client.create_experiment("exp")
+    tags = {"vpdm.sweep": "s1", "vpdm.trial_id": "t1"}
+    first = RunLogger.start(store, experiment_id, "trial-t1", tags, spool_dir=tmp_path / "trial")
+    first.log_params({"lr": 0.001, "workers": 2, "forwards": 40})
+    first.finish("FAILED")
+
+    again = RunLogger.resume_or_start(store, experiment_id, "trial-t1", tags, match=tags, spool_dir=tmp_path / "trial")
+    assert again.run_id == first.run_id and again.resumed
+    again.log_params({"lr": 0.001, "workers": 2, "forwards": 0, "epochs": 5})
+    assert again.failures == 0 and count_pending(tmp_path) == 0
+    run = client.get_run(first.run_id)
+    assert run.data.params == {"lr": "0.001", "workers": "2", "forwards": "40", "epochs": "5"}
+    assert run.data.tags["vpdm.resumed.changed_params"] == "forwards: 40 -> 0"
+    # a fresh run logs every param as before
+    other = RunLogger.start(store, experiment_id, "trial-t2", {"vpdm.trial_id": "t2"})
+    other.log_params({"lr": 0.01})
+    assert other.failures == 0 and client.get_run(other.run_id).data.params == {"lr": "0.01"}

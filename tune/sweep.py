@@ -245,8 +245,9 @@ class SweepResult:
         pending = self.mlflow_pending
         if pending:
             lines.append(
-                f"MLflow was unreachable: {pending} call(s) kept under {self.storage_path}; once it is back, "
-                f"replay them: python -m tune.recover {self.storage_path}"
+                f"MLflow did not take {pending} call(s) (unreachable, or a value it refused: the warnings above "
+                f"say which); they are kept under {self.storage_path}; once it is back, replay them: "
+                f"python -m tune.recover {self.storage_path}"
             )
         lines.append(f"MLflow: experiment {self.experiment_name!r} (id {self.experiment_id}) at {self.tracking_uri}")
         lines.append(f"Ray results: {self.storage_path} (every epoch's metrics: <trial folder>/progress.csv)")

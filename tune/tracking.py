@@ -237,6 +237,7 @@ class RunLogger:
         self.spool_dir = Path(spool_dir) if spool_dir is not None else None
         self.name = f"{_safe_name(name)}-{os.getpid()}"
         self.failures = 0  # calls that could not be logged (spooled when spool_dir is set)
+        self.resumed = False  # reopened by resume_or_start: its params were logged by the first attempt
         self._offline_until = 0.0
         self._client = None
 
@@ -306,6 +307,7 @@ class RunLogger:
         )
         if found:
             logger_ = cls(tracking_uri, found[0].info.run_id, spool_dir, name=run_name)
+            logger_.resumed = True
             retrying(logger_.client.update_run, logger_.run_id, "RUNNING", what="reopening the run")
             logger_.set_tags({"vpdm.resumed": "true"})
             logger.info("reusing MLflow run %s for %s", logger_.run_id, run_name)
@@ -368,6 +370,8 @@ class RunLogger:
         from mlflow.entities import Param
 
         items = {k[:250]: str(v)[:6000] for k, v in params.items()}
+        if self.resumed and not self.pending:
+            items = self._params_not_yet_logged(items)
         keys = list(items)
         for start in range(0, len(keys), 100):  # MLflow's per-batch limit
             chunk = {k: items[k] for k in keys[start : start + 100]}
@@ -376,6 +380,21 @@ class RunLogger:
                 lambda c=chunk: self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in c.items()]),
                 what="logging params",
             )
+
+    def _params_not_yet_logged(self, items: dict[str, str]) -> dict[str, str]:
+        """MLflow refuses to change a logged param, and a resumed run logged them all before: keep the new keys
+        only, and say in a tag (``vpdm.resumed.changed_params``) which values the resumed attempt has
+        differently (the driver's batch counts, a concurrency fitted to the cluster it came back on)."""
+        run = retrying(lambda: self.client.get_run(self.run_id), what="reading the resumed run's params")
+        if run is None:
+            return items  # unreadable now: logged as usual (the calls fail or spool as any other)
+        logged = run.data.params
+        changed = {k: (logged[k], v) for k, v in items.items() if k in logged and logged[k] != v}
+        if changed:
+            note = "; ".join(f"{k}: {old} -> {new}" for k, (old, new) in sorted(changed.items()))
+            logger.info("MLflow run %s resumed with other values of %d param(s): %s", self.run_id, len(changed), note)
+            self.set_tags({"vpdm.resumed.changed_params": note})
+        return {k: v for k, v in items.items() if k not in logged}
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int = 0) -> None:
         from mlflow.entities import Metric
