@@ -207,3 +207,23 @@ def test_bad_start_and_training_range_are_refused() -> None:
         NoiseScheduleConfig(prediction="sample").validate()
     with pytest.raises(ConfigError, match="weighting"):
         d.loss_weights(torch.tensor([1]), yhat, "snr")
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_skip_scale_is_the_least_squares_guess_of_the_target_from_z_t(prediction: str) -> None:
+    """Monte Carlo: for unit-variance z0 and noise, c_skip is the regression coefficient of the target on
+    z_t = a z0 + b eps, i.e. E[target z_t] / E[z_t^2]; the network then learns only what z_t cannot say."""
+    from vpdm.diffusion import PARAMETERISATIONS
+
+    g = torch.Generator().manual_seed(0)
+    z0, noise = torch.randn(2, 400_000, generator=g, dtype=torch.float64)
+    param = PARAMETERISATIONS[prediction]
+    for abar in (0.02, 0.5, 0.97):
+        a, b = torch.tensor(abar, dtype=torch.float64).sqrt(), torch.tensor(1 - abar, dtype=torch.float64).sqrt()
+        z_t = a * z0 + b * noise
+        target = param.target(z0, noise, a, b)
+        regression = float((target * z_t).mean() / (z_t * z_t).mean())
+        assert regression == pytest.approx(float(param.skip_scale(a, b)), abs=5e-3)
+        back = param.split(target, z_t, a, b)  # the output that equals the target gives back z0 and eps
+        torch.testing.assert_close(back[0], z0)
+        torch.testing.assert_close(back[1], noise)

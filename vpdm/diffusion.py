@@ -38,6 +38,11 @@ __all__ = [
     "SCHEDULES",
     "SAMPLERS",
     "PREDICTIONS",
+    "Parameterisation",
+    "EpsilonPrediction",
+    "SamplePrediction",
+    "VPrediction",
+    "PARAMETERISATIONS",
 ]
 
 SCHEDULES: tuple[str, ...] = ("linear", "cosine", "quadratic", "sigmoid")
@@ -151,6 +156,90 @@ def make_betas(config: NoiseScheduleConfig) -> Tensor:
     return betas
 
 
+class Parameterisation:
+    """What the network's output means (diffusers' ``prediction_type``), in the shifted process's own variables:
+    ``z0 = x0 - yhat``, ``z_t = x_t - yhat = a z0 + b eps`` with ``a = sqrt(abar_t)``, ``b = sqrt(1 - abar_t)``.
+    One object per prediction type holds every formula that depends on it, so callers never branch on it."""
+
+    name: str = ""
+    predicts_noise: bool = False  # the output is eps_hat itself
+
+    def target(self, z0: Tensor, noise: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """The training target for ``z_t = a z0 + b noise``."""
+        raise NotImplementedError
+
+    def split(self, output: Tensor, z: Tensor, a: Tensor | float, b: Tensor | float) -> tuple[Tensor, Tensor]:
+        """``(z0_hat, eps_hat)`` from the network's output and ``z = x_t - yhat``."""
+        raise NotImplementedError
+
+    def skip_scale(self, a: Tensor, b: Tensor) -> Tensor:
+        """``c_skip``: the best linear guess of the target from ``z_t`` for unit-variance ``z0`` (EDM)."""
+        raise NotImplementedError
+
+    def loss_weight(self, snr: Tensor, clipped: Tensor) -> Tensor:
+        """The weight in this output's space that weighs the *x0* error by ``clipped`` (min-SNR)."""
+        raise NotImplementedError
+
+
+class EpsilonPrediction(Parameterisation):
+    """The noise (the paper's choice; diffusers' ``"epsilon"``)."""
+
+    name, predicts_noise = "eps", True
+
+    def target(self, z0, noise, a, b):
+        return noise
+
+    def split(self, output, z, a, b):
+        return (z - b * output) / a, output
+
+    def skip_scale(self, a, b):
+        return b
+
+    def loss_weight(self, snr, clipped):
+        return clipped / snr
+
+
+class SamplePrediction(Parameterisation):
+    """The clean features ``z0`` (diffusers' ``"sample"``)."""
+
+    name = "x0"
+
+    def target(self, z0, noise, a, b):
+        return z0
+
+    def split(self, output, z, a, b):
+        return output, (z - a * output) / b
+
+    def skip_scale(self, a, b):
+        return a
+
+    def loss_weight(self, snr, clipped):
+        return clipped
+
+
+class VPrediction(Parameterisation):
+    """``v = a eps - b z0`` (Salimans & Ho 2022; diffusers' ``"v_prediction"``)."""
+
+    name = "v"
+
+    def target(self, z0, noise, a, b):
+        return a * noise - b * z0
+
+    def split(self, output, z, a, b):
+        return a * z - b * output, b * z + a * output  # z0 = a z - b v, eps = b z + a v
+
+    def skip_scale(self, a, b):
+        return torch.zeros_like(a)
+
+    def loss_weight(self, snr, clipped):
+        return clipped / (snr + 1.0)
+
+
+PARAMETERISATIONS: dict[str, Parameterisation] = {
+    p.name: p for p in (EpsilonPrediction(), SamplePrediction(), VPrediction())
+}
+
+
 def _posterior(abar: Tensor, abar_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """betas, g0, g1, g2, btilde of the shifted posterior, from abar at consecutive chain steps."""
     betas = 1.0 - abar / abar_prev
@@ -194,6 +283,7 @@ class ShiftedDiffusion:
         self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
         self._shift_scale = 1.0 if self.shift_to_condition else 0.0
+        self.parameterisation: Parameterisation = PARAMETERISATIONS[self.config.prediction]
         self._cache: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
 
     def __repr__(self) -> str:
@@ -280,23 +370,15 @@ class ShiftedDiffusion:
 
         The model adds it to the network's output, so the network learns only what is left. Without
         it a network narrower than the feature map cannot carry every noise channel near t = T."""
-        if self.config.prediction == "eps":
-            return self._extract("sqrt_one_minus_alphas_cumprod", t, like)
-        if self.config.prediction == "x0":
-            return self._extract("sqrt_alphas_cumprod", t, like)
-        return torch.zeros((like.shape[0],) + (1,) * (like.dim() - 1), dtype=like.dtype, device=like.device)
+        a = self._extract("sqrt_alphas_cumprod", t, like)
+        return self.parameterisation.skip_scale(a, self._extract("sqrt_one_minus_alphas_cumprod", t, like))
 
     def target(self, x0: Tensor, yhat: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """The training target of the configured prediction for ``x_t = q_sample(x0, yhat, t, noise)``."""
         self._check_t(t, x0)
-        if self.config.prediction == "eps":
-            return noise
-        z0 = x0 - self._shift(yhat)
-        if self.config.prediction == "x0":
-            return z0
         a = self._extract("sqrt_alphas_cumprod", t, x0)
         b = self._extract("sqrt_one_minus_alphas_cumprod", t, x0)
-        return a * noise - b * z0
+        return self.parameterisation.target(x0 - self._shift(yhat), noise, a, b)
 
     def split(self, output: Tensor, x_t: Tensor, yhat: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(x0_hat, eps_hat)`` from a network output in the configured parameterisation.
@@ -306,16 +388,12 @@ class ShiftedDiffusion:
         a = self._extract("sqrt_alphas_cumprod", t, x_t)
         b = self._extract("sqrt_one_minus_alphas_cumprod", t, x_t)
         y = self._shift(yhat)
-        z0, eps = self._split(output, x_t - y, a, b)
+        z0, eps = self.parameterisation.split(output, x_t - y, a, b)
         return z0 + y, eps
 
-    def _split(self, output: Tensor, z: Tensor, a: Tensor | float, b: Tensor | float) -> tuple[Tensor, Tensor]:
-        """``(z0, eps)`` from the output, ``z = x_t - yhat`` and ``a = sqrt(abar)``, ``b = sqrt(1 - abar)``."""
-        if self.config.prediction == "eps":
-            return (z - b * output) / a, output
-        if self.config.prediction == "x0":
-            return output, (z - a * output) / b
-        return a * z - b * output, b * z + a * output  # v: z0 = a z - b v, eps = b z + a v
+    def predicted_noise(self, output: Tensor, x_t: Tensor, yhat: Tensor, t: Tensor) -> Tensor:
+        """``eps_hat`` from a network output: the output itself for eps-prediction."""
+        return output if self.parameterisation.predicts_noise else self.split(output, x_t, yhat, t)[1]
 
     def loss_weights(self, t: Tensor, like: Tensor, weighting: str = "none", gamma: float = 5.0) -> Tensor:
         """Per-item weights of the MSE in the prediction's own space.
@@ -329,12 +407,7 @@ class ShiftedDiffusion:
         if weighting != "min_snr":
             raise ConfigError(f"loss weighting {weighting!r} is unknown; expected 'none' or 'min_snr'")
         snr = self.snr(t, like)
-        clipped = snr.clamp(max=gamma)
-        if self.config.prediction == "eps":
-            return clipped / snr
-        if self.config.prediction == "x0":
-            return clipped
-        return clipped / (snr + 1.0)
+        return self.parameterisation.loss_weight(snr, snr.clamp(max=gamma))
 
     def sample_timesteps(
         self,
@@ -447,7 +520,7 @@ class ShiftedDiffusion:
         abar_prev = float(self.alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
         y = self._shift(yhat)
         z = x_t - y
-        z0, eps = self._split(model_output, z, math.sqrt(abar), math.sqrt(1.0 - abar))
+        z0, eps = self.parameterisation.split(model_output, z, math.sqrt(abar), math.sqrt(1.0 - abar))
         if clip_x0 is not None:
             z0 = (z0 + y).clamp(-clip_x0, clip_x0) - y
             eps = (z - math.sqrt(abar) * z0) / math.sqrt(1.0 - abar)

@@ -274,7 +274,7 @@ class VPDM(nn.Module):
         weights = self.diffusion.loss_weights(t, x0, self.config.loss_weighting, self.config.min_snr_gamma)
         diffusion_loss = (weights * (output - target).pow(2)).mean()
         with torch.no_grad():
-            eps = output if self.config.diffusion.prediction == "eps" else self.diffusion.split(output, x_t, yhat, t)[1]
+            eps = self.diffusion.predicted_noise(output, x_t, yhat, t)
             eps_mse = (eps - noise).pow(2).mean()
         loss = diffusion_loss + self.config.ot_weight * cond["ot_loss"]
         return {
@@ -308,8 +308,7 @@ class VPDM(nn.Module):
 
     def predict_noise(self, x_t: Tensor, yhat: Tensor, t: Tensor, copy: Tensor | None = None) -> Tensor:
         """eps_theta(x_t, yhat, t), whatever the parameterisation."""
-        output = self.denoise(x_t, yhat, t, copy=copy)
-        return output if self.config.diffusion.prediction == "eps" else self.diffusion.split(output, x_t, yhat, t)[1]
+        return self.diffusion.predicted_noise(self.denoise(x_t, yhat, t, copy=copy), x_t, yhat, t)
 
     def predict_x0(self, x_t: Tensor, yhat: Tensor, t: Tensor, copy: Tensor | None = None) -> Tensor:
         """x0_hat(x_t, yhat, t) in normalised feature space, whatever the parameterisation."""
