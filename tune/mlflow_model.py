@@ -143,12 +143,9 @@ def decode_image_bytes(data: bytes, image_size: int, *, name: str = "image") -> 
 def _normalise(rgb: np.ndarray) -> Any:
     import torch
 
-    from vpdm.data import IMAGENET_MEAN, IMAGENET_STD
+    from vpdm.backbone import imagenet_normalise
 
-    img = torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
-    return ((img - mean) / std).contiguous()
+    return imagenet_normalise(torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)).contiguous()
 
 
 def _b64decode(value: Any, name: str) -> bytes:

@@ -61,7 +61,7 @@ def decisions_on_test(calibration: Calibration, bundle: Any, scores: np.ndarray)
 
     post = PostProcessor(calibration)
     thresholds = {c: post.image_threshold_for(c) for c in sorted(set(bundle.test_categories))}
-    predicted = np.array([float(s) > thresholds[c] for s, c in zip(scores, bundle.test_categories)], dtype=np.int64)
+    predicted = post.image_labels(scores, bundle.test_categories)
     doc = decision_metrics(bundle.test_labels, predicted, bundle.test_categories)
     doc["thresholds"] = thresholds
     return doc

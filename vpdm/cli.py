@@ -716,7 +716,6 @@ def _cache_note(split) -> str:
 
 def _decisions(result, calibration, *, image_threshold: float | None = None) -> dict[str, Any] | None:
     """Decision metrics at the calibrated (or given) image threshold of each test image's own class."""
-    import numpy as np
 
     from vpdm.metrics import decision_metrics
     from vpdm.postprocess import PostProcessor
@@ -725,8 +724,7 @@ def _decisions(result, calibration, *, image_threshold: float | None = None) -> 
         return None
     post = PostProcessor(calibration, image_threshold=image_threshold)
     thresholds = {c: post.image_threshold_for(c) for c in sorted(set(result.categories))}
-    predicted = np.array([s > thresholds[c] for s, c in zip(result.scores, result.categories)], dtype=np.int64)
-    doc = decision_metrics(result.labels, predicted, result.categories)
+    doc = decision_metrics(result.labels, post.image_labels(result.scores, result.categories), result.categories)
     doc["thresholds"] = thresholds
     return doc
 

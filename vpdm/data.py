@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile
 
+from vpdm.backbone import IMAGENET_MEAN, IMAGENET_STD, imagenet_normalise
 from vpdm.errors import ConfigError, DataError
 from vpdm.io import new_file_mode
 
@@ -63,8 +64,6 @@ __all__ = [
     "parse_data_spec",
 ]
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 # Smaller images are refused, not upscaled: a few pixels cannot show a part's defects, and a score
 # computed on invented detail would look as trustworthy as a real one. Thumbnails and icons land here.
@@ -486,8 +485,6 @@ class AnomalyDataset(torch.utils.data.Dataset):
         self.normalize: bool = bool(normalize)
         self.categories: list[str] = categories(self.samples)
         self._class_of: dict[str, int] = {c: i for i, c in enumerate(self.categories)}
-        self._mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -515,7 +512,7 @@ class AnomalyDataset(torch.utils.data.Dataset):
         s = self.samples[i]
         img = torch.from_numpy(self.raw_image(i)).permute(2, 0, 1).float().div_(255.0)
         if self.normalize:
-            img = (img - self._mean) / self._std
+            img = imagenet_normalise(img)
         mask = torch.from_numpy(self.mask_array(i)).float().unsqueeze(0)
         return {
             "image": img.contiguous(),

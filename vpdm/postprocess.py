@@ -51,6 +51,7 @@ __all__ = [
     "Decisions",
     "PostProcessor",
     "check_threshold",
+    "image_labels",
     "f1_threshold",
     "nearest_class",
     "normalise",
@@ -202,6 +203,17 @@ def check_threshold(value: Any, name: str) -> float | None:
     if not math.isfinite(value) or value < 0:
         raise ConfigError(f"{name} must be a finite number >= 0, got {value!r}")
     return value
+
+
+def image_labels(
+    scores: np.ndarray | Tensor | Sequence[float], categories: Sequence[str], thresholds: Mapping[str, float]
+) -> np.ndarray:
+    """``pred_label`` of each image: 1 where its score is above its class's image threshold (``score >
+    threshold``, in float64). The one place the rule is written; :meth:`PostProcessor.decide` and every
+    decision metric use it."""
+    s = _float64(scores) if isinstance(scores, Tensor) else np.asarray(scores, dtype=np.float64)
+    t = np.array([thresholds[c] for c in categories], dtype=np.float64)
+    return (s > t).astype(np.int64)
 
 
 def not_calibrated_message(checkpoint: str) -> str:
@@ -491,6 +503,10 @@ class PostProcessor:
             raise CheckpointError(not_calibrated_message(self.checkpoint))
         return t.image_threshold
 
+    def image_labels(self, scores: np.ndarray | Tensor | Sequence[float], categories: Sequence[str]) -> np.ndarray:
+        """``pred_label`` of each image, as :meth:`decide` gives it, without the maps."""
+        return image_labels(scores, categories, {c: self.image_threshold_for(c) for c in set(categories)})
+
     def decide(self, scores: np.ndarray | Tensor, maps: np.ndarray | Tensor, categories: Sequence[str]) -> Decisions:
         if not self.ready:
             raise CheckpointError(not_calibrated_message(self.checkpoint))
@@ -509,7 +525,7 @@ class PostProcessor:
         return Decisions(
             category=list(categories),
             pred_score=pred_score,
-            pred_label=(s > it).astype(np.int64),
+            pred_label=image_labels(s, range(n), dict(enumerate(it))),
             pred_mask=m > pt.reshape(-1, *([1] * (m.ndim - 1))),
             image_threshold=it,
             pixel_threshold=pt,

@@ -66,7 +66,7 @@ def calibrated_decisions(
     """Per class, quantile thresholds from held-out normal images' scores and maps; the decisions
     ``score > image threshold`` on the test split, per class and mean (:func:`vpdm.metrics.decision_metrics`)."""
     from vpdm.metrics import decision_metrics
-    from vpdm.postprocess import ClassThresholds
+    from vpdm.postprocess import ClassThresholds, image_labels
 
     held_cats = np.asarray(held_categories)
     thresholds = {
@@ -76,9 +76,7 @@ def calibrated_decisions(
     missing = sorted(set(test_categories) - set(thresholds))
     if missing:
         raise ConfigError(f"no held-out calibration images of test class(es) {', '.join(missing)}")
-    predicted = np.array(
-        [s > thresholds[c].image_threshold for s, c in zip(test_scores, test_categories)], dtype=np.int64
-    )
+    predicted = image_labels(test_scores, test_categories, {c: t.image_threshold for c, t in thresholds.items()})
     doc = decision_metrics(test_labels, predicted, test_categories)
     doc["image_thresholds"] = {c: t.image_threshold for c, t in thresholds.items()}
     doc["pixel_thresholds"] = {c: t.pixel_threshold for c, t in thresholds.items()}
