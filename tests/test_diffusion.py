@@ -392,3 +392,48 @@ def test_config_dict_round_trip() -> None:
     assert NoiseScheduleConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="beta_ends"):
         NoiseScheduleConfig.from_dict({"beta_ends": 0.1})
+
+
+def test_sampler_objects_run_the_same_chain_as_sample_and_check_once() -> None:
+    """diffusers' form (build, set_timesteps, step per timestep) is the chain sample() runs; the DDPM step's
+    sigma is the process's own posterior standard deviation on the full chain; bad settings fail at build."""
+    from vpdm.config import SamplingConfig
+    from vpdm.diffusion import DDIMSampler, DDPMSampler, make_sampler
+
+    process = ShiftedDiffusion(NoiseScheduleConfig(num_timesteps=50))
+    yhat = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+
+    def model_fn(x, y, t):
+        return 0.3 * (x - y) + 0.01 * t.float().view(-1, 1, 1, 1)
+
+    for sampler, eta in (("ddim", 0.0), ("ddim", 0.7), ("ddpm", None)):
+        gens = [torch.Generator().manual_seed(5) for _ in range(2)]
+        want = process.sample(
+            model_fn,
+            yhat,
+            num_steps=4,
+            sampler=sampler,
+            eta=1.0 if eta is None else eta,
+            generators=gens,
+            spacing="trailing",
+        )
+        chain = make_sampler(process, sampler, eta)
+        gens = [torch.Generator().manual_seed(5) for _ in range(2)]
+        x = yhat + process._randn(yhat, gens)
+        for t in chain.set_timesteps(4, "trailing"):
+            output = model_fn(x, yhat, torch.full((2,), t, dtype=torch.long))
+            noise = process._randn(x, gens) if chain.previous(t) >= 0 and chain.stochastic else None
+            x = chain.step(output, t, x, yhat, noise=noise).prev_sample
+        assert torch.equal(x, want)
+    full = DDPMSampler(process)
+    full.set_timesteps(None)
+    x_t = torch.randn(1, 3, 4, 4)
+    for t in (40, 10, 1):
+        sigma = full.step(torch.zeros_like(x_t), t, x_t, torch.zeros_like(x_t)).sigma
+        assert sigma == pytest.approx(float(process.posterior_variance[t]) ** 0.5, rel=1e-9)
+    assert isinstance(SamplingConfig(sampler="ddpm", eta=0.0).build(process), DDPMSampler)  # ddpm has no eta
+    assert SamplingConfig(sampler="ddim", eta=0.4).build(process).eta == 0.4
+    assert isinstance(make_sampler(process, "ddim"), DDIMSampler)
+    for bad, needle in ((("euler", None), "unknown"), (("ddpm", 0.5), "only applies"), (("ddim", -1.0), "eta=-1.0")):
+        with pytest.raises(ConfigError, match=needle):
+            make_sampler(process, *bad)

@@ -21,7 +21,7 @@ import yaml
 from vpdm.backbone import BackboneConfig
 from vpdm.data import MISSING_MASKS
 from vpdm.denoiser import DenoiserConfig
-from vpdm.diffusion import NoiseScheduleConfig
+from vpdm.diffusion import NoiseScheduleConfig, ReverseSampler, ShiftedDiffusion, make_sampler
 from vpdm.errors import ConfigError
 from vpdm.io import atomic_write_text
 from vpdm.precision import check_precision_name
@@ -242,6 +242,10 @@ class SamplingConfig:
     # to that step by the shifted forward marginal (as DDAD and DiffusionAD do).
     start_step: int | None = None
     seed: int = 0  # every image gets the same noise stream, so its score never depends on its batch
+
+    def build(self, process: ShiftedDiffusion) -> ReverseSampler:
+        """The configured sampler for ``process`` (``eta`` is DDIM's; the ddpm sampler has none)."""
+        return make_sampler(process, self.sampler, self.eta if self.sampler == "ddim" else None)
 
     def validate(self, num_timesteps: int | None = None) -> None:
         if self.sampler not in SAMPLERS:

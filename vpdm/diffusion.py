@@ -43,6 +43,10 @@ __all__ = [
     "SamplePrediction",
     "VPrediction",
     "PARAMETERISATIONS",
+    "ReverseSampler",
+    "DDPMSampler",
+    "DDIMSampler",
+    "make_sampler",
 ]
 
 SCHEDULES: tuple[str, ...] = ("linear", "cosine", "quadratic", "sigmoid")
@@ -508,39 +512,10 @@ class ShiftedDiffusion:
         noise: Tensor | None = None,
         clip_x0: float | None = None,
     ) -> DiffusionStep:
-        """One reverse step from index ``t`` to ``t_prev`` (-1 = to x0) of a full or respaced chain.
-
-        ``sampler="ddpm"``: the posterior ``q(x_{t_prev} | x_t, x0_hat, yhat)`` of the (respaced)
-        shifted process, ``x_prev = g0 x0_hat + g1 x_t + g2 yhat + sigma z``. ``sampler="ddim"``: DDIM on
-        ``z = x - yhat`` with ``eta`` (0 deterministic, 1 the posterior variance). ``noise`` (standard,
-        like ``x_t``) is added with the step's sigma unless this is the last step; ``clip_x0`` clamps
-        ``x0_hat`` to ``[-clip_x0, clip_x0]`` and re-derives eps from it.
-        """
-        abar = float(self.alphas_cumprod[t])
-        abar_prev = float(self.alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
-        y = self._shift(yhat)
-        z = x_t - y
-        z0, eps = self.parameterisation.split(model_output, z, math.sqrt(abar), math.sqrt(1.0 - abar))
-        if clip_x0 is not None:
-            z0 = (z0 + y).clamp(-clip_x0, clip_x0) - y
-            eps = (z - math.sqrt(abar) * z0) / math.sqrt(1.0 - abar)
-        if t_prev < 0:  # the last step lands on x0_hat itself (both samplers: abar_prev = 1, no noise)
-            x0_hat = z0 + y
-            return DiffusionStep(prev_sample=x0_hat, pred_original_sample=x0_hat, pred_noise=eps, sigma=0.0)
-        if sampler == "ddpm":
-            # In z = x - yhat the g2 yhat term is absorbed: g0 x0 + g1 x + g2 y - y = g0 z0 + g1 z.
-            beta = 1.0 - abar / abar_prev
-            g0 = beta * math.sqrt(abar_prev) / (1.0 - abar)
-            g1 = (1.0 - abar_prev) * math.sqrt(1.0 - beta) / (1.0 - abar)
-            z_prev = g0 * z0 + g1 * z
-            sigma = math.sqrt(beta * (1.0 - abar_prev) / (1.0 - abar))
-        else:
-            sigma = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
-            direction = math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0))
-            z_prev = math.sqrt(abar_prev) * z0 + direction * eps
-        if t_prev >= 0 and sigma > 0.0 and noise is not None:
-            z_prev = z_prev + sigma * noise
-        return DiffusionStep(prev_sample=z_prev + y, pred_original_sample=z0 + y, pred_noise=eps, sigma=sigma)
+        """One reverse step from index ``t`` to ``t_prev`` (-1 = to x0) of a full or respaced chain, by the
+        sampler named (:func:`make_sampler`; ``eta`` is DDIM's, the ddpm sampler has none)."""
+        chain = make_sampler(self, sampler, eta if sampler == "ddim" else None, clip_x0)
+        return chain.step(model_output, t, x_t, yhat, noise=noise, t_prev=t_prev)
 
     @torch.no_grad()
     def sample(
@@ -549,8 +524,8 @@ class ShiftedDiffusion:
         yhat: Tensor,
         *,
         num_steps: int | None = None,
-        sampler: str = "ddpm",
-        eta: float = 1.0,
+        sampler: str | ReverseSampler = "ddpm",
+        eta: float | None = 1.0,
         generators: Sequence[torch.Generator] | None = None,
         clip_x0: float | None = None,
         progress: bool = False,
@@ -571,16 +546,9 @@ class ShiftedDiffusion:
         item's result does not depend on the rest of the batch. ``spacing`` chooses the visited
         timesteps of a shortened chain (:meth:`timesteps_for`); see :meth:`step` for ``clip_x0``.
         """
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"sampler {sampler!r} is unknown; expected one of {list(SAMPLERS)}")
-        if not _is_real(eta) or eta < 0.0:
-            raise ConfigError(f"eta={eta!r} is invalid; expected a finite number >= 0")
-        if sampler == "ddpm" and eta != 1.0:
-            raise ConfigError(f"eta={eta!r} only applies to sampler 'ddim'; the 'ddpm' sampler needs eta=1.0")
-        if clip_x0 is not None and (not _is_real(clip_x0) or clip_x0 <= 0.0):
-            raise ConfigError(f"clip_x0={clip_x0!r} is invalid; expected a positive number or None")
+        chain = sampler if isinstance(sampler, ReverseSampler) else make_sampler(self, sampler, eta, clip_x0)
         self._check_generators(yhat, generators)
-        timesteps = self.timesteps_for(num_steps, spacing, start_step).tolist()
+        timesteps = chain.set_timesteps(num_steps, spacing, start_step)
         from_image = start_step is not None and start_step < self.num_timesteps
         if from_image:
             if x0 is None or x0.shape != yhat.shape:
@@ -613,9 +581,114 @@ class ShiftedDiffusion:
                 raise ConfigError(
                     f"model_fn returned shape {tuple(output.shape)}; expected the shape of x_t, {tuple(x.shape)}"
                 )
-            eta_i = eta if sampler == "ddim" else 1.0
-            noise = self._randn(x, generators) if t_prev >= 0 and (sampler == "ddpm" or eta > 0) else None
-            x = self.step(
-                output, t, t_prev, x, yhat, sampler=sampler, eta=eta_i, noise=noise, clip_x0=clip_x0
-            ).prev_sample
+            noise = self._randn(x, generators) if t_prev >= 0 and chain.stochastic else None
+            x = chain.step(output, t, x, yhat, noise=noise, t_prev=t_prev).prev_sample
         return x
+
+
+class ReverseSampler:
+    """A reverse-chain sampler as diffusers writes one: built once for a process (its settings checked there),
+    :meth:`set_timesteps` for a chain, then :meth:`step` at each visited timestep, returning a
+    :class:`DiffusionStep`. The chain runs on ``z = x - yhat``, where the shifted process is plain DDPM."""
+
+    name = ""
+    stochastic = True  # draws noise on every step but the last
+
+    def __init__(self, process: ShiftedDiffusion, clip_x0: float | None = None) -> None:
+        if clip_x0 is not None and (not _is_real(clip_x0) or clip_x0 <= 0.0):
+            raise ConfigError(f"clip_x0={clip_x0!r} is invalid; expected a positive number or None")
+        self.process = process
+        self.clip_x0 = clip_x0
+        self.timesteps: list[int] = []
+
+    def set_timesteps(
+        self, num_steps: int | None, spacing: str = "linspace", start_step: int | None = None
+    ) -> list[int]:
+        """The descending 0-based timesteps of the chain (:meth:`ShiftedDiffusion.timesteps_for`)."""
+        self.timesteps = self.process.timesteps_for(num_steps, spacing, start_step).tolist()
+        return self.timesteps
+
+    def previous(self, t: int) -> int:
+        """The timestep after ``t`` in the chain, -1 after the last (the step to x0)."""
+        i = self.timesteps.index(t)
+        return self.timesteps[i + 1] if i + 1 < len(self.timesteps) else -1
+
+    def step(
+        self,
+        model_output: Tensor,
+        t: int,
+        x_t: Tensor,
+        yhat: Tensor,
+        noise: Tensor | None = None,
+        t_prev: int | None = None,
+    ) -> DiffusionStep:
+        """From index ``t`` to ``t_prev`` (default: the next in :attr:`timesteps`; -1 = to x0). ``noise``
+        (standard, like ``x_t``) is added with the step's sigma unless this is the last step; ``clip_x0``
+        clamps ``x0_hat`` to ``[-clip_x0, clip_x0]`` and re-derives eps from it."""
+        process = self.process
+        t_prev = self.previous(t) if t_prev is None else t_prev
+        abar = float(process.alphas_cumprod[t])
+        abar_prev = float(process.alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
+        y = process._shift(yhat)
+        z = x_t - y
+        z0, eps = process.parameterisation.split(model_output, z, math.sqrt(abar), math.sqrt(1.0 - abar))
+        if self.clip_x0 is not None:
+            z0 = (z0 + y).clamp(-self.clip_x0, self.clip_x0) - y
+            eps = (z - math.sqrt(abar) * z0) / math.sqrt(1.0 - abar)
+        if t_prev < 0:  # the last step lands on x0_hat itself (abar_prev = 1, no noise)
+            x0_hat = z0 + y
+            return DiffusionStep(prev_sample=x0_hat, pred_original_sample=x0_hat, pred_noise=eps, sigma=0.0)
+        z_prev, sigma = self._update(z0, eps, z, abar, abar_prev)
+        if sigma > 0.0 and noise is not None:
+            z_prev = z_prev + sigma * noise
+        return DiffusionStep(prev_sample=z_prev + y, pred_original_sample=z0 + y, pred_noise=eps, sigma=sigma)
+
+    def _update(self, z0: Tensor, eps: Tensor, z: Tensor, abar: float, abar_prev: float) -> tuple[Tensor, float]:
+        """The noise-free ``z_prev`` and the sigma of the noise added to it."""
+        raise NotImplementedError
+
+
+class DDPMSampler(ReverseSampler):
+    """Ancestral sampling: the posterior ``q(x_{t_prev} | x_t, x0_hat, yhat)`` of the (respaced) shifted
+    process, ``x_prev = g0 x0_hat + g1 x_t + g2 yhat + sigma z`` (Algorithm 2 on the full chain)."""
+
+    name = "ddpm"
+
+    def _update(self, z0, eps, z, abar, abar_prev):
+        # In z = x - yhat the g2 yhat term is absorbed: g0 x0 + g1 x + g2 y - y = g0 z0 + g1 z.
+        beta = 1.0 - abar / abar_prev
+        g0 = beta * math.sqrt(abar_prev) / (1.0 - abar)
+        g1 = (1.0 - abar_prev) * math.sqrt(1.0 - beta) / (1.0 - abar)
+        return g0 * z0 + g1 * z, math.sqrt(beta * (1.0 - abar_prev) / (1.0 - abar))
+
+
+class DDIMSampler(ReverseSampler):
+    """DDIM (Song et al. 2021) with ``eta``: 0 deterministic, 1 the posterior's variance."""
+
+    name = "ddim"
+
+    def __init__(self, process: ShiftedDiffusion, eta: float = 0.0, clip_x0: float | None = None) -> None:
+        if not _is_real(eta) or eta < 0.0:
+            raise ConfigError(f"eta={eta!r} is invalid; expected a finite number >= 0")
+        super().__init__(process, clip_x0)
+        self.eta = float(eta)
+        self.stochastic = eta > 0
+
+    def _update(self, z0, eps, z, abar, abar_prev):
+        sigma = self.eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
+        direction = math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0))
+        return math.sqrt(abar_prev) * z0 + direction * eps, sigma
+
+
+def make_sampler(
+    process: ShiftedDiffusion, name: str, eta: float | None = None, clip_x0: float | None = None
+) -> ReverseSampler:
+    """The sampler ``name`` (:data:`SAMPLERS`) for ``process``. ``eta`` is DDIM's (default 0); ddpm is the
+    posterior's own variance, eta = 1 by definition, and refuses another."""
+    if name not in SAMPLERS:
+        raise ConfigError(f"sampler {name!r} is unknown; expected one of {list(SAMPLERS)}")
+    if name == "ddim":
+        return DDIMSampler(process, 0.0 if eta is None else eta, clip_x0)
+    if eta is not None and eta != 1.0:
+        raise ConfigError(f"eta={eta!r} only applies to sampler 'ddim'; the 'ddpm' sampler needs eta=1.0")
+    return DDPMSampler(process, clip_x0)

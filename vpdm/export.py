@@ -181,11 +181,8 @@ class ExportableDetector(nn.Module):
         self.image_size = int(self.config.backbone.image_size)
         sampling = self.config.sampling
         diffusion = self.model.diffusion
-        self.timesteps: list[int] = diffusion.timesteps_for(
-            sampling.num_steps, sampling.spacing, sampling.start_step
-        ).tolist()
-        self.sampler = sampling.sampler
-        self.eta = sampling.eta if sampling.sampler == "ddim" else 1.0
+        self.chain = sampling.build(diffusion)
+        self.timesteps: list[int] = self.chain.set_timesteps(sampling.num_steps, sampling.spacing, sampling.start_step)
         self.from_image = sampling.start_step is not None and sampling.start_step < diffusion.num_timesteps
         # The noise stream of every image (VPDM.reconstruct: one generator per image, seeded alike).
         shape = (self.model.channels, self.model.feature_size, self.model.feature_size)
@@ -194,7 +191,7 @@ class ExportableDetector(nn.Module):
         self.step_noise: list[bool] = []
         for i in range(len(self.timesteps)):
             t_prev = self.timesteps[i + 1] if i + 1 < len(self.timesteps) else -1
-            noisy = t_prev >= 0 and (self.sampler == "ddpm" or self.eta > 0)
+            noisy = t_prev >= 0 and self.chain.stochastic
             self.step_noise.append(noisy)
             if noisy:
                 draws.append(torch.randn(shape, generator=generator, dtype=torch.float32))
@@ -288,7 +285,7 @@ class ExportableDetector(nn.Module):
             if self.step_noise[i]:
                 noise = self.noise[draw]
                 draw += 1
-            x = diffusion.step(output, t, t_prev, x, yhat, sampler=self.sampler, eta=self.eta, noise=noise).prev_sample
+            x = self.chain.step(output, t, x, yhat, noise=noise, t_prev=t_prev).prev_sample
         return x
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
