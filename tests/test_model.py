@@ -348,6 +348,28 @@ def test_a_config_saved_before_new_settings_loads_as_it_was_trained(tmp_path):
     assert tuple(cfg.scoring.pools) == (1,) and loaded.prototypes.prototypes.shape == model.prototypes.prototypes.shape
 
 
+def test_a_checkpoint_written_before_a_setting_was_retired_loads_and_scores_the_same(tmp_path):
+    """The previous format stored model.feature_jitter (0 unless set): such a file loads as the same model and
+    config; one trained with jitter is refused, naming the setting, instead of being scored as something else."""
+    from vpdm.checkpoint import load_checkpoint, save_checkpoint
+    from vpdm.errors import CheckpointError
+
+    model = small_model().eval()
+    config = VPDMConfig(model=model.config)
+    path = save_checkpoint(tmp_path / "before.pt", model, config, categories=[])
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["model"]["feature_jitter"] = 0.0
+    torch.save(payload, path)
+    loaded, cfg, _ = load_checkpoint(path)
+    assert cfg == config
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    payload["config"]["model"]["feature_jitter"] = 0.3
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="feature_jitter=0.3: this setting was retired"):
+        load_checkpoint(path)
+
+
 @pytest.mark.parametrize("assignment", ["ot", "nearest"])
 def test_precomputed_training_condition_gives_the_same_losses(assignment):
     """Frozen prototypes without a prototype marginal: each image's condition is computed once for the whole

@@ -94,16 +94,21 @@ def test_jitter_noise_correction_gives_the_same_x_t_from_the_clean_features() ->
     torch.testing.assert_close(d.q_sample(x0 + j, y, t, n), d.q_sample(x0, y, t, n + a / (1 - a**2).sqrt() * j))
 
 
-def test_jittered_x0_training_targets_the_clean_features() -> None:
-    """With x0-prediction the loss of the exact clean-x0 predictor is zero whatever the jitter."""
-    torch.manual_seed(0)
-    config = small_config(feature_jitter=0.5)
-    config.diffusion = NoiseScheduleConfig(num_timesteps=50, prediction="x0")
-    model = build_model(VPDMConfig(model=config), torch.randn(8, C, S, S))
-    feats = torch.randn(8, C, S, S)
-    x0 = model.normalise(feats)
-    model.denoise = lambda x_t, yhat, t, copy=None: x0 - yhat  # an oracle of the clean features
-    assert float(model(feats)["diffusion_loss"]) == pytest.approx(0.0, abs=1e-10)
+def test_a_retired_setting_loads_at_its_remaining_value_and_is_refused_at_another() -> None:
+    """model.feature_jitter left the code: a checkpoint's or a user's config naming it at 0 (what every model
+    had unless it said otherwise) still loads, as the same config; any other value is refused, by name."""
+    from vpdm.config import saved_config, to_dict
+    from vpdm.errors import ConfigError
+
+    saved = to_dict(VPDMConfig())
+    saved["model"]["feature_jitter"] = 0.0  # as a checkpoint written before the retirement stores it
+    assert to_dict(saved_config(saved)) == to_dict(VPDMConfig())
+    assert to_dict(VPDMConfig().with_overrides(["model.feature_jitter=0"])) == to_dict(VPDMConfig())
+    saved["model"]["feature_jitter"] = 0.5
+    with pytest.raises(ConfigError, match=r"model\.feature_jitter=0\.5: this setting was retired"):
+        saved_config(saved)
+    with pytest.raises(ConfigError, match="retired"):
+        VPDMConfig().with_overrides(["model.feature_jitter=0.5"])
 
 
 @pytest.mark.parametrize(

@@ -258,17 +258,7 @@ class VPDM(nn.Module):
             x0.shape[0], generator=generator, device=x0.device, max_step=self.config.train_max_step
         )
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        if self.config.feature_jitter > 0:
-            # The network sees jittered features; the target is the clean x0 (with the noise that, from
-            # the clean x0, gives the same x_t), so it learns to undo deviations it was not trained on.
-            jitter = self.config.feature_jitter * torch.randn(
-                x0.shape, generator=generator, device=x0.device, dtype=x0.dtype
-            )
-            x_t = self.diffusion.q_sample(x0 + jitter, yhat, t, noise)
-            a = self.diffusion.sqrt_alphas_cumprod.to(x0)[t].view(-1, 1, 1, 1)
-            noise = noise + (a / (1 - a**2).sqrt()) * jitter
-        else:
-            x_t = self.diffusion.q_sample(x0, yhat, t, noise)
+        x_t = self.diffusion.q_sample(x0, yhat, t, noise)
         output = self.denoise(x_t, yhat, t, copy=self.training_copy(x0, generator))
         target = self.diffusion.target(x0, yhat, t, noise)
         weights = self.diffusion.loss_weights(t, x0, self.config.loss_weighting, self.config.min_snr_gamma)
