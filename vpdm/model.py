@@ -15,7 +15,15 @@ from vpdm.denoiser import Denoiser
 from vpdm.diffusion import ShiftedDiffusion
 from vpdm.errors import ConfigError
 from vpdm.precision import autocast
-from vpdm.scoring import DISTANCES, FEATURE_SPACES, STAT_POOLS, ScoringConfig, distance_map, scores_and_maps, term_map
+from vpdm.scoring import (
+    DISTANCES,
+    FEATURE_SPACES,
+    STAT_POOLS,
+    ScoringConfig,
+    TermMaps,
+    distance_map,
+    scores_and_maps,
+)
 from vpdm.vpot import VaguePrototypes, unvague
 
 # Buffers added after the first checkpoints: a checkpoint without them gets these (a model saved before
@@ -136,7 +144,8 @@ class VPDM(nn.Module):
             count = 0
             for s in range(0, len(pick), batch_size):
                 f = features[pick[s : s + batch_size]].to(device)
-                terms = self._term_maps(f, self.reconstruct(f, sampling), self.fine_condition(f)[0], scoring)
+                fine = self.fine_condition(f, with_class=False)[0]
+                terms = self._term_maps(f, self.reconstruct(f, sampling), fine, scoring)
                 stacked = torch.stack(terms, dim=1).double()  # B x terms x H x W
                 total += stacked.sum(dim=(0, 2, 3))
                 squares += stacked.pow(2).sum(dim=(0, 2, 3))
@@ -151,8 +160,8 @@ class VPDM(nn.Module):
     ) -> list[Tensor]:
         """Every term of :attr:`stat_terms` for raw ``features`` (feature resolution)."""
         a, b, groups = self._compared(features, reconstruction, scoring)
-        f = None if fine is None else self._compared(features, fine, scoring)[1]
-        return [term_map(a, b if branch == "coarse" else f, p, scoring, groups) for branch, p in self.stat_terms]
+        terms = TermMaps(a, b, self._compared_fine(fine, scoring), scoring, groups)
+        return [terms(branch, p) for branch, p in self.stat_terms]
 
     def _statistics(self, classes: Tensor | None, scoring: ScoringConfig):
         """``statistics(branch, p)`` for :func:`vpdm.scoring.scores_and_maps`: each image's row of the term
@@ -316,12 +325,13 @@ class VPDM(nn.Module):
             self.prototypes.train(was_training)
 
     @torch.no_grad()
-    def fine_condition(self, features: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    def fine_condition(self, features: Tensor, with_class: bool = True) -> tuple[Tensor | None, Tensor | None]:
         """The fine prototypes' condition (B x C x S x S, normalised space) and each image's class (B,): the
-        class whose fine prototypes hold most of its assignment weight; (None, None) without fine prototypes."""
+        class whose fine prototypes hold most of its assignment weight (None with ``with_class=False``, which
+        skips that sum); (None, None) without fine prototypes."""
         if self.fine is None:
             return None, None
-        classes = self.term_mean.shape[0] if self.term_mean.shape[0] > 1 else 0
+        classes = self.term_mean.shape[0] if with_class and self.term_mean.shape[0] > 1 else 0
         was_training = self.fine.training
         self.fine.eval()
         try:
@@ -378,6 +388,13 @@ class VPDM(nn.Module):
             return features, self.denormalise(reconstruction), groups
         return self.normalise(features), reconstruction, groups
 
+    def _compared_fine(self, fine: Tensor | None, scoring: ScoringConfig) -> Tensor | None:
+        """The fine prototypes' condition in the configured feature space (what :meth:`_compared` gives the
+        reconstruction)."""
+        if fine is None:
+            return None
+        return self.denormalise(fine) if scoring.feature_space == "raw" else fine
+
     def distance_maps(self, features: Tensor, reconstruction: Tensor, scoring: ScoringConfig | None = None) -> Tensor:
         """The configured distance between raw ``features`` and a reconstruction in normalised space."""
         scoring = scoring or ScoringConfig()
@@ -398,9 +415,10 @@ class VPDM(nn.Module):
         and the fine condition with each image's class (:meth:`fine_condition`); see
         :func:`vpdm.scoring.scores_and_maps`."""
         a, b, groups = self._compared(features, reconstruction, scoring)
-        f = None if fine is None else (self.denormalise(fine) if scoring.feature_space == "raw" else fine)
         statistics = self._statistics(classes, scoring) if scoring.combine == "standardised" else None
-        return scores_and_maps(a, b, scoring, map_size, groups, postprocess, fine=f, statistics=statistics)
+        return scores_and_maps(
+            a, b, scoring, map_size, groups, postprocess, fine=self._compared_fine(fine, scoring), statistics=statistics
+        )
 
     @torch.no_grad()
     def detect(

@@ -203,6 +203,37 @@ def distance_map(
     return sum(p * term_map(features, reconstruction, p, config, groups) for p in pools) / len(pools)
 
 
+class TermMaps:
+    """The term maps of one batch, each computed once when first asked for: ``terms(branch, p)`` is the
+    :func:`term_map` of block side ``p`` against the reconstruction (``branch="coarse"``) or the fine
+    prototypes' condition (``"fine"``). For L2 over all channels each branch's (locally averaged)
+    difference is also computed once and shared by its block sides (:func:`l2_block_term`)."""
+
+    def __init__(
+        self,
+        features: Tensor,
+        reconstruction: Tensor,
+        fine: Tensor | None,
+        config: ScoringConfig,
+        groups: tuple[int, ...] | None = None,
+    ) -> None:
+        self.features, self.config, self.groups = features, config, groups
+        self.others = {"coarse": reconstruction, "fine": fine}
+        self.maps: dict[tuple[str, int], Tensor] = {}
+        self.differences: dict[str, Tensor] = {}
+
+    def __call__(self, branch: str, p: int) -> Tensor:
+        if (branch, p) not in self.maps:
+            other = self.others[branch]
+            if self.config.distance == "l2" and self.groups is None:
+                if branch not in self.differences:
+                    self.differences[branch] = local_average(self.features - other, self.config.aggregate)
+                self.maps[(branch, p)] = l2_block_term(self.differences[branch], p)
+            else:
+                self.maps[(branch, p)] = term_map(self.features, other, p, self.config, self.groups)
+        return self.maps[(branch, p)]
+
+
 # The statistics of one term for each image of a batch: (mean, std), each of shape (B,).
 TermStatistics = Callable[[str, int], tuple[Tensor, Tensor]]
 
@@ -237,19 +268,7 @@ def scores_and_maps(
             "scoring.combine=standardised needs the model's normal statistics of every term "
             "(fitted after training); use scoring.combine=weighted for a model without them"
         )
-    cache: dict[tuple[str, int], Tensor] = {}
-    differences: dict[str, Tensor] = {}
-
-    def term(branch: str, p: int) -> Tensor:
-        if (branch, p) not in cache:
-            other = reconstruction if branch == "coarse" else fine
-            if config.distance == "l2" and groups is None:
-                if branch not in differences:
-                    differences[branch] = local_average(features - other, config.aggregate)
-                cache[(branch, p)] = l2_block_term(differences[branch], p)
-            else:
-                cache[(branch, p)] = term_map(features, other, p, config, groups)
-        return cache[(branch, p)]
+    term = TermMaps(features, reconstruction, fine, config, groups)
 
     def combined(coarse: tuple[int, ...], fine_pools: tuple[int, ...]) -> Tensor:
         keys = [("coarse", p) for p in coarse] + [("fine", p) for p in fine_pools]
