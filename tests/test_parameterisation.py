@@ -221,7 +221,7 @@ def test_skip_scale_is_the_least_squares_guess_of_the_target_from_z_t(prediction
     for abar in (0.02, 0.5, 0.97):
         a, b = torch.tensor(abar, dtype=torch.float64).sqrt(), torch.tensor(1 - abar, dtype=torch.float64).sqrt()
         z_t = a * z0 + b * noise
-        target = param.target(z0, noise, a, b)
+        target = param.target(z0, torch.zeros_like(z0), noise, a, b)
         regression = float((target * z_t).mean() / (z_t * z_t).mean())
         assert regression == pytest.approx(float(param.skip_scale(a, b)), abs=5e-3)
         back = param.split(target, z_t, a, b)  # the output that equals the target gives back z0 and eps

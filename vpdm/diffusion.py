@@ -168,8 +168,9 @@ class Parameterisation:
     name: str = ""
     predicts_noise: bool = False  # the output is eps_hat itself
 
-    def target(self, z0: Tensor, noise: Tensor, a: Tensor, b: Tensor) -> Tensor:
-        """The training target for ``z_t = a z0 + b noise``."""
+    def target(self, x0: Tensor, y: Tensor, noise: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """The training target for ``z_t = a z0 + b noise``, ``z0 = x0 - y`` (``y`` the shift: yhat or 0;
+        formed only by the types whose target needs it, not on every eps training step)."""
         raise NotImplementedError
 
     def split(self, output: Tensor, z: Tensor, a: Tensor | float, b: Tensor | float) -> tuple[Tensor, Tensor]:
@@ -190,7 +191,7 @@ class EpsilonPrediction(Parameterisation):
 
     name, predicts_noise = "eps", True
 
-    def target(self, z0, noise, a, b):
+    def target(self, x0, y, noise, a, b):
         return noise
 
     def split(self, output, z, a, b):
@@ -208,8 +209,8 @@ class SamplePrediction(Parameterisation):
 
     name = "x0"
 
-    def target(self, z0, noise, a, b):
-        return z0
+    def target(self, x0, y, noise, a, b):
+        return x0 - y
 
     def split(self, output, z, a, b):
         return output, (z - a * output) / b
@@ -226,8 +227,8 @@ class VPrediction(Parameterisation):
 
     name = "v"
 
-    def target(self, z0, noise, a, b):
-        return a * noise - b * z0
+    def target(self, x0, y, noise, a, b):
+        return a * noise - b * (x0 - y)
 
     def split(self, output, z, a, b):
         return a * z - b * output, b * z + a * output  # z0 = a z - b v, eps = b z + a v
@@ -382,7 +383,7 @@ class ShiftedDiffusion:
         self._check_t(t, x0)
         a = self._extract("sqrt_alphas_cumprod", t, x0)
         b = self._extract("sqrt_one_minus_alphas_cumprod", t, x0)
-        return self.parameterisation.target(x0 - self._shift(yhat), noise, a, b)
+        return self.parameterisation.target(x0, self._shift(yhat), noise, a, b)
 
     def split(self, output: Tensor, x_t: Tensor, yhat: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """``(x0_hat, eps_hat)`` from a network output in the configured parameterisation.
