@@ -211,9 +211,12 @@ def image_labels(
     """``pred_label`` of each image: 1 where its score is above its class's image threshold (``score >
     threshold``, in float64). The one place the rule is written; :meth:`PostProcessor.decide` and every
     decision metric use it."""
-    s = _float64(scores) if isinstance(scores, Tensor) else np.asarray(scores, dtype=np.float64)
-    t = np.array([thresholds[c] for c in categories], dtype=np.float64)
-    return (s > t).astype(np.int64)
+    return _above(_float64(scores), np.array([thresholds[c] for c in categories], dtype=np.float64))
+
+
+def _above(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """1 where ``score > threshold`` (float64 arrays of the same length), else 0: the decision rule."""
+    return (scores > thresholds).astype(np.int64)
 
 
 def not_calibrated_message(checkpoint: str) -> str:
@@ -510,8 +513,7 @@ class PostProcessor:
     def decide(self, scores: np.ndarray | Tensor, maps: np.ndarray | Tensor, categories: Sequence[str]) -> Decisions:
         if not self.ready:
             raise CheckpointError(not_calibrated_message(self.checkpoint))
-        s = np.asarray(scores.detach().cpu() if isinstance(scores, Tensor) else scores, dtype=np.float64)
-        m = np.asarray(maps.detach().cpu() if isinstance(maps, Tensor) else maps, dtype=np.float64)
+        s, m = _float64(scores), _float64(maps)
         n = s.shape[0]
         pred_score = np.zeros(n)
         it, pt = np.zeros(n), np.zeros(n)
@@ -525,7 +527,7 @@ class PostProcessor:
         return Decisions(
             category=list(categories),
             pred_score=pred_score,
-            pred_label=image_labels(s, range(n), dict(enumerate(it))),
+            pred_label=_above(s, it),
             pred_mask=m > pt.reshape(-1, *([1] * (m.ndim - 1))),
             image_threshold=it,
             pixel_threshold=pt,
