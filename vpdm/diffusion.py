@@ -500,24 +500,6 @@ class ShiftedDiffusion:
         self._check_generators(yhat, generators)
         return self._shift(yhat) + self._randn(yhat, generators)
 
-    def step(
-        self,
-        model_output: Tensor,
-        t: int,
-        t_prev: int,
-        x_t: Tensor,
-        yhat: Tensor,
-        *,
-        sampler: str = "ddim",
-        eta: float = 0.0,
-        noise: Tensor | None = None,
-        clip_x0: float | None = None,
-    ) -> DiffusionStep:
-        """One reverse step from index ``t`` to ``t_prev`` (-1 = to x0) of a full or respaced chain, by the
-        sampler named (:func:`make_sampler`; ``eta`` is DDIM's, the ddpm sampler has none)."""
-        chain = make_sampler(self, sampler, eta if sampler == "ddim" else None, clip_x0)
-        return chain.step(model_output, t, x_t, yhat, noise=noise, t_prev=t_prev)
-
     @torch.no_grad()
     def sample(
         self,
@@ -545,7 +527,7 @@ class ShiftedDiffusion:
         ``sampler="ddim"``: DDIM on ``z = x - yhat`` with ``eta``. No noise is added at the last step.
         With ``generators`` (one per item) every draw for item i comes from ``generators[i]``, so an
         item's result does not depend on the rest of the batch. ``spacing`` chooses the visited
-        timesteps of a shortened chain (:meth:`timesteps_for`); see :meth:`step` for ``clip_x0``.
+        timesteps of a shortened chain (:meth:`timesteps_for`); see :meth:`ReverseSampler.step` for ``clip_x0``.
         """
         chain = sampler if isinstance(sampler, ReverseSampler) else make_sampler(self, sampler, eta, clip_x0)
         self._check_generators(yhat, generators)
