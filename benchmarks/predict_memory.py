@@ -22,18 +22,33 @@ import tempfile
 import time
 from pathlib import Path
 
-SETTINGS = ["backbone.name=tf_efficientnet_lite0", "backbone.weights=none", "backbone.feature_size=8",
-            "model.prototypes.num_prototypes=4", "model.prototypes.downsample=2", "model.diffusion.num_timesteps=50",
-            "model.denoiser.width=16", "model.denoiser.groups=4", "sampling.num_steps=3", "train.batch_size=8",
-            "scoring.pool_size=4", "scoring.blur_sigma=1.0"]
+SETTINGS = [
+    "backbone.name=tf_efficientnet_lite0",
+    "backbone.weights=none",
+    "backbone.feature_size=8",
+    "model.prototypes.num_prototypes=4",
+    "model.prototypes.downsample=2",
+    "model.diffusion.num_timesteps=50",
+    "model.denoiser.width=16",
+    "model.denoiser.groups=4",
+    "sampling.num_steps=3",
+    "train.batch_size=8",
+    "scoring.pool_size=4",
+    "scoring.blur_sigma=1.0",
+]
 
 
 def vpdm(repo: Path, args: list[str], threads: int) -> tuple[int, float, float]:
     """Run ``python -m vpdm.cli ARGS`` from ``repo``; (exit code, peak resident MiB, seconds)."""
     env = dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "vpdm.cli", *args], cwd=repo, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vpdm.cli", *args],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak, not the largest of all children
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -61,8 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=224, help="backbone.image_size of the model (default 224)")
     p.add_argument("--threads", type=int, default=2, help="torch threads of every run (default 2)")
     p.add_argument("--batch-size", type=int, default=16, help="predict --batch-size (default 16)")
-    p.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1],
-                   help="the checkout whose vpdm runs (default: this one)")
+    p.add_argument(
+        "--repo",
+        type=Path,
+        default=Path(__file__).resolve().parents[1],
+        help="the checkout whose vpdm runs (default: this one)",
+    )
     p.add_argument("--work", type=Path, help="folder for the demo set, the model and the outputs (default: temporary)")
     args = p.parse_args(argv)
     counts = [int(c) for c in args.counts.split(",")]
@@ -71,22 +90,56 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vpdm-memory-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        settings = [a for s in [*SETTINGS, f"backbone.image_size={args.image_size}", f"train.threads={args.threads}"]
-                    for a in ("--set", s)]
+        settings = [
+            a
+            for s in [*SETTINGS, f"backbone.image_size={args.image_size}", f"train.threads={args.threads}"]
+            for a in ("--set", s)
+        ]
         demo = work / "demo"
-        vpdm(args.repo, ["train", "--data", f"demo:{demo}", "--output", str(work / "run"), "--epochs", "1",
-                         "--no-progress", "--set", f"data.cache_dir={work / 'cache'}", *settings], args.threads)
+        vpdm(
+            args.repo,
+            [
+                "train",
+                "--data",
+                f"demo:{demo}",
+                "--output",
+                str(work / "run"),
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--set",
+                f"data.cache_dir={work / 'cache'}",
+                *settings,
+            ],
+            args.threads,
+        )
         source = sorted((demo).glob("*/test/*/*.png"))
-        print(f"vpdm from {args.repo}; model at {args.image_size} px; {len(source)} demo test images copied; "
-              f"{args.threads} thread(s), batch {args.batch_size}")
+        print(
+            f"vpdm from {args.repo}; model at {args.image_size} px; {len(source)} demo test images copied; "
+            f"{args.threads} thread(s), batch {args.batch_size}"
+        )
         print("| images | peak resident memory (MiB) | seconds |\n|---:|---:|---:|")
         peaks = []
         for n in counts:
             images = image_folder(source, n, work / f"images-{n}")
-            _, peak, seconds = vpdm(args.repo, ["predict", "--checkpoint", str(work / "run" / "model.pt"), "--images",
-                                                str(images), "--output", str(work / f"scored-{n}"), "--no-progress",
-                                                "--batch-size", str(args.batch_size),
-                                                "--set", f"train.threads={args.threads}"], args.threads)
+            _, peak, seconds = vpdm(
+                args.repo,
+                [
+                    "predict",
+                    "--checkpoint",
+                    str(work / "run" / "model.pt"),
+                    "--images",
+                    str(images),
+                    "--output",
+                    str(work / f"scored-{n}"),
+                    "--no-progress",
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--set",
+                    f"train.threads={args.threads}",
+                ],
+                args.threads,
+            )
             peaks.append(peak)
             print(f"| {n} | {peak:.0f} | {seconds:.0f} |", flush=True)
         print(f"largest / smallest peak: {max(peaks) / min(peaks):.3f}")

@@ -28,11 +28,13 @@ import torch
 from scipy.stats import spearmanr
 
 from tune.features import pseudo_anomalies, same_class_pseudo_anomalies, split_validation
-from vpdm import engine
 from vpdm.bench.screen import condition_maps
-from vpdm.config import PAPER, VPDMConfig
-from vpdm.metrics import compute_metrics, image_auroc
-from vpdm.scoring import postprocess_maps, score_maps
+from vpdm.config.presets import PAPER
+from vpdm.config.schema import VPDMConfig
+from vpdm.evaluation import evaluator
+from vpdm.evaluation.metrics import compute_metrics, image_auroc
+from vpdm.model.scoring import postprocess_maps, score_maps
+from vpdm.training import engine
 
 MODELS: dict[str, list[str]] = {
     "local N4 K256": ["model.prototypes.num_prototypes=256"],
@@ -41,10 +43,8 @@ MODELS: dict[str, list[str]] = {
     "local N4 K8192 (the default when this study ran)": ["model.prototypes.num_prototypes=8192"],
     "local N4 K1024 eps 0.1": ["model.prototypes.num_prototypes=1024", "model.prototypes.ot_reg=0.1"],
     "local N4 K1024 eps 0.02": ["model.prototypes.num_prototypes=1024", "model.prototypes.ot_reg=0.02"],
-    "local N2 K1024": ["model.prototypes.num_prototypes=1024", "model.prototypes.downsample=2",
-                       "scoring.pools=[2]"],
-    "local N8 K1024": ["model.prototypes.num_prototypes=1024", "model.prototypes.downsample=8",
-                       "scoring.pools=[8]"],
+    "local N2 K1024": ["model.prototypes.num_prototypes=1024", "model.prototypes.downsample=2", "scoring.pools=[2]"],
+    "local N8 K1024": ["model.prototypes.num_prototypes=1024", "model.prototypes.downsample=8", "scoring.pools=[8]"],
     "image K50 (paper's prototypes, k-means)": ["preset=paper", "model.prototypes.init=kmeans"],
 }
 SCORINGS: dict[str, list[str]] = {"as set": [], "full resolution (pools 1)": ["scoring.pools=[1]"]}
@@ -66,11 +66,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    base = VPDMConfig().with_overrides([f"data.spec={args.data}", f"backbone.name={args.backbone}",
-                                        f"backbone.weights={args.weights}"]).validate()
+    base = (
+        VPDMConfig()
+        .with_overrides(
+            [f"data.spec={args.data}", f"backbone.name={args.backbone}", f"backbone.weights={args.weights}"]
+        )
+        .validate()
+    )
     train = engine.load_split(base, "train", progress=False)
     test = engine.load_split(base, "test", progress=False)
-    labels, masks, cats = engine.ground_truth(test.dataset)
+    labels, masks, cats = evaluator.ground_truth(test.dataset)
     class_index = train.class_index.numpy().astype(np.int64)
     train_idx, val_idx = split_validation(class_index, 0.15, seed=0)
     feats = train.features[torch.from_numpy(train_idx)]
@@ -96,18 +101,30 @@ def main(argv: list[str] | None = None) -> int:
         for sname, soverrides in SCORINGS.items():
             c = config.with_overrides(soverrides).validate() if soverrides else config
             raw = condition_maps(model, test.features, c.scoring)
-            up = torch.cat([postprocess_maps(raw[s : s + 64], size, c.scoring.blur_sigma) for s in range(0, len(raw), 64)])
+            up = torch.cat(
+                [postprocess_maps(raw[s : s + 64], size, c.scoring.blur_sigma) for s in range(0, len(raw), 64)]
+            )
             metrics = compute_metrics(labels, score_maps(up, c.scoring).numpy(), masks, up.numpy(), cats)["mean"]
             good = _val_scores(condition_maps(model, val, c.scoring), k)
             other = image_auroc(y, np.r_[good, _val_scores(condition_maps(model, val_other, c.scoring), k)])
             same = image_auroc(y, np.r_[good, _val_scores(condition_maps(model, val_same, c.scoring), k)])
-            row = {"model": name, "scoring": sname, "image_auroc": metrics["image_auroc"],
-                   "pixel_auroc": metrics["pixel_auroc"], "aupro": metrics["aupro"],
-                   "val_pseudo_auroc": other, "val_same_class_auroc": same, "build_s": built}
+            row = {
+                "model": name,
+                "scoring": sname,
+                "image_auroc": metrics["image_auroc"],
+                "pixel_auroc": metrics["pixel_auroc"],
+                "aupro": metrics["aupro"],
+                "val_pseudo_auroc": other,
+                "val_same_class_auroc": same,
+                "build_s": built,
+            }
             rows.append(row)
-            print(f"{name} | {sname}: test img {100 * row['image_auroc']:.1f} pix {100 * row['pixel_auroc']:.1f} "
-                  f"pro {100 * row['aupro']:.1f} | proxy other-class {100 * other:.1f} same-class {100 * same:.1f} "
-                  f"| built {built:.0f}s", flush=True)
+            print(
+                f"{name} | {sname}: test img {100 * row['image_auroc']:.1f} pix {100 * row['pixel_auroc']:.1f} "
+                f"pro {100 * row['aupro']:.1f} | proxy other-class {100 * other:.1f} same-class {100 * same:.1f} "
+                f"| built {built:.0f}s",
+                flush=True,
+            )
             if args.json:
                 with Path(args.json).open("a") as fh:
                     fh.write(json.dumps(row) + "\n")

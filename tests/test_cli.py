@@ -13,7 +13,7 @@ from PIL import Image
 
 from tests.images import declared_size_png, png_bytes
 from tests.test_io import file_size_limit
-from vpdm.cli import main
+from vpdm.cli.commands import main
 
 # Random-init Lite0 at 64 px: exercises every code path in seconds (quality is the benchmark's job).
 TINY = [
@@ -154,9 +154,10 @@ def test_predict_scores_a_folder_and_marks_bad_files(trained, tiny_demo, tmp_pat
 
 def test_predict_overlays_of_same_named_images_in_two_folders_are_kept_apart(trained, tiny_demo, tmp_path):
     """in/a/x.png and in/b/x.png: each row links its own overlay, named by the relative path like jobs/score.py."""
-    from vpdm.data import AnomalyDataset, Sample
-    from vpdm.pipeline import Detector
-    from vpdm.plots import overlay_array
+    from vpdm.data.dataset import AnomalyDataset
+    from vpdm.data.layouts import Sample
+    from vpdm.evaluation.plots import overlay_array
+    from vpdm.inference.detector import Detector
 
     images = tmp_path / "in"
     sources = {
@@ -197,13 +198,14 @@ def test_predict_overlays_of_same_named_images_in_two_folders_are_kept_apart(tra
 
 def test_predict_score_matches_evaluate_score(trained, tiny_demo):
     """The deployed image path (files -> Detector) and the evaluation path (cached features) agree."""
-    from vpdm import engine
-    from vpdm.checkpoint import load_checkpoint
-    from vpdm.pipeline import Detector
+    from vpdm.evaluation import evaluator
+    from vpdm.inference.checkpoint import load_checkpoint
+    from vpdm.inference.detector import Detector
+    from vpdm.training import engine
 
     model, config, _ = load_checkpoint(trained / "model.pt")
     test = engine.load_split(config, "test", progress=False)
-    result = engine.evaluate(model, config, test, progress=False)
+    result = evaluator.evaluate(model, config, test, progress=False)
     detector = Detector.from_checkpoint(trained / "model.pt")
     preds = detector.predict_files([s.image_path for s in test.dataset.samples[:4]], progress=False)
     torch.testing.assert_close(
@@ -322,7 +324,7 @@ def _pickled_payload(path: Path, marker: Path) -> None:
         def __reduce__(self):
             return (Path.touch, (marker,))
 
-    torch.save({"format": "vpdm.checkpoint", "version": 1, "state_dict": Payload()}, path)
+    torch.save({"format": "vpdm.inference.checkpoint", "version": 1, "state_dict": Payload()}, path)
 
 
 @pytest.mark.parametrize(
@@ -394,7 +396,7 @@ def test_core_library_imports_no_ray_or_mlflow():
     import subprocess
 
     code = (
-        "import vpdm, vpdm.cli, vpdm.engine, vpdm.pipeline, sys; "
+        "import vpdm, vpdm.cli.commands, vpdm.training.engine, vpdm.inference.detector, sys; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')]; assert not bad, bad"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=PATIENCE_S).returncode == 0
@@ -406,7 +408,7 @@ def test_core_library_imports_no_ray_or_mlflow():
 
 
 def _images_seen() -> int:
-    from vpdm.backbone import total_images_seen
+    from vpdm.features.backbone import total_images_seen
 
     return total_images_seen()
 
@@ -533,8 +535,8 @@ def test_evaluate_checks_its_outputs_before_extracting(case, trained, tmp_path, 
 @pytest.fixture()
 def thread_probe(monkeypatch):
     """Records torch's intra-op thread count at every backbone forward and every model scoring call (VPDM.detect, the inference path)."""
-    from vpdm.backbone import FeatureExtractor
-    from vpdm.model import VPDM
+    from vpdm.features.backbone import FeatureExtractor
+    from vpdm.model.vpdm_model import VPDM
 
     seen: dict[str, list[int]] = {"backbone": [], "model": []}
     forward, maps = FeatureExtractor.forward, VPDM.detect
@@ -675,8 +677,8 @@ def test_a_model_that_appears_while_training_is_never_replaced(tiny_demo, tmp_pa
     """Something that ignores the lock writes model.pt while we train: it is kept, ours is kept beside it."""
     import os
 
-    from vpdm import engine
-    from vpdm.checkpoint import load_checkpoint
+    from vpdm.inference.checkpoint import load_checkpoint
+    from vpdm.training import engine
 
     out = tmp_path / "run"
     real_fit = engine.fit
@@ -847,7 +849,7 @@ def _settings(kind: type) -> list[str]:
     import dataclasses
     import typing
 
-    from vpdm.config import VPDMConfig
+    from vpdm.config.schema import VPDMConfig
 
     def walk(cls, prefix):
         hints = typing.get_type_hints(cls)
@@ -885,7 +887,7 @@ def test_the_walk_finds_the_settings():
 @pytest.mark.parametrize("name", FLOAT_SETTINGS)
 @pytest.mark.parametrize("value", [".nan", "nan", ".inf", "-.inf", "inf", "1e999"])
 def test_every_float_setting_refuses_nan_and_infinity_by_name(name, value):
-    from vpdm.config import load_config
+    from vpdm.config.schema import load_config
     from vpdm.errors import ConfigError
 
     with pytest.raises(ConfigError, match=f"^{name} must be a finite number, got "):
@@ -895,7 +897,7 @@ def test_every_float_setting_refuses_nan_and_infinity_by_name(name, value):
 @pytest.mark.parametrize("name", INT_SETTINGS)
 @pytest.mark.parametrize("value", [0, -1])
 def test_every_count_refuses_zero_and_negative_values_by_name(name, value):
-    from vpdm.config import load_config
+    from vpdm.config.schema import load_config
     from vpdm.errors import ConfigError
 
     if name in ZERO_ALLOWED and (value == 0 or name.endswith("seed")):
@@ -909,7 +911,7 @@ def test_every_count_refuses_zero_and_negative_values_by_name(name, value):
 @pytest.mark.parametrize("name", [n for n in INT_SETTINGS if n.endswith("seed")] + ["train.epochs"])
 @pytest.mark.parametrize("value", [99999999999999999999999, 2**63, -(2**63) - 1])
 def test_an_integer_beyond_64_bits_is_refused_by_name(name, value):
-    from vpdm.config import load_config
+    from vpdm.config.schema import load_config
     from vpdm.errors import ConfigError
 
     with pytest.raises(ConfigError, match=f"^{name} must be an integer that fits in 64 bits"):
@@ -945,7 +947,7 @@ def test_a_seed_beyond_64_bits_fails_the_command_before_any_work(tiny_demo, tmp_
     ],
 )
 def test_a_key_given_twice_in_a_settings_file_is_an_error_naming_it_and_both_lines(text, key, lines, tmp_path):
-    from vpdm.config import load_config
+    from vpdm.config.schema import load_config
     from vpdm.errors import ConfigError
 
     path = tmp_path / "s.yaml"
@@ -957,7 +959,7 @@ def test_a_key_given_twice_in_a_settings_file_is_an_error_naming_it_and_both_lin
 
 
 def test_a_section_set_merges_into_earlier_settings_of_that_section():
-    from vpdm.config import load_config
+    from vpdm.config.schema import load_config
     from vpdm.errors import ConfigError
 
     config = load_config(None, ["train.lr=0.01", "train={epochs: 3}"])
@@ -1039,8 +1041,10 @@ def test_evaluate_says_whether_it_used_the_feature_cache_and_which_entry(trained
 def test_config_preset_paper_is_the_papers_method_and_set_still_wins(capsys):
     import yaml
 
-    from vpdm.cli import main
-    from vpdm.config import PAPER, VPDMConfig, flatten_dict, to_dict
+    from vpdm.cli.commands import main
+    from vpdm.config.presets import PAPER
+    from vpdm.config.schema import VPDMConfig
+    from vpdm.config.values import flatten_dict, to_dict
 
     assert main(["config", "--preset", "paper", "--set", "train.epochs=7"]) == 0
     printed = flatten_dict(yaml.safe_load(capsys.readouterr().out))

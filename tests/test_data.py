@@ -1,4 +1,4 @@
-"""Tests for vpdm.data: real-data counts, layouts, every bad-input error, and the synthetic demo."""
+"""Tests for vpdm.data.layouts: real-data counts, layouts, every bad-input error, and the synthetic demo."""
 
 from __future__ import annotations
 
@@ -11,16 +11,9 @@ import torch
 from PIL import Image, ImageFile
 from scipy import ndimage
 
-from vpdm.data import (
-    AnomalyDataset,
-    Sample,
-    categories,
-    check_images,
-    demo_root,
-    list_samples,
-    make_demo_dataset,
-    parse_data_spec,
-)
+from vpdm.data.dataset import AnomalyDataset, check_images
+from vpdm.data.demo import demo_root, make_demo_dataset
+from vpdm.data.layouts import Sample, categories, list_samples, parse_data_spec
 from vpdm.errors import ConfigError, DataError
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +185,7 @@ def test_unmasked_defects_count_in_image_metrics_only(tmp_path: Path) -> None:
     are known (checked with scikit-learn on those pixels), image metrics still use every image."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from vpdm.engine import evaluate_maps
+    from vpdm.evaluation.evaluator import evaluate_maps
 
     root = make_tree(tmp_path / "part", defects=("crack", "dent", "hole"))
     (root / "ground_truth" / "hole" / "000_mask.png").unlink()
@@ -441,7 +434,7 @@ def test_small_defect_demo_has_few_pixel_defects_inside_the_part(
 ) -> None:
     """`demo-small`: small parts freely placed and fine textures, each defect a few pixels (under 0.2 % of
     the image, the bench's "small" stratum), drawn where the class's region is (on the screw, not beside it)."""
-    from vpdm.data import SMALL_DEFECTS, SMALL_DEMO_CLASSES
+    from vpdm.data.demo import SMALL_DEFECTS, SMALL_DEMO_CLASSES
 
     monkeypatch.setenv("VPDM_DEMO_DIR", str(tmp_path / "demo"))
     root = make_demo_dataset(
@@ -530,7 +523,7 @@ def test_bsdata_counts_and_its_non_square_masks_line_up(shared_data: Path) -> No
 
 
 def test_resize_mask_keeps_a_defect_thinner_than_the_resampling_step() -> None:
-    from vpdm.data import resize_mask
+    from vpdm.data.images import resize_mask
 
     mask = np.zeros((10, 100), dtype=np.uint8)
     mask[4, 9] = 1  # column 9 of 100 is skipped by nearest neighbour at 64 columns (it reads 8 and 10)

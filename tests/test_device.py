@@ -14,18 +14,22 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-import vpdm.device
-import vpdm.engine as engine
+import vpdm.runtime.device
+import vpdm.training.engine as engine
 from tests.conftest import train_checkpoint
 from tests.test_cli import TINY
-from vpdm.backbone import FeatureExtractor, extract_features, total_images_seen
-from vpdm.cli import main
-from vpdm.config import VPDMConfig, saved_config, to_dict
-from vpdm.data import AnomalyDataset, list_samples, make_demo_dataset
+from vpdm.cli.commands import main
+from vpdm.config.schema import VPDMConfig, saved_config
+from vpdm.config.values import to_dict
+from vpdm.data.dataset import AnomalyDataset
+from vpdm.data.demo import make_demo_dataset
+from vpdm.data.layouts import list_samples
 from vpdm.errors import ConfigError, VPDMError
-from vpdm.model import VPDM
-from vpdm.pipeline import Detector
-from vpdm.precision import check_precision
+from vpdm.features.backbone import FeatureExtractor, total_images_seen
+from vpdm.features.cache import extract_features
+from vpdm.inference.detector import Detector
+from vpdm.model.vpdm_model import VPDM
+from vpdm.runtime.precision import check_precision
 
 # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 ~ 0.2% per operation), fp16 11 bits. The default image
 # score is a sum of standardised terms whose zero is arbitrary, so its error is measured against the scores' spread
@@ -215,8 +219,8 @@ def probe(monkeypatch):
         seen["detect"].append((features.device, next(self.parameters()).device, kwargs.get("precision", "fp32")))
         return real_detect(self, features, *args, **kwargs)
 
-    # the commands import it from vpdm.device when they run; engine bound its own name at import
-    monkeypatch.setattr(vpdm.device, "select_device", select)
+    # the commands import it from vpdm.runtime.device when they run; engine bound its own name at import
+    monkeypatch.setattr(vpdm.runtime.device, "select_device", select)
     monkeypatch.setattr(engine, "select_device", select)
     monkeypatch.setattr(FeatureExtractor, "forward", forward)
     monkeypatch.setattr(VPDM, "detect", detect)
@@ -248,7 +252,7 @@ def test_the_device_option_reaches_extraction_and_scoring(command, probe, checkp
 
 def test_the_checkpoints_train_device_is_not_where_it_runs_now(checkpoint, tmp_path, probe, no_cuda):
     """A model trained on a GPU (train.device=cuda in its config) still evaluates on a CPU-only machine."""
-    from vpdm.checkpoint import read_checkpoint
+    from vpdm.inference.checkpoint import read_checkpoint
 
     payload = read_checkpoint(checkpoint)
     payload["config"]["train"]["device"] = "cuda"
@@ -313,7 +317,7 @@ def test_reduced_precision_scores_match_float32_within_tolerance(precision, chec
 
 def test_both_networks_run_under_autocast_and_come_back_as_float32(checkpoint, demo3):
     """bf16 in the backbone alone and in the denoiser alone each change the result a little, not a lot."""
-    from vpdm.checkpoint import load_checkpoint
+    from vpdm.inference.checkpoint import load_checkpoint
 
     model, config, _ = load_checkpoint(checkpoint)
     dataset = AnomalyDataset(list_samples(f"demo:{demo3}", "test")[:8], image_size=config.backbone.image_size)
@@ -468,7 +472,7 @@ def test_a_config_without_an_inference_section_is_fp32():
 
 
 def test_export_refuses_reduced_precision():
-    from vpdm.export import unsupported_settings
+    from vpdm.deploy.export import unsupported_settings
 
     assert unsupported_settings(VPDMConfig()) == []
     problems = unsupported_settings(VPDMConfig().with_overrides(["inference.precision=bf16"]))

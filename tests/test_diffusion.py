@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from vpdm.diffusion import NoiseScheduleConfig, ShiftedDiffusion, make_betas
 from vpdm.errors import ConfigError
+from vpdm.model.diffusion import NoiseScheduleConfig, ShiftedDiffusion, make_betas
 
 
 def np_abar(betas: np.ndarray) -> np.ndarray:
@@ -397,8 +397,8 @@ def test_config_dict_round_trip() -> None:
 def test_sampler_objects_run_the_same_chain_as_sample_and_check_once() -> None:
     """diffusers' form (build, set_timesteps, step per timestep) is the chain sample() runs; the DDPM step's
     sigma is the process's own posterior standard deviation on the full chain; bad settings fail at build."""
-    from vpdm.config import SamplingConfig
-    from vpdm.diffusion import DDIMSampler, DDPMSampler, make_sampler
+    from vpdm.model.config import SamplingConfig
+    from vpdm.model.diffusion import DDIMSampler, DDPMSampler, make_sampler
 
     process = ShiftedDiffusion(NoiseScheduleConfig(num_timesteps=50))
     yhat = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))

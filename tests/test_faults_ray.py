@@ -431,7 +431,7 @@ def test_mlflow_server_lost_mid_sweep_training_goes_on_and_the_replay_loses_noth
     (trial,) = d.trials
     # training went on to the end: three epochs, a final checkpoint and an evaluation, despite the outage
     assert trial.status == "completed" and trial.epochs == 3 and 0.0 <= trial.test["image_auroc"] <= 1.0
-    from vpdm.checkpoint import read_checkpoint
+    from vpdm.inference.checkpoint import read_checkpoint
 
     ckpts = sorted(Path(result.storage_path, "train").glob("*/checkpoint_*/model.pt"))
     assert max(read_checkpoint(p)["epoch"] for p in ckpts) == 3

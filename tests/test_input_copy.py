@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from tests.test_model import C, S, small_config, small_model
-from vpdm.checkpoint import load_checkpoint, save_checkpoint
-from vpdm.config import ModelConfig, SamplingConfig, VPDMConfig
-from vpdm.denoiser import Denoiser, DenoiserConfig
+from vpdm.config.schema import VPDMConfig
 from vpdm.errors import ConfigError
+from vpdm.inference.checkpoint import load_checkpoint, save_checkpoint
+from vpdm.model.config import ModelConfig, SamplingConfig
+from vpdm.model.denoiser import Denoiser, DenoiserConfig
 
 
 def test_dropout_copy_zeroes_a_fraction_p_and_keeps_the_mean() -> None:

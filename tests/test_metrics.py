@@ -11,7 +11,7 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from vpdm.errors import ConfigError, DataError
-from vpdm.metrics import (
+from vpdm.evaluation.metrics import (
     METRIC_KEYS,
     aupro,
     compute_metrics,
@@ -305,7 +305,7 @@ def _slow_stratum_aupro(masks: np.ndarray, maps: np.ndarray, keep_region, limit:
 
 
 def test_defect_size_strata_follow_region_area_and_match_a_slow_reference() -> None:
-    from vpdm.metrics import defect_size_metrics
+    from vpdm.evaluation.metrics import defect_size_metrics
 
     rng = np.random.default_rng(0)
     size = 40  # 1600 pixels: small < 3.2 px (0.2 %), medium < 32 px (2 %), large above
@@ -342,7 +342,7 @@ def test_defect_size_strata_follow_region_area_and_match_a_slow_reference() -> N
 
 
 def test_defect_size_mean_skips_classes_without_the_stratum_and_refuses_bad_bounds() -> None:
-    from vpdm.metrics import defect_size_metrics
+    from vpdm.evaluation.metrics import defect_size_metrics
 
     rng = np.random.default_rng(1)
     masks = np.zeros((4, 40, 40), dtype=bool)

@@ -42,7 +42,7 @@ from tune.mlflow_model import (  # noqa: E402
     predict_frame,
     register_champion,
 )
-from vpdm.pipeline import Detector  # noqa: E402
+from vpdm.inference.detector import Detector  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "vpdm-test"
@@ -426,7 +426,7 @@ def test_the_caller_chooses_what_map_comes_back(loaded, images, reference):
 
 
 def test_the_answer_carries_decisions_at_the_calibrated_or_requested_thresholds(checkpoint, images, reference):
-    from vpdm.postprocess import normalise
+    from vpdm.decision.postprocess import normalise
 
     detector = Detector.from_checkpoint(checkpoint)
     cal = detector.calibration

@@ -3,15 +3,18 @@
 import pytest
 import torch
 
-from vpdm.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from vpdm.config import PAPER, ModelConfig, SamplingConfig, VPDMConfig, load_config
-from vpdm.denoiser import Denoiser, DenoiserConfig
-from vpdm.diffusion import NoiseScheduleConfig
-from vpdm.engine import feature_loader, score_features, train_loop
+from vpdm.config.presets import PAPER
+from vpdm.config.schema import VPDMConfig, load_config
 from vpdm.errors import CheckpointError, ConfigError
-from vpdm.model import VPDM
-from vpdm.scoring import ScoringConfig, gaussian_blur, image_scores
-from vpdm.vpot import VPOTConfig
+from vpdm.evaluation.evaluator import score_features
+from vpdm.inference.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from vpdm.model.config import ModelConfig, SamplingConfig
+from vpdm.model.denoiser import Denoiser, DenoiserConfig
+from vpdm.model.diffusion import NoiseScheduleConfig
+from vpdm.model.scoring import ScoringConfig, gaussian_blur, image_scores
+from vpdm.model.vpdm_model import VPDM
+from vpdm.model.vpot import VPOTConfig
+from vpdm.training.engine import feature_loader, train_loop
 
 C, S = 8, 8
 
@@ -79,7 +82,7 @@ def test_prototypes_get_gradients_from_both_terms():
 def test_training_beats_the_skip_only_noise_guess():
     """Before training the network outputs zero and eps_theta is the linear skip alone; training
     on two-cluster data must cut the noise-prediction error on fixed (t, noise) draws."""
-    from vpdm.config import TrainConfig
+    from vpdm.config.schema import TrainConfig
 
     torch.manual_seed(0)
     base = torch.randn(2, C, S, S)
@@ -187,7 +190,7 @@ def test_checkpoint_refuses_foreign_and_tampered_files(tmp_path):
             return (print, ("pwned",))
 
     tampered = tmp_path / "tampered.pt"
-    torch.save({"format": "vpdm.checkpoint", "version": 1, "payload": Evil()}, tampered)
+    torch.save({"format": "vpdm.inference.checkpoint", "version": 1, "payload": Evil()}, tampered)
     with pytest.raises(CheckpointError, match="holds Python objects a vpdm checkpoint never contains"):
         read_checkpoint(tampered)
     garbage = tmp_path / "garbage.pt"
@@ -254,8 +257,8 @@ def test_config_yaml_and_overrides(tmp_path):
 
 def test_same_seed_same_config_same_model_bitwise():
     """Determinism on CPU: two trainings with one seed give identical weights and maps."""
-    from vpdm import engine
-    from vpdm.config import TrainConfig
+    from vpdm.config.schema import TrainConfig
+    from vpdm.training import engine
 
     torch.manual_seed(1)
     feats = torch.randn(24, C, S, S)
@@ -277,8 +280,8 @@ def test_same_seed_same_config_same_model_bitwise():
 def test_a_nan_loss_stops_training_before_any_step_and_says_where():
     import pickle
 
-    from vpdm.config import TrainConfig
-    from vpdm.engine import TrainingDiverged
+    from vpdm.config.schema import TrainConfig
+    from vpdm.training.engine import TrainingDiverged
 
     torch.manual_seed(0)
     feats = torch.randn(16, C, S, S)
@@ -310,7 +313,7 @@ def test_a_nan_loss_stops_training_before_any_step_and_says_where():
 def test_postprocess_matrix_form_equals_interpolate_then_blur(h, w, size, sigma):
     import torch.nn.functional as F
 
-    from vpdm.scoring import postprocess_maps
+    from vpdm.model.scoring import postprocess_maps
 
     maps = torch.rand(3, h, w, generator=torch.Generator().manual_seed(h + w)) * 5
     ref = F.interpolate(maps.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False).squeeze(1)
@@ -325,8 +328,10 @@ def test_postprocess_matrix_form_equals_interpolate_then_blur(h, w, size, sigma)
 def test_a_config_saved_before_new_settings_loads_as_it_was_trained(tmp_path):
     """A checkpoint of vpdm 0.1.0 has no key for the settings added since: it must come back with the
     behaviour it was trained with (paper-level prototypes, eps, one-position distances), not the new defaults."""
-    from vpdm.checkpoint import load_checkpoint, save_checkpoint
-    from vpdm.config import LEGACY_VALUES, saved_config, to_dict
+    from vpdm.config.migration import LEGACY_VALUES
+    from vpdm.config.schema import saved_config
+    from vpdm.config.values import to_dict
+    from vpdm.inference.checkpoint import load_checkpoint, save_checkpoint
 
     old = to_dict(VPDMConfig().with_overrides(PAPER))
     for key in LEGACY_VALUES:  # drop every key that 0.1.0 did not write
@@ -351,8 +356,8 @@ def test_a_config_saved_before_new_settings_loads_as_it_was_trained(tmp_path):
 def test_a_checkpoint_written_before_a_setting_was_retired_loads_and_scores_the_same(tmp_path):
     """The previous format stored model.feature_jitter (0 unless set): such a file loads as the same model and
     config; one trained with jitter is refused, naming the setting, instead of being scored as something else."""
-    from vpdm.checkpoint import load_checkpoint, save_checkpoint
     from vpdm.errors import CheckpointError
+    from vpdm.inference.checkpoint import load_checkpoint, save_checkpoint
 
     model = small_model().eval()
     config = VPDMConfig(model=model.config)
@@ -391,8 +396,8 @@ def test_precomputed_training_condition_gives_the_same_losses(assignment):
 
 
 def test_fit_assigns_frozen_prototypes_once_and_refuses_a_batch_dependent_condition(monkeypatch):
-    from vpdm import engine
-    from vpdm.config import TrainConfig
+    from vpdm.config.schema import TrainConfig
+    from vpdm.training import engine
 
     calls = []
     original = VPDM.training_condition
@@ -420,7 +425,7 @@ def test_fit_assigns_frozen_prototypes_once_and_refuses_a_batch_dependent_condit
 
 def _fine_model(seed=0):
     """Two well-separated classes; coarse and fine prototypes with short lists; statistics fitted."""
-    from vpdm.vpot import FineConfig
+    from vpdm.model.vpot import FineConfig
 
     torch.manual_seed(seed)
     feats = torch.cat([torch.randn(10, C, S, S), torch.randn(10, C, S, S) + 6.0])
@@ -453,7 +458,7 @@ def test_standardised_scores_are_the_mean_of_class_standardised_terms():
     """Every term (the reconstruction's 4x4 blocks, the fine condition per position and in 4x4 blocks) minus
     the mean and over the std of its values on the image's class's normal training images, averaged; the
     statistics themselves against numpy over the images fit_statistics picks (6 of 10, evenly spaced)."""
-    from vpdm.scoring import postprocess_maps, score_maps, term_map
+    from vpdm.model.scoring import postprocess_maps, score_maps, term_map
 
     model, feats, classes, sampling, scoring = _fine_model()
     assert model.term_mean.shape == (2, len(model.stat_terms))

@@ -16,11 +16,11 @@ import torch
 from PIL import Image
 
 from tests.test_cli import TINY
-from vpdm.cli import main
+from vpdm.cli.commands import main
 
 
 def _images_seen() -> int:
-    from vpdm.backbone import total_images_seen
+    from vpdm.features.backbone import total_images_seen
 
     return total_images_seen()
 
@@ -96,7 +96,7 @@ def test_evaluate_never_writes_onto_its_checkpoint(run, tmp_path, capsys, overwr
 def test_every_writer_refuses_an_existing_file_unless_told_and_then_replaces_it(run, tmp_path, capsys):
     """evaluate --output / --plots, calibrate --output: the file that is there is kept, and the command says so
     before any image; with --overwrite it is replaced by a complete new one."""
-    from vpdm.checkpoint import checkpoint_calibration, load_checkpoint
+    from vpdm.inference.checkpoint import checkpoint_calibration, load_checkpoint
 
     theirs = b"the user's own file"
     metrics, plots, other = tmp_path / "m.json", tmp_path / "plots", tmp_path / "other.pt"
@@ -366,7 +366,7 @@ def test_predict_follows_linked_folders_and_names_every_file_it_does_not_score(r
 
 
 def test_predict_writes_each_batch_before_scoring_the_next(run, tmp_path, monkeypatch):
-    from vpdm.pipeline import Detector
+    from vpdm.inference.detector import Detector
 
     images = _incoming(tmp_path, run["demo"], 6)
     out = tmp_path / "scored"
@@ -408,7 +408,7 @@ def test_predict_writes_each_batch_before_scoring_the_next(run, tmp_path, monkey
 @pytest.fixture()
 def grid_only(tmp_path):
     """The tiny demo's grid class alone (same seed and sizes: the same images), as a demo spec."""
-    from vpdm.data import make_demo_dataset
+    from vpdm.data.demo import make_demo_dataset
 
     return make_demo_dataset(
         tmp_path / "grid-only",
@@ -421,8 +421,8 @@ def grid_only(tmp_path):
 
 
 def test_calibrating_one_class_keeps_the_others_thresholds(run, grid_only, tmp_path, capsys):
-    from vpdm.checkpoint import checkpoint_calibration, load_checkpoint
-    from vpdm.pipeline import Detector
+    from vpdm.inference.checkpoint import checkpoint_calibration, load_checkpoint
+    from vpdm.inference.detector import Detector
 
     ckpt = tmp_path / "model.pt"
     shutil.copy(run["model"], ckpt)
@@ -548,7 +548,7 @@ def test_threshold_and_category_overrides_on_an_uncalibrated_model(run, tmp_path
 @pytest.mark.parametrize("override", ["backbone.image_size=32", "model.prototypes.num_prototypes=8"])
 def test_the_python_api_applies_the_clis_override_policy(run, override):
     from vpdm.errors import ConfigError
-    from vpdm.pipeline import Detector
+    from vpdm.inference.detector import Detector
 
     with pytest.raises(ConfigError, match=f"Detector.from_checkpoint cannot change {override.split('=')[0]}"):
         Detector.from_checkpoint(run["model"], overrides=[override])
@@ -644,7 +644,7 @@ def test_evaluate_says_why_metrics_are_empty_on_a_test_split_of_good_images(run,
 
 
 def test_the_demo_files_are_readable_like_any_new_file(tmp_path):
-    from vpdm.data import make_demo_dataset
+    from vpdm.data.demo import make_demo_dataset
 
     old = os.umask(0o022)
     try:
@@ -695,8 +695,8 @@ def test_a_run_terminated_after_an_epoch_resumes_to_the_same_model_bit_for_bit(
 ):
     import signal
 
-    import vpdm.resume
-    from vpdm.checkpoint import load_checkpoint
+    import vpdm.training.resume
+    from vpdm.inference.checkpoint import load_checkpoint
     from vpdm.io import exclusive_folder
 
     base = [
@@ -718,17 +718,17 @@ def test_a_run_terminated_after_an_epoch_resumes_to_the_same_model_bit_for_bit(
     assert not (tmp_path / "whole" / "train-state.pt").exists()  # a complete run leaves nothing to resume
 
     out = tmp_path / "killed"
-    real_write = vpdm.resume.write_state
+    real_write = vpdm.training.resume.write_state
 
     def write_then_sigterm(path, state):
         real_write(path, state)
         os.kill(os.getpid(), signal.SIGTERM)  # `kill` of the run just after its first epoch's state is saved
 
-    monkeypatch.setattr(vpdm.resume, "write_state", write_then_sigterm)
+    monkeypatch.setattr(vpdm.training.resume, "write_state", write_then_sigterm)
     assert main([*base, "--output", str(out)]) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert "terminated (SIGTERM)" in err and "continue with the same command and --resume" in err, err
-    monkeypatch.setattr(vpdm.resume, "write_state", real_write)
+    monkeypatch.setattr(vpdm.training.resume, "write_state", real_write)
     assert sorted(p.name for p in out.iterdir()) == ["train-state.pt"]  # no model, no temporaries, no lock
     with exclusive_folder(out):
         pass  # the lock was released

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from vpdm.diffusion import PREDICTIONS, NoiseScheduleConfig, ShiftedDiffusion
 from vpdm.errors import ConfigError
+from vpdm.model.diffusion import PREDICTIONS, NoiseScheduleConfig, ShiftedDiffusion
 
 
 def gens(seeds: list[int]) -> list[torch.Generator]:
@@ -213,7 +213,7 @@ def test_bad_start_and_training_range_are_refused() -> None:
 def test_skip_scale_is_the_least_squares_guess_of_the_target_from_z_t(prediction: str) -> None:
     """Monte Carlo: for unit-variance z0 and noise, c_skip is the regression coefficient of the target on
     z_t = a z0 + b eps, i.e. E[target z_t] / E[z_t^2]; the network then learns only what z_t cannot say."""
-    from vpdm.diffusion import PARAMETERISATIONS
+    from vpdm.model.diffusion import PARAMETERISATIONS
 
     g = torch.Generator().manual_seed(0)
     z0, noise = torch.randn(2, 400_000, generator=g, dtype=torch.float64)

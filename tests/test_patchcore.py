@@ -7,8 +7,15 @@ import pytest
 import torch
 from sklearn.neighbors import NearestNeighbors
 
+from vpdm.bench.patchcore import (
+    PatchCore,
+    PatchCoreConfig,
+    greedy_coreset,
+    local_aggregate,
+    nn_distances,
+    random_projection,
+)
 from vpdm.errors import ConfigError, DataError
-from vpdm.patchcore import PatchCore, PatchCoreConfig, greedy_coreset, local_aggregate, nn_distances, random_projection
 
 
 def _brute_force_greedy(x: torch.Tensor, first: int, n: int) -> list[int]:

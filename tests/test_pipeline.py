@@ -13,9 +13,10 @@ import torch
 from tests.conftest import train_checkpoint
 from tests.images import declared_size_png, png_bytes, raw_png16
 from tests.test_cli import TINY
-from vpdm.data import IMAGENET_MEAN, IMAGENET_STD, MIN_IMAGE_SIDE
+from vpdm.data.images import MIN_IMAGE_SIDE
 from vpdm.errors import DataError
-from vpdm.pipeline import Detector
+from vpdm.features.backbone import IMAGENET_MEAN, IMAGENET_STD
+from vpdm.inference.detector import Detector
 
 SIZE = 64  # backbone.image_size in TINY
 
@@ -69,7 +70,7 @@ def test_score_tensor_refuses_wrong_shapes(detector, shape):
         detector.score_tensor(torch.zeros(shape))
     assert (
         str(info.value) == f"images have shape {shape}; {EXPECTED} "
-        "((x / 255 - IMAGENET_MEAN) / IMAGENET_STD, as vpdm.data.AnomalyDataset yields)"
+        "((x / 255 - IMAGENET_MEAN) / IMAGENET_STD, as vpdm.data.dataset.AnomalyDataset yields)"
     )
 
 

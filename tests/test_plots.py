@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from vpdm.errors import DataError
-from vpdm.plots import overlay_array, save_overlay, save_roc_curves
+from vpdm.evaluation.plots import overlay_array, save_overlay, save_roc_curves
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -90,7 +90,7 @@ def test_save_roc_curves_writes_png(tmp_path: Path) -> None:
 def test_importing_plots_does_not_import_matplotlib() -> None:
     import subprocess
 
-    code = "import vpdm, vpdm.plots, vpdm.metrics, sys; print('matplotlib' in sys.modules)"
+    code = "import vpdm, vpdm.evaluation.plots, vpdm.evaluation.metrics, sys; print('matplotlib' in sys.modules)"
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "False"

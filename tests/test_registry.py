@@ -34,11 +34,11 @@ from tune.registry import (  # noqa: E402
     register_challenger,
     registered_name,
 )
-from vpdm.backbone import FeatureExtractor  # noqa: E402
-from vpdm.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
-from vpdm.cli import main as vpdm_main  # noqa: E402
-from vpdm.config import to_dict  # noqa: E402
+from vpdm.cli.commands import main as vpdm_main  # noqa: E402
+from vpdm.config.values import to_dict  # noqa: E402
 from vpdm.errors import ConfigError  # noqa: E402
+from vpdm.features.backbone import FeatureExtractor  # noqa: E402
+from vpdm.inference.checkpoint import load_checkpoint, read_checkpoint  # noqa: E402
 
 SEED, VAL_FRACTION = 0, 0.25
 
@@ -150,7 +150,7 @@ def _state(name):
 
 def test_registered_name_is_one_per_dataset_slug_unless_overridden(tiny_demo, tmp_path):
     from tune.sweep import SweepConfig, plan_sweep
-    from vpdm.data import make_demo_dataset
+    from vpdm.data.demo import make_demo_dataset
 
     assert default_model_name("mvtec-bottle") == "vpdm-mvtec-bottle"
     assert registered_name(None, "demo", 1) == "vpdm-demo"

@@ -8,7 +8,7 @@ import torch
 from sklearn.metrics.pairwise import cosine_similarity
 
 from vpdm.errors import ConfigError
-from vpdm.scoring import ScoringConfig, feature_distance, image_scores, score_maps
+from vpdm.model.scoring import ScoringConfig, feature_distance, image_scores, score_maps
 
 # The weighted combination of the reconstruction's terms alone (no fine prototypes, no statistics).
 WEIGHTED = dict(fine_pools=(), fine_image_pools=None, combine="weighted")
@@ -85,7 +85,7 @@ def test_bad_scoring_settings_are_refused_by_name(field: str, value: object) -> 
 
 
 def test_pooled_and_aggregated_maps_match_numpy() -> None:
-    from vpdm.scoring import distance_map
+    from vpdm.model.scoring import distance_map
 
     a, b = _pair(4, c=3)
     a, b = (
@@ -122,7 +122,7 @@ def test_pooled_and_aggregated_maps_match_numpy() -> None:
 def test_the_image_score_comes_from_its_own_block_sides_and_the_map_from_pools() -> None:
     """scores_and_maps: the map is the `pools` distance post-processed; the image score equals the score
     of the map computed with `image_pools` alone (and of the map itself when image_pools is null)."""
-    from vpdm.scoring import distance_map, postprocess_maps, scores_and_maps
+    from vpdm.model.scoring import distance_map, postprocess_maps, scores_and_maps
 
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(4, 6, 8, 8, generator=g), torch.randn(4, 6, 8, 8, generator=g)
@@ -157,7 +157,7 @@ def test_the_map_and_the_image_score_each_need_a_term() -> None:
 
 
 def test_image_pools_must_divide_the_feature_size() -> None:
-    from vpdm.config import VPDMConfig
+    from vpdm.config.schema import VPDMConfig
 
     with pytest.raises(ConfigError, match="scoring.image_pools: 3 must divide"):
         VPDMConfig().with_overrides(["scoring.image_pools=[3]"]).validate()

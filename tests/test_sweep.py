@@ -14,8 +14,8 @@ from tune.distributed import StratifiedShardSampler, per_worker_batch_size, vali
 from tune.features import pseudo_anomalies, split_validation
 from tune.presets import ABLATIONS, PRESETS, Dim, apply_search_overrides, get_preset, parse_dim, validate_space
 from tune.sweep import SweepConfig, dataset_slug, parse_datasets, plan_sweep, run_sweep
-from vpdm.config import VPDMConfig
-from vpdm.data import make_demo_dataset
+from vpdm.config.schema import VPDMConfig
+from vpdm.data.demo import make_demo_dataset
 from vpdm.errors import ConfigError, DataError, VPDMError
 
 # -- sharding ---------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def test_global_batch_is_split_over_workers():
 @pytest.mark.parametrize("ablation", list(ABLATIONS))
 def test_every_parameter_gets_a_gradient_in_every_ablation(ablation):
     """DDP runs with find_unused_parameters=False: an unused parameter would hang the all-reduce."""
-    from vpdm import engine
+    from vpdm.training import engine
 
     fixed = {**PRESETS["tiny"].fixed, **ABLATIONS[ablation][1]}
     cfg = VPDMConfig().with_overrides(fixed).with_overrides({"model.prototypes.num_prototypes": 3}).validate()
@@ -125,11 +125,12 @@ def test_a_trials_model_is_calibrated_on_the_held_out_normal_images_and_answers_
     normal images go into the checkpoint, and the pyfunc answers with labels from them."""
     from tune.features import as_tensor, build_bundle
     from tune.thresholds import calibrate_checkpoint, decisions_on_test
-    from vpdm import engine
-    from vpdm.backbone import FeatureExtractor
-    from vpdm.checkpoint import checkpoint_calibration, read_checkpoint, save_checkpoint
-    from vpdm.data import list_samples
-    from vpdm.pipeline import Detector
+    from vpdm.data.layouts import list_samples
+    from vpdm.evaluation import evaluator
+    from vpdm.features.backbone import FeatureExtractor
+    from vpdm.inference.checkpoint import checkpoint_calibration, read_checkpoint, save_checkpoint
+    from vpdm.inference.detector import Detector
+    from vpdm.training import engine
 
     cfg = (
         VPDMConfig()
@@ -171,7 +172,7 @@ def test_a_trials_model_is_calibrated_on_the_held_out_normal_images_and_answers_
     for r in results[len(held) :]:  # labels from the calibrated thresholds, not empty
         assert r.pred_label == int(r.score > stored.classes[r.category].image_threshold)
     # the decisions the trial logs: the labels of the test scores at each class's threshold
-    scores = engine.score_features(
+    scores = evaluator.score_features(
         model,
         as_tensor(bundle.test_features),
         sampling=cfg.sampling,
@@ -241,7 +242,7 @@ def test_same_class_pseudo_defects_cycle_through_small_sizes():
 def test_validation_metrics_are_deterministic_and_in_range():
     from types import SimpleNamespace
 
-    from vpdm import engine
+    from vpdm.training import engine
 
     cfg = VPDMConfig().with_overrides({**PRESETS["tiny"].fixed, "model.prototypes.num_prototypes": 3}).validate()
     rng = np.random.default_rng(0)

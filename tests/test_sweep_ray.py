@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vpdm.data import make_demo_dataset
+from vpdm.data.demo import make_demo_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -159,7 +159,7 @@ def test_checkpoints_every_epoch_through_ray_train(sweep):
     train_dir = Path(result.storage_path) / "train"
     ckpts = sorted(train_dir.glob("*/checkpoint_*/model.pt"))
     assert ckpts, list(train_dir.rglob("*"))[:20]
-    from vpdm.checkpoint import read_checkpoint
+    from vpdm.inference.checkpoint import read_checkpoint
 
     epochs = {read_checkpoint(p)["epoch"] for p in ckpts}
     assert epochs <= {1, 2} and 2 in epochs  # num_to_keep=2: both epochs of a completed trial
@@ -203,9 +203,9 @@ def test_the_driver_scores_a_registered_model_as_its_trial_did(sweep, tmp_path):
     from tune.features import build_bundle
     from tune.registry import ValidationData, download_checkpoint, score_checkpoint
     from tune.sweep import SweepConfig
-    from vpdm.backbone import FeatureExtractor
-    from vpdm.checkpoint import load_checkpoint
-    from vpdm.config import to_dict
+    from vpdm.config.values import to_dict
+    from vpdm.features.backbone import FeatureExtractor
+    from vpdm.inference.checkpoint import load_checkpoint
 
     result, _ = sweep
     d = result.datasets[0]
@@ -257,7 +257,7 @@ def test_a_fresh_process_loads_the_champion_and_matches_the_trials_evaluation(sw
     for score, label, category in zip(out["scores"], out["labels"], out["categories"]):
         assert label == int(score > out["thresholds"][category])
     run = client.get_run(best.mlflow_run_id)
-    assert run.data.tags["vpdm.calibration"].startswith("0.99 quantile of normal images")
+    assert run.data.tags["vpdm.decision.calibration"].startswith("0.99 quantile of normal images")
     for key in ("test/mean/image_f1", "test/demo/grid/image_false_alarm_rate", "threshold/demo/grid/image"):
         assert key in run.data.metrics, key
     assert run.data.metrics["threshold/demo/grid/image"] == pytest.approx(out["thresholds"]["demo/grid"])

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from tests.test_model import C, S, small_config
-from vpdm.config import TrainConfig, VPDMConfig
-from vpdm.diffusion import NoiseScheduleConfig, ShiftedDiffusion
-from vpdm.engine import LRSchedule, WeightEMA, build_model, feature_loader, make_optimizer, train_loop
+from vpdm.config.schema import TrainConfig, VPDMConfig
 from vpdm.errors import ConfigError
+from vpdm.model.diffusion import NoiseScheduleConfig, ShiftedDiffusion
+from vpdm.training.engine import LRSchedule, WeightEMA, build_model, feature_loader, make_optimizer, train_loop
 
 
 def test_schedule_is_linear_warmup_then_cosine() -> None:
@@ -97,7 +97,8 @@ def test_jitter_noise_correction_gives_the_same_x_t_from_the_clean_features() ->
 def test_a_retired_setting_loads_at_its_remaining_value_and_is_refused_at_another() -> None:
     """model.feature_jitter left the code: a checkpoint's or a user's config naming it at 0 (what every model
     had unless it said otherwise) still loads, as the same config; any other value is refused, by name."""
-    from vpdm.config import saved_config, to_dict
+    from vpdm.config.schema import saved_config
+    from vpdm.config.values import to_dict
     from vpdm.errors import ConfigError
 
     saved = to_dict(VPDMConfig())

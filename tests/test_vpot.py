@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vpdm.errors import ConfigError
-from vpdm.vpot import VaguePrototypes, VPOTConfig, sinkhorn_log, vague
+from vpdm.model.vpot import VaguePrototypes, VPOTConfig, sinkhorn_log, vague
 
 
 def _problem(n=7, m=5, seed=0):
@@ -395,8 +395,8 @@ def test_batched_coreset_covers_as_well_as_exact_farthest_first():
     """The coverage radius (largest distance of a sample to its nearest chosen one) of the batched selection
     is within 25 % of exact farthest-first's (PatchCore's greedy_coreset) on clustered data, and the picks
     are distinct rows."""
-    from vpdm.patchcore import greedy_coreset
-    from vpdm.vpot import coreset_index
+    from vpdm.bench.patchcore import greedy_coreset
+    from vpdm.model.vpot import coreset_index
 
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(40, 16, generator=g) * 5

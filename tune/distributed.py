@@ -223,7 +223,7 @@ def validation_metrics(
 def _pseudo_auroc(good: np.ndarray, bad: np.ndarray) -> float:
     """Image AUROC of held-out normal images against their pseudo-anomalous copies; 0 for non-finite scores
     (a diverged model is the worst possible detector, not an error in the sweep)."""
-    from vpdm.metrics import image_auroc
+    from vpdm.evaluation.metrics import image_auroc
 
     scores = np.r_[good, bad]
     if not np.all(np.isfinite(scores)):
@@ -267,10 +267,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     import ray.util
 
     from tune.features import as_tensor
-    from vpdm import backbone as vpdm_backbone
-    from vpdm import engine
-    from vpdm.checkpoint import read_checkpoint, save_checkpoint
-    from vpdm.config import saved_config
+    from vpdm.config.schema import saved_config
+    from vpdm.features import backbone as vpdm_backbone
+    from vpdm.inference.checkpoint import read_checkpoint, save_checkpoint
+    from vpdm.training import engine
 
     threads = int(loop_config.get("threads") or 1)
     torch.set_num_threads(threads)

@@ -1,7 +1,7 @@
 """Backbone features once per sweep: one extraction per (backbone, weights, image size, dataset).
 
 The sweep driver extracts (or loads from the on-disk cache) the train and test features of every
-dataset with a single :class:`vpdm.backbone.FeatureExtractor` and packs them, with everything a
+dataset with a single :class:`vpdm.features.backbone.FeatureExtractor` and packs them, with everything a
 trial needs to train, validate and evaluate, into a :class:`DatasetBundle` of numpy arrays. The
 bundle goes into the Ray object store once (numpy arrays are shared zero-copy by every trial and
 Ray Train worker on a node), so trials never build a backbone and never read an image to train or
@@ -45,12 +45,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from vpdm import engine
-from vpdm.backbone import FeatureExtractor
-from vpdm.calibration import MIN_CALIBRATION_IMAGES, MIN_TRAIN_IMAGES
-from vpdm.config import VPDMConfig
-from vpdm.data import AnomalyDataset
+from vpdm.config.schema import VPDMConfig
+from vpdm.data.dataset import AnomalyDataset
+from vpdm.decision.calibration import MIN_CALIBRATION_IMAGES, MIN_TRAIN_IMAGES
 from vpdm.errors import DataError
+from vpdm.evaluation import evaluator
+from vpdm.features.backbone import FeatureExtractor
+from vpdm.training import engine
 
 __all__ = [
     "DatasetBundle",
@@ -285,7 +286,7 @@ def build_bundle(
         num_images=len(train.dataset) + len(test.dataset),
         backbone=extractor.fingerprint(),
         stage_channels=tuple(train.stage_channels),
-        test_pixel_known=engine.pixel_known(test.dataset),
+        test_pixel_known=evaluator.pixel_known(test.dataset),
         val_fraction=float(val_fraction),
         val_seed=int(seed),
     )

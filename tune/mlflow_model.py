@@ -7,7 +7,7 @@ The model's contract (what ``mlflow models serve`` and ``mlflow.pyfunc.load_mode
   Grayscale, RGBA and 16-bit images are converted to 8-bit RGB; images under 8 px a side or over
   PIL's pixel limit are refused per item (conversions and refusals: ``tune/SERVING.md``);
   An optional string column ``"category"`` names an item's class (its calibrated thresholds);
-  missing or null: the class is picked per image (:mod:`vpdm.postprocess`);
+  missing or null: the class is picked per image (:mod:`vpdm.decision.postprocess`);
 * output: a ``pandas.DataFrame`` with the input's index and the columns ``"score"`` (float, the raw
   score, NaN when the item could not be scored), ``"pred_score"`` (float in [0, 1], the score
   normalised so that the image threshold is 0.5), ``"pred_label"`` (1 anomalous, 0 normal),
@@ -29,7 +29,7 @@ the signature therefore declares no input schema, and :func:`predict_frame` chec
 (a frame with rows but without an ``image`` column is refused with an error naming it).
 
 One bad item never fails the batch: it gets its ``error`` and the others are scored. Scores are
-those of :meth:`vpdm.pipeline.Detector.predict_files` for the same files (same decoding, resize
+those of :meth:`vpdm.inference.detector.Detector.predict_files` for the same files (same decoding, resize
 and normalisation; VPDM scores each image on its own terms, so batching does not change them).
 
 The logged model carries the checkpoint (artifact ``checkpoint``) and the ``vpdm`` source it was
@@ -85,7 +85,7 @@ DEFAULT_PARAMS: dict[str, Any] = {
     "pixel_threshold": None,
 }
 THRESHOLD_PARAMS = ("image_threshold", "pixel_threshold")  # double, default None: the calibrated thresholds
-# Formats the library reads from disk (vpdm.data.IMAGE_EXTENSIONS). Restricting PIL's plugins keeps
+# Formats the library reads from disk (vpdm.data.images.IMAGE_EXTENSIONS). Restricting PIL's plugins keeps
 # exotic decoders (EPS via ghostscript, ...) away from untrusted request bytes.
 ALLOWED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 MAX_IMAGE_BYTES = 64 * 1024 * 1024  # per item, decoded; a request that large is a mistake or an attack
@@ -102,7 +102,7 @@ _REQUIREMENTS = ("torch", "torchvision", "timm", "numpy", "pillow", "pandas", "m
 def decode_image_bytes(data: bytes, image_size: int, *, name: str = "image") -> np.ndarray:
     """Image-file bytes -> uint8 ``image_size`` x ``image_size`` x 3 RGB (bicubic), like the library.
 
-    Same conversions as :class:`vpdm.data.AnomalyDataset` (:func:`vpdm.data.image_to_rgb`:
+    Same conversions as :class:`vpdm.data.dataset.AnomalyDataset` (:func:`vpdm.data.images.image_to_rgb`:
     grayscale replicated, alpha dropped, 16-bit scaled to 8-bit). Raises
     :class:`vpdm.errors.DataError` naming ``name`` for anything that is not a complete
     PNG/JPEG/BMP/TIFF of at least ``MIN_IMAGE_SIDE`` pixels a side within PIL's
@@ -110,7 +110,7 @@ def decode_image_bytes(data: bytes, image_size: int, *, name: str = "image") -> 
     """
     from PIL import Image, UnidentifiedImageError
 
-    from vpdm.data import image_to_rgb
+    from vpdm.data.images import image_to_rgb
     from vpdm.errors import DataError
 
     if len(data) == 0:
@@ -143,7 +143,7 @@ def decode_image_bytes(data: bytes, image_size: int, *, name: str = "image") -> 
 def _normalise(rgb: np.ndarray) -> Any:
     import torch
 
-    from vpdm.backbone import imagenet_normalise
+    from vpdm.features.backbone import imagenet_normalise
 
     return imagenet_normalise(torch.from_numpy(rgb).permute(2, 0, 1).float().div_(255.0)).contiguous()
 
@@ -204,8 +204,8 @@ def _check_params(params: Mapping[str, Any] | None) -> dict[str, Any]:
             f"parameter png_vmax={vmax!r}: expected a finite number >= 0 (0: each map's maximum)",
             error_code=INVALID_PARAMETER_VALUE,
         )
+    from vpdm.decision.postprocess import check_threshold
     from vpdm.errors import ConfigError
-    from vpdm.postprocess import check_threshold
 
     for name in THRESHOLD_PARAMS:
         try:
@@ -288,7 +288,7 @@ def _categories(
 def predict_frame(
     detector: Any, model_input: Any, batch_size: int = 16, params: Mapping[str, Any] | None = None
 ) -> pd.DataFrame:
-    """Score a frame of base64 images with a :class:`vpdm.pipeline.Detector` (the model's predict).
+    """Score a frame of base64 images with a :class:`vpdm.inference.detector.Detector` (the model's predict).
 
     ``params``: ``anomaly_map`` (``small``, ``none``, ``full``, ``png``), ``map_side``, ``png_vmax``;
     see the module docstring. An empty frame gives an empty result, whatever its columns.
@@ -377,10 +377,10 @@ def predict_frame(
 
 
 class VPDMPyfuncModel(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper around :class:`vpdm.pipeline.Detector`; see the module docstring for the contract."""
+    """pyfunc wrapper around :class:`vpdm.inference.detector.Detector`; see the module docstring for the contract."""
 
     def load_context(self, context: Any) -> None:
-        from vpdm.pipeline import Detector
+        from vpdm.inference.detector import Detector
 
         config = {**DEFAULT_MODEL_CONFIG, **(getattr(context, "model_config", None) or {})}
         self.batch_size = int(config["batch_size"])
@@ -490,7 +490,7 @@ def log_pyfunc_model(
     installed requirements. Returns MLflow's ``ModelInfo`` (``model_uri`` is ``models:/<model_id>``;
     ``runs:/<run_id>/<artifact_path>`` resolves to it too).
     """
-    from vpdm.pipeline import Detector
+    from vpdm.inference.detector import Detector
 
     if mlflow.active_run() is None:
         raise MlflowException(

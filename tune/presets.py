@@ -37,7 +37,8 @@ from typing import Any
 
 import yaml
 
-from vpdm.config import PAPER, VPDMConfig
+from vpdm.config.presets import PAPER
+from vpdm.config.schema import VPDMConfig
 from vpdm.errors import ConfigError
 
 __all__ = [
@@ -273,7 +274,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "paper": Preset(
         name="paper",
-        description="The paper's literal method (vpdm.config.PAPER: whole-image prototypes, batch OT, eps, K=50/N=4/"
+        description="The paper's literal method (vpdm.config.presets.PAPER: whole-image prototypes, batch OT, eps, K=50/N=4/"
         "T=1000) on its backbone (EfficientNet-B4, timm weights, 224 px, 32x32 features) with a search around it: "
         "K 10-100, N 1-8, every schedule family, beta ends, T 250-2000, lr. 32 trials x 100 epochs: a cluster job.",
         fixed=dict(PAPER),

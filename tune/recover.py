@@ -203,13 +203,14 @@ def validation_data(info: dict[str, Any]) -> Any:
     if not info.get("config") or not info.get("dataset"):
         return None
     from tune.registry import ValidationData
-    from vpdm.config import saved_config, to_dict
+    from vpdm.config.schema import saved_config
+    from vpdm.config.values import to_dict
 
     config = saved_config(info["config"])
 
     def rebuild() -> Any:
         from tune.features import build_bundle
-        from vpdm.backbone import FeatureExtractor
+        from vpdm.features.backbone import FeatureExtractor
 
         extractor = FeatureExtractor(config.backbone, precision=config.inference.precision)  # the sweep's features
         bundle, _ = build_bundle(

@@ -205,9 +205,9 @@ def score_checkpoint(path: str | Path, validation: ValidationData, metric: str) 
     sweep's trials compute it (:func:`tune.distributed.validation_metrics`, the model's own sampling and
     scoring settings). Raises :class:`Unscoreable` saying why when that is not possible."""
     from tune.distributed import validation_metrics
-    from vpdm.checkpoint import load_checkpoint
-    from vpdm.config import to_dict
+    from vpdm.config.values import to_dict
     from vpdm.errors import CheckpointError
+    from vpdm.inference.checkpoint import load_checkpoint
 
     try:
         model, config, payload = load_checkpoint(path, map_location=_device())

@@ -42,7 +42,7 @@ def measure(bundle_ref: Any, config: Any, workers: int, threads: int, storage: P
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from tune.distributed import train_worker
-    from vpdm.config import to_dict
+    from vpdm.config.values import to_dict
 
     log = storage / f"metrics-{workers}x{threads}-{time.time_ns()}.jsonl"
     trainer = TorchTrainer(
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tune.features import build_bundle
     from tune.presets import get_preset
-    from vpdm.backbone import FeatureExtractor
-    from vpdm.config import VPDMConfig
+    from vpdm.config.schema import VPDMConfig
+    from vpdm.features.backbone import FeatureExtractor
 
     preset = get_preset(args.preset)
     config = (

@@ -46,7 +46,8 @@ from tune.features import FeatureStats, split_validation
 from tune.presets import Preset, ResolvedSpace, apply_search_overrides, get_preset, validate_space
 from tune.registry import CHALLENGER, CHAMPION, Promotion, ValidationData, registered_name
 from tune.tracking import check_experiment_free, check_tracking_uri, find_experiment, resolve_tracking_uri, ui_command
-from vpdm.config import VPDMConfig, check_finite, to_dict
+from vpdm.config.schema import VPDMConfig
+from vpdm.config.values import check_finite, to_dict
 from vpdm.errors import ConfigError, DataError, OutputError, VPDMError
 from vpdm.io import writable_dir
 
@@ -346,7 +347,7 @@ def dataset_slug(spec: str) -> str:
 
 def plan_sweep(sc: SweepConfig) -> SweepPlan:
     """Check everything that can be checked before starting Ray or any trial (raises VPDMError)."""
-    from vpdm.data import list_samples
+    from vpdm.data.layouts import list_samples
 
     if sc.resume:
         sc = _with_saved_settings(sc)
@@ -708,9 +709,9 @@ def _run(
     plan: SweepPlan, experiment_id: str, parent: Any, started: float, progress: bool, use_gpu: bool, max_concurrent: int
 ) -> SweepResult:
     from tune.features import build_bundle
-    from vpdm import backbone as vpdm_backbone
-    from vpdm.backbone import FeatureExtractor
-    from vpdm.device import select_device
+    from vpdm.features import backbone as vpdm_backbone
+    from vpdm.features.backbone import FeatureExtractor
+    from vpdm.runtime.device import select_device
 
     sc = plan.config
     # Features once: one backbone for the whole sweep, once per image (or none on a warm cache).

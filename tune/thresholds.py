@@ -1,7 +1,7 @@
 """Decision thresholds for a sweep trial's model, from the dataset's held-out normal images.
 
 A sweep has no labelled validation data, so a trial calibrates as ``vpdm train`` does without
-``--val-data``: the ``quantile`` method (:mod:`vpdm.postprocess`) on normal images the model was not
+``--val-data``: the ``quantile`` method (:mod:`vpdm.decision.postprocess`) on normal images the model was not
 trained on. Those are the bundle's validation images (:mod:`tune.features`), whose features are
 already in the object store: calibrating costs one scoring pass over them, no backbone forward. The
 thresholds go into the checkpoint, so the logged MLflow model (and a registered champion) answers
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from vpdm.decision.postprocess import Calibration
 from vpdm.errors import ConfigError
-from vpdm.postprocess import Calibration
 
 __all__ = ["calibrate_checkpoint", "decisions_on_test"]
 
@@ -29,8 +29,8 @@ def calibrate_checkpoint(path: str | Path, bundle: Any) -> tuple[Calibration | N
     then left as it was.
     """
     from tune.features import as_tensor
-    from vpdm.calibration import calibrate
-    from vpdm.checkpoint import load_checkpoint
+    from vpdm.decision.calibration import calibrate
+    from vpdm.inference.checkpoint import load_checkpoint
     from vpdm.io import atomic_torch_save
 
     model, config, payload = load_checkpoint(path)
@@ -55,9 +55,9 @@ def calibrate_checkpoint(path: str | Path, bundle: Any) -> tuple[Calibration | N
 
 def decisions_on_test(calibration: Calibration, bundle: Any, scores: np.ndarray) -> dict[str, Any]:
     """Precision, recall, F1 and false-alarm rate of the calibrated image thresholds on the test split
-    (``scores``: the bundle's test images), per class and mean (:func:`vpdm.metrics.decision_metrics`)."""
-    from vpdm.metrics import decision_metrics
-    from vpdm.postprocess import PostProcessor
+    (``scores``: the bundle's test images), per class and mean (:func:`vpdm.evaluation.metrics.decision_metrics`)."""
+    from vpdm.decision.postprocess import PostProcessor
+    from vpdm.evaluation.metrics import decision_metrics
 
     post = PostProcessor(calibration)
     thresholds = {c: post.image_threshold_for(c) for c in sorted(set(bundle.test_categories))}

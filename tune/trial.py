@@ -34,7 +34,7 @@ logger = logging.getLogger("tune.trial")
 
 DIVERGED_NOTE = "vpdm-diverged.json"  # written by rank 0 into the Train run's folder when the loss is NaN/inf
 TEST_METRICS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap", "image_f1_max")
-# At the calibrated thresholds (vpdm.metrics.DECISION_KEYS); absent when the trial could not calibrate.
+# At the calibrated thresholds (vpdm.evaluation.metrics.DECISION_KEYS); absent when the trial could not calibrate.
 DECISION_METRICS = ("image_precision", "image_recall", "image_f1", "image_false_alarm_rate")
 
 
@@ -87,9 +87,10 @@ def run_trial(params: dict[str, Any], data: dict[str, Any], context: dict[str, A
 
     from tune.distributed import train_worker
     from tune.tracking import RunLogger, quick_http_env
-    from vpdm import backbone as vpdm_backbone
-    from vpdm.config import flatten_dict, saved_config, to_dict
-    from vpdm.engine import TrainingDiverged
+    from vpdm.config.schema import saved_config
+    from vpdm.config.values import flatten_dict, to_dict
+    from vpdm.features import backbone as vpdm_backbone
+    from vpdm.training.engine import TrainingDiverged
 
     for key, value in (context.get("train_env") or {}).items():
         os.environ.setdefault(key, str(value))  # Ray Train propagates RAY_TRAIN_* from here to its workers
@@ -212,11 +213,11 @@ def finish_trial(
     from tune.distributed import CHECKPOINT_FILE
     from tune.features import as_tensor
     from tune.thresholds import calibrate_checkpoint, decisions_on_test
-    from vpdm import backbone as vpdm_backbone
-    from vpdm.checkpoint import load_checkpoint
-    from vpdm.config import save_config
-    from vpdm.engine import score_features
-    from vpdm.metrics import compute_metrics
+    from vpdm.config.schema import save_config
+    from vpdm.evaluation.evaluator import score_features
+    from vpdm.evaluation.metrics import compute_metrics
+    from vpdm.features import backbone as vpdm_backbone
+    from vpdm.inference.checkpoint import load_checkpoint
 
     torch.set_num_threads(max(1, int(context.get("eval_threads") or 1)))
     work = Path(tempfile.mkdtemp(prefix="vpdm-trial-"))
@@ -272,7 +273,7 @@ def finish_trial(
         run.log_metrics({**flat, "eval_seconds": eval_seconds, "train_seconds": train_seconds}, step=epochs)
         run.set_tags(
             {
-                "vpdm.calibration": calibration.describe()
+                "vpdm.decision.calibration": calibration.describe()
                 if calibration is not None
                 else f"none: {no_calibration}"[:4000]
             }
@@ -372,7 +373,7 @@ def _plots(bundle: Any, scores: Any, maps: Any, folder: Path) -> None:
     """ROC curves per class and anomaly-map overlays of the bundle's chosen test images."""
     import numpy as np
 
-    from vpdm.plots import save_overlay, save_roc_curves
+    from vpdm.evaluation.plots import save_overlay, save_roc_curves
 
     cats = np.asarray(bundle.test_categories)
     per_class = {c: (bundle.test_labels[cats == c], scores[cats == c]) for c in sorted(set(bundle.test_categories))}

@@ -10,8 +10,8 @@ One process does everything, so the timings share a machine state and the ratios
 1. backbone features of every train/test image, extracted once (or read from the feature cache);
 2. one unified VPDM model per preset over every class of the spec (``--preset``, repeatable; by
    default ``default`` and ``paper``, the literal method; ``--ablations`` adds the paper's Table 3);
-3. the PatchCore baseline (``vpdm.patchcore``) on the same features, its maps through the same
-   upsampling, blur and image score (``vpdm.scoring``) as VPDM's: the image score of both is the
+3. the PatchCore baseline (``vpdm.bench.patchcore``) on the same features, its maps through the same
+   upsampling, blur and image score (``vpdm.model.scoring``) as VPDM's: the image score of both is the
    max of the average-pooled map, so the comparison is about the maps; the plain-max image score
    the PatchCore paper uses is reported beside it;
 4. the same metric code for both (per class and mean image AUROC, pixel AUROC, AUPRO, pixel AP,

@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vpdm.patchcore import PatchCore, PatchCoreConfig
-from vpdm.scoring import ScoringConfig, postprocess_maps, score_maps
+from vpdm.bench.patchcore import PatchCore, PatchCoreConfig
+from vpdm.model.scoring import ScoringConfig, postprocess_maps, score_maps
 
 
 def fit_baseline(config: PatchCoreConfig, features: Tensor, device: torch.device) -> PatchCore:

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         output = Path(args.output)
         from vpdm.bench.run import Bench
-        from vpdm.data import parse_data_spec
+        from vpdm.data.layouts import parse_data_spec
         from vpdm.io import Output, check_outputs, staged_outputs
 
         bench = Bench(args)  # validates every setting before any long work

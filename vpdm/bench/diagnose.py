@@ -1,4 +1,4 @@
-"""``--diagnose``: the numbers that explain a preset's result (see :mod:`vpdm.diagnostics`).
+"""``--diagnose``: the numbers that explain a preset's result (see :mod:`vpdm.bench.diagnostics`).
 
 Per class: how pure the condition is, the reconstruction error of normal test images, the x0 error
 against t on held-out normal features, how much of each defect passes into the reconstruction; and
@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vpdm import diagnostics
-from vpdm.metrics import compute_metrics
+from vpdm.bench import diagnostics
+from vpdm.evaluation.metrics import compute_metrics
 
 X0_TIMESTEPS = (50, 100, 250, 500, 750, 1000)
 START_STEPS = (None, 750, 500, 250, 100)  # None = T, the paper's N(yhat, I)

@@ -1,7 +1,7 @@
 """Named model settings the benchmark trains side by side.
 
 ``default`` is the library's defaults; ``paper`` is the paper's literal method
-(:data:`vpdm.config.PAPER`), and the ``paper-*`` presets are the paper's Table 3 ablations of it.
+(:data:`vpdm.config.presets.PAPER`), and the ``paper-*`` presets are the paper's Table 3 ablations of it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import yaml
 
-from vpdm.config import PAPER
+from vpdm.config.presets import PAPER
 from vpdm.errors import ConfigError
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -51,7 +51,7 @@ _STRING_KEYS = ("data.spec", "data.test_spec", "data.cache_dir", "backbone.name"
 def build_config(args: argparse.Namespace, preset: dict[str, Any] | None = None):
     """Defaults, then ``--config``, then the preset's overrides, then the command line (``--set`` and
     the shortcuts), so a setting the user names holds for every preset."""
-    from vpdm.config import load_config
+    from vpdm.config.schema import load_config
 
     base = load_config(args.config)
     if preset:

@@ -3,7 +3,7 @@
 As ``vpdm train`` does, a seeded ``train.calibration_fraction`` of each class's ``train/good`` is held
 out: every detector is fitted on the rest, and each one's decision thresholds are calibrated on the
 held-out images (per class, the ``1 - calibration.false_alarm_rate`` quantile of their scores and map
-pixels, :mod:`vpdm.postprocess`); the precision, recall, F1 and false-alarm rate at those thresholds
+pixels, :mod:`vpdm.decision.postprocess`); the precision, recall, F1 and false-alarm rate at those thresholds
 on the test split (:func:`calibrated_decisions`) stand beside the threshold-free metrics.
 """
 
@@ -64,9 +64,9 @@ def calibrated_decisions(
     false_alarm_rate: float,
 ) -> dict[str, Any]:
     """Per class, quantile thresholds from held-out normal images' scores and maps; the decisions
-    ``score > image threshold`` on the test split, per class and mean (:func:`vpdm.metrics.decision_metrics`)."""
-    from vpdm.metrics import decision_metrics
-    from vpdm.postprocess import ClassThresholds, image_labels
+    ``score > image threshold`` on the test split, per class and mean (:func:`vpdm.evaluation.metrics.decision_metrics`)."""
+    from vpdm.decision.postprocess import ClassThresholds, image_labels
+    from vpdm.evaluation.metrics import decision_metrics
 
     held_cats = np.asarray(held_categories)
     thresholds = {
@@ -136,8 +136,8 @@ class Bench:
         for w in self.time_widths:
             self.main_config.with_overrides({"model.denoiser.width": w}).validate()
         if getattr(args, "onnx", False):  # before any long work: packages, settings, device
-            from vpdm import engine
-            from vpdm.export import require_package, unsupported_settings
+            from vpdm.deploy.export import require_package, unsupported_settings
+            from vpdm.training import engine
 
             require_package("onnx")
             require_package("onnxruntime")
@@ -150,7 +150,7 @@ class Bench:
                 )
         if args.steps_subset < 0 or args.subset_above < 1:
             raise ConfigError("--steps-subset must be >= 0 and --subset-above >= 1")
-        from vpdm.patchcore import PatchCoreConfig
+        from vpdm.bench.patchcore import PatchCoreConfig
 
         self.pc_config = PatchCoreConfig(
             coreset_ratio=args.coreset_ratio,
@@ -172,8 +172,9 @@ class Bench:
 
     # ---------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from vpdm import engine
-        from vpdm.backbone import FeatureExtractor, total_images_seen
+        from vpdm.evaluation import evaluator
+        from vpdm.features.backbone import FeatureExtractor, total_images_seen
+        from vpdm.training import engine
 
         cfg = self.config
         torch.set_num_threads(cfg.train.threads)
@@ -203,7 +204,7 @@ class Bench:
         train = engine.load_split(cfg, "train", extractor, progress=self.progress)
         test = engine.load_split(cfg, "test", extractor, progress=self.progress)
         extracted = total_images_seen() - seen
-        labels, masks, cats = engine.ground_truth(test.dataset)
+        labels, masks, cats = evaluator.ground_truth(test.dataset)
         self.gt = (labels, masks, cats)
         self.map_size = cfg.scoring.map_size or cfg.backbone.image_size
         doc["data"] = self._data_section(cfg, extractor, train, test, extracted)
@@ -213,7 +214,7 @@ class Bench:
             f"({'cache hit' if test.cache_hit else 'extracted'}, {test.extract_seconds:.1f}s)"
         )
         # The calibration hold-out of `vpdm train`: every detector is fitted on the rest (one split for all).
-        from vpdm.calibration import holdout_index, subset
+        from vpdm.decision.calibration import holdout_index, subset
 
         fraction = cfg.train.calibration_fraction
         keep, held_index = holdout_index(train.dataset.samples, fraction, cfg.train.seed)
@@ -396,7 +397,7 @@ class Bench:
 
     def _metrics(self, scores: np.ndarray, maps: np.ndarray, index: np.ndarray | None = None) -> dict[str, Any]:
         """The one metric path for every detector and every row."""
-        from vpdm.metrics import compute_metrics
+        from vpdm.evaluation.metrics import compute_metrics
 
         labels, masks, cats = self.gt
         if index is not None:
@@ -404,15 +405,15 @@ class Bench:
         return compute_metrics(labels, scores, masks, maps, cats)
 
     def _defect_sizes(self, maps: np.ndarray) -> dict[str, Any]:
-        """AUPRO and pixel recall per defect-size stratum (:func:`vpdm.metrics.defect_size_metrics`): what
+        """AUPRO and pixel recall per defect-size stratum (:func:`vpdm.evaluation.metrics.defect_size_metrics`): what
         a detector misses of small defects, which the full-image metrics hide behind the large ones."""
-        from vpdm.metrics import defect_size_metrics
+        from vpdm.evaluation.metrics import defect_size_metrics
 
         _, masks, cats = self.gt
         return defect_size_metrics(masks, maps, cats)
 
     def _score_vpdm(self, model, sampling, features: Tensor, scoring=None) -> tuple[np.ndarray, np.ndarray, float]:
-        from vpdm.engine import score_features
+        from vpdm.evaluation.evaluator import score_features
 
         t0 = time.perf_counter()
         scores, maps = score_features(
@@ -506,7 +507,7 @@ class Bench:
             fns[f"vpdm_model:{sampler}:{n_steps}"] = lambda s=sampling: vpdm_score(features, s)
         if (accel.sampler, accel.num_steps) not in short:
             fns[f"vpdm_model:{accel.sampler}:{accel.num_steps}"] = lambda: vpdm_score(features, accel)
-        from vpdm.model import VPDM
+        from vpdm.model.vpdm_model import VPDM
 
         for width in self.time_widths:
             wcfg = cfg.with_overrides({"model.denoiser.width": width}).validate()
@@ -619,9 +620,9 @@ class Bench:
         import copy
         import tempfile
 
-        from vpdm.export import PARITY_TOLERANCE, export_onnx, relative_difference
-        from vpdm.onnx_runtime import OnnxDetector
-        from vpdm.pipeline import Detector
+        from vpdm.deploy.export import PARITY_TOLERANCE, export_onnx, relative_difference
+        from vpdm.deploy.runtimes import OnnxDetector
+        from vpdm.inference.detector import Detector
 
         detector = Detector(copy.deepcopy(model).cpu(), self.main_config)
         threads = torch.get_num_threads()
@@ -648,8 +649,8 @@ class Bench:
         }
 
     def _cache_proof(self, extractor, train_key: str | None, n_train: int) -> dict[str, Any]:
-        from vpdm import engine
-        from vpdm.backbone import total_images_seen
+        from vpdm.features.backbone import total_images_seen
+        from vpdm.training import engine
 
         k = self.main_config.model.prototypes.num_prototypes
         changed = {

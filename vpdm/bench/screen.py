@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone")
     p.add_argument("--weights")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--preset", help="a vpdm.config preset the settings start from, e.g. paper")
+    p.add_argument("--preset", help="a vpdm.config.schema preset the settings start from, e.g. paper")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--save", help="write the trained model here (a vpdm checkpoint)")
@@ -117,14 +117,14 @@ def condition_scores(model, features: torch.Tensor, scoring, size: int, batch_si
 
 
 def score(model, config, test, condition_only: bool) -> tuple[np.ndarray, np.ndarray, float]:
-    from vpdm import engine
+    from vpdm.evaluation import evaluator
 
     start = time.perf_counter()
     size = config.scoring.map_size or config.backbone.image_size
     if condition_only:
         scores, up = condition_scores(model, test.features, config.scoring, size)
     else:
-        scores, up = engine.score_features(
+        scores, up = evaluator.score_features(
             model,
             test.features,
             sampling=config.sampling,
@@ -149,7 +149,7 @@ def line(label: str, metrics: dict[str, Any], seconds: float) -> str:
 
 def size_line(masks: np.ndarray, maps: np.ndarray, cats: list[str]) -> str:
     """AUPRO / pixel recall by defect size (mean over classes) and the regions each rests on."""
-    from vpdm.metrics import defect_size_metrics
+    from vpdm.evaluation.metrics import defect_size_metrics
 
     mean = defect_size_metrics(masks, maps, cats)["mean"]
     return "  by defect size (AUPRO / recall@1% FPR, regions): " + " ".join(
@@ -172,7 +172,7 @@ def _emit(
 ) -> None:
     print(line(label, metrics, seconds), flush=True)
     if args.leak:
-        from vpdm.diagnostics import leak_report
+        from vpdm.bench.diagnostics import leak_report
 
         leak = leak_report(maps, masks, labels, cats)
         print(
@@ -204,10 +204,12 @@ def _emit(
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from vpdm import engine
-        from vpdm.checkpoint import load_checkpoint, save_checkpoint
-        from vpdm.config import PRESETS, VPDMConfig
-        from vpdm.metrics import compute_metrics
+        from vpdm.config.presets import PRESETS
+        from vpdm.config.schema import VPDMConfig
+        from vpdm.evaluation import evaluator
+        from vpdm.evaluation.metrics import compute_metrics
+        from vpdm.inference.checkpoint import load_checkpoint, save_checkpoint
+        from vpdm.training import engine
 
         if args.preset is not None and args.preset not in PRESETS:
             raise ConfigError(f"--preset {args.preset!r} is unknown; expected one of {sorted(PRESETS)}")
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             config.with_overrides(v).validate()  # every variant is valid before any long work
         train = engine.load_split(config, "train", progress=False)
         test = engine.load_split(config, "test", progress=False)
-        labels, masks, cats = engine.ground_truth(test.dataset)
+        labels, masks, cats = evaluator.ground_truth(test.dataset)
         if not args.load:
             start = time.perf_counter()
             if args.no_train:
@@ -254,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             _emit(args, config, label, v, metrics, seconds, masks, maps, labels, cats)
         if args.baseline:
             from vpdm.bench.baselines import fit_baseline, score_baseline
-            from vpdm.patchcore import PatchCoreConfig
+            from vpdm.bench.patchcore import PatchCoreConfig
 
             start = time.perf_counter()
             pc = fit_baseline(PatchCoreConfig(seed=config.train.seed), train.features, torch.device("cpu"))

@@ -1,0 +1,1 @@
+"""Configuration: the typed settings of a run, presets, overrides, and configs of earlier versions."""

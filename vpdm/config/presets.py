@@ -1,0 +1,53 @@
+"""Named settings: the paper's literal method."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# The paper's literal method as overrides: whole-image prototypes matched by batch OT, eps-prediction
+# with the plain eps-MSE, the chain from N(yhat, I), L2 over all standardised channels, max of the
+# average-pooled map. The sampler is the accelerated one (DDIM, 3 trailing steps, which matched the
+# 1000-step chain on the benchmark subset); Algorithm 2 itself is sampling.sampler=ddpm, num_steps=1000.
+# Every key is set explicitly, so the preset stays the paper whatever the defaults become.
+PAPER: dict[str, Any] = {
+    "model.prototypes.level": "image",
+    "model.prototypes.num_prototypes": 50,
+    "model.prototypes.downsample": 4,
+    "model.prototypes.ot_reg": 0.05,
+    "model.prototypes.assignment": "ot",
+    "model.prototypes.init": "samples",
+    "model.prototypes.ot_scope": "batch",
+    "model.prototypes.list_size": 0,
+    "model.ot_weight": 1.0,
+    "model.diffusion.schedule": "linear",
+    "model.diffusion.num_timesteps": 1000,
+    "model.diffusion.beta_start": 1e-4,
+    "model.diffusion.beta_end": 0.02,
+    "model.diffusion.shift_to_condition": True,
+    "model.diffusion.prediction": "eps",
+    "model.loss_weighting": "none",
+    "model.train_max_step": None,
+    "model.input_copy": "none",
+    "sampling.sampler": "ddim",
+    "sampling.num_steps": 3,
+    "sampling.spacing": "trailing",
+    "sampling.start_step": None,
+    "scoring.distance": "l2",
+    "scoring.per_stage": False,
+    "scoring.feature_space": "normalised",
+    "scoring.image_score": "max_pool",
+    "scoring.aggregate": 1,
+    "scoring.pools": [1],
+    "scoring.image_pools": None,
+    "scoring.fine_pools": [],
+    "scoring.fine_image_pools": None,
+    "scoring.combine": "weighted",
+    "model.fine.num_prototypes": 0,
+    "train.lr": 1e-3,
+    "train.batch_size": 32,
+    "train.lr_schedule": "constant",
+    "train.warmup_fraction": 0.0,
+    "train.ema_decay": 0.0,
+    "train.prototype_lr_scale": 1.0,
+}
+PRESETS: dict[str, dict[str, Any]] = {"paper": PAPER}

@@ -1,0 +1,1 @@
+"""Data: dataset layouts (MVTec, VisA, folders), image and mask decoding, the demo generator."""

@@ -1,0 +1,1 @@
+"""Decisions: thresholds, normalised scores, labels and masks, and calibrating them."""

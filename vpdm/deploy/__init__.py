@@ -1,0 +1,1 @@
+"""Deployment: one exported graph (ONNX, OpenVINO) and the runtimes that run it."""

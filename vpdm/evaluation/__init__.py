@@ -1,0 +1,1 @@
+"""Evaluation: metrics (AUROC, AUPRO, F1-max), scoring a test split, plots."""

@@ -1,0 +1,1 @@
+"""Features: the frozen pretrained backbone, its weights, and the feature cache."""

@@ -1,0 +1,1 @@
+"""Inference: the Detector (images in, scores and maps out), checkpoints, scored folders."""

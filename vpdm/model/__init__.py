@@ -1,0 +1,1 @@
+"""The model: vague prototypes (VPOT), the shifted diffusion, the denoiser, and scoring."""

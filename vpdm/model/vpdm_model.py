@@ -1,0 +1,436 @@
+"""The VPDM model on backbone features: vague prototypes + shifted conditional diffusion.
+
+Works on feature maps (B x C x S x S), not images: the frozen backbone lives in ``backbone`` and
+the whole image-to-score path in ``pipeline``. ``forward`` returns the training losses so the
+model can be wrapped in DistributedDataParallel as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vpdm.errors import ConfigError
+from vpdm.model.config import ModelConfig, SamplingConfig
+from vpdm.model.denoiser import Denoiser
+from vpdm.model.diffusion import ShiftedDiffusion
+from vpdm.model.scoring import (
+    DISTANCES,
+    FEATURE_SPACES,
+    STAT_POOLS,
+    ScoringConfig,
+    TermMaps,
+    distance_map,
+    scores_and_maps,
+)
+from vpdm.model.vpot import VaguePrototypes, unvague
+from vpdm.runtime.precision import autocast
+
+# Buffers added after the first checkpoints: a checkpoint without them gets these (a model saved before
+# had no short lists, no fine prototypes and no term statistics).
+ADDED_BUFFERS: tuple[str, ...] = (
+    "prototypes.list_centroids",
+    "prototypes.list_offsets",
+    "prototypes.list_of",
+    "prototypes.owner",
+    "term_mean",
+    "term_std",
+    "term_settings",
+)
+
+
+class VPDM(nn.Module):
+    def __init__(
+        self,
+        channels: int,
+        feature_size: int,
+        config: ModelConfig | None = None,
+        stage_channels: tuple[int, ...] | list[int] | None = None,
+    ):
+        super().__init__()
+        config = config or ModelConfig()
+        config.validate(feature_size)
+        self.config = config
+        self.channels = channels
+        self.feature_size = feature_size
+        # Channels of each backbone stage in the concatenated features (for per-stage scoring).
+        self.stage_channels: tuple[int, ...] = tuple(int(c) for c in (stage_channels or (channels,)))
+        if sum(self.stage_channels) != channels or min(self.stage_channels) < 1:
+            raise ConfigError(f"stage channels {self.stage_channels} do not add up to the {channels} feature channels")
+        self.prototypes = VaguePrototypes(config.prototypes, channels, feature_size)
+        # Fine prototypes (model.fine): every position matched on its own, compared with the features
+        # directly; never trained (chosen from the training positions, then fixed).
+        self.fine: VaguePrototypes | None = None
+        if config.fine.num_prototypes:
+            self.fine = VaguePrototypes(config.fine.prototypes_config(), channels, feature_size)
+            self.fine.prototypes.requires_grad_(False)
+        self.denoiser = Denoiser(channels, config.denoiser, extra_inputs=int(config.input_copy != "none"))
+        self.diffusion = ShiftedDiffusion(config.diffusion)
+        self.register_buffer("feature_mean", torch.zeros(1, channels, 1, 1))
+        self.register_buffer("feature_std", torch.ones(1, channels, 1, 1))
+        # Normal statistics of every score term (scoring.combine=standardised): mean and std of the term's
+        # values on normal training images, one row per class (one row when the model cannot tell classes
+        # apart), a column per (branch, block side) of ``stat_terms``; no rows until fitted.
+        self.stat_terms: list[tuple[str, int]] = [
+            (branch, p)
+            for branch in ("coarse", "fine")
+            if branch == "coarse" or self.fine is not None
+            for p in STAT_POOLS
+            if feature_size % p == 0
+        ]
+        self.register_buffer("term_mean", torch.zeros(0, len(self.stat_terms)))
+        self.register_buffer("term_std", torch.ones(0, len(self.stat_terms)))
+        # The scoring settings the statistics hold for: distance, per_stage, feature_space, aggregate.
+        self.register_buffer("term_settings", torch.zeros(4, dtype=torch.long))
+
+    # -- set-up from training data -------------------------------------------------------------
+    @torch.no_grad()
+    def fit_normalisation(self, features: Tensor) -> None:
+        """Per-channel mean/std of the training features (see ``ModelConfig.feature_norm``)."""
+        if self.config.feature_norm == "channel":
+            self.feature_mean.copy_(features.mean(dim=(0, 2, 3), keepdim=True))
+            self.feature_std.copy_(features.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6))
+
+    @torch.no_grad()
+    def init_prototypes(
+        self, features: Tensor, generator: torch.Generator | None = None, class_index: Tensor | None = None
+    ) -> None:
+        """Prototypes from the training features; ``class_index`` (one class per image) also tells the fine
+        prototypes which class each stands for, so that an image's class can be told from its matches."""
+        normalised = self.normalise(features)
+        self.prototypes.init_from(normalised, generator)
+        if self.fine is not None:
+            self.fine.init_from(normalised, generator, class_index)
+
+    def resize_statistics(self, classes: int) -> None:
+        """Make room for the term statistics of ``classes`` rows (before fitting or loading them)."""
+        self.term_mean = self.term_mean.new_zeros(classes, len(self.stat_terms))
+        self.term_std = self.term_std.new_ones(classes, len(self.stat_terms))
+
+    @staticmethod
+    def _settings_key(scoring: ScoringConfig) -> list[int]:
+        return [
+            DISTANCES.index(scoring.distance),
+            int(scoring.per_stage),
+            FEATURE_SPACES.index(scoring.feature_space),
+            int(scoring.aggregate),
+        ]
+
+    @torch.no_grad()
+    def fit_statistics(
+        self,
+        features: Tensor,
+        class_index: Tensor,
+        sampling: SamplingConfig,
+        scoring: ScoringConfig,
+        per_class: int = 64,
+        batch_size: int = 32,
+    ) -> None:
+        """Mean and std of every score term (:attr:`stat_terms`) over all positions of up to ``per_class``
+        normal training images of each class (evenly spaced in the class's list), for
+        ``scoring.combine=standardised``. One row per class when the fine prototypes know the classes,
+        else one row for all."""
+        by_class = self.fine is not None and bool((self.fine.owner >= 0).any())
+        classes = int(class_index.max()) + 1 if by_class else 1
+        self.resize_statistics(classes)
+        device = self.feature_mean.device
+        for c in range(classes):
+            members = torch.nonzero(class_index == c).flatten() if by_class else torch.arange(len(features))
+            if members.numel() == 0:
+                continue
+            pick = members[torch.linspace(0, members.numel() - 1, min(per_class, members.numel())).round().long()]
+            total = torch.zeros(len(self.stat_terms), dtype=torch.float64, device=device)
+            squares = torch.zeros_like(total)
+            count = 0
+            for s in range(0, len(pick), batch_size):
+                f = features[pick[s : s + batch_size]].to(device)
+                fine = self.fine_condition(f, with_class=False)[0]
+                terms = self._term_maps(f, self.reconstruct(f, sampling), fine, scoring)
+                stacked = torch.stack(terms, dim=1).double()  # B x terms x H x W
+                total += stacked.sum(dim=(0, 2, 3))
+                squares += stacked.pow(2).sum(dim=(0, 2, 3))
+                count += stacked.shape[0] * stacked.shape[2] * stacked.shape[3]
+            mean = total / count
+            self.term_mean[c] = mean.float()
+            self.term_std[c] = (squares / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-6).float()
+        self.term_settings.copy_(torch.tensor(self._settings_key(scoring)))
+
+    def _term_maps(
+        self, features: Tensor, reconstruction: Tensor, fine: Tensor | None, scoring: ScoringConfig
+    ) -> list[Tensor]:
+        """Every term of :attr:`stat_terms` for raw ``features`` (feature resolution)."""
+        a, b, groups = self._compared(features, reconstruction, scoring)
+        terms = TermMaps(a, b, self._compared_fine(fine, scoring), scoring, groups)
+        return [terms(branch, p) for branch, p in self.stat_terms]
+
+    def _statistics(self, classes: Tensor | None, scoring: ScoringConfig):
+        """``statistics(branch, p)`` for :func:`vpdm.model.scoring.scores_and_maps`: each image's row of the term
+        statistics (its class's, or the one row); None when they were never fitted."""
+        if self.term_mean.shape[0] == 0:
+            return None
+        fitted = self.term_settings.tolist()
+        if fitted != self._settings_key(scoring):
+            names = ("distance", "per_stage", "feature_space", "aggregate")
+            values = (DISTANCES[fitted[0]], bool(fitted[1]), FEATURE_SPACES[fitted[2]], fitted[3])
+            raise ConfigError(
+                "scoring.combine=standardised: this model's term statistics were fitted with "
+                + ", ".join(f"scoring.{n}={v}" for n, v in zip(names, values))
+                + "; score with those, or use scoring.combine=weighted"
+            )
+
+        def statistics(branch: str, p: int) -> tuple[Tensor, Tensor]:
+            if (branch, p) not in self.stat_terms:
+                raise ConfigError(
+                    f"scoring: block side {p} has no normal statistics (standardised scores keep them "
+                    f"for {[q for b, q in self.stat_terms if b == branch]})"
+                )
+            i = self.stat_terms.index((branch, p))
+            rows = (
+                classes
+                if classes is not None and self.term_mean.shape[0] > 1
+                else torch.zeros(1, dtype=torch.long, device=self.term_mean.device)
+            )
+            return self.term_mean[rows, i], self.term_std[rows, i]
+
+        return statistics
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # The term statistics have one row per class: take the saved number of rows.
+        saved = state_dict.get(prefix + "term_mean")
+        if isinstance(saved, Tensor) and saved.ndim == 2 and saved.shape[1] == len(self.stat_terms):
+            self.resize_statistics(saved.shape[0])
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    @property
+    def condition_is_fixed(self) -> bool:
+        """Whether each training image's condition is the same in every epoch: frozen prototypes
+        (``train.prototype_lr_scale=0``) whose assignment ignores the batch."""
+        return not self.prototypes.prototypes.requires_grad and self.prototypes.batch_independent
+
+    @torch.no_grad()
+    def training_condition(self, features: Tensor, batch_size: int = 64) -> tuple[Tensor, Tensor]:
+        """Every training image's condition (before T_up) and OT-loss term, computed once
+        (:meth:`VaguePrototypes.training_condition`); ``forward(..., condition=...)`` takes a batch of them."""
+        if not self.condition_is_fixed:
+            raise RuntimeError("the condition changes during training (trained prototypes or balanced OT)")
+        device = self.feature_mean.device
+        parts = [
+            self.prototypes.training_condition(self.normalise(features[s : s + batch_size].to(device)))
+            for s in range(0, features.shape[0], batch_size)
+        ]
+        return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
+
+    def normalise(self, features: Tensor) -> Tensor:
+        return (features - self.feature_mean) / self.feature_std
+
+    # -- the image's own features beside yhat (model.input_copy) -------------------------------------
+    def inference_copy(self, x0: Tensor) -> Tensor | None:
+        """What the denoiser receives of the image at scoring time: its clean standardised features, or
+        nothing (``model.input_copy='none'``, the paper)."""
+        return None if self.config.input_copy == "none" else x0
+
+    def training_copy(self, x0: Tensor, generator: torch.Generator | None = None) -> Tensor | None:
+        """The perturbed copy the denoiser is trained with: dropout (each value zeroed with probability
+        p, the rest scaled by 1/(1-p), so its mean is x0's) or additive Gaussian jitter of std s."""
+        kind, strength = self.config.input_copy, float(self.config.input_copy_strength)
+        if kind == "none":
+            return None
+        if kind == "dropout":
+            keep = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) >= strength
+            return x0 * keep / (1.0 - strength)
+        return x0 + strength * torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+
+    # -- training -------------------------------------------------------------------------------
+    def forward(
+        self, features: Tensor, generator: torch.Generator | None = None, condition: tuple[Tensor, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """Training losses for a batch of raw backbone features (Algorithm 1 + Eq. 17), with the
+        diffusion term in the configured parameterisation and weighting (eps, unweighted: the paper).
+
+        ``condition``: the batch's rows of :meth:`training_condition` (frozen prototypes only), instead of
+        assigning every vague block to every prototype again."""
+        x0 = self.normalise(features)
+        if condition is not None:
+            vague, terms = condition
+            cond = {
+                "yhat": unvague(vague.to(x0), self.feature_size),
+                "ot_loss": self.prototypes.ot_loss_of_terms(terms.to(x0)),
+            }
+        else:
+            cond = self.prototypes(x0)
+        yhat = cond["yhat"]
+        t = self.diffusion.sample_timesteps(
+            x0.shape[0], generator=generator, device=x0.device, max_step=self.config.train_max_step
+        )
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t = self.diffusion.q_sample(x0, yhat, t, noise)
+        output = self.denoise(x_t, yhat, t, copy=self.training_copy(x0, generator))
+        target = self.diffusion.target(x0, yhat, t, noise)
+        weights = self.diffusion.loss_weights(t, x0, self.config.loss_weighting, self.config.min_snr_gamma)
+        diffusion_loss = (weights * (output - target).pow(2)).mean()
+        with torch.no_grad():
+            eps = self.diffusion.predicted_noise(output, x_t, yhat, t)
+            eps_mse = (eps - noise).pow(2).mean()
+        loss = diffusion_loss + self.config.ot_weight * cond["ot_loss"]
+        return {
+            "loss": loss,
+            "diffusion_loss": diffusion_loss.detach(),
+            "eps_mse": eps_mse,
+            "ot_loss": cond["ot_loss"].detach(),
+        }
+
+    def denoise(
+        self, x_t: Tensor, yhat: Tensor, t: Tensor, precision: str = "fp32", copy: Tensor | None = None
+    ) -> Tensor:
+        """The network's prediction in the configured parameterisation (``model.diffusion.prediction``):
+        ``c_skip(t) * z_t + denoiser(x_t, yhat, t)`` with ``z_t = x_t - yhat``.
+
+        ``c_skip`` is the best linear guess of the target for unit-variance data
+        (:meth:`ShiftedDiffusion.skip_scale`); the network learns what is left. For eps without it the
+        network must carry all C independent noise channels through its narrower width, which it
+        cannot: the noise estimate near t = T stays poor and ``x0_hat = (...) / sqrt(abar_t)`` blows it
+        up ~150x. Preconditioning in the spirit of EDM's ``c_skip``.
+
+        ``precision`` (``inference.precision``, scoring only) runs the network under autocast; its output
+        is cast back to float32 before the skip term, so only the network itself loses precision.
+        ``copy``: the image's own standardised features (:meth:`inference_copy`, :meth:`training_copy`),
+        required exactly when ``model.input_copy`` is set.
+        """
+        z_t = x_t - yhat if self.config.diffusion.shift_to_condition else x_t
+        with autocast(precision, x_t.device):
+            out = self.denoiser(x_t, yhat, t, copy)
+        return self.diffusion.skip_scale(t, x_t) * z_t + out.float()
+
+    def predict_noise(self, x_t: Tensor, yhat: Tensor, t: Tensor, copy: Tensor | None = None) -> Tensor:
+        """eps_theta(x_t, yhat, t), whatever the parameterisation."""
+        return self.diffusion.predicted_noise(self.denoise(x_t, yhat, t, copy=copy), x_t, yhat, t)
+
+    def predict_x0(self, x_t: Tensor, yhat: Tensor, t: Tensor, copy: Tensor | None = None) -> Tensor:
+        """x0_hat(x_t, yhat, t) in normalised feature space, whatever the parameterisation."""
+        return self.diffusion.split(self.denoise(x_t, yhat, t, copy=copy), x_t, yhat, t)[0]
+
+    # -- inference ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def condition(self, features: Tensor) -> Tensor:
+        """The vague condition yhat of each image, assigned per image (batch-independent)."""
+        was_training = self.prototypes.training
+        self.prototypes.eval()
+        try:
+            return self.prototypes(self.normalise(features), with_loss=False)["yhat"]
+        finally:
+            self.prototypes.train(was_training)
+
+    @torch.no_grad()
+    def fine_condition(self, features: Tensor, with_class: bool = True) -> tuple[Tensor | None, Tensor | None]:
+        """The fine prototypes' condition (B x C x S x S, normalised space) and each image's class (B,): the
+        class whose fine prototypes hold most of its assignment weight (None with ``with_class=False``, which
+        skips that sum); (None, None) without fine prototypes."""
+        if self.fine is None:
+            return None, None
+        classes = self.term_mean.shape[0] if with_class and self.term_mean.shape[0] > 1 else 0
+        was_training = self.fine.training
+        self.fine.eval()
+        try:
+            out = self.fine(self.normalise(features), with_loss=False, num_classes=classes)
+        finally:
+            self.fine.train(was_training)
+        return out["yhat"], (out["class_mass"].argmax(dim=1) if classes else None)
+
+    @torch.no_grad()
+    def reconstruct(
+        self, features: Tensor, sampling: SamplingConfig | None = None, progress: bool = False, precision: str = "fp32"
+    ) -> Tensor:
+        """Algorithm 2: start at N(yhat, I) and denoise back to x0; returns the reconstruction in
+        normalised feature space. The image enters only through yhat, unless ``sampling.start_step``
+        is below T: then the chain starts from the image's own features noised to that step, or
+        ``model.input_copy`` is set: then every step also sees the clean features.
+        ``precision``: the denoiser's autocast (:meth:`denoise`)."""
+        sampling = sampling or SamplingConfig()
+        yhat = self.condition(features)
+        # the image's own features enter the chain only with an input copy or a start below T
+        uses_image = self.config.input_copy != "none" or sampling.start_step is not None
+        x0 = self.normalise(features) if uses_image else None
+        copy = self.inference_copy(x0) if uses_image else None
+        generators = [
+            torch.Generator(device=features.device).manual_seed(sampling.seed) for _ in range(features.shape[0])
+        ]
+        return self.diffusion.sample(
+            lambda x_t, y, t: self.denoise(x_t, y, t, precision, copy=copy),
+            yhat,
+            num_steps=sampling.num_steps,
+            sampler=sampling.build(self.diffusion),
+            generators=generators,
+            progress=progress,
+            spacing=sampling.spacing,
+            x0=x0,
+            start_step=sampling.start_step,
+        )
+
+    def denormalise(self, x: Tensor) -> Tensor:
+        return x * self.feature_std + self.feature_mean
+
+    @torch.no_grad()
+    def anomaly_maps(
+        self, features: Tensor, sampling: SamplingConfig | None = None, scoring: ScoringConfig | None = None
+    ) -> Tensor:
+        """Feature-resolution anomaly maps (B x S x S): the distance between the features and their
+        reconstruction, by default ||x0 - x0_rec||_2 over the standardised channels (the paper)."""
+        return self.distance_maps(features, self.reconstruct(features, sampling), scoring)
+
+    def _compared(self, features: Tensor, reconstruction: Tensor, scoring: ScoringConfig):
+        """The two tensors the distance compares (the configured feature space) and the channel groups."""
+        groups = self.stage_channels if scoring.per_stage else None
+        if scoring.feature_space == "raw":
+            return features, self.denormalise(reconstruction), groups
+        return self.normalise(features), reconstruction, groups
+
+    def _compared_fine(self, fine: Tensor | None, scoring: ScoringConfig) -> Tensor | None:
+        """The fine prototypes' condition in the configured feature space (what :meth:`_compared` gives the
+        reconstruction)."""
+        if fine is None:
+            return None
+        return self.denormalise(fine) if scoring.feature_space == "raw" else fine
+
+    def distance_maps(self, features: Tensor, reconstruction: Tensor, scoring: ScoringConfig | None = None) -> Tensor:
+        """The configured distance between raw ``features`` and a reconstruction in normalised space."""
+        scoring = scoring or ScoringConfig()
+        a, b, groups = self._compared(features, reconstruction, scoring)
+        return distance_map(a, b, scoring, groups)
+
+    def scores_and_maps(
+        self,
+        features: Tensor,
+        reconstruction: Tensor,
+        scoring: ScoringConfig,
+        map_size: int,
+        postprocess=None,
+        fine: Tensor | None = None,
+        classes: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Image scores and post-processed maps (``map_size`` square) of ``features`` against a reconstruction
+        and the fine condition with each image's class (:meth:`fine_condition`); see
+        :func:`vpdm.model.scoring.scores_and_maps`."""
+        a, b, groups = self._compared(features, reconstruction, scoring)
+        statistics = self._statistics(classes, scoring) if scoring.combine == "standardised" else None
+        return scores_and_maps(
+            a, b, scoring, map_size, groups, postprocess, fine=self._compared_fine(fine, scoring), statistics=statistics
+        )
+
+    @torch.no_grad()
+    def detect(
+        self,
+        features: Tensor,
+        sampling: SamplingConfig | None,
+        scoring: ScoringConfig,
+        map_size: int,
+        precision: str = "fp32",
+    ) -> tuple[Tensor, Tensor]:
+        """Inference: image scores (B,) and anomaly maps (B x map_size x map_size) of raw features;
+        ``precision`` (``inference.precision``) is the denoiser's autocast."""
+        reconstruction = self.reconstruct(features, sampling, precision=precision)
+        fine, classes = self.fine_condition(features)
+        return self.scores_and_maps(features, reconstruction, scoring, map_size, fine=fine, classes=classes)

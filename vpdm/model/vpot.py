@@ -1,0 +1,688 @@
+"""Vague prototypes matched by entropic optimal transport (VPOT).
+
+The image's features are low-pass filtered ("vague": average-pooled by a factor N), flattened, and
+matched to K learnable prototypes by entropic OT. The condition ``yhat`` handed to the diffusion
+model is the plan-weighted mix of prototypes, upsampled back to the feature resolution.
+
+Batch independence at inference
+-------------------------------
+Balanced OT couples every image in a batch: the prototype marginal forces the batch to share the
+prototypes, so an image's ``yhat`` would depend on its neighbours (with a batch of one the plan is
+uniform and ``yhat`` is the mean prototype for every image). A deployed detector scores one image
+at a time, so that cannot stand.
+
+The Sinkhorn plan has the Gibbs form ``P_ij = exp((f_i + g_j - C_ij) / eps)``. Row-normalising it,
+as the paper does to build ``y_i``, cancels the image-side potential ``f_i``:
+``P_ij / sum_j P_ij = softmax_j((g_j - C_ij) / eps)``. The *only* way the rest of the batch enters
+an image's condition is through the prototype-side potential ``g``. We therefore keep ``g`` as a
+buffer (an exponential moving average over training batches, gauge-fixed to zero mean) and use the
+row-conditional Gibbs plan with that fixed ``g`` at inference. This is exactly the training-time
+formula with the potential frozen, i.e. the semi-relaxed OT assignment of one image against the
+prototype marginal learned on the training set; training uses the batch's own ``g`` as the paper does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vpdm.errors import ConfigError
+
+ASSIGNMENTS = ("ot", "nearest")
+INITS = ("samples", "kmeans", "coreset", "coreset_kmeans", "random")
+# Greedy k-center selection runs on at most this many training samples (a seeded random subset), as
+# PatchCore's coreset: its cost grows linearly with the candidates.
+CORESET_CANDIDATES = 250_000
+LEVELS = ("image", "local")
+OT_SCOPES = ("batch", "dataset", "none")
+
+
+@dataclass
+class VPOTConfig:
+    """Vague-prototype settings. Defaults: local prototypes, K=12288 from k-means, no prototype marginal
+    (the paper: whole-image prototypes, K=50, batch OT; the ``paper`` preset in ``vpdm.config.schema``)."""
+
+    num_prototypes: int = 12288  # K (benchmarks/EXPERIMENTS.md section 11: more prototypes cover varied normal blocks)
+    downsample: int = 4  # N: average-pool factor of the low-pass step (1 = no vague step)
+    ot_reg: float = 0.05  # entropic regularisation eps, in units of the dimension-normalised cost
+    sinkhorn_iters: int = 100
+    assignment: str = "ot"  # "ot" (the paper) or "nearest" (ablation: prototypes without OT)
+    potential_momentum: float = 0.9  # EMA of the prototype-side dual potential kept for inference
+    # "samples" (random training samples' vague features), "kmeans" (those, then k-means on all training
+    # samples), "coreset" (greedy k-center selection of training samples, as PatchCore's memory bank:
+    # covers rare looks), "coreset_kmeans" (k-means started from the coreset) or "random" (N(0, 1))
+    init: str = "kmeans"
+    kmeans_iters: int = 20
+    # What one OT sample and one prototype are: "image" (the paper: an image's whole vague map, C*(S/N)^2
+    # values) or "local" (each position of the vague map, C values: prototypes of local regions, so the
+    # condition keeps the image's own layout and each region is replaced by normal prototypes).
+    level: str = "local"
+    # Which distribution the balanced OT matches to the uniform prototype marginal: "batch" (the paper:
+    # Sinkhorn on each training batch) or "dataset" (semi-discrete entropic OT against the whole training
+    # set: the prototype potential is learned by stochastic ascent on the semi-dual (Genevay et al. 2016),
+    # so a batch that holds few classes is not forced to spread over every prototype; with many local
+    # prototypes per batch sample that forcing moves prototypes across classes).
+    # "none": no prototype marginal at all (semi-relaxed OT with a free prototype marginal: each sample's
+    # plan row is softmax(-C / eps), a soft nearest-prototype assignment).
+    ot_scope: str = "none"
+    potential_lr: float = 0.1  # "dataset" scope: step of the potential ascent, in units of ot_reg
+    # Short lists (an inverted-file index, as faiss's IVF): the prototypes are split by k-means into groups of
+    # about ``list_size`` (ceil(K / list_size) lists), and each sample is assigned over the prototypes of its
+    # ``probes`` nearest groups only (the kernel restricted to them): about probes * list_size candidates,
+    # whatever K. 0 = every prototype (exact). Only the kernel without prototype marginal (assignment=ot,
+    # ot_scope=none) of frozen prototypes uses them (the index is built once); other assignments match every
+    # prototype. With ``probes`` lists or fewer the assignment is exact.
+    list_size: int = 96
+    probes: int = 4
+
+    @property
+    def lists(self) -> int:
+        """The number of short lists: 0 for none, for an assignment that needs every prototype, and when
+        ``probes`` lists would hold every prototype anyway."""
+        if not self.list_size or self.assignment != "ot" or self.ot_scope != "none":
+            return 0
+        lists = math.ceil(self.num_prototypes / self.list_size)
+        return lists if lists > self.probes else 0
+
+    def validate(self, feature_size: int | None = None) -> None:
+        if not isinstance(self.num_prototypes, int) or self.num_prototypes < 1:
+            raise ConfigError(f"prototypes.num_prototypes must be an integer >= 1, got {self.num_prototypes!r}")
+        if not isinstance(self.downsample, int) or self.downsample < 1:
+            raise ConfigError(f"prototypes.downsample must be an integer >= 1, got {self.downsample!r}")
+        if feature_size is not None and feature_size % self.downsample != 0:
+            raise ConfigError(
+                f"prototypes.downsample={self.downsample} must divide the feature size {feature_size} "
+                f"(choose one of {[n for n in range(1, feature_size + 1) if feature_size % n == 0]})"
+            )
+        if not (self.ot_reg > 0 and math.isfinite(self.ot_reg)):
+            raise ConfigError(f"prototypes.ot_reg must be a finite number > 0, got {self.ot_reg!r}")
+        if not isinstance(self.sinkhorn_iters, int) or self.sinkhorn_iters < 1:
+            raise ConfigError(f"prototypes.sinkhorn_iters must be an integer >= 1, got {self.sinkhorn_iters!r}")
+        if self.assignment not in ASSIGNMENTS:
+            raise ConfigError(f"prototypes.assignment must be one of {ASSIGNMENTS}, got {self.assignment!r}")
+        if not 0.0 <= self.potential_momentum < 1.0:
+            raise ConfigError(f"prototypes.potential_momentum must be in [0, 1), got {self.potential_momentum!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"prototypes.init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if not isinstance(self.kmeans_iters, int) or isinstance(self.kmeans_iters, bool) or self.kmeans_iters < 1:
+            raise ConfigError(f"prototypes.kmeans_iters must be an integer >= 1, got {self.kmeans_iters!r}")
+        if self.ot_scope not in OT_SCOPES:
+            raise ConfigError(f"prototypes.ot_scope must be one of {OT_SCOPES}, got {self.ot_scope!r}")
+        if not (
+            isinstance(self.potential_lr, (int, float)) and math.isfinite(self.potential_lr) and self.potential_lr > 0
+        ):
+            raise ConfigError(f"prototypes.potential_lr must be a finite number > 0, got {self.potential_lr!r}")
+        if self.level not in LEVELS:
+            raise ConfigError(f"prototypes.level must be one of {LEVELS}, got {self.level!r}")
+        for name in ("list_size", "probes"):
+            value = getattr(self, name)
+            low = 0 if name == "list_size" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ConfigError(f"prototypes.{name} must be an integer >= {low}, got {value!r}")
+
+
+def sinkhorn_log(
+    cost: Tensor, a: Tensor, b: Tensor, reg: float, num_iters: int = 100, tol: float = 1e-6
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Entropic OT by log-domain Sinkhorn; stable in float32 for small ``reg``.
+
+    Solves ``min_P <P, C> + reg * sum P (log P - 1)`` s.t. ``P 1 = a``, ``P^T 1 = b``.
+    ``cost`` is ``(..., n, m)`` (leading dims are independent problems), ``a`` is ``(..., n)``,
+    ``b`` is ``(..., m)``. Returns ``(plan, f, g)`` with ``plan = exp((f_i + g_j - C_ij) / reg)``.
+    """
+    if reg <= 0:
+        raise ConfigError(f"Sinkhorn regularisation must be > 0, got {reg!r}")
+    log_a, log_b = a.log(), b.log()
+    f = torch.zeros_like(a)
+    g = torch.zeros_like(b)
+    for _ in range(num_iters):
+        f = reg * (log_a - torch.logsumexp((g.unsqueeze(-2) - cost) / reg, dim=-1))
+        g_new = reg * (log_b - torch.logsumexp((f.unsqueeze(-1) - cost) / reg, dim=-2))
+        converged = (g_new - g).abs().max() < tol * reg
+        g = g_new
+        if converged:
+            break
+    # One last f-update makes the row marginals exact, which the row-normalised condition relies on.
+    f = reg * (log_a - torch.logsumexp((g.unsqueeze(-2) - cost) / reg, dim=-1))
+    plan = torch.exp((f.unsqueeze(-1) + g.unsqueeze(-2) - cost) / reg)
+    return plan, f, g
+
+
+@torch.no_grad()
+def kmeans(samples: Tensor, centres: Tensor, iters: int, batch_size: int = 8192) -> Tensor:
+    """Lloyd's k-means from the given centres; a centre that loses all its samples stays where it was."""
+    centres = centres.clone()
+    k = centres.shape[0]
+    for _ in range(iters):
+        sums = torch.zeros_like(centres)
+        counts = torch.zeros(k, dtype=centres.dtype, device=centres.device)
+        for start in range(0, samples.shape[0], batch_size):
+            chunk = samples[start : start + batch_size]
+            nearest = torch.cdist(chunk, centres).argmin(dim=1)
+            sums.index_add_(0, nearest, chunk)
+            counts += torch.bincount(nearest, minlength=k).to(counts.dtype)
+        moved = counts > 0
+        centres[moved] = sums[moved] / counts[moved].unsqueeze(1)
+    return centres
+
+
+def coreset_index(
+    samples: Tensor, k: int, generator: torch.Generator | None = None, batch: int = 256, projection_dim: int = 128
+) -> Tensor:
+    """Indices of ``k`` rows chosen by greedy k-center (farthest-first, PatchCore's coreset: every sample
+    ends close to a chosen one, rare looks included), on a seeded random subset of at most
+    ``CORESET_CANDIDATES`` rows and, above ``projection_dim`` dimensions, a seeded random projection (as
+    PatchCore selects). K-means instead places its centres where the samples are dense, so a look that
+    covers a small part of few images (a small part on a large background) gets few of them.
+
+    Picked up to ``batch`` at a time: farthest-first among the 4 * batch rows farthest from the chosen ones,
+    for as long as the best of them is farther than every other row can be (so each pick is the one exact
+    farthest-first makes), then one matrix product updates every row's distance. Exact farthest-first
+    updates all rows after every pick, a memory-bound pass each (12288 picks from 250k rows: 566 s).
+    Fewer than ``k`` rows when the rest coincide."""
+    gen_seed = int(torch.randint(2**31 - 1, (1,), generator=generator))
+    pool = None
+    if samples.shape[0] > CORESET_CANDIDATES:
+        pool = torch.randperm(samples.shape[0], generator=generator)[:CORESET_CANDIDATES].to(samples.device)
+        samples = samples[pool]
+    n, dim = samples.shape
+    if k >= n:
+        picks = torch.arange(n, device=samples.device)
+        return picks if pool is None else pool[picks]
+    x = samples.float()
+    if dim > projection_dim:
+        g = torch.Generator().manual_seed(gen_seed)
+        x = x @ (torch.randn(dim, projection_dim, generator=g) / math.sqrt(projection_dim)).to(x.device)
+    squares = x.pow(2).sum(dim=1)
+
+    def distance_to(rows: Tensor) -> Tensor:  # squared distances of every row to ``rows`` (n x m)
+        return (squares.unsqueeze(1) + squares[rows].unsqueeze(0) - 2.0 * (x @ x[rows].T)).clamp_min_(0)
+
+    first = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(gen_seed)))
+    chosen = [first]
+    nearest = distance_to(torch.tensor([first], device=x.device)).squeeze(1)
+    while len(chosen) < k:
+        b = min(batch, k - len(chosen))
+        top = nearest.topk(min(n, 4 * b))
+        cand, cd = top.indices, top.values.clone()
+        # A row outside the candidates is at most this far from the chosen ones: while a candidate is farther,
+        # it is the row exact farthest-first would pick next.
+        outside = float(top.values[-1]) if len(cand) < n else 0.0
+        cx = x[cand]
+        new: list[int] = []
+        for _ in range(b):
+            j = int(cd.argmax())
+            if float(cd[j]) <= outside or float(cd[j]) <= 0.0:
+                break
+            new.append(int(cand[j]))
+            cd = torch.minimum(cd, (cx - cx[j]).pow(2).sum(dim=1))
+        if not new:
+            break  # every remaining row coincides with a chosen one
+        rows = torch.tensor(new, device=x.device)
+        nearest = torch.minimum(nearest, distance_to(rows).min(dim=1).values)
+        nearest[rows] = 0.0
+        chosen.extend(new)
+    picks = torch.tensor(chosen, dtype=torch.long, device=samples.device)
+    return picks if pool is None else pool[picks]
+
+
+def _one_hot(owner: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """K x classes one-hot of prototype owners; a prototype of unknown class (-1) is a zero row."""
+    return (owner.unsqueeze(1) == torch.arange(num_classes, device=owner.device).unsqueeze(0)).to(dtype)
+
+
+def vague(features: Tensor, downsample: int) -> Tensor:
+    """Low-pass step T_down: average-pool by ``downsample`` (keeps shape and colour, drops detail)."""
+    return F.avg_pool2d(features, downsample) if downsample > 1 else features
+
+
+def unvague(y: Tensor, size: int) -> Tensor:
+    """T_up: bilinear upsampling of the vague condition back to the feature resolution."""
+    if y.shape[-1] == size:
+        return y
+    return F.interpolate(y, size=(size, size), mode="bilinear", align_corners=False)
+
+
+class VaguePrototypes(nn.Module):
+    """K learnable prototypes of the vague features and the OT assignment that builds ``yhat``."""
+
+    def __init__(self, config: VPOTConfig, channels: int, feature_size: int):
+        super().__init__()
+        config.validate(feature_size)
+        self.config = config
+        self.channels = channels
+        self.feature_size = feature_size
+        self.vague_size = feature_size // config.downsample
+        self.local = config.level == "local"
+        self.dim = channels if self.local else channels * self.vague_size**2
+        self.prototypes = nn.Parameter(torch.randn(config.num_prototypes, self.dim))
+        # Prototype-side dual potential, kept for per-image assignment at inference (module docstring).
+        self.register_buffer("potential", torch.zeros(config.num_prototypes))
+        self.register_buffer("potential_initialised", torch.zeros((), dtype=torch.bool))
+        # Short lists (``config.lists``): the prototypes are stored sorted by list, list l being rows
+        # list_offsets[l]:list_offsets[l + 1]; list_of[j] is prototype j's list (built by build_lists()).
+        self.register_buffer("list_centroids", torch.zeros(config.lists, self.dim))
+        self.register_buffer("list_offsets", torch.zeros(config.lists + 1, dtype=torch.long))
+        self.register_buffer("list_of", torch.zeros(config.num_prototypes if config.lists else 0, dtype=torch.long))
+        # The class of the training samples each prototype stands for (-1: unknown), for an image's class.
+        self.register_buffer("owner", torch.full((config.num_prototypes,), -1, dtype=torch.long))
+
+    @torch.no_grad()
+    def init_from(
+        self, features: Tensor, generator: torch.Generator | None = None, class_index: Tensor | None = None
+    ) -> None:
+        """Data-dependent start: prototypes = K random training samples (with repeats if fewer), and
+        with ``init="kmeans"`` then Lloyd's k-means iterations on all training samples, so the
+        prototypes start spread over the normal data as the OT assignment will use them.
+        ``class_index`` (one class per image): also each prototype's class (:attr:`owner`): the class of
+        the sample it is, for a coreset, else by :meth:`set_owners`."""
+        if self.config.init == "random":
+            return
+        flat = self.samples(features)
+        k = self.config.num_prototypes
+        if self.config.init.startswith("coreset"):
+            idx = coreset_index(flat, k, generator)
+        else:
+            idx = torch.randperm(flat.shape[0], generator=generator)
+        idx = idx.repeat(math.ceil(k / len(idx)))[:k]
+        jitter = 0.01 * torch.randn(k, self.dim, generator=generator)
+        start = flat[idx] + jitter
+        if self.config.init.endswith("kmeans"):
+            start = kmeans(flat, start, self.config.kmeans_iters)
+        self.prototypes.copy_(start)
+        if class_index is not None:
+            if self.config.init == "coreset":
+                per_image = flat.shape[0] // features.shape[0]
+                self.owner.copy_(class_index.to(idx.device)[torch.div(idx, per_image, rounding_mode="floor")])
+            else:
+                self.set_owners(features, class_index)
+        if self.config.lists:
+            self.build_lists(generator)
+
+    @torch.no_grad()
+    def set_owners(self, features: Tensor, class_index: Tensor, batch_size: int = 64) -> None:
+        """Each prototype's class: the class of the training samples whose nearest prototype it is most
+        often (a prototype no sample chose keeps -1). ``class_index``: one class per image of ``features``."""
+        per_image = self.samples(features[:1]).shape[0]
+        num_classes = int(class_index.max()) + 1
+        votes = torch.zeros(self.config.num_prototypes, num_classes, device=self.prototypes.device)
+        for s in range(0, features.shape[0], batch_size):
+            chunk = features[s : s + batch_size].to(self.prototypes.device)
+            nearest = torch.cdist(self.samples(chunk), self.prototypes).argmin(dim=1)
+            cls = class_index[s : s + batch_size].to(nearest.device).repeat_interleave(per_image)
+            votes.index_put_((nearest, cls), torch.ones_like(nearest, dtype=votes.dtype), accumulate=True)
+        owner = votes.argmax(dim=1)
+        owner[votes.sum(dim=1) == 0] = -1
+        self.owner.copy_(owner)
+
+    @torch.no_grad()
+    def build_lists(self, generator: torch.Generator | None = None, iters: int = 20) -> None:
+        """Split the (frozen) prototypes into ``config.lists`` groups by k-means and store them sorted by
+        group: the index of the short-list assignment. Reorders the prototypes (the kernel does not depend
+        on their order) and everything stored per prototype."""
+        lists, k = self.config.lists, self.config.num_prototypes
+        protos = self.prototypes.detach()
+        start = protos[torch.randperm(k, generator=generator)[:lists].to(protos.device)].clone()
+        centroids = kmeans(protos, start, iters)
+        for _ in range(lists):  # a list no prototype is nearest to takes the prototype farthest from its centre
+            distance = torch.cdist(protos, centroids)
+            group = distance.argmin(dim=1)
+            counts = torch.bincount(group, minlength=lists)
+            empty = torch.nonzero(counts == 0).flatten()
+            if empty.numel() == 0:
+                break
+            centroids[empty[0]] = protos[distance.gather(1, group.unsqueeze(1)).squeeze(1).argmax()]
+        order = torch.argsort(group, stable=True)
+        self.prototypes.copy_(protos[order])
+        self.potential.copy_(self.potential[order])
+        self.owner.copy_(self.owner[order])
+        self.list_centroids.copy_(centroids)
+        self.list_offsets.copy_(torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
+        self.list_of.copy_(group[order])
+
+    def samples(self, features: Tensor) -> Tensor:
+        """The OT samples of a batch: one row per image (``level="image"``) or per vague position."""
+        v = vague(features, self.config.downsample)
+        if self.local:
+            return v.permute(0, 2, 3, 1).reshape(-1, self.channels)
+        return v.flatten(1)
+
+    def cost(self, flat: Tensor) -> Tensor:
+        """C_ij = ||f_i - B_j||_2 / sqrt(d): the paper's Euclidean cost, normalised by the dimension
+        so that ``ot_reg`` means the same for any backbone, feature size or N."""
+        return torch.cdist(flat, self.prototypes) / math.sqrt(self.dim)
+
+    def forward(
+        self, features: Tensor, with_loss: bool = True, histogram: bool = False, num_classes: int = 0
+    ) -> dict[str, Tensor]:
+        """Return ``yhat`` (B x C x S x S), the OT loss and the plan.
+
+        In training mode the plan is the balanced Sinkhorn plan of the batch (the paper's Eq. 9-11)
+        and the stored potential is updated; in eval mode each image is assigned on its own with the
+        stored potential, so its ``yhat`` does not depend on the batch.
+
+        ``with_loss=False`` (eval mode only: inference) returns ``yhat`` alone (and, when asked, each image's
+        mean ``histogram`` of weights and ``class_mass``: :meth:`_assign`): the OT loss and the plan are
+        B*P x K element-wise passes that inference never reads, and with thousands of local prototypes
+        they cost more than the denoiser.
+        """
+        if not with_loss:
+            if self.training:
+                raise RuntimeError("VaguePrototypes(with_loss=False) is for inference: call .eval() first")
+            return self._assign(features, histogram, num_classes)
+        if self.config.lists and self.training:
+            raise RuntimeError(
+                "short lists (prototypes.list_size) assign frozen prototypes: train with the precomputed "
+                "condition (VPDM.training_condition)"
+            )
+        batch = features.shape[0]
+        flat = self.samples(features)
+        cost = self.cost(flat)
+        b, k = cost.shape
+        reg = self.config.ot_reg
+        if self.config.assignment == "nearest":
+            weights = F.one_hot(cost.argmin(dim=1), k).to(cost.dtype)
+            ot_loss = (
+                (weights * cost).sum(dim=1).mean()
+            )  # reported only; the ablation trains with lambda=0 or this k-means-like term
+            plan = weights / b
+        elif self.config.lists:  # eval mode (a validation loss): the inference assignment, short lists and all
+            weights = self.weights(flat)
+            plan = weights / b
+            ot_loss = (plan * cost).sum() + reg * (plan * plan.clamp_min(1e-30).log()).sum()
+        else:
+            if self.config.ot_scope == "none":
+                potential = torch.zeros_like(self.potential)
+                plan = None
+            elif self.training and self.config.ot_scope == "dataset":
+                potential = self.potential
+                plan = None
+            elif self.training:
+                with torch.no_grad():
+                    plan, _, g = sinkhorn_log(
+                        cost.detach().float(),
+                        torch.full((b,), 1.0 / b, device=cost.device),
+                        torch.full((k,), 1.0 / k, device=cost.device),
+                        reg,
+                        self.config.sinkhorn_iters,
+                    )
+                    self._update_potential(g)
+                potential = g
+            else:
+                potential = self.potential
+                plan = None
+            # Row-normalised Gibbs plan; gradients reach the prototypes through C and through B below.
+            weights = torch.softmax((potential.unsqueeze(0) - cost) / reg, dim=1)
+            if plan is None:
+                plan = (weights / b).detach()
+                if self.training and self.config.ot_scope == "dataset":
+                    self._ascend_potential(plan.sum(dim=0) * k)
+            plan = plan.to(cost.dtype)
+            # Entropic OT value <P, C> + reg * sum P log P; with P at the optimum its gradient w.r.t. C is P
+            # (envelope theorem), so P is treated as a constant here.
+            ot_loss = (plan * cost).sum() + reg * (plan * plan.clamp_min(1e-30).log()).sum()
+        y = weights @ self.prototypes
+        if self.local:
+            y = y.view(batch, self.vague_size, self.vague_size, self.channels).permute(0, 3, 1, 2)
+        else:
+            y = y.view(batch, self.channels, self.vague_size, self.vague_size)
+        return {"yhat": unvague(y, self.feature_size), "ot_loss": ot_loss, "weights": weights, "cost": cost}
+
+    @property
+    def batch_independent(self) -> bool:
+        """Whether an image's training-time assignment ignores the rest of its batch: no prototype
+        marginal (``ot_scope='none'``) or the nearest-prototype ablation. Balanced OT couples the batch."""
+        return self.config.assignment == "nearest" or self.config.ot_scope == "none"
+
+    @torch.no_grad()
+    def training_condition(self, features: Tensor, batch_size: int = 64) -> tuple[Tensor, Tensor]:
+        """What the training forward computes of frozen, batch-independent prototypes, once per image:
+        the condition before T_up (B x C x s x s) and the image's term of the OT loss (B,), so that
+        :meth:`ot_loss_of_terms` of a batch's terms is its ``ot_loss``. With the prototypes fixed these do
+        not change from epoch to epoch, and the assignment (every vague block against every prototype) is
+        most of a training step's cost."""
+        if not self.batch_independent:
+            raise RuntimeError("the training condition depends on the batch (balanced OT): it cannot be precomputed")
+        ys, terms = [], []
+        reg = self.config.ot_reg
+        for start in range(0, features.shape[0], batch_size):
+            chunk = features[start : start + batch_size]
+            flat = self.samples(chunk)
+            cost = self.cost(flat)
+            weights = self.weights(flat)  # the inference assignment (short lists included)
+            if self.config.assignment == "nearest":
+                per_sample = cost.min(dim=1).values
+            else:
+                per_sample = (weights * cost).sum(dim=1) + reg * (weights * weights.clamp_min(1e-30).log()).sum(dim=1)
+            y = weights @ self.prototypes
+            n = chunk.shape[0]
+            if self.local:
+                y = y.view(n, self.vague_size, self.vague_size, self.channels).permute(0, 3, 1, 2)
+            else:
+                y = y.view(n, self.channels, self.vague_size, self.vague_size)
+            ys.append(y.contiguous())
+            terms.append(per_sample.view(n, -1).mean(dim=1))
+        return torch.cat(ys), torch.cat(terms)
+
+    def ot_loss_of_terms(self, terms: Tensor) -> Tensor:
+        """The batch's OT loss from its images' :meth:`training_condition` terms: the mean term, and for
+        entropic OT the entropy's share of the batch size (the plan is the weights over b samples:
+        sum P log P = (1/b) sum w log w - log b)."""
+        if self.config.assignment == "nearest":
+            return terms.mean()
+        samples = terms.shape[0] * (self.vague_size**2 if self.local else 1)
+        return terms.mean() - self.config.ot_reg * math.log(samples)
+
+    def weights(self, flat: Tensor) -> Tensor:
+        """Inference assignment weights of samples (n x K, rows sum to 1): softmax((g - C) / eps) over every
+        prototype, or over the prototypes of each sample's ``probes`` nearest lists (``config.lists``; 0
+        elsewhere), or one-hot for ``assignment='nearest'``. The reference the fast paths are tested against."""
+        if self.config.assignment == "nearest":
+            cost = self.cost(flat)
+            return F.one_hot(cost.argmin(dim=1), cost.shape[1]).to(cost.dtype)
+        # softmax((g - C) / reg) with C = dist / sqrt(d); g = 0 without a prototype marginal
+        logits = torch.cdist(flat, self.prototypes).mul_(-1.0 / (math.sqrt(self.dim) * self.config.ot_reg))
+        if self.config.ot_scope != "none":
+            logits.add_(self.potential.unsqueeze(0) / self.config.ot_reg)
+        if self.config.lists:
+            logits = logits.masked_fill(~self._probed(flat)[:, self.list_of], float("-inf"))
+        return torch.softmax(logits, dim=1)
+
+    def _check_lists(self) -> None:
+        if not torch.jit.is_tracing() and int(self.list_offsets[-1]) != self.config.num_prototypes:
+            raise RuntimeError(
+                f"the short lists of these {self.config.num_prototypes} prototypes were never built: "
+                "call init_from() or build_lists() after setting the prototypes (or list_size=0)"
+            )
+
+    def _probed(self, flat: Tensor) -> Tensor:
+        """n x lists: whether each list is among a sample's ``probes`` nearest (by centroid distance)."""
+        self._check_lists()
+        distance = torch.cdist(flat, self.list_centroids)
+        kth = distance.topk(min(self.config.probes, self.config.lists), dim=1, largest=False).values[:, -1:]
+        return distance <= kth
+
+    def _short_list(
+        self, flat: Tensor, per_image: int, histogram: bool, num_classes: int
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """:meth:`weights` @ prototypes with short lists, without the n x K matrices: the samples are grouped
+        by probed list and each group is matched against its list's prototypes alone (one small product per
+        list), with a softmax over all of a sample's candidates. Also, when asked, each image's mean weights
+        (B x K) and its weight on each class's prototypes (B x classes)."""
+        self._check_lists()
+        n, device = flat.shape[0], flat.device
+        scale = 1.0 / (math.sqrt(self.dim) * self.config.ot_reg)
+        probes = min(self.config.probes, self.config.lists)
+        centroid_distance, nearest = torch.cdist(flat, self.list_centroids).topk(probes, dim=1, largest=False)
+        lists = nearest.reshape(-1)
+        order = torch.argsort(lists, stable=True)
+        queries = torch.arange(n, device=device).repeat_interleave(probes)[order]
+        counts = torch.bincount(lists, minlength=self.config.lists).tolist()
+        offsets = self.list_offsets.tolist()
+        # The softmax is shift-invariant; shifting each sample's logits by its nearest centroid's distance
+        # bounds them to [-scale R, scale R] (R: the largest distance of a prototype to its list's centroid;
+        # triangle inequality, the nearest list is always probed), so when scale R is small enough for exp
+        # the kernel is summed in one pass, list by list, without keeping the logits for a max.
+        radius = float((self.prototypes.detach() - self.list_centroids[self.list_of]).pow(2).sum(dim=1).max().sqrt())
+        one_pass = scale * radius <= 60.0
+        shift = (
+            centroid_distance[:, 0] * scale
+            if one_pass
+            else torch.full((n,), float("-inf"), device=device, dtype=flat.dtype)
+        )  # two passes: the running max of each row
+        keep = histogram or bool(num_classes) or not one_pass
+        # Squared distances as |x|^2 + |p|^2 - 2 x.p, the norms computed once (cdist recomputes them and
+        # pads both operands for its product in every call: a third of the time on small lists).
+        flat_sq = flat.pow(2).sum(dim=1)
+        prototypes_sq = self.prototypes.pow(2).sum(dim=1)
+        y = torch.zeros(n, self.dim, device=device, dtype=flat.dtype)
+        total = torch.zeros(n, device=device, dtype=flat.dtype)
+        blocks: list[tuple[int, Tensor, Tensor]] = []
+        start = 0
+        for group, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = queries[start : start + count]
+            start += count
+            members = slice(offsets[group], offsets[group + 1])
+            logits = (
+                torch.addmm(prototypes_sq[members].unsqueeze(0), flat[rows], self.prototypes[members].T, alpha=-2.0)
+                .add_(flat_sq[rows].unsqueeze(1))
+                .clamp_min_(0.0)
+                .sqrt_()
+                .mul_(-scale)
+            )
+            if one_pass:
+                e = logits.add_(shift[rows].unsqueeze(1)).exp_()
+                total.index_add_(0, rows, e.sum(dim=1))
+                y.index_add_(0, rows, e @ self.prototypes[members])
+            else:
+                shift.scatter_reduce_(0, rows, logits.amax(dim=1), reduce="amax")
+            if keep:
+                blocks.append((group, rows, logits))
+        if not one_pass:
+            for group, rows, logits in blocks:
+                e = logits.sub_(shift[rows].unsqueeze(1)).exp_()  # in place: the logits are not needed again
+                total.index_add_(0, rows, e.sum(dim=1))
+                y.index_add_(0, rows, e @ self.prototypes[offsets[group] : offsets[group + 1]])
+        y = y / total.unsqueeze(1)
+        hist = mass = None
+        if histogram or num_classes:
+            batch = n // per_image
+            hist = (
+                torch.zeros(batch, self.config.num_prototypes, device=device, dtype=flat.dtype) if histogram else None
+            )
+            mass = torch.zeros(batch, num_classes, device=device, dtype=flat.dtype) if num_classes else None
+            for group, rows, e in blocks:
+                norm = (total[rows] * per_image).reciprocal().unsqueeze(1)
+                image = torch.div(rows, per_image, rounding_mode="floor")
+                if hist is not None:
+                    hist[:, offsets[group] : offsets[group + 1]].index_add_(0, image, e * norm)
+                if mass is not None:  # normalised after the product: rows x classes, not rows x list
+                    owner = self.owner[offsets[group] : offsets[group + 1]]
+                    mass.index_add_(0, image, (e @ _one_hot(owner, num_classes, e.dtype)).mul_(norm))
+        return y, hist, mass
+
+    def _assign(self, features: Tensor, histogram: bool = False, num_classes: int = 0) -> dict[str, Tensor]:
+        """Eval-mode ``forward`` without the loss: ``yhat``; with ``histogram`` each image's mean weights
+        (B x K, what a calibration compares classes by), with ``num_classes`` its weight on each class's
+        prototypes (B x classes, :meth:`set_owners`). Short lists run grouped by list (:meth:`_short_list`),
+        except while traced for export, where the masked dense form gives the same numbers."""
+        batch = features.shape[0]
+        flat = self.samples(features)
+        per_image = flat.shape[0] // batch
+        out: dict[str, Tensor] = {}
+        if self.config.lists and not torch.jit.is_tracing():
+            y, hist, mass = self._short_list(flat, per_image, histogram, num_classes)
+            if hist is not None:
+                out["histogram"] = hist
+            if mass is not None:
+                out["class_mass"] = mass
+        else:
+            weights = self.weights(flat)
+            y = weights @ self.prototypes
+            if histogram:
+                out["histogram"] = weights.reshape(batch, per_image, -1).mean(dim=1)
+            if num_classes:
+                out["class_mass"] = (
+                    (weights @ _one_hot(self.owner, num_classes, weights.dtype))
+                    .reshape(batch, per_image, num_classes)
+                    .mean(dim=1)
+                )
+        if self.local:
+            y = y.view(batch, self.vague_size, self.vague_size, self.channels).permute(0, 3, 1, 2)
+        else:
+            y = y.view(batch, self.channels, self.vague_size, self.vague_size)
+        out["yhat"] = unvague(y, self.feature_size)
+        return out
+
+    @torch.no_grad()
+    def _ascend_potential(self, mass_ratio: Tensor) -> None:
+        """One stochastic ascent step on the semi-dual of dataset-level OT: the gradient for prototype
+        j is ``1/K - mass_j`` (its target minus the mass the batch sends it); ``mass_ratio = K mass``."""
+        step = self.config.potential_lr * self.config.ot_reg * (1.0 - mass_ratio.to(self.potential.dtype))
+        self.potential.add_(step - step.mean())
+        self.potential_initialised.fill_(True)
+
+    @torch.no_grad()
+    def _update_potential(self, g: Tensor) -> None:
+        g = g - g.mean()  # Sinkhorn duals are defined up to a constant; fix the gauge before averaging
+        if not bool(self.potential_initialised):
+            self.potential.copy_(g)
+            self.potential_initialised.fill_(True)
+        else:
+            m = self.config.potential_momentum
+            self.potential.mul_(m).add_((1 - m) * g)
+
+
+FINE_INITS = ("coreset", "coreset_kmeans", "kmeans")
+
+
+@dataclass
+class FineConfig:
+    """Fine prototypes: every feature position on its own (no vague step) is matched to K prototypes of
+    single positions, and the kernel average is compared with the features directly (no diffusion).
+
+    The vague condition describes N x N blocks; a part lying at any place and angle, or a defect of a few
+    pixels, is a mixture inside a block that no set of block prototypes covers, and it is averaged away
+    (``benchmarks/EXPERIMENTS.md`` section 16). Positions chosen by a coreset (greedy k-center, as
+    PatchCore's memory bank) keep rare looks, such as a small part on a plain background, covered. Short
+    lists keep the cost of matching every position near that of the vague condition."""
+
+    num_prototypes: int = 12288  # K; 0 = no fine prototypes (the paper)
+    ot_reg: float = 0.05  # kernel width eps, as prototypes.ot_reg
+    init: str = "coreset"  # "coreset", "coreset_kmeans" or "kmeans" (VPOTConfig.init)
+    kmeans_iters: int = 20
+    list_size: int = 96  # short lists (VPOTConfig.list_size); 0 = every prototype
+    probes: int = 4
+
+    def validate(self, feature_size: int | None = None) -> None:
+        k = self.num_prototypes
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ConfigError(f"model.fine.num_prototypes must be an integer >= 0 (0 = none), got {k!r}")
+        if self.init not in FINE_INITS:
+            raise ConfigError(f"model.fine.init must be one of {', '.join(FINE_INITS)}, got {self.init!r}")
+        if k:
+            try:
+                self.prototypes_config().validate(feature_size)
+            except ConfigError as exc:
+                raise ConfigError(str(exc).replace("prototypes.", "model.fine.")) from None
+
+    def prototypes_config(self) -> VPOTConfig:
+        """The VPOT settings of the fine prototypes: local, N = 1, a kernel without prototype marginal."""
+        return VPOTConfig(
+            num_prototypes=self.num_prototypes,
+            downsample=1,
+            level="local",
+            ot_scope="none",
+            assignment="ot",
+            ot_reg=self.ot_reg,
+            init=self.init,
+            kmeans_iters=self.kmeans_iters,
+            list_size=self.list_size,
+            probes=self.probes,
+        )

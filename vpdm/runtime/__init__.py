@@ -1,0 +1,1 @@
+"""Where and how tensors run: devices and reduced precision."""
