@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from vpdm.errors import ConfigError
-from vpdm.model.diffusion import NoiseScheduleConfig, ShiftedDiffusion, make_betas
+from vpdm.model.diffusion import GeneratorNoise, NoiseScheduleConfig, ShiftedDiffusion, StoredNoise, make_betas, make_sampler
 
 
 def np_abar(betas: np.ndarray) -> np.ndarray:
@@ -419,10 +419,10 @@ def test_sampler_objects_run_the_same_chain_as_sample_and_check_once() -> None:
         )
         chain = make_sampler(process, sampler, eta)
         gens = [torch.Generator().manual_seed(5) for _ in range(2)]
-        x = yhat + process._randn(yhat, gens)
+        x = yhat + GeneratorNoise(gens)(yhat)
         for t in chain.set_timesteps(4, "trailing"):
             output = model_fn(x, yhat, torch.full((2,), t, dtype=torch.long))
-            noise = process._randn(x, gens) if chain.previous(t) >= 0 and chain.stochastic else None
+            noise = GeneratorNoise(gens)(x) if chain.previous(t) >= 0 and chain.stochastic else None
             x = chain.step(output, t, x, yhat, noise=noise).prev_sample
         assert torch.equal(x, want)
     full = DDPMSampler(process)
@@ -437,3 +437,39 @@ def test_sampler_objects_run_the_same_chain_as_sample_and_check_once() -> None:
     for bad, needle in ((("euler", None), "unknown"), (("ddpm", 0.5), "only applies"), (("ddim", -1.0), "eta=-1.0")):
         with pytest.raises(ConfigError, match=needle):
             make_sampler(process, *bad)
+
+
+@pytest.mark.parametrize(("sampler", "eta"), [("ddpm", None), ("ddim", 0.0), ("ddim", 0.5)])
+def test_stored_noise_replays_what_every_item_draws_when_its_generator_is_seeded_alike(sampler, eta):
+    """The exported graph's noise: the draws recorded once (StoredNoise.record, as many as the sampler says it
+    makes) give the chain bit for bit what one generator per item, all seeded alike, gives it in torch."""
+    process = ShiftedDiffusion(NoiseScheduleConfig(num_timesteps=40))
+    yhat = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    chain = make_sampler(process, sampler, eta)
+    chain.set_timesteps(5, "trailing")
+    calls = []
+
+    def model_fn(x, y, t):
+        return 0.3 * x - 0.1 * y
+
+    def counting(source):
+        def draw(like):
+            calls.append(1)
+            return source(like)
+
+        return draw
+
+    seeded = process.sample(
+        model_fn,
+        yhat,
+        num_steps=5,
+        sampler=chain,
+        noise=counting(GeneratorNoise([torch.Generator().manual_seed(7) for _ in range(3)])),
+        spacing="trailing",
+    )
+    assert len(calls) == chain.noise_draws() == (1 if eta == 0.0 else 5)
+    stored = StoredNoise(StoredNoise.record((2, 4, 4), chain.noise_draws(), 7))
+    replayed = process.sample(model_fn, yhat, num_steps=5, sampler=chain, noise=stored, spacing="trailing")
+    assert torch.equal(replayed, seeded) and stored.used == len(stored.draws)
+    with pytest.raises(ConfigError, match="more than the"):
+        stored(yhat)

@@ -268,12 +268,12 @@ def test_class_rules_without_histograms_decide_like_the_postprocessor(torch_dete
     detector.calibration = Calibration(calibration.false_alarm_rate, classes, {}, calibration.source)
     post = detector.postprocessor()
     wrapper = ExportableDetector(detector, post).eval()
-    assert wrapper.tables.rule == rule
+    assert wrapper.decisions.rule == rule
     with torch.no_grad():
         scores, maps, pred_score, pred_label, pred_mask, index = wrapper(demo_images)
     expected = detector.analyse(demo_images)
     d = expected.decisions
-    np.testing.assert_array_equal(wrapper.image_threshold[index].numpy(), d.image_threshold)
+    np.testing.assert_array_equal(wrapper.decisions.image_threshold[index].numpy(), d.image_threshold)
     assert relative_difference((expected.scores, expected.maps), (scores, maps)) <= PARITY_TOLERANCE
     own = post.decide(scores, maps, d.category)
     np.testing.assert_allclose(pred_score.numpy(), own.pred_score, rtol=0, atol=1e-12)

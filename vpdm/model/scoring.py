@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vpdm.errors import ConfigError
+from vpdm.runtime.tracing import untraced
 
 DISTANCES = ("l2", "cosine")
 IMAGE_SCORES = ("max_pool", "top_k")
@@ -244,7 +245,6 @@ def scores_and_maps(
     config: ScoringConfig,
     size: int,
     groups: tuple[int, ...] | None = None,
-    postprocess: Callable[[Tensor], Tensor] | None = None,
     fine: Tensor | None = None,
     statistics: TermStatistics | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -254,10 +254,8 @@ def scores_and_maps(
     prototypes, of their condition ``fine`` (``fine_pools``). The map combines the map terms, the image
     score the image terms (:meth:`ScoringConfig.image_terms`; when they are the map's, the map itself):
     ``weighted`` as :func:`distance_map`, ``standardised`` as the mean of (term - mean) / std with the
-    ``statistics(branch, p)`` of each image's class (``branch`` "coarse" or "fine"). ``postprocess``
-    replaces :func:`postprocess_maps` (the ONNX export passes its precomputed matrices)."""
-    if postprocess is None:
-        postprocess = functools.partial(postprocess_maps, size=size, blur_sigma=config.blur_sigma)
+    ``statistics(branch, p)`` of each image's class (``branch`` "coarse" or "fine")."""
+    postprocess = functools.partial(postprocess_maps, size=size, blur_sigma=config.blur_sigma)
     if fine is None and (config.fine_pools or config.image_terms()[1]):
         raise ConfigError(
             "scoring.fine_pools / fine_image_pools need the fine prototypes' condition "
@@ -332,9 +330,10 @@ def postprocess_maps(maps: Tensor, size: int, blur_sigma: float) -> Tensor:
     """
     if maps.dtype not in (torch.float32, torch.float64):
         maps = maps.float()
-    h, w = maps.shape[-2], maps.shape[-1]
-    rows = _upsample_blur_matrix(h, size, float(blur_sigma), str(maps.device), maps.dtype)
-    cols = rows if w == h else _upsample_blur_matrix(w, size, float(blur_sigma), str(maps.device), maps.dtype)
+    h, w = int(maps.shape[-2]), int(maps.shape[-1])
+    with untraced():  # traced (ONNX export), the matrices are constants of the graph, not the ops that make them
+        rows = _upsample_blur_matrix(h, size, float(blur_sigma), str(maps.device), maps.dtype)
+        cols = rows if w == h else _upsample_blur_matrix(w, size, float(blur_sigma), str(maps.device), maps.dtype)
     return rows @ maps @ cols.T
 
 

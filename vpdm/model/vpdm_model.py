@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from vpdm.errors import ConfigError
 from vpdm.model.config import ModelConfig, SamplingConfig
 from vpdm.model.denoiser import Denoiser
-from vpdm.model.diffusion import ShiftedDiffusion
+from vpdm.model.diffusion import GeneratorNoise, NoiseSource, ShiftedDiffusion
 from vpdm.model.scoring import (
     DISTANCES,
     FEATURE_SPACES,
@@ -342,28 +342,39 @@ class VPDM(nn.Module):
 
     @torch.no_grad()
     def reconstruct(
-        self, features: Tensor, sampling: SamplingConfig | None = None, progress: bool = False, precision: str = "fp32"
+        self,
+        features: Tensor,
+        sampling: SamplingConfig | None = None,
+        progress: bool = False,
+        precision: str = "fp32",
+        *,
+        yhat: Tensor | None = None,
+        noise: NoiseSource | None = None,
     ) -> Tensor:
         """Algorithm 2: start at N(yhat, I) and denoise back to x0; returns the reconstruction in
         normalised feature space. The image enters only through yhat, unless ``sampling.start_step``
         is below T: then the chain starts from the image's own features noised to that step, or
         ``model.input_copy`` is set: then every step also sees the clean features.
-        ``precision``: the denoiser's autocast (:meth:`denoise`)."""
+        ``precision``: the denoiser's autocast (:meth:`denoise`). ``yhat``: the condition, if the caller
+        has it (:meth:`condition`). ``noise``: the chain's draws (default: one generator per image seeded
+        ``sampling.seed``, so an image's result never depends on its batch; the export replays them)."""
         sampling = sampling or SamplingConfig()
-        yhat = self.condition(features)
+        if yhat is None:
+            yhat = self.condition(features)
         # the image's own features enter the chain only with an input copy or a start below T
         uses_image = self.config.input_copy != "none" or sampling.start_step is not None
         x0 = self.normalise(features) if uses_image else None
         copy = self.inference_copy(x0) if uses_image else None
-        generators = [
-            torch.Generator(device=features.device).manual_seed(sampling.seed) for _ in range(features.shape[0])
-        ]
+        if noise is None:
+            noise = GeneratorNoise(
+                [torch.Generator(device=features.device).manual_seed(sampling.seed) for _ in range(features.shape[0])]
+            )
         return self.diffusion.sample(
             lambda x_t, y, t: self.denoise(x_t, y, t, precision, copy=copy),
             yhat,
             num_steps=sampling.num_steps,
             sampler=sampling.build(self.diffusion),
-            generators=generators,
+            noise=noise,
             progress=progress,
             spacing=sampling.spacing,
             x0=x0,
@@ -407,7 +418,6 @@ class VPDM(nn.Module):
         reconstruction: Tensor,
         scoring: ScoringConfig,
         map_size: int,
-        postprocess=None,
         fine: Tensor | None = None,
         classes: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
@@ -417,7 +427,7 @@ class VPDM(nn.Module):
         a, b, groups = self._compared(features, reconstruction, scoring)
         statistics = self._statistics(classes, scoring) if scoring.combine == "standardised" else None
         return scores_and_maps(
-            a, b, scoring, map_size, groups, postprocess, fine=self._compared_fine(fine, scoring), statistics=statistics
+            a, b, scoring, map_size, groups, fine=self._compared_fine(fine, scoring), statistics=statistics
         )
 
     @torch.no_grad()
@@ -428,9 +438,13 @@ class VPDM(nn.Module):
         scoring: ScoringConfig,
         map_size: int,
         precision: str = "fp32",
+        *,
+        yhat: Tensor | None = None,
+        noise: NoiseSource | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Inference: image scores (B,) and anomaly maps (B x map_size x map_size) of raw features;
-        ``precision`` (``inference.precision``) is the denoiser's autocast."""
-        reconstruction = self.reconstruct(features, sampling, precision=precision)
+        ``precision`` (``inference.precision``) is the denoiser's autocast; ``yhat`` and ``noise`` as
+        :meth:`reconstruct`. The torch Detector and the exported graph both run this."""
+        reconstruction = self.reconstruct(features, sampling, precision=precision, yhat=yhat, noise=noise)
         fine, classes = self.fine_condition(features)
         return self.scores_and_maps(features, reconstruction, scoring, map_size, fine=fine, classes=classes)
