@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             config = config.with_overrides(PAPER)
         config = config.with_overrides([o for o in overrides if o != "preset=paper"]).validate()
         start = time.perf_counter()
-        model = engine.build_model(config, feats, stage_channels=train.stage_channels).eval()
+        model = engine.build_model(config, feats).eval()
         built = time.perf_counter() - start
         for sname, soverrides in SCORINGS.items():
             c = config.with_overrides(soverrides).validate() if soverrides else config

@@ -10,7 +10,14 @@ import torch
 from torch import Tensor
 
 from vpdm.errors import ConfigError
-from vpdm.model.diffusion import GeneratorNoise, NoiseScheduleConfig, ShiftedDiffusion, StoredNoise, make_betas, make_sampler
+from vpdm.model.diffusion import (
+    GeneratorNoise,
+    NoiseScheduleConfig,
+    ShiftedDiffusion,
+    StoredNoise,
+    make_betas,
+    make_sampler,
+)
 
 
 def np_abar(betas: np.ndarray) -> np.ndarray:

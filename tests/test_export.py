@@ -199,7 +199,6 @@ VARIANT = {  # a random-init Lite0 backbone: the backbone's weights are the main
     "sampling.start_step": 30,
     "sampling.spacing": "linspace",
     "sampling.seed": 7,
-    "scoring.per_stage": True,
     "scoring.distance": "cosine",
     "scoring.feature_space": "raw",
     "scoring.image_score": "top_k",
@@ -227,9 +226,7 @@ def random_detector(overrides: dict) -> Detector:
 
     config = VPDMConfig().with_overrides(overrides).validate()
     extractor = FeatureExtractor(config.backbone)
-    model = VPDM(
-        extractor.out_channels, config.backbone.feature_size, config.model, stage_channels=extractor.stage_channels
-    )
+    model = VPDM(extractor.out_channels, config.backbone.feature_size, config.model)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():  # the zero-initialised output layers would make the denoiser a no-op
         for p in model.parameters():

@@ -1,5 +1,7 @@
 """The VPDM model on features: losses, gradients, reconstruction, maps, scores, checkpoints, config."""
 
+import copy
+
 import pytest
 import torch
 
@@ -353,9 +355,23 @@ def test_a_config_saved_before_new_settings_loads_as_it_was_trained(tmp_path):
     assert tuple(cfg.scoring.pools) == (1,) and loaded.prototypes.prototypes.shape == model.prototypes.prototypes.shape
 
 
-def test_a_checkpoint_written_before_a_setting_was_retired_loads_and_scores_the_same(tmp_path):
-    """The previous format stored model.feature_jitter (0 unless set): such a file loads as the same model and
-    config; one trained with jitter is refused, naming the setting, instead of being scored as something else."""
+# What the checkpoints of earlier formats wrote for the settings since retired (each at the value every model
+# had unless it said otherwise), and a value each could also hold: the first loads as the same model, the
+# second is refused, naming the setting.
+EARLIER_FORMATS = {
+    "model.feature_jitter": (0.0, 0.3),
+    "train.lr_schedule": ("constant", "cosine"),
+    "train.warmup_fraction": (0.0, 0.05),
+    "train.ema_decay": (0.0, 0.99),
+    "scoring.per_stage": (False, True),
+    "model.prototypes.ot_scope": (None, "dataset"),  # a setting that stays, one of its values retired
+}
+
+
+def test_a_checkpoint_of_each_earlier_format_loads_and_scores_the_same(tmp_path):
+    """The previous formats stored the retired settings (and, while scoring.per_stage existed, the channels of
+    each backbone stage): such a file loads as the same model and config; one trained with a retired setting
+    at another value is refused, naming it, instead of being scored as something else."""
     from vpdm.errors import CheckpointError
     from vpdm.inference.checkpoint import load_checkpoint, save_checkpoint
 
@@ -363,16 +379,40 @@ def test_a_checkpoint_written_before_a_setting_was_retired_loads_and_scores_the_
     config = VPDMConfig(model=model.config)
     path = save_checkpoint(tmp_path / "before.pt", model, config, categories=[])
     payload = torch.load(path, weights_only=True)
-    payload["config"]["model"]["feature_jitter"] = 0.0
-    torch.save(payload, path)
+    previous = copy.deepcopy(payload)
+    previous["stage_channels"] = [C]
+    previous["config"]["model"]["prototypes"]["potential_lr"] = 0.1
+    previous["config"]["model"]["input_copy_strength"] = 0.2
+    for key, (kept, _) in EARLIER_FORMATS.items():
+        if kept is None:
+            continue
+        *sections, name = key.split(".")
+        node = previous["config"]
+        for section in sections:
+            node = node[section]
+        node[name] = kept
+    torch.save(previous, path)
     loaded, cfg, _ = load_checkpoint(path)
     assert cfg == config
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
-    payload["config"]["model"]["feature_jitter"] = 0.3
-    torch.save(payload, path)
-    with pytest.raises(CheckpointError, match="feature_jitter=0.3: this setting was retired"):
-        load_checkpoint(path)
+    features = torch.randn(2, C, S, S, generator=torch.Generator().manual_seed(4))
+    sampling, scoring = (
+        SamplingConfig(num_steps=2),
+        ScoringConfig(blur_sigma=1.0, pool_size=4, fine_pools=(), fine_image_pools=None, combine="weighted"),
+    )
+    for got, want in zip(loaded.detect(features, sampling, scoring, S), model.detect(features, sampling, scoring, S)):
+        assert torch.equal(got, want)
+    for key, (_, other) in EARLIER_FORMATS.items():
+        changed = copy.deepcopy(previous)
+        *sections, name = key.split(".")
+        node = changed["config"]
+        for section in sections:
+            node = node[section]
+        node[name] = other
+        torch.save(changed, path)
+        with pytest.raises(CheckpointError, match=f"{key}={other!r}: this setting was retired"):
+            load_checkpoint(path)
 
 
 @pytest.mark.parametrize("assignment", ["ot", "nearest"])

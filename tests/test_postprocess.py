@@ -1008,7 +1008,7 @@ def test_the_nearest_assignment_histogram_finds_the_class_of_real_images(shared_
     fit = [s for c in sorted(by_class) for s in by_class[c][:8]]
     held = [s for c in sorted(by_class) for s in by_class[c][8:12]]
     fit_split = load_split(config, "train", samples=fit, progress=False)
-    model = build_model(config, fit_split.features, stage_channels=fit_split.stage_channels).eval()
+    model = build_model(config, fit_split.features).eval()
     held_split = load_split(config, "train", samples=held, progress=False)
     cal = calibrate(model, config, held_split.features, [s.category for s in held])
     detector = Detector(model, config, sorted(by_class), calibration=cal)

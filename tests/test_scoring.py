@@ -32,26 +32,6 @@ def test_cosine_distance_matches_sklearn() -> None:
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_per_stage_maps_are_the_mean_of_each_stages_distance() -> None:
-    a, b = _pair(1, c=7)
-    groups = (2, 5)
-    pa, pb = _per_position(a), _per_position(b)
-    rms = [np.sqrt(((pa[:, s] - pb[:, s]) ** 2).mean(1)) for s in (slice(0, 2), slice(2, 7))]
-    cos = [1 - np.diag(cosine_similarity(pa[:, s], pb[:, s])) for s in (slice(0, 2), slice(2, 7))]
-    np.testing.assert_allclose(
-        feature_distance(a, b, "l2", groups).reshape(-1).numpy(), (rms[0] + rms[1]) / 2, rtol=1e-10
-    )
-    np.testing.assert_allclose(
-        feature_distance(a, b, "cosine", groups).reshape(-1).numpy(), (cos[0] + cos[1]) / 2, rtol=1e-10, atol=1e-12
-    )
-    # one group of all channels: RMS = L2 / sqrt(C)
-    np.testing.assert_allclose(
-        feature_distance(a, b, "l2", (7,)).numpy(), feature_distance(a, b, "l2").numpy() / np.sqrt(7), rtol=1e-10
-    )
-    with pytest.raises(ConfigError, match="add up"):
-        feature_distance(a, b, "l2", (2, 4))
-
-
 def test_cosine_is_scale_invariant_and_l2_is_not() -> None:
     a, b = _pair(2)
     torch.testing.assert_close(feature_distance(3 * a, 0.5 * b, "cosine"), feature_distance(a, b, "cosine"))
@@ -76,7 +56,6 @@ def test_top_k_image_score_is_the_mean_of_the_largest_pixels(percent: float) -> 
         ("top_k_percent", 0.0),
         ("top_k_percent", float("nan")),
         ("feature_space", "pixels"),
-        ("per_stage", "yes"),
     ],
 )
 def test_bad_scoring_settings_are_refused_by_name(field: str, value: object) -> None:

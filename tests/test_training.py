@@ -1,8 +1,6 @@
-"""Training levers: learning-rate schedule, weight EMA, feature jitter, frozen prototypes."""
+"""Training levers: frozen prototypes, the noise of the training chain; retired settings."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -11,34 +9,7 @@ from tests.test_model import C, S, small_config
 from vpdm.config.schema import TrainConfig, VPDMConfig
 from vpdm.errors import ConfigError
 from vpdm.model.diffusion import NoiseScheduleConfig, ShiftedDiffusion
-from vpdm.training.engine import LRSchedule, WeightEMA, build_model, feature_loader, make_optimizer, train_loop
-
-
-def test_schedule_is_linear_warmup_then_cosine() -> None:
-    sched = LRSchedule(TrainConfig(lr_schedule="cosine", warmup_fraction=0.1), total_steps=100)
-    assert [sched(i) for i in range(10)] == pytest.approx([(i + 1) / 10 for i in range(10)])
-    for step in (10, 32, 55, 77, 99):
-        assert sched(step) == pytest.approx(0.5 * (1 + math.cos(math.pi * (step - 10) / 90)))
-    constant = LRSchedule(TrainConfig(), total_steps=100)
-    assert {constant(i) for i in range(100)} == {1.0}
-
-
-def test_ema_is_the_closed_form_average() -> None:
-    model = torch.nn.Linear(1, 1, bias=False)
-    with torch.no_grad():
-        model.weight.fill_(0.0)
-    ema = WeightEMA(model, decay=0.9)
-    values = [1.0, 2.0, -1.0, 4.0]
-    want = 0.0
-    for v in values:
-        with torch.no_grad():
-            model.weight.fill_(v)
-        ema.update(model)
-        want = 0.9 * want + 0.1 * v
-    raw = ema.swap_in(model)
-    assert float(model.weight) == pytest.approx(want)
-    ema.swap_out(model, raw)
-    assert float(model.weight) == 4.0
+from vpdm.training.engine import build_model, feature_loader, make_optimizer, train_loop
 
 
 def _fit(train_overrides: dict, epochs: int = 3, **model_kw):
@@ -57,21 +28,6 @@ def _fit(train_overrides: dict, epochs: int = 3, **model_kw):
         callback=lambda e, m: seen.append({k: v.clone() for k, v in model.state_dict().items()}),
     )
     return model, history, seen
-
-
-def test_training_with_ema_ends_on_the_averaged_weights_and_callbacks_see_them() -> None:
-    model, history, seen = _fit({"ema_decay": 0.5})
-    raw_model, _, _ = _fit({})
-    # Same seed and data: the raw trajectories are the same, so EMA != raw at the end.
-    assert not torch.allclose(model.denoiser.out.weight, raw_model.denoiser.out.weight)
-    for key, value in model.state_dict().items():
-        torch.testing.assert_close(value, seen[-1][key])
-    assert len(history) == 3
-
-
-def test_cosine_schedule_ends_near_zero_learning_rate() -> None:
-    _, history, _ = _fit({"lr_schedule": "cosine", "warmup_fraction": 0.2})
-    assert history[-1]["lr"] < 0.1 * 1e-3 and history[0]["lr"] > history[-1]["lr"]
 
 
 def test_frozen_prototypes_do_not_move_and_have_no_optimizer_state() -> None:
@@ -94,27 +50,65 @@ def test_jitter_noise_correction_gives_the_same_x_t_from_the_clean_features() ->
     torch.testing.assert_close(d.q_sample(x0 + j, y, t, n), d.q_sample(x0, y, t, n + a / (1 - a**2).sqrt() * j))
 
 
-def test_a_retired_setting_loads_at_its_remaining_value_and_is_refused_at_another() -> None:
-    """model.feature_jitter left the code: a checkpoint's or a user's config naming it at 0 (what every model
-    had unless it said otherwise) still loads, as the same config; any other value is refused, by name."""
+RETIRED_CASES = [
+    ("model.feature_jitter", 0.0, 0.5),
+    ("train.lr_schedule", "constant", "cosine"),
+    ("train.warmup_fraction", 0.0, 0.05),
+    ("train.ema_decay", 0.0, 0.99),
+    ("scoring.per_stage", False, True),
+]
+
+
+@pytest.mark.parametrize(("key", "kept", "other"), RETIRED_CASES)
+def test_a_retired_setting_loads_at_its_remaining_value_and_is_refused_at_another(key, kept, other) -> None:
+    """A setting that left the code: a checkpoint's or a user's config naming it at the value every model had
+    unless it said otherwise still loads, as the same config; any other value is refused, by name."""
     from vpdm.config.schema import saved_config
     from vpdm.config.values import to_dict
-    from vpdm.errors import ConfigError
 
     saved = to_dict(VPDMConfig())
-    saved["model"]["feature_jitter"] = 0.0  # as a checkpoint written before the retirement stores it
+    section, name = key.split(".")
+    saved[section][name] = kept  # as a checkpoint written before the retirement stores it
     assert to_dict(saved_config(saved)) == to_dict(VPDMConfig())
-    assert to_dict(VPDMConfig().with_overrides(["model.feature_jitter=0"])) == to_dict(VPDMConfig())
-    saved["model"]["feature_jitter"] = 0.5
-    with pytest.raises(ConfigError, match=r"model\.feature_jitter=0\.5: this setting was retired"):
+    assert to_dict(VPDMConfig().with_overrides([f"{key}={kept}"])) == to_dict(VPDMConfig())
+    saved[section][name] = other
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}={other!r}: this setting was retired"):
         saved_config(saved)
     with pytest.raises(ConfigError, match="retired"):
-        VPDMConfig().with_overrides(["model.feature_jitter=0.5"])
+        VPDMConfig().with_overrides([f"{key}={other}"])
 
 
-@pytest.mark.parametrize(
-    "field,value", [("lr_schedule", "step"), ("warmup_fraction", 1.0), ("ema_decay", 1.0), ("prototype_lr_scale", -1.0)]
-)
+def test_a_retired_value_is_refused_and_a_setting_that_only_served_it_is_dropped_at_any_value() -> None:
+    """prototypes.ot_scope stays (batch: the paper; none: the default) but its value dataset left the code;
+    prototypes.potential_lr, its step size, is dropped whatever it was."""
+    from vpdm.config.schema import saved_config
+    from vpdm.config.values import to_dict
+
+    saved = to_dict(VPDMConfig())
+    saved["model"]["prototypes"]["potential_lr"] = 0.37
+    assert to_dict(saved_config(saved)) == to_dict(VPDMConfig())
+    saved["model"]["prototypes"]["ot_scope"] = "dataset"
+    with pytest.raises(ConfigError, match="model.prototypes.ot_scope='dataset': this setting was retired"):
+        saved_config(saved)
+    with pytest.raises(ConfigError, match="ot_scope"):
+        VPDMConfig().with_overrides(["model.prototypes.ot_scope=dataset"]).validate()
+
+
+def test_a_training_state_written_before_the_retirements_resumes() -> None:
+    """A resumable state's config names the retired settings at their remaining values: it is the same run."""
+    from vpdm.config.values import to_dict
+    from vpdm.training.resume import check_state
+
+    state_config = to_dict(VPDMConfig())
+    state_config["train"].update(lr_schedule="constant", warmup_fraction=0.0, ema_decay=0.0)
+    state_config["scoring"]["per_stage"] = False
+    check_state({"config": state_config, "features": "x"}, VPDMConfig(), "train-state.pt", "x")
+    state_config["train"]["ema_decay"] = 0.99
+    with pytest.raises(ConfigError, match="train.ema_decay=0.99: this setting was retired"):
+        check_state({"config": state_config, "features": "x"}, VPDMConfig(), "train-state.pt", "x")
+
+
+@pytest.mark.parametrize("field,value", [("prototype_lr_scale", -1.0), ("epochs", 0)])
 def test_bad_training_settings_are_refused_by_name(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=f"train.{field}"):
         TrainConfig(**{field: value}).validate()

@@ -192,30 +192,6 @@ def test_bad_config_is_refused(kw, size):
     assert str(next(iter(kw.values()))) in str(err.value)
 
 
-def test_dataset_scope_potential_balances_the_prototypes_over_the_whole_set():
-    """Semi-discrete OT: after ascent over many batches, every prototype receives ~1/K of the data's
-    mass under the inference rule, although each batch holds one cluster only (batch Sinkhorn would
-    force each batch onto all prototypes)."""
-    torch.manual_seed(0)
-    centres = torch.tensor([[-3.0, 0.0], [3.0, 0.0]])
-    data = torch.cat([centres[0] + 0.5 * torch.randn(3000, 2), centres[1] + 0.5 * torch.randn(1000, 2)])
-    m = VaguePrototypes(
-        VPOTConfig(num_prototypes=4, downsample=1, ot_reg=0.05, ot_scope="dataset", potential_lr=0.5), 2, 1
-    )
-    with torch.no_grad():  # three prototypes on the big cluster's side, one on the small one's (not balanced yet)
-        m.prototypes.copy_(torch.tensor([[-3.5, 0.0], [-2.5, 0.0], [3.0, 0.5], [3.0, -0.5]]))
-    feats = data.view(-1, 2, 1, 1)
-    m.train()
-    for step in range(600):
-        cluster = step % 4 != 0  # batches of one cluster at a time, in the data's 3:1 ratio
-        idx = torch.randint(0, 3000, (64,)) if cluster else torch.randint(3000, 4000, (64,))
-        m(feats[idx])
-    m.eval()
-    with torch.no_grad():
-        mass = m(feats)["weights"].mean(0)
-    torch.testing.assert_close(mass, torch.full((4,), 0.25), rtol=0, atol=0.03)
-
-
 def test_free_prototype_marginal_is_the_gibbs_softmax_in_training_and_inference():
     torch.manual_seed(1)
     m = VaguePrototypes(VPOTConfig(num_prototypes=5, downsample=2, ot_reg=0.1, ot_scope="none", level="local"), 3, 4)
@@ -232,7 +208,6 @@ def test_free_prototype_marginal_is_the_gibbs_softmax_in_training_and_inference(
     "kw",
     [
         dict(level="local", ot_scope="none"),
-        dict(level="local", ot_scope="dataset"),
         dict(level="image", ot_scope="batch"),
         dict(level="local", assignment="nearest"),
     ],
@@ -243,9 +218,9 @@ def test_inference_assignment_without_the_loss_is_the_same_condition(kw):
     torch.manual_seed(2)
     m = VaguePrototypes(VPOTConfig(num_prototypes=7, downsample=2, ot_reg=0.1, **kw), 3, 4)
     m.train()
-    for _ in range(3):  # batch / dataset scopes move the stored potential
+    for _ in range(3):  # the batch scope moves the stored potential
         m(torch.randn(8, 3, 4, 4))
-    if kw.get("ot_scope") in ("batch", "dataset"):
+    if kw.get("ot_scope") == "batch":
         assert float(m.potential.abs().sum()) > 0
     m.eval()
     feats = torch.randn(5, 3, 4, 4)

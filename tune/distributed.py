@@ -286,7 +286,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     train_class = torch.as_tensor(np.asarray(bundle.train_class), dtype=torch.long)
     # same seed on every rank -> the same start
     model = engine.build_model(
-        config, train_x, stage_channels=tuple(bundle.stage_channels) or None, class_index=train_class, statistics=False
+        config, train_x, class_index=train_class, statistics=False
     )  # fitted after each epoch (on_epoch)
     # Frozen prototypes: every image's condition is assigned once (as engine.fit does), on every rank alike.
     condition = model.training_condition(train_x) if model.condition_is_fixed else None

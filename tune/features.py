@@ -105,7 +105,6 @@ class DatasetBundle:
     overlays: list[OverlayItem]
     num_images: int  # train + test images (each needed exactly one backbone forward)
     backbone: str  # the extractor's fingerprint
-    stage_channels: tuple[int, ...] = ()  # channels of each backbone stage in the features (per-stage scoring)
     # bool M: False for an anomalous image without a mask (data.missing_masks=image_only), left out of pixel metrics
     test_pixel_known: np.ndarray | None = None
     # float32 V x C x S x S: same-class pseudo-defects of val_features (val_same_class_auroc); None = not computed
@@ -285,7 +284,6 @@ def build_bundle(
         overlays=_overlay_picks(test.dataset, map_size, overlays_per_class),
         num_images=len(train.dataset) + len(test.dataset),
         backbone=extractor.fingerprint(),
-        stage_channels=tuple(train.stage_channels),
         test_pixel_known=evaluator.pixel_known(test.dataset),
         val_fraction=float(val_fraction),
         val_seed=int(seed),

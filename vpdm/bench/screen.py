@@ -235,9 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.load:
             start = time.perf_counter()
             if args.no_train:
-                model = engine.build_model(
-                    config, train.features, stage_channels=train.stage_channels, class_index=train.class_index
-                ).eval()
+                model = engine.build_model(config, train.features, class_index=train.class_index).eval()
                 print(f"built without training in {time.perf_counter() - start:.0f}s", flush=True)
             else:
                 model, history = engine.fit(config, train, progress=False)

@@ -33,7 +33,6 @@ PAPER: dict[str, Any] = {
     "sampling.spacing": "trailing",
     "sampling.start_step": None,
     "scoring.distance": "l2",
-    "scoring.per_stage": False,
     "scoring.feature_space": "normalised",
     "scoring.image_score": "max_pool",
     "scoring.aggregate": 1,
@@ -45,9 +44,6 @@ PAPER: dict[str, Any] = {
     "model.fine.num_prototypes": 0,
     "train.lr": 1e-3,
     "train.batch_size": 32,
-    "train.lr_schedule": "constant",
-    "train.warmup_fraction": 0.0,
-    "train.ema_decay": 0.0,
     "train.prototype_lr_scale": 1.0,
 }
 PRESETS: dict[str, dict[str, Any]] = {"paper": PAPER}

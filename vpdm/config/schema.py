@@ -58,10 +58,6 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     # Learning rate of the prototypes relative to train.lr (0 = keep them where they were initialised).
     prototype_lr_scale: float = 0.0
-    lr_schedule: str = "constant"  # "constant" (the paper) or "cosine" (decay to 0 over the run)
-    warmup_fraction: float = 0.0  # linear warm-up over this fraction of all steps
-    # Exponential moving average of the weights, used for every evaluation and the saved model; 0 = off.
-    ema_decay: float = 0.0
     # Fraction of each class's train/good images held out (seeded by train.seed, at least 2 per class) to
     # calibrate the decision thresholds after training (vpdm.decision.calibration); 0 = train on all, no thresholds.
     calibration_fraction: float = 0.1
@@ -91,12 +87,6 @@ class TrainConfig:
             and self.prototype_lr_scale >= 0
         ):
             raise ConfigError(f"train.prototype_lr_scale must be a finite number >= 0, got {self.prototype_lr_scale!r}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ConfigError(f"train.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if not (isinstance(self.warmup_fraction, (int, float)) and 0 <= self.warmup_fraction < 1):
-            raise ConfigError(f"train.warmup_fraction must be a number in [0, 1), got {self.warmup_fraction!r}")
-        if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
-            raise ConfigError(f"train.ema_decay must be a number in [0, 1) (0 = off), got {self.ema_decay!r}")
         if not isinstance(self.threads, int) or self.threads < 0:
             raise ConfigError(f"train.threads must be an integer >= 0, got {self.threads!r}")
         if not (

@@ -60,7 +60,6 @@ def checkpoint_payload(
         "config": to_dict(config),
         "channels": int(model.channels),
         "feature_size": int(model.feature_size),
-        "stage_channels": [int(c) for c in model.stage_channels],
         "categories": list(categories),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "epoch": epoch,
@@ -139,13 +138,8 @@ def load_checkpoint(
     payload = read_checkpoint(path)
     try:
         config = saved_config(payload["config"])
-        stages = payload.get("stage_channels")  # absent in checkpoints written before per-stage scoring
-        model = VPDM(
-            int(payload["channels"]),
-            int(payload["feature_size"]),
-            config.model,
-            stage_channels=[int(c) for c in stages] if stages else None,
-        )
+        # "stage_channels" of checkpoints written while scoring.per_stage existed is not needed (retired)
+        model = VPDM(int(payload["channels"]), int(payload["feature_size"]), config.model)
     except (VPDMError, RuntimeError, TypeError, ValueError, KeyError) as exc:
         raise CheckpointError(
             f"{str(path)!r} holds settings this vpdm cannot build a model from: {str(exc).splitlines()[0][:300]}"

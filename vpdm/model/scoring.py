@@ -33,9 +33,7 @@ class ScoringConfig:
 
     The paper: L2 over all channels of the (standardised) features, image score = max of the
     average-pooled map. ``distance="cosine"`` is ``1 - cos`` over channels, as Dinomaly, UniAD and
-    most feature-reconstruction detectors score; ``per_stage`` computes the distance within each
-    backbone stage and averages the stage maps (each stage counts once, whatever its width; L2 per
-    stage is the root mean square over its channels). ``feature_space="raw"`` compares the backbone's
+    most feature-reconstruction detectors score. ``feature_space="raw"`` compares the backbone's
     own features (the reconstruction mapped back through the training-set standardisation).
     ``image_score="top_k"`` is the mean of the ``top_k_percent`` largest map pixels (Dinomaly: 1 %).
     """
@@ -46,7 +44,6 @@ class ScoringConfig:
     pool_size: int = 16  # image score = max of the map average-pooled with this window (output pixels)
     map_size: int | None = None  # output map size; None = the image size
     distance: str = "l2"
-    per_stage: bool = False
     feature_space: str = "normalised"
     image_score: str = "max_pool"
     top_k_percent: float = 1.0
@@ -85,8 +82,6 @@ class ScoringConfig:
             raise ConfigError(f"scoring.map_size must be a positive integer or null, got {self.map_size!r}")
         if self.distance not in DISTANCES:
             raise ConfigError(f"scoring.distance must be one of {DISTANCES}, got {self.distance!r}")
-        if not isinstance(self.per_stage, bool):
-            raise ConfigError(f"scoring.per_stage must be true or false, got {self.per_stage!r}")
         if self.feature_space not in FEATURE_SPACES:
             raise ConfigError(f"scoring.feature_space must be one of {FEATURE_SPACES}, got {self.feature_space!r}")
         if self.image_score not in IMAGE_SCORES:
@@ -137,47 +132,31 @@ def local_average(features: Tensor, window: int) -> Tensor:
     return F.avg_pool2d(features, window, stride=1, padding=window // 2, count_include_pad=False)
 
 
-def feature_distance(x0: Tensor, x0_rec: Tensor, distance: str = "l2", groups: tuple[int, ...] | None = None) -> Tensor:
-    """Anomaly map from B x C x H x W features and their reconstruction -> B x H x W.
-
-    ``groups=None``: over all channels at once, ``||x0 - x0_rec||_2`` (the paper) or ``1 - cos``.
-    ``groups`` (channel counts summing to C, one per backbone stage): the distance within each group
-    (L2 as the root mean square over the group's channels), averaged over the groups.
-    """
+def feature_distance(x0: Tensor, x0_rec: Tensor, distance: str = "l2") -> Tensor:
+    """Anomaly map from B x C x H x W features and their reconstruction -> B x H x W: over all channels,
+    ``||x0 - x0_rec||_2`` (the paper) or ``1 - cos``."""
     if distance not in DISTANCES:
         raise ConfigError(f"distance must be one of {DISTANCES}, got {distance!r}")
-    if groups is None:
-        if distance == "l2":
-            # sqrt of the channel sum of squares: the same norm, several times faster than vector_norm over
-            # the channel dimension of a channels-first map on a CPU
-            return (x0 - x0_rec).square_().sum(dim=1).sqrt_()
-        return 1.0 - F.cosine_similarity(x0, x0_rec, dim=1, eps=1e-8)
-    if sum(groups) != x0.shape[1] or any(g < 1 for g in groups):
-        raise ConfigError(f"channel groups {groups} do not add up to the {x0.shape[1]} feature channels")
-    maps = []
-    for a, b in zip(torch.split(x0, list(groups), dim=1), torch.split(x0_rec, list(groups), dim=1)):
-        if distance == "l2":
-            maps.append((a - b).pow(2).mean(dim=1).sqrt())
-        else:
-            maps.append(1.0 - F.cosine_similarity(a, b, dim=1, eps=1e-8))
-    return torch.stack(maps).mean(dim=0)
+    if distance == "l2":
+        # sqrt of the channel sum of squares: the same norm, several times faster than vector_norm over
+        # the channel dimension of a channels-first map on a CPU
+        return (x0 - x0_rec).square_().sum(dim=1).sqrt_()
+    return 1.0 - F.cosine_similarity(x0, x0_rec, dim=1, eps=1e-8)
 
 
-def term_map(
-    features: Tensor, reconstruction: Tensor, p: int, config: ScoringConfig, groups: tuple[int, ...] | None = None
-) -> Tensor:
+def term_map(features: Tensor, reconstruction: Tensor, p: int, config: ScoringConfig) -> Tensor:
     """One term of a map: after the local averages (``aggregate``), the distance between the p x p block
     means of B x C x H x W features and their reconstruction, upsampled bilinearly back to B x H x W
     (p = 1: every position on its own)."""
     size = features.shape[-2:]
     if p > 1 and (size[0] % p or size[1] % p):
         raise ConfigError(f"scoring.pools: {p} must divide the feature size {tuple(size)}")
-    if config.distance == "l2" and groups is None:
+    if config.distance == "l2":
         return l2_block_term(local_average(features - reconstruction, config.aggregate), p)
     a, b = local_average(features, config.aggregate), local_average(reconstruction, config.aggregate)
     if p <= 1:
-        return feature_distance(a, b, config.distance, groups)
-    d = feature_distance(F.avg_pool2d(a, p), F.avg_pool2d(b, p), config.distance, groups)
+        return feature_distance(a, b, config.distance)
+    d = feature_distance(F.avg_pool2d(a, p), F.avg_pool2d(b, p), config.distance)
     return F.interpolate(d.unsqueeze(1), size=size, mode="bilinear", align_corners=False).squeeze(1)
 
 
@@ -195,13 +174,12 @@ def distance_map(
     features: Tensor,
     reconstruction: Tensor,
     config: ScoringConfig,
-    groups: tuple[int, ...] | None = None,
     pools: tuple[int, ...] | None = None,
 ) -> Tensor:
     """B x C x H x W features and reconstruction -> B x H x W map: the :func:`term_map` of each block side p
     of ``pools`` (default: ``config.pools``), averaged with weights p (the ``weighted`` combination)."""
     pools = tuple(config.pools if pools is None else pools)
-    return sum(p * term_map(features, reconstruction, p, config, groups) for p in pools) / len(pools)
+    return sum(p * term_map(features, reconstruction, p, config) for p in pools) / len(pools)
 
 
 class TermMaps:
@@ -216,9 +194,8 @@ class TermMaps:
         reconstruction: Tensor,
         fine: Tensor | None,
         config: ScoringConfig,
-        groups: tuple[int, ...] | None = None,
     ) -> None:
-        self.features, self.config, self.groups = features, config, groups
+        self.features, self.config = features, config
         self.others = {"coarse": reconstruction, "fine": fine}
         self.maps: dict[tuple[str, int], Tensor] = {}
         self.differences: dict[str, Tensor] = {}
@@ -226,12 +203,12 @@ class TermMaps:
     def __call__(self, branch: str, p: int) -> Tensor:
         if (branch, p) not in self.maps:
             other = self.others[branch]
-            if self.config.distance == "l2" and self.groups is None:
+            if self.config.distance == "l2":
                 if branch not in self.differences:
                     self.differences[branch] = local_average(self.features - other, self.config.aggregate)
                 self.maps[(branch, p)] = l2_block_term(self.differences[branch], p)
             else:
-                self.maps[(branch, p)] = term_map(self.features, other, p, self.config, self.groups)
+                self.maps[(branch, p)] = term_map(self.features, other, p, self.config)
         return self.maps[(branch, p)]
 
 
@@ -244,7 +221,6 @@ def scores_and_maps(
     reconstruction: Tensor,
     config: ScoringConfig,
     size: int,
-    groups: tuple[int, ...] | None = None,
     fine: Tensor | None = None,
     statistics: TermStatistics | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -266,7 +242,7 @@ def scores_and_maps(
             "scoring.combine=standardised needs the model's normal statistics of every term "
             "(fitted after training); use scoring.combine=weighted for a model without them"
         )
-    term = TermMaps(features, reconstruction, fine, config, groups)
+    term = TermMaps(features, reconstruction, fine, config)
 
     def combined(coarse: tuple[int, ...], fine_pools: tuple[int, ...]) -> Tensor:
         keys = [("coarse", p) for p in coarse] + [("fine", p) for p in fine_pools]

@@ -45,7 +45,6 @@ class VPDM(nn.Module):
         channels: int,
         feature_size: int,
         config: ModelConfig | None = None,
-        stage_channels: tuple[int, ...] | list[int] | None = None,
     ):
         super().__init__()
         config = config or ModelConfig()
@@ -53,10 +52,6 @@ class VPDM(nn.Module):
         self.config = config
         self.channels = channels
         self.feature_size = feature_size
-        # Channels of each backbone stage in the concatenated features (for per-stage scoring).
-        self.stage_channels: tuple[int, ...] = tuple(int(c) for c in (stage_channels or (channels,)))
-        if sum(self.stage_channels) != channels or min(self.stage_channels) < 1:
-            raise ConfigError(f"stage channels {self.stage_channels} do not add up to the {channels} feature channels")
         self.prototypes = VaguePrototypes(config.prototypes, channels, feature_size)
         # Fine prototypes (model.fine): every position matched on its own, compared with the features
         # directly; never trained (chosen from the training positions, then fixed).
@@ -80,7 +75,8 @@ class VPDM(nn.Module):
         ]
         self.register_buffer("term_mean", torch.zeros(0, len(self.stat_terms)))
         self.register_buffer("term_std", torch.ones(0, len(self.stat_terms)))
-        # The scoring settings the statistics hold for: distance, per_stage, feature_space, aggregate.
+        # The scoring settings the statistics hold for: distance, 0 (the retired scoring.per_stage's place),
+        # feature_space, aggregate.
         self.register_buffer("term_settings", torch.zeros(4, dtype=torch.long))
 
     # -- set-up from training data -------------------------------------------------------------
@@ -111,7 +107,7 @@ class VPDM(nn.Module):
     def _settings_key(scoring: ScoringConfig) -> list[int]:
         return [
             DISTANCES.index(scoring.distance),
-            int(scoring.per_stage),
+            0,
             FEATURE_SPACES.index(scoring.feature_space),
             int(scoring.aggregate),
         ]
@@ -159,8 +155,8 @@ class VPDM(nn.Module):
         self, features: Tensor, reconstruction: Tensor, fine: Tensor | None, scoring: ScoringConfig
     ) -> list[Tensor]:
         """Every term of :attr:`stat_terms` for raw ``features`` (feature resolution)."""
-        a, b, groups = self._compared(features, reconstruction, scoring)
-        terms = TermMaps(a, b, self._compared_fine(fine, scoring), scoring, groups)
+        a, b = self._compared(features, reconstruction, scoring)
+        terms = TermMaps(a, b, self._compared_fine(fine, scoring), scoring)
         return [terms(branch, p) for branch, p in self.stat_terms]
 
     def _statistics(self, classes: Tensor | None, scoring: ScoringConfig):
@@ -170,8 +166,8 @@ class VPDM(nn.Module):
             return None
         fitted = self.term_settings.tolist()
         if fitted != self._settings_key(scoring):
-            names = ("distance", "per_stage", "feature_space", "aggregate")
-            values = (DISTANCES[fitted[0]], bool(fitted[1]), FEATURE_SPACES[fitted[2]], fitted[3])
+            names = ("distance", "feature_space", "aggregate")
+            values = (DISTANCES[fitted[0]], FEATURE_SPACES[fitted[2]], fitted[3])
             raise ConfigError(
                 "scoring.combine=standardised: this model's term statistics were fitted with "
                 + ", ".join(f"scoring.{n}={v}" for n, v in zip(names, values))
@@ -393,11 +389,10 @@ class VPDM(nn.Module):
         return self.distance_maps(features, self.reconstruct(features, sampling), scoring)
 
     def _compared(self, features: Tensor, reconstruction: Tensor, scoring: ScoringConfig):
-        """The two tensors the distance compares (the configured feature space) and the channel groups."""
-        groups = self.stage_channels if scoring.per_stage else None
+        """The two tensors the distance compares (the configured feature space)."""
         if scoring.feature_space == "raw":
-            return features, self.denormalise(reconstruction), groups
-        return self.normalise(features), reconstruction, groups
+            return features, self.denormalise(reconstruction)
+        return self.normalise(features), reconstruction
 
     def _compared_fine(self, fine: Tensor | None, scoring: ScoringConfig) -> Tensor | None:
         """The fine prototypes' condition in the configured feature space (what :meth:`_compared` gives the
@@ -409,8 +404,8 @@ class VPDM(nn.Module):
     def distance_maps(self, features: Tensor, reconstruction: Tensor, scoring: ScoringConfig | None = None) -> Tensor:
         """The configured distance between raw ``features`` and a reconstruction in normalised space."""
         scoring = scoring or ScoringConfig()
-        a, b, groups = self._compared(features, reconstruction, scoring)
-        return distance_map(a, b, scoring, groups)
+        a, b = self._compared(features, reconstruction, scoring)
+        return distance_map(a, b, scoring)
 
     def scores_and_maps(
         self,
@@ -424,11 +419,9 @@ class VPDM(nn.Module):
         """Image scores and post-processed maps (``map_size`` square) of ``features`` against a reconstruction
         and the fine condition with each image's class (:meth:`fine_condition`); see
         :func:`vpdm.model.scoring.scores_and_maps`."""
-        a, b, groups = self._compared(features, reconstruction, scoring)
+        a, b = self._compared(features, reconstruction, scoring)
         statistics = self._statistics(classes, scoring) if scoring.combine == "standardised" else None
-        return scores_and_maps(
-            a, b, scoring, map_size, groups, fine=self._compared_fine(fine, scoring), statistics=statistics
-        )
+        return scores_and_maps(a, b, scoring, map_size, fine=self._compared_fine(fine, scoring), statistics=statistics)
 
     @torch.no_grad()
     def detect(

@@ -38,7 +38,7 @@ INITS = ("samples", "kmeans", "coreset", "coreset_kmeans", "random")
 # PatchCore's coreset: its cost grows linearly with the candidates.
 CORESET_CANDIDATES = 250_000
 LEVELS = ("image", "local")
-OT_SCOPES = ("batch", "dataset", "none")
+OT_SCOPES = ("batch", "none")
 
 
 @dataclass
@@ -61,15 +61,10 @@ class VPOTConfig:
     # values) or "local" (each position of the vague map, C values: prototypes of local regions, so the
     # condition keeps the image's own layout and each region is replaced by normal prototypes).
     level: str = "local"
-    # Which distribution the balanced OT matches to the uniform prototype marginal: "batch" (the paper:
-    # Sinkhorn on each training batch) or "dataset" (semi-discrete entropic OT against the whole training
-    # set: the prototype potential is learned by stochastic ascent on the semi-dual (Genevay et al. 2016),
-    # so a batch that holds few classes is not forced to spread over every prototype; with many local
-    # prototypes per batch sample that forcing moves prototypes across classes).
-    # "none": no prototype marginal at all (semi-relaxed OT with a free prototype marginal: each sample's
-    # plan row is softmax(-C / eps), a soft nearest-prototype assignment).
+    # The prototype marginal: "batch" (the paper: balanced OT, Sinkhorn on each training batch, matching it
+    # to the uniform prototype marginal) or "none" (no prototype marginal: semi-relaxed OT with a free
+    # prototype marginal, each sample's plan row is softmax(-C / eps), a soft nearest-prototype assignment).
     ot_scope: str = "none"
-    potential_lr: float = 0.1  # "dataset" scope: step of the potential ascent, in units of ot_reg
     # Short lists (an inverted-file index, as faiss's IVF): the prototypes are split by k-means into groups of
     # about ``list_size`` (ceil(K / list_size) lists), and each sample is assigned over the prototypes of its
     # ``probes`` nearest groups only (the kernel restricted to them): about probes * list_size candidates,
@@ -112,10 +107,6 @@ class VPOTConfig:
             raise ConfigError(f"prototypes.kmeans_iters must be an integer >= 1, got {self.kmeans_iters!r}")
         if self.ot_scope not in OT_SCOPES:
             raise ConfigError(f"prototypes.ot_scope must be one of {OT_SCOPES}, got {self.ot_scope!r}")
-        if not (
-            isinstance(self.potential_lr, (int, float)) and math.isfinite(self.potential_lr) and self.potential_lr > 0
-        ):
-            raise ConfigError(f"prototypes.potential_lr must be a finite number > 0, got {self.potential_lr!r}")
         if self.level not in LEVELS:
             raise ConfigError(f"prototypes.level must be one of {LEVELS}, got {self.level!r}")
         for name in ("list_size", "probes"):
@@ -398,9 +389,6 @@ class VaguePrototypes(nn.Module):
             if self.config.ot_scope == "none":
                 potential = torch.zeros_like(self.potential)
                 plan = None
-            elif self.training and self.config.ot_scope == "dataset":
-                potential = self.potential
-                plan = None
             elif self.training:
                 with torch.no_grad():
                     plan, _, g = sinkhorn_log(
@@ -419,8 +407,6 @@ class VaguePrototypes(nn.Module):
             weights = torch.softmax((potential.unsqueeze(0) - cost) / reg, dim=1)
             if plan is None:
                 plan = (weights / b).detach()
-                if self.training and self.config.ot_scope == "dataset":
-                    self._ascend_potential(plan.sum(dim=0) * k)
             plan = plan.to(cost.dtype)
             # Entropic OT value <P, C> + reg * sum P log P; with P at the optimum its gradient w.r.t. C is P
             # (envelope theorem), so P is treated as a constant here.
@@ -619,14 +605,6 @@ class VaguePrototypes(nn.Module):
             y = y.view(batch, self.channels, self.vague_size, self.vague_size)
         out["yhat"] = unvague(y, self.feature_size)
         return out
-
-    @torch.no_grad()
-    def _ascend_potential(self, mass_ratio: Tensor) -> None:
-        """One stochastic ascent step on the semi-dual of dataset-level OT: the gradient for prototype
-        j is ``1/K - mass_j`` (its target minus the mass the batch sends it); ``mass_ratio = K mass``."""
-        step = self.config.potential_lr * self.config.ot_reg * (1.0 - mass_ratio.to(self.potential.dtype))
-        self.potential.add_(step - step.mean())
-        self.potential_initialised.fill_(True)
 
     @torch.no_grad()
     def _update_potential(self, g: Tensor) -> None:

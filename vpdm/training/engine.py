@@ -6,7 +6,6 @@ loader, wraps the model in DDP, and receives per-epoch metrics through ``callbac
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -60,7 +59,6 @@ class SplitFeatures:
     cache_path: str | None = None
     extract_seconds: float = 0.0
     class_index: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    stage_channels: tuple[int, ...] = ()  # channels of each backbone stage in ``features``
 
 
 def load_split(
@@ -105,7 +103,6 @@ def load_split(
         cache_path=str(info.get("path")) if info.get("path") else None,
         extract_seconds=time.perf_counter() - start,
         class_index=class_index,
-        stage_channels=tuple(extractor.stage_channels),
     )
 
 
@@ -116,7 +113,6 @@ def build_model(
     config: VPDMConfig,
     train_features: Tensor,
     seed: int | None = None,
-    stage_channels: tuple[int, ...] | None = None,
     class_index: Tensor | None = None,
     statistics: bool = True,
 ) -> VPDM:
@@ -127,7 +123,7 @@ def build_model(
     channels, feature_size = train_features.shape[1], train_features.shape[-1]
     seed = config.train.seed if seed is None else seed
     generator = seed_everything(seed)
-    model = VPDM(channels, feature_size, config.model, stage_channels=stage_channels or None)
+    model = VPDM(channels, feature_size, config.model)
     model.fit_normalisation(train_features)
     model.init_prototypes(train_features, generator, class_index=_class_index_of(train_features, class_index))
     # Frozen before any wrapper (DDP) registers which parameters expect gradients.
@@ -180,8 +176,7 @@ def train_loop(
     progress: bool = True,
     before_epoch: Callable[[int], None] | None = None,
     all_finite: Callable[[Tensor], bool] | None = None,
-    ema_shadow: dict[str, Tensor] | None = None,
-    end_of_epoch: Callable[[int, list[dict[str, float]], torch.optim.Optimizer, WeightEMA | None], None] | None = None,
+    end_of_epoch: Callable[[int, list[dict[str, float]], torch.optim.Optimizer], None] | None = None,
 ) -> list[dict[str, float]]:
     """Run epochs ``start_epoch .. config.epochs - 1``; returns the per-epoch metrics.
 
@@ -191,19 +186,11 @@ def train_loop(
     :class:`TrainingDiverged` before the optimizer step, so no broken weights are written.
     ``all_finite(loss)`` replaces the local finiteness test; data-parallel workers pass a collective
     one so that every rank stops at the same step instead of the others waiting in an all-reduce.
-    ``ema_shadow`` continues a resumed run's weight average; ``end_of_epoch(epoch, history, optimizer, ema)``
-    sees each epoch's end before the averaged weights are swapped in (a resumable state holds the raw ones).
+    ``end_of_epoch(epoch, history, optimizer)`` sees each epoch's end (a resumable state is written there).
     """
     optimizer = optimizer or make_optimizer(model, config)
     finite = all_finite or (lambda value: bool(torch.isfinite(value)))
     history: list[dict[str, float]] = []
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", group["lr"])
-    steps_per_epoch = len(loader) if hasattr(loader, "__len__") else 0
-    schedule = LRSchedule(config, steps_per_epoch * config.epochs)
-    ema = WeightEMA(model, config.ema_decay) if config.ema_decay > 0 else None
-    if ema is not None and ema_shadow is not None:
-        ema.shadow = {n: ema_shadow[n].to(p.device) for n, p in model.named_parameters()}
     model.train()
     for epoch in range(start_epoch, config.epochs):
         if before_epoch is not None:
@@ -230,12 +217,7 @@ def train_loop(
             loss.backward()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            factor = schedule(epoch * steps_per_epoch + step)
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * factor
             optimizer.step()
-            if ema is not None:
-                ema.update(model)
             n = features.shape[0]
             seen += n
             for key in totals:
@@ -249,61 +231,10 @@ def train_loop(
         )
         history.append(metrics)
         if end_of_epoch is not None:
-            end_of_epoch(epoch, history, optimizer, ema)
-        last = epoch + 1 == config.epochs
-        if ema is not None:  # evaluations and checkpoints see the averaged weights
-            raw = ema.swap_in(model)
+            end_of_epoch(epoch, history, optimizer)
         if callback is not None:
             callback(epoch, metrics)
-        if ema is not None and not last:
-            ema.swap_out(model, raw)
     return history
-
-
-class LRSchedule:
-    """Multiplier of the base learning rate at a global step: linear warm-up over
-    ``warmup_fraction`` of the steps, then constant or a cosine decay to 0 (``lr_schedule``)."""
-
-    def __init__(self, config: TrainConfig, total_steps: int) -> None:
-        self.config = config
-        self.total = max(1, total_steps)
-        self.warmup = int(config.warmup_fraction * total_steps)
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        if self.config.lr_schedule == "cosine":
-            progress = (step - self.warmup) / max(1, self.total - self.warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-
-class WeightEMA:
-    """Exponential moving average of a model's floating-point parameters (buffers are copied as they
-    are: normalisation statistics and the OT potential are not trained by gradients)."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters()}
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for n, p in model.named_parameters():
-            self.shadow[n].lerp_(p.detach(), 1.0 - self.decay)
-
-    @torch.no_grad()
-    def swap_in(self, model: nn.Module) -> dict[str, Tensor]:
-        """Load the averaged weights; returns the raw ones for :meth:`swap_out`."""
-        raw = {}
-        for n, p in model.named_parameters():
-            raw[n] = p.detach().clone()
-            p.copy_(self.shadow[n])
-        return raw
-
-    @torch.no_grad()
-    def swap_out(self, model: nn.Module, raw: dict[str, Tensor]) -> None:
-        for n, p in model.named_parameters():
-            p.copy_(raw[n])
 
 
 def _features_of(batch: Any) -> Tensor:
@@ -359,36 +290,35 @@ def fit(
 ) -> tuple[VPDM, list[dict[str, float]]]:
     """Train one unified model on all classes of ``train`` (single process).
 
-    ``save_state(epoch=, model=, optimizer=, generator=, ema=, history=)`` is called after every
+    ``save_state(epoch=, model=, optimizer=, generator=, history=)`` is called after every
     ``train.checkpoint_every``-th epoch but the last (``vpdm.training.resume`` writes it); ``resume``, such a state
     read back, continues that run exactly: the model is built as a fresh run builds it, then loaded.
     """
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     device = select_device(config.train.device)
-    model = build_model(
-        config, train.features, stage_channels=train.stage_channels, class_index=train.class_index, statistics=False
-    ).to(device)  # fitted after training
+    model = build_model(config, train.features, class_index=train.class_index, statistics=False).to(
+        device
+    )  # fitted after training
     # Frozen prototypes give every image the same condition in every epoch: assign once, not once per epoch.
     condition = model.training_condition(train.features) if model.condition_is_fixed else None
     loader = feature_loader(train.features, config.train.batch_size, config.train.seed, condition=condition)
     optimizer = make_optimizer(model, config.train)
-    start, done, shadow = 0, [], None
+    start, done = 0, []
     if resume is not None:
         from vpdm.training.resume import restore
 
-        start, done, shadow = restore(resume, model=model, optimizer=optimizer, generator=loader.generator)
+        start, done = restore(resume, model=model, optimizer=optimizer, generator=loader.generator)
     every, hook = config.train.checkpoint_every, None
     if save_state is not None and every:
 
-        def hook(epoch: int, history: list[dict[str, float]], opt: torch.optim.Optimizer, ema: Any) -> None:
+        def hook(epoch: int, history: list[dict[str, float]], opt: torch.optim.Optimizer) -> None:
             if (epoch + 1) % every == 0 and epoch + 1 < config.train.epochs:
                 save_state(
                     epoch=epoch + 1,
                     model=model,
                     optimizer=opt,
                     generator=loader.generator,
-                    ema=ema,
                     history=done + history,
                 )
 
@@ -401,7 +331,6 @@ def fit(
         callback=callback,
         device=device,
         progress=progress,
-        ema_shadow=shadow,
         end_of_epoch=hook,
     )
     fit_statistics(model, config, train.features, train.class_index)

@@ -2,7 +2,7 @@
 
 ``vpdm train`` writes :data:`STATE_NAME` into its run folder every ``train.checkpoint_every`` epochs
 (atomically: a kill mid-write leaves the previous state). It holds everything the next epoch depends on:
-the raw weights and buffers, the optimizer, the EMA weights, the global torch (and CUDA, numpy) random
+the weights and buffers, the optimizer, the global torch (and CUDA, numpy) random
 states, the training loader's shuffling generator, and the history. ``vpdm train --resume`` rebuilds
 the model as a fresh run would (same seed, same prototypes, same frozen condition), loads that state
 and runs the remaining epochs, so the result is the uninterrupted run's, bit for bit (on the same
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vpdm.config.migration import drop_retired
 from vpdm.config.schema import VPDMConfig
 from vpdm.config.values import flatten_dict, to_dict
 from vpdm.errors import CheckpointError, ConfigError
@@ -83,7 +84,6 @@ def capture(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
-    ema: Any,
     history: list[dict[str, float]],
     config: VPDMConfig,
     checksum: str,
@@ -100,7 +100,6 @@ def capture(
         "model": {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "generator": generator.get_state(),
-        "ema": None if ema is None else {k: v.detach().cpu().clone() for k, v in ema.shadow.items()},
         "rng": _rng(),
     }
 
@@ -131,7 +130,8 @@ def read_state(path: str | Path) -> dict[str, Any]:
 
 def check_state(state: dict[str, Any], config: VPDMConfig, path: str | Path, checksum: str | None = None) -> None:
     """Refuse to continue a state with other settings (named) or, given ``checksum``, other training features."""
-    saved, now = flatten_dict(state["config"]), flatten_dict(to_dict(config))
+    # a state written before a setting was retired names it at its remaining value (another value is refused)
+    saved, now = flatten_dict(drop_retired(state["config"])), flatten_dict(to_dict(config))
     differ = [k for k in sorted(set(saved) | set(now)) if k not in FREE_SETTINGS and saved.get(k) != now.get(k)]
     if differ:
         shown = ", ".join(f"{k} ({saved.get(k)!r} in the state, now {now.get(k)!r})" for k in differ[:5])
@@ -149,12 +149,12 @@ def check_state(state: dict[str, Any], config: VPDMConfig, path: str | Path, che
 
 def restore(
     state: dict[str, Any], *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator
-) -> tuple[int, list[dict[str, float]], dict[str, torch.Tensor] | None]:
+) -> tuple[int, list[dict[str, float]]]:
     """Load ``state`` into a freshly built model, its optimizer, the loader's generator and the random states;
-    returns (epochs done, their history, the EMA weights or None)."""
+    returns (epochs done, their history)."""
     inner = model.module if hasattr(model, "module") else model
     inner.load_state_dict(state["model"], strict=True)
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
     _set_rng(state["rng"])
-    return int(state["epoch"]), list(state["history"]), state["ema"]
+    return int(state["epoch"]), list(state["history"])
