@@ -134,7 +134,7 @@ def test_logged_model_has_signature_example_and_carried_code(champion):
     assert info.metadata["image_size"] == 64 and info.metadata["map_size"] == 64
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri))
     assert (local / "artifacts" / "model.pt").is_file()
-    assert (local / "code" / "vpdm" / "pipeline.py").is_file()
+    assert (local / "code" / "vpdm" / "inference" / "detector.py").is_file()
     assert (local / "code" / "tune" / "mlflow_model.py").is_file()
     assert sorted(p.name for p in (local / "code" / "tune").iterdir()) == ["__init__.py", "mlflow_model.py"]
     assert not list(local.rglob("*.pkl"))  # models from code: nothing in the model is unpickled at load
