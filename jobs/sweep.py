@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_presets:
         print(describe_presets())
         return 0
-    from tune.sweep import SweepConfig, run_sweep
+    from tune.plan import SweepConfig
+    from tune.sweep import run_sweep
     from vpdm.errors import VPDMError
 
     sc = SweepConfig(

@@ -101,7 +101,8 @@ def test_worker_crash_resumes_like_an_uninterrupted_run_and_a_diverged_trial_doe
     from mlflow import MlflowClient
     from ray.tune.search.optuna import OptunaSearch
 
-    from tune.sweep import SweepConfig, run_sweep
+    from tune.plan import SweepConfig
+    from tune.sweep import run_sweep
 
     faults = tmp_path / "faults"
     for key, value in {
@@ -361,8 +362,9 @@ def test_mlflow_server_lost_mid_sweep_training_goes_on_and_the_replay_loses_noth
 ):
     from mlflow import MlflowClient
 
+    from tune.plan import SweepConfig
     from tune.recover import main as recover_main
-    from tune.sweep import SweepConfig, run_sweep
+    from tune.sweep import run_sweep
 
     # A killed server refuses connections at once, so one retry fails in seconds (trials inherit this); the
     # timeout only bounds a slow answer of the live server on a loaded machine, which must not count as an outage.

@@ -149,7 +149,7 @@ def _state(name):
 
 
 def test_registered_name_is_one_per_dataset_slug_unless_overridden(tiny_demo, tmp_path):
-    from tune.sweep import SweepConfig, plan_sweep
+    from tune.plan import SweepConfig, plan_sweep
     from vpdm.data.demo import make_demo_dataset
 
     assert default_model_name("mvtec-bottle") == "vpdm-mvtec-bottle"
@@ -364,7 +364,7 @@ def test_the_replay_of_a_registration_applies_the_same_rule(store, runs, checkpo
 
 def test_the_sweep_summary_says_what_the_registry_decided():
     from tune.registry import Promotion
-    from tune.sweep import DatasetResult, SweepResult, TrialSummary
+    from tune.results import DatasetResult, SweepResult, TrialSummary
 
     best = TrialSummary("t1", "demo_t1", "completed", 2, 0.8, 0.5, {"image_auroc": 0.9}, {}, "r1", "models:/m-1")
     kept = Promotion(

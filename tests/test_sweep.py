@@ -12,8 +12,9 @@ import torch
 
 from tune.distributed import StratifiedShardSampler, per_worker_batch_size, validation_metrics
 from tune.features import pseudo_anomalies, split_validation
+from tune.plan import SweepConfig, dataset_slug, parse_datasets, plan_sweep
 from tune.presets import ABLATIONS, PRESETS, Dim, apply_search_overrides, get_preset, parse_dim, validate_space
-from tune.sweep import SweepConfig, dataset_slug, parse_datasets, plan_sweep, run_sweep
+from tune.sweep import run_sweep
 from vpdm.config.schema import VPDMConfig
 from vpdm.data.demo import make_demo_dataset
 from vpdm.errors import ConfigError, DataError, VPDMError
@@ -535,13 +536,13 @@ def test_tracking_failures_only_warn(caplog):
 
 
 def test_a_local_ray_is_started_on_loopback_and_a_cluster_is_joined_as_it_is(monkeypatch, tmp_path):
-    """What _start_ray asks of Ray (the real binding is checked on a real Ray in test_sweep_ray.py)."""
+    """What start_ray asks of Ray (the real binding is checked on a real Ray in test_sweep_ray.py)."""
     import os
 
     import ray
     from ray._private import ray_constants
 
-    from tune.sweep import _start_ray
+    from tune.cluster import start_ray
 
     calls = []
 
@@ -559,16 +560,16 @@ def test_a_local_ray_is_started_on_loopback_and_a_cluster_is_joined_as_it_is(mon
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
     before = ray_constants.ENABLE_RAY_CLUSTER
-    _start_ray(SweepConfig(num_cpus=2, dashboard=False, ray_temp_dir=str(tmp_path)))
+    start_ray(SweepConfig(num_cpus=2, dashboard=False, ray_temp_dir=str(tmp_path)))
     (local,) = calls
     assert local["kwargs"]["_node_ip_address"] == "127.0.0.1" and local["kwargs"]["dashboard_host"] == "127.0.0.1"
     assert local["env"] == "0" and local["cluster_mode"] is False  # Ray keeps 127.0.0.1 only in this mode
     assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ and ray_constants.ENABLE_RAY_CLUSTER == before
-    _start_ray(SweepConfig(address="ray://head:10001"))
+    start_ray(SweepConfig(address="ray://head:10001"))
     assert calls[1]["kwargs"] == {"address": "ray://head:10001", "log_to_driver": False}  # Ray's output: its logs
     assert calls[1]["cluster_mode"] == before  # joining a cluster: Ray's own addressing
     assert local["kwargs"]["log_to_driver"] is False
-    _start_ray(SweepConfig(address="ray://head:10001", verbose=2))  # --verbose: every Ray process's output here too
+    start_ray(SweepConfig(address="ray://head:10001", verbose=2))  # --verbose: every Ray process's output here too
     assert calls[2]["kwargs"]["log_to_driver"] is True
 
 

@@ -50,7 +50,8 @@ def _wait_for(condition, what: str, *, timeout: float = PATIENCE_S, poll: float 
 @pytest.fixture(scope="module")
 def sweep(tiny_demo, tmp_path_factory):
     """One real sweep: 2 trials x 2 Ray Train workers, 2 epochs, MLflow on a temporary sqlite file."""
-    from tune.sweep import SweepConfig, run_sweep
+    from tune.plan import SweepConfig
+    from tune.sweep import run_sweep
 
     root = tmp_path_factory.mktemp("sweep")
     saved = {
@@ -201,8 +202,8 @@ def test_the_driver_scores_a_registered_model_as_its_trial_did(sweep, tmp_path):
     import mlflow
 
     from tune.features import build_bundle
+    from tune.plan import SweepConfig
     from tune.registry import ValidationData, download_checkpoint, score_checkpoint
-    from tune.sweep import SweepConfig
     from vpdm.config.values import to_dict
     from vpdm.features.backbone import FeatureExtractor
     from vpdm.inference.checkpoint import load_checkpoint
@@ -497,11 +498,12 @@ def test_the_local_ray_of_a_sweep_listens_on_loopback_only():
     import psutil
     import ray
 
-    from tune.sweep import SweepConfig, _start_ray
+    from tune.cluster import start_ray
+    from tune.plan import SweepConfig
 
     ray_tmp = tempfile.mkdtemp(prefix="vl-")
     try:
-        _start_ray(SweepConfig(num_cpus=1, ray_temp_dir=ray_tmp, verbose=0))
+        start_ray(SweepConfig(num_cpus=1, ray_temp_dir=ray_tmp, verbose=0))
         assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
         pids = {os.getpid()} | {p.pid for p in psutil.Process().children(recursive=True)}
         listening = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in pids]

@@ -243,7 +243,7 @@ def build_bundle(
     """Extract (or load cached) features of ``config.data.spec`` once and pack them for the trials.
 
     Extraction runs where ``extractor`` is (the sweep driver moves it to cuda when the sweep uses GPUs
-    and the driver has one, :func:`tune.sweep.driver_device`); the features are brought back to the CPU."""
+    and the driver has one, :func:`tune.cluster.driver_device`); the features are brought back to the CPU."""
     start = time.perf_counter()
     before = extractor.images_seen
     train = engine.load_split(config, "train", extractor=extractor, progress=progress)

@@ -1,4 +1,7 @@
-"""Distributed VPDM sweeps: Ray Tune + Optuna + ASHA over Ray Train runs, tracked in MLflow.
+"""Running a distributed VPDM sweep: Ray Tune + Optuna + ASHA over Ray Train runs, tracked in MLflow.
+
+The sweep's settings and checks are :mod:`tune.plan`, its Ray cluster :mod:`tune.cluster`, what it returns
+:mod:`tune.results`, one trial :mod:`tune.trial`, the registry :mod:`tune.registry`.
 
 ``run_sweep(SweepConfig(...))`` does, in this order:
 
@@ -31,583 +34,29 @@ import json
 import logging
 import math
 import os
-import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from tune.features import FeatureStats, split_validation
-from tune.presets import Preset, ResolvedSpace, apply_search_overrides, get_preset, validate_space
-from tune.registry import CHALLENGER, CHAMPION, Promotion, ValidationData, registered_name
-from tune.tracking import check_experiment_free, check_tracking_uri, find_experiment, resolve_tracking_uri, ui_command
-from vpdm.config.schema import VPDMConfig
-from vpdm.config.values import check_finite, to_dict
-from vpdm.errors import ConfigError, DataError, OutputError, VPDMError
-from vpdm.io import writable_dir
+from tune.cluster import check_cluster, driver_device, ray_logs_dir, start_ray
+from tune.features import FeatureStats
+from tune.plan import (
+    RAY_OUTPUT,
+    RESUMED_FIELDS,
+    RESUMED_OR_FIELDS,
+    SETTINGS_FILE,
+    TRIAL_LINES,
+    DatasetPlan,
+    SweepConfig,
+    SweepPlan,
+    plan_sweep,
+)
+from tune.registry import Promotion, ValidationData
+from tune.results import DatasetResult, SweepResult, TrialSummary, json_safe, metric_text
+from vpdm.config.values import to_dict
 
 logger = logging.getLogger("tune.sweep")
-
-METRIC_MODES = {"val_pseudo_auroc": "max", "val_same_class_auroc": "max", "val_loss": "min"}
-TRIAL_LINES, RAY_OUTPUT = 1, 2  # SweepConfig.verbose levels: one line per trial event; Ray's own output too
-DEFAULT_STORAGE = "runs/sweeps"
-
-
-class SweepError(VPDMError):
-    """The sweep cannot start (cluster too small, nothing to run, ...)."""
-
-
-@dataclass
-class SweepConfig:
-    """Everything a sweep needs; ``jobs/sweep.py`` maps its arguments 1:1 onto these fields."""
-
-    datasets: list[str] = field(default_factory=lambda: ["demo"])  # each its own model; "a,b" = one union model
-    preset: str = "demo"
-    ablation: str | None = None
-    trials: int | None = None  # per dataset; None = the preset's
-    epochs: int | None = None  # per trial; None = the preset's
-    workers: int = 2  # Ray Train workers (DDP ranks) per trial
-    threads_per_worker: int = 1  # CPUs (torch threads) per worker
-    use_gpu: bool | None = None  # None = yes when the cluster has a GPU for every worker
-    max_concurrent: int | None = None  # trials at once; None = as many as the cluster's CPUs fit
-    overrides: list[str] = field(default_factory=list)  # vpdm "key=value" settings (pin a searched key too)
-    search: list[str] = field(default_factory=list)  # "key=int:lo:hi" / "key=choice:a,b" / "key=off"
-    metric: str | None = (
-        None  # "val_pseudo_auroc" / "val_same_class_auroc" (max) or "val_loss" (min); None = the preset's
-    )
-    tracking_uri: str | None = None  # None = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
-    experiment: str | None = None  # None = "vpdm-<preset>-<timestamp>"
-    model_name: str | None = None  # None = vpdm-<dataset> per dataset; else the name (one dataset) or a prefix
-    promote: bool = False  # make each dataset's challenger champion even when it does not beat the champion
-    storage: str = DEFAULT_STORAGE  # Ray Tune/Train results (checkpoints)
-    address: str | None = None  # Ray cluster; None = $RAY_ADDRESS or a local Ray started here
-    num_cpus: int | None = None  # logical CPUs of a local Ray; None = enough for max_concurrent trials
-    ray_temp_dir: str | None = None  # local Ray's session folder
-    dashboard: bool | None = None  # local Ray's dashboard: None = when ray[default] is installed
-    seed: int = 0
-    val_fraction: float = 0.15
-    grace_period: int | None = None  # ASHA; None = the preset's
-    reduction_factor: float = 2.0
-    max_failures: int = 1  # Ray Train worker-group restarts per trial (resume from the last checkpoint)
-    register: bool = True
-    # Console: 0 the sweep's own lines and summary; 1 also one line per trial start, epoch and end; 2 also Ray's
-    # own output (Tune's status tables, every trial's and Train worker's output). Ray's output always goes to
-    # its session logs (SweepResult.ray_logs), the epochs' metrics to the trial folders and MLflow.
-    verbose: int = 1
-    resume: bool = False  # continue the sweep named `experiment` (Tuner.restore); its saved settings are used
-
-
-# What a resumed sweep takes from the saved settings (the rest says where and how to run it now).
-RESUMED_FIELDS = (
-    "datasets",
-    "preset",
-    "ablation",
-    "trials",
-    "epochs",
-    "workers",
-    "threads_per_worker",
-    "overrides",
-    "search",
-    "metric",
-    "model_name",
-    "seed",
-    "val_fraction",
-    "grace_period",
-    "reduction_factor",
-    "max_failures",
-    "register",
-)
-# Asked for now or when the sweep started: a resumed sweep forces the promotion if either run asked for it.
-RESUMED_OR_FIELDS = ("promote",)
-SETTINGS_FILE = "sweep_config.json"
-
-
-@dataclass
-class TrialSummary:
-    trial_id: str
-    name: str
-    status: str  # completed | stopped (ASHA) | diverged (NaN/inf loss) | error
-    epochs: int
-    metric: float | None
-    val_loss: float | None
-    test: dict[str, float]
-    params: dict[str, Any]
-    mlflow_run_id: str | None
-    model_uri: str | None
-    error: str | None = None
-    mlflow_pending: int = 0  # MLflow calls kept in the trial's folder (server unreachable): python -m tune.recover
-    backbone_forwards: int = 0  # in the trial's processes for training/evaluation (expected 0)
-    example_forwards: int = 0  # MLflow's input example of the logged model
-
-
-@dataclass
-class DatasetResult:
-    name: str
-    spec: str
-    features: FeatureStats
-    trials: list[TrialSummary]
-    best: TrialSummary | None
-    registered_model: str | None = None
-    registered_version: str | None = None  # the challenger's version (this sweep's best trial)
-    promotion: Promotion | None = None  # whether it took @champion, and why
-    tune_path: str | None = None
-    seconds: float = 0.0
-
-
-@dataclass
-class SweepResult:
-    sweep_id: str
-    experiment_name: str
-    experiment_id: str
-    tracking_uri: str
-    parent_run_id: str | None
-    metric: str
-    mode: str
-    preset: str
-    datasets: list[DatasetResult]
-    wall_seconds: float
-    backbone_forwards: int  # images the sweep driver's backbone ran (features for every trial)
-    trial_backbone_forwards: int  # images run through a backbone in trial processes for training/evaluation (0)
-    pyfunc_example_forwards: int  # one example image per logged pyfunc model (MLflow's signature)
-    num_images: int  # distinct train + test images of all datasets
-    storage_path: str
-    workers: int
-    threads_per_worker: int
-    mlflow_pending: int = 0  # MLflow calls kept under storage_path (tracking server unreachable), all processes
-    resumed: bool = False
-    ray_logs: str = ""  # Ray's session logs on the driver's node: the trials' and Train workers' output
-
-    @property
-    def ui_command(self) -> str:
-        return ui_command(self.tracking_uri)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["ui_command"] = self.ui_command
-        return _finite(out)
-
-    def summary_text(self) -> str:
-        lines = [
-            f"sweep {self.sweep_id}: preset {self.preset}, {self.workers} worker(s) x {self.threads_per_worker} "
-            f"thread(s) per trial, metric {self.metric} ({self.mode}), wall time {self.wall_seconds:.1f}s"
-        ]
-        header = (
-            f"{'dataset':<18} {'trials (done/stopped/err)':>26} {'best trial':<24} {self.metric:>17} "
-            f"{'img AUROC':>9} {'pix AUROC':>9} {'AUPRO':>7}  registered model"
-        )
-        lines.append(header)
-        lines.append("-" * len(header))
-        for d in self.datasets:
-            counts = [sum(t.status == s for t in d.trials) for s in ("completed", "stopped")]
-            counts.append(sum(t.status in ("error", "diverged") for t in d.trials))
-            b = d.best
-            reg = "-"
-            if d.registered_model:
-                alias = CHAMPION if d.promotion is None or d.promotion.promoted else CHALLENGER
-                reg = f"{d.registered_model} v{d.registered_version} @{alias}"
-            if b is None:
-                lines.append(f"{d.name:<18} {'/'.join(map(str, counts)):>26} {'(none completed)':<24}")
-                errors = [t for t in d.trials if t.error]
-                if errors:
-                    lines.append(f"{'':<18} first error ({errors[0].name}): {errors[0].error}")
-                continue
-            t = b.test
-            lines.append(
-                f"{d.name:<18} {'/'.join(map(str, counts)):>26} {b.name:<24} {_pct(b.metric, self.metric):>17} "
-                f"{_pct(t.get('image_auroc')):>9} {_pct(t.get('pixel_auroc')):>9} {_pct(t.get('aupro')):>7}  {reg}"
-            )
-        lines.append("")
-        lines.append(
-            f"backbone: {self.backbone_forwards} forward(s) for {self.num_images} image(s) in the whole sweep "
-            f"(driver, once per image; trials and workers ran it {self.trial_backbone_forwards} times"
-            + (
-                f"; +{self.pyfunc_example_forwards} input example(s) for MLflow model signatures"
-                if self.pyfunc_example_forwards
-                else ""
-            )
-            + ")"
-        )
-        for d in self.datasets:
-            f = d.features
-            src = "cache" if f.cache_hits == 2 else "extracted" if f.cache_hits == 0 else "partly cached"
-            lines.append(f"  {d.name}: {f.num_images} images, {f.backbone_forwards} forwards ({src}, {f.seconds:.1f}s)")
-        for d in self.datasets:
-            if d.promotion is not None:
-                lines.append(f"registry: {d.promotion.line()}")
-        for d in self.datasets:
-            for t in d.trials:
-                if t.status in ("error", "diverged"):
-                    lines.append(f"  {t.name}: {t.status}: {t.error}")
-        pending = self.mlflow_pending
-        if pending:
-            lines.append(
-                f"MLflow did not take {pending} call(s) (unreachable, or a value it refused: the warnings above "
-                f"say which); they are kept under {self.storage_path}; once it is back, replay them: "
-                f"python -m tune.recover {self.storage_path}"
-            )
-        lines.append(f"MLflow: experiment {self.experiment_name!r} (id {self.experiment_id}) at {self.tracking_uri}")
-        lines.append(f"Ray results: {self.storage_path} (every epoch's metrics: <trial folder>/progress.csv)")
-        if self.ray_logs:
-            lines.append(f"Ray logs (the trials' and Train workers' output): {self.ray_logs}")
-        lines.append(f"browse: {self.ui_command}")
-        return "\n".join(lines)
-
-
-def _pct(value: Any, metric: str = "") -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    if metric == "val_loss":
-        return f"{value:.4f}"
-    return f"{100 * value:.2f}"
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-# -- planning (validation, no side effects) -----------------------------------------------------------
-
-
-@dataclass
-class DatasetPlan:
-    name: str
-    spec: str
-    config: VPDMConfig
-    num_train: int
-    num_test: int
-    model_name: str = ""  # its registered model (tune.registry.registered_name)
-
-
-@dataclass
-class SweepPlan:
-    config: SweepConfig
-    preset: Preset
-    space: ResolvedSpace
-    datasets: list[DatasetPlan]
-    trials: int
-    epochs: int
-    metric: str
-    mode: str
-    tracking_uri: str
-    experiment: str
-    sweep_id: str
-    storage: Path
-    grace_period: int
-    warnings: list[str] = field(default_factory=list)
-    experiment_id: str | None = None  # set when resuming (the experiment exists)
-
-
-def parse_datasets(items: list[str]) -> list[tuple[str, str]]:
-    """``[(name, spec)]`` from ``--data`` values: ``;`` separates datasets, ``NAME=SPEC`` names one."""
-    out: list[tuple[str, str]] = []
-    for item in items:
-        for part in str(item).split(";"):
-            part = part.strip()
-            if not part:
-                continue
-            name, spec = None, part
-            head, sep, tail = part.partition("=")
-            if sep and re.fullmatch(r"[A-Za-z0-9_.-]+", head.strip()):
-                name, spec = head.strip(), tail.strip()
-            out.append((name or dataset_slug(spec), spec))
-    if not out:
-        raise ConfigError("no dataset given: pass a data spec such as 'demo' or 'mvtec:/data/mvtec'")
-    names: dict[str, int] = {}
-    unique = []
-    for name, spec in out:
-        n = names.get(name, 0)
-        names[name] = n + 1
-        unique.append((name if n == 0 else f"{name}-{n + 1}", spec))
-    return unique
-
-
-def dataset_slug(spec: str) -> str:
-    """A short name for a data spec: 'demo', 'mvtec-bottle', 'mvtec-bottle+mpdd' for a union."""
-    parts = []
-    for entry in spec.split(","):
-        entry = entry.strip()
-        if not entry:
-            continue
-        kind, _, path = entry.partition(":")
-        leaf = Path(path.strip().rstrip("/")).name if path.strip() else ""
-        parts.append(re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{kind}-{leaf}" if leaf else kind).strip("-"))
-    return "+".join(parts)[:60] or "data"
-
-
-def plan_sweep(sc: SweepConfig) -> SweepPlan:
-    """Check everything that can be checked before starting Ray or any trial (raises VPDMError)."""
-    from vpdm.data.layouts import list_samples
-
-    if sc.resume:
-        sc = _with_saved_settings(sc)
-    preset = get_preset(sc.preset, sc.ablation)
-    check_finite(sc)  # val_fraction, reduction_factor: NaN/inf by name
-    for name, value, low in (
-        ("workers", sc.workers, 1),
-        ("threads_per_worker", sc.threads_per_worker, 1),
-        ("max_failures", sc.max_failures, 0),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-    trials = preset.trials if sc.trials is None else sc.trials
-    epochs = preset.epochs if sc.epochs is None else sc.epochs
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise ConfigError(f"trials must be an integer >= 1, got {trials!r}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ConfigError(f"epochs must be an integer >= 1, got {epochs!r}")
-    for name, value in (("max_concurrent", sc.max_concurrent), ("num_cpus", sc.num_cpus)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
-    if not 0.0 < sc.val_fraction < 1.0:
-        raise ConfigError(f"val_fraction must be in (0, 1), got {sc.val_fraction!r}")
-    if sc.reduction_factor <= 1:
-        raise ConfigError(f"reduction_factor must be > 1, got {sc.reduction_factor!r}")
-    metric = sc.metric or preset.metric
-    if metric not in METRIC_MODES:
-        raise ConfigError(f"metric {metric!r} is unknown; expected one of {', '.join(METRIC_MODES)}")
-    grace = preset.grace_period if sc.grace_period is None else sc.grace_period
-    if not isinstance(grace, int) or grace < 1:
-        raise ConfigError(f"grace_period must be an integer >= 1, got {grace!r}")
-    if sc.promote and not sc.register:
-        raise ConfigError("--promote makes the registered challenger champion; it cannot go with --no-register")
-    parsed = parse_datasets(sc.datasets)
-    model_names = [registered_name(sc.model_name, name, len(parsed)) for name, _ in parsed]
-
-    # The base config: library defaults <- preset's fixed settings <- the user's --set <- the budget.
-    base = VPDMConfig().with_overrides(dict(preset.fixed))
-    user: dict[str, Any] = {}
-    if sc.overrides:
-        import yaml
-
-        for item in sc.overrides:
-            if "=" not in item:
-                raise ConfigError(f"--set {item!r} must look like section.key=value")
-            key, raw = item.split("=", 1)
-            key = key.strip()
-            user[key] = raw if key.endswith("spec") or key == "backbone.weights" else yaml.safe_load(raw)
-        base = base.with_overrides(user)
-    base = base.with_overrides({"train.epochs": epochs})
-    if user.get("data.spec") is not None:
-        raise ConfigError("set the data with --data (datasets), not --set data.spec")
-    # A key the user pinned with --set leaves the search space; --search edits it.
-    space = tuple(d for d in preset.space if d.key not in user)
-    space = apply_search_overrides(space, sc.search)
-    base.validate()
-    validate_space(base, space)
-    if base.calibration.method not in ("auto", "quantile"):
-        raise ConfigError(
-            f"calibration.method={base.calibration.method}: a sweep calibrates each trial's thresholds on "
-            "held-out normal images (quantile method); it has no labelled validation data for "
-            "f1/recall: calibrate the champion's checkpoint with 'vpdm calibrate --val-data SPEC'"
-        )
-
-    datasets = []
-    for (name, spec), model_name in zip(parsed, model_names):
-        cfg = base.with_overrides({"data.spec": spec}).validate()
-        train = list_samples(spec, "train")  # DataError naming the path for a missing/bad dataset
-        test = list_samples(cfg.data.test_spec or spec, "test", cfg.data.missing_masks)
-        class_index = np.unique([x.category for x in train], return_inverse=True)[1]
-        per_worker = len(split_validation(class_index, sc.val_fraction, sc.seed)[0]) / sc.workers
-        if per_worker < 2:
-            raise DataError(
-                f"dataset {name!r} has {len(train)} training images: too few for {sc.workers} workers "
-                f"(each needs >= 2 after holding out {sc.val_fraction:.0%} for validation)"
-            )
-        datasets.append(DatasetPlan(name, spec, cfg, len(train), len(test), model_name))
-
-    uri = resolve_tracking_uri(sc.tracking_uri)
-    check_tracking_uri(uri)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    experiment = sc.experiment or f"vpdm-{preset.name.replace('+', '-')}-{stamp}-{os.getpid() % 10000:04d}"
-    experiment_id = find_experiment(uri, experiment) if sc.resume else None
-    if not sc.resume:
-        check_experiment_free(uri, experiment)
-    storage = Path(sc.storage).expanduser().resolve()
-    try:
-        writable_dir(storage, what="storage folder")
-    except OutputError as exc:
-        raise SweepError(str(exc)) from None
-    sweep_id = _sweep_id(experiment)
-    return SweepPlan(
-        sc,
-        preset,
-        ResolvedSpace(preset, base, space),
-        datasets,
-        trials,
-        epochs,
-        metric,
-        METRIC_MODES[metric],
-        uri,
-        experiment,
-        sweep_id,
-        storage,
-        grace,
-        _job_warnings(uri, storage),
-        experiment_id,
-    )
-
-
-def _sweep_id(experiment: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", experiment)
-
-
-def _with_saved_settings(sc: SweepConfig) -> SweepConfig:
-    """A resumed sweep runs with the settings it was started with (saved next to its Ray results):
-    the search, datasets and budget must not change under Tuner.restore."""
-    from dataclasses import replace
-
-    if not sc.experiment:
-        raise ConfigError("--resume needs --experiment NAME: the MLflow experiment of the sweep to continue")
-    folder = Path(sc.storage).expanduser().resolve() / _sweep_id(sc.experiment)
-    saved_path = folder / SETTINGS_FILE
-    if not saved_path.is_file():
-        raise SweepError(
-            f"--resume: no saved sweep at {saved_path} (expected the --storage folder the sweep "
-            f"{sc.experiment!r} was started with)"
-        )
-    try:
-        saved = json.loads(saved_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SweepError(f"--resume: cannot read {saved_path}: {exc}") from None
-    changed = [
-        k
-        for k in RESUMED_FIELDS
-        if k in saved and getattr(sc, k) != saved[k] and getattr(sc, k) != getattr(SweepConfig(), k)
-    ]
-    if changed:
-        logger.warning("--resume: ignoring %s (the sweep keeps the settings it was started with)", ", ".join(changed))
-    return replace(
-        sc,
-        **{k: saved[k] for k in RESUMED_FIELDS if k in saved},
-        **{k: bool(getattr(sc, k) or saved.get(k)) for k in RESUMED_OR_FIELDS},
-    )
-
-
-def _job_warnings(uri: str, storage: Path) -> list[str]:
-    """Under `ray job submit --working-dir`, the cwd is a copy Ray deletes with the cluster's session."""
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
-        return []
-    from tune.tracking import local_store_dir
-
-    cwd = Path.cwd().resolve()
-    out = []
-    store = local_store_dir(uri)
-    if store is not None and (store == cwd or cwd in store.parents):
-        out.append(
-            f"the MLflow store {uri} is inside the job's working directory, which Ray deletes with its session; "
-            "pass --tracking-uri (a server, or sqlite:////absolute/path/mlflow.db) to keep it"
-        )
-    if storage == cwd or cwd in storage.parents:
-        out.append(
-            f"Ray results ({storage}) are inside the job's working directory; pass --storage /absolute/shared/path"
-        )
-    return out
-
-
-# -- Ray -----------------------------------------------------------------------------------------------
-
-
-def _per_trial_cpus(sc: SweepConfig) -> int:
-    return 1 + sc.workers * sc.threads_per_worker  # the trial (Train driver, then evaluation) + workers
-
-
-def _start_ray(sc: SweepConfig) -> tuple[bool, int | None]:
-    """Connect to ``address`` / $RAY_ADDRESS, or start a local Ray. Returns (started_here, max_concurrent)."""
-    import ray
-
-    from tune.distributed import visible_threads
-
-    # Worker processes import torch and a model; on a busy laptop the default 60 s start limit is tight.
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
-    if ray.is_initialized():
-        return False, sc.max_concurrent
-    address = sc.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        try:
-            ray.init(address=address, log_to_driver=sc.verbose >= RAY_OUTPUT)
-        except Exception as exc:  # noqa: BLE001 - ConnectionError, ValueError, ...
-            raise SweepError(f"cannot connect to the Ray cluster at {address!r}: {str(exc).splitlines()[0]}") from None
-        return True, sc.max_concurrent
-    per_trial = _per_trial_cpus(sc)
-    max_concurrent = sc.max_concurrent or max(1, visible_threads() // per_trial)
-    num_cpus = sc.num_cpus or max(visible_threads(), max_concurrent * per_trial)
-    # The dashboard (when ray[default] is installed) serves the State API that Ray Train's placement-group
-    # cleaner uses after ASHA kills a trial; without it the cleaner actors only log warnings.
-    kwargs: dict[str, Any] = {
-        "num_cpus": num_cpus,
-        "include_dashboard": sc.dashboard,
-        "dashboard_host": "127.0.0.1",
-        "log_to_driver": sc.verbose >= RAY_OUTPUT,
-        "_node_ip_address": LOOPBACK,
-    }
-    if sc.ray_temp_dir:
-        kwargs["_temp_dir"] = str(Path(sc.ray_temp_dir).resolve())
-    with _single_machine_ray():
-        ray.init(**kwargs)
-    return True, max_concurrent
-
-
-LOOPBACK = "127.0.0.1"
-# Ray's single-machine mode (its default on macOS and Windows): the node address is 127.0.0.1, and with
-# it the GCS, raylet, object manager, dashboard and workers listen on loopback only.
-_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-@contextmanager
-def _single_machine_ray() -> Iterator[None]:
-    """Start a local Ray bound to 127.0.0.1 instead of every interface.
-
-    On Linux Ray replaces a node address of 127.0.0.1 by the machine's routable address unless its
-    cluster mode is off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read by the processes ``ray.init``
-    starts, and ``ray_constants.ENABLE_RAY_CLUSTER`` in this already imported driver). Both are set
-    for the start only, so a later connection to a real cluster from this process is unaffected.
-    """
-    from ray._private import ray_constants
-
-    old_env, old_flag = os.environ.get(_SINGLE_MACHINE_ENV), getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
-    os.environ[_SINGLE_MACHINE_ENV] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        if old_env is None:
-            os.environ.pop(_SINGLE_MACHINE_ENV, None)
-        else:
-            os.environ[_SINGLE_MACHINE_ENV] = old_env
-        if old_flag is not None:
-            ray_constants.ENABLE_RAY_CLUSTER = old_flag
-
-
-def _check_cluster(sc: SweepConfig) -> tuple[bool, int]:
-    """(use_gpu, max_concurrent) that the cluster can actually run; SweepError if not even one trial fits."""
-    import ray
-
-    res = ray.cluster_resources()
-    cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
-    use_gpu = sc.use_gpu if sc.use_gpu is not None else gpus >= sc.workers
-    if use_gpu and gpus < sc.workers:
-        raise SweepError(f"use_gpu needs {sc.workers} GPU(s) (one per worker); the Ray cluster has {gpus:g}")
-    need = _per_trial_cpus(sc)
-    if cpus < need:
-        raise SweepError(
-            f"one trial needs {need} CPUs (1 for the trial + {sc.workers} worker(s) x {sc.threads_per_worker} "
-            f"thread(s)); the Ray cluster has {cpus:g}: use fewer --workers/--threads-per-worker"
-        )
-    fit = max(1, int(cpus // need))
-    if use_gpu:
-        fit = min(fit, max(1, int(gpus // sc.workers)))
-    return use_gpu, fit
 
 
 # -- the sweep -----------------------------------------------------------------------------------------
@@ -632,10 +81,10 @@ def run_sweep(sc: SweepConfig, *, progress: bool = True) -> SweepResult:
     from tune.tracking import RunLogger, create_experiment
 
     # Ray next: a cluster that cannot run one trial is refused before anything is created.
-    started_ray, max_concurrent = _start_ray(sc)
+    started_ray, max_concurrent = start_ray(sc)
     try:
-        use_gpu, fit = _check_cluster(sc)
-        logs = _ray_logs_dir() or "each node's Ray session folder (/tmp/ray/session_latest/logs)"
+        use_gpu, fit = check_cluster(sc)
+        logs = ray_logs_dir() or "each node's Ray session folder (/tmp/ray/session_latest/logs)"
         _say(
             progress,
             f"Ray's own output (trials, Train workers) goes to {logs}"
@@ -697,14 +146,6 @@ def run_sweep(sc: SweepConfig, *, progress: bool = True) -> SweepResult:
             ray.shutdown()
 
 
-def driver_device(use_gpu: bool) -> Any:
-    """Where the driver extracts features: cuda when the sweep runs on GPUs and this process sees one, else
-    the CPU (the cluster's GPUs may all be on other nodes; the driver then extracts on its CPU)."""
-    import torch
-
-    return torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-
-
 def _run(
     plan: SweepPlan, experiment_id: str, parent: Any, started: float, progress: bool, use_gpu: bool, max_concurrent: int
 ) -> SweepResult:
@@ -763,7 +204,7 @@ def _run(
         workers=sc.workers,
         threads_per_worker=sc.threads_per_worker,
         resumed=plan.experiment_id is not None,
-        ray_logs=_ray_logs_dir(),
+        ray_logs=ray_logs_dir(),
     )
     assert vpdm_backbone.total_images_seen() >= driver_forwards
     out = plan.storage / plan.sweep_id
@@ -827,7 +268,7 @@ def _trial_lines_callback(metric: str, epochs: int) -> Any:
     from ray.tune import Callback
 
     def pct(value: Any) -> str:
-        return _pct(float(value) if isinstance(value, (int, float)) else None, metric)
+        return metric_text(float(value) if isinstance(value, (int, float)) else None, metric)
 
     class TrialLines(Callback):
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -866,18 +307,6 @@ def _trial_lines_callback(metric: str, epochs: int) -> Any:
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _ray_logs_dir() -> str:
-    """Where Ray keeps the output of this driver's trials and Train workers: the session's ``logs`` folder
-    (``worker-*.out/.err`` per process, ``train/ray-train-*.log``) on the node this driver runs on."""
-    from ray._private import worker
-
-    node = getattr(worker, "_global_node", None)
-    try:
-        return str(Path(node.get_logs_dir_path()).resolve()) if node is not None else ""
-    except Exception:  # noqa: BLE001 - a Ray client connection (ray://) has no local node
-        return ""
 
 
 def _tune_dataset(
@@ -1137,8 +566,8 @@ def _registration_record(plan: SweepPlan, d: DatasetPlan, result: DatasetResult)
         "op": "register",
         "model_name": d.model_name,
         "challenger_run_id": best.mlflow_run_id,
-        "tags": _finite(tags),
-        "promotion": _finite(promotion),
+        "tags": json_safe(tags),
+        "promotion": json_safe(promotion),
     }
 
 
