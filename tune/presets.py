@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from vpdm.config.presets import PAPER
+from vpdm.config.presets import ABLATIONS, PAPER
 from vpdm.config.schema import VPDMConfig
 from vpdm.errors import ConfigError
 
@@ -149,16 +149,7 @@ class Preset:
 
 # -- ablations -------------------------------------------------------------------------------------
 
-ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
-    "full": ("the complete model (nothing pinned)", {}),
-    "no-vague": ("no vague (low-pass) step: N = 1", {"model.prototypes.downsample": 1}),
-    "nearest": ("prototypes without OT: nearest-prototype assignment", {"model.prototypes.assignment": "nearest"}),
-    "no-ot-loss": ("OT assignment without the OT loss: lambda_OT = 0", {"model.ot_weight": 0.0}),
-    "ddpm-start": (
-        "standard DDPM start x_T ~ N(0, I), no shift towards the condition",
-        {"model.diffusion.shift_to_condition": False},
-    ),
-}
+# The paper's ablations (vpdm.config.presets.ABLATIONS), defined once for the benchmark and the sweeps.
 
 
 # -- presets ---------------------------------------------------------------------------------------

@@ -12,16 +12,21 @@ from typing import Any
 import torch
 import yaml
 
+from vpdm.config.presets import ABLATIONS as CONFIG_ABLATIONS
 from vpdm.config.presets import PAPER
 from vpdm.errors import ConfigError
 
+# The benchmark's names of the paper's ablations (vpdm.config.presets.ABLATIONS, trained on the paper's settings).
+_PAPER_ABLATIONS = {
+    "paper-no-vague": "no-vague",
+    "paper-no-ot": "nearest",
+    "paper-no-ot-loss": "no-ot-loss",
+    "paper-ddpm-start": "ddpm-start",
+}
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "paper": dict(PAPER),
-    "paper-no-vague": {**PAPER, "model.prototypes.downsample": 1},
-    "paper-no-ot": {**PAPER, "model.prototypes.assignment": "nearest"},
-    "paper-no-ot-loss": {**PAPER, "model.ot_weight": 0.0},
-    "paper-ddpm-start": {**PAPER, "model.diffusion.shift_to_condition": False},
+    **{name: {**PAPER, **CONFIG_ABLATIONS[ablation][1]} for name, ablation in _PAPER_ABLATIONS.items()},
 }
 PRESET_DESCRIPTIONS = {
     "default": "this library's defaults",

@@ -1,4 +1,5 @@
-"""Named settings: the paper's literal method."""
+"""Named settings: the paper's literal method and its Table 3 ablations, defined once for the command, the
+benchmark and the sweeps."""
 
 from __future__ import annotations
 
@@ -47,3 +48,16 @@ PAPER: dict[str, Any] = {
     "train.prototype_lr_scale": 1.0,
 }
 PRESETS: dict[str, dict[str, Any]] = {"paper": PAPER}
+
+# The paper's Table 3 ablations, each as what it pins on top of a model: name -> (description, overrides).
+# The benchmark trains them on the paper's settings (``paper-<name>``), a sweep pins one (``--ablation``).
+ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "full": ("the complete model (nothing pinned)", {}),
+    "no-vague": ("no vague (low-pass) step: N = 1", {"model.prototypes.downsample": 1}),
+    "nearest": ("prototypes without OT: nearest-prototype assignment", {"model.prototypes.assignment": "nearest"}),
+    "no-ot-loss": ("OT assignment without the OT loss: lambda_OT = 0", {"model.ot_weight": 0.0}),
+    "ddpm-start": (
+        "standard DDPM start x_T ~ N(0, I), no shift towards the condition",
+        {"model.diffusion.shift_to_condition": False},
+    ),
+}
