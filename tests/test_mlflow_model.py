@@ -40,8 +40,8 @@ from tune.mlflow_model import (  # noqa: E402
     load_detector_model,
     log_pyfunc_model,
     predict_frame,
-    register_champion,
 )
+from tune.registry import register_champion  # noqa: E402
 from vpdm.inference.detector import Detector  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

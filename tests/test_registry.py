@@ -23,7 +23,7 @@ from tests.conftest import sqlite_mlflow_store  # noqa: E402
 from tests.test_cli import TINY  # noqa: E402
 from tune.distributed import validation_metrics  # noqa: E402
 from tune.features import FeatureStats, build_bundle  # noqa: E402
-from tune.mlflow_model import log_pyfunc_model, register_champion  # noqa: E402
+from tune.mlflow_model import log_pyfunc_model  # noqa: E402
 from tune.registry import (  # noqa: E402
     CHALLENGER,
     CHAMPION,
@@ -32,6 +32,7 @@ from tune.registry import (  # noqa: E402
     decide,
     default_model_name,
     register_challenger,
+    register_champion,  # noqa: E402
     registered_name,
 )
 from vpdm.cli.commands import main as vpdm_main  # noqa: E402

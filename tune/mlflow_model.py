@@ -69,7 +69,6 @@ __all__ = [
     "load_detector_model",
     "log_pyfunc_model",
     "predict_frame",
-    "register_champion",
 ]
 
 IMAGE_COLUMN = "image"
@@ -497,7 +496,7 @@ def log_pyfunc_model(
             "log_pyfunc_model needs an active run: call it inside `with mlflow.start_run():`",
             error_code=INVALID_PARAMETER_VALUE,
         )
-    _check_artifact_path(artifact_path)
+    check_artifact_path(artifact_path)
     checkpoint_path = Path(checkpoint_path)
     detector = Detector.from_checkpoint(checkpoint_path)  # raises CheckpointError for a bad file
     example = pd.DataFrame({IMAGE_COLUMN: [_example_image(example_images, detector.config.backbone.image_size)]})
@@ -544,118 +543,13 @@ def log_pyfunc_model(
         )
 
 
-def _check_artifact_path(artifact_path: Any) -> str:
+def check_artifact_path(artifact_path: Any) -> str:
     if not isinstance(artifact_path, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]+", artifact_path):
         raise MlflowException(
             f"artifact_path must be a non-empty name of letters, digits, '_', '-', '.', got {artifact_path!r}",
             error_code=INVALID_PARAMETER_VALUE,
         )
     return artifact_path
-
-
-_NAME_RE = re.compile(r"^[^/:@\s][^/:@]*$")
-
-
-def _check_name(model_name: Any) -> str:
-    if not isinstance(model_name, str) or not model_name.strip():
-        raise MlflowException(
-            f"registered model name must be a non-empty string, got {model_name!r}", error_code=INVALID_PARAMETER_VALUE
-        )
-    if not _NAME_RE.match(model_name) or model_name != model_name.strip():
-        raise MlflowException(
-            f"registered model name {model_name!r} is not usable in a models:/ URI: no '/', ':', '@' and no "
-            "leading/trailing spaces",
-            error_code=INVALID_PARAMETER_VALUE,
-        )
-    return model_name
-
-
-def _check_alias(alias: Any) -> str:
-    if (
-        not isinstance(alias, str)
-        or not re.fullmatch(r"[A-Za-z0-9_\-]+", alias)
-        or alias.lower() == "latest"
-        or re.fullmatch(r"[vV]\d+", alias)
-    ):
-        raise MlflowException(
-            f"alias {alias!r} is invalid: expected letters, digits, '_' or '-', not 'latest' nor 'v<number>'",
-            error_code=INVALID_PARAMETER_VALUE,
-        )
-    return alias
-
-
-def _flatten_tags(tags: Mapping[str, Any] | None, prefix: str = "") -> dict[str, str]:
-    """Nested mappings become dotted keys ({"metrics": {"auroc": 0.9}} -> {"metrics.auroc": "0.9"})."""
-    flat: dict[str, str] = {}
-    for key, value in (tags or {}).items():
-        full = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten_tags(value, f"{full}."))
-        else:
-            flat[full] = value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
-    return flat
-
-
-def _logged_model_id(client: Any, run_id: str, artifact_path: str) -> str:
-    """The id of the model logged as ``artifact_path`` by run ``run_id`` (the last one if logged twice).
-
-    MLflow 3 stores models outside the run's artifacts; ``runs:/<run>/<name>`` still resolves, with a
-    warning, so the model is looked up here and registered as ``models:/<model_id>``.
-    """
-    if not isinstance(run_id, str) or not run_id:
-        raise MlflowException(f"run_id must be a non-empty string, got {run_id!r}", error_code=INVALID_PARAMETER_VALUE)
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as exc:
-        raise MlflowException(
-            f"run {run_id!r} not found in tracking store {mlflow.get_tracking_uri()!r}",
-            error_code=RESOURCE_DOES_NOT_EXIST,
-        ) from exc
-    steps = {o.model_id: o.step for o in (run.outputs.model_outputs if run.outputs else [])}
-    found, token = [], None
-    while True:
-        page = client.search_logged_models(
-            experiment_ids=[run.info.experiment_id], filter_string=f"name = '{artifact_path}'", page_token=token
-        )
-        found.extend(m for m in page if m.source_run_id == run_id)
-        token = page.token
-        if not token:
-            break
-    if not found:
-        raise MlflowException(
-            f"run {run_id!r} has no model logged as {artifact_path!r} (log it with log_pyfunc_model inside that run)",
-            error_code=RESOURCE_DOES_NOT_EXIST,
-        )
-    return max(found, key=lambda m: (steps.get(m.model_id, 0), m.creation_timestamp)).model_id
-
-
-def register_champion(
-    run_id: str,
-    *,
-    model_name: str,
-    artifact_path: str = "model",
-    alias: str = "champion",
-    tags: Mapping[str, Any] | None = None,
-) -> Any:
-    """Register the model logged as ``artifact_path`` in run ``run_id`` and point ``alias`` at it.
-
-    Creates the registered model on first use; every call adds a new version (nothing is deleted)
-    and moves the alias from whichever version held it. ``tags`` (nested mappings flattened to dotted
-    keys, values stringified) are set on the new version. Returns its ``ModelVersion``, re-read
-    so that ``aliases`` and ``tags`` are current.
-    """
-    from mlflow import MlflowClient
-
-    model_name = _check_name(model_name)
-    alias = _check_alias(alias)
-    _check_artifact_path(artifact_path)
-    client = MlflowClient()
-    model_id = _logged_model_id(client, run_id, artifact_path)
-    version = mlflow.register_model(f"models:/{model_id}", model_name)
-    for key, value in _flatten_tags(tags).items():
-        client.set_model_version_tag(model_name, version.version, key, value)
-    client.set_registered_model_alias(model_name, alias, version.version)
-    return client.get_model_version(model_name, version.version)
 
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?/?$")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -76,8 +77,6 @@ def registered_name(model_name: str | None, dataset: str, num_datasets: int) -> 
     sweep of one dataset; ``<model_name>-<dataset>`` for several. Raises ConfigError for a name MLflow
     cannot put in a ``models:/`` URI."""
     from mlflow.exceptions import MlflowException
-
-    from tune.mlflow_model import _check_name
 
     if model_name is None:
         name = default_model_name(dataset)
@@ -390,8 +389,6 @@ def register_challenger(
     """
     from mlflow import MlflowClient
 
-    from tune.mlflow_model import register_champion
-
     client = MlflowClient()
     existing = _version_of_run(client, model_name, run_id)
     if existing is not None and existing.tags.get(f"{TAG}decision"):
@@ -436,3 +433,124 @@ def _finish(client: Any, name: str, version: Any) -> Promotion:
         p.champion = p.version
     logger.info("%s v%s: promotion already decided: %s", name, p.version, p.decision)
     return p
+
+
+# -- registering a logged model ---------------------------------------------------------------
+
+
+_NAME_RE = re.compile(r"^[^/:@\s][^/:@]*$")  # usable in a models:/ URI
+
+
+def _check_name(model_name: Any) -> str:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    if not isinstance(model_name, str) or not model_name.strip():
+        raise MlflowException(
+            f"registered model name must be a non-empty string, got {model_name!r}", error_code=INVALID_PARAMETER_VALUE
+        )
+    if not _NAME_RE.match(model_name) or model_name != model_name.strip():
+        raise MlflowException(
+            f"registered model name {model_name!r} is not usable in a models:/ URI: no '/', ':', '@' and no "
+            "leading/trailing spaces",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
+    return model_name
+
+
+def _check_alias(alias: Any) -> str:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    if (
+        not isinstance(alias, str)
+        or not re.fullmatch(r"[A-Za-z0-9_\-]+", alias)
+        or alias.lower() == "latest"
+        or re.fullmatch(r"[vV]\d+", alias)
+    ):
+        raise MlflowException(
+            f"alias {alias!r} is invalid: expected letters, digits, '_' or '-', not 'latest' nor 'v<number>'",
+            error_code=INVALID_PARAMETER_VALUE,
+        )
+    return alias
+
+
+def _flatten_tags(tags: Mapping[str, Any] | None, prefix: str = "") -> dict[str, str]:
+    """Nested mappings become dotted keys ({"metrics": {"auroc": 0.9}} -> {"metrics.auroc": "0.9"})."""
+    flat: dict[str, str] = {}
+    for key, value in (tags or {}).items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten_tags(value, f"{full}."))
+        else:
+            flat[full] = value if isinstance(value, str) else repr(value) if isinstance(value, float) else str(value)
+    return flat
+
+
+def _logged_model_id(client: Any, run_id: str, artifact_path: str) -> str:
+    """The id of the model logged as ``artifact_path`` by run ``run_id`` (the last one if logged twice).
+
+    MLflow 3 stores models outside the run's artifacts; ``runs:/<run>/<name>`` still resolves, with a
+    warning, so the model is looked up here and registered as ``models:/<model_id>``.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+
+    if not isinstance(run_id, str) or not run_id:
+        raise MlflowException(f"run_id must be a non-empty string, got {run_id!r}", error_code=INVALID_PARAMETER_VALUE)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise MlflowException(
+            f"run {run_id!r} not found in tracking store {mlflow.get_tracking_uri()!r}",
+            error_code=RESOURCE_DOES_NOT_EXIST,
+        ) from exc
+    steps = {o.model_id: o.step for o in (run.outputs.model_outputs if run.outputs else [])}
+    found, token = [], None
+    while True:
+        page = client.search_logged_models(
+            experiment_ids=[run.info.experiment_id], filter_string=f"name = '{artifact_path}'", page_token=token
+        )
+        found.extend(m for m in page if m.source_run_id == run_id)
+        token = page.token
+        if not token:
+            break
+    if not found:
+        raise MlflowException(
+            f"run {run_id!r} has no model logged as {artifact_path!r} (log it with log_pyfunc_model inside that run)",
+            error_code=RESOURCE_DOES_NOT_EXIST,
+        )
+    return max(found, key=lambda m: (steps.get(m.model_id, 0), m.creation_timestamp)).model_id
+
+
+def register_champion(
+    run_id: str,
+    *,
+    model_name: str,
+    artifact_path: str = "model",
+    alias: str = "champion",
+    tags: Mapping[str, Any] | None = None,
+) -> Any:
+    """Register the model logged as ``artifact_path`` in run ``run_id`` and point ``alias`` at it.
+
+    Creates the registered model on first use; every call adds a new version (nothing is deleted)
+    and moves the alias from whichever version held it. ``tags`` (nested mappings flattened to dotted
+    keys, values stringified) are set on the new version. Returns its ``ModelVersion``, re-read
+    so that ``aliases`` and ``tags`` are current.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tune.mlflow_model import check_artifact_path
+
+    model_name = _check_name(model_name)
+    alias = _check_alias(alias)
+    check_artifact_path(artifact_path)
+    client = MlflowClient()
+    model_id = _logged_model_id(client, run_id, artifact_path)
+    version = mlflow.register_model(f"models:/{model_id}", model_name)
+    for key, value in _flatten_tags(tags).items():
+        client.set_model_version_tag(model_name, version.version, key, value)
+    client.set_registered_model_alias(model_name, alias, version.version)
+    return client.get_model_version(model_name, version.version)
