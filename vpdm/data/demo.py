@@ -196,8 +196,48 @@ SMALL_DEMO_PARAMS: dict[str, Any] = {
 }
 
 
+# Beyond the named classes, ``classes=N`` makes variants ``<base>-<k>`` of them (k = 1, 2, ...), as many as
+# asked: each a fixed transform of its base's images (a quarter turn or a mirror, a zoom of 1-1.9x, a channel
+# mix near a permutation, a gain), so every class has its own orientation, scale and colour statistics while its
+# defects stay those of its base. Most are told apart by colour and structure together, not by one cue alone.
+MAX_DEMO_CLASSES = 999
+
+
+def _base_of(name: str) -> str:
+    """The named class a variant ``<base>-<k>`` is made from (the name itself for a named class)."""
+    base, sep, k = name.rpartition("-")
+    return base if sep and k.isdigit() else name
+
+
 def _defects_of(name: str) -> tuple[str, ...]:
-    return SMALL_DEFECTS if name in SMALL_DEMO_CLASSES else DEMO_DEFECTS
+    return SMALL_DEFECTS if _base_of(name) in SMALL_DEMO_CLASSES else DEMO_DEFECTS
+
+
+def _variant(
+    gen: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]], name: str
+) -> Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]:
+    """The generator of class ``name``: its base's, transformed by the variant's fixed settings (see above)."""
+    base, sep, k = name.rpartition("-")
+    if not (sep and k.isdigit()):
+        return gen
+    params = np.random.default_rng([int(k), sum(map(ord, base))])
+    turn = int(params.integers(0, 8))  # 4 rotations x mirror
+    zoom = float(params.uniform(1.0, 1.9))
+    mix = np.eye(3)[params.permutation(3)] * 0.8 + params.uniform(0.0, 0.2, (3, 3))
+    gain = float(params.uniform(0.75, 1.2))
+
+    def generate(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+        big = int(round(size * zoom))
+        img, region = gen(rng, big)
+        top = (big - size) // 2
+        img, region = img[top : top + size, top : top + size], region[top : top + size, top : top + size]
+        if turn >= 4:
+            img, region = img[:, ::-1], region[:, ::-1]
+        img, region = np.rot90(img, turn % 4), np.rot90(region, turn % 4)
+        img = np.clip(gain * (img @ mix.T) / mix.sum(axis=1).mean(), 0.0, 255.0)
+        return np.ascontiguousarray(img), np.ascontiguousarray(region)
+
+    return generate
 
 
 def _paint_defect(
@@ -312,21 +352,25 @@ def _write_png(path: Path, arr: np.ndarray) -> None:
 
 
 def _demo_class_names(classes: int | Sequence[str]) -> list[str]:
-    """The demo's class names: the first ``classes`` of :data:`DEMO_CLASSES`, or the names given."""
+    """The demo's class names: the first ``classes`` of :data:`DEMO_CLASSES` and, beyond them, their variants
+    ``<base>-1``, ``<base>-2``, ... in turn; or the names given (named classes or variants)."""
     known = [name for name, _ in DEMO_CLASSES]
     if isinstance(classes, bool) or not isinstance(classes, (int, list, tuple)):
         raise ConfigError(
-            f"demo classes must be an integer in 1..{len(DEMO_CLASSES)} or a list of class names "
-            f"({', '.join(known)}), got {classes!r}"
+            f"demo classes must be an integer in 1..{MAX_DEMO_CLASSES} or a list of class names "
+            f"({', '.join(known)}, or a variant <name>-<k>), got {classes!r}"
         )
     if isinstance(classes, int):
-        if not 1 <= classes <= len(DEMO_CLASSES):
-            raise ConfigError(f"demo classes must be an integer in 1..{len(DEMO_CLASSES)}, got {classes!r}")
-        return known[:classes]
+        if not 1 <= classes <= MAX_DEMO_CLASSES:
+            raise ConfigError(f"demo classes must be an integer in 1..{MAX_DEMO_CLASSES}, got {classes!r}")
+        n = len(known)
+        return [known[i] if i < n else f"{known[i % n]}-{i // n}" for i in range(classes)]
     names = list(classes)
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names if _base_of(n) not in known]
     if not names or unknown or len(set(names)) != len(names):
-        raise ConfigError(f"demo classes must be distinct names among {', '.join(known)}, got {classes!r}")
+        raise ConfigError(
+            f"demo classes must be distinct names among {', '.join(known)} (or variants <name>-<k>), got {classes!r}"
+        )
     return names
 
 
@@ -370,8 +414,9 @@ def make_demo_dataset(
 ) -> Path:
     """Write a small synthetic multi-class dataset (MVTec layout) so everything runs without downloads.
 
-    ``classes``: the first n of grid, blobs, disc, stripes, ring, screw, tread, brushed, mesh, or a
-    list of those names. Defects cycle through scratch, spot, hole, stain (large: 4-20 % of the
+    ``classes``: the first n of grid, blobs, disc, stripes, ring, screw, tread, brushed, mesh and, past
+    nine, variants of them (``grid-1``, ...: each with its own orientation, scale and colours), or a list
+    of such names. Defects cycle through scratch, spot, hole, stain (large: 4-20 % of the
     side), and on the small-defect classes (screw, tread, brushed, mesh: ``demo-small``) through
     pinhole, thin_scratch, chip (a few pixels). Deterministic in ``seed`` and idempotent: a marker
     file records the parameters and generation is skipped when it matches and all files exist.
@@ -417,7 +462,7 @@ def make_demo_dataset(
 
     generators = dict(DEMO_CLASSES)
     for ci, name in enumerate(names):
-        gen = generators[name]
+        gen = _variant(generators[_base_of(name)], name)
         cdir = root / name
         defects = _defects_of(name)
         paint = _paint_small_defect if defects is SMALL_DEFECTS else _paint_defect
