@@ -78,6 +78,8 @@ def test_the_scaling_benchmark_runs_and_reports_every_column(tiny_demo, tmp_path
         f"demo:{tiny_demo}",
         "--output",
         str(out),
+        "--demo-dir",
+        str(tmp_path / "synthetic"),
         "--synthetic",
         "2",
         "--subsets",

@@ -36,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--subsets", default="1,2,4", help="numbers of real datasets trained together (the first n)")
     p.add_argument("--no-alone", action="store_true", help="skip training each real class alone")
     p.add_argument("--baseline", action="store_true", help="PatchCore on the same features in every run")
-    p.add_argument("--demo-dir", type=Path, help="where the synthetic sets are generated (default: in --output)")
+    p.add_argument(
+        "--demo-dir", type=Path, help="where the synthetic sets are generated (default: beside the demo's, a cache)"
+    )
     p.add_argument("--demo-train", type=int, default=60, help="train/good images per synthetic class")
     p.add_argument("--demo-test", type=int, default=20, help="good and as many defective test images per class")
     p.add_argument("--demo-size", type=int, default=256, help="side of the synthetic images (pixels)")
@@ -102,9 +104,10 @@ def plan_runs(args: argparse.Namespace, real: list[str], classes_of: dict[str, l
 
 def synthetic_spec(args: argparse.Namespace, count: int) -> str:
     """``demo:<dir>`` of ``count`` synthetic classes, generated once (the first nine are the demo's named ones)."""
-    from vpdm.data.demo import make_demo_dataset
+    from vpdm.data.demo import demo_root, make_demo_dataset
 
-    root = (args.demo_dir or args.output / "synthetic") / f"classes-{count}"
+    folder = args.demo_dir or demo_root().with_name(demo_root().name + "-scaling")
+    root = folder / f"classes-{count}-train{args.demo_train}-test{args.demo_test}-px{args.demo_size}"
     make_demo_dataset(
         root,
         classes=count,
