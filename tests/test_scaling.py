@@ -22,14 +22,8 @@ def test_many_demo_classes_are_distinct_variants_with_their_bases_defects(tmp_pa
         _demo_class_names(1000)
     with pytest.raises(ConfigError, match="variants"):
         _demo_class_names(["grid-x"])
-    root = make_demo_dataset(
-        tmp_path / "d",
-        classes=["grid", "grid-1", "screw-2"],
-        train_per_class=2,
-        test_good_per_class=1,
-        test_defect_per_class=2,
-        size=48,
-    )
+    settings = dict(classes=["grid", "grid-1", "screw-2"], train_per_class=2, test_good_per_class=1, size=48)
+    root = make_demo_dataset(tmp_path / "d", test_defect_per_class=2, **settings)
     from PIL import Image
 
     def image(cls, split="train/good", name="000.png"):
@@ -39,14 +33,7 @@ def test_many_demo_classes_are_distinct_variants_with_their_bases_defects(tmp_pa
     assert image("grid").shape == image("grid-1").shape == (48, 48, 3)
     assert np.abs(image("grid") - image("grid-1")).mean() > 5
     # deterministic, and every defect image has a non-empty mask of its own
-    again = make_demo_dataset(
-        tmp_path / "e",
-        classes=["grid", "grid-1", "screw-2"],
-        train_per_class=2,
-        test_good_per_class=1,
-        test_defect_per_class=2,
-        size=48,
-    )
+    again = make_demo_dataset(tmp_path / "e", test_defect_per_class=2, **settings)
     assert np.array_equal(image("grid-1"), np.asarray(Image.open(again / "grid-1/train/good/000.png").convert("RGB")))
     masks = sorted((root / "screw-2" / "ground_truth").glob("*/*.png"))
     assert len(masks) == 2 and all(np.asarray(Image.open(m)).any() for m in masks)
