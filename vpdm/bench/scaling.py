@@ -359,7 +359,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="vpdm-scaling-") as tmp:
         for i, r in enumerate(runs):
             spec = ",".join(r["real"] + ([synthetic_spec(args, r["synthetic"])] if r["synthetic"] else []))
-            r["spec"] = spec
+            r["spec"] = spec.replace(str(Path.home()), "~")  # as recorded: no machine's home path in results
             checkpoint = Path(tmp) / f"run{i}.pt"
             print(f"[{i + 1}/{len(runs)}] {r['name']}: training ...", flush=True)
             r.update(_child(args, "train", spec, checkpoint, Path(tmp) / f"train{i}.json"))
