@@ -377,3 +377,40 @@ def test_a_foreign_onnx_file_is_refused(tmp_path):
         OnnxDetector(path)
     with pytest.raises(Exception, match="does not exist"):
         OnnxDetector(tmp_path / "missing.onnx")
+
+
+PER_CLASS_ROUTED = [
+    *TINY_REAL,
+    "--set",
+    "model.prototypes.per_class=true",
+    "--set",
+    "model.prototypes.route=1",
+    "--set",
+    "model.prototypes.list_size=2",
+    "--set",
+    "model.prototypes.probes=1",
+    "--set",
+    "model.fine.num_prototypes=24",
+    "--set",
+    "model.fine.per_class=true",
+    "--set",
+    "model.fine.route=1",
+    "--set",
+    "model.fine.list_size=4",
+    "--set",
+    "model.fine.probes=2",
+]
+
+
+def test_a_per_class_routed_model_reloads_and_exports_with_the_same_scores(tiny_demo, tmp_path_factory, demo_images):
+    """Prototypes whose number follows the data (a budget per class, routed by class) survive the checkpoint
+    (the sizes come from it) and the ONNX graph, which routes and probes as torch does."""
+    checkpoint = train_checkpoint(tiny_demo, tmp_path_factory, PER_CLASS_ROUTED, epochs=1)
+    detector = Detector.from_checkpoint(checkpoint)
+    fine = detector.model.fine
+    assert fine.count == 2 * 24 and fine.class_offsets.tolist() == [0, 24, 48] and fine.lists == 12
+    assert detector.model.prototypes.count == 2 * min(4, 7 * 16)  # 4 per class (7 of 8 images: calibration)
+    out = tmp_path_factory.mktemp("export") / "routed.onnx"
+    path = export_onnx(detector, out).path
+    expected, got = detector.analyse(demo_images), OnnxDetector(path).analyse(demo_images)
+    assert relative_difference((expected.scores, expected.maps), (got.scores, got.maps)) <= PARITY_TOLERANCE

@@ -396,3 +396,131 @@ def test_short_lists_that_were_never_built_are_refused_not_read_as_empty():
         m.weights(torch.randn(5, 3))
     m.build_lists(torch.Generator().manual_seed(0))
     assert torch.allclose(m.weights(torch.randn(5, 3)).sum(dim=1), torch.ones(5))
+
+
+@pytest.mark.parametrize("init", ["kmeans", "coreset", "coreset_kmeans", "samples"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_init_a_few_images_at_a_time_is_bit_for_bit_the_whole_tensors(monkeypatch, init, n):
+    """Prototypes, owners and lists set up from SampleRows (the standardisation applied a few images at a
+    time, a coreset's candidates gathered) equal those set up from the whole standardised tensor, with the
+    candidate pool in use too."""
+    import vpdm.model.vpot as vpot
+
+    monkeypatch.setattr(vpot, "CORESET_CANDIDATES", 150)
+    torch.manual_seed(0)
+    feats = torch.randn(9, 3, 8, 8) * 2 + 1
+    mean, std = feats.mean(dim=(0, 2, 3), keepdim=True), feats.std(dim=(0, 2, 3), keepdim=True)
+    classes = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    modules = []
+    for streamed in (False, True):
+        m = _module(k=24, n=n, level="local", init=init, ot_scope="none", list_size=4, probes=2)
+        if streamed:
+            m.init_from(feats, torch.Generator().manual_seed(5), classes, transform=lambda x: (x - mean) / std)
+        else:
+            m.init_from((feats - mean) / std, torch.Generator().manual_seed(5), classes)
+        modules.append(m)
+    for name, value in modules[0].state_dict().items():
+        assert torch.equal(value, modules[1].state_dict()[name]), name
+
+
+def test_sample_rows_gather_any_rows_in_the_order_asked():
+    from vpdm.model.vpot import SampleRows
+
+    m = _module(k=3, n=2, level="local")
+    feats = torch.randn(7, 3, 8, 8)
+    rows = SampleRows(feats, m.samples, lambda x: x * 2, batch=3)
+    whole = m.samples(feats * 2)
+    assert rows.shape == tuple(whole.shape) and rows.per_image == 16
+    torch.testing.assert_close(rows.materialise(), whole, rtol=0, atol=0)
+    index = torch.tensor([111, 0, 5, 111, 47, 48, 16])
+    torch.testing.assert_close(rows[index], whole[index], rtol=0, atol=0)
+
+
+def _classes_apart(per_class_images=(5, 3, 4), channels=4, size=8, seed=0):
+    """Images of three classes whose features lie far apart (class c around 6 c), one class index per image."""
+    g = torch.Generator().manual_seed(seed)
+    feats, labels = [], []
+    for c, n in enumerate(per_class_images):
+        feats.append(torch.randn(n, channels, size, size, generator=g) + 6.0 * c)
+        labels += [c] * n
+    return torch.cat(feats), torch.tensor(labels)
+
+
+def _per_class(k, **kw):
+    config = VPOTConfig(
+        num_prototypes=k, downsample=2, level="local", ot_scope="none", init="kmeans", per_class=True, **kw
+    )
+    return VaguePrototypes(config, 4, 8).eval()
+
+
+def test_a_per_class_budget_gives_each_class_its_own_prototypes_at_most_its_samples():
+    feats, labels = _classes_apart()
+    m = _per_class(40, list_size=8, probes=2)
+    m.init_from(feats, torch.Generator().manual_seed(0), labels)
+    # class c holds min(40, its 16-sample images' blocks): 5 * 16 -> 40, 3 * 16 -> 40, 4 * 16 -> 40
+    assert m.count == 120 and m.class_offsets.tolist() == [0, 40, 80, 120]
+    assert torch.bincount(m.owner).tolist() == [40, 40, 40]
+    small = _per_class(1000, list_size=0)
+    small.init_from(feats, torch.Generator().manual_seed(0), labels)
+    assert torch.bincount(small.owner).tolist() == [80, 48, 64]  # every block of the class, no repeats
+    # each prototype lies among its own class's samples (classes 6 apart), and lists never mix classes
+    for c in range(3):
+        assert (m.prototypes[m.owner == c].mean() - 6.0 * c).abs() < 1.0
+    owners_of_list = [set(m.owner[m.list_of == j].tolist()) for j in range(m.lists)]
+    assert all(len(o) == 1 for o in owners_of_list)
+    # class 0 alone: the same prototypes as beside the others (its draws come first in both)
+    alone = _per_class(40, list_size=8, probes=2)
+    alone.init_from(feats[:5], torch.Generator().manual_seed(0), labels[:5])
+    torch.testing.assert_close(
+        torch.sort(alone.prototypes.detach(), dim=0).values,
+        torch.sort(m.prototypes[m.owner == 0].detach(), dim=0).values,
+    )
+
+
+@pytest.mark.parametrize("route, list_size", [(1, 8), (2, 8), (1, 0), (3, 8)])
+def test_routed_assignment_grouped_equals_dense_and_stays_in_the_routed_classes(route, list_size):
+    feats, labels = _classes_apart()
+    m = _per_class(40, list_size=list_size, probes=3, route=route)
+    m.init_from(feats, torch.Generator().manual_seed(0), labels)
+    m, feats = m.double(), feats.double()  # the comparison is of the rule, not of rounding
+    flat = m.samples(feats)
+    weights = m.weights(flat)
+    owner_weight = torch.stack([weights[:, m.owner == c].sum(dim=1) for c in range(3)], dim=1)
+    image_class = labels.repeat_interleave(16)
+    # the nearest class of every image is its own: all its weight stays there
+    torch.testing.assert_close(
+        owner_weight.gather(1, image_class.unsqueeze(1)).squeeze(1), torch.ones(len(flat), dtype=flat.dtype)
+    )
+    out = m(feats, with_loss=False, num_classes=3)
+    dense = (weights @ m.prototypes).view(12, 4, 4, 4).permute(0, 3, 1, 2)
+    torch.testing.assert_close(out["yhat"], unvague_ref(dense), rtol=1e-5, atol=1e-5)
+    assert out["class_mass"].argmax(dim=1).tolist() == labels.tolist()
+    # the training condition: its OT term is <w, C> + eps <w, log w> of the same weights
+    y, terms = m.training_condition(feats)
+    torch.testing.assert_close(y, dense, rtol=1e-5, atol=1e-5)
+    cost = m.cost(flat)
+    expected = (weights * cost).sum(1) + m.config.ot_reg * (weights * weights.clamp_min(1e-30).log()).sum(1)
+    torch.testing.assert_close(terms, expected.view(12, -1).mean(1), rtol=1e-4, atol=1e-5)
+    # batch independence: an image alone gets what it gets in the batch
+    torch.testing.assert_close(m(feats[7:8], with_loss=False)["yhat"], out["yhat"][7:8], rtol=1e-5, atol=1e-6)
+
+
+def unvague_ref(y):
+    return torch.nn.functional.interpolate(y, size=8, mode="bilinear", align_corners=False)
+
+
+def test_a_per_class_state_dict_loads_into_a_fresh_module_of_the_same_settings():
+    feats, labels = _classes_apart()
+    m = _per_class(40, list_size=8, probes=2, route=1)
+    m.init_from(feats, torch.Generator().manual_seed(0), labels)
+    fresh = _per_class(40, list_size=8, probes=2, route=1)
+    fresh.load_state_dict(m.state_dict())
+    assert fresh.count == 120 and fresh.lists == m.lists
+    torch.testing.assert_close(fresh(feats, with_loss=False)["yhat"], m(feats, with_loss=False)["yhat"])
+
+
+def test_routing_needs_a_budget_per_class():
+    with pytest.raises(ConfigError, match="prototypes.route=1 .*per_class=true"):
+        VPOTConfig(route=1).validate()
+    with pytest.raises(ConfigError, match="per_class=true .*ot_scope='none'"):
+        VPOTConfig(per_class=True, ot_scope="batch").validate()

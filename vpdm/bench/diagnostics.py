@@ -60,11 +60,7 @@ def assignment_weights(model: VPDM, features: Tensor, batch_size: int = 64) -> T
         for s in range(0, len(features), batch_size):
             chunk = features[s : s + batch_size]
             protos = model.prototypes
-            out.append(
-                protos.weights(protos.samples(model.normalise(chunk))).reshape(
-                    chunk.shape[0], -1, protos.config.num_prototypes
-                )
-            )
+            out.append(protos.weights(protos.samples(model.normalise(chunk))).reshape(chunk.shape[0], -1, protos.count))
     finally:
         model.prototypes.train(was)
     return torch.cat(out)

@@ -113,7 +113,7 @@ def assignment_histograms(model: VPDM, features: Tensor, batch_size: int = 32) -
     finally:
         protos.train(was_training)
     if not out:
-        return torch.zeros(0, protos.config.num_prototypes)
+        return torch.zeros(0, protos.count)
     return torch.cat(out)
 
 

@@ -145,9 +145,7 @@ def load_checkpoint(
             f"{str(path)!r} holds settings this vpdm cannot build a model from: {str(exc).splitlines()[0][:300]}"
         ) from None
     state = dict(payload["state_dict"])
-    saved_statistics = state.get("term_mean")
-    if isinstance(saved_statistics, torch.Tensor) and saved_statistics.ndim == 2:
-        model.resize_statistics(saved_statistics.shape[0])  # one row per class the model was trained on
+    model.take_sizes(state)  # what follows the data: term statistics per class, prototypes per class
     for name, value in model.state_dict().items():  # buffers a checkpoint written before them lacks
         if name not in state and name in ADDED_BUFFERS:
             state[name] = value

@@ -93,10 +93,10 @@ class VPDM(nn.Module):
     ) -> None:
         """Prototypes from the training features; ``class_index`` (one class per image) also tells the fine
         prototypes which class each stands for, so that an image's class can be told from its matches."""
-        normalised = self.normalise(features)
-        self.prototypes.init_from(normalised, generator)
+        coarse_classes = class_index if self.prototypes.config.per_class else None  # its budget is per class
+        self.prototypes.init_from(features, generator, coarse_classes, transform=self.normalise)
         if self.fine is not None:
-            self.fine.init_from(normalised, generator, class_index)
+            self.fine.init_from(features, generator, class_index, transform=self.normalise)
 
     def resize_statistics(self, classes: int) -> None:
         """Make room for the term statistics of ``classes`` rows (before fitting or loading them)."""
@@ -189,6 +189,16 @@ class VPDM(nn.Module):
             return self.term_mean[rows, i], self.term_std[rows, i]
 
         return statistics
+
+    def take_sizes(self, state: dict) -> None:
+        """The sizes that follow the data (term statistics per class, prototypes per class) from a state dict,
+        before it is compared with this model or loaded."""
+        saved = state.get("term_mean")
+        if isinstance(saved, Tensor) and saved.ndim == 2:
+            self.resize_statistics(saved.shape[0])  # one row per class the model was trained on
+        self.prototypes.take_sizes(state, "prototypes.")
+        if self.fine is not None:
+            self.fine.take_sizes(state, "fine.")
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

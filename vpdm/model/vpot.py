@@ -37,6 +37,8 @@ INITS = ("samples", "kmeans", "coreset", "coreset_kmeans", "random")
 # Greedy k-center selection runs on at most this many training samples (a seeded random subset), as
 # PatchCore's coreset: its cost grows linearly with the candidates.
 CORESET_CANDIDATES = 250_000
+# Routing keys: at most this many means of training images per class (k-means of them), for routing.
+ROUTE_KEYS = 16
 LEVELS = ("image", "local")
 OT_SCOPES = ("batch", "none")
 
@@ -73,11 +75,19 @@ class VPOTConfig:
     # prototype. With ``probes`` lists or fewer the assignment is exact.
     list_size: int = 96
     probes: int = 4
+    # A budget per class: ``num_prototypes`` is each class's K (at most its training samples), chosen among
+    # its own samples, so a class gets the same prototypes alone or beside thirty others; the short lists
+    # never mix classes. False: one K shared by all classes (k-means over every class's samples).
+    per_class: bool = False
+    # Routing (per_class only): each image is matched against the prototypes of its ``route`` nearest classes
+    # only (nearest by the mean of its samples against a few stored means per class), so the assignment's
+    # cost does not grow with the number of classes. 0 = every class.
+    route: int = 0
 
     @property
     def lists(self) -> int:
-        """The number of short lists: 0 for none, for an assignment that needs every prototype, and when
-        ``probes`` lists would hold every prototype anyway."""
+        """The number of short lists (of one class's budget with ``per_class``): 0 for none, for an assignment
+        that needs every prototype, and when ``probes`` lists would hold every prototype anyway."""
         if not self.list_size or self.assignment != "ot" or self.ot_scope != "none":
             return 0
         lists = math.ceil(self.num_prototypes / self.list_size)
@@ -109,11 +119,24 @@ class VPOTConfig:
             raise ConfigError(f"prototypes.ot_scope must be one of {OT_SCOPES}, got {self.ot_scope!r}")
         if self.level not in LEVELS:
             raise ConfigError(f"prototypes.level must be one of {LEVELS}, got {self.level!r}")
-        for name in ("list_size", "probes"):
+        for name in ("list_size", "probes", "route"):
             value = getattr(self, name)
-            low = 0 if name == "list_size" else 1
+            low = 1 if name == "probes" else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"prototypes.{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.per_class, bool):
+            raise ConfigError(f"prototypes.per_class must be true or false, got {self.per_class!r}")
+        if self.per_class and (self.assignment != "ot" or self.ot_scope != "none" or self.init == "random"):
+            raise ConfigError(
+                "prototypes.per_class=true chooses each class's prototypes among its own samples and matches them "
+                "by the kernel without prototype marginal: it needs assignment='ot', ot_scope='none' and an init "
+                f"from the data, got assignment={self.assignment!r}, ot_scope={self.ot_scope!r}, init={self.init!r}"
+            )
+        if self.route and not self.per_class:
+            raise ConfigError(
+                f"prototypes.route={self.route} routes each image to the prototypes of its nearest classes: it "
+                "needs prototypes.per_class=true (prototypes and short lists that belong to one class each)"
+            )
 
 
 def sinkhorn_log(
@@ -161,8 +184,49 @@ def kmeans(samples: Tensor, centres: Tensor, iters: int, batch_size: int = 8192)
     return centres
 
 
+class SampleRows:
+    """The OT samples of a feature tensor (one row per image or per vague position), computed a few
+    images at a time when asked for: a prototype set-up reads a random subset of them (a coreset's
+    candidates) or their vague form (1/N^2 of the features), so neither the standardised features nor
+    every fine sample is ever held whole beside the features themselves (36 classes: 8.4 -> 3.3 GB peak,
+    ``benchmarks/EXPERIMENTS.md`` section 19). Rows are bit for bit those of ``samples(transform(features))``."""
+
+    def __init__(self, features: Tensor, samples_of, transform=None, batch: int = 64) -> None:
+        self.features, self.samples_of, self.batch = features, samples_of, batch
+        self.transform = transform if transform is not None else (lambda x: x)
+        first = samples_of(self.transform(features[:1]))
+        self.per_image = first.shape[0]
+        self.shape = (features.shape[0] * self.per_image, first.shape[1])
+        self.device = first.device
+
+    def chunks(self):
+        """(first row, rows) of ``batch`` images at a time."""
+        for start in range(0, self.features.shape[0], self.batch):
+            yield start * self.per_image, self.samples_of(self.transform(self.features[start : start + self.batch]))
+
+    def materialise(self) -> Tensor:
+        return torch.cat([rows for _, rows in self.chunks()])
+
+    def __getitem__(self, index: Tensor) -> Tensor:
+        """The rows at ``index`` (a 1-D tensor of row numbers), in that order."""
+        index = index.to(torch.long).cpu()
+        out = torch.empty(len(index), self.shape[1], dtype=self.features.dtype, device=self.device)
+        order = torch.argsort(index)
+        sorted_index = index[order]
+        for first, rows in self.chunks():
+            lo = int(torch.searchsorted(sorted_index, first))
+            hi = int(torch.searchsorted(sorted_index, first + rows.shape[0]))
+            if hi > lo:
+                out[order[lo:hi].to(out.device)] = rows[(sorted_index[lo:hi] - first).to(rows.device)]
+        return out
+
+
 def coreset_index(
-    samples: Tensor, k: int, generator: torch.Generator | None = None, batch: int = 256, projection_dim: int = 128
+    samples: Tensor | SampleRows,
+    k: int,
+    generator: torch.Generator | None = None,
+    batch: int = 256,
+    projection_dim: int = 128,
 ) -> Tensor:
     """Indices of ``k`` rows chosen by greedy k-center (farthest-first, PatchCore's coreset: every sample
     ends close to a chosen one, rare looks included), on a seeded random subset of at most
@@ -180,6 +244,8 @@ def coreset_index(
     if samples.shape[0] > CORESET_CANDIDATES:
         pool = torch.randperm(samples.shape[0], generator=generator)[:CORESET_CANDIDATES].to(samples.device)
         samples = samples[pool]
+    elif isinstance(samples, SampleRows):
+        samples = samples.materialise()
     n, dim = samples.shape
     if k >= n:
         picks = torch.arange(n, device=samples.device)
@@ -238,6 +304,23 @@ def unvague(y: Tensor, size: int) -> Tensor:
     return F.interpolate(y, size=(size, size), mode="bilinear", align_corners=False)
 
 
+@torch.no_grad()
+def _split(protos: Tensor, lists: int, generator: torch.Generator | None, iters: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``protos`` split into ``lists`` groups by k-means: (the order that sorts them by group, the group
+    centroids, the group sizes)."""
+    start = protos[torch.randperm(len(protos), generator=generator)[:lists].to(protos.device)].clone()
+    centroids = kmeans(protos, start, iters)
+    for _ in range(lists):  # a list no prototype is nearest to takes the prototype farthest from its centre
+        distance = torch.cdist(protos, centroids)
+        group = distance.argmin(dim=1)
+        counts = torch.bincount(group, minlength=lists)
+        empty = torch.nonzero(counts == 0).flatten()
+        if empty.numel() == 0:
+            break
+        centroids[empty[0]] = protos[distance.gather(1, group.unsqueeze(1)).squeeze(1).argmax()]
+    return torch.argsort(group, stable=True), centroids, counts
+
+
 class VaguePrototypes(nn.Module):
     """K learnable prototypes of the vague features and the OT assignment that builds ``yhat``."""
 
@@ -261,20 +344,80 @@ class VaguePrototypes(nn.Module):
         self.register_buffer("list_of", torch.zeros(config.num_prototypes if config.lists else 0, dtype=torch.long))
         # The class of the training samples each prototype stands for (-1: unknown), for an image's class.
         self.register_buffer("owner", torch.full((config.num_prototypes,), -1, dtype=torch.long))
+        if config.per_class:
+            # Class c's prototypes are rows class_offsets[c]:class_offsets[c + 1], its lists class_lists[c] (-1:
+            # padding), its routing keys route_keys[c] where route_valid[c]. All sized by the data (init_from;
+            # loading a state dict takes the stored sizes).
+            self.register_buffer("class_offsets", torch.zeros(1, dtype=torch.long))
+            self.register_buffer("class_lists", torch.zeros(0, 0, dtype=torch.long))
+            self.register_buffer("route_keys", torch.zeros(0, ROUTE_KEYS, self.dim))
+            self.register_buffer("route_valid", torch.zeros(0, ROUTE_KEYS, dtype=torch.bool))
+
+    @property
+    def count(self) -> int:
+        """The number of prototypes (with ``per_class``: the sum of the classes' budgets)."""
+        return self.prototypes.shape[0]
+
+    @property
+    def lists(self) -> int:
+        """The number of short lists in use (0: none)."""
+        return self.list_centroids.shape[0]
+
+    def _resize(self, name: str, shape: torch.Size) -> None:
+        old = getattr(self, name)
+        new = torch.zeros(shape, dtype=old.dtype, device=old.device)
+        setattr(
+            self, name, nn.Parameter(new, requires_grad=old.requires_grad) if isinstance(old, nn.Parameter) else new
+        )
+
+    def take_sizes(self, state: dict, prefix: str = "") -> None:
+        """With ``per_class``, whose sizes follow the data the prototypes were chosen from: make every tensor
+        the size ``state`` (a state dict, keys under ``prefix``) holds, before loading it."""
+        if not self.config.per_class:
+            return
+        for name, tensor in [*self._parameters.items(), *self._buffers.items()]:
+            incoming = state.get(prefix + name)
+            if tensor is not None and isinstance(incoming, Tensor) and incoming.shape != tensor.shape:
+                self._resize(name, incoming.shape)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        self.take_sizes(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def init_from(
-        self, features: Tensor, generator: torch.Generator | None = None, class_index: Tensor | None = None
+        self,
+        features: Tensor,
+        generator: torch.Generator | None = None,
+        class_index: Tensor | None = None,
+        transform=None,
     ) -> None:
         """Data-dependent start: prototypes = K random training samples (with repeats if fewer), and
         with ``init="kmeans"`` then Lloyd's k-means iterations on all training samples, so the
         prototypes start spread over the normal data as the OT assignment will use them.
         ``class_index`` (one class per image): also each prototype's class (:attr:`owner`): the class of
-        the sample it is, for a coreset, else by :meth:`set_owners`."""
+        the sample it is, for a coreset, else by :meth:`set_owners`. ``transform`` (e.g. the model's
+        standardisation) is applied to the features a few images at a time (:class:`SampleRows`)."""
         if self.config.init == "random":
             return
-        flat = self.samples(features)
-        k = self.config.num_prototypes
+        if self.config.per_class:
+            self._init_per_class(features, generator, class_index, transform)
+            return
+        rows = SampleRows(features, self.samples, transform)
+        start, idx = self._choose(rows, self.config.num_prototypes, generator)
+        self.prototypes.copy_(start)
+        if class_index is not None:
+            if self.config.init == "coreset":
+                self.owner.copy_(class_index.to(idx.device)[torch.div(idx, rows.per_image, rounding_mode="floor")])
+            else:
+                self.set_owners(features, class_index, transform=transform)
+        if self.config.lists:
+            self.build_lists(generator)
+
+    def _choose(self, rows: SampleRows, k: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """``k`` prototypes from the samples by ``config.init`` and the rows they started from."""
+        # The samples whole only where something reads them all: k-means, or a start drawn from every row.
+        flat = rows if self.config.init == "coreset" else rows.materialise()
         if self.config.init.startswith("coreset"):
             idx = coreset_index(flat, k, generator)
         else:
@@ -284,56 +427,104 @@ class VaguePrototypes(nn.Module):
         start = flat[idx] + jitter
         if self.config.init.endswith("kmeans"):
             start = kmeans(flat, start, self.config.kmeans_iters)
-        self.prototypes.copy_(start)
-        if class_index is not None:
-            if self.config.init == "coreset":
-                per_image = flat.shape[0] // features.shape[0]
-                self.owner.copy_(class_index.to(idx.device)[torch.div(idx, per_image, rounding_mode="floor")])
-            else:
-                self.set_owners(features, class_index)
-        if self.config.lists:
-            self.build_lists(generator)
+        return start, idx
 
     @torch.no_grad()
-    def set_owners(self, features: Tensor, class_index: Tensor, batch_size: int = 64) -> None:
+    def _init_per_class(
+        self, features: Tensor, generator: torch.Generator | None, class_index: Tensor | None, transform
+    ) -> None:
+        """Each class's budget chosen among its own samples (at most all of them), its lists, its routing keys."""
+        classes = class_index.cpu() if class_index is not None else torch.zeros(features.shape[0], dtype=torch.long)
+        num_classes = int(classes.max()) + 1
+        parts, keys, valid, offsets = [], [], [], [0]
+        for c in range(num_classes):
+            members = torch.nonzero(classes == c).flatten()
+            key = torch.zeros(ROUTE_KEYS, self.dim, device=self.prototypes.device)
+            ok = torch.zeros(ROUTE_KEYS, dtype=torch.bool, device=key.device)
+            if len(members):
+                rows = SampleRows(features[members], self.samples, transform)
+                k = min(self.config.num_prototypes, rows.shape[0])
+                parts.append(self._choose(rows, k, generator)[0])
+                means = torch.cat([r.view(-1, rows.per_image, self.dim).mean(dim=1) for _, r in rows.chunks()])
+                if len(means) > ROUTE_KEYS:  # a few means stand for the class's looks
+                    spaced = torch.linspace(0, len(means) - 1, ROUTE_KEYS).round().long()
+                    means = kmeans(means, means[spaced], 20)
+                key[: len(means)], ok[: len(means)] = means, True
+            offsets.append(offsets[-1] + (parts[-1].shape[0] if len(members) else 0))
+            keys.append(key)
+            valid.append(ok)
+        start = torch.cat(parts)
+        self.prototypes = nn.Parameter(start.to(self.prototypes), requires_grad=self.prototypes.requires_grad)
+        self.potential = torch.zeros(len(start), device=start.device)
+        self.class_offsets = torch.tensor(offsets, device=start.device)
+        counts = self.class_offsets.diff()
+        self.owner = torch.arange(num_classes, device=start.device).repeat_interleave(counts)
+        self.route_keys, self.route_valid = torch.stack(keys), torch.stack(valid)
+        self.build_lists(generator)
+
+    @torch.no_grad()
+    def set_owners(
+        self, features: Tensor, class_index: Tensor, batch_size: int = 64, transform=None, block: int = 4096
+    ) -> None:
         """Each prototype's class: the class of the training samples whose nearest prototype it is most
-        often (a prototype no sample chose keeps -1). ``class_index``: one class per image of ``features``."""
-        per_image = self.samples(features[:1]).shape[0]
+        often (a prototype no sample chose keeps -1). ``class_index``: one class per image of ``features``.
+        Distances ``block`` samples at a time (block x K, not a batch's every position x K)."""
         num_classes = int(class_index.max()) + 1
-        votes = torch.zeros(self.config.num_prototypes, num_classes, device=self.prototypes.device)
-        for s in range(0, features.shape[0], batch_size):
-            chunk = features[s : s + batch_size].to(self.prototypes.device)
-            nearest = torch.cdist(self.samples(chunk), self.prototypes).argmin(dim=1)
-            cls = class_index[s : s + batch_size].to(nearest.device).repeat_interleave(per_image)
-            votes.index_put_((nearest, cls), torch.ones_like(nearest, dtype=votes.dtype), accumulate=True)
+        votes = torch.zeros(self.count, num_classes, device=self.prototypes.device)
+        rows = SampleRows(features, self.samples, transform, batch=batch_size)
+        labels = class_index.to(self.prototypes.device).repeat_interleave(rows.per_image)
+        for first, chunk in rows.chunks():
+            chunk = chunk.to(self.prototypes.device)
+            for b in range(0, chunk.shape[0], block):
+                nearest = torch.cdist(chunk[b : b + block], self.prototypes).argmin(dim=1)
+                cls = labels[first + b : first + b + nearest.shape[0]]
+                votes.index_put_((nearest, cls), torch.ones_like(nearest, dtype=votes.dtype), accumulate=True)
         owner = votes.argmax(dim=1)
         owner[votes.sum(dim=1) == 0] = -1
         self.owner.copy_(owner)
 
     @torch.no_grad()
     def build_lists(self, generator: torch.Generator | None = None, iters: int = 20) -> None:
-        """Split the (frozen) prototypes into ``config.lists`` groups by k-means and store them sorted by
+        """Split the (frozen) prototypes into ``config.lists`` groups by k-means (with ``per_class``: each class's
+        prototypes into as many lists of about ``list_size`` as its budget needs) and store them sorted by
         group: the index of the short-list assignment. Reorders the prototypes (the kernel does not depend
         on their order) and everything stored per prototype."""
-        lists, k = self.config.lists, self.config.num_prototypes
-        protos = self.prototypes.detach()
-        start = protos[torch.randperm(k, generator=generator)[:lists].to(protos.device)].clone()
-        centroids = kmeans(protos, start, iters)
-        for _ in range(lists):  # a list no prototype is nearest to takes the prototype farthest from its centre
-            distance = torch.cdist(protos, centroids)
-            group = distance.argmin(dim=1)
-            counts = torch.bincount(group, minlength=lists)
-            empty = torch.nonzero(counts == 0).flatten()
-            if empty.numel() == 0:
-                break
-            centroids[empty[0]] = protos[distance.gather(1, group.unsqueeze(1)).squeeze(1).argmax()]
-        order = torch.argsort(group, stable=True)
-        self.prototypes.copy_(protos[order])
+        if not self.config.per_class:
+            order, centroids, counts = _split(self.prototypes.detach(), self.config.lists, generator, iters)
+            self._store_lists(order, centroids, counts)
+            return
+        offsets = self.class_offsets.tolist()
+        device = self.owner.device
+        if not self.config.lists:  # no lists: every prototype of the routed classes
+            empty = torch.zeros(0, dtype=torch.long, device=device)
+            self._store_lists(torch.arange(self.count, device=device), self.list_centroids[:0], empty)
+            self.class_lists = torch.zeros(len(offsets) - 1, 0, dtype=torch.long, device=device)
+            return
+        orders, centroids, counts, per_class, total = [], [], [], [], 0
+        for c in range(len(offsets) - 1):
+            members = self.prototypes.detach()[offsets[c] : offsets[c + 1]]
+            lists = math.ceil(len(members) / self.config.list_size)
+            if lists:
+                order, centre, count = _split(members, lists, generator, iters)
+                orders.append(order + offsets[c])
+                centroids.append(centre)
+                counts.append(count)
+            per_class.append(list(range(total, total + lists)))
+            total += lists
+        width = max(len(x) for x in per_class)
+        self._store_lists(torch.cat(orders), torch.cat(centroids), torch.cat(counts))
+        self.class_lists = torch.tensor(
+            [x + [-1] * (width - len(x)) for x in per_class], dtype=torch.long, device=self.owner.device
+        )
+
+    def _store_lists(self, order: Tensor, centroids: Tensor, counts: Tensor) -> None:
+        order = order.to(self.owner.device)
+        self.prototypes.copy_(self.prototypes.detach()[order])
         self.potential.copy_(self.potential[order])
         self.owner.copy_(self.owner[order])
-        self.list_centroids.copy_(centroids)
-        self.list_offsets.copy_(torch.cat([counts.new_zeros(1), counts.cumsum(0)]))
-        self.list_of.copy_(group[order])
+        self.list_centroids = centroids.clone()
+        self.list_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+        self.list_of = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
 
     def samples(self, features: Tensor) -> Tensor:
         """The OT samples of a batch: one row per image (``level="image"``) or per vague position."""
@@ -365,7 +556,7 @@ class VaguePrototypes(nn.Module):
             if self.training:
                 raise RuntimeError("VaguePrototypes(with_loss=False) is for inference: call .eval() first")
             return self._assign(features, histogram, num_classes)
-        if self.config.lists and self.training:
+        if self.lists and self.training:
             raise RuntimeError(
                 "short lists (prototypes.list_size) assign frozen prototypes: train with the precomputed "
                 "condition (VPDM.training_condition)"
@@ -381,7 +572,9 @@ class VaguePrototypes(nn.Module):
                 (weights * cost).sum(dim=1).mean()
             )  # reported only; the ablation trains with lambda=0 or this k-means-like term
             plan = weights / b
-        elif self.config.lists:  # eval mode (a validation loss): the inference assignment, short lists and all
+        elif (
+            self.lists or self.config.route
+        ):  # eval mode (a validation loss): the inference assignment, short lists and all
             weights = self.weights(flat)
             plan = weights / b
             ot_loss = (plan * cost).sum() + reg * (plan * plan.clamp_min(1e-30).log()).sum()
@@ -438,14 +631,19 @@ class VaguePrototypes(nn.Module):
         for start in range(0, features.shape[0], batch_size):
             chunk = features[start : start + batch_size]
             flat = self.samples(chunk)
-            cost = self.cost(flat)
-            weights = self.weights(flat)  # the inference assignment (short lists included)
-            if self.config.assignment == "nearest":
-                per_sample = cost.min(dim=1).values
-            else:
-                per_sample = (weights * cost).sum(dim=1) + reg * (weights * weights.clamp_min(1e-30).log()).sum(dim=1)
-            y = weights @ self.prototypes
             n = chunk.shape[0]
+            if self.config.per_class and self.lists:  # thousands of prototypes per class: never n x K
+                y, _, _, lse = self._short_list(flat, flat.shape[0] // n, False, 0)
+                per_sample = -reg * lse  # <w, C> + reg <w, log w> of w = softmax(-C / reg) over the candidates
+            else:
+                cost = self.cost(flat)
+                weights = self.weights(flat)  # the inference assignment (short lists included)
+                if self.config.assignment == "nearest":
+                    per_sample = cost.min(dim=1).values
+                else:
+                    entropy = (weights * weights.clamp_min(1e-30).log()).sum(dim=1)
+                    per_sample = (weights * cost).sum(dim=1) + reg * entropy
+                y = weights @ self.prototypes
             if self.local:
                 y = y.view(n, self.vague_size, self.vague_size, self.channels).permute(0, 3, 1, 2)
             else:
@@ -474,46 +672,104 @@ class VaguePrototypes(nn.Module):
         logits = torch.cdist(flat, self.prototypes).mul_(-1.0 / (math.sqrt(self.dim) * self.config.ot_reg))
         if self.config.ot_scope != "none":
             logits.add_(self.potential.unsqueeze(0) / self.config.ot_reg)
-        if self.config.lists:
+        if self.lists:
             logits = logits.masked_fill(~self._probed(flat)[:, self.list_of], float("-inf"))
+        elif self.config.route:  # every prototype of the routed classes
+            per_image = self.vague_size**2 if self.local else 1
+            route = self._route(flat, per_image)  # B x r
+            allowed = (self.owner.view(1, 1, -1) == route.unsqueeze(2)).any(dim=1)
+            logits = logits.masked_fill(~allowed.repeat_interleave(per_image, dim=0), float("-inf"))
         return torch.softmax(logits, dim=1)
 
     def _check_lists(self) -> None:
-        if not torch.jit.is_tracing() and int(self.list_offsets[-1]) != self.config.num_prototypes:
+        if not torch.jit.is_tracing() and int(self.list_offsets[-1]) != self.count:
             raise RuntimeError(
-                f"the short lists of these {self.config.num_prototypes} prototypes were never built: "
+                f"the short lists of these {self.count} prototypes were never built: "
                 "call init_from() or build_lists() after setting the prototypes (or list_size=0)"
             )
 
     def _probed(self, flat: Tensor) -> Tensor:
         """n x lists: whether each list is among a sample's ``probes`` nearest (by centroid distance)."""
         self._check_lists()
-        distance = torch.cdist(flat, self.list_centroids)
-        kth = distance.topk(min(self.config.probes, self.config.lists), dim=1, largest=False).values[:, -1:]
-        return distance <= kth
+        if not self.config.route:
+            distance = torch.cdist(flat, self.list_centroids)
+            kth = distance.topk(min(self.config.probes, self.lists), dim=1, largest=False).values[:, -1:]
+            return distance <= kth
+        _, nearest = self._nearest_lists(flat)
+        probed = torch.zeros(flat.shape[0], self.lists + 1, dtype=flat.dtype, device=flat.device)
+        probed.scatter_(1, nearest + 1, torch.ones_like(nearest, dtype=flat.dtype))  # column 0: padding
+        return probed[:, 1:] > 0
+
+    def _route(self, flat: Tensor, per_image: int) -> Tensor:
+        """B x r: each image's ``route`` nearest classes, by the mean of its samples against each class's keys."""
+        means = flat.view(-1, per_image, self.dim).mean(dim=1)
+        classes, keys = self.route_keys.shape[:2]
+        distance = torch.cdist(means, self.route_keys.reshape(classes * keys, self.dim)).view(-1, classes, keys)
+        nearest = distance.masked_fill(~self.route_valid.unsqueeze(0), float("inf")).amin(dim=2)
+        return nearest.topk(min(self.config.route, classes), dim=1, largest=False).indices
+
+    def _nearest_lists(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """Each sample's ``probes`` nearest lists, nearest first: (n x p centroid distances, n x p list numbers),
+        among the lists of its image's routed classes with ``route`` (fewer there: distance inf, number -1)."""
+        probes = min(self.config.probes, self.lists)
+        if not self.config.route:
+            distance, nearest = torch.cdist(flat, self.list_centroids).topk(probes, dim=1, largest=False)
+            return distance, nearest
+        per_image = self.vague_size**2 if self.local else 1
+        batch = flat.shape[0] // per_image
+        candidates = self.class_lists[self._route(flat, per_image)].flatten(1)  # B x r * lists per class
+        centroids = self.list_centroids[candidates.clamp_min(0)]
+        distance = torch.cdist(flat.view(batch, per_image, self.dim), centroids)  # B x P x candidates
+        distance = distance.masked_fill((candidates < 0).unsqueeze(1), float("inf"))
+        distance, pick = distance.topk(min(probes, candidates.shape[1]), dim=2, largest=False)
+        nearest = candidates.unsqueeze(1).expand(-1, per_image, -1).gather(2, pick)
+        nearest = nearest.masked_fill(torch.isinf(distance), -1)
+        return distance.reshape(batch * per_image, -1), nearest.reshape(batch * per_image, -1)
+
+    def _list_constants(self) -> tuple[Tensor, float]:
+        """Each prototype's squared norm and the largest distance of a prototype to its list's centroid: passes
+        over all K x d values that, once per batch, cost more than the batch's own short lists when K is
+        large (a budget per class: hundreds of thousands), so they are kept until the prototypes change."""
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in (self.prototypes, self.list_centroids))
+        if getattr(self, "_constants_key", None) != key:
+            with torch.no_grad():
+                protos = self.prototypes.detach()
+                radius = 0.0
+                for start in range(0, len(protos), 65536):
+                    rows = protos[start : start + 65536]
+                    centre = self.list_centroids[self.list_of[start : start + 65536]]
+                    radius = max(radius, float((rows - centre).pow(2).sum(dim=1).max().sqrt()))
+                self._constants = (protos.pow(2).sum(dim=1), radius)
+            self._constants_key = key
+        return self._constants
 
     def _short_list(
         self, flat: Tensor, per_image: int, histogram: bool, num_classes: int
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
         """:meth:`weights` @ prototypes with short lists, without the n x K matrices: the samples are grouped
         by probed list and each group is matched against its list's prototypes alone (one small product per
         list), with a softmax over all of a sample's candidates. Also, when asked, each image's mean weights
-        (B x K) and its weight on each class's prototypes (B x classes)."""
+        (B x K) and its weight on each class's prototypes (B x classes); and each sample's log-sum-exp of its
+        logits (its OT term is -eps times that)."""
         self._check_lists()
         n, device = flat.shape[0], flat.device
         scale = 1.0 / (math.sqrt(self.dim) * self.config.ot_reg)
-        probes = min(self.config.probes, self.config.lists)
-        centroid_distance, nearest = torch.cdist(flat, self.list_centroids).topk(probes, dim=1, largest=False)
+        centroid_distance, nearest = self._nearest_lists(flat)
         lists = nearest.reshape(-1)
+        queries = torch.arange(n, device=device).repeat_interleave(nearest.shape[1])
+        if self.config.route:  # fewer lists than probes in the routed classes: drop the padding
+            lists, queries = lists[lists >= 0], queries[lists >= 0]
         order = torch.argsort(lists, stable=True)
-        queries = torch.arange(n, device=device).repeat_interleave(probes)[order]
-        counts = torch.bincount(lists, minlength=self.config.lists).tolist()
+        queries = queries[order]
+        counts_of_list = torch.bincount(lists, minlength=self.lists)
+        probed_lists = torch.nonzero(counts_of_list).flatten()  # a loop over thousands of lists: only those in use
+        counts = counts_of_list[probed_lists].tolist()
         offsets = self.list_offsets.tolist()
         # The softmax is shift-invariant; shifting each sample's logits by its nearest centroid's distance
         # bounds them to [-scale R, scale R] (R: the largest distance of a prototype to its list's centroid;
         # triangle inequality, the nearest list is always probed), so when scale R is small enough for exp
         # the kernel is summed in one pass, list by list, without keeping the logits for a max.
-        radius = float((self.prototypes.detach() - self.list_centroids[self.list_of]).pow(2).sum(dim=1).max().sqrt())
+        prototypes_sq, radius = self._list_constants()
         one_pass = scale * radius <= 60.0
         shift = (
             centroid_distance[:, 0] * scale
@@ -524,14 +780,11 @@ class VaguePrototypes(nn.Module):
         # Squared distances as |x|^2 + |p|^2 - 2 x.p, the norms computed once (cdist recomputes them and
         # pads both operands for its product in every call: a third of the time on small lists).
         flat_sq = flat.pow(2).sum(dim=1)
-        prototypes_sq = self.prototypes.pow(2).sum(dim=1)
         y = torch.zeros(n, self.dim, device=device, dtype=flat.dtype)
         total = torch.zeros(n, device=device, dtype=flat.dtype)
         blocks: list[tuple[int, Tensor, Tensor]] = []
         start = 0
-        for group, count in enumerate(counts):
-            if count == 0:
-                continue
+        for group, count in zip(probed_lists.tolist(), counts):
             rows = queries[start : start + count]
             start += count
             members = slice(offsets[group], offsets[group + 1])
@@ -556,12 +809,11 @@ class VaguePrototypes(nn.Module):
                 total.index_add_(0, rows, e.sum(dim=1))
                 y.index_add_(0, rows, e @ self.prototypes[offsets[group] : offsets[group + 1]])
         y = y / total.unsqueeze(1)
+        lse = total.log() - shift if one_pass else total.log() + shift
         hist = mass = None
         if histogram or num_classes:
             batch = n // per_image
-            hist = (
-                torch.zeros(batch, self.config.num_prototypes, device=device, dtype=flat.dtype) if histogram else None
-            )
+            hist = torch.zeros(batch, self.count, device=device, dtype=flat.dtype) if histogram else None
             mass = torch.zeros(batch, num_classes, device=device, dtype=flat.dtype) if num_classes else None
             for group, rows, e in blocks:
                 norm = (total[rows] * per_image).reciprocal().unsqueeze(1)
@@ -571,7 +823,7 @@ class VaguePrototypes(nn.Module):
                 if mass is not None:  # normalised after the product: rows x classes, not rows x list
                     owner = self.owner[offsets[group] : offsets[group + 1]]
                     mass.index_add_(0, image, (e @ _one_hot(owner, num_classes, e.dtype)).mul_(norm))
-        return y, hist, mass
+        return y, hist, mass, lse
 
     def _assign(self, features: Tensor, histogram: bool = False, num_classes: int = 0) -> dict[str, Tensor]:
         """Eval-mode ``forward`` without the loss: ``yhat``; with ``histogram`` each image's mean weights
@@ -582,8 +834,8 @@ class VaguePrototypes(nn.Module):
         flat = self.samples(features)
         per_image = flat.shape[0] // batch
         out: dict[str, Tensor] = {}
-        if self.config.lists and not torch.jit.is_tracing():
-            y, hist, mass = self._short_list(flat, per_image, histogram, num_classes)
+        if self.lists and not torch.jit.is_tracing():
+            y, hist, mass, _ = self._short_list(flat, per_image, histogram, num_classes)
             if hist is not None:
                 out["histogram"] = hist
             if mass is not None:
@@ -637,6 +889,8 @@ class FineConfig:
     kmeans_iters: int = 20
     list_size: int = 96  # short lists (VPOTConfig.list_size); 0 = every prototype
     probes: int = 4
+    per_class: bool = False  # K per class (VPOTConfig.per_class)
+    route: int = 0  # candidate classes per image (VPOTConfig.route; per_class only)
 
     def validate(self, feature_size: int | None = None) -> None:
         k = self.num_prototypes
@@ -663,4 +917,6 @@ class FineConfig:
             kmeans_iters=self.kmeans_iters,
             list_size=self.list_size,
             probes=self.probes,
+            per_class=self.per_class,
+            route=self.route,
         )
