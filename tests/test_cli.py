@@ -874,7 +874,9 @@ ZERO_ALLOWED = {
     "train.checkpoint_every",
     "model.prototypes.list_size",
     "model.fine.list_size",
-}  # 0 = no short lists
+    "model.prototypes.route",
+    "model.fine.route",
+}  # 0 = no short lists, no routing
 
 
 def test_the_walk_finds_the_settings():

@@ -433,7 +433,9 @@ def test_train_holds_out_two_images_per_class_and_stores_thresholds(calibrated):
     for t in cal.classes.values():
         assert t.num_images == 2 and t.image_threshold == t.image_max  # two images: the max
         assert t.pixel_min <= t.pixel_threshold <= t.pixel_max
-    assert sorted(cal.histograms) == sorted(cal.classes) and cal.histograms["demo/grid"].shape == (4,)
+    assert sorted(cal.histograms) == sorted(cal.classes) and cal.histograms["demo/grid"].shape == (
+        2 * 4,
+    )  # K = 4 per class
     assert cal.settings["scoring"]["pool_size"] == config.scoring.pool_size
 
 

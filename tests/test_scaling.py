@@ -92,8 +92,10 @@ def test_the_scaling_benchmark_runs_and_reports_every_column(tiny_demo, tmp_path
     for r in (small, large):
         assert set(r["metrics"]["per_class"]) == set(r["classes"]) and "baseline_metrics" in r
         counts = r["prototypes_per_class"]
-        assert sum(counts["coarse"].values()) + counts["coarse_unused"] == r["num_prototypes"] == 4
-        assert sum(counts["fine"].values()) == r["num_fine_prototypes"] == 64
+        # the budgets are per class: 4 coarse and 64 fine prototypes for each
+        assert sum(counts["coarse"].values()) + counts["coarse_unused"] == r["num_prototypes"] == 4 * len(r["classes"])
+        assert sum(counts["fine"].values()) == r["num_fine_prototypes"] == 64 * len(r["classes"])
+        assert set(counts["fine"].values()) == {64}
         assert r["model_ms_per_image"] > 0 and r["end_to_end_over_backbone"] > 1
         assert r["train_peak_rss_mb"] > 100 and r["infer_peak_rss_mb"] > 100 and r["kmeans_seconds"] >= 0
     md = (out / "results.md").read_text()

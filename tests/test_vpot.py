@@ -519,8 +519,11 @@ def test_a_per_class_state_dict_loads_into_a_fresh_module_of_the_same_settings()
     torch.testing.assert_close(fresh(feats, with_loss=False)["yhat"], m(feats, with_loss=False)["yhat"])
 
 
-def test_routing_needs_a_budget_per_class():
-    with pytest.raises(ConfigError, match="prototypes.route=1 .*per_class=true"):
-        VPOTConfig(route=1).validate()
-    with pytest.raises(ConfigError, match="per_class=true .*ot_scope='none'"):
-        VPOTConfig(per_class=True, ot_scope="batch").validate()
+def test_the_budget_per_class_and_routing_serve_the_kernel_only():
+    """As short lists: balanced OT, the nearest assignment or random prototypes share one K, unrouted."""
+    assert VPOTConfig().by_class and VPOTConfig().routes == 1
+    for other in ({"ot_scope": "batch"}, {"assignment": "nearest"}, {"init": "random"}, {"per_class": False}):
+        config = VPOTConfig(**other)
+        assert not config.by_class and config.routes == 0
+    with pytest.raises(ConfigError, match="prototypes.per_class must be true or false"):
+        VPOTConfig(per_class="yes").validate()

@@ -36,6 +36,10 @@ LEGACY_VALUES: dict[str, Any] = {
     "model.prototypes.list_size": 0,
     "train.prototype_lr_scale": 1.0,
     "train.calibration_fraction": 0.0,  # trained on every train/good image: no held-out calibration images
+    "model.prototypes.per_class": False,  # one K shared by every class
+    "model.prototypes.route": 0,
+    "model.fine.per_class": False,
+    "model.fine.route": 0,
 }
 
 

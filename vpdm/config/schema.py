@@ -229,7 +229,7 @@ class VPDMConfig:
                 f"prototypes (the lists are built once), but train.prototype_lr_scale="
                 f"{self.train.prototype_lr_scale}: use prototypes.list_size=0 or train.prototype_lr_scale=0"
             )
-        if self.model.prototypes.per_class and self.train.prototype_lr_scale > 0:
+        if self.model.prototypes.by_class and self.train.prototype_lr_scale > 0:
             raise ConfigError(
                 "model.prototypes.per_class=true chooses each class's prototypes once (their number follows the "
                 f"data), but train.prototype_lr_scale={self.train.prototype_lr_scale} would train them: use "

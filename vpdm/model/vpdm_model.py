@@ -93,7 +93,7 @@ class VPDM(nn.Module):
     ) -> None:
         """Prototypes from the training features; ``class_index`` (one class per image) also tells the fine
         prototypes which class each stands for, so that an image's class can be told from its matches."""
-        coarse_classes = class_index if self.prototypes.config.per_class else None  # its budget is per class
+        coarse_classes = class_index if self.prototypes.config.by_class else None  # its budget is per class
         self.prototypes.init_from(features, generator, coarse_classes, transform=self.normalise)
         if self.fine is not None:
             self.fine.init_from(features, generator, class_index, transform=self.normalise)

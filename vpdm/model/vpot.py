@@ -45,10 +45,13 @@ OT_SCOPES = ("batch", "none")
 
 @dataclass
 class VPOTConfig:
-    """Vague-prototype settings. Defaults: local prototypes, K=12288 from k-means, no prototype marginal
-    (the paper: whole-image prototypes, K=50, batch OT; the ``paper`` preset in ``vpdm.config.schema``)."""
+    """Vague-prototype settings. Defaults: local prototypes, K=12288 per class from k-means on the class's own
+    blocks, each image routed to its nearest class, no prototype marginal (the paper: whole-image prototypes,
+    K=50 for all classes, batch OT; the ``paper`` preset in ``vpdm.config.presets``)."""
 
-    num_prototypes: int = 12288  # K (benchmarks/EXPERIMENTS.md section 11: more prototypes cover varied normal blocks)
+    # K (benchmarks/EXPERIMENTS.md section 11: more prototypes cover varied normal blocks); per class with
+    # ``per_class`` (section 19: each class as many as alone, whatever the number of classes)
+    num_prototypes: int = 12288
     downsample: int = 4  # N: average-pool factor of the low-pass step (1 = no vague step)
     ot_reg: float = 0.05  # entropic regularisation eps, in units of the dimension-normalised cost
     sinkhorn_iters: int = 100
@@ -78,11 +81,22 @@ class VPOTConfig:
     # A budget per class: ``num_prototypes`` is each class's K (at most its training samples), chosen among
     # its own samples, so a class gets the same prototypes alone or beside thirty others; the short lists
     # never mix classes. False: one K shared by all classes (k-means over every class's samples).
-    per_class: bool = False
+    per_class: bool = True
     # Routing (per_class only): each image is matched against the prototypes of its ``route`` nearest classes
     # only (nearest by the mean of its samples against a few stored means per class), so the assignment's
     # cost does not grow with the number of classes. 0 = every class.
-    route: int = 0
+    route: int = 1
+
+    @property
+    def by_class(self) -> bool:
+        """Whether the budget is per class: ``per_class`` for the kernel without prototype marginal of
+        prototypes from the data; other assignments share one K (as short lists serve the kernel only)."""
+        return self.per_class and self.assignment == "ot" and self.ot_scope == "none" and self.init != "random"
+
+    @property
+    def routes(self) -> int:
+        """The classes an image is matched against (0: all): ``route`` where the budget is per class."""
+        return self.route if self.by_class else 0
 
     @property
     def lists(self) -> int:
@@ -126,17 +140,6 @@ class VPOTConfig:
                 raise ConfigError(f"prototypes.{name} must be an integer >= {low}, got {value!r}")
         if not isinstance(self.per_class, bool):
             raise ConfigError(f"prototypes.per_class must be true or false, got {self.per_class!r}")
-        if self.per_class and (self.assignment != "ot" or self.ot_scope != "none" or self.init == "random"):
-            raise ConfigError(
-                "prototypes.per_class=true chooses each class's prototypes among its own samples and matches them "
-                "by the kernel without prototype marginal: it needs assignment='ot', ot_scope='none' and an init "
-                f"from the data, got assignment={self.assignment!r}, ot_scope={self.ot_scope!r}, init={self.init!r}"
-            )
-        if self.route and not self.per_class:
-            raise ConfigError(
-                f"prototypes.route={self.route} routes each image to the prototypes of its nearest classes: it "
-                "needs prototypes.per_class=true (prototypes and short lists that belong to one class each)"
-            )
 
 
 def sinkhorn_log(
@@ -344,7 +347,7 @@ class VaguePrototypes(nn.Module):
         self.register_buffer("list_of", torch.zeros(config.num_prototypes if config.lists else 0, dtype=torch.long))
         # The class of the training samples each prototype stands for (-1: unknown), for an image's class.
         self.register_buffer("owner", torch.full((config.num_prototypes,), -1, dtype=torch.long))
-        if config.per_class:
+        if config.by_class:
             # Class c's prototypes are rows class_offsets[c]:class_offsets[c + 1], its lists class_lists[c] (-1:
             # padding), its routing keys route_keys[c] where route_valid[c]. All sized by the data (init_from;
             # loading a state dict takes the stored sizes).
@@ -363,6 +366,12 @@ class VaguePrototypes(nn.Module):
         """The number of short lists in use (0: none)."""
         return self.list_centroids.shape[0]
 
+    @property
+    def routed(self) -> bool:
+        """Whether images are routed to classes: ``route`` with a budget per class, once the classes are known
+        (prototypes set otherwise than from classed data are one class, every image matched against all)."""
+        return bool(self.config.routes) and self.route_keys.shape[0] > 0
+
     def _resize(self, name: str, shape: torch.Size) -> None:
         old = getattr(self, name)
         new = torch.zeros(shape, dtype=old.dtype, device=old.device)
@@ -373,12 +382,28 @@ class VaguePrototypes(nn.Module):
     def take_sizes(self, state: dict, prefix: str = "") -> None:
         """With ``per_class``, whose sizes follow the data the prototypes were chosen from: make every tensor
         the size ``state`` (a state dict, keys under ``prefix``) holds, before loading it."""
-        if not self.config.per_class:
+        if not self.config.by_class:
             return
+
+        def stored(name: str) -> Tensor | None:
+            value = state.get(prefix + name)
+            return value if isinstance(value, Tensor) else None
+
+        # The count of prototypes: the classes' offsets say it; every tensor of one row per prototype takes it,
+        # so a tensor of another count is named by the comparison that follows, not silently adopted.
+        offsets, potential = stored("class_offsets"), stored("potential")
+        count = int(offsets[-1]) if offsets is not None and offsets.numel() else None
+        count = len(potential) if count is None and potential is not None and potential.ndim else count
         for name, tensor in [*self._parameters.items(), *self._buffers.items()]:
-            incoming = state.get(prefix + name)
-            if tensor is not None and isinstance(incoming, Tensor) and incoming.shape != tensor.shape:
-                self._resize(name, incoming.shape)
+            incoming = stored(name)
+            if tensor is None or incoming is None or not incoming.ndim:
+                continue
+            shape = incoming.shape
+            if name in ("prototypes", "potential", "owner", "list_of") and count is not None and len(incoming):
+                shape = torch.Size((count, *incoming.shape[1:]))
+            # the counts (prototypes, lists, classes) follow the data; a prototype's width never does
+            if shape != tensor.shape and (name == "class_lists" or shape[1:] == tensor.shape[1:]):
+                self._resize(name, shape)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         self.take_sizes(state_dict, prefix)
@@ -400,7 +425,7 @@ class VaguePrototypes(nn.Module):
         standardisation) is applied to the features a few images at a time (:class:`SampleRows`)."""
         if self.config.init == "random":
             return
-        if self.config.per_class:
+        if self.config.by_class:
             self._init_per_class(features, generator, class_index, transform)
             return
         rows = SampleRows(features, self.samples, transform)
@@ -489,10 +514,13 @@ class VaguePrototypes(nn.Module):
         prototypes into as many lists of about ``list_size`` as its budget needs) and store them sorted by
         group: the index of the short-list assignment. Reorders the prototypes (the kernel does not depend
         on their order) and everything stored per prototype."""
-        if not self.config.per_class:
+        if not self.config.by_class:
             order, centroids, counts = _split(self.prototypes.detach(), self.config.lists, generator, iters)
             self._store_lists(order, centroids, counts)
             return
+        if self.class_offsets.numel() < 2 or int(self.class_offsets[-1]) != self.count:  # classes unknown: one
+            self.class_offsets = torch.tensor([0, self.count], device=self.owner.device)
+            self.route_keys, self.route_valid = self.route_keys[:0], self.route_valid[:0]
         offsets = self.class_offsets.tolist()
         device = self.owner.device
         if not self.config.lists:  # no lists: every prototype of the routed classes
@@ -572,8 +600,8 @@ class VaguePrototypes(nn.Module):
                 (weights * cost).sum(dim=1).mean()
             )  # reported only; the ablation trains with lambda=0 or this k-means-like term
             plan = weights / b
-        elif (
-            self.lists or self.config.route
+        elif self.lists or (
+            self.routed and not self.training
         ):  # eval mode (a validation loss): the inference assignment, short lists and all
             weights = self.weights(flat)
             plan = weights / b
@@ -632,7 +660,7 @@ class VaguePrototypes(nn.Module):
             chunk = features[start : start + batch_size]
             flat = self.samples(chunk)
             n = chunk.shape[0]
-            if self.config.per_class and self.lists:  # thousands of prototypes per class: never n x K
+            if self.config.by_class and self.lists:  # thousands of prototypes per class: never n x K
                 y, _, _, lse = self._short_list(flat, flat.shape[0] // n, False, 0)
                 per_sample = -reg * lse  # <w, C> + reg <w, log w> of w = softmax(-C / reg) over the candidates
             else:
@@ -674,7 +702,7 @@ class VaguePrototypes(nn.Module):
             logits.add_(self.potential.unsqueeze(0) / self.config.ot_reg)
         if self.lists:
             logits = logits.masked_fill(~self._probed(flat)[:, self.list_of], float("-inf"))
-        elif self.config.route:  # every prototype of the routed classes
+        elif self.routed:  # every prototype of the routed classes
             per_image = self.vague_size**2 if self.local else 1
             route = self._route(flat, per_image)  # B x r
             allowed = (self.owner.view(1, 1, -1) == route.unsqueeze(2)).any(dim=1)
@@ -691,7 +719,7 @@ class VaguePrototypes(nn.Module):
     def _probed(self, flat: Tensor) -> Tensor:
         """n x lists: whether each list is among a sample's ``probes`` nearest (by centroid distance)."""
         self._check_lists()
-        if not self.config.route:
+        if not self.routed:
             distance = torch.cdist(flat, self.list_centroids)
             kth = distance.topk(min(self.config.probes, self.lists), dim=1, largest=False).values[:, -1:]
             return distance <= kth
@@ -706,13 +734,13 @@ class VaguePrototypes(nn.Module):
         classes, keys = self.route_keys.shape[:2]
         distance = torch.cdist(means, self.route_keys.reshape(classes * keys, self.dim)).view(-1, classes, keys)
         nearest = distance.masked_fill(~self.route_valid.unsqueeze(0), float("inf")).amin(dim=2)
-        return nearest.topk(min(self.config.route, classes), dim=1, largest=False).indices
+        return nearest.topk(min(self.config.routes, classes), dim=1, largest=False).indices
 
     def _nearest_lists(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """Each sample's ``probes`` nearest lists, nearest first: (n x p centroid distances, n x p list numbers),
         among the lists of its image's routed classes with ``route`` (fewer there: distance inf, number -1)."""
         probes = min(self.config.probes, self.lists)
-        if not self.config.route:
+        if not self.routed:
             distance, nearest = torch.cdist(flat, self.list_centroids).topk(probes, dim=1, largest=False)
             return distance, nearest
         per_image = self.vague_size**2 if self.local else 1
@@ -757,7 +785,7 @@ class VaguePrototypes(nn.Module):
         centroid_distance, nearest = self._nearest_lists(flat)
         lists = nearest.reshape(-1)
         queries = torch.arange(n, device=device).repeat_interleave(nearest.shape[1])
-        if self.config.route:  # fewer lists than probes in the routed classes: drop the padding
+        if self.routed:  # fewer lists than probes in the routed classes: drop the padding
             lists, queries = lists[lists >= 0], queries[lists >= 0]
         order = torch.argsort(lists, stable=True)
         queries = queries[order]
@@ -883,14 +911,14 @@ class FineConfig:
     PatchCore's memory bank) keep rare looks, such as a small part on a plain background, covered. Short
     lists keep the cost of matching every position near that of the vague condition."""
 
-    num_prototypes: int = 12288  # K; 0 = no fine prototypes (the paper)
+    num_prototypes: int = 12288  # K (per class with per_class); 0 = no fine prototypes (the paper)
     ot_reg: float = 0.05  # kernel width eps, as prototypes.ot_reg
     init: str = "coreset"  # "coreset", "coreset_kmeans" or "kmeans" (VPOTConfig.init)
     kmeans_iters: int = 20
     list_size: int = 96  # short lists (VPOTConfig.list_size); 0 = every prototype
     probes: int = 4
-    per_class: bool = False  # K per class (VPOTConfig.per_class)
-    route: int = 0  # candidate classes per image (VPOTConfig.route; per_class only)
+    per_class: bool = True  # K per class (VPOTConfig.per_class)
+    route: int = 1  # candidate classes per image (VPOTConfig.route; per_class only)
 
     def validate(self, feature_size: int | None = None) -> None:
         k = self.num_prototypes
