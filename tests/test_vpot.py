@@ -527,3 +527,27 @@ def test_the_budget_per_class_and_routing_serve_the_kernel_only():
         assert not config.by_class and config.routes == 0
     with pytest.raises(ConfigError, match="prototypes.per_class must be true or false"):
         VPOTConfig(per_class="yes").validate()
+
+
+@pytest.mark.parametrize("init", ["kmeans", "coreset", "coreset_kmeans", "samples"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_streamed_init_is_the_rule_applied_to_the_whole_standardised_tensor(monkeypatch, init, n):
+    """One shared K, no lists: the prototypes set up a few images at a time equal the rule written out on the
+    whole standardised sample tensor (candidate pool, start rows, jitter, k-means), draw for draw."""
+    import vpdm.model.vpot as vpot
+    from vpdm.model.vpot import coreset_index, kmeans
+
+    monkeypatch.setattr(vpot, "CORESET_CANDIDATES", 150)
+    torch.manual_seed(0)
+    feats = torch.randn(9, 3, 8, 8) * 2 + 1
+    mean, std = feats.mean(dim=(0, 2, 3), keepdim=True), feats.std(dim=(0, 2, 3), keepdim=True)
+    m = _module(k=24, n=n, level="local", init=init, ot_scope="none", list_size=0, per_class=False)
+    m.init_from(feats, torch.Generator().manual_seed(5), transform=lambda x: (x - mean) / std)
+    g = torch.Generator().manual_seed(5)
+    flat = m.samples((feats - mean) / std)
+    idx = coreset_index(flat, 24, g) if init.startswith("coreset") else torch.randperm(len(flat), generator=g)
+    idx = idx.repeat(math.ceil(24 / len(idx)))[:24]
+    start = flat[idx] + 0.01 * torch.randn(24, 3, generator=g)
+    if init.endswith("kmeans"):
+        start = kmeans(flat, start, m.config.kmeans_iters)
+    assert torch.equal(m.prototypes.detach(), start)
