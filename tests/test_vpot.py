@@ -495,6 +495,8 @@ def test_routed_assignment_grouped_equals_dense_and_stays_in_the_routed_classes(
     dense = (weights @ m.prototypes).view(12, 4, 4, 4).permute(0, 3, 1, 2)
     torch.testing.assert_close(out["yhat"], unvague_ref(dense), rtol=1e-5, atol=1e-5)
     assert out["class_mass"].argmax(dim=1).tolist() == labels.tolist()
+    # each image's weight on each class's prototypes (one route: read off the route, not summed)
+    torch.testing.assert_close(out["class_mass"], owner_weight.view(12, 16, 3).mean(dim=1))
     # the training condition: its OT term is <w, C> + eps <w, log w> of the same weights
     y, terms = m.training_condition(feats)
     torch.testing.assert_close(y, dense, rtol=1e-5, atol=1e-5)

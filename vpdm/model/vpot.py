@@ -24,6 +24,7 @@ prototype marginal learned on the training set; training uses the batch's own ``
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -288,6 +289,27 @@ def coreset_index(
         chosen.extend(new)
     picks = torch.tensor(chosen, dtype=torch.long, device=samples.device)
     return picks if pool is None else pool[picks]
+
+
+# (sample, list) pairs whose samples the short-list assignment gathers at once (a few MB: stays in cache).
+_PAIRS_PER_CHUNK = 4096
+
+
+def _chunks_of_lists(
+    groups: list[int], counts: list[int], size: int
+) -> Iterator[tuple[int, int, list[tuple[int, int, int]]]]:
+    """Consecutive runs of whole lists of about ``size`` pairs (a larger list alone): (first pair, end pair,
+    [(list, its first pair, its end pair) within the run])."""
+    first = end = 0
+    run: list[tuple[int, int, int]] = []
+    for group, count in zip(groups, counts):
+        if run and end + count - first > size:
+            yield first, end, run
+            first, run = end, []
+        run.append((group, end - first, end + count - first))
+        end += count
+    if run:
+        yield first, end, run
 
 
 def _one_hot(owner: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
@@ -723,7 +745,7 @@ class VaguePrototypes(nn.Module):
             distance = torch.cdist(flat, self.list_centroids)
             kth = distance.topk(min(self.config.probes, self.lists), dim=1, largest=False).values[:, -1:]
             return distance <= kth
-        _, nearest = self._nearest_lists(flat)
+        _, nearest, _ = self._nearest_lists(flat)
         probed = torch.zeros(flat.shape[0], self.lists + 1, dtype=flat.dtype, device=flat.device)
         probed.scatter_(1, nearest + 1, torch.ones_like(nearest, dtype=flat.dtype))  # column 0: padding
         return probed[:, 1:] > 0
@@ -736,29 +758,33 @@ class VaguePrototypes(nn.Module):
         nearest = distance.masked_fill(~self.route_valid.unsqueeze(0), float("inf")).amin(dim=2)
         return nearest.topk(min(self.config.routes, classes), dim=1, largest=False).indices
 
-    def _nearest_lists(self, flat: Tensor) -> tuple[Tensor, Tensor]:
-        """Each sample's ``probes`` nearest lists, nearest first: (n x p centroid distances, n x p list numbers),
-        among the lists of its image's routed classes with ``route`` (fewer there: distance inf, number -1)."""
+    def _nearest_lists(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Each sample's ``probes`` nearest lists, nearest first: (n x p centroid distances, n x p list numbers,
+        the routed classes: B x r or None), among the lists of its image's routed classes with ``route`` (fewer
+        there: distance inf, number -1)."""
         probes = min(self.config.probes, self.lists)
         if not self.routed:
             distance, nearest = torch.cdist(flat, self.list_centroids).topk(probes, dim=1, largest=False)
-            return distance, nearest
+            return distance, nearest, None
         per_image = self.vague_size**2 if self.local else 1
         batch = flat.shape[0] // per_image
-        candidates = self.class_lists[self._route(flat, per_image)].flatten(1)  # B x r * lists per class
+        route = self._route(flat, per_image)
+        candidates = self.class_lists[route].flatten(1)  # B x r * lists per class
         centroids = self.list_centroids[candidates.clamp_min(0)]
         distance = torch.cdist(flat.view(batch, per_image, self.dim), centroids)  # B x P x candidates
         distance = distance.masked_fill((candidates < 0).unsqueeze(1), float("inf"))
         distance, pick = distance.topk(min(probes, candidates.shape[1]), dim=2, largest=False)
         nearest = candidates.unsqueeze(1).expand(-1, per_image, -1).gather(2, pick)
         nearest = nearest.masked_fill(torch.isinf(distance), -1)
-        return distance.reshape(batch * per_image, -1), nearest.reshape(batch * per_image, -1)
+        return distance.reshape(batch * per_image, -1), nearest.reshape(batch * per_image, -1), route
 
-    def _list_constants(self) -> tuple[Tensor, float]:
-        """Each prototype's squared norm and the largest distance of a prototype to its list's centroid: passes
-        over all K x d values that, once per batch, cost more than the batch's own short lists when K is
-        large (a budget per class: hundreds of thousands), so they are kept until the prototypes change."""
-        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in (self.prototypes, self.list_centroids))
+    def _list_constants(self) -> tuple[Tensor, float, bool]:
+        """Each prototype's squared norm, the largest distance of a prototype to its list's centroid, and whether
+        every prototype's owner is the class it is stored under (``class_offsets``): passes over all K values
+        that, once per batch, cost more than the batch's own short lists when K is large (a budget per class:
+        hundreds of thousands), so they are kept until the prototypes change."""
+        tensors = (self.prototypes, self.list_centroids, self.owner)
+        key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
         if getattr(self, "_constants_key", None) != key:
             with torch.no_grad():
                 protos = self.prototypes.detach()
@@ -767,7 +793,12 @@ class VaguePrototypes(nn.Module):
                     rows = protos[start : start + 65536]
                     centre = self.list_centroids[self.list_of[start : start + 65536]]
                     radius = max(radius, float((rows - centre).pow(2).sum(dim=1).max().sqrt()))
-                self._constants = (protos.pow(2).sum(dim=1), radius)
+                owned = False
+                if self.config.by_class and self.class_offsets.numel() > 1:
+                    sizes = self.class_offsets.diff()
+                    classes = torch.arange(len(sizes), device=sizes.device).repeat_interleave(sizes)
+                    owned = classes.shape == self.owner.shape and bool(torch.equal(classes, self.owner))
+                self._constants = (protos.pow(2).sum(dim=1), radius, owned)
             self._constants_key = key
         return self._constants
 
@@ -782,7 +813,7 @@ class VaguePrototypes(nn.Module):
         self._check_lists()
         n, device = flat.shape[0], flat.device
         scale = 1.0 / (math.sqrt(self.dim) * self.config.ot_reg)
-        centroid_distance, nearest = self._nearest_lists(flat)
+        centroid_distance, nearest, route = self._nearest_lists(flat)
         lists = nearest.reshape(-1)
         queries = torch.arange(n, device=device).repeat_interleave(nearest.shape[1])
         if self.routed:  # fewer lists than probes in the routed classes: drop the padding
@@ -797,45 +828,57 @@ class VaguePrototypes(nn.Module):
         # bounds them to [-scale R, scale R] (R: the largest distance of a prototype to its list's centroid;
         # triangle inequality, the nearest list is always probed), so when scale R is small enough for exp
         # the kernel is summed in one pass, list by list, without keeping the logits for a max.
-        prototypes_sq, radius = self._list_constants()
+        prototypes_sq, radius, owned = self._list_constants()
         one_pass = scale * radius <= 60.0
         shift = (
             centroid_distance[:, 0] * scale
             if one_pass
             else torch.full((n,), float("-inf"), device=device, dtype=flat.dtype)
         )  # two passes: the running max of each row
-        keep = histogram or bool(num_classes) or not one_pass
+        # With one route per image every weight is on the routed class's prototypes (owned by it, as a budget per
+        # class sets them): its class mass is that class, no product needed.
+        mass_from_route = bool(num_classes) and owned and route is not None and route.shape[1] == 1
+        keep = histogram or (bool(num_classes) and not mass_from_route) or not one_pass
         # Squared distances as |x|^2 + |p|^2 - 2 x.p, the norms computed once (cdist recomputes them and
         # pads both operands for its product in every call: a third of the time on small lists).
         flat_sq = flat.pow(2).sum(dim=1)
+        prototypes = self.prototypes.detach()  # frozen: short lists are built once the prototypes are fixed
         y = torch.zeros(n, self.dim, device=device, dtype=flat.dtype)
-        total = torch.zeros(n, device=device, dtype=flat.dtype)
+        sums = torch.zeros(len(queries), device=device, dtype=flat.dtype)  # each (sample, list) pair's kernel sum
         blocks: list[tuple[int, Tensor, Tensor]] = []
-        start = 0
-        for group, count in zip(probed_lists.tolist(), counts):
-            rows = queries[start : start + count]
-            start += count
-            members = slice(offsets[group], offsets[group + 1])
-            logits = (
-                torch.addmm(prototypes_sq[members].unsqueeze(0), flat[rows], self.prototypes[members].T, alpha=-2.0)
-                .add_(flat_sq[rows].unsqueeze(1))
-                .clamp_min_(0.0)
-                .sqrt_()
-                .mul_(-scale)
-            )
+        for first, stop, groups in _chunks_of_lists(probed_lists.tolist(), counts, _PAIRS_PER_CHUNK):
+            # The samples of a few thousand (sample, list) pairs gathered once and their products added back
+            # once: per-list gathers and scatters of rows cost as much as the products themselves.
+            rows = queries[first:stop]
+            samples, samples_sq = flat[rows], flat_sq[rows].unsqueeze(1)
+            kernel_sums = torch.zeros(stop - first, self.dim, device=device, dtype=flat.dtype) if one_pass else None
             if one_pass:
-                e = logits.add_(shift[rows].unsqueeze(1)).exp_()
-                total.index_add_(0, rows, e.sum(dim=1))
-                y.index_add_(0, rows, e @ self.prototypes[members])
-            else:
-                shift.scatter_reduce_(0, rows, logits.amax(dim=1), reduce="amax")
-            if keep:
-                blocks.append((group, rows, logits))
+                row_shift = shift[rows].unsqueeze(1)
+            for group, a, b in groups:  # a:b: the group's pairs within the chunk
+                members = slice(offsets[group], offsets[group + 1])
+                logits = (
+                    torch.addmm(prototypes_sq[members].unsqueeze(0), samples[a:b], prototypes[members].T, alpha=-2.0)
+                    .add_(samples_sq[a:b])
+                    .clamp_min_(0.0)
+                    .sqrt_()
+                    .mul_(-scale)
+                )
+                if one_pass:
+                    e = logits.add_(row_shift[a:b]).exp_()
+                    torch.sum(e, dim=1, out=sums[first + a : first + b])
+                    torch.mm(e, prototypes[members], out=kernel_sums[a:b])
+                else:
+                    shift.scatter_reduce_(0, rows[a:b], logits.amax(dim=1), reduce="amax")
+                if keep:
+                    blocks.append((group, rows[a:b], logits))
+            if one_pass:
+                y.index_add_(0, rows, kernel_sums)
+        total = torch.zeros(n, device=device, dtype=flat.dtype).index_add_(0, queries, sums)
         if not one_pass:
             for group, rows, logits in blocks:
                 e = logits.sub_(shift[rows].unsqueeze(1)).exp_()  # in place: the logits are not needed again
                 total.index_add_(0, rows, e.sum(dim=1))
-                y.index_add_(0, rows, e @ self.prototypes[offsets[group] : offsets[group + 1]])
+                y.index_add_(0, rows, e @ prototypes[offsets[group] : offsets[group + 1]])
         y = y / total.unsqueeze(1)
         lse = total.log() - shift if one_pass else total.log() + shift
         hist = mass = None
@@ -843,12 +886,14 @@ class VaguePrototypes(nn.Module):
             batch = n // per_image
             hist = torch.zeros(batch, self.count, device=device, dtype=flat.dtype) if histogram else None
             mass = torch.zeros(batch, num_classes, device=device, dtype=flat.dtype) if num_classes else None
+            if mass_from_route:
+                mass.scatter_(1, route, 1.0)
             for group, rows, e in blocks:
                 norm = (total[rows] * per_image).reciprocal().unsqueeze(1)
                 image = torch.div(rows, per_image, rounding_mode="floor")
                 if hist is not None:
                     hist[:, offsets[group] : offsets[group + 1]].index_add_(0, image, e * norm)
-                if mass is not None:  # normalised after the product: rows x classes, not rows x list
+                if mass is not None and not mass_from_route:  # normalised after the product: rows x classes
                     owner = self.owner[offsets[group] : offsets[group + 1]]
                     mass.index_add_(0, image, (e @ _one_hot(owner, num_classes, e.dtype)).mul_(norm))
         return y, hist, mass, lse
