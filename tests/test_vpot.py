@@ -340,6 +340,36 @@ def test_short_list_assignment_is_the_kernel_over_the_probed_lists_only(ot_reg):
     torch.testing.assert_close(alone, batch, rtol=1e-5, atol=1e-6)
 
 
+def test_runs_of_whole_lists_cover_every_pair_once_in_order():
+    from vpdm.model.vpot import _chunks_of_lists
+
+    groups, counts = [3, 5, 8, 9, 11], [2, 9, 1, 1, 3]
+    runs = list(_chunks_of_lists(groups, counts, 4))
+    # a list larger than the run size goes alone; the others are packed up to the size
+    assert [(first, end) for first, end, _ in runs] == [(0, 2), (2, 11), (11, 13), (13, 16)]
+    pairs = [(g, first + a, first + b) for first, _, run in runs for g, a, b in run]
+    assert pairs == [(3, 0, 2), (5, 2, 11), (8, 11, 12), (9, 12, 13), (11, 13, 16)]
+
+
+@pytest.mark.parametrize("ot_reg", [0.1, 0.002])
+def test_short_lists_in_many_small_runs_give_the_same_assignment(ot_reg, monkeypatch):
+    """The grouped path gathers samples a run of lists at a time; runs of a few pairs (every run boundary
+    crossed many times) give what one run gives, in one pass (wide kernel) and in two (narrow)."""
+    from vpdm.model import vpot
+
+    m, feats = _short_list_module(ot_reg=ot_reg)
+    m, feats = m.double(), feats.double()
+    with torch.no_grad():
+        whole = m(feats, with_loss=False, histogram=True)
+        monkeypatch.setattr(vpot, "_PAIRS_PER_CHUNK", 5)
+        runs = m(feats, with_loss=False, histogram=True)
+        dense = m.weights(m.samples(feats)) @ m.prototypes
+    torch.testing.assert_close(runs["yhat"], whole["yhat"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(runs["histogram"], whole["histogram"], rtol=1e-10, atol=1e-12)
+    y = dense.view(12, 4, 4, 5).permute(0, 3, 1, 2)
+    torch.testing.assert_close(runs["yhat"], unvague_ref(y), rtol=1e-8, atol=1e-10)
+
+
 def test_short_lists_need_frozen_kernel_prototypes_and_sensible_counts():
     assert VPOTConfig(num_prototypes=12288, list_size=96).lists == 128
     assert VPOTConfig(num_prototypes=300, list_size=96, probes=4).lists == 0  # 4 lists, all probed: exact
