@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
             def patched(features, histogram=False, num_classes=0, k=k):
                 out = {"yhat": faiss_condition(fine, indexes, features, k)}
                 if num_classes:
-                    route = fine._route(fine.samples(features), fine.vague_size**2)
+                    route = fine._route(fine.samples(features), fine.per_image)
                     out["class_mass"] = torch.zeros(features.shape[0], num_classes).scatter_(1, route, 1.0)
                 return out
 

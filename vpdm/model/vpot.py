@@ -384,6 +384,11 @@ class VaguePrototypes(nn.Module):
         return self.prototypes.shape[0]
 
     @property
+    def per_image(self) -> int:
+        """OT samples per image: its vague positions (``level="local"``) or the image itself."""
+        return self.vague_size**2 if self.local else 1
+
+    @property
     def lists(self) -> int:
         """The number of short lists in use (0: none)."""
         return self.list_centroids.shape[0]
@@ -708,7 +713,7 @@ class VaguePrototypes(nn.Module):
         sum P log P = (1/b) sum w log w - log b)."""
         if self.config.assignment == "nearest":
             return terms.mean()
-        samples = terms.shape[0] * (self.vague_size**2 if self.local else 1)
+        samples = terms.shape[0] * self.per_image
         return terms.mean() - self.config.ot_reg * math.log(samples)
 
     def weights(self, flat: Tensor) -> Tensor:
@@ -725,7 +730,7 @@ class VaguePrototypes(nn.Module):
         if self.lists:
             logits = logits.masked_fill(~self._probed(flat)[:, self.list_of], float("-inf"))
         elif self.routed:  # every prototype of the routed classes
-            per_image = self.vague_size**2 if self.local else 1
+            per_image = self.per_image
             route = self._route(flat, per_image)  # B x r
             allowed = (self.owner.view(1, 1, -1) == route.unsqueeze(2)).any(dim=1)
             logits = logits.masked_fill(~allowed.repeat_interleave(per_image, dim=0), float("-inf"))
@@ -766,7 +771,7 @@ class VaguePrototypes(nn.Module):
         if not self.routed:
             distance, nearest = torch.cdist(flat, self.list_centroids).topk(probes, dim=1, largest=False)
             return distance, nearest, None
-        per_image = self.vague_size**2 if self.local else 1
+        per_image = self.per_image
         batch = flat.shape[0] // per_image
         route = self._route(flat, per_image)
         candidates = self.class_lists[route].flatten(1)  # B x r * lists per class
