@@ -48,7 +48,7 @@ def build_indexes(fine, faiss):
         vectors, ids, assign = prototypes[rows].numpy(), rows.astype(np.int64), assign.astype(np.int64)
         add_preassigned(index, np.ascontiguousarray(vectors), assign, ids)
         index.nprobe = min(fine.config.probes, len(lists))
-        indexes.append((index, quantizer))
+        indexes.append((index, quantizer))  # the quantizer kept alive: the index only points to it
     return indexes
 
 

@@ -688,7 +688,7 @@ class VaguePrototypes(nn.Module):
             flat = self.samples(chunk)
             n = chunk.shape[0]
             if self.config.by_class and self.lists:  # thousands of prototypes per class: never n x K
-                y, _, _, lse = self._short_list(flat, flat.shape[0] // n, False, 0)
+                y, _, _, lse = self._short_list(flat, self.per_image, False, 0)
                 per_sample = -reg * lse  # <w, C> + reg <w, log w> of w = softmax(-C / reg) over the candidates
             else:
                 cost = self.cost(flat)
@@ -849,15 +849,17 @@ class VaguePrototypes(nn.Module):
         flat_sq = flat.pow(2).sum(dim=1)
         prototypes = self.prototypes.detach()  # frozen: short lists are built once the prototypes are fixed
         y = torch.zeros(n, self.dim, device=device, dtype=flat.dtype)
-        sums = torch.zeros(len(queries), device=device, dtype=flat.dtype)  # each (sample, list) pair's kernel sum
+        total = torch.zeros(n, device=device, dtype=flat.dtype)
+        # one pass: each (sample, list) pair's kernel sum, added to its sample's total once all are known
+        sums = torch.empty(len(queries), device=device, dtype=flat.dtype) if one_pass else None
         blocks: list[tuple[int, Tensor, Tensor]] = []
         for first, stop, groups in _chunks_of_lists(probed_lists.tolist(), counts, _PAIRS_PER_CHUNK):
             # The samples of a few thousand (sample, list) pairs gathered once and their products added back
             # once: per-list gathers and scatters of rows cost as much as the products themselves.
             rows = queries[first:stop]
             samples, samples_sq = flat[rows], flat_sq[rows].unsqueeze(1)
-            kernel_sums = torch.zeros(stop - first, self.dim, device=device, dtype=flat.dtype) if one_pass else None
-            if one_pass:
+            if one_pass:  # every pair of the run is written below, once
+                kernel_sums = torch.empty(stop - first, self.dim, device=device, dtype=flat.dtype)
                 row_shift = shift[rows].unsqueeze(1)
             for group, a, b in groups:  # a:b: the group's pairs within the chunk
                 members = slice(offsets[group], offsets[group + 1])
@@ -878,8 +880,9 @@ class VaguePrototypes(nn.Module):
                     blocks.append((group, rows[a:b], logits))
             if one_pass:
                 y.index_add_(0, rows, kernel_sums)
-        total = torch.zeros(n, device=device, dtype=flat.dtype).index_add_(0, queries, sums)
-        if not one_pass:
+        if one_pass:
+            total.index_add_(0, queries, sums)
+        else:
             for group, rows, logits in blocks:
                 e = logits.sub_(shift[rows].unsqueeze(1)).exp_()  # in place: the logits are not needed again
                 total.index_add_(0, rows, e.sum(dim=1))
@@ -910,7 +913,7 @@ class VaguePrototypes(nn.Module):
         except while traced for export, where the masked dense form gives the same numbers."""
         batch = features.shape[0]
         flat = self.samples(features)
-        per_image = flat.shape[0] // batch
+        per_image = self.per_image
         out: dict[str, Tensor] = {}
         if self.lists and not torch.jit.is_tracing():
             y, hist, mass, _ = self._short_list(flat, per_image, histogram, num_classes)
