@@ -193,20 +193,22 @@ class VPDM(nn.Module):
     def take_sizes(self, state: dict) -> None:
         """The sizes that follow the data (term statistics per class, prototypes per class) from a state dict,
         before it is compared with this model or loaded."""
-        saved = state.get("term_mean")
-        if isinstance(saved, Tensor) and saved.ndim == 2:
-            self.resize_statistics(saved.shape[0])  # one row per class the model was trained on
+        self._take_statistics_rows(state)
         self.prototypes.take_sizes(state, "prototypes.")
         if self.fine is not None:
             self.fine.take_sizes(state, "fine.")
 
+    def _take_statistics_rows(self, state: dict, prefix: str = "") -> None:
+        """The term statistics have one row per class the model was trained on: take the saved number of rows
+        (the terms, columns, stay the model's: a saved tensor of other terms is named when compared or loaded)."""
+        saved = state.get(prefix + "term_mean")
+        if isinstance(saved, Tensor) and saved.ndim == 2:
+            self.resize_statistics(saved.shape[0])
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
-        # The term statistics have one row per class: take the saved number of rows.
-        saved = state_dict.get(prefix + "term_mean")
-        if isinstance(saved, Tensor) and saved.ndim == 2 and saved.shape[1] == len(self.stat_terms):
-            self.resize_statistics(saved.shape[0])
+        self._take_statistics_rows(state_dict, prefix)  # the prototypes' modules take their own sizes
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
