@@ -228,6 +228,14 @@ def _write_images(folder: Path, n: int, seed: int) -> list[Path]:
     return paths
 
 
+def _replace_file(path: Path, content: bytes) -> None:
+    """Put new bytes under ``path`` as any tool that replaces a file does (a new file renamed over it): the
+    features a process maps from the old file stay as they were (an in-place rewrite would change them)."""
+    fresh = path.with_name(path.name + ".new")
+    fresh.write_bytes(content)
+    os.replace(fresh, path)
+
+
 def test_cache_hit_skips_backbone_and_changed_bytes_miss(tmp_path: Path) -> None:
     extractor = FeatureExtractor(
         BackboneConfig(name="tf_efficientnet_lite0", weights="none", image_size=64, feature_size=8)
@@ -267,13 +275,53 @@ def test_corrupt_cache_is_recomputed_with_a_warning(tmp_path: Path) -> None:
     )
     dataset = _FolderDataset(_write_images(tmp_path, 2, seed=1), 64)
     good, info = extract_features(extractor, dataset, cache_dir=tmp_path / "c", progress=False, return_info=True)
-    info["path"].write_bytes(b"not a torch file")
+    _replace_file(info["path"], b"not a torch file")
     with pytest.warns(RuntimeWarning, match="unusable"):
         again, info2 = extract_features(extractor, dataset, cache_dir=tmp_path / "c", progress=False, return_info=True)
     assert info2["cache_hit"] is False and torch.equal(good, again)
     assert extract_features(extractor, dataset, cache_dir=tmp_path / "c", progress=False, return_info=True)[1][
         "cache_hit"
     ]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's mappings from /proc")
+def test_cached_features_are_mapped_from_the_entry_and_outlive_its_removal(tmp_path: Path) -> None:
+    """Miss and hit both hand back the entry's pages (listed in /proc/self/maps), not a copy in memory; a cache
+    cleared while a process holds its features changes nothing for that process."""
+    extractor = FeatureExtractor(
+        BackboneConfig(name="tf_efficientnet_lite0", weights="none", image_size=64, feature_size=8)
+    )
+    dataset = _FolderDataset(_write_images(tmp_path, 3, seed=4), 64)
+    direct = extract_features(extractor, dataset, progress=False)  # no cache: plain memory
+    miss, info = extract_features(extractor, dataset, cache_dir=tmp_path / "c", progress=False, return_info=True)
+    hit, info2 = extract_features(extractor, dataset, cache_dir=tmp_path / "c", progress=False, return_info=True)
+    assert not info["cache_hit"] and info2["cache_hit"]
+    assert str(info["path"].resolve()) in Path("/proc/self/maps").read_text()
+    assert [p.name for p in (tmp_path / "c").iterdir()] == [info["path"].name]  # the buffer file is gone
+    info["path"].unlink()
+    assert torch.equal(miss, direct) and torch.equal(hit, direct)
+
+
+def test_no_room_for_the_buffer_file_keeps_the_features_in_memory(tmp_path: Path, monkeypatch) -> None:
+    """A disk that cannot take the extraction buffer (ENOSPC from posix_fallocate) is found before any image is
+    read: the features are extracted into memory instead, the same values."""
+    import errno
+
+    extractor = FeatureExtractor(
+        BackboneConfig(name="tf_efficientnet_lite0", weights="none", image_size=64, feature_size=8)
+    )
+    dataset = _FolderDataset(_write_images(tmp_path, 2, seed=5), 64)
+    direct = extract_features(extractor, dataset, progress=False)
+    calls = []
+
+    def full(fd: int, offset: int, length: int) -> None:
+        calls.append(length)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    feats, info = extract_features(extractor, dataset, cache_dir=tmp_path / "c", progress=False, return_info=True)
+    assert calls == [direct.numel() * 4] and torch.equal(feats, direct)
+    assert not list((tmp_path / "c").glob("*.tmp"))
 
 
 def test_unwritable_cache_warns_and_still_returns_the_features(tmp_path: Path) -> None:
@@ -354,7 +402,9 @@ def test_planted_features_under_the_right_name_are_detected_and_recomputed(tmp_p
     true, info = extract_features(extractor, dataset, cache_dir=tmp_path / "c", progress=False, return_info=True)
     payload = torch.load(info["path"], weights_only=True)
     payload["features"] = true.flip(0).clone()  # another image's features for each image, same shape and key
-    torch.save(payload, info["path"])
+    planted = tmp_path / "planted.pt"
+    torch.save(payload, planted)
+    _replace_file(info["path"], planted.read_bytes())
     seen = extractor.images_seen
     with pytest.warns(RuntimeWarning, match=r"do not match the checksum stored with them .*recomputing"):
         again, info2 = extract_features(extractor, dataset, cache_dir=tmp_path / "c", progress=False, return_info=True)

@@ -8,6 +8,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,54 @@ def _peak_rss_mb() -> float:
     """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _status_mb(field: str) -> float | None:
+    """One ``/proc/self/status`` field in MiB (``RssAnon``: memory that is the process's own, which the OS
+    can only swap out; ``RssFile``: pages of mapped files, which it can drop and read again), or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class AnonymousPeak:
+    """The peak of ``RssAnon`` while the block runs, sampled every ``interval`` seconds by a thread.
+
+    ``ru_maxrss`` counts mapped file pages too (the memory-mapped feature cache once it has been read); what
+    must fit in memory is the anonymous part. ``peak_mb`` is None where /proc is not there."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval, self.peak_mb = interval, _status_mb("RssAnon")
+        self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        assert self._stop is not None
+        while not self._stop.wait(self.interval):
+            self._update()
+
+    def _update(self) -> None:
+        now = _status_mb("RssAnon")
+        if now is not None:
+            self.peak_mb = max(self.peak_mb or 0.0, now)
+
+    def __enter__(self) -> AnonymousPeak:
+        if self.peak_mb is not None:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, name="rss-anon", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None and self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+            self._update()
 
 
 def _sync(device: torch.device) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import math
+import os
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,7 +81,9 @@ def features_checksum(features: Tensor) -> str:
 def _read_cache(path: Path, fingerprint: str, data_hash: str, shape: tuple[int, ...]) -> Tensor | None:
     """The cached features if the entry is intact and its content matches its checksum; else warn and None."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        # Mapped, not read: the pages are the file's, so the OS can drop and re-read them, and processes on
+        # one machine that map the same entry share one copy (a private mapping: a write stays in-process).
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         features = payload["features"]
         ok = (
             payload.get("fingerprint") == fingerprint
@@ -100,6 +106,37 @@ def _read_cache(path: Path, fingerprint: str, data_hash: str, shape: tuple[int, 
     return None
 
 
+def _file_backed_buffer(folder: Path, shape: tuple[int, ...]) -> Tensor | None:
+    """A zeroed float32 tensor of ``shape`` whose pages are a file in ``folder`` (deleted at once, so nothing is
+    left behind if the process dies), or None where that cannot be had (the caller then uses memory).
+
+    Extraction writes into it batch by batch, so the features of a large dataset never have to fit in
+    memory: written pages go to disk under pressure as any file's do. The space is reserved up front
+    (``posix_fallocate``) so that a full disk is an error here, not a SIGBUS on a later write."""
+    if not hasattr(os, "posix_fallocate") or os.name == "nt":  # a mapped file cannot be unlinked on Windows
+        return None
+    nbytes = math.prod(shape) * 4
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".features.", suffix=".tmp")
+    except OSError as exc:
+        logger.info("features kept in memory: no buffer file in %s (%s)", folder, exc)
+        return None
+    try:
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        finally:
+            os.close(fd)
+        buffer = torch.from_file(name, shared=True, size=math.prod(shape), dtype=torch.float32).view(shape)
+    except (OSError, RuntimeError) as exc:
+        logger.info("features kept in memory: no %d-byte buffer file in %s (%s)", nbytes, folder, exc)
+        buffer = None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+    return buffer
+
+
 @overload
 def extract_features(
     extractor: FeatureExtractor,
@@ -111,6 +148,37 @@ def extract_features(
     num_workers: int = ...,
     return_info: Literal[False] = ...,
 ) -> Tensor: ...
+
+
+def _file_backed_buffer(folder: Path, shape: tuple[int, ...]) -> Tensor | None:
+    """A zeroed float32 tensor of ``shape`` whose pages are a file in ``folder`` (deleted at once, so nothing is
+    left behind if the process dies), or None where that cannot be had (the caller then uses memory).
+
+    Extraction writes into it batch by batch, so the features of a large dataset never have to fit in
+    memory: written pages go to disk under pressure as any file's do. The space is reserved up front
+    (``posix_fallocate``) so that a full disk is an error here, not a SIGBUS on a later write."""
+    if not hasattr(os, "posix_fallocate") or os.name == "nt":  # a mapped file cannot be unlinked on Windows
+        return None
+    nbytes = math.prod(shape) * 4
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".features.", suffix=".tmp")
+    except OSError as exc:
+        logger.info("features kept in memory: no buffer file in %s (%s)", folder, exc)
+        return None
+    try:
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        finally:
+            os.close(fd)
+        buffer = torch.from_file(name, shared=True, size=math.prod(shape), dtype=torch.float32).view(shape)
+    except (OSError, RuntimeError) as exc:
+        logger.info("features kept in memory: no %d-byte buffer file in %s (%s)", nbytes, folder, exc)
+        buffer = None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+    return buffer
 
 
 @overload
@@ -144,6 +212,11 @@ def extract_features(
     recomputed with a warning, and one that cannot be written (full disk, read-only folder) is
     skipped with a warning: the features are still returned. ``return_info=True`` also returns
     ``{"cache_hit": bool, "path": Path | None, "images_computed": int}``.
+
+    With a cache the features come back memory-mapped from the entry (extraction writes into a file, not
+    into memory), so a dataset's features need not fit in memory and do not count as the process's own
+    memory. A cache entry must therefore only ever be replaced (vpdm writes a new file and renames it),
+    never rewritten in place while a process reads it.
     """
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -175,7 +248,9 @@ def extract_features(
     loader = DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate_images
     )
-    out = torch.empty(shape, dtype=torch.float32)
+    out = _file_backed_buffer(cache_path.parent, shape) if cache_path is not None else None
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)
     device = extractor.device
     start = 0
     with tqdm(total=n, desc="backbone features", unit="img", disable=not progress) as bar:
@@ -188,6 +263,7 @@ def extract_features(
         raise DataError(f"dataset reported {n} items but yielded {start} images")
 
     if cache_path is not None:
+        checksum = features_checksum(out)
         try:
             atomic_torch_save(
                 {
@@ -195,7 +271,7 @@ def extract_features(
                     "fingerprint": fingerprint,
                     "dataset_hash": data_hash,
                     "format": _FEATURE_FORMAT_VERSION,
-                    "checksum": features_checksum(out),
+                    "checksum": checksum,
                 },
                 cache_path,
                 what="feature cache",
@@ -205,5 +281,9 @@ def extract_features(
                 f"{exc}; continuing without it (the next run extracts the features again)", RuntimeWarning, stacklevel=2
             )
             cache_path = None  # info["path"] names a file that exists
+        else:
+            # Map the entry just written and drop the buffer: one file's pages, no second copy on disk.
+            with contextlib.suppress(Exception):  # the buffer holds the same features
+                out = torch.load(cache_path, map_location="cpu", weights_only=True, mmap=True)["features"]
     info = {"cache_hit": False, "path": cache_path, "images_computed": n}
     return (out, info) if return_info else out
