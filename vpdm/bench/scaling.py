@@ -294,7 +294,7 @@ def table(runs: list[dict[str, Any]], real_classes: list[str]) -> str:
         "PatchCore image / pixel / AUPRO | coarse prototypes per real class | fine per class | model ms / image | "
         "end to end / backbone | train s | k-means + coreset s | train / inference peak MiB | train peak without "
         "mapped features MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         if "metrics" not in r:
