@@ -969,7 +969,7 @@ class FineConfig:
     init: str = "coreset"  # "coreset", "coreset_kmeans" or "kmeans" (VPOTConfig.init)
     kmeans_iters: int = 20
     list_size: int = 96  # short lists (VPOTConfig.list_size); 0 = every prototype
-    probes: int = 4
+    probes: int = 2  # EXPERIMENTS #127: as 4 on every category but tile (-0.4 image), 3-4 ms less per image
     per_class: bool = True  # K per class (VPOTConfig.per_class)
     route: int = 1  # candidate classes per image (VPOTConfig.route; per_class only)
 
