@@ -289,7 +289,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vpdm.runtime.allocator import keep_large_buffers
+
     args = parse_args(argv)
+    keep_large_buffers()  # a fresh process's backbone otherwise maps its work buffers anew in every batch
     try:
         return run(args)
     except UsageError as exc:

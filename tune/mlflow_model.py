@@ -380,7 +380,9 @@ class VPDMPyfuncModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         from vpdm.inference.detector import Detector
+        from vpdm.runtime.allocator import keep_large_buffers
 
+        keep_large_buffers()  # the serving process scores batch after batch: keep the backbone's work buffers
         config = {**DEFAULT_MODEL_CONFIG, **(getattr(context, "model_config", None) or {})}
         self.batch_size = int(config["batch_size"])
         self.detector = Detector.from_checkpoint(context.artifacts["checkpoint"], device=config["device"])

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from vpdm.errors import ConfigError, VPDMError
+from vpdm.runtime.allocator import keep_large_buffers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,6 +204,7 @@ def _emit(
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_large_buffers()  # as the command line: timings of a process set up as users' are
     try:
         from vpdm.config.presets import PRESETS
         from vpdm.config.schema import VPDMConfig

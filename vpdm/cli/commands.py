@@ -230,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
+    from vpdm.runtime.allocator import keep_large_buffers
+
     args = build_parser().parse_args(argv)
+    keep_large_buffers()  # a fresh process's backbone otherwise maps its work buffers anew in every batch
     previous = None
     if threading.current_thread() is threading.main_thread():  # only the main thread may set handlers
         previous = signal.signal(signal.SIGTERM, _terminate)
