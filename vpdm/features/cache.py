@@ -115,7 +115,8 @@ def _file_backed_buffer(folder: Path, shape: tuple[int, ...]) -> Tensor | None:
     (``posix_fallocate``) so that a full disk is an error here, not a SIGBUS on a later write."""
     if not hasattr(os, "posix_fallocate") or os.name == "nt":  # a mapped file cannot be unlinked on Windows
         return None
-    nbytes = math.prod(shape) * 4
+    count = math.prod(shape)
+    nbytes = count * 4
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=folder, prefix=".features.", suffix=".tmp")
@@ -127,7 +128,7 @@ def _file_backed_buffer(folder: Path, shape: tuple[int, ...]) -> Tensor | None:
             os.posix_fallocate(fd, 0, nbytes)
         finally:
             os.close(fd)
-        buffer = torch.from_file(name, shared=True, size=math.prod(shape), dtype=torch.float32).view(shape)
+        buffer = torch.from_file(name, shared=True, size=count, dtype=torch.float32).view(shape)
     except (OSError, RuntimeError) as exc:
         logger.info("features kept in memory: no %d-byte buffer file in %s (%s)", nbytes, folder, exc)
         buffer = None
@@ -148,37 +149,6 @@ def extract_features(
     num_workers: int = ...,
     return_info: Literal[False] = ...,
 ) -> Tensor: ...
-
-
-def _file_backed_buffer(folder: Path, shape: tuple[int, ...]) -> Tensor | None:
-    """A zeroed float32 tensor of ``shape`` whose pages are a file in ``folder`` (deleted at once, so nothing is
-    left behind if the process dies), or None where that cannot be had (the caller then uses memory).
-
-    Extraction writes into it batch by batch, so the features of a large dataset never have to fit in
-    memory: written pages go to disk under pressure as any file's do. The space is reserved up front
-    (``posix_fallocate``) so that a full disk is an error here, not a SIGBUS on a later write."""
-    if not hasattr(os, "posix_fallocate") or os.name == "nt":  # a mapped file cannot be unlinked on Windows
-        return None
-    nbytes = math.prod(shape) * 4
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=folder, prefix=".features.", suffix=".tmp")
-    except OSError as exc:
-        logger.info("features kept in memory: no buffer file in %s (%s)", folder, exc)
-        return None
-    try:
-        try:
-            os.posix_fallocate(fd, 0, nbytes)
-        finally:
-            os.close(fd)
-        buffer = torch.from_file(name, shared=True, size=math.prod(shape), dtype=torch.float32).view(shape)
-    except (OSError, RuntimeError) as exc:
-        logger.info("features kept in memory: no %d-byte buffer file in %s (%s)", nbytes, folder, exc)
-        buffer = None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(name)
-    return buffer
 
 
 @overload

@@ -4,7 +4,7 @@ glibc serves a block above ``M_MMAP_THRESHOLD`` as a fresh mapping and unmaps it
 free top to the system above ``M_TRIM_THRESHOLD``. Its default threshold adapts only up to 32 MiB, and a batch
 of 16 through the backbone needs larger buffers, so a fresh process maps, zero-fills page by page and unmaps
 them in every forward pass. On the 2-core CPU of ``benchmarks/EXPERIMENTS.md`` section 24 that took the
-EfficientNet-Lite2 backbone from 15-16 to 27-28 ms per image, and the detector end to end from 28.6 to 41.5 ms.
+EfficientNet-Lite2 backbone from 15-16 to 27-28 ms per image, and the detector end to end from 30.3 to 41.5 ms.
 A long process that happened to free such blocks earlier (the benchmark) ran fast already; this makes every
 process do so. The cost: freed memory below the threshold stays in the process for its next batch instead of
 going back to the system. Opt out with ``VPDM_KEEP_LARGE_BUFFERS=0`` (or by preloading another allocator).
