@@ -516,10 +516,19 @@ def test_runs_left_running_by_stopped_trials_are_closed(tmp_path):
     finished = RunLogger.start(uri, exp, "d_2", {"vpdm.dataset": "d"})
     finished.finish("FINISHED")
     other = RunLogger.start(uri, exp, "e_1", {"vpdm.dataset": "e"})
-    _close_unfinished_runs(uri, exp, "d")
+    # the race: Tune stopped d_3, but its trial's handler saw the Train run raise and closed the run as FAILED
+    raced = RunLogger.start(uri, exp, "d_3", {"vpdm.dataset": "d"})
+    raced.set_tags({"vpdm.status": "failed", "vpdm.error": "actor died"})
+    raced.finish("FAILED")
+    failed = RunLogger.start(uri, exp, "d_4", {"vpdm.dataset": "d"})  # a trial that really failed
+    failed.finish("FAILED")
+    _close_unfinished_runs(uri, exp, "d", stopped={"d_1", "d_3"})
     client = MlflowClient(uri)
     assert client.get_run(stopped.run_id).info.status == "KILLED"
     assert "stopped early" in client.get_run(stopped.run_id).data.tags["vpdm.status"]
+    assert client.get_run(raced.run_id).info.status == "KILLED"
+    assert client.get_run(raced.run_id).data.tags["vpdm.error"] == "actor died"  # what it said is kept
+    assert client.get_run(failed.run_id).info.status == "FAILED"
     assert client.get_run(finished.run_id).info.status == "FINISHED"
     assert client.get_run(other.run_id).info.status == "RUNNING"
     assert create_experiment.__doc__ and client.get_experiment(exp).artifact_location.startswith("file://")

@@ -460,7 +460,9 @@ def _tune_dataset(
                 example_forwards=int(m.get("pyfunc_example_forwards", 0) or 0),
             )
         )
-    _close_unfinished_runs(plan.tracking_uri, experiment_id, d.name)
+    _close_unfinished_runs(
+        plan.tracking_uri, experiment_id, d.name, stopped={t.name for t in trials if t.status == "stopped"}
+    )
 
     result = DatasetResult(
         d.name,
@@ -509,21 +511,28 @@ def _best(trials: list[TrialSummary], mode: str) -> TrialSummary | None:
     return min(done, key=lambda t: (sign * t.metric, t.val_loss if t.val_loss is not None else math.inf))
 
 
-def _close_unfinished_runs(uri: str, experiment_id: str, dataset: str) -> None:
-    """Runs of trials ASHA stopped (or that died) are still RUNNING: close them as KILLED, say why."""
+def _close_unfinished_runs(uri: str, experiment_id: str, dataset: str, stopped: set[str] = frozenset()) -> None:
+    """Runs of trials ASHA stopped (or that died) are still RUNNING: close them as KILLED, say why. A trial
+    that Tune reports as stopped may also have closed its own run as FAILED, when its Train run raised while
+    being stopped (a race between the stop and the trial's handler): that run is a stop, not a failure, so it
+    is closed as KILLED too, its error kept in ``vpdm.error``. A run whose trial really failed stays FAILED."""
     from tune.tracking import RunLogger, iter_runs, retrying
 
-    runs = (
-        retrying(
-            lambda: list(
-                iter_runs(uri, experiment_id, f"attributes.status = 'RUNNING' and tags.`vpdm.dataset` = '{dataset}'")
+    runs = [
+        run
+        for status in ("RUNNING", "FAILED")
+        for run in retrying(
+            lambda status=status: list(
+                iter_runs(uri, experiment_id, f"attributes.status = '{status}' and tags.`vpdm.dataset` = '{dataset}'")
             ),
             what="listing unfinished runs",
         )
         or []
-    )
+    ]
     for run in runs:
         if run.data.tags.get("vpdm.role") == "sweep":
+            continue
+        if run.info.status == "FAILED" and run.info.run_name not in stopped:
             continue
         log = RunLogger(uri, run.info.run_id)
         log.set_tags({"vpdm.status": "stopped early by ASHA (or killed); no final evaluation"})
