@@ -116,6 +116,21 @@ def test_both_detectors_are_evaluated_with_the_same_metrics(bench_run):
     assert comp["delta_pt"] == pytest.approx(100 * (comp["vpdm"] - comp["baseline"]))
 
 
+def test_patchcore_is_also_reported_at_its_published_blur_when_vpdms_differs(bench_run):
+    """The tiny run blurs with sigma 1: PatchCore is scored a second time at its own sigma 4 (the same bank),
+    beside the shared-blur row, so that a change of VPDM's blur cannot flatter the comparison."""
+    out, doc = bench_run
+    own = doc["baseline"]["published_blur"]
+    assert doc["config"]["scoring"]["blur_sigma"] == 1.0 and own["blur_sigma"] == 4.0
+    assert set(own["metrics"]["per_class"]) == {"demo/blobs", "demo/grid"}
+    assert list(own["defect_sizes"]["mean"]) == ["small", "medium", "large"]
+    # another blur of the same maps: the pixel ranking moves, the metric code is the same
+    assert own["metrics"]["mean"]["pixel_ap"] != doc["baseline"]["metrics"]["mean"]["pixel_ap"]
+    md = (out / "results.md").read_text()
+    assert "| mean | VPDM `default` | PatchCore (blur 4) | VPDM - PatchCore (pt) |" in md
+    assert "| PatchCore (blur 4) | image AUROC |" in md
+
+
 def test_defect_size_table_covers_every_detector_and_every_defect_region(bench_run):
     """Every detector gets AUPRO / pixel recall per size stratum; the strata's regions add up to the
     connected defect regions of the test masks (counted here with scipy), and results.md shows the table."""
@@ -464,6 +479,42 @@ def test_leave_one_out_view_and_the_adoption_rule(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text("{}\n")
     assert loo_main([str(tmp_path / "bad.jsonl")]) == 2
     assert "is not a line of vpdm.bench.screen --json" in capsys.readouterr().err
+
+
+def test_leave_one_out_can_choose_by_aupro_and_pixel_ap_too(tmp_path, capsys):
+    """Y trades 0.1 pt of image AUROC for 2 pt of AUPRO and pixel AP on every category: the rule's criterion
+    (image + pixel AUROC) keeps X, a criterion that counts AUPRO and AP picks Y; an unknown or unmeasured
+    metric is refused by name."""
+    from vpdm.bench.loo import aggregate, leave_one_out, read_rows
+    from vpdm.bench.loo import main as loo_main
+
+    def line(label, seed, image, extra):
+        per_class = {
+            c: {"image_auroc": image, "pixel_auroc": 0.9, "aupro": 0.8 + extra, "pixel_ap": 0.5 + extra} for c in "abc"
+        }
+        return json.dumps(
+            {"label": label, "seed": seed, "overrides": [], "variant": [], "metrics": {"per_class": per_class}}
+        )
+
+    path = tmp_path / "screen.jsonl"
+    path.write_text("\n".join(line(n, s, i, e) for s in (0, 1, 2) for n, i, e in (("X", 0.9, 0.0), ("Y", 0.899, 0.02))))
+    settings = aggregate(read_rows([str(path)]))
+    assert settings["Y"]["per_class"]["a"]["aupro"] == pytest.approx(0.82)
+    assert {r["chosen"] for r in leave_one_out(settings, "X")} == {"X"}
+    view = leave_one_out(settings, "X", ("image_auroc", "pixel_auroc", "aupro", "pixel_ap"))
+    assert {r["chosen"] for r in view} == {"Y"}
+    assert view[0]["held_out_criterion"]["pixel_ap"] == pytest.approx(0.52)
+    assert view[0]["reference_criterion"]["pixel_ap"] == pytest.approx(0.5)
+    assert loo_main([str(path), "--criterion", "image_auroc,pixel_auroc,aupro,pixel_ap"]) == 0
+    out = capsys.readouterr().out
+    assert "the others choose by the mean of image_auroc, pixel_auroc, aupro, pixel_ap" in out
+    assert "| a | Y | 89.9 / 90.0 / 82.0 / 52.0 | 90.0 / 90.0 / 80.0 / 50.0 |" in out
+    assert loo_main([str(path), "--criterion", "image_auroc,f1"]) == 2
+    assert "--criterion 'f1' is not a metric" in capsys.readouterr().err
+    old = tmp_path / "old.jsonl"
+    old.write_text(_screen_line("X", 0, {"a": (0.9, 0.9), "b": (0.9, 0.9)}) + "\n")
+    assert loo_main([str(old), "--criterion", "image_auroc,aupro"]) == 2
+    assert "setting 'X' has no aupro for 'a'" in capsys.readouterr().err
 
 
 def test_the_predict_memory_benchmark_prints_a_peak_per_count(capsys):

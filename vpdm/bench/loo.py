@@ -9,9 +9,10 @@ averages each setting over its seeds, and prints three views:
   a setting passes when no category loses more than ``--tolerance`` points of image or pixel AUROC
   and it was measured on at least ``--min-seeds`` seeds;
 * the leave-one-category-out view: for each category, the setting that the *other* categories
-  would pick (best mean image + pixel AUROC over them), and what the left-out category then scores
-  against the reference. A default bought by one category shows up here as a choice that the
-  others would not have made, or as a left-out category that loses.
+  would pick (best mean image + pixel AUROC over them; ``--criterion`` adds AUPRO and pixel AP, which
+  the rule does not see), and what the left-out category then scores against the reference. A
+  default bought by one category shows up here as a choice that the others would not have made, or
+  as a left-out category that loses.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any
 
 from vpdm.errors import ConfigError, VPDMError
 
-KEYS = ("image_auroc", "pixel_auroc")
+KEYS = ("image_auroc", "pixel_auroc")  # the adoption rule's metrics
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")  # what a criterion may choose by
 BASELINE = "PatchCore"  # the screen's --baseline rows: shown for comparison, never chosen
 
 
@@ -85,7 +87,14 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for label, seeds in by_seed.items():
         cats = sorted(set.intersection(*(set(pc) for pc in seeds.values())))
-        per_class = {c: {k: sum(seeds[s][c][k] for s in seeds) / len(seeds) for k in KEYS} for c in cats}
+        per_class = {
+            c: {
+                k: sum(seeds[s][c][k] for s in seeds) / len(seeds)
+                for k in METRIC_KEYS
+                if all(seeds[s][c].get(k) is not None for s in seeds)
+            }
+            for c in cats
+        }
         out[label] = {"seeds": sorted(seeds), "per_class": per_class}
     return out
 
@@ -95,19 +104,36 @@ def _mean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def leave_one_out(settings: dict[str, dict[str, Any]], reference: str) -> list[dict[str, Any]]:
-    """For each category: the setting the others pick (best mean of image + pixel AUROC over the other
-    categories, among settings measured on every category) and the left-out category's figures."""
+def check_criterion(settings: dict[str, dict[str, Any]], criterion: Sequence[str]) -> None:
+    """Every metric of the criterion is known and was measured for every setting and category."""
+    if not criterion:
+        raise ConfigError(f"--criterion is empty; expected some of {', '.join(METRIC_KEYS)}")
+    for key in criterion:
+        if key not in METRIC_KEYS:
+            raise ConfigError(f"--criterion {key!r} is not a metric the view knows; expected some of {METRIC_KEYS}")
+        for label, s in settings.items():
+            missing = [c for c, m in s["per_class"].items() if key not in m]
+            if missing:
+                raise ConfigError(f"--criterion {key!r}: setting {label!r} has no {key} for {missing[0]!r}")
+
+
+def leave_one_out(
+    settings: dict[str, dict[str, Any]], reference: str, criterion: Sequence[str] = KEYS
+) -> list[dict[str, Any]]:
+    """For each category: the setting the others pick (best mean of the ``criterion`` metrics, by default
+    image + pixel AUROC, over the other categories, among settings measured on every category) and the
+    left-out category's figures."""
     cats = sorted(set.intersection(*(set(s["per_class"]) for s in settings.values())))
     if len(cats) < 2:
         raise ConfigError("the leave-one-out view needs at least two categories measured by every setting")
+    check_criterion(settings, criterion)
     out = []
     for held in cats:
         others = [c for c in cats if c != held]
 
         def merit(label: str, others: list[str] = others) -> float:
             pc = settings[label]["per_class"]
-            return _mean([(pc[c]["image_auroc"] + pc[c]["pixel_auroc"]) / 2 for c in others])
+            return _mean([sum(pc[c][k] for k in criterion) / len(criterion) for c in others])
 
         chosen = max((label for label in settings if label != BASELINE), key=merit)
         pc, ref = settings[chosen]["per_class"][held], settings[reference]["per_class"][held]
@@ -120,6 +146,8 @@ def leave_one_out(settings: dict[str, dict[str, Any]], reference: str) -> list[d
                 "held_out_pixel": pc["pixel_auroc"],
                 "reference_image": ref["image_auroc"],
                 "reference_pixel": ref["pixel_auroc"],
+                "held_out_criterion": {k: pc[k] for k in criterion},
+                "reference_criterion": {k: ref[k] for k in criterion},
             }
         )
     return out
@@ -145,19 +173,30 @@ def adoption(
     return out
 
 
-def report(settings: dict[str, dict[str, Any]], reference: str, tolerance: float, min_seeds: int) -> str:
+def report(
+    settings: dict[str, dict[str, Any]],
+    reference: str,
+    tolerance: float,
+    min_seeds: int,
+    criterion: Sequence[str] = KEYS,
+) -> str:
     cats = sorted(set.intersection(*(set(s["per_class"]) for s in settings.values())))
     short = [c.split("/", 1)[-1] for c in cats]
+    shown = list(KEYS) + [k for k in criterion if k not in KEYS]
+    names = " / ".join(
+        k.replace("_", " ").replace("auroc", "AUROC").replace("aupro", "AUPRO").replace(" ap", " AP") for k in shown
+    )
     lines = [
-        "## Per category (image / pixel AUROC, %, mean over seeds)",
+        f"## Per category ({names}, %, mean over seeds)",
         "",
         "| setting | seeds | mean | " + " | ".join(short) + " |",
         "|---|---|---|" + "---|" * len(cats),
     ]
+    check_criterion(settings, criterion)
     for label, s in settings.items():
         pc = s["per_class"]
-        mean = "/".join(f"{100 * _mean([pc[c][k] for c in cats]):.1f}" for k in KEYS)
-        cells = " | ".join("/".join(f"{100 * pc[c][k]:.1f}" for k in KEYS) for c in cats)
+        mean = "/".join(f"{100 * _mean([pc[c][k] for c in cats]):.1f}" for k in shown)
+        cells = " | ".join("/".join(f"{100 * pc[c][k]:.1f}" for k in shown) for c in cats)
         lines.append(f"| {label} | {','.join(map(str, s['seeds']))} | {mean} | {cells} |")
     rule = adoption(settings, reference, tolerance, min_seeds)
     lines += [
@@ -176,18 +215,19 @@ def report(settings: dict[str, dict[str, Any]], reference: str, tolerance: float
             f"{r['worst_pt']['image_auroc']:+.2f} / {r['worst_pt']['pixel_auroc']:+.2f} | "
             f"{'yes' if r['passes'] else 'no'} |"
         )
+    chooser = "mean image + pixel AUROC" if list(criterion) == list(KEYS) else f"the mean of {', '.join(criterion)}"
     lines += [
         "",
-        "## Leave one category out (the others choose by mean image + pixel AUROC)",
+        f"## Leave one category out (the others choose by {chooser})",
         "",
-        "| left out | chosen by the others | left out: chosen image / pixel | left out: reference image / pixel |",
+        f"| left out | chosen by the others | left out: chosen {names} | left out: reference {names} |",
         "|---|---|---|---|",
     ]
-    for r in leave_one_out(settings, reference):
+    for r in leave_one_out(settings, reference, criterion):
+        pc, ref = settings[r["chosen"]]["per_class"][r["held_out"]], settings[reference]["per_class"][r["held_out"]]
         lines.append(
-            f"| {r['held_out']} | {r['chosen']} | {100 * r['held_out_image']:.1f} / "
-            f"{100 * r['held_out_pixel']:.1f} | {100 * r['reference_image']:.1f} / "
-            f"{100 * r['reference_pixel']:.1f} |"
+            f"| {r['held_out']} | {r['chosen']} | {' / '.join(f'{100 * pc[k]:.1f}' for k in shown)} | "
+            f"{' / '.join(f'{100 * ref[k]:.1f}' for k in shown)} |"
         )
     return "\n".join(lines)
 
@@ -204,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tolerance", type=float, default=0.5, help="points a category may lose (default 0.5)")
     p.add_argument("--min-seeds", type=int, default=3, help="seeds a setting needs to pass (default 3)")
+    p.add_argument(
+        "--criterion",
+        default=",".join(KEYS),
+        help="comma-separated metrics the others choose by in the leave-one-out view, among "
+        f"{', '.join(METRIC_KEYS)} (default: {','.join(KEYS)}, the adoption rule's)",
+    )
     return p
 
 
@@ -218,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
             settings = {
                 k: v for k, v in settings.items() if k in (reference, BASELINE) or any(o in k for o in args.only)
             }
-        print(report(settings, reference, args.tolerance, args.min_seeds))
+        criterion = [k.strip() for k in args.criterion.split(",") if k.strip()]
+        print(report(settings, reference, args.tolerance, args.min_seeds, criterion))
         return 0
     except VPDMError as exc:
         print(f"vpdm.bench.loo: error: {exc}", file=sys.stderr)
