@@ -38,6 +38,8 @@ PAPER: dict[str, Any] = {
     "scoring.distance": "l2",
     "scoring.feature_space": "normalised",
     "scoring.image_score": "max_pool",
+    "scoring.blur_sigma": 4.0,
+    "scoring.pool_size": 16,
     "scoring.aggregate": 1,
     "scoring.pools": [1],
     "scoring.image_pools": None,

@@ -38,9 +38,10 @@ class ScoringConfig:
     ``image_score="top_k"`` is the mean of the ``top_k_percent`` largest map pixels (Dinomaly: 1 %).
     """
 
-    blur_sigma: float = (
-        4.0  # Gaussian blur of the upsampled map, in output pixels (common practice: 4 at 224px); 0 = off
-    )
+    # Gaussian blur of the upsampled map, in output pixels; 0 = off. Common practice (and the paper preset) is
+    # 4 at 224 px; 2 keeps more of the fine term's sharpness: AUPRO +0.4-0.5, pixel AP +0.4, small-defect
+    # recall +0.9-1.2 over three seeds, no category's image or pixel AUROC below -0.2 (EXPERIMENTS #128).
+    blur_sigma: float = 2.0
     pool_size: int = 16  # image score = max of the map average-pooled with this window (output pixels)
     map_size: int | None = None  # output map size; None = the image size
     distance: str = "l2"
