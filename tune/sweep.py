@@ -511,7 +511,9 @@ def _best(trials: list[TrialSummary], mode: str) -> TrialSummary | None:
     return min(done, key=lambda t: (sign * t.metric, t.val_loss if t.val_loss is not None else math.inf))
 
 
-def _close_unfinished_runs(uri: str, experiment_id: str, dataset: str, stopped: set[str] = frozenset()) -> None:
+def _close_unfinished_runs(
+    uri: str, experiment_id: str, dataset: str, stopped: frozenset[str] | set[str] = frozenset()
+) -> None:
     """Runs of trials ASHA stopped (or that died) are still RUNNING: close them as KILLED, say why. A trial
     that Tune reports as stopped may also have closed its own run as FAILED, when its Train run raised while
     being stopped (a race between the stop and the trial's handler): that run is a stop, not a failure, so it

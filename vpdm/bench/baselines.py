@@ -22,23 +22,42 @@ def fit_baseline(config: PatchCoreConfig, features: Tensor, device: torch.device
     return pc
 
 
+def _postprocess_batch(raw: Tensor, map_size: int, scoring: ScoringConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Image scores (VPDM's method), maps at ``map_size`` and the plain-max image scores of raw distance maps."""
+    maps = postprocess_maps(raw, map_size, scoring.blur_sigma)
+    return score_maps(maps, scoring), maps, maps.flatten(1).amax(dim=1)
+
+
 def baseline_batch(
     pc: PatchCore, features: Tensor, map_size: int, scoring: ScoringConfig
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Image scores (VPDM's method), maps at ``map_size`` and the plain-max image scores of one batch."""
-    maps = postprocess_maps(pc.anomaly_maps(features), map_size, scoring.blur_sigma)
-    return score_maps(maps, scoring), maps, maps.flatten(1).amax(dim=1)
+    return _postprocess_batch(pc.anomaly_maps(features), map_size, scoring)
 
 
 @torch.no_grad()
-def score_baseline(
-    pc: PatchCore, features: Tensor, map_size: int, scoring: ScoringConfig, batch: int
+def baseline_raw_maps(pc: PatchCore, features: Tensor, batch: int) -> Tensor:
+    """PatchCore's nearest-neighbour distance maps at the features' resolution (the costly part), batch by
+    batch, so that several post-processings can share one search."""
+    return torch.cat([pc.anomaly_maps(features[start : start + batch]) for start in range(0, len(features), batch)])
+
+
+@torch.no_grad()
+def score_baseline_maps(
+    raw: Tensor, map_size: int, scoring: ScoringConfig, batch: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`baseline_batch` over all features, as numpy arrays."""
+    """Image scores, maps and plain-max scores of :func:`baseline_raw_maps`' maps, as numpy arrays."""
     scores, maps, plain = [], [], []
-    for start in range(0, len(features), batch):
-        s, m, p = baseline_batch(pc, features[start : start + batch], map_size, scoring)
+    for start in range(0, len(raw), batch):
+        s, m, p = _postprocess_batch(raw[start : start + batch], map_size, scoring)
         scores.append(s.cpu())
         maps.append(m.cpu())
         plain.append(p.cpu())
     return torch.cat(scores).numpy(), torch.cat(maps).numpy(), torch.cat(plain).numpy()
+
+
+def score_baseline(
+    pc: PatchCore, features: Tensor, map_size: int, scoring: ScoringConfig, batch: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`baseline_batch` over all features, as numpy arrays."""
+    return score_baseline_maps(baseline_raw_maps(pc, features, batch), map_size, scoring, batch)

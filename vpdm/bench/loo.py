@@ -28,7 +28,9 @@ from typing import Any
 from vpdm.errors import ConfigError, VPDMError
 
 KEYS = ("image_auroc", "pixel_auroc")  # the adoption rule's metrics
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")  # what a criterion may choose by
+# What a criterion may choose by, with the names the tables give them.
+METRIC_NAMES = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO", "pixel_ap": "pixel AP"}
+METRIC_KEYS = tuple(METRIC_NAMES)
 BASELINE = "PatchCore"  # the screen's --baseline rows: shown for comparison, never chosen
 
 
@@ -183,16 +185,14 @@ def report(
     cats = sorted(set.intersection(*(set(s["per_class"]) for s in settings.values())))
     short = [c.split("/", 1)[-1] for c in cats]
     shown = list(KEYS) + [k for k in criterion if k not in KEYS]
-    names = " / ".join(
-        k.replace("_", " ").replace("auroc", "AUROC").replace("aupro", "AUPRO").replace(" ap", " AP") for k in shown
-    )
+    check_criterion(settings, criterion)
+    names = " / ".join(METRIC_NAMES[k] for k in shown)
     lines = [
         f"## Per category ({names}, %, mean over seeds)",
         "",
         "| setting | seeds | mean | " + " | ".join(short) + " |",
         "|---|---|---|" + "---|" * len(cats),
     ]
-    check_criterion(settings, criterion)
     for label, s in settings.items():
         pc = s["per_class"]
         mean = "/".join(f"{100 * _mean([pc[c][k] for c in cats]):.1f}" for k in shown)

@@ -22,7 +22,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vpdm.bench.baselines import PATCHCORE_PUBLISHED_BLUR_SIGMA, baseline_batch, fit_baseline, score_baseline
+from vpdm.bench.baselines import (
+    PATCHCORE_PUBLISHED_BLUR_SIGMA,
+    baseline_batch,
+    baseline_raw_maps,
+    fit_baseline,
+    score_baseline,
+    score_baseline_maps,
+)
 from vpdm.bench.measure import _peak_rss_mb, time_interleaved, versions
 from vpdm.bench.presets import ABLATIONS, PAPER_TABLE3, PRESET_DESCRIPTIONS, PRESETS, build_config
 from vpdm.bench.report import METRICS, _clean, _pct
@@ -316,7 +323,8 @@ class Bench:
         pc = fit_baseline(self.pc_config, fit.features, device)
         fit_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
-        pc_scores, pc_maps, pc_max = self._score_baseline(pc, test.features)
+        pc_raw = baseline_raw_maps(pc, test.features, cfg.train.batch_size)  # one search for every blur below
+        pc_scores, pc_maps, pc_max = score_baseline_maps(pc_raw, self.map_size, cfg.scoring, cfg.train.batch_size)
         pc_seconds = time.perf_counter() - t0
         pc_decision = None
         if held is not None:  # the same quantile rule on the same held-out images, with PatchCore's own scores
@@ -339,13 +347,14 @@ class Bench:
         del pc_maps
         if cfg.scoring.blur_sigma != PATCHCORE_PUBLISHED_BLUR_SIGMA:
             own = dataclasses.replace(cfg.scoring, blur_sigma=PATCHCORE_PUBLISHED_BLUR_SIGMA)
-            own_scores, own_maps, _ = score_baseline(pc, test.features, self.map_size, own, cfg.train.batch_size)
+            own_scores, own_maps, _ = score_baseline_maps(pc_raw, self.map_size, own, cfg.train.batch_size)
             doc["baseline"]["published_blur"] = {
                 "blur_sigma": PATCHCORE_PUBLISHED_BLUR_SIGMA,
                 "metrics": self._metrics(own_scores, own_maps),
                 "defect_sizes": self._defect_sizes(own_maps),
             }
             del own_maps
+        del pc_raw
         self.log(
             f"  PatchCore bank {pc.bank.shape[0]} (fit {fit_seconds:.0f}s): image AUROC "
             f"{_pct(doc['baseline']['metrics']['mean']['image_auroc'], 2)}  pixel AUROC "
