@@ -361,6 +361,8 @@ def test_evaluate_precision_option_gives_float32_like_metrics(checkpoint, tmp_pa
     assert "device cpu, inference.precision bf16" in out
     # the thresholds were calibrated in float32: the command says they may not hold
     assert "inference.precision differ from the settings the thresholds were calibrated with" in err
+    # and what to do about it is something the commands accept (calibrate refuses --set of these settings)
+    assert "train with them, or give your own with --image-threshold" in err and "run 'vpdm calibrate'" not in err
     fp32 = json.loads((tmp_path / "fp32.json").read_text())["metrics"]["mean"]
     bf16 = json.loads((tmp_path / "bf16.json").read_text())["metrics"]["mean"]
     # a random-init backbone near chance (image AUROC 0.60 on 36 images): bf16 moved it by 0.065 with the fine

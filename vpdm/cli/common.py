@@ -39,7 +39,8 @@ def warn_settings(calibration, config) -> None:
     if differ:
         print(
             f"warning: {', '.join(differ)} differ from the settings the thresholds were calibrated with; "
-            "the decisions may not hold (run 'vpdm calibrate' with them)",
+            "the decisions may not hold ('vpdm calibrate' calibrates a checkpoint's own settings only: for "
+            "thresholds that fit these, train with them, or give your own with --image-threshold / --pixel-threshold)",
             file=sys.stderr,
         )
 
