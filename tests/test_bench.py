@@ -156,7 +156,14 @@ def test_defect_size_table_covers_every_detector_and_every_defect_region(bench_r
     regions = sum(ndimage.label(m, structure=np.ones((3, 3)))[1] for m in masks)
     for d in sizes:
         assert sum(r["regions"] for r in d["mean"].values()) == regions > 0
-    assert "## Defect sizes" in (out / "results.md").read_text()
+    text = (out / "results.md").read_text()
+    assert "## Defect sizes" in text
+    # each class's row of the recall table names the regions per stratum its figures rest on
+    per_class = doc["vpdm"]["defect_sizes"]["per_class"]
+    for cat, strata in per_class.items():
+        counts = " / ".join(str(strata[k]["regions"]) for k in ("small", "medium", "large"))
+        assert f"| {cat} ({counts}) |" in text
+    assert sum(s["regions"] for strata in per_class.values() for s in strata.values()) == regions
 
 
 def test_both_detectors_decide_at_thresholds_calibrated_on_held_out_train_images(bench_run):

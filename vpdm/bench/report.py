@@ -81,6 +81,17 @@ def _size_table(doc: dict[str, Any]) -> list[str]:
     for cat in first["per_class"]:
         cells = [" / ".join(_pct(d["per_class"][cat][k]["aupro"]) for k in d["per_class"][cat]) for _, d in runs]
         lines.append(f"| {cat} | " + " | ".join(cells) + " |")
+    # The stratum means weigh every class alike, however few regions it has: the regions per class say which
+    # classes a mean rests on.
+    lines += [
+        "",
+        "| class: small / medium / large pixel recall (regions) | " + " | ".join(n for n, _ in runs) + " |",
+        "|---|" + "---|" * len(runs),
+    ]
+    for cat, strata in first["per_class"].items():
+        counts = " / ".join(str(strata[k]["regions"]) for k in strata)
+        cells = [" / ".join(_pct(d["per_class"][cat][k]["pixel_recall"]) for k in d["per_class"][cat]) for _, d in runs]
+        lines.append(f"| {cat} ({counts}) | " + " | ".join(cells) + " |")
     return lines
 
 
