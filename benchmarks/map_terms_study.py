@@ -13,6 +13,9 @@ map, and upsampling and blur are linear, so every weighting is scored from two p
   same on *same-class pseudo-defects* of up to 64 normal training images per class (``tune.features``'s
   feature-space defects, their squares as masks: a choice that needs no defect), each choice's full metrics,
   and the small- / medium-defect pixel recall per class and weight.
+* ``labelled``: the weight per class chosen on labelled defects (as a user with a labelled validation set could):
+  each class's test images split in two alternate halves, w chosen on one by pixel AUROC or AP, measured on the
+  other, both ways and averaged, against w = 0.5 on the same halves.
 * ``positions``: each term standardised by its mean (and optionally std, shrunk half-way to the class's) at each
   feature position over the class's training images, instead of one mean / std per class; the map alone, then
   also the image score from the standardised terms (coarse 4 + fine 1 + fine 4, as the default's image terms).
@@ -45,7 +48,7 @@ from vpdm.model.scoring import l2_block_term, local_average, postprocess_maps, s
 from vpdm.training import engine  # noqa: E402
 
 WEIGHTS = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8, 1.0)
-STUDIES = ("weights", "positions", "aggregate")
+STUDIES = ("weights", "labelled", "positions", "aggregate")
 
 
 class Study:
@@ -177,6 +180,54 @@ class Study:
             )
             print(f"  w={w}: {cells} | mean small {100 * sizes['mean']['small']['pixel_recall']:.1f}", flush=True)
 
+    def labelled(self) -> None:
+        """A weight per class chosen on labelled defects of that class, measured on others: each class's test
+        images (normal and defective, alternately) in two halves; w chosen on one half by pixel AUROC or AP,
+        metrics on the other, both ways, averaged; against w = 0.5 on the same halves."""
+        test = self.raw_terms(self.test.features)
+        z = self.checkpoint_z(test)
+        scores = score_maps(torch.from_numpy(self.post((z["c4"] + z["f1"] + z["f4"]) / 3)), self.scoring).numpy()
+        coarse, fine = self.post(z["c4"]), self.post(z["f1"])
+        cats, labels = np.array(self.cats), np.asarray(self.labels)
+        half = np.zeros(len(cats), dtype=int)
+        for c in self.classes:
+            for label in (0, 1):
+                idx = np.flatnonzero((cats == c) & (labels == label))
+                half[idx[1::2]] = 1
+        keys = ("image_auroc", "pixel_auroc", "aupro", "pixel_ap")
+        for k, metric in ((None, "w = 0.5"), (0, "pixel AUROC"), (1, "pixel AP")):
+            totals, chosen_all = [], []
+            for choose in (0, 1):
+                pick, measure = np.flatnonzero(half == choose), np.flatnonzero(half != choose)
+                chosen = {}
+                for c in self.classes:
+                    idx = pick[cats[pick] == c]
+                    if k is None:
+                        chosen[c] = 0.5
+                        continue
+                    values = []
+                    for w in WEIGHTS:
+                        m = w * coarse[idx] + (1 - w) * fine[idx]
+                        values.append(pixel_auroc(self.masks[idx], m) if k == 0 else pixel_ap(self.masks[idx], m))
+                    chosen[c] = WEIGHTS[int(np.argmax(values))]
+                chosen_all.append(chosen)
+                maps = np.empty((len(measure),) + coarse.shape[1:], dtype=coarse.dtype)
+                for c in self.classes:
+                    where = np.flatnonzero(cats[measure] == c)
+                    maps[where] = chosen[c] * coarse[measure[where]] + (1 - chosen[c]) * fine[measure[where]]
+                m = compute_metrics(labels[measure], scores[measure], self.masks[measure], maps, cats[measure])
+                sizes = defect_size_metrics(self.masks[measure], maps, cats[measure])
+                totals.append((m, sizes))
+            mean = "/".join(f"{100 * np.mean([t[0]['mean'][key] for t in totals]):.1f}" for key in keys)
+            per = " ".join(
+                f"{c.split('/')[-1][:6]} "
+                + "/".join(f"{100 * np.mean([t[0]['per_class'][c][key] for t in totals]):.1f}" for key in keys)
+                + f" w {chosen_all[0][c]}|{chosen_all[1][c]}"
+                for c in self.classes
+            )
+            small = np.mean([t[1]["mean"]["small"]["pixel_recall"] for t in totals])
+            print(f"chosen by {metric} on the other half: {mean} | {per} | small recall {100 * small:.1f}", flush=True)
+
     def positions(self, per_class: int) -> None:
         test = self.raw_terms(self.test.features)
         stats = []
@@ -253,10 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     study = Study(args.checkpoint, args.data)
-    for name in ("weights", "positions"):  # aggregate last: it replaces the model's fine prototypes
+    for name in ("weights", "labelled", "positions"):  # aggregate last: it replaces the model's fine prototypes
         if name in studies:
             print(f"== {name}", flush=True)
-            study.weights() if name == "weights" else study.positions(args.per_class)
+            if name == "positions":
+                study.positions(args.per_class)
+            else:
+                getattr(study, name)()
     if "aggregate" in studies:
         print("== aggregate", flush=True)
         study.aggregate(args.window, args.per_class)
