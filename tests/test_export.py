@@ -414,3 +414,9 @@ def test_a_per_class_routed_model_reloads_and_exports_with_the_same_scores(tiny_
     path = export_onnx(detector, out).path
     expected, got = detector.analyse(demo_images), OnnxDetector(path).analyse(demo_images)
     assert relative_difference((expected.scores, expected.maps), (got.scores, got.maps)) <= PARITY_TOLERANCE
+    # map weights per class (calibration.choose_map_weights) are read by the graph as by torch
+    detector.model.set_map_weights(torch.tensor([0.0, 1.0]))
+    weighted = export_onnx(detector, out.with_name("weighted.onnx")).path
+    expected_w, got_w = detector.analyse(demo_images), OnnxDetector(weighted).analyse(demo_images)
+    assert relative_difference((expected_w.scores, expected_w.maps), (got_w.scores, got_w.maps)) <= PARITY_TOLERANCE
+    assert relative_difference((expected.scores, expected.maps), (got_w.scores, got_w.maps)) > 100 * PARITY_TOLERANCE

@@ -544,3 +544,52 @@ def test_standardised_scores_refuse_other_distances_and_unfitted_models():
     again = VPDM(C, S, fitted.config)
     again.load_state_dict(fitted.state_dict())
     assert torch.equal(again.term_mean, fitted.term_mean) and again.term_mean.shape[0] == 2
+
+
+def test_map_weights_per_class_weigh_the_coarse_against_the_fine_terms(tmp_path):
+    """With map weights the map is w * coarse z + (1 - w) * fine z, w of each image's class (closed form from the
+    terms); the image score keeps its own terms; 0.5 with one term of each is the plain mean; the weights survive a
+    checkpoint, and a checkpoint written before them loads without any."""
+    from vpdm.inference.checkpoint import load_checkpoint, save_checkpoint
+    from vpdm.model.scoring import postprocess_maps, term_map
+
+    model, feats, classes, sampling, scoring = _fine_model()
+    fine, _ = model.fine_condition(feats)
+    x, rec = model.normalise(feats), model.reconstruct(feats, sampling)
+
+    def standardised(branch, p):
+        j = model.stat_terms.index((branch, p))
+        t = term_map(x, rec if branch == "coarse" else fine, p, scoring)
+        return (t - model.term_mean[classes, j].view(-1, 1, 1)) / model.term_std[classes, j].view(-1, 1, 1)
+
+    plain_scores, plain_maps = model.detect(feats, sampling, scoring, 16)
+    model.set_map_weights(torch.tensor([0.2, 0.9]))
+    w = torch.tensor([0.2, 0.9])[classes].view(-1, 1, 1)
+    want = postprocess_maps(w * standardised("coarse", 4) + (1 - w) * standardised("fine", 1), 16, 1.0)
+    scores, maps = model.detect(feats, sampling, scoring, 16)
+    torch.testing.assert_close(maps, want, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(maps, plain_maps, atol=1e-3)
+    torch.testing.assert_close(scores, plain_scores)  # the image score's terms are not the map's
+    model.set_map_weights(torch.tensor([0.5, 0.5]))
+    torch.testing.assert_close(model.detect(feats, sampling, scoring, 16)[1], plain_maps, rtol=1e-5, atol=1e-5)
+    for bad, needle in (([0.5], "one per row"), ([0.5, 1.5], r"\[0, 1\]"), ([float("nan"), 0.5], r"\[0, 1\]")):
+        with pytest.raises(ConfigError, match=needle):
+            model.set_map_weights(torch.tensor(bad))
+
+    model.set_map_weights(torch.tensor([0.0, 1.0]))
+    config = VPDMConfig(model=model.config, sampling=sampling, scoring=scoring)
+    path = save_checkpoint(tmp_path / "weighted.pt", model, config, categories=["a", "b"])
+    loaded, _, _ = load_checkpoint(path)
+    assert loaded.map_weight.tolist() == [0.0, 1.0]
+    torch.testing.assert_close(
+        loaded.detect(feats, sampling, scoring, 16)[1], model.detect(feats, sampling, scoring, 16)[1]
+    )
+    payload = torch.load(path, weights_only=True)
+    del payload["state_dict"]["map_weight"]  # as written before map weights existed
+    torch.save(payload, path)
+    before, _, _ = load_checkpoint(path)
+    assert before.map_weight.numel() == 0
+    torch.testing.assert_close(before.detect(feats, sampling, scoring, 16)[1], plain_maps)
+    # statistics fitted anew: weights chosen on the old ones are dropped
+    model.fit_statistics(feats, classes, sampling, scoring, per_class=6, batch_size=4)
+    assert model.map_weight.numel() == 0

@@ -224,6 +224,7 @@ def scores_and_maps(
     size: int,
     fine: Tensor | None = None,
     statistics: TermStatistics | None = None,
+    map_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Image scores (B,) and post-processed anomaly maps (B x size x size).
 
@@ -231,7 +232,9 @@ def scores_and_maps(
     prototypes, of their condition ``fine`` (``fine_pools``). The map combines the map terms, the image
     score the image terms (:meth:`ScoringConfig.image_terms`; when they are the map's, the map itself):
     ``weighted`` as :func:`distance_map`, ``standardised`` as the mean of (term - mean) / std with the
-    ``statistics(branch, p)`` of each image's class (``branch`` "coarse" or "fine")."""
+    ``statistics(branch, p)`` of each image's class (``branch`` "coarse" or "fine"). ``map_weights`` ((B,) or
+    (1,), standardised only): the map is ``w * mean(coarse z) + (1 - w) * mean(fine z)`` instead of the mean of
+    all its terms, where it has terms of both (the image score's own terms keep their mean)."""
     postprocess = functools.partial(postprocess_maps, size=size, blur_sigma=config.blur_sigma)
     if fine is None and (config.fine_pools or config.image_terms()[1]):
         raise ConfigError(
@@ -245,19 +248,27 @@ def scores_and_maps(
         )
     term = TermMaps(features, reconstruction, fine, config)
 
-    def combined(coarse: tuple[int, ...], fine_pools: tuple[int, ...]) -> Tensor:
-        keys = [("coarse", p) for p in coarse] + [("fine", p) for p in fine_pools]
-        if config.combine == "weighted":
-            return sum(p * term(branch, p) for branch, p in keys) / len(keys)
+    def standardised(branch: str, pools: tuple[int, ...]) -> Tensor:
         total = None
-        for branch, p in keys:
+        for p in pools:
             mean, std = statistics(branch, p)
             z = (term(branch, p) - mean.view(-1, 1, 1)) / std.view(-1, 1, 1)
             total = z if total is None else total + z
-        return total / len(keys)
+        return total
+
+    def combined(coarse: tuple[int, ...], fine_pools: tuple[int, ...], weights: Tensor | None = None) -> Tensor:
+        keys = [("coarse", p) for p in coarse] + [("fine", p) for p in fine_pools]
+        if config.combine == "weighted":
+            return sum(p * term(branch, p) for branch, p in keys) / len(keys)
+        if weights is not None and coarse and fine_pools:
+            w = weights.view(-1, 1, 1)
+            coarse_mean = standardised("coarse", coarse) / len(coarse)
+            return w * coarse_mean + (1 - w) * standardised("fine", fine_pools) / len(fine_pools)
+        parts = [standardised(branch, pools) for branch, pools in (("coarse", coarse), ("fine", fine_pools)) if pools]
+        return sum(parts) / len(keys)
 
     map_terms = (tuple(config.pools), tuple(config.fine_pools))
-    maps = postprocess(combined(*map_terms))
+    maps = postprocess(combined(*map_terms, weights=map_weights))
     image_terms = config.image_terms()
     if image_terms == map_terms:
         return score_maps(maps, config), maps

@@ -27,7 +27,7 @@ from vpdm.model.vpot import VaguePrototypes, unvague
 from vpdm.runtime.precision import autocast
 
 # Buffers added after the first checkpoints: a checkpoint without them gets these (a model saved before
-# had no short lists, no fine prototypes and no term statistics).
+# had no short lists, no fine prototypes, no term statistics and no map weights).
 ADDED_BUFFERS: tuple[str, ...] = (
     "prototypes.list_centroids",
     "prototypes.list_offsets",
@@ -36,6 +36,7 @@ ADDED_BUFFERS: tuple[str, ...] = (
     "term_mean",
     "term_std",
     "term_settings",
+    "map_weight",
 )
 
 
@@ -78,6 +79,11 @@ class VPDM(nn.Module):
         # The scoring settings the statistics hold for: distance, 0 (the retired scoring.per_stage's place),
         # feature_space, aggregate.
         self.register_buffer("term_settings", torch.zeros(4, dtype=torch.long))
+        # The weight of the reconstruction's (coarse) terms in the map, per row of the term statistics, the fine
+        # terms taking the rest: map = w * mean(coarse z) + (1 - w) * mean(fine z). Empty (the default) = the
+        # plain mean of all map terms. Chosen per class on labelled defects (`vpdm calibrate --val-data` with
+        # calibration.choose_map_weights): a class's real defects say which term finds them (EXPERIMENTS #136).
+        self.register_buffer("map_weight", torch.zeros(0))
 
     # -- set-up from training data -------------------------------------------------------------
     @torch.no_grad()
@@ -150,6 +156,35 @@ class VPDM(nn.Module):
             self.term_mean[c] = mean.float()
             self.term_std[c] = (squares / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-6).float()
         self.term_settings.copy_(torch.tensor(self._settings_key(scoring)))
+        self.map_weight = self.map_weight.new_zeros(0)  # weights chosen on other statistics no longer hold
+
+    def set_map_weights(self, weights: Tensor | None) -> None:
+        """The coarse terms' weight in the map for each row of the term statistics (None: back to the plain
+        mean of the map terms); see :attr:`map_weight`."""
+        if weights is None:
+            self.map_weight = self.map_weight.new_zeros(0)
+            return
+        rows = self.term_mean.shape[0]
+        weights = torch.as_tensor(weights, dtype=torch.float32).flatten()
+        if rows == 0 or weights.numel() != rows:
+            raise ConfigError(
+                f"map weights: expected one per row of the term statistics ({rows}: one per class the model was "
+                f"trained on), got {weights.numel()}"
+            )
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or bool((weights > 1).any()):
+            raise ConfigError(f"map weights must lie in [0, 1], got {weights.tolist()}")
+        self.map_weight = weights.to(self.term_mean.device)
+
+    def _map_weights(self, classes: Tensor | None) -> Tensor | None:
+        """Each image's coarse weight in the map (its class's row), or None when none were chosen."""
+        if self.map_weight.numel() == 0:
+            return None
+        rows = (
+            classes
+            if classes is not None and self.map_weight.shape[0] > 1
+            else torch.zeros(1, dtype=torch.long, device=self.map_weight.device)
+        )
+        return self.map_weight[rows]
 
     def _term_maps(
         self, features: Tensor, reconstruction: Tensor, fine: Tensor | None, scoring: ScoringConfig
@@ -204,6 +239,9 @@ class VPDM(nn.Module):
         saved = state.get(prefix + "term_mean")
         if isinstance(saved, Tensor) and saved.ndim == 2:
             self.resize_statistics(saved.shape[0])
+        weights = state.get(prefix + "map_weight")
+        if isinstance(weights, Tensor) and weights.ndim == 1:
+            self.map_weight = self.map_weight.new_zeros(weights.shape[0])
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -432,8 +470,17 @@ class VPDM(nn.Module):
         and the fine condition with each image's class (:meth:`fine_condition`); see
         :func:`vpdm.model.scoring.scores_and_maps`."""
         a, b = self._compared(features, reconstruction, scoring)
-        statistics = self._statistics(classes, scoring) if scoring.combine == "standardised" else None
-        return scores_and_maps(a, b, scoring, map_size, fine=self._compared_fine(fine, scoring), statistics=statistics)
+        standardised = scoring.combine == "standardised"
+        statistics = self._statistics(classes, scoring) if standardised else None
+        return scores_and_maps(
+            a,
+            b,
+            scoring,
+            map_size,
+            fine=self._compared_fine(fine, scoring),
+            statistics=statistics,
+            map_weights=self._map_weights(classes) if standardised else None,
+        )
 
     @torch.no_grad()
     def detect(
