@@ -787,6 +787,64 @@ def test_calibrate_with_val_data_stores_f1_and_recall_thresholds_as_sklearn_find
     assert decision["image_thresholds"] == {c: t.image_threshold for c, t in cal.classes.items()}
 
 
+def test_calibrate_chooses_each_class_map_weight_by_its_pixel_auroc_on_the_labelled_defects(
+    calibrated, tmp_path, capsys
+):
+    """calibration.choose_map_weights: each class gets the grid weight whose map has the highest pixel AUROC on its
+    labelled images (sklearn, on maps of the model with every weight forced in turn; ties: nearest the plain
+    mean's 0.5), the weights are saved with the model, and the thresholds are made on the weighted maps."""
+    from sklearn.metrics import f1_score, precision_recall_curve, roc_auc_score
+
+    from vpdm.cli.commands import main
+    from vpdm.decision.calibration import MAP_WEIGHT_GRID
+    from vpdm.evaluation import evaluator
+    from vpdm.inference.checkpoint import checkpoint_calibration, load_checkpoint
+    from vpdm.training import engine
+
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes((calibrated["run"] / "model.pt").read_bytes())
+    val = f"demo:{calibrated['demo']}"
+    cache = ["--set", f"data.cache_dir={calibrated['cache']}"]
+    choose = ["--set", "calibration.choose_map_weights=true"]
+    # without labelled defects there is nothing to choose by: refused by name before any image
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--data", val, "--no-progress", *cache, *choose]) == 2
+    assert (
+        "calibration.choose_map_weights=true chooses the map's weights on labelled defects" in capsys.readouterr().err
+    )
+    untouched, _, _ = load_checkpoint(ckpt)
+    assert untouched.map_weight.numel() == 0
+
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--val-data", val, "--no-progress", *cache, *choose]) == 0
+    assert "map weights (coarse) chosen on it: demo/blobs " in capsys.readouterr().out
+    model, config, payload = load_checkpoint(ckpt)
+    classes = list(payload["categories"])
+    chosen = dict(zip(classes, model.map_weight.tolist()))
+    assert len(chosen) == 2 and all(w in MAP_WEIGHT_GRID for w in chosen.values())
+    config = config.with_overrides({"data.cache_dir": str(calibrated["cache"]), "data.test_spec": val})
+    split = engine.load_split(config, "test", progress=False)
+    auroc = {c: [] for c in classes}
+    for w in MAP_WEIGHT_GRID:
+        model.set_map_weights(torch.full((len(classes),), w))
+        result = evaluator.evaluate(model, config, split, progress=False)
+        cats = np.array(result.categories)
+        for c in classes:
+            auroc[c].append(roc_auc_score(result.masks[cats == c].ravel(), result.maps[cats == c].ravel()))
+    for c in classes:
+        best = max(auroc[c])
+        ties = [w for w, a in zip(MAP_WEIGHT_GRID, auroc[c]) if a >= best - 1e-12]
+        assert chosen[c] == min(ties, key=lambda w: abs(w - 0.5)), (c, auroc[c])
+    assert "map weights (coarse) chosen on it" in checkpoint_calibration(payload).source
+    # the pixel thresholds are the F1-best on the weighted maps the saved model makes
+    scores, maps, labels, masks, cats = _val_scores(ckpt, val, calibrated["cache"])
+    for c, t in checkpoint_calibration(payload).classes.items():
+        y, s = masks[cats == c].ravel(), maps[cats == c].ravel()
+        precision, recall, _ = precision_recall_curve(y, s)
+        with np.errstate(invalid="ignore"):
+            assert f1_score(y, s > t.pixel_threshold) == pytest.approx(
+                np.nanmax(2 * precision * recall / (precision + recall)), abs=1e-9
+            )
+
+
 def test_val_data_of_other_classes_or_without_defects_is_refused_before_any_image(calibrated, tmp_path, capsys):
     from vpdm.cli.commands import main
     from vpdm.data.demo import make_demo_dataset
@@ -956,6 +1014,27 @@ def test_train_with_val_data_trains_on_all_of_train_good_and_stores_f1_threshold
 
     for c, t in cal.classes.items():
         assert t.image_threshold == f1_threshold(labels[cats == c], scores[cats == c])
+
+
+def test_train_with_val_data_can_choose_the_map_weights_and_refuses_a_map_without_both_terms(
+    calibrated, tmp_path, capsys
+):
+    from tests.test_cli import TINY
+    from vpdm.cli.commands import main
+    from vpdm.decision.calibration import MAP_WEIGHT_GRID
+    from vpdm.inference.checkpoint import load_checkpoint
+
+    demo, cache = calibrated["demo"], calibrated["cache"]
+    base = ["train", "--data", f"demo:{demo}", "--val-data", f"demo:{demo}", "--epochs", "1", "--no-progress"]
+    choose = ["--set", "calibration.choose_map_weights=true", "--set", f"data.cache_dir={cache}", *TINY]
+    # a map of the fine terms alone has nothing to weigh: refused by name before any work
+    assert main([*base, "--output", str(tmp_path / "bad"), *choose, "--set", "scoring.pools=[]"]) == 2
+    assert "calibration.choose_map_weights weighs the map's coarse terms" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "model.pt").exists()
+    assert main([*base, "--output", str(tmp_path / "run"), *choose]) == 0
+    assert "map weights (coarse) chosen on it: demo/blobs " in capsys.readouterr().out
+    model, _, _ = load_checkpoint(tmp_path / "run" / "model.pt")
+    assert model.map_weight.numel() == 2 and all(w in MAP_WEIGHT_GRID for w in model.map_weight.tolist())
 
 
 # real data: the class of an unlabelled image

@@ -204,6 +204,9 @@ def test_a_sweep_refuses_a_calibration_method_that_needs_labels(tiny_demo, tmp_p
     )
     with pytest.raises(ConfigError, match="calibration.method=f1: a sweep calibrates each trial"):
         plan_sweep(sc)
+    sc.overrides = ["calibration.choose_map_weights=true"]
+    with pytest.raises(ConfigError, match="choose_map_weights=true: a sweep calibrates on held-out normal images"):
+        plan_sweep(sc)
 
 
 def test_pseudo_anomalies_paste_one_square_from_another_class():

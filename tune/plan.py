@@ -233,6 +233,12 @@ def plan_sweep(sc: SweepConfig) -> SweepPlan:
             "held-out normal images (quantile method); it has no labelled validation data for "
             "f1/recall: calibrate the champion's checkpoint with 'vpdm calibrate --val-data SPEC'"
         )
+    if base.calibration.choose_map_weights:
+        raise ConfigError(
+            "calibration.choose_map_weights=true: a sweep calibrates on held-out normal images and has no labelled "
+            "defects to choose the map's weights by: choose them for the champion's checkpoint with 'vpdm calibrate "
+            "--val-data SPEC --set calibration.choose_map_weights=true'"
+        )
 
     datasets = []
     for (name, spec), model_name in zip(parsed, model_names):

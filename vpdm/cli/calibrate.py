@@ -20,6 +20,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         calibrate,
         calibrate_labelled,
         calibration_picks,
+        check_map_weights_possible,
         check_partial,
         merge_calibration,
         validation_samples,
@@ -75,11 +76,21 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     flag = f"--val-data {args.val_data!r}" if args.val_data is not None else f"--data {config.data.spec!r}"
     if args.val_data is not None:
         val_samples = validation_samples(args.val_data, config, model_classes)  # classes, masks: before any image
+        if config.calibration.choose_map_weights:
+            check_map_weights_possible(model, model_classes)
         kept = check_partial(previous, categories(val_samples), model_classes, method, config, flag)
         split = engine.load_split(config, "test", progress=progress, samples=val_samples, device=device)
         calibration = calibrate_labelled(
-            model, config, split, method, source=f"--val-data {args.val_data}", progress=progress
+            model,
+            config,
+            split,
+            method,
+            source=f"--val-data {args.val_data}",
+            progress=progress,
+            model_classes=model_classes,
         )
+        if config.calibration.choose_map_weights:  # the weights are the model's: saved with its state
+            payload = {**payload, "state_dict": {**payload["state_dict"], "map_weight": model.map_weight.cpu()}}
     else:
         samples = list_splits(config, ("train",))["train"]
         kept = check_partial(previous, categories(samples), model_classes, method, config, flag)

@@ -182,7 +182,13 @@ def _train_in(out: Path, args: argparse.Namespace, config, device, method: str, 
     calibration = None
     if val is not None:
         calibration = calibrate_labelled(
-            model, config, val, method, source=f"--val-data {args.val_data}", progress=progress
+            model,
+            config,
+            val,
+            method,
+            source=f"--val-data {args.val_data}",
+            progress=progress,
+            model_classes=list(train.dataset.categories),
         )
         print(calibration_summary(calibration))
     elif held is not None:

@@ -197,15 +197,89 @@ def check_validation_samples(samples: list[Sample], model_classes: list[str], sp
             )
 
 
+# The coarse weights calibration.choose_map_weights chooses among (EXPERIMENTS #132, #136).
+MAP_WEIGHT_GRID: tuple[float, ...] = (0.0, 0.2, 0.35, 0.5, 0.65, 0.8, 1.0)
+
+
+def check_map_weights_possible(model: VPDM, model_classes: list[str]) -> None:
+    """Refuse calibration.choose_map_weights for a model without a row of term statistics per class (the
+    scoring it needs is checked with the config, :meth:`VPDMConfig.validate`)."""
+    rows = int(model.term_mean.shape[0])
+    if rows != len(model_classes):
+        raise ConfigError(
+            f"calibration.choose_map_weights needs the model's term statistics per class ({rows} row(s) for "
+            f"{len(model_classes)} class(es)): a model whose fine prototypes do not know their classes cannot "
+            "tell an image's class, so it has no per-class weight to choose"
+        )
+
+
+def choose_map_weights(
+    model: VPDM, config: VPDMConfig, split, model_classes: list[str], *, progress: bool = False
+) -> dict[str, float]:
+    """For each class of a labelled validation split, the coarse map weight (:attr:`VPDM.map_weight`) of
+    :data:`MAP_WEIGHT_GRID` with the highest pixel AUROC on its images with masks (ties: the one nearest the
+    plain mean's); set in ``model``. Classes the split lacks keep their weight (the plain mean's if none was
+    chosen before). The map is linear in the weight, so two scoring passes (all coarse, all fine) serve every
+    weight. Returns the chosen weight per class of the split."""
+    from vpdm.evaluation.evaluator import ground_truth, pixel_known, score_features
+    from vpdm.evaluation.metrics import pixel_auroc
+
+    check_map_weights_possible(model, model_classes)
+    labels, masks, categories = ground_truth(split.dataset)
+    known = pixel_known(split.dataset)
+    rows = len(model_classes)
+    plain = len(config.scoring.pools) / (len(config.scoring.pools) + len(config.scoring.fine_pools))
+    weights = (
+        model.map_weight.detach().cpu().clone() if model.map_weight.numel() == rows else torch.full((rows,), plain)
+    )
+    maps = {}
+    for w in (0.0, 1.0):
+        model.set_map_weights(torch.full((rows,), w))
+        maps[w] = score_features(
+            model,
+            split.features,
+            sampling=config.sampling,
+            scoring=config.scoring,
+            map_size=config.scoring.map_size or config.backbone.image_size,
+            batch_size=config.train.batch_size,
+            progress=progress,
+            precision=config.inference.precision,
+        )[1].numpy()
+    chosen = {}
+    for c in sorted(set(categories)):
+        idx = [i for i, x in enumerate(categories) if x == c and known[i]]
+        values = [pixel_auroc(masks[idx], w * maps[1.0][idx] + (1 - w) * maps[0.0][idx]) for w in MAP_WEIGHT_GRID]
+        best = max(values)
+        chosen[c] = min((w for w, v in zip(MAP_WEIGHT_GRID, values) if v >= best), key=lambda w: abs(w - plain))
+        weights[model_classes.index(c)] = chosen[c]
+    model.set_map_weights(weights)
+    return chosen
+
+
 def calibrate_labelled(
-    model: VPDM, config: VPDMConfig, split, method: str, *, source: str = "", progress: bool = False
+    model: VPDM,
+    config: VPDMConfig,
+    split,
+    method: str,
+    *,
+    source: str = "",
+    progress: bool = False,
+    model_classes: list[str] | None = None,
 ) -> Calibration:
     """Score a labelled validation split (:class:`vpdm.training.engine.SplitFeatures` of normal and defect images
-    with masks) and choose each class's thresholds by ``method`` (``"f1"`` or ``"recall"``)."""
+    with masks) and choose each class's thresholds by ``method`` (``"f1"`` or ``"recall"``); with
+    ``calibration.choose_map_weights``, first each class's map weight (:func:`choose_map_weights`; the model's
+    classes, ``model_classes``, name its rows)."""
     from vpdm.evaluation.evaluator import ground_truth, pixel_known, score_features
 
     if method not in LABELLED_METHODS:
         raise ConfigError(f"labelled calibration method must be one of {', '.join(LABELLED_METHODS)}, got {method!r}")
+    if config.calibration.choose_map_weights:
+        if model_classes is None:
+            raise ConfigError("calibration.choose_map_weights: the model's classes are needed to name its rows")
+        chosen = choose_map_weights(model, config, split, model_classes, progress=progress)
+        # in the source, which every summary of the thresholds prints and the checkpoint keeps
+        source = f"{source}; map weights (coarse) chosen on it: " + ", ".join(f"{c} {w:g}" for c, w in chosen.items())
     labels, masks, categories = ground_truth(split.dataset)
     known = pixel_known(split.dataset)
     scores, maps = score_features(
