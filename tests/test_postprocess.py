@@ -834,6 +834,11 @@ def test_calibrate_chooses_each_class_map_weight_by_its_pixel_auroc_on_the_label
         ties = [w for w, a in zip(MAP_WEIGHT_GRID, auroc[c]) if a >= best - 1e-12]
         assert chosen[c] == min(ties, key=lambda w: abs(w - 0.5)), (c, auroc[c])
     assert "map weights (coarse) chosen on it" in checkpoint_calibration(payload).source
+    # a later calibration on normal images keeps the chosen weights and is not asked for labelled data again
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--data", val, "--no-progress", *cache]) == 0
+    assert load_checkpoint(ckpt)[0].map_weight.tolist() == list(chosen.values())
+    assert main(["calibrate", "--checkpoint", str(ckpt), "--val-data", val, "--no-progress", *cache, *choose]) == 0
+    payload = load_checkpoint(ckpt)[2]
     # the pixel thresholds are the F1-best on the weighted maps the saved model makes
     scores, maps, labels, masks, cats = _val_scores(ckpt, val, calibrated["cache"])
     for c, t in checkpoint_calibration(payload).classes.items():

@@ -52,6 +52,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             "sampling, scoring and inference settings; only calibration.*, data.*, train.threads, "
             "train.batch_size, train.seed and train.device (--device) may change"
         )
+    # Choosing the map weights is an act of one calibration, not a setting the checkpoint carries on: the weights
+    # it chose stay in the model, and a later calibration (e.g. on normal images) chooses again only when asked.
+    config = config.with_overrides({"calibration.choose_map_weights": False})
     config = inference_overrides(config, args.overrides, "calibrate")
     if args.data:
         config = config.with_overrides({"data.spec": args.data})
