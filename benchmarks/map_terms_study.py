@@ -1,7 +1,7 @@
 """How the map's two terms should be combined, per class: three studies on one saved model.
 
     python -m vpdm.bench.screen --data SPEC ... --save model.pt          # any model with fine prototypes
-    python benchmarks/map_terms_study.py --checkpoint model.pt --study weights,positions,aggregate --threads 2
+    python benchmarks/map_terms_study.py --checkpoint model.pt --study weights,labelled,positions,aggregate --threads 2
 
 The default map is the mean of two standardised terms (``scoring.combine=standardised``): the coarse term (4x4
 blocks of the reconstruction, ``scoring.pools=[4]``) and the fine term (each position against the fine
