@@ -15,6 +15,7 @@ import math
 import random
 from collections import defaultdict
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -130,7 +131,7 @@ def calibrate(
 
     Every class needs :data:`MIN_CALIBRATION_IMAGES` images.
     """
-    from vpdm.evaluation.evaluator import score_features
+    from vpdm.evaluation.evaluator import score_with_config
 
     if len(categories) != len(features):
         raise ConfigError(f"{len(features)} calibration images but {len(categories)} class names")
@@ -142,16 +143,7 @@ def calibrate(
         raise ConfigError(
             f"calibration needs at least {MIN_CALIBRATION_IMAGES} normal images per class; got {dict(few) or 'none'}"
         )
-    scores, maps = score_features(
-        model,
-        features,
-        sampling=config.sampling,
-        scoring=config.scoring,
-        map_size=config.scoring.map_size or config.backbone.image_size,
-        batch_size=config.train.batch_size,
-        progress=progress,
-        precision=config.inference.precision,
-    )
+    scores, maps = score_with_config(model, features, config, progress)
     hist = assignment_histograms(model, features, config.train.batch_size)
     rate = config.calibration.false_alarm_rate
     classes, histograms = {}, {}
@@ -214,19 +206,25 @@ def check_map_weights_possible(model: VPDM, model_classes: list[str]) -> None:
 
 
 def choose_map_weights(
-    model: VPDM, config: VPDMConfig, split, model_classes: list[str], *, progress: bool = False
+    model: VPDM,
+    config: VPDMConfig,
+    split,
+    model_classes: list[str],
+    truth: tuple[np.ndarray, np.ndarray, list[str]],
+    *,
+    progress: bool = False,
 ) -> dict[str, float]:
     """For each class of a labelled validation split, the coarse map weight (:attr:`VPDM.map_weight`) of
     :data:`MAP_WEIGHT_GRID` with the highest pixel AUROC on its images with masks (ties: the one nearest the
     plain mean's); set in ``model``. Classes the split lacks keep their weight (the plain mean's if none was
     chosen before). The map is linear in the weight, so two scoring passes (all coarse, all fine) serve every
-    weight. Returns the chosen weight per class of the split."""
-    from vpdm.evaluation.evaluator import ground_truth, pixel_known, score_features
+    weight. ``truth``: the split's masks, whether each is known, and each image's class. Returns the chosen weight
+    per class of the split."""
+    from vpdm.evaluation.evaluator import score_with_config
     from vpdm.evaluation.metrics import pixel_auroc
 
     check_map_weights_possible(model, model_classes)
-    labels, masks, categories = ground_truth(split.dataset)
-    known = pixel_known(split.dataset)
+    masks, known, categories = truth
     rows = len(model_classes)
     plain = len(config.scoring.pools) / (len(config.scoring.pools) + len(config.scoring.fine_pools))
     weights = (
@@ -235,16 +233,7 @@ def choose_map_weights(
     maps = {}
     for w in (0.0, 1.0):
         model.set_map_weights(torch.full((rows,), w))
-        maps[w] = score_features(
-            model,
-            split.features,
-            sampling=config.sampling,
-            scoring=config.scoring,
-            map_size=config.scoring.map_size or config.backbone.image_size,
-            batch_size=config.train.batch_size,
-            progress=progress,
-            precision=config.inference.precision,
-        )[1].numpy()
+        maps[w] = score_with_config(model, split.features, config, progress)[1].numpy()
     chosen = {}
     for c in sorted(set(categories)):
         idx = [i for i, x in enumerate(categories) if x == c and known[i]]
@@ -270,28 +259,19 @@ def calibrate_labelled(
     with masks) and choose each class's thresholds by ``method`` (``"f1"`` or ``"recall"``); with
     ``calibration.choose_map_weights``, first each class's map weight (:func:`choose_map_weights`; the model's
     classes, ``model_classes``, name its rows)."""
-    from vpdm.evaluation.evaluator import ground_truth, pixel_known, score_features
+    from vpdm.evaluation.evaluator import ground_truth, pixel_known, score_with_config
 
     if method not in LABELLED_METHODS:
         raise ConfigError(f"labelled calibration method must be one of {', '.join(LABELLED_METHODS)}, got {method!r}")
+    labels, masks, categories = ground_truth(split.dataset)  # the masks decoded once, for the weights too
+    known = pixel_known(split.dataset)
     if config.calibration.choose_map_weights:
         if model_classes is None:
             raise ConfigError("calibration.choose_map_weights: the model's classes are needed to name its rows")
-        chosen = choose_map_weights(model, config, split, model_classes, progress=progress)
+        chosen = choose_map_weights(model, config, split, model_classes, (masks, known, categories), progress=progress)
         # in the source, which every summary of the thresholds prints and the checkpoint keeps
         source = f"{source}; map weights (coarse) chosen on it: " + ", ".join(f"{c} {w:g}" for c, w in chosen.items())
-    labels, masks, categories = ground_truth(split.dataset)
-    known = pixel_known(split.dataset)
-    scores, maps = score_features(
-        model,
-        split.features,
-        sampling=config.sampling,
-        scoring=config.scoring,
-        map_size=config.scoring.map_size or config.backbone.image_size,
-        batch_size=config.train.batch_size,
-        progress=progress,
-        precision=config.inference.precision,
-    )
+    scores, maps = score_with_config(model, split.features, config, progress)
     if maps.shape[-2:] != masks.shape[-2:]:
         raise DataError(f"validation masks are {tuple(masks.shape[-2:])} px but the maps {tuple(maps.shape[-2:])}")
     hist = assignment_histograms(model, split.features, config.train.batch_size)

@@ -48,6 +48,22 @@ def score_features(
     return torch.cat(scores), torch.cat(maps)
 
 
+def score_with_config(
+    model: VPDM, features: Tensor, config: VPDMConfig, progress: bool = True
+) -> tuple[Tensor, Tensor]:
+    """:func:`score_features` with a run's own sampling, scoring, map size, batch size and precision."""
+    return score_features(
+        model,
+        features,
+        sampling=config.sampling,
+        scoring=config.scoring,
+        map_size=config.scoring.map_size or config.backbone.image_size,
+        batch_size=config.train.batch_size,
+        progress=progress,
+        precision=config.inference.precision,
+    )
+
+
 @dataclass
 class Evaluation:
     metrics: dict[str, Any]
@@ -89,16 +105,7 @@ def evaluate(model: VPDM, config: VPDMConfig, test: SplitFeatures, progress: boo
 
     apply_threads(config)
     start = time.perf_counter()
-    scores, maps = score_features(
-        model,
-        test.features,
-        sampling=config.sampling,
-        scoring=config.scoring,
-        map_size=config.scoring.map_size or config.backbone.image_size,
-        batch_size=config.train.batch_size,
-        progress=progress,
-        precision=config.inference.precision,
-    )
+    scores, maps = score_with_config(model, test.features, config, progress)
     seconds = time.perf_counter() - start
     return evaluate_maps(scores.numpy(), maps.numpy(), test.dataset, seconds)
 
