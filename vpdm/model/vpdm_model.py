@@ -179,12 +179,14 @@ class VPDM(nn.Module):
         """Each image's coarse weight in the map (its class's row), or None when none were chosen."""
         if self.map_weight.numel() == 0:
             return None
-        rows = (
-            classes
-            if classes is not None and self.map_weight.shape[0] > 1
-            else torch.zeros(1, dtype=torch.long, device=self.map_weight.device)
-        )
-        return self.map_weight[rows]
+        return self.map_weight[self._rows(classes, self.map_weight)]
+
+    @staticmethod
+    def _rows(classes: Tensor | None, per_class: Tensor) -> Tensor:
+        """Which row of a per-class buffer each image reads: its class's, or the one row for all."""
+        if classes is not None and per_class.shape[0] > 1:
+            return classes
+        return torch.zeros(1, dtype=torch.long, device=per_class.device)
 
     def _term_maps(
         self, features: Tensor, reconstruction: Tensor, fine: Tensor | None, scoring: ScoringConfig
@@ -216,11 +218,7 @@ class VPDM(nn.Module):
                     f"for {[q for b, q in self.stat_terms if b == branch]})"
                 )
             i = self.stat_terms.index((branch, p))
-            rows = (
-                classes
-                if classes is not None and self.term_mean.shape[0] > 1
-                else torch.zeros(1, dtype=torch.long, device=self.term_mean.device)
-            )
+            rows = self._rows(classes, self.term_mean)
             return self.term_mean[rows, i], self.term_std[rows, i]
 
         return statistics
