@@ -131,6 +131,21 @@ def test_patchcore_is_also_reported_at_its_published_blur_when_vpdms_differs(ben
     assert "| PatchCore (blur 4) | image AUROC |" in md
 
 
+def test_every_preset_reads_the_runs_features_and_the_report_says_what_a_preset_would_use_alone(bench_run):
+    """The paper preset pins the paper's input (224 px, bilinear stages); the tiny run sets the size for every
+    preset, so only the resize differs: the paper is trained on the run's (area) features and the report says
+    which setting it would use on its own. The default preset pins nothing, so it is not named."""
+    from vpdm.config.presets import PAPER
+
+    out, doc = bench_run
+    assert PAPER["backbone.resize"] == "bilinear" and doc["config"]["backbone"]["resize"] == "area"
+    notes = doc["preset_backbone_differences"]
+    assert set(notes) == {"paper", "paper-no-vague", "paper-no-ot", "paper-no-ot-loss", "paper-ddpm-start"}
+    assert all(diff == {"resize": "bilinear"} for diff in notes.values())
+    md = (out / "results.md").read_text()
+    assert "on its own `paper` would use `backbone.resize=bilinear`." in md
+
+
 def test_defect_size_table_covers_every_detector_and_every_defect_region(bench_run):
     """Every detector gets AUPRO / pixel recall per size stratum; the strata's regions add up to the
     connected defect regions of the test masks (counted here with scipy), and results.md shows the table."""
@@ -338,6 +353,9 @@ def test_second_run_with_other_model_settings_hits_the_cache(bench_run, tiny_dem
             *TINY,
             "--set",
             "model.denoiser.width=8",
+            # the paper presets pin the paper's bilinear stages; the first run's features were area-pooled
+            "--set",
+            "backbone.resize=area",
         ]
     )
     assert code == 0

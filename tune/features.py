@@ -164,7 +164,7 @@ SAME_CLASS_KINDS = ("shuffle", "noise", "intensity", "self_paste")
 
 def same_class_sides(feature_size: int) -> tuple[int, ...]:
     """Sides of the same-class pseudo-defects at ``feature_size``: a quarter of the map, a sixteenth, one
-    position (7 px at 224 px / 32 features: the small defects of ``metrics.defect_size_metrics``)."""
+    position (10 px at 320 px / 32 features: the small defects of ``metrics.defect_size_metrics``)."""
     return tuple(dict.fromkeys((max(1, feature_size // 4), max(1, feature_size // 16), 1)))
 
 

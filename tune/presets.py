@@ -251,7 +251,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "default": Preset(
         name="default",
-        description="The library's defaults (EfficientNet-B4, timm weights, 224 px, 32x32 features, local prototypes "
+        description="The library's defaults (EfficientNet-B4, timm weights, 320 px, 32x32 area-pooled features, local prototypes "
         "from k-means, x0-prediction, one step from N(yhat, I)) with a search over what mattered on the real "
         "benchmark: K 2048-16384, eps_OT 0.02-0.1, N 2 or 4, fine K 4096-32768 with its eps and probes, lr. "
         "16 trials x 20 epochs: a cluster job.",

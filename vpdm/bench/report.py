@@ -149,6 +149,16 @@ def _decision_table(doc: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _backbone_differences(doc: dict[str, Any]) -> list[str]:
+    """Where a preset on its own would read other features than the run's (``paper``: 224 px, bilinear)."""
+    notes = doc.get("preset_backbone_differences") or {}
+    lines = []
+    for name, diff in notes.items():
+        settings = ", ".join(f"`backbone.{k}={v}`" for k, v in diff.items())
+        lines += ["", f"Every preset is trained on these features; on its own `{name}` would use {settings}."]
+    return lines
+
+
 def to_markdown(doc: dict[str, Any]) -> str:
     cfg = doc["config"]
     ver = doc["versions"]
@@ -159,7 +169,9 @@ def to_markdown(doc: dict[str, Any]) -> str:
         f"{doc['created']} · vpdm {ver['vpdm']} · torch {ver['torch']} · timm {ver['timm']} · python {ver['python']} · "
         f"{doc['machine']['device']}, {doc['machine']['torch_threads']} thread(s), {ver['cpu_count']} CPU(s)",
         "",
-        f"Backbone `{cfg['backbone']['name']}` ({cfg['backbone']['weights']} weights), features "
+        f"Backbone `{cfg['backbone']['name']}` ({cfg['backbone']['weights']} weights) at "
+        f"{cfg['backbone'].get('image_size', '?')} px, stages brought to the feature size by "
+        f"{cfg['backbone'].get('resize', 'bilinear')}, features "
         f"{' x '.join(str(s) for s in doc['data']['feature_shape'])}; "
         f"{doc['data']['train']['images']} train / {doc['data']['test']['images']} test images, "
         f"{len(doc['data']['classes'])} class(es); one unified model. VPDM: {cfg['train']['epochs']} epochs, "
@@ -167,6 +179,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
         f"denoiser width {cfg['model']['denoiser']['width']}, scored with {cfg['sampling']['sampler']} "
         f"{cfg['sampling']['num_steps']} steps. Baseline: PatchCore, bank {doc['baseline']['settings']['bank_size']} "
         f"of {doc['baseline']['settings']['training_patches']} patches.",
+        *_backbone_differences(doc),
         "",
         "## Detection (%)",
         "",

@@ -126,6 +126,16 @@ class Bench:
         # every preset's settings are built and validated before any long work
         self.configs = {name: build_config(args, PRESETS[name]) for name in presets}
         self.main_config = self.config = self.configs[self.main]
+        # Every preset is trained on the run's one set of features (the main preset's backbone): the table
+        # compares methods, not inputs. A preset that pins another input (`paper`: 224 px, bilinear) is told so.
+        self.backbone_note: dict[str, dict[str, Any]] = {}
+        main_backbone = self.main_config.backbone
+        for name, pcfg in self.configs.items():
+            if pcfg.backbone != main_backbone:
+                own = dataclasses.asdict(pcfg.backbone)
+                run_on = dataclasses.asdict(main_backbone)
+                self.backbone_note[name] = {k: own[k] for k in own if own[k] != run_on[k]}
+                self.configs[name] = dataclasses.replace(pcfg, backbone=main_backbone)
         t_full = self.main_config.model.diffusion.num_timesteps
         t_start = self.main_config.sampling.start_step or t_full
         steps = args.steps or ",".join([str(n) for n in (1, 2, 5, 10, 25) if n < t_start] + [f"ddpm:{t_start}"])
@@ -203,6 +213,8 @@ class Bench:
                 name: {"overrides": PRESETS[name], "description": PRESET_DESCRIPTIONS[name]} for name in self.presets
             },
             "main_preset": self.main,
+            # what each preset would have used on its own, where it differs from the run's features
+            "preset_backbone_differences": self.backbone_note,
         }
 
         # 1. features, once --------------------------------------------------------------

@@ -11,6 +11,8 @@ from typing import Any
 # 1000-step chain on the benchmark subset); Algorithm 2 itself is sampling.sampler=ddpm, num_steps=1000.
 # Every key is set explicitly, so the preset stays the paper whatever the defaults become.
 PAPER: dict[str, Any] = {
+    "backbone.image_size": 224,
+    "backbone.resize": "bilinear",
     "model.prototypes.level": "image",
     "model.prototypes.num_prototypes": 50,
     "model.prototypes.downsample": 4,
