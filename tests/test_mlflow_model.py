@@ -415,7 +415,7 @@ def test_the_caller_chooses_what_map_comes_back(loaded, images, reference):
         kind: len(json.dumps(out["anomaly_map"].iloc[0]))
         for kind, out in (("small", small), ("full", full), ("none", none))
     }
-    assert per_image["small"] * 100 < 1_000_000 < per_image["full"] * 100 * 224**2 / 64**2, per_image
+    assert per_image["small"] * 100 < 1_000_000 < per_image["full"] * 100 * 320**2 / 64**2, per_image
     for bad, needle in [
         ({"anomaly_map": "jpeg"}, "anomaly_map='jpeg'"),
         ({"map_side": 0}, "map_side=0"),

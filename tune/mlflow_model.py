@@ -20,7 +20,7 @@ The model's contract (what ``mlflow models serve`` and ``mlflow.pyfunc.load_mode
   (default: the map averaged down to ``map_side`` x ``map_side``, 16), ``"none"`` (score only),
   ``"full"`` (``map_size`` x ``map_size``) or ``"png"`` (base64 8-bit grayscale PNG of the full map,
   scaled by ``png_vmax``, or by the map's own maximum when it is 0). The full float map is about
-  1 MB of JSON per 224 px image, so it is not the default. ``image_threshold`` / ``pixel_threshold``
+  2 MB of JSON per 320 px image (the default map size), so it is not the default. ``image_threshold`` / ``pixel_threshold``
   (raw score / map value, finite and >= 0; default null: the calibrated ones) override the
   thresholds of every class for this call.
 
