@@ -1,9 +1,9 @@
 """Why calibrated false alarms moved with the input: held-out train normals against test normals, per class.
 
 The bench's hold-out (10 % per class, seed 0); the default model fitted on the rest; per class the image
-threshold = the 0.99 quantile of the held-out scores (as the bench), the test normals' false-alarm rate at it,
-and the AUROC of test normals against held-out normals (0.5: the same distribution; above: test normals score
-higher than the normals the threshold was made on).
+threshold the bench makes (``quantile_threshold`` of the held-out scores at ``calibration.false_alarm_rate``),
+the test normals' false-alarm rate at it, and the AUROC of test normals against held-out normals (0.5: the same
+distribution; above: test normals score higher than the normals the threshold was made on).
 
 Usage: ``python benchmarks/normals_shift.py 320 area`` (input size, stage resize), from the repository root with
 ``../shared/data`` beside it; trains the default once (about 5 min on 2 CPU cores with cached features)."""
@@ -20,6 +20,7 @@ keep_large_buffers()
 torch.set_num_threads(2)
 from vpdm.config.schema import load_config
 from vpdm.decision.calibration import holdout_index, subset
+from vpdm.decision.postprocess import quantile_threshold
 from vpdm.evaluation import evaluator
 from vpdm.features.backbone import FeatureExtractor
 from vpdm.training import engine
@@ -60,7 +61,7 @@ print(f"{size} px {resize}")
 for c in sorted(set(tc)):
     h = hs[hc == c]
     n = ts[(tc == c) & (tl == 0)]
-    thr = np.quantile(h, 0.99)
+    thr = quantile_threshold(h, cfg.calibration.false_alarm_rate)
     auc = roc_auc_score(np.r_[np.zeros(len(h)), np.ones(len(n))], np.r_[h, n])
     print(
         f"  {c}: held {len(h)}, test normals {len(n)}, false alarms {100 * (n > thr).mean():.1f} %, "

@@ -170,7 +170,7 @@ def to_markdown(doc: dict[str, Any]) -> str:
         f"{doc['machine']['device']}, {doc['machine']['torch_threads']} thread(s), {ver['cpu_count']} CPU(s)",
         "",
         f"Backbone `{cfg['backbone']['name']}` ({cfg['backbone']['weights']} weights) at "
-        f"{cfg['backbone'].get('image_size', '?')} px, stages brought to the feature size by "
+        f"{cfg['backbone']['image_size']} px, stages brought to the feature size by "
         f"{cfg['backbone'].get('resize', 'bilinear')}, features "
         f"{' x '.join(str(s) for s in doc['data']['feature_shape'])}; "
         f"{doc['data']['train']['images']} train / {doc['data']['test']['images']} test images, "
