@@ -13,6 +13,7 @@ from vpdm.errors import ConfigError
 from vpdm.model.diffusion import (
     GeneratorNoise,
     NoiseScheduleConfig,
+    SharedNoise,
     ShiftedDiffusion,
     StoredNoise,
     make_betas,
@@ -480,3 +481,27 @@ def test_stored_noise_replays_what_every_item_draws_when_its_generator_is_seeded
     assert torch.equal(replayed, seeded) and stored.used == len(stored.draws)
     with pytest.raises(ConfigError, match="more than the"):
         stored(yhat)
+    # the torch default (VPDM.reconstruct): one stream drawn once per draw and broadcast, the same bits
+    shared = process.sample(model_fn, yhat, num_steps=5, sampler=chain, noise=SharedNoise(7, "cpu"), spacing="trailing")
+    assert torch.equal(shared, seeded)
+    # and not merely one constant: another seed gives another chain (where the chain draws more than its start)
+    other = process.sample(model_fn, yhat, num_steps=5, sampler=chain, noise=SharedNoise(8, "cpu"), spacing="trailing")
+    assert not torch.equal(other, seeded)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_the_last_step_lands_on_the_split_x0_whatever_the_prediction(prediction, clip):
+    """The step to x0 forms z0 alone (no eps): it must equal z0 + y of the full split, clipped as configured."""
+    process = ShiftedDiffusion(NoiseScheduleConfig(num_timesteps=30, prediction=prediction))
+    g = torch.Generator().manual_seed(3)
+    x_t, yhat, out = (torch.randn(2, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    chain = make_sampler(process, "ddim", 0.0, clip)
+    chain.set_timesteps(3, "trailing")
+    t = chain.timesteps[-1]
+    a, b = float(process.alphas_cumprod[t]) ** 0.5, (1.0 - float(process.alphas_cumprod[t])) ** 0.5
+    z0, _ = process.parameterisation.split(out, x_t - yhat, a, b)
+    want = z0 + yhat if clip is None else (z0 + yhat).clamp(-clip, clip)
+    step = chain.step(out, t, x_t, yhat)
+    torch.testing.assert_close(step.prev_sample, want, rtol=1e-12, atol=1e-12)
+    assert step.sigma == 0.0 and step.pred_original_sample is step.prev_sample

@@ -153,3 +153,22 @@ def test_max_pool_image_score_is_the_max_of_the_box_means(pool: int) -> None:
         [max(m[b, i : i + k, j : j + k].mean() for i in range(37 - k + 1) for j in range(41 - k + 1)) for b in range(3)]
     )
     np.testing.assert_allclose(image_scores(maps, pool).numpy(), want, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("pool", "sigma", "shape"), [(16, 2.0, (32, 32)), (4, 0.0, (8, 8)), (50, 4.0, (13, 7)), (1, 1.0, (5, 6))]
+)
+def test_image_score_from_the_raw_map_equals_the_score_of_the_post_processed_map(pool, sigma, shape) -> None:
+    """The matrix path (upsampling, blur and box mean folded into R_h X R_w^T, no full-size map) gives the
+    score of the explicit path: post-process to size x size, then the box-mean max."""
+    from vpdm.model.scoring import postprocess_maps, scores_of_raw_maps
+
+    g = torch.Generator().manual_seed(pool)
+    raw = torch.rand(3, *shape, generator=g, dtype=torch.float64) * 5 - 1
+    cfg = ScoringConfig(pool_size=pool, blur_sigma=sigma)
+    want = image_scores(postprocess_maps(raw, 64, sigma), pool)
+    torch.testing.assert_close(scores_of_raw_maps(raw, 64, cfg), want, rtol=1e-10, atol=1e-12)
+    # float32 maps: the same to float rounding; top_k falls back to the explicit path
+    torch.testing.assert_close(scores_of_raw_maps(raw.float(), 64, cfg), want.float(), rtol=1e-5, atol=1e-5)
+    top = ScoringConfig(pool_size=pool, blur_sigma=sigma, image_score="top_k")
+    torch.testing.assert_close(scores_of_raw_maps(raw, 64, top), score_maps(postprocess_maps(raw, 64, sigma), top))

@@ -349,6 +349,9 @@ def test_runs_of_whole_lists_cover_every_pair_once_in_order():
     assert [(first, end) for first, end, _ in runs] == [(0, 2), (2, 11), (11, 13), (13, 16)]
     pairs = [(g, first + a, first + b) for first, _, run in runs for g, a, b in run]
     assert pairs == [(3, 0, 2), (5, 2, 11), (8, 11, 12), (9, 12, 13), (11, 13, 16)]
+    # with list lengths (longest first), a run also ends before a list shorter than 3/4 of its first
+    runs = list(_chunks_of_lists(groups, [1, 1, 1, 1, 1], 100, [40, 31, 30, 29, 10]))
+    assert [[g for g, _, _ in run] for _, _, run in runs] == [[3, 5, 8], [9], [11]]
 
 
 @pytest.mark.parametrize("ot_reg", [0.1, 0.002])

@@ -6,9 +6,9 @@ A deployment that cannot run Python (C++, Java, C# through ONNX Runtime, or an i
 gets the whole :class:`vpdm.inference.detector.Detector` as one graph. :class:`ExportableDetector`
 traces the Detector's own modules; nothing here restates the model. What the trace fixes:
 
-* **the noise is baked in**: ``Detector`` seeds one generator per image with ``sampling.seed``, so
-  every image gets the same noise stream. That stream is drawn once (on the CPU, in the order the
-  sampler draws it) and stored as a buffer that the chain replays
+* **the noise is baked in**: ``Detector`` gives every image the same noise stream, from a generator
+  seeded ``sampling.seed`` (:class:`vpdm.model.diffusion.SharedNoise`). That stream is drawn once (on
+  the CPU, in the order the sampler draws it) and stored as a buffer that the chain replays
   (:class:`vpdm.model.diffusion.StoredNoise`); the graph contains no random op.
 * **the reverse chain is unrolled**: one copy of the denoiser call per step, with the step's
   coefficients as constants (``sampling.num_steps`` at most :data:`MAX_EXPORT_STEPS`).
@@ -126,7 +126,7 @@ class ExportableDetector(nn.Module):
         sampling = self.config.sampling
         chain = sampling.build(self.model.diffusion)
         chain.set_timesteps(sampling.num_steps, sampling.spacing, sampling.start_step)
-        # The noise stream every image gets in torch (one generator per image, seeded alike), drawn once.
+        # The noise stream every image gets in torch (SharedNoise: one stream, seeded alike), drawn once.
         shape = (self.model.channels, self.model.feature_size, self.model.feature_size)
         self.register_buffer("noise", StoredNoise.record(shape, chain.noise_draws(), sampling.seed))
         self.decisions: DecisionTables | None = None

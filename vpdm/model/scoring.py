@@ -268,11 +268,31 @@ def scores_and_maps(
         return sum(parts) / len(keys)
 
     map_terms = (tuple(config.pools), tuple(config.fine_pools))
-    maps = postprocess(combined(*map_terms, weights=map_weights))
+    raw = combined(*map_terms, weights=map_weights)
+    maps = postprocess(raw)
     image_terms = config.image_terms()
-    if image_terms == map_terms:
+    if image_terms != map_terms:
+        raw = combined(*image_terms)
+    elif config.image_score != "max_pool":
         return score_maps(maps, config), maps
-    return score_maps(postprocess(combined(*image_terms)), config), maps
+    return scores_of_raw_maps(raw, size, config), maps
+
+
+def scores_of_raw_maps(raw: Tensor, size: int, config: ScoringConfig) -> Tensor:
+    """:func:`score_maps` of ``postprocess_maps(raw, size, blur_sigma)`` from the feature-resolution maps (B x h x
+    w). ``max_pool`` never makes the full-size map: upsampling, blur and the box mean are all linear and
+    separable, so the box-mean map is ``R_h X R_w^T`` with precomputed matrices (:func:`_box_matrix`), the same
+    numbers (float rounding aside) for a 4x smaller product and no box pass over size x size pixels."""
+    if config.image_score != "max_pool":
+        return score_maps(postprocess_maps(raw, size, config.blur_sigma), config)
+    if raw.dtype not in (torch.float32, torch.float64):
+        raw = raw.float()
+    h, w = int(raw.shape[-2]), int(raw.shape[-1])
+    k = min(config.pool_size, size)
+    with untraced():  # constants of the graph when traced, as in postprocess_maps
+        rows = _box_matrix(h, size, float(config.blur_sigma), k, str(raw.device), raw.dtype)
+        cols = rows if w == h else _box_matrix(w, size, float(config.blur_sigma), k, str(raw.device), raw.dtype)
+    return (rows @ raw @ cols.T).flatten(1).amax(dim=1)
 
 
 def gaussian_kernel1d(sigma: float, device=None) -> Tensor:
@@ -307,6 +327,14 @@ def _upsample_blur_matrix(n_in: int, size: int, sigma: float, device: str, dtype
         blur = F.conv1d(basis, k.view(1, 1, -1)).squeeze(1).T  # column j = blurred unit vector e_j
         up = blur @ up
     return up.to(device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _box_matrix(n_in: int, size: int, sigma: float, k: int, device: str, dtype: torch.dtype) -> Tensor:
+    """``(size - k + 1) x n_in``: the rows of :func:`_upsample_blur_matrix` averaged k at a time, a sliding
+    window of stride 1 (the k-wide box mean of the post-processed map along one axis)."""
+    up = _upsample_blur_matrix(n_in, size, sigma, "cpu", torch.float64)
+    return up.unfold(0, k, 1).mean(dim=-1).to(device=device, dtype=dtype)
 
 
 def postprocess_maps(maps: Tensor, size: int, blur_sigma: float) -> Tensor:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from vpdm.errors import ConfigError
 from vpdm.model.config import ModelConfig, SamplingConfig
 from vpdm.model.denoiser import Denoiser
-from vpdm.model.diffusion import GeneratorNoise, NoiseSource, ShiftedDiffusion
+from vpdm.model.diffusion import NoiseSource, SharedNoise, ShiftedDiffusion
 from vpdm.model.scoring import (
     DISTANCES,
     FEATURE_SPACES,
@@ -400,8 +400,9 @@ class VPDM(nn.Module):
         is below T: then the chain starts from the image's own features noised to that step, or
         ``model.input_copy`` is set: then every step also sees the clean features.
         ``precision``: the denoiser's autocast (:meth:`denoise`). ``yhat``: the condition, if the caller
-        has it (:meth:`condition`). ``noise``: the chain's draws (default: one generator per image seeded
-        ``sampling.seed``, so an image's result never depends on its batch; the export replays them)."""
+        has it (:meth:`condition`). ``noise``: the chain's draws (default: the same draws for every image, from a
+        generator seeded ``sampling.seed`` (:class:`SharedNoise`), so an image's result never depends on its
+        batch; the export replays them)."""
         sampling = sampling or SamplingConfig()
         if yhat is None:
             yhat = self.condition(features)
@@ -410,9 +411,7 @@ class VPDM(nn.Module):
         x0 = self.normalise(features) if uses_image else None
         copy = self.inference_copy(x0) if uses_image else None
         if noise is None:
-            noise = GeneratorNoise(
-                [torch.Generator(device=features.device).manual_seed(sampling.seed) for _ in range(features.shape[0])]
-            )
+            noise = SharedNoise(sampling.seed, features.device)
         return self.diffusion.sample(
             lambda x_t, y, t: self.denoise(x_t, y, t, precision, copy=copy),
             yhat,

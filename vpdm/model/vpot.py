@@ -296,20 +296,35 @@ _PAIRS_PER_CHUNK = 4096
 
 
 def _chunks_of_lists(
-    groups: list[int], counts: list[int], size: int
+    groups: list[int], counts: list[int], size: int, lengths: list[int] | None = None
 ) -> Iterator[tuple[int, int, list[tuple[int, int, int]]]]:
     """Consecutive runs of whole lists of about ``size`` pairs (a larger list alone): (first pair, end pair,
-    [(list, its first pair, its end pair) within the run])."""
+    [(list, its first pair, its end pair) within the run]). With ``lengths`` (each list's number of prototypes,
+    longest first), a run also ends before a list shorter than 3/4 of its first, so that a block padded to
+    the run's longest list is mostly real products."""
     first = end = 0
     run: list[tuple[int, int, int]] = []
-    for group, count in zip(groups, counts):
-        if run and end + count - first > size:
+    width = 0
+    for i, (group, count) in enumerate(zip(groups, counts)):
+        short = lengths is not None and 4 * lengths[i] < 3 * width
+        if run and (end + count - first > size or short):
             yield first, end, run
             first, run = end, []
+        if not run:
+            width = lengths[i] if lengths is not None else 0
         run.append((group, end - first, end + count - first))
         end += count
     if run:
         yield first, end, run
+
+
+def _augmented(rows: Tensor, prototype_side: bool = False) -> Tensor:
+    """Rows augmented so that one product gives squared distances: samples as [x, 1, |x|^2], prototypes as
+    [-2 p, |p|^2, 1]; their dot product is |x|^2 + |p|^2 - 2 x.p, the norms computed once (``torch.cdist``
+    recomputes them and pads both operands in every call)."""
+    squared = rows.pow(2).sum(dim=1, keepdim=True)
+    ones = torch.ones_like(squared)
+    return torch.cat([rows * -2.0, squared, ones] if prototype_side else [rows, ones, squared], dim=1)
 
 
 def _one_hot(owner: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
@@ -763,31 +778,43 @@ class VaguePrototypes(nn.Module):
         nearest = distance.masked_fill(~self.route_valid.unsqueeze(0), float("inf")).amin(dim=2)
         return nearest.topk(min(self.config.routes, classes), dim=1, largest=False).indices
 
-    def _nearest_lists(self, flat: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _nearest_lists(
+        self, flat: Tensor, flat_augmented: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Each sample's ``probes`` nearest lists, nearest first: (n x p centroid distances, n x p list numbers,
         the routed classes: B x r or None), among the lists of its image's routed classes with ``route`` (fewer
-        there: distance inf, number -1)."""
+        there: distance inf, number -1). ``flat_augmented``: the samples as :func:`_augmented` rows, if the
+        caller has them."""
         probes = min(self.config.probes, self.lists)
+        if flat_augmented is None:
+            flat_augmented = _augmented(flat)
+        # kept between calls; computed in the graph while traced for export (the constants key on storage)
+        centroids = _augmented(self.list_centroids, True) if torch.jit.is_tracing() else self._list_constants()[5]
         if not self.routed:
-            distance, nearest = torch.cdist(flat, self.list_centroids).topk(probes, dim=1, largest=False)
-            return distance, nearest, None
+            squared, nearest = (flat_augmented @ centroids.T).topk(probes, dim=1, largest=False)
+            return squared.clamp_min_(0.0).sqrt_(), nearest, None
         per_image = self.per_image
         batch = flat.shape[0] // per_image
         route = self._route(flat, per_image)
         candidates = self.class_lists[route].flatten(1)  # B x r * lists per class
-        centroids = self.list_centroids[candidates.clamp_min(0)]
-        distance = torch.cdist(flat.view(batch, per_image, self.dim), centroids)  # B x P x candidates
-        distance = distance.masked_fill((candidates < 0).unsqueeze(1), float("inf"))
-        distance, pick = distance.topk(min(probes, candidates.shape[1]), dim=2, largest=False)
+        # squared distances from one product of augmented rows; ranked before the root, taken of the chosen only
+        squared = torch.bmm(
+            flat_augmented.view(batch, per_image, -1), centroids[candidates.clamp_min(0)].transpose(1, 2)
+        )  # B x P x candidates
+        squared = squared.masked_fill_((candidates < 0).unsqueeze(1), float("inf"))
+        squared, pick = squared.topk(min(probes, candidates.shape[1]), dim=2, largest=False)
         nearest = candidates.unsqueeze(1).expand(-1, per_image, -1).gather(2, pick)
-        nearest = nearest.masked_fill(torch.isinf(distance), -1)
+        nearest = nearest.masked_fill(torch.isinf(squared), -1)
+        distance = squared.clamp_min_(0.0).sqrt_()
         return distance.reshape(batch * per_image, -1), nearest.reshape(batch * per_image, -1), route
 
-    def _list_constants(self) -> tuple[Tensor, float, bool]:
-        """Each prototype's squared norm, the largest distance of a prototype to its list's centroid, and whether
-        every prototype's owner is the class it is stored under (``class_offsets``): passes over all K values
-        that, once per batch, cost more than the batch's own short lists when K is large (a budget per class:
-        hundreds of thousands), so they are kept until the prototypes change."""
+    def _list_constants(self) -> tuple[float, bool, Tensor, Tensor, Tensor, Tensor]:
+        """Constants of the short lists, kept until the prototypes change: passes over all K values that, once
+        per batch, cost more than the batch's own short lists when K is large (a budget per class: hundreds of
+        thousands). The largest distance of a prototype to its list's centroid; whether every prototype's owner
+        is the class it is stored under (``class_offsets``); the prototypes as :func:`_augmented` rows; each list's
+        rank by size, largest first, and the lists in that order, so that lists of like sizes share a padded block
+        (:meth:`_short_list`); the list centroids as :func:`_augmented` rows."""
         tensors = (self.prototypes, self.list_centroids, self.owner)
         key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
         if getattr(self, "_constants_key", None) != key:
@@ -803,7 +830,11 @@ class VaguePrototypes(nn.Module):
                     sizes = self.class_offsets.diff()
                     classes = torch.arange(len(sizes), device=sizes.device).repeat_interleave(sizes)
                     owned = classes.shape == self.owner.shape and bool(torch.equal(classes, self.owner))
-                self._constants = (protos.pow(2).sum(dim=1), radius, owned)
+                by_size = torch.argsort(self.list_offsets.diff(), descending=True, stable=True)
+                rank = torch.empty_like(by_size)
+                rank[by_size] = torch.arange(len(by_size), device=by_size.device)
+                centroids = _augmented(self.list_centroids, prototype_side=True)
+                self._constants = (radius, owned, _augmented(protos, prototype_side=True), rank, by_size, centroids)
             self._constants_key = key
         return self._constants
 
@@ -818,22 +849,26 @@ class VaguePrototypes(nn.Module):
         self._check_lists()
         n, device = flat.shape[0], flat.device
         scale = 1.0 / (math.sqrt(self.dim) * self.config.ot_reg)
-        centroid_distance, nearest, route = self._nearest_lists(flat)
+        flat_augmented = _augmented(flat)
+        centroid_distance, nearest, route = self._nearest_lists(flat, flat_augmented)
+        radius, owned, augmented, rank, by_size, _ = self._list_constants()
         lists = nearest.reshape(-1)
         queries = torch.arange(n, device=device).repeat_interleave(nearest.shape[1])
         if self.routed:  # fewer lists than probes in the routed classes: drop the padding
             lists, queries = lists[lists >= 0], queries[lists >= 0]
-        order = torch.argsort(lists, stable=True)
+        # pairs grouped by list, the lists largest first: a run of lists of like sizes pads little
+        ranks = rank[lists]
+        order = torch.argsort(ranks, stable=True)
         queries = queries[order]
-        counts_of_list = torch.bincount(lists, minlength=self.lists)
-        probed_lists = torch.nonzero(counts_of_list).flatten()  # a loop over thousands of lists: only those in use
-        counts = counts_of_list[probed_lists].tolist()
+        counts_of_rank = torch.bincount(ranks, minlength=self.lists)
+        probed_ranks = torch.nonzero(counts_of_rank).flatten()  # a loop over thousands of lists: only those in use
+        counts = counts_of_rank[probed_ranks].tolist()
+        probed_lists = by_size[probed_ranks].tolist()
         offsets = self.list_offsets.tolist()
         # The softmax is shift-invariant; shifting each sample's logits by its nearest centroid's distance
         # bounds them to [-scale R, scale R] (R: the largest distance of a prototype to its list's centroid;
         # triangle inequality, the nearest list is always probed), so when scale R is small enough for exp
         # the kernel is summed in one pass, list by list, without keeping the logits for a max.
-        prototypes_sq, radius, owned = self._list_constants()
         one_pass = scale * radius <= 60.0
         shift = (
             centroid_distance[:, 0] * scale
@@ -844,42 +879,40 @@ class VaguePrototypes(nn.Module):
         # class sets them): its class mass is that class, no product needed.
         mass_from_route = bool(num_classes) and owned and route is not None and route.shape[1] == 1
         keep = histogram or (bool(num_classes) and not mass_from_route) or not one_pass
-        # Squared distances as |x|^2 + |p|^2 - 2 x.p, the norms computed once (cdist recomputes them and
-        # pads both operands for its product in every call: a third of the time on small lists).
-        flat_sq = flat.pow(2).sum(dim=1)
         prototypes = self.prototypes.detach()  # frozen: short lists are built once the prototypes are fixed
         y = torch.zeros(n, self.dim, device=device, dtype=flat.dtype)
         total = torch.zeros(n, device=device, dtype=flat.dtype)
         # one pass: each (sample, list) pair's kernel sum, added to its sample's total once all are known
         sums = torch.empty(len(queries), device=device, dtype=flat.dtype) if one_pass else None
         blocks: list[tuple[int, Tensor, Tensor]] = []
-        for first, stop, groups in _chunks_of_lists(probed_lists.tolist(), counts, _PAIRS_PER_CHUNK):
-            # The samples of a few thousand (sample, list) pairs gathered once and their products added back
-            # once: per-list gathers and scatters of rows cost as much as the products themselves.
+        lengths = [offsets[group + 1] - offsets[group] for group in probed_lists]
+        for first, stop, groups in _chunks_of_lists(probed_lists, counts, _PAIRS_PER_CHUNK, lengths):
+            # A run of a few thousand (sample, list) pairs: its samples gathered once, each list's products
+            # written into one block padded to the run's longest list (distance inf: weight 0), and the
+            # element-wise passes made once on the block; per list, per-op overhead costs as much as the products.
             rows = queries[first:stop]
-            samples, samples_sq = flat[rows], flat_sq[rows].unsqueeze(1)
-            if one_pass:  # every pair of the run is written below, once
-                kernel_sums = torch.empty(stop - first, self.dim, device=device, dtype=flat.dtype)
-                row_shift = shift[rows].unsqueeze(1)
-            for group, a, b in groups:  # a:b: the group's pairs within the chunk
+            samples = flat_augmented[rows]
+            width = offsets[groups[0][0] + 1] - offsets[groups[0][0]]  # the run's longest list: its first
+            logits = torch.full((stop - first, width), float("inf"), device=device, dtype=flat.dtype)
+            for group, a, b in groups:
                 members = slice(offsets[group], offsets[group + 1])
-                logits = (
-                    torch.addmm(prototypes_sq[members].unsqueeze(0), samples[a:b], prototypes[members].T, alpha=-2.0)
-                    .add_(samples_sq[a:b])
-                    .clamp_min_(0.0)
-                    .sqrt_()
-                    .mul_(-scale)
-                )
-                if one_pass:
-                    e = logits.add_(row_shift[a:b]).exp_()
-                    torch.sum(e, dim=1, out=sums[first + a : first + b])
-                    torch.mm(e, prototypes[members], out=kernel_sums[a:b])
-                else:
-                    shift.scatter_reduce_(0, rows[a:b], logits.amax(dim=1), reduce="amax")
-                if keep:
-                    blocks.append((group, rows[a:b], logits))
+                torch.mm(samples[a:b], augmented[members].T, out=logits[a:b, : members.stop - members.start])
+            logits.clamp_min_(0.0).sqrt_()
             if one_pass:
+                # exp(shift - scale d): the shift bounds it (see above)
+                e = torch.sub(shift[rows].unsqueeze(1), logits, alpha=scale, out=logits).exp_()
+                torch.sum(e, dim=1, out=sums[first:stop])
+                kernel_sums = torch.empty(stop - first, self.dim, device=device, dtype=flat.dtype)
+                for group, a, b in groups:
+                    members = slice(offsets[group], offsets[group + 1])
+                    torch.mm(e[a:b, : members.stop - members.start], prototypes[members], out=kernel_sums[a:b])
                 y.index_add_(0, rows, kernel_sums)
+            else:
+                logits.mul_(-scale)
+                shift.scatter_reduce_(0, rows, logits.amax(dim=1), reduce="amax")
+            if keep:
+                for group, a, b in groups:
+                    blocks.append((group, rows[a:b], logits[a:b, : offsets[group + 1] - offsets[group]]))
         if one_pass:
             total.index_add_(0, queries, sums)
         else:
