@@ -258,8 +258,8 @@ NoiseSource = Callable[[Tensor], Tensor]
 
 class GeneratorNoise:
     """Standard noise with item i of every draw from ``generators[i]`` alone, so an item's result never depends
-    on its batch (the torch :class:`vpdm.inference.detector.Detector`: one generator per image, seeded alike);
-    None: the global generator."""
+    on its batch (``ShiftedDiffusion.sample``'s ``generators``; with all of them seeded alike,
+    :class:`SharedNoise` gives the same draws for less); None: the global generator."""
 
     def __init__(self, generators: Sequence[torch.Generator] | None = None) -> None:
         self.generators = generators
