@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -325,6 +326,17 @@ def _augmented(rows: Tensor, prototype_side: bool = False) -> Tensor:
     squared = rows.pow(2).sum(dim=1, keepdim=True)
     ones = torch.ones_like(squared)
     return torch.cat([rows * -2.0, squared, ones] if prototype_side else [rows, ones, squared], dim=1)
+
+
+class _ListConstants(NamedTuple):
+    """What :meth:`VaguePrototypes._list_constants` keeps until the prototypes change."""
+
+    radius: float  # the largest distance of a prototype to its list's centroid
+    owned: bool  # every prototype's owner is the class it is stored under (class_offsets)
+    prototypes: Tensor  # the prototypes as _augmented rows (prototype side)
+    rank: Tensor  # each list's rank by size, largest first
+    by_size: Tensor  # the lists in that order
+    centroids: Tensor  # the list centroids as _augmented rows (prototype side)
 
 
 def _one_hot(owner: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
@@ -789,7 +801,9 @@ class VaguePrototypes(nn.Module):
         if flat_augmented is None:
             flat_augmented = _augmented(flat)
         # kept between calls; computed in the graph while traced for export (the constants key on storage)
-        centroids = _augmented(self.list_centroids, True) if torch.jit.is_tracing() else self._list_constants()[5]
+        centroids = (
+            _augmented(self.list_centroids, True) if torch.jit.is_tracing() else self._list_constants().centroids
+        )
         if not self.routed:
             squared, nearest = (flat_augmented @ centroids.T).topk(probes, dim=1, largest=False)
             return squared.clamp_min_(0.0).sqrt_(), nearest, None
@@ -808,13 +822,10 @@ class VaguePrototypes(nn.Module):
         distance = squared.clamp_min_(0.0).sqrt_()
         return distance.reshape(batch * per_image, -1), nearest.reshape(batch * per_image, -1), route
 
-    def _list_constants(self) -> tuple[float, bool, Tensor, Tensor, Tensor, Tensor]:
+    def _list_constants(self) -> _ListConstants:
         """Constants of the short lists, kept until the prototypes change: passes over all K values that, once
         per batch, cost more than the batch's own short lists when K is large (a budget per class: hundreds of
-        thousands). The largest distance of a prototype to its list's centroid; whether every prototype's owner
-        is the class it is stored under (``class_offsets``); the prototypes as :func:`_augmented` rows; each list's
-        rank by size, largest first, and the lists in that order, so that lists of like sizes share a padded block
-        (:meth:`_short_list`); the list centroids as :func:`_augmented` rows."""
+        thousands). The ranks by size let lists of like sizes share a padded block (:meth:`_short_list`)."""
         tensors = (self.prototypes, self.list_centroids, self.owner)
         key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
         if getattr(self, "_constants_key", None) != key:
@@ -834,7 +845,9 @@ class VaguePrototypes(nn.Module):
                 rank = torch.empty_like(by_size)
                 rank[by_size] = torch.arange(len(by_size), device=by_size.device)
                 centroids = _augmented(self.list_centroids, prototype_side=True)
-                self._constants = (radius, owned, _augmented(protos, prototype_side=True), rank, by_size, centroids)
+                self._constants = _ListConstants(
+                    radius, owned, _augmented(protos, prototype_side=True), rank, by_size, centroids
+                )
             self._constants_key = key
         return self._constants
 
@@ -851,19 +864,20 @@ class VaguePrototypes(nn.Module):
         scale = 1.0 / (math.sqrt(self.dim) * self.config.ot_reg)
         flat_augmented = _augmented(flat)
         centroid_distance, nearest, route = self._nearest_lists(flat, flat_augmented)
-        radius, owned, augmented, rank, by_size, _ = self._list_constants()
+        constants = self._list_constants()
+        radius, owned, augmented = constants.radius, constants.owned, constants.prototypes
         lists = nearest.reshape(-1)
         queries = torch.arange(n, device=device).repeat_interleave(nearest.shape[1])
         if self.routed:  # fewer lists than probes in the routed classes: drop the padding
             lists, queries = lists[lists >= 0], queries[lists >= 0]
         # pairs grouped by list, the lists largest first: a run of lists of like sizes pads little
-        ranks = rank[lists]
+        ranks = constants.rank[lists]
         order = torch.argsort(ranks, stable=True)
         queries = queries[order]
         counts_of_rank = torch.bincount(ranks, minlength=self.lists)
         probed_ranks = torch.nonzero(counts_of_rank).flatten()  # a loop over thousands of lists: only those in use
         counts = counts_of_rank[probed_ranks].tolist()
-        probed_lists = by_size[probed_ranks].tolist()
+        probed_lists = constants.by_size[probed_ranks].tolist()
         offsets = self.list_offsets.tolist()
         # The softmax is shift-invariant; shifting each sample's logits by its nearest centroid's distance
         # bounds them to [-scale R, scale R] (R: the largest distance of a prototype to its list's centroid;
