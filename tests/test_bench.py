@@ -500,10 +500,30 @@ def test_leave_one_out_view_and_the_adoption_rule(tmp_path, capsys):
     assert view["d"]["reference_image"] == pytest.approx(0.90)
     assert loo_main([str(path)]) == 0
     out = capsys.readouterr().out
-    assert "| B | +3.25 / +3.75 | -2.00 / +0.00 | no |" in out and "Leave one category out" in out
+    assert "| B | 3 | +3.25 / +3.75 | -2.00 / +0.00 | no |" in out and "Leave one category out" in out
     (tmp_path / "bad.jsonl").write_text("{}\n")
     assert loo_main([str(tmp_path / "bad.jsonl")]) == 2
     assert "is not a line of vpdm.bench.screen --json" in capsys.readouterr().err
+
+
+def test_the_adoption_rule_compares_on_the_seeds_both_settings_have(tmp_path):
+    """The reference has a fourth, lucky seed; E equals it on seeds 0-2 and loses 1 pt on `d` there. Against the
+    reference's mean over four seeds E would look 1.5 pt worse everywhere; paired, it is level on a-c and -1 on
+    d. F has only two seeds in common with the reference: it cannot pass."""
+    from vpdm.bench.loo import adoption, aggregate, read_rows
+
+    base = {c: (0.90, 0.90) for c in "abcd"}
+    rows = [_screen_line("A", seed, base) for seed in (0, 1, 2)]
+    rows.append(_screen_line("A", 3, {c: (0.96, 0.96) for c in "abcd"}))
+    rows += [_screen_line("E", seed, {**base, "d": (0.89, 0.90)}) for seed in (0, 1, 2)]
+    rows += [_screen_line("F", seed, base) for seed in (1, 2, 7)]
+    path = tmp_path / "screen.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    rule = adoption(aggregate(read_rows([str(path)])), "A", tolerance=0.5, min_seeds=3)
+    assert rule["E"]["seeds"] == 3 and rule["E"]["worst_pt"]["image_auroc"] == pytest.approx(-1.0)
+    assert rule["E"]["mean_pt"]["pixel_auroc"] == pytest.approx(0.0) and not rule["E"]["passes"]
+    assert rule["F"]["seeds"] == 2 and rule["F"]["worst_pt"]["image_auroc"] == pytest.approx(0.0)
+    assert not rule["F"]["passes"]
 
 
 def test_leave_one_out_can_choose_by_aupro_and_pixel_ap_too(tmp_path, capsys):

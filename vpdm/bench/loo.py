@@ -97,7 +97,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             }
             for c in cats
         }
-        out[label] = {"seeds": sorted(seeds), "per_class": per_class}
+        out[label] = {"seeds": sorted(seeds), "per_class": per_class, "by_seed": seeds}
     return out
 
 
@@ -159,20 +159,41 @@ def adoption(
     settings: dict[str, dict[str, Any]], reference: str, tolerance: float, min_seeds: int
 ) -> dict[str, dict[str, Any]]:
     """Per setting: the worst per-category change (points) of image and pixel AUROC against the
-    reference, and whether it passes the rule."""
-    ref = settings[reference]["per_class"]
+    reference, and whether it passes the rule. Paired: both are averaged over the seeds both were measured
+    on (a setting measured on seeds 0-2 is compared with the reference's seeds 0-2, not with its mean over
+    more seeds), and only those seeds count towards ``min_seeds``."""
+    ref_seeds = settings[reference].get("by_seed") or {}
     out = {}
     for label, s in settings.items():
-        cats = [c for c in s["per_class"] if c in ref]
-        worst = {k: min(100 * (s["per_class"][c][k] - ref[c][k]) for c in cats) for k in KEYS}
-        mean = {k: 100 * _mean([s["per_class"][c][k] - ref[c][k] for c in cats]) for k in KEYS}
+        mine = s.get("by_seed") or {}
+        common = sorted(set(mine) & set(ref_seeds))
+        if common:
+            pc, ref = _mean_over(mine, common), _mean_over(ref_seeds, common)
+        else:  # no seed in common (or per-seed figures unknown): the means, and no seed counts
+            pc, ref = s["per_class"], settings[reference]["per_class"]
+        cats = [c for c in pc if c in ref and all(k in pc[c] and k in ref[c] for k in KEYS)]
+        worst = {k: min(100 * (pc[c][k] - ref[c][k]) for c in cats) for k in KEYS}
+        mean = {k: 100 * _mean([pc[c][k] - ref[c][k] for c in cats]) for k in KEYS}
         out[label] = {
             "worst_pt": worst,
             "mean_pt": mean,
-            "seeds": len(s["seeds"]),
-            "passes": len(s["seeds"]) >= min_seeds and min(worst.values()) >= -tolerance,
+            "seeds": len(common),
+            "passes": len(common) >= min_seeds and min(worst.values()) >= -tolerance,
         }
     return out
+
+
+def _mean_over(by_seed: dict[int, dict[str, Any]], seeds: list[int]) -> dict[str, dict[str, float]]:
+    """Per category and metric, the mean over ``seeds`` of per-seed figures (metrics every seed has)."""
+    cats = sorted(set.intersection(*(set(by_seed[s]) for s in seeds)))
+    return {
+        c: {
+            k: sum(by_seed[s][c][k] for s in seeds) / len(seeds)
+            for k in METRIC_KEYS
+            if all(by_seed[s][c].get(k) is not None for s in seeds)
+        }
+        for c in cats
+    }
 
 
 def report(
@@ -202,16 +223,16 @@ def report(
     lines += [
         "",
         f"## Against the reference `{reference}` (points; rule: no category below -{tolerance:g} on image "
-        f"or pixel AUROC, at least {min_seeds} seeds)",
+        f"or pixel AUROC, at least {min_seeds} seeds, each compared on the seeds both have)",
         "",
-        "| setting | mean image / pixel | worst category image / pixel | passes |",
-        "|---|---|---|---|",
+        "| setting | seeds paired | mean image / pixel | worst category image / pixel | passes |",
+        "|---|---|---|---|---|",
     ]
     for label, r in rule.items():
         if label == reference:
             continue
         lines.append(
-            f"| {label} | {r['mean_pt']['image_auroc']:+.2f} / {r['mean_pt']['pixel_auroc']:+.2f} | "
+            f"| {label} | {r['seeds']} | {r['mean_pt']['image_auroc']:+.2f} / {r['mean_pt']['pixel_auroc']:+.2f} | "
             f"{r['worst_pt']['image_auroc']:+.2f} / {r['worst_pt']['pixel_auroc']:+.2f} | "
             f"{'yes' if r['passes'] else 'no'} |"
         )
