@@ -546,6 +546,45 @@ def test_standardised_scores_refuse_other_distances_and_unfitted_models():
     assert torch.equal(again.term_mean, fitted.term_mean) and again.term_mean.shape[0] == 2
 
 
+def test_refit_statistics_moves_each_row_the_weight_of_the_way_to_the_new_images_fit():
+    """Against an independent fit on the new images alone (closed form: (1 - w) * training + w * new, mean and std);
+    a row without new images keeps its statistics; refitting again gives the same (always from the training fit);
+    weight 0 is the training fit; the training fit survives a state dict, and one written before it takes the
+    statistics themselves as the training fit."""
+    model, feats, classes, sampling, scoring = _fine_model()
+    train_mean, train_std = model.term_mean.clone(), model.term_std.clone()
+    new = feats[:10] + 0.3 * torch.randn_like(feats[:10])  # class 0 only, "unseen" images
+    alone, *_ = _fine_model()
+    alone.fit_statistics(new, torch.zeros(10, dtype=torch.long), sampling, scoring, per_class=6, batch_size=4)
+    assert not torch.allclose(alone.term_mean[0], train_mean[0])
+    rows = torch.zeros(10, dtype=torch.long)
+    for _ in range(2):
+        moved = model.refit_statistics(new, rows, sampling, scoring, 0.25, per_class=6, batch_size=4)
+        assert moved == [0]
+        torch.testing.assert_close(model.term_mean[0], 0.75 * train_mean[0] + 0.25 * alone.term_mean[0])
+        torch.testing.assert_close(model.term_std[0], 0.75 * train_std[0] + 0.25 * alone.term_std[0])
+        assert torch.equal(model.term_mean[1], train_mean[1]) and torch.equal(model.term_std[1], train_std[1])
+        assert torch.equal(model.train_term_mean, train_mean) and torch.equal(model.train_term_std, train_std)
+    # weight 0 is the training fit again; images of no row (-1) move nothing
+    assert model.refit_statistics(new, rows, sampling, scoring, 0.0) == [0]
+    assert torch.equal(model.term_mean, train_mean) and torch.equal(model.term_std, train_std)
+    assert model.refit_statistics(new, torch.full((10,), -1), sampling, scoring, 0.5) == []
+    with pytest.raises(ConfigError, match="in \\[0, 1\\]"):
+        model.refit_statistics(new, rows, sampling, scoring, 1.5)
+    with pytest.raises(ConfigError, match="10 images but 3"):
+        model.refit_statistics(new, rows[:3], sampling, scoring, 0.5)
+    # the training fit travels with the state; an older state without it takes the statistics themselves
+    again = VPDM(C, S, model.config)
+    again.load_state_dict(model.state_dict())
+    assert torch.equal(again.train_term_mean, train_mean) and torch.equal(again.term_mean, model.term_mean)
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("train_term_")}
+    older = VPDM(C, S, model.config)
+    older.take_sizes(old)
+    older.complete_state(old)
+    older.load_state_dict(old)
+    assert torch.equal(older.train_term_mean, model.term_mean) and torch.equal(older.train_term_std, model.term_std)
+
+
 def test_map_weights_per_class_weigh_the_coarse_against_the_fine_terms(tmp_path):
     """With map weights the map is w * coarse z + (1 - w) * fine z, w of each image's class (closed form from the
     terms); the image score keeps its own terms; 0.5 with one term of each is the plain mean; the weights survive a

@@ -834,9 +834,15 @@ def test_calibrate_chooses_each_class_map_weight_by_its_pixel_auroc_on_the_label
         ties = [w for w, a in zip(MAP_WEIGHT_GRID, auroc[c]) if a >= best - 1e-12]
         assert chosen[c] == min(ties, key=lambda w: abs(w - 0.5)), (c, auroc[c])
     assert "map weights (coarse) chosen on it" in checkpoint_calibration(payload).source
-    # a later calibration on normal images keeps the chosen weights and is not asked for labelled data again
+    # a later calibration on normal images keeps the chosen weights and the statistics they were chosen with, and
+    # is not asked for labelled data again
+    statistics = load_checkpoint(ckpt)[0].term_mean
     assert main(["calibrate", "--checkpoint", str(ckpt), "--data", val, "--no-progress", *cache]) == 0
-    assert load_checkpoint(ckpt)[0].map_weight.tolist() == list(chosen.values())
+    kept, _, payload = load_checkpoint(ckpt)
+    assert kept.map_weight.tolist() == list(chosen.values()) and torch.equal(kept.term_mean, statistics)
+    assert (
+        "term statistics kept (the model's map weights were chosen with them)" in checkpoint_calibration(payload).source
+    )
     assert main(["calibrate", "--checkpoint", str(ckpt), "--val-data", val, "--no-progress", *cache, *choose]) == 0
     payload = load_checkpoint(ckpt)[2]
     # the pixel thresholds are the F1-best on the weighted maps the saved model makes
@@ -848,6 +854,48 @@ def test_calibrate_chooses_each_class_map_weight_by_its_pixel_auroc_on_the_label
             assert f1_score(y, s > t.pixel_threshold) == pytest.approx(
                 np.nanmax(2 * precision * recall / (precision + recall)), abs=1e-9
             )
+
+
+def test_calibration_on_normal_images_moves_the_term_statistics_and_saves_them(calibrated, tmp_path, capsys):
+    """`vpdm calibrate --data`: each class's term statistics move calibration.statistics_weight of the way from the
+    training fit to that of the calibration images (an independent fit on them alone), the checkpoint keeps them
+    and the training fit, and the thresholds are set on the scores the saved model gives; weight 0 restores the
+    training fit; train's own hold-out did the same."""
+    import copy
+
+    from vpdm.cli.commands import main
+    from vpdm.evaluation.evaluator import score_with_config
+    from vpdm.inference.checkpoint import checkpoint_calibration, load_checkpoint
+    from vpdm.training import engine
+
+    trained, _, payload = load_checkpoint(calibrated["run"] / "model.pt")
+    assert "term statistics moved 0.5 of the way" in checkpoint_calibration(payload).source
+    assert not torch.allclose(trained.term_mean, trained.train_term_mean)  # train's hold-out moved them
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes((calibrated["run"] / "model.pt").read_bytes())
+    data = f"demo:{calibrated['demo']}"
+    cache = ["--set", f"data.cache_dir={calibrated['cache']}"]
+    for weight in (0.25, 0.0):
+        args = ["calibrate", "--checkpoint", str(ckpt), "--data", data, "--no-progress", *cache]
+        assert main([*args, "--set", f"calibration.statistics_weight={weight}"]) == 0
+        model, config, payload = load_checkpoint(ckpt)
+        torch.testing.assert_close(model.train_term_mean, trained.train_term_mean)
+        classes = list(payload["categories"])
+        config = config.with_overrides({"data.cache_dir": str(calibrated["cache"]), "data.spec": data})
+        split = engine.load_split(config, "train", progress=False)
+        rows = torch.tensor([classes.index(s.category) for s in split.dataset.samples])
+        alone = copy.deepcopy(model)
+        alone.fit_statistics(split.features, rows, config.sampling, config.scoring, batch_size=config.train.batch_size)
+        for have, train, new in (
+            (model.term_mean, model.train_term_mean, alone.term_mean),
+            (model.term_std, model.train_term_std, alone.term_std),
+        ):
+            torch.testing.assert_close(have, (1 - weight) * train + weight * new)
+        scores = score_with_config(model, split.features, config, False)[0].numpy()
+        for c, t in checkpoint_calibration(payload).classes.items():
+            mine = scores[(rows == classes.index(c)).numpy()]
+            assert t.image_threshold == pytest.approx(float(np.quantile(mine, 0.99, method="higher")), rel=1e-5)
+    assert "term statistics moved 0.25 of the way" in capsys.readouterr().out
 
 
 def test_val_data_of_other_classes_or_without_defects_is_refused_before_any_image(calibrated, tmp_path, capsys):

@@ -30,7 +30,7 @@ def calibrate_checkpoint(path: str | Path, bundle: Any) -> tuple[Calibration | N
     """
     from tune.features import as_tensor
     from vpdm.decision.calibration import calibrate
-    from vpdm.inference.checkpoint import load_checkpoint
+    from vpdm.inference.checkpoint import load_checkpoint, with_calibrated_buffers
     from vpdm.io import atomic_torch_save
 
     model, config, payload = load_checkpoint(path)
@@ -43,10 +43,11 @@ def calibrate_checkpoint(path: str | Path, bundle: Any) -> tuple[Calibration | N
             as_tensor(bundle.val_features),
             categories,
             source=f"sweep validation hold-out {bundle.val_fraction:g} of train/good (seed {bundle.val_seed})",
+            model_classes=list(bundle.categories),
         )
     except ConfigError as exc:
         return None, str(exc)
-    payload = dict(payload)
+    payload = with_calibrated_buffers(payload, model)  # the term statistics the thresholds were set with
     payload["calibration"] = calibration.to_payload()
     payload["extra"] = {**(payload.get("extra") or {}), "calibration_images": int(len(bundle.val_features))}
     atomic_torch_save(payload, Path(path), what="checkpoint")

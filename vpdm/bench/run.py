@@ -266,6 +266,15 @@ class Bench:
             t0 = time.perf_counter()
             model, history = engine.fit(pcfg, fit, progress=self.progress)
             train_seconds = time.perf_counter() - t0
+            statistics_note = ""
+            if held is not None:  # as `vpdm train` calibrates: the term statistics first, from the held-out normals
+                from vpdm.decision.calibration import refit_term_statistics
+
+                statistics_note = refit_term_statistics(
+                    model, pcfg, held.features, held_cats, list(fit.dataset.categories)
+                )
+                if statistics_note:
+                    self.log(f"  [{name}] {statistics_note}")
             scores, maps, seconds = self._score_vpdm(model, pcfg.sampling, test.features, pcfg.scoring)
             metrics = self._metrics(scores, maps)
             decision = None
@@ -279,6 +288,7 @@ class Bench:
                 "metrics": metrics,
                 "defect_sizes": self._defect_sizes(maps),
                 "decision": decision,
+                "term_statistics": statistics_note or "training images",
                 "train_seconds": train_seconds,
                 "train_ms_per_image_epoch": 1000 * train_seconds / (pcfg.train.epochs * len(fit.features)),
                 "score_seconds": seconds,

@@ -25,7 +25,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         merge_calibration,
         validation_samples,
     )
-    from vpdm.inference.checkpoint import checkpoint_calibration, load_checkpoint
+    from vpdm.inference.checkpoint import checkpoint_calibration, load_checkpoint, with_calibrated_buffers
     from vpdm.io import Output, check_outputs, writable_file
     from vpdm.training import engine
     from vpdm.training.preflight import data_roots, list_splits
@@ -92,8 +92,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             progress=progress,
             model_classes=model_classes,
         )
-        if config.calibration.choose_map_weights:  # the weights are the model's: saved with its state
-            payload = {**payload, "state_dict": {**payload["state_dict"], "map_weight": model.map_weight.cpu()}}
     else:
         samples = list_splits(config, ("train",))["train"]
         kept = check_partial(previous, categories(samples), model_classes, method, config, flag)
@@ -117,6 +115,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             [s.category for s in samples],
             source=f"vpdm calibrate --data {config.data.spec}{fraction}",
             progress=progress,
+            model_classes=model_classes,
         )
     if kept:
         print(
@@ -124,6 +123,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f"({previous.describe()}): {', '.join(kept)}"
         )
         calibration = merge_calibration(calibration, previous, kept)
+    # what the calibration changed in the model (map weights, term statistics) is saved with its state
+    payload = with_calibrated_buffers(payload, model)
     return _store_calibration(calibration, payload, config, target, in_place=in_place, overwrite=args.overwrite)
 
 

@@ -199,6 +199,7 @@ def _train_in(out: Path, args: argparse.Namespace, config, device, method: str, 
             [s.category for s in held.dataset.samples],
             source=f"train holdout {fraction:g} (seed {config.train.seed})",
             progress=progress,
+            model_classes=list(train.dataset.categories),
         )
         print(calibration_summary(calibration))
     else:

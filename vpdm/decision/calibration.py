@@ -126,10 +126,13 @@ def calibrate(
     *,
     source: str = "",
     progress: bool = False,
+    model_classes: list[str] | None = None,
 ) -> Calibration:
     """Score normal images' ``features`` (one class name per image in ``categories``) and calibrate.
 
-    Every class needs :data:`MIN_CALIBRATION_IMAGES` images.
+    Every class needs :data:`MIN_CALIBRATION_IMAGES` images. First the term statistics of their classes move
+    toward these unseen images' (:func:`refit_term_statistics`; ``model_classes``, the model's classes in
+    training order, name its rows), then the thresholds are set on the scores they give.
     """
     from vpdm.evaluation.evaluator import score_with_config
 
@@ -143,6 +146,9 @@ def calibrate(
         raise ConfigError(
             f"calibration needs at least {MIN_CALIBRATION_IMAGES} normal images per class; got {dict(few) or 'none'}"
         )
+    moved = refit_term_statistics(model, config, features, categories, model_classes)
+    if moved:  # in the source, which every summary of the thresholds prints and the checkpoint keeps
+        source = f"{source}; {moved}"
     scores, maps = score_with_config(model, features, config, progress)
     hist = assignment_histograms(model, features, config.train.batch_size)
     rate = config.calibration.false_alarm_rate
@@ -152,6 +158,50 @@ def calibrate(
         classes[c] = ClassThresholds.from_scores(scores[idx], maps[idx], rate)
         histograms[c] = hist[idx].mean(dim=0)
     return Calibration(rate, classes, histograms, source, settings_of(config))
+
+
+def refit_term_statistics(
+    model: VPDM,
+    config: VPDMConfig,
+    features: Tensor,
+    categories: list[str],
+    model_classes: list[str] | None,
+) -> str:
+    """Move the term statistics of the classes in ``categories`` ``calibration.statistics_weight`` of the way
+    from the training images' fit to these normal images' (:meth:`VPDM.refit_statistics`); the model's
+    classes (``model_classes``) name its rows, a class it does not know moves nothing. Returns what was done
+    for the calibration's source, "" when nothing moved: a model without term statistics
+    (``scoring.combine=weighted``), or one whose map weights were chosen on labelled defects with its present
+    statistics (they stay, said in the note)."""
+    weight = config.calibration.statistics_weight
+    rows = int(model.term_mean.shape[0])
+    if rows == 0:
+        return ""
+    if model.map_weight.numel():
+        return "term statistics kept (the model's map weights were chosen with them)"
+    if rows == 1:
+        index = [0] * len(categories)
+    elif model_classes is not None and len(model_classes) == rows:
+        index = [model_classes.index(c) if c in model_classes else -1 for c in categories]
+    else:
+        return (
+            f"term statistics kept (the model has {rows} rows of them but its classes are not known here, so "
+            "an image's row cannot be told)"
+        )
+    moved = model.refit_statistics(
+        features,
+        torch.tensor(index, dtype=torch.long),
+        config.sampling,
+        config.scoring,
+        weight,
+        batch_size=config.train.batch_size,
+    )
+    if not moved:
+        return ""
+    names = ", ".join(model_classes[r] for r in moved) if rows > 1 and model_classes else "all classes"
+    if weight == 0:
+        return f"term statistics: the training images' fit ({names})"
+    return f"term statistics moved {weight:g} of the way from the training images' to these images' ({names})"
 
 
 def check_validation_samples(samples: list[Sample], model_classes: list[str], spec: str) -> None:

@@ -16,7 +16,7 @@ from vpdm.config.schema import VPDMConfig, saved_config
 from vpdm.config.values import to_dict
 from vpdm.errors import CheckpointError, VPDMError
 from vpdm.io import atomic_torch_save
-from vpdm.model.vpdm_model import ADDED_BUFFERS, VPDM
+from vpdm.model.vpdm_model import VPDM
 from vpdm.state_dicts import state_dict_differences
 
 FORMAT = "vpdm.inference.checkpoint"
@@ -70,6 +70,18 @@ def checkpoint_payload(
     if calibration is not None:
         payload["calibration"] = calibration.to_payload()
     return payload
+
+
+# The model's buffers a calibration may change (the term statistics, their training fit, the map weights): what a
+# calibrated checkpoint's state takes from the model it calibrated.
+CALIBRATED_BUFFERS: tuple[str, ...] = ("term_mean", "term_std", "train_term_mean", "train_term_std", "map_weight")
+
+
+def with_calibrated_buffers(payload: dict[str, Any], model: VPDM) -> dict[str, Any]:
+    """``payload`` (a new dict) whose state has ``model``'s :data:`CALIBRATED_BUFFERS`, the rest unchanged."""
+    state = model.state_dict()
+    calibrated = {name: state[name].detach().cpu().clone() for name in CALIBRATED_BUFFERS}
+    return {**payload, "state_dict": {**payload["state_dict"], **calibrated}}
 
 
 def checkpoint_calibration(payload: dict[str, Any], path: str | Path = "checkpoint") -> Any:
@@ -146,9 +158,7 @@ def load_checkpoint(
         ) from None
     state = dict(payload["state_dict"])
     model.take_sizes(state)  # what follows the data: term statistics per class, prototypes per class
-    for name, value in model.state_dict().items():  # buffers a checkpoint written before them lacks
-        if name not in state and name in ADDED_BUFFERS:
-            state[name] = value
+    model.complete_state(state)  # buffers a checkpoint written before them lacks
     payload["state_dict"] = state
     differences = state_dict_differences(model.state_dict(), payload["state_dict"])
     if differences:

@@ -38,6 +38,9 @@ ADDED_BUFFERS: tuple[str, ...] = (
     "term_settings",
     "map_weight",
 )
+# The training images' fit of the term statistics, kept beside the statistics a calibration moved
+# (:meth:`VPDM.refit_statistics`); a checkpoint written before it had only the one fit: the statistics themselves.
+TRAINING_FIT_BUFFERS: dict[str, str] = {"train_term_mean": "term_mean", "train_term_std": "term_std"}
 
 
 class VPDM(nn.Module):
@@ -76,6 +79,10 @@ class VPDM(nn.Module):
         ]
         self.register_buffer("term_mean", torch.zeros(0, len(self.stat_terms)))
         self.register_buffer("term_std", torch.ones(0, len(self.stat_terms)))
+        # The same statistics as fitted on the training images, from which a calibration on unseen normal images
+        # moves them (:meth:`refit_statistics`; a second calibration starts again from here).
+        self.register_buffer("train_term_mean", torch.zeros(0, len(self.stat_terms)))
+        self.register_buffer("train_term_std", torch.ones(0, len(self.stat_terms)))
         # The scoring settings the statistics hold for: distance, 0 (the retired scoring.per_stage's place),
         # feature_space, aggregate.
         self.register_buffer("term_settings", torch.zeros(4, dtype=torch.long))
@@ -108,6 +115,8 @@ class VPDM(nn.Module):
         """Make room for the term statistics of ``classes`` rows (before fitting or loading them)."""
         self.term_mean = self.term_mean.new_zeros(classes, len(self.stat_terms))
         self.term_std = self.term_std.new_ones(classes, len(self.stat_terms))
+        self.train_term_mean = self.term_mean.clone()
+        self.train_term_std = self.term_std.clone()
 
     @staticmethod
     def _settings_key(scoring: ScoringConfig) -> list[int]:
@@ -117,6 +126,12 @@ class VPDM(nn.Module):
             FEATURE_SPACES.index(scoring.feature_space),
             int(scoring.aggregate),
         ]
+
+    @property
+    def statistics_by_class(self) -> bool:
+        """Whether the term statistics have a row per class: only when the fine prototypes know the classes (an
+        image's class is told by its matches), else one row for all."""
+        return self.fine is not None and bool((self.fine.owner >= 0).any())
 
     @torch.no_grad()
     def fit_statistics(
@@ -131,32 +146,87 @@ class VPDM(nn.Module):
         """Mean and std of every score term (:attr:`stat_terms`) over all positions of up to ``per_class``
         normal training images of each class (evenly spaced in the class's list), for
         ``scoring.combine=standardised``. One row per class when the fine prototypes know the classes,
-        else one row for all."""
-        by_class = self.fine is not None and bool((self.fine.owner >= 0).any())
+        else one row for all. Also kept as the training fit that :meth:`refit_statistics` starts from."""
+        by_class = self.statistics_by_class
         classes = int(class_index.max()) + 1 if by_class else 1
         self.resize_statistics(classes)
-        device = self.feature_mean.device
         for c in range(classes):
             members = torch.nonzero(class_index == c).flatten() if by_class else torch.arange(len(features))
             if members.numel() == 0:
                 continue
-            pick = members[torch.linspace(0, members.numel() - 1, min(per_class, members.numel())).round().long()]
-            total = torch.zeros(len(self.stat_terms), dtype=torch.float64, device=device)
-            squares = torch.zeros_like(total)
-            count = 0
-            for s in range(0, len(pick), batch_size):
-                f = features[pick[s : s + batch_size]].to(device)
-                fine = self.fine_condition(f, with_class=False)[0]
-                terms = self._term_maps(f, self.reconstruct(f, sampling), fine, scoring)
-                stacked = torch.stack(terms, dim=1).double()  # B x terms x H x W
-                total += stacked.sum(dim=(0, 2, 3))
-                squares += stacked.pow(2).sum(dim=(0, 2, 3))
-                count += stacked.shape[0] * stacked.shape[2] * stacked.shape[3]
-            mean = total / count
-            self.term_mean[c] = mean.float()
-            self.term_std[c] = (squares / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-6).float()
+            self.term_mean[c], self.term_std[c] = self._term_moments(
+                features, members, sampling, scoring, per_class, batch_size
+            )
+        self.train_term_mean.copy_(self.term_mean)
+        self.train_term_std.copy_(self.term_std)
         self.term_settings.copy_(torch.tensor(self._settings_key(scoring)))
         self.map_weight = self.map_weight.new_zeros(0)  # weights chosen on other statistics no longer hold
+
+    @torch.no_grad()
+    def refit_statistics(
+        self,
+        features: Tensor,
+        rows: Tensor,
+        sampling: SamplingConfig,
+        scoring: ScoringConfig,
+        weight: float,
+        per_class: int = 64,
+        batch_size: int = 32,
+    ) -> list[int]:
+        """Move each row's term statistics ``weight`` of the way from the training images' fit to that of these
+        normal images the model never saw (``rows``: the statistics row of each image, -1 for none), mean and std
+        alike; rows without images keep theirs. Returns the rows moved.
+
+        On unseen normal images the terms do not spread as on the training images (the coarse term 1.2-1.9x
+        wider, the fine one 0.7-1.0x), so the map weighs its terms otherwise than the statistics meant
+        (EXPERIMENTS #148); halfway (0.5) shrinks a small calibration set's noise towards the training fit
+        (#149). Always from the training fit: calibrating again on the same images gives the same statistics.
+        """
+        if not 0 <= weight <= 1:
+            raise ConfigError(f"the statistics' weight must lie in [0, 1], got {weight!r}")
+        if self.term_mean.shape[0] == 0:
+            raise ConfigError("this model has no term statistics to refit (it scores with scoring.combine=weighted)")
+        self._statistics(None, scoring)  # the settings they were fitted with: named if they differ
+        if len(rows) != len(features):
+            raise ConfigError(f"{len(features)} images but {len(rows)} statistics rows")
+        moved = [int(r) for r in torch.unique(rows) if 0 <= int(r) < self.term_mean.shape[0]]
+        for r in moved:
+            if weight == 0:  # the training fit, without a pass over the images
+                self.term_mean[r], self.term_std[r] = self.train_term_mean[r], self.train_term_std[r]
+                continue
+            members = torch.nonzero(rows == r).flatten()
+            mean, std = self._term_moments(features, members, sampling, scoring, per_class, batch_size)
+            self.term_mean[r] = (1 - weight) * self.train_term_mean[r] + weight * mean
+            self.term_std[r] = (1 - weight) * self.train_term_std[r] + weight * std
+        return moved
+
+    def _term_moments(
+        self,
+        features: Tensor,
+        members: Tensor,
+        sampling: SamplingConfig,
+        scoring: ScoringConfig,
+        per_class: int,
+        batch_size: int,
+    ) -> tuple[Tensor, Tensor]:
+        """Mean and std of every term over all positions of up to ``per_class`` of the images ``members``
+        (evenly spaced in their list)."""
+        device = self.feature_mean.device
+        pick = members[torch.linspace(0, members.numel() - 1, min(per_class, members.numel())).round().long()]
+        total = torch.zeros(len(self.stat_terms), dtype=torch.float64, device=device)
+        squares = torch.zeros_like(total)
+        count = 0
+        for s in range(0, len(pick), batch_size):
+            f = features[pick[s : s + batch_size]].to(device)
+            fine = self.fine_condition(f, with_class=False)[0]
+            terms = self._term_maps(f, self.reconstruct(f, sampling), fine, scoring)
+            stacked = torch.stack(terms, dim=1).double()  # B x terms x H x W
+            total += stacked.sum(dim=(0, 2, 3))
+            squares += stacked.pow(2).sum(dim=(0, 2, 3))
+            count += stacked.shape[0] * stacked.shape[2] * stacked.shape[3]
+        mean = total / count
+        std = (squares / count - mean.pow(2)).clamp_min(0).sqrt().clamp_min(1e-6)
+        return mean.float(), std.float()
 
     def set_map_weights(self, weights: Tensor | None) -> None:
         """The coarse terms' weight in the map for each row of the term statistics (None: back to the plain
@@ -222,6 +292,17 @@ class VPDM(nn.Module):
             return self.term_mean[rows, i], self.term_std[rows, i]
 
         return statistics
+
+    def complete_state(self, state: dict) -> None:
+        """Add to ``state`` (after :meth:`take_sizes`) the buffers a checkpoint written before them lacks: the
+        training fit of the term statistics is the statistics themselves (there was only the one fit); the
+        others of :data:`ADDED_BUFFERS` take this model's defaults."""
+        for name, source in TRAINING_FIT_BUFFERS.items():
+            if name not in state and isinstance(state.get(source), Tensor):
+                state[name] = state[source].clone()
+        for name, value in self.state_dict().items():
+            if name not in state and name in ADDED_BUFFERS:
+                state[name] = value
 
     def take_sizes(self, state: dict) -> None:
         """The sizes that follow the data (term statistics per class, prototypes per class) from a state dict,
