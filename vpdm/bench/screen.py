@@ -10,6 +10,10 @@ variants, one line each, so a lever is screened in minutes; what survives gets t
 and ``--condition-only`` scores the distance to the condition yhat itself (no diffusion): together they
 screen the prototypes alone. Figures are percent: mean image / pixel AUROC, AUPRO, pixel AP, then
 image / pixel AUROC per class.
+
+The screen trains on all of ``train/good`` and holds nothing out, so its term statistics stay the training
+images' fit (``calibration.statistics_weight`` has no calibration images to act on), while the bench moves
+them halfway to its held-out images' (EXPERIMENTS #149): hold screen lines against screen lines.
 """
 
 from __future__ import annotations
