@@ -573,6 +573,28 @@ def test_refit_statistics_moves_each_row_the_weight_of_the_way_to_the_new_images
         model.refit_statistics(new, rows, sampling, scoring, 1.5)
     with pytest.raises(ConfigError, match="10 images but 3"):
         model.refit_statistics(new, rows[:3], sampling, scoring, 0.5)
+    # through calibration: the config's weight, and nothing for a score that does not read the statistics
+    import dataclasses
+
+    from vpdm.config.schema import VPDMConfig
+    from vpdm.decision.calibration import refit_term_statistics
+
+    config = VPDMConfig()
+    config = dataclasses.replace(
+        config,
+        sampling=sampling,
+        scoring=scoring,
+        calibration=dataclasses.replace(config.calibration, statistics_weight=0.25),
+    )
+    note = refit_term_statistics(model, config, new, ["a"] * 10, ["a", "b"])
+    assert note.startswith("term statistics moved 0.25 of the way") and note.endswith("(a)")
+    every, *_ = _fine_model()  # calibration fits on all of the new images (up to 64 per class)
+    every.fit_statistics(new, torch.zeros(10, dtype=torch.long), sampling, scoring)
+    torch.testing.assert_close(model.term_mean[0], 0.75 * train_mean[0] + 0.25 * every.term_mean[0])
+    model.refit_statistics(new, rows, sampling, scoring, 0.0)
+    weighted = dataclasses.replace(config, scoring=dataclasses.replace(scoring, combine="weighted"))
+    assert refit_term_statistics(model, weighted, new, ["a"] * 10, ["a", "b"]) == ""
+    assert torch.equal(model.term_mean, train_mean)
     # the training fit travels with the state; an older state without it takes the statistics themselves
     again = VPDM(C, S, model.config)
     again.load_state_dict(model.state_dict())

@@ -170,12 +170,12 @@ def refit_term_statistics(
     """Move the term statistics of the classes in ``categories`` ``calibration.statistics_weight`` of the way
     from the training images' fit to these normal images' (:meth:`VPDM.refit_statistics`); the model's
     classes (``model_classes``) name its rows, a class it does not know moves nothing. Returns what was done
-    for the calibration's source, "" when nothing moved: a model without term statistics
-    (``scoring.combine=weighted``), or one whose map weights were chosen on labelled defects with its present
-    statistics (they stay, said in the note)."""
+    for the calibration's source, "" when nothing moved: a model without term statistics, a score that does not
+    read them (``scoring.combine=weighted``, as the ``paper`` preset), or a model whose map weights were chosen
+    on labelled defects with its present statistics (they stay, said in the note)."""
     weight = config.calibration.statistics_weight
     rows = int(model.term_mean.shape[0])
-    if rows == 0:
+    if rows == 0 or config.scoring.combine != "standardised":  # no statistics, or a score that does not read them
         return ""
     if model.map_weight.numel():
         return "term statistics kept (the model's map weights were chosen with them)"
