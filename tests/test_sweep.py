@@ -158,6 +158,11 @@ def test_a_trials_model_is_calibrated_on_the_held_out_normal_images_and_answers_
     assert "sweep validation hold-out 0.15" in calibration.source and "seed 3" in calibration.source
     stored = checkpoint_calibration(read_checkpoint(path))
     assert stored.classes == calibration.classes and read_checkpoint(path)["extra"]["calibration_images"] == 4
+    if cfg.scoring.combine == "standardised":  # the term statistics the thresholds hold for are saved with them
+        saved = read_checkpoint(path)["state_dict"]
+        assert "term statistics moved 0.5 of the way" in calibration.source
+        assert torch.equal(saved["train_term_mean"], model.term_mean)
+        assert not torch.equal(saved["term_mean"], model.term_mean)
     # independent truth: the held-out images, found again from the split and scored from their files
     train = list_samples(cfg.data.spec, "train")
     class_index = np.array([bundle.categories.index(x.category) for x in train])
