@@ -80,25 +80,16 @@ def read_rows(paths: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """setting -> {"seeds": [...], "per_class": {cat: {key: mean over seeds}}}; the last line of a
-    (setting, seed) pair wins (a rerun replaces the earlier one)."""
+    """setting -> {"seeds": [...], "per_class": {cat: {key: mean over seeds}}, "by_seed": {seed: per_class}}; the
+    last line of a (setting, seed) pair wins (a rerun replaces the earlier one)."""
     by_seed: dict[str, dict[int, dict[str, Any]]] = {}
     for row in rows:
         label, seed = setting_key(row)
         by_seed.setdefault(label, {})[seed] = row["metrics"]["per_class"]
-    out: dict[str, dict[str, Any]] = {}
-    for label, seeds in by_seed.items():
-        cats = sorted(set.intersection(*(set(pc) for pc in seeds.values())))
-        per_class = {
-            c: {
-                k: sum(seeds[s][c][k] for s in seeds) / len(seeds)
-                for k in METRIC_KEYS
-                if all(seeds[s][c].get(k) is not None for s in seeds)
-            }
-            for c in cats
-        }
-        out[label] = {"seeds": sorted(seeds), "per_class": per_class, "by_seed": seeds}
-    return out
+    return {
+        label: {"seeds": sorted(seeds), "per_class": _mean_over(seeds, sorted(seeds)), "by_seed": seeds}
+        for label, seeds in by_seed.items()
+    }
 
 
 def _mean(values: list[float]) -> float:

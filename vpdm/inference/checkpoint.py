@@ -79,8 +79,7 @@ CALIBRATED_BUFFERS: tuple[str, ...] = ("term_mean", "term_std", "train_term_mean
 
 def with_calibrated_buffers(payload: dict[str, Any], model: VPDM) -> dict[str, Any]:
     """``payload`` (a new dict) whose state has ``model``'s :data:`CALIBRATED_BUFFERS`, the rest unchanged."""
-    state = model.state_dict()
-    calibrated = {name: state[name].detach().cpu().clone() for name in CALIBRATED_BUFFERS}
+    calibrated = {name: model.get_buffer(name).detach().cpu().clone() for name in CALIBRATED_BUFFERS}
     return {**payload, "state_dict": {**payload["state_dict"], **calibrated}}
 
 
